@@ -1,0 +1,84 @@
+"""Every subject, stream and header name storelink uses. Spelled here and nowhere else.
+
+A ``store_id`` is ``[A-Za-z0-9_-]{1,32}``: no dots and no wildcards, so a store id can never
+widen a subject it is placed into.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import msgspec
+
+from protocol.errors import InvalidStoreId
+
+STORE_ID_PATTERN = r"^[A-Za-z0-9_-]{1,32}$"
+StoreId = Annotated[str, msgspec.Meta(pattern=STORE_ID_PATTERN)]
+_store_id_re = re.compile(STORE_ID_PATTERN)
+
+EVENTS_PREFIX = "storelink.events"
+CONTROL_PREFIX = "storelink.control"
+DLQ_PREFIX = "storelink.dlq"
+OMS_PREFIX = "oms"
+
+EVENTS_STREAM = "STORELINK_EVENTS"
+DLQ_STREAM = "STORELINK_DLQ"
+OMS_STREAM = "STORELINK_OMS"
+CENTRAL_DURABLE = "storelink-central"
+
+EVENTS_WILDCARD = f"{EVENTS_PREFIX}.*"
+DLQ_WILDCARD = f"{DLQ_PREFIX}.*"
+OMS_WILDCARD = f"{OMS_PREFIX}.*.*"
+
+MSG_ID_HEADER = "Nats-Msg-Id"
+DLQ_REASON_HEADER = "Storelink-Reason"
+
+
+def check_store_id(store_id: str) -> str:
+    """Return ``store_id`` or raise InvalidStoreId."""
+    if not _store_id_re.fullmatch(store_id):
+        raise InvalidStoreId(store_id)
+    return store_id
+
+
+def events_subject(store_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{check_store_id(store_id)}"
+
+
+def control_subject(store_id: str) -> str:
+    return f"{CONTROL_PREFIX}.{check_store_id(store_id)}"
+
+
+def dlq_subject(store_id: str) -> str:
+    return f"{DLQ_PREFIX}.{check_store_id(store_id)}"
+
+
+def oms_subject(event_type: str, store_id: str) -> str:
+    return f"{OMS_PREFIX}.{event_type}.{check_store_id(store_id)}"
+
+
+def inbox_prefix(store_id: str) -> str:
+    """The reply-inbox prefix a store's client uses; its permissions allow only this one."""
+    return f"_INBOX_{check_store_id(store_id)}"
+
+
+def store_from_events_subject(subject: str) -> str | None:
+    """The store id an events subject names, or None if the subject is not one."""
+    prefix = EVENTS_PREFIX + "."
+    if not subject.startswith(prefix):
+        return None
+    store_id = subject[len(prefix) :]
+    return store_id if _store_id_re.fullmatch(store_id) else None
+
+
+def batch_msg_id(store_id: str, epoch: str, first_seq: int, last_seq: int) -> str:
+    """JetStream dedup id of a batch.
+
+    DESIGN.md names ``<store>:<epoch>:<first_seq>``; we add ``last_seq``. After a crash the
+    agent may cut a batch from the same first_seq but longer (more events arrived meanwhile).
+    With first_seq alone JetStream would drop that longer batch as a duplicate of the shorter
+    one, and the extra records would be marked sent without ever being stored: silent loss.
+    With both ends, a re-cut batch is stored and central's high-water mark drops the overlap.
+    """
+    return f"{store_id}:{epoch}:{first_seq}:{last_seq}"
