@@ -12,6 +12,4 @@ class InvalidStoreId(ProtocolError, ValueError):
 
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
-        super().__init__(
-            f"invalid store id {store_id!r}: use 1-32 letters, digits, '_' or '-'"
-        )
+        super().__init__(f"invalid store id {store_id!r}: use 1-32 letters, digits, '_' or '-'")

@@ -61,7 +61,9 @@ def check_decimal(name: str, value: Decimal) -> None:
         if exp_normal < MIN_DECIMAL_EXPONENT:
             raise ValueError(f"{name} has more than {-MIN_DECIMAL_EXPONENT} decimal places")
     if len(digits) > MAX_DECIMAL_DIGITS or value.adjusted() >= MAX_DECIMAL_EXPONENT:
-        raise ValueError(f"{name} is out of range (|{name}| must be below 10^{MAX_DECIMAL_EXPONENT})")
+        raise ValueError(
+            f"{name} is out of range (|{name}| must be below 10^{MAX_DECIMAL_EXPONENT})"
+        )
 
 
 class LineItem(
