@@ -116,7 +116,7 @@ class EmbeddedBroker:
             return
         self.write_config()
         binary = find_nats_server()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        log = open(self.log_path, "ab")
         try:
             self._proc = subprocess.Popen(
                 [str(binary), "-c", str(self.config_path), *self.cfg.args],
@@ -135,7 +135,7 @@ class EmbeddedBroker:
     def healthy_nowait(self) -> bool:
         url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as resp:  # noqa: S310 - loopback
+            with urllib.request.urlopen(url, timeout=0.5) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False
@@ -145,8 +145,7 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._proc is not None and self._proc.poll() is not None:
                 raise BrokerError(
-                    f"nats-server exited with status {self._proc.returncode}; "
-                    f"see {self.log_path}"
+                    f"nats-server exited with status {self._proc.returncode}; see {self.log_path}"
                 )
             if await asyncio.to_thread(self.healthy_nowait):
                 return

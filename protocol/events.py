@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from decimal import Decimal
-from typing import Annotated, ClassVar, Union
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -52,7 +52,7 @@ def check_decimal(name: str, value: Decimal) -> None:
     """Raise ValueError unless ``value`` is a finite decimal within the protocol's bounds."""
     if not value.is_finite():
         raise ValueError(f"{name} must be a finite decimal, got {value}")
-    sign, digits, exponent = value.as_tuple()
+    _sign, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite, so never 'n'/'N'/'F'
     if exponent < MIN_DECIMAL_EXPONENT:
         value_normal = value.normalize()
@@ -199,7 +199,7 @@ class StockCount(EventBase, frozen=True, kw_only=True, tag="stock_count", tag_fi
                 raise ValueError("a counted quantity cannot be negative")
 
 
-Event = Union[Sale, Return, PostVoid, StockAdjustment, StockCount]
+Event = Sale | Return | PostVoid | StockAdjustment | StockCount
 EVENT_TYPES: tuple[type[EventBase], ...] = (Sale, Return, PostVoid, StockAdjustment, StockCount)
 
 
@@ -236,8 +236,8 @@ class UnparsableBody(ValueError):
 
 _json_event = msgspec.json.Decoder(Event)
 _msgpack_event = msgspec.msgpack.Decoder(Event)
-_json_items = msgspec.json.Decoder(Union[list[msgspec.Raw], dict[str, msgspec.Raw]])
-_msgpack_items = msgspec.msgpack.Decoder(Union[list[msgspec.Raw], dict[str, msgspec.Raw]])
+_json_items = msgspec.json.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
+_msgpack_items = msgspec.msgpack.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
 _path_re = re.compile(r" - at `(\$[^`]*)`$")
 
 MAX_EVENTS_PER_REQUEST = 10_000

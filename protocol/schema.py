@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
@@ -17,7 +17,7 @@ from protocol.events import Event
 from protocol.wire import OmsRecord
 
 SCHEMAS: dict[str, Any] = {
-    "pos": Union[Event, list[Event]],
+    "pos": Event | list[Event],
     "oms": OmsRecord,
 }
 

@@ -12,7 +12,7 @@ Control messages (request/reply on the store's control subject) are small tagged
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -78,7 +78,7 @@ class ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag
     reason: str = ""
 
 
-ControlRequest = Union[StatusRequest, ResyncRequest]
+ControlRequest = StatusRequest | ResyncRequest
 
 
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag_field="reply"):
@@ -111,7 +111,7 @@ class ControlError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_f
     error: str
 
 
-ControlReply = Union[AgentStatus, ResyncReply, ControlError]
+ControlReply = AgentStatus | ResyncReply | ControlError
 
 
 # --- OMS-facing record (file and webhook sinks) -------------------------------------------

@@ -18,7 +18,7 @@ from protocol.events import (
 )
 from protocol.wire import Record
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 AT = dt.datetime(2026, 11, 22, 10, 15, 30, 123000, tzinfo=UTC)
 DAY = dt.date(2026, 11, 22)
 EPOCH = "5f0c2a9e1d3b4c77"
