@@ -48,6 +48,49 @@ class BufferFull(OutboxError):
         )
 
 
+class RecordTooLarge(OutboxError):
+    """One event encodes larger than a NATS message may be: it could never be sent, so refuse it."""
+
+    def __init__(self, *, index: int, size: int, limit: int) -> None:
+        self.index = index
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"event {index} encodes to {size} bytes, above the {limit}-byte batch limit "
+            "(forwarder.batch_max_bytes): split it"
+        )
+
+
+class OutboxWriteFailed(OutboxError):
+    """SQLite refused the write (disk full, I/O error): nothing was stored; retry later."""
+
+    def __init__(self, *, reason: str, disk_full: bool = False) -> None:
+        self.reason = reason
+        self.disk_full = disk_full
+        super().__init__(f"the outbox could not store the events: {reason}")
+
+
+class OutboxLocked(OutboxError):
+    """Another storelink-agent process holds this data_dir: stop it or use another data_dir."""
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} is locked by another storelink-agent process: stop it, or give this one "
+            "another data_dir"
+        )
+
+
+class NotAnOutbox(OutboxError):
+    """The file is a healthy SQLite database, but not a storelink outbox: never touch it."""
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+        super().__init__(
+            f"{path} is an SQLite database but not a storelink outbox: point data_dir elsewhere"
+        )
+
+
 class StoreMismatch(OutboxError):
     """The outbox database belongs to another store: point data_dir elsewhere."""
 

@@ -1,0 +1,958 @@
+"""The outbox: every accepted event, durably, in one SQLite file, until HQ has it and after.
+
+One database file ``<data_dir>/outbox.db`` in WAL mode with ``synchronous=FULL``, and exactly
+one writer: a dedicated thread with its own connection. Everything that changes the file
+(appends, mark-sent, mark-unsent, pruning) is a job on the writer's queue. The writer takes
+everything queued, runs it in ONE ``BEGIN IMMEDIATE`` transaction, commits, and only then
+resolves each caller's future. That is group commit: a hundred concurrent POSTs cost one
+fsync, and "accepted" still means "on disk".
+
+Each record is stored already encoded (``protocol.wire.encode_record``), so the forwarder
+splices the bytes into a batch without decoding anything. ``seq`` is assigned by the writer
+(gap-free from 1, kept in ``meta`` so pruning never lets a seq be reused).
+
+Reads for the forwarder go through a second connection on its own thread: WAL lets it read
+while the writer writes, and nothing the forwarder does can hold up ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import msgspec
+
+from agent.errors import (
+    BufferFull,
+    DamagedOutbox,
+    NotAnOutbox,
+    OutboxClosed,
+    OutboxError,
+    OutboxLocked,
+    OutboxWriteFailed,
+    RecordTooLarge,
+    StoreMismatch,
+)
+from protocol.events import Event
+from protocol.wire import Record, encode_record
+
+log = logging.getLogger(__name__)
+
+OUTBOX_FILENAME = "outbox.db"
+LOCK_FILENAME = "agent.lock"
+DEFAULT_PRUNE_INTERVAL = 60.0
+PRUNE_CHUNK = 5000  # rows deleted per retention transaction, so appends are not held up
+INSERT_CHUNK = 64  # rows per multi-row INSERT (one sqlite3_step, one GIL release, per chunk)
+LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
+BUSY_TIMEOUT_MS = 5000
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+# Named steps; each is applied and recorded in ``migrations`` in one transaction.
+MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "0001_initial",
+        (
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            # seq is the rowid: gap-free, assigned by the writer. received_at/sent_at are unix
+            # seconds; sent_at NULL means not yet acknowledged by JetStream.
+            """CREATE TABLE records (
+                seq INTEGER PRIMARY KEY,
+                event_id TEXT NOT NULL UNIQUE,
+                received_at REAL NOT NULL,
+                sent_at REAL,
+                size INTEGER NOT NULL,
+                payload BLOB NOT NULL
+            )""",
+            # The forwarder's "unsent in seq order" walks this small index only.
+            "CREATE INDEX records_unsent ON records(seq) WHERE sent_at IS NULL",
+            # Retention and buffer-full pruning take the oldest sent records first.
+            "CREATE INDEX records_sent ON records(sent_at) WHERE sent_at IS NOT NULL",
+        ),
+    ),
+)
+
+
+class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
+    """What one append did: ``seqs`` has one entry per event, in request order (a duplicate
+    reports the seq it was first given); first/last_seq span the newly accepted ones."""
+
+    accepted: int
+    duplicates: int
+    first_seq: int | None
+    last_seq: int | None
+    seqs: list[int]
+
+
+class UnsentRun(msgspec.Struct, frozen=True, kw_only=True):
+    """Consecutive unsent records, pre-encoded, ready to splice into one batch."""
+
+    first_seq: int
+    last_seq: int
+    payloads: list[bytes]
+    size: int
+
+
+class UnsentMarked(msgspec.Struct, frozen=True, kw_only=True):
+    """Result of a resync: how many sent records became unsent, and the lowest seq still held."""
+
+    marked: int
+    first_available_seq: int | None
+
+
+class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the outbox (taken after the writer's last transaction)."""
+
+    store_id: str
+    epoch: str
+    last_seq: int
+    pending: int
+    oldest_pending_at: dt.datetime | None
+    buffer_bytes: int
+    max_buffer_bytes: int
+    last_ack_at: dt.datetime | None
+    transactions: int = 0  # write transactions committed since open
+    appends: int = 0  # append calls committed since open (> transactions: group commit works)
+    records_pruned: int = 0
+    damaged_file: str | None = None  # where a damaged outbox was moved to at this start
+
+
+def _utc(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+_Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
+
+
+@functools.lru_cache(maxsize=INSERT_CHUNK)
+def _insert_sql(rows: int) -> str:
+    values = ",".join(["(?,?,?,?,?)"] * rows)
+    return f"INSERT INTO records (seq, event_id, received_at, size, payload) VALUES {values}"
+
+
+@functools.lru_cache(maxsize=LOOKUP_CHUNK)
+def _lookup_sql(count: int) -> str:
+    return f"SELECT event_id, seq FROM records WHERE event_id IN ({','.join('?' * count)})"
+
+
+# --- jobs for the writer thread -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Job:
+    future: asyncio.Future[Any] | None  # None: internal work nobody waits for
+
+
+@dataclass(eq=False)
+class _Append(_Job):
+    events: Sequence[Event]
+
+
+@dataclass(eq=False)
+class _MarkSent(_Job):
+    first_seq: int
+    last_seq: int
+
+
+@dataclass(eq=False)
+class _MarkUnsent(_Job):
+    from_seq: int | None
+    to_seq: int | None
+    since: float | None
+
+
+@dataclass(eq=False)
+class _Prune(_Job):
+    pass
+
+
+@dataclass
+class _State:
+    """What the writer knows about the file; copied, changed and swapped in after COMMIT, so a
+    rolled-back transaction leaves it as it was."""
+
+    last_seq: int = 0
+    pending: int = 0
+    buffer_bytes: int = 0
+    oldest_pending_at: float | None = None
+    last_ack_at: float | None = None
+    transactions: int = 0
+    appends: int = 0
+    records_pruned: int = 0
+
+    def copy(self) -> _State:
+        return _State(**self.__dict__)
+
+
+@dataclass
+class _Outcome:
+    """Results of one group, handed back to the event loop in one call."""
+
+    results: list[tuple[asyncio.Future[Any], object, BaseException | None]] = field(
+        default_factory=list
+    )
+    appended: bool = False
+    rewind_to: int | None = None
+
+
+_NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
+
+
+# --- file lock: one agent per data_dir ------------------------------------------------------
+
+
+class _FileLock:
+    """An exclusive, non-blocking OS lock on ``agent.lock`` (released when the process dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    def acquire(self) -> None:
+        f = open(self.path, "a+b")  # held open for the lifetime of the lock
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                f.seek(0)
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise OutboxLocked(path=self.path) from None
+        self._file = f
+
+    def release(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()  # closing the descriptor drops the lock on every platform
+
+
+# --- opening, checking, migrating -----------------------------------------------------------
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: we issue BEGIN IMMEDIATE / COMMIT ourselves.
+    conn = sqlite3.connect(
+        path, isolation_level=None, check_same_thread=False, cached_statements=256
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def _damage_reason(path: Path) -> str | None:
+    """Why ``path`` is not a healthy SQLite file, or None when it is (or does not exist)."""
+    if not path.exists():
+        return None
+    try:
+        # Read-only: checking must not checkpoint a WAL into a damaged file, or delete it.
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as exc:
+        return str(exc)
+    try:
+        rows = conn.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError):  # locked, I/O, permissions: not damage
+            raise OutboxError(f"cannot check {path}: {exc}") from None
+        return str(exc)  # SQLITE_CORRUPT, SQLITE_NOTADB: the file itself is bad
+    finally:
+        conn.close()
+    problems = [str(r[0]) for r in rows if r[0] != "ok"]
+    return "; ".join(problems[:3]) if problems else None
+
+
+def _move_aside(path: Path, reason: str, now: float) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    os.replace(path, target)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            os.replace(side, target.with_name(target.name + suffix))
+    return target
+
+
+def _log_damage(damage: DamagedOutbox) -> None:
+    target = damage.moved_to
+    log.error(
+        "OUTBOX DAMAGED: %s. A fresh outbox with a NEW EPOCH was created and the agent keeps "
+        "accepting events. Events accepted before this point that had not reached HQ may exist "
+        "only in the damaged file. Runbook: (1) recover what can be read: "
+        "sqlite3 %s '.recover' | sqlite3 %s.recovered ; (2) compare the recovered records with "
+        "what HQ holds for this store's old epoch (storelink-central status); (3) have the POS "
+        "re-send the missing events with their original event_ids (for POSLog, put that day's "
+        "files back in the drop folder). 'storelink-agent resync --all' does NOT help here: it "
+        "re-sends only what the new outbox holds.",
+        damage,
+        target,
+        target,
+    )
+
+
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse, before changing anything, a database some other program made."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if tables and "migrations" not in tables:
+        raise NotAnOutbox(path=path)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS migrations "
+            "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
+    for name, statements in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        log.info("outbox migration %s applied", name)
+
+
+def _meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return {k: v for k, v in conn.execute("SELECT key, value FROM meta")}
+
+
+def _init_meta(conn: sqlite3.Connection, store_id: str, path: Path) -> dict[str, str]:
+    meta = _meta(conn)
+    if "store_id" not in meta:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?)",
+            [
+                ("store_id", store_id),
+                ("epoch", secrets.token_hex(8)),
+                ("last_seq", "0"),
+                ("created_at", str(time.time())),
+            ],
+        )
+        conn.execute("COMMIT")
+        meta = _meta(conn)
+        log.info("new outbox for store %s, epoch %s", store_id, meta["epoch"])
+    if meta["store_id"] != store_id:
+        raise StoreMismatch(path=path, database_store_id=meta["store_id"], config_store_id=store_id)
+    return meta
+
+
+def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
+    pending, oldest = conn.execute(
+        "SELECT count(*), min(received_at) FROM records WHERE sent_at IS NULL"
+    ).fetchone()
+    (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM records").fetchone()
+    last_ack = meta.get("last_ack_at")
+    return _State(
+        last_seq=int(meta["last_seq"]),
+        pending=int(pending),
+        buffer_bytes=int(total),
+        oldest_pending_at=oldest,
+        last_ack_at=float(last_ack) if last_ack else None,
+    )
+
+
+def _sqlite_failure(exc: sqlite3.Error) -> OutboxError:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return OutboxWriteFailed(reason=str(exc), disk_full=code == sqlite3.SQLITE_FULL)
+
+
+# --- the outbox -----------------------------------------------------------------------------
+
+
+class Outbox:
+    """The store's durable buffer. ``await open()`` first, ``await close()`` last."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        store_id: str,
+        max_buffer_bytes: int,
+        retention_days: float,
+        max_record_bytes: int | None = None,
+        prune_interval: float = DEFAULT_PRUNE_INTERVAL,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.data_dir = data_dir
+        self.path = data_dir / OUTBOX_FILENAME
+        self.store_id = store_id
+        self.max_buffer_bytes = max_buffer_bytes
+        self.retention_seconds = retention_days * 86400.0
+        self.max_record_bytes = max_record_bytes
+        self.prune_interval = prune_interval
+        self._clock = clock
+        self.epoch = ""
+        self.damaged_file: Path | None = None
+        # Called (on the loop) whenever records become unsent: appends and resyncs.
+        self._listeners: list[Callable[[], None]] = []
+        self._rewind_to: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
+        self._rconn: sqlite3.Connection | None = None
+        self._lock = _FileLock(data_dir / LOCK_FILENAME)
+        self._state = _State()
+        self._snapshot: OutboxStatistics | None = None
+        self._closed = False
+        self._opened = False
+
+    # -- lifecycle --
+
+    async def open(self) -> None:
+        """Lock the data dir, check and migrate the file, start the writer."""
+        self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._open_sync)
+        self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
+        self._writer.start()
+        self._opened = True
+
+    def _open_sync(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutboxError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from None
+        self._lock.acquire()
+        try:
+            reason = _damage_reason(self.path)
+            if reason is not None:
+                moved = _move_aside(self.path, reason, self._clock())
+                self.damaged_file = moved
+                _log_damage(DamagedOutbox(path=self.path, moved_to=moved, reason=reason))
+            conn = _connect(self.path)
+            try:
+                _check_ours(conn, self.path)
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    raise OutboxError(f"cannot put {self.path} in WAL mode (got {mode})")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+                _migrate(conn)
+                meta = _init_meta(conn, self.store_id, self.path)
+                self.epoch = meta["epoch"]
+                self._state = _load_state(conn, meta)
+            except BaseException:
+                conn.close()
+                raise
+            self._wconn = conn
+            self._rconn = _connect(self.path)
+            self._publish_snapshot(self._state)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    async def close(self) -> None:
+        """Finish every queued job, then close the files and release the lock."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(self._writer.join)
+        reader_conn = self._rconn
+        if reader_conn is not None:
+            await asyncio.get_running_loop().run_in_executor(self._reader, reader_conn.close)
+        self._reader.shutdown(wait=True)
+        self._lock.release()
+
+    # -- public API --
+
+    async def append(self, events: Sequence[Event]) -> AppendResult:
+        """Store ``events`` (all or none); return once they are committed to disk."""
+        result: AppendResult = await self._submit(_Append(self._new_future(), events))
+        return result
+
+    def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
+        """Queue "JetStream acknowledged first..last"; the future resolves after commit."""
+        future = self._new_future()
+        self._enqueue(_MarkSent(future, first_seq, last_seq))
+        return future
+
+    async def mark_sent(self, first_seq: int, last_seq: int) -> None:
+        await self.mark_sent_nowait(first_seq, last_seq)
+
+    async def mark_unsent(
+        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+    ) -> UnsentMarked:
+        """Make sent records unsent again so the forwarder re-sends them (resync).
+
+        ``from_seq``/``to_seq`` bound the range (None: open-ended); ``since`` (unix time)
+        starts it at the first record received at or after that time.
+        """
+        if from_seq is not None and to_seq is not None and to_seq < from_seq:
+            raise OutboxError(f"to_seq {to_seq} is below from_seq {from_seq}")
+        result: UnsentMarked = await self._submit(
+            _MarkUnsent(self._new_future(), from_seq, to_seq, since)
+        )
+        return result
+
+    async def prune(self) -> int:
+        """Run retention pruning now; return how many records were deleted."""
+        result: int = await self._submit(_Prune(self._new_future()))
+        return result
+
+    async def read_unsent(
+        self, limit_records: int, limit_bytes: int, *, after_seq: int = 0
+    ) -> UnsentRun | None:
+        """The first run of consecutive unsent records after ``after_seq``, cut at
+        ``limit_records`` and ``limit_bytes`` (at least one record), or None."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._reader, self._read_unsent_sync, limit_records, limit_bytes, after_seq
+        )
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) whenever records become unsent, so the forwarder
+        wakes the moment ingest commits rather than polling."""
+        self._listeners.append(callback)
+
+    def take_rewind_nowait(self) -> int | None:
+        """The lowest seq made unsent by a resync since the last call (the forwarder rewinds)."""
+        rewind, self._rewind_to = self._rewind_to, None
+        return rewind
+
+    def statistics(self) -> OutboxStatistics:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise OutboxClosed()
+        return snapshot
+
+    @property
+    def is_open(self) -> bool:
+        return self._opened and not self._closed
+
+    # -- loop side plumbing --
+
+    def _new_future(self) -> asyncio.Future[Any]:
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.create_future()
+
+    def _enqueue(self, job: _Job) -> None:
+        if self._closed or not self._opened:
+            raise OutboxClosed()
+        self._queue.put(job)
+
+    async def _submit(self, job: _Job) -> Any:
+        assert job.future is not None
+        self._enqueue(job)
+        return await job.future
+
+    def _deliver(self, outcome: _Outcome) -> None:
+        for future, result, error in outcome.results:
+            if future.done():  # the caller gave up waiting; the work is done regardless
+                continue
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+        if outcome.rewind_to is not None:
+            current = self._rewind_to
+            self._rewind_to = (
+                outcome.rewind_to if current is None else min(current, outcome.rewind_to)
+            )
+        if outcome.appended or outcome.rewind_to is not None:
+            for listener in self._listeners:
+                listener()
+
+    # -- reader thread --
+
+    def _read_unsent_sync(
+        self, limit_records: int, limit_bytes: int, after_seq: int
+    ) -> UnsentRun | None:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            "SELECT seq, payload FROM records "
+            "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit_records),
+        ).fetchall()
+        if not rows:
+            return None
+        first_seq = rows[0][0]
+        payloads: list[bytes] = []
+        size = 0
+        expected = first_seq
+        for seq, payload in rows:
+            # A batch is consecutive seqs: stop at a gap (sent records between resync ranges).
+            if seq != expected or (payloads and size + len(payload) > limit_bytes):
+                break
+            payloads.append(payload)
+            size += len(payload)
+            expected += 1
+        return UnsentRun(first_seq=first_seq, last_seq=expected - 1, payloads=payloads, size=size)
+
+    # -- writer thread --
+
+    def _run_writer(self) -> None:
+        conn = self._wconn
+        assert conn is not None and self._loop is not None
+        next_prune = time.monotonic() + self.prune_interval
+        stopping = False
+        while not stopping:
+            timeout = max(0.0, next_prune - time.monotonic())
+            jobs: list[_Job] = []
+            try:
+                item: _Job | None = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = _NOTHING
+            while item is not _NOTHING:
+                if item is None:
+                    stopping = True
+                    break
+                jobs.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if jobs:
+                outcome = self._run_group(conn, jobs)
+                self._loop.call_soon_threadsafe(self._deliver, outcome)
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self.prune_interval
+                if not any(isinstance(j, _Prune) for j in jobs):
+                    self._prune_all(conn)
+        # Jobs that raced with close() get a clear error rather than hanging.
+        leftovers = _Outcome()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and job.future is not None:
+                leftovers.results.append((job.future, None, OutboxClosed()))
+        with contextlib.suppress(RuntimeError):  # the loop may be gone at interpreter exit
+            self._loop.call_soon_threadsafe(self._deliver, leftovers)
+        try:
+            conn.execute("PRAGMA optimize")
+            conn.close()
+        except sqlite3.Error as exc:
+            log.warning("closing the outbox: %s", exc)
+
+    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
+        """Run ``jobs`` in one transaction; per-job refusals do not affect the others."""
+        now = self._clock()
+        state = self._state.copy()
+        outcome = _Outcome()
+        pending_results: list[tuple[_Job, object, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                appends = [j for j in jobs if isinstance(j, _Append)]
+                known = self._lookup(conn, appends) if appends else {}
+                rows: list[_Row] = []
+                sent_changed = False
+                for job in jobs:
+                    if isinstance(job, _Append):
+                        try:
+                            result = self._plan_append(conn, job, state, known, rows, now)
+                        except OutboxError as exc:
+                            pending_results.append((job, None, exc))
+                        else:
+                            pending_results.append((job, result, None))
+                            if result.accepted:
+                                outcome.appended = True
+                    elif isinstance(job, _MarkSent):
+                        if rows:
+                            self._insert(conn, rows)
+                            rows = []
+                        self._mark_sent(conn, job, state, now)
+                        sent_changed = True
+                        pending_results.append((job, None, None))
+                    elif isinstance(job, _MarkUnsent):
+                        if rows:  # the range may include records appended in this group
+                            self._insert(conn, rows)
+                            rows = []
+                        marked, low = self._mark_unsent(conn, job, state)
+                        sent_changed = True
+                        if marked.marked:
+                            outcome.rewind_to = (
+                                low if outcome.rewind_to is None else min(outcome.rewind_to, low)
+                            )
+                        pending_results.append((job, marked, None))
+                    elif isinstance(job, _Prune):
+                        if rows:
+                            self._insert(conn, rows)
+                            rows = []
+                        pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
+                        pending_results.append((job, pruned, None))
+                if rows:
+                    self._insert(conn, rows)
+                if sent_changed:
+                    oldest = conn.execute(
+                        "SELECT received_at FROM records WHERE sent_at IS NULL ORDER BY seq LIMIT 1"
+                    ).fetchone()
+                    state.oldest_pending_at = oldest[0] if oldest else None
+                conn.execute(
+                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(state.last_seq),)
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            error = _sqlite_failure(exc)
+            log.error("outbox write failed, %d request(s) refused: %s", len(jobs), exc)
+            outcome = _Outcome()
+            for job in jobs:
+                if job.future is not None:
+                    outcome.results.append((job.future, None, error))
+            return outcome
+        state.transactions += 1
+        state.appends += sum(
+            1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None
+        )
+        self._state = state
+        self._publish_snapshot(state)
+        outcome.results = [
+            (job.future, r, e) for job, r, e in pending_results if job.future is not None
+        ]
+        return outcome
+
+    def _lookup(self, conn: sqlite3.Connection, appends: list[_Append]) -> dict[str, int]:
+        ids = list({e.event_id for job in appends for e in job.events})
+        known: dict[str, int] = {}
+        for i in range(0, len(ids), LOOKUP_CHUNK):
+            part = ids[i : i + LOOKUP_CHUNK]
+            known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
+        return known
+
+    def _plan_append(
+        self,
+        conn: sqlite3.Connection,
+        job: _Append,
+        state: _State,
+        known: dict[str, int],
+        rows: list[_Row],
+        now: float,
+    ) -> AppendResult:
+        """Decide one append: dedupe, encode, check room; add its rows to ``rows``.
+
+        Nothing is inserted for a refused job, and ``known``/``state`` change only when the
+        job is accepted, so a later job in the same group never sees a refused job's events.
+        """
+        received_at = _utc(now)
+        assert received_at is not None
+        seqs: list[int] = []
+        new_rows: list[_Row] = []
+        mine: dict[str, int] = {}
+        next_seq = state.last_seq + 1
+        needed = 0
+        for index, event in enumerate(job.events):
+            event_id = event.event_id
+            seq = known.get(event_id) or mine.get(event_id)
+            if seq is not None:
+                seqs.append(seq)
+                continue
+            payload = encode_record(Record(seq=next_seq, received_at=received_at, event=event))
+            size = len(payload)
+            if self.max_record_bytes is not None and size > self.max_record_bytes:
+                raise RecordTooLarge(index=index, size=size, limit=self.max_record_bytes)
+            new_rows.append((next_seq, event_id, now, size, payload))
+            mine[event_id] = next_seq
+            seqs.append(next_seq)
+            next_seq += 1
+            needed += size
+        if needed and state.buffer_bytes + needed > self.max_buffer_bytes:
+            self._make_room(conn, state, state.buffer_bytes + needed - self.max_buffer_bytes)
+            if state.buffer_bytes + needed > self.max_buffer_bytes:
+                raise BufferFull(
+                    buffer_bytes=state.buffer_bytes,
+                    needed_bytes=needed,
+                    max_buffer_bytes=self.max_buffer_bytes,
+                )
+        rows.extend(new_rows)
+        known.update(mine)
+        accepted = len(new_rows)
+        if accepted:
+            if state.pending == 0:
+                state.oldest_pending_at = now
+            state.last_seq = next_seq - 1
+            state.pending += accepted
+            state.buffer_bytes += needed
+        return AppendResult(
+            accepted=accepted,
+            duplicates=len(seqs) - accepted,
+            first_seq=new_rows[0][0] if new_rows else None,
+            last_seq=new_rows[-1][0] if new_rows else None,
+            seqs=seqs,
+        )
+
+    def _insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
+        for i in range(0, len(rows), INSERT_CHUNK):
+            part = rows[i : i + INSERT_CHUNK]
+            conn.execute(_insert_sql(len(part)), [value for row in part for value in row])
+
+    def _make_room(self, conn: sqlite3.Connection, state: _State, excess: int) -> None:
+        """Delete sent records, oldest first, until ``excess`` bytes are freed (or none left)."""
+        freed = 0
+        while freed < excess:
+            sizes = conn.execute(
+                "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
+                "WHERE sent_at IS NOT NULL ORDER BY sent_at, seq LIMIT 500) RETURNING size"
+            ).fetchall()
+            if not sizes:
+                break
+            got = sum(s for (s,) in sizes)
+            freed += got
+            state.buffer_bytes -= got
+            state.records_pruned += len(sizes)
+        if freed:
+            log.warning(
+                "outbox full: pruned %d bytes of sent records before their retention ran out",
+                freed,
+            )
+
+    def _mark_sent(
+        self, conn: sqlite3.Connection, job: _MarkSent, state: _State, now: float
+    ) -> None:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM records WHERE sent_at IS NULL AND seq BETWEEN ? AND ?",
+            (job.first_seq, job.last_seq),
+        ).fetchone()
+        if count:
+            conn.execute(
+                "UPDATE records SET sent_at = ? WHERE sent_at IS NULL AND seq BETWEEN ? AND ?",
+                (now, job.first_seq, job.last_seq),
+            )
+        state.pending -= count
+        state.last_ack_at = now
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('last_ack_at', ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(now),),
+        )
+
+    def _mark_unsent(
+        self, conn: sqlite3.Connection, job: _MarkUnsent, state: _State
+    ) -> tuple[UnsentMarked, int]:
+        low = job.from_seq if job.from_seq is not None else 1
+        if job.since is not None:
+            row = conn.execute(
+                "SELECT min(seq) FROM records WHERE received_at >= ?", (job.since,)
+            ).fetchone()
+            low = max(low, row[0]) if row[0] is not None else state.last_seq + 1
+        high = job.to_seq if job.to_seq is not None else state.last_seq
+        marked = 0
+        if low <= high:
+            marked = conn.execute(
+                "UPDATE records SET sent_at = NULL "
+                "WHERE sent_at IS NOT NULL AND seq BETWEEN ? AND ?",
+                (low, high),
+            ).rowcount
+        state.pending += marked
+        (first_available,) = conn.execute("SELECT min(seq) FROM records").fetchone()
+        return UnsentMarked(marked=marked, first_available_seq=first_available), low
+
+    def _prune_expired(
+        self, conn: sqlite3.Connection, state: _State, now: float, *, limit: int
+    ) -> int:
+        sizes = conn.execute(
+            "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
+            "WHERE sent_at IS NOT NULL AND sent_at < ? ORDER BY sent_at LIMIT ?) RETURNING size",
+            (now - self.retention_seconds, limit),
+        ).fetchall()
+        state.buffer_bytes -= sum(s for (s,) in sizes)
+        state.records_pruned += len(sizes)
+        return len(sizes)
+
+    def _prune_all(self, conn: sqlite3.Connection) -> None:
+        """Retention pruning in chunks, each its own transaction, giving way to queued jobs."""
+        while True:
+            if not self._queue.empty():
+                return  # appends first; the rest is pruned on the next round
+            job = _Prune(future=None)
+            before = self._state.records_pruned
+            outcome = self._run_group(conn, [job])
+            assert self._loop is not None
+            if outcome.results:
+                self._loop.call_soon_threadsafe(self._deliver, outcome)
+            pruned = self._state.records_pruned - before
+            if pruned:
+                log.info("outbox retention: pruned %d sent records", pruned)
+            if pruned < PRUNE_CHUNK:
+                return
+
+    def _publish_snapshot(self, state: _State) -> None:
+        self._snapshot = OutboxStatistics(
+            store_id=self.store_id,
+            epoch=self.epoch,
+            last_seq=state.last_seq,
+            pending=state.pending,
+            oldest_pending_at=_utc(state.oldest_pending_at),
+            buffer_bytes=state.buffer_bytes,
+            max_buffer_bytes=self.max_buffer_bytes,
+            last_ack_at=_utc(state.last_ack_at),
+            transactions=state.transactions,
+            appends=state.appends,
+            records_pruned=state.records_pruned,
+            damaged_file=str(self.damaged_file) if self.damaged_file else None,
+        )
+
+
+# --- read-only access for `storelink-agent status` when the service is down -----------------
+
+
+def read_statistics_readonly(data_dir: Path, *, max_buffer_bytes: int) -> OutboxStatistics:
+    """Statistics straight from the file, opened read-only (never creates or changes it)."""
+    path = data_dir / OUTBOX_FILENAME
+    if not path.exists():
+        raise OutboxError(f"no outbox at {path}: the agent has never run with this data_dir")
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            meta = _meta(conn)
+            state = _load_state(conn, meta)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot read {path}: {exc}") from None
+    return OutboxStatistics(
+        store_id=meta.get("store_id", ""),
+        epoch=meta.get("epoch", ""),
+        last_seq=state.last_seq,
+        pending=state.pending,
+        oldest_pending_at=_utc(state.oldest_pending_at),
+        buffer_bytes=state.buffer_bytes,
+        max_buffer_bytes=max_buffer_bytes,
+        last_ack_at=_utc(state.last_ack_at),
+    )

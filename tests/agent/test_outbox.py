@@ -1,0 +1,376 @@
+"""The SQLite outbox: durable group-committed appends, dedup, limits, retention, damage."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from agent.errors import (
+    BufferFull,
+    NotAnOutbox,
+    OutboxClosed,
+    OutboxLocked,
+    RecordTooLarge,
+    StoreMismatch,
+)
+from agent.outbox import Outbox, read_statistics_readonly
+from protocol.wire import decode_record
+from tests.agent.conftest import STORE, sale, sales
+
+
+class Clock:
+    """A settable wall clock (unix seconds)."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path / "outbox.db")
+
+
+def make(tmp_path: Path, **kwargs: object) -> Outbox:
+    options: dict[str, object] = {"max_buffer_bytes": 1 << 30, "retention_days": 7}
+    options.update(kwargs)
+    return Outbox(tmp_path / "data", store_id=STORE, **options)  # type: ignore[arg-type]
+
+
+async def test_seqs_are_gap_free_from_one(outbox: Outbox) -> None:
+    """Appends get consecutive seqs from 1, reported per event in request order."""
+    first = await outbox.append(sales("a", 3))
+    second = await outbox.append(sales("b", 2))
+    assert (3, 0, 1, 3, [1, 2, 3]) == (
+        first.accepted,
+        first.duplicates,
+        first.first_seq,
+        first.last_seq,
+        first.seqs,
+    )
+    assert [4, 5] == second.seqs
+    assert 5 == outbox.statistics().last_seq
+
+
+async def test_committed_rows_are_visible_to_another_connection(outbox: Outbox) -> None:
+    """Once append returns, another connection reads the record with its stored payload."""
+    await outbox.append([sale("x-1")])
+    with open_db(outbox.data_dir) as conn:
+        seq, event_id, payload = conn.execute(
+            "SELECT seq, event_id, payload FROM records"
+        ).fetchone()
+    record = decode_record(payload)
+    assert (1, "x-1", 1, "x-1") == (seq, event_id, record.seq, record.event.event_id)
+
+
+async def test_duplicates_report_the_original_seq(outbox: Outbox) -> None:
+    """An event_id already held, or repeated in one request, is counted and not stored again."""
+    await outbox.append(sales("a", 2))
+    result = await outbox.append([sale("a-1"), sale("n-1"), sale("n-1")])
+    assert (1, 2, 3, 3, [2, 3, 3]) == (
+        result.accepted,
+        result.duplicates,
+        result.first_seq,
+        result.last_seq,
+        result.seqs,
+    )
+    again = await outbox.append([sale("a-0")])
+    assert (0, 1, None, None, [1]) == (
+        again.accepted,
+        again.duplicates,
+        again.first_seq,
+        again.last_seq,
+        again.seqs,
+    )
+    with open_db(outbox.data_dir) as conn:
+        assert 3 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
+
+
+async def test_concurrent_appends_share_transactions(outbox: Outbox) -> None:
+    """Many concurrent appends are committed in fewer transactions than there are appends."""
+    before = outbox.statistics().transactions
+    results = await asyncio.gather(*(outbox.append([sale(f"c-{i}")]) for i in range(200)))
+    stats = outbox.statistics()
+    assert list(range(1, 201)) == sorted(r.seqs[0] for r in results)
+    assert 200 == stats.appends
+    assert stats.transactions - before < 200
+
+
+async def test_a_refused_request_writes_nothing_while_others_commit(tmp_path: Path) -> None:
+    """In one group, a request that does not fit is refused whole; the others are stored."""
+    box = make(tmp_path, max_buffer_bytes=4000)
+    await box.open()
+    try:
+        small = box.append(sales("s", 2))
+        big = box.append(sales("b", 100))
+        later = box.append([sale("s-0"), sale("t-0")])
+        results = await asyncio.gather(small, big, later, return_exceptions=True)
+    finally:
+        await box.close()
+    assert isinstance(results[1], BufferFull)
+    assert [1, 2] == results[0].seqs  # type: ignore[union-attr]
+    assert [1, 3] == results[2].seqs  # type: ignore[union-attr]
+    with open_db(tmp_path / "data") as conn:
+        ids = [r[0] for r in conn.execute("SELECT event_id FROM records ORDER BY seq")]
+    assert ["s-0", "s-1", "t-0"] == ids
+
+
+async def test_buffer_full_prunes_sent_records_first(tmp_path: Path) -> None:
+    """When full, sent records go (even inside retention); unsent ones are never dropped."""
+    one = len(await _encoded_size(tmp_path))
+    box = make(tmp_path, max_buffer_bytes=one * 10 + one // 2)
+    await box.open()
+    try:
+        await box.append(sales("a", 10))
+        await box.mark_sent(1, 4)
+        result = await box.append(sales("b", 4))
+        assert [11, 12, 13, 14] == result.seqs
+        with pytest.raises(BufferFull) as refused:
+            await box.append(sales("c", 1))
+        stats = box.statistics()
+    finally:
+        await box.close()
+    assert one * 10 == stats.buffer_bytes
+    assert 10 == stats.pending
+    assert one * 10 == refused.value.buffer_bytes
+    with open_db(tmp_path / "data") as conn:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
+    assert list(range(5, 15)) == seqs
+
+
+async def _encoded_size(tmp_path: Path) -> bytes:
+    box = Outbox(tmp_path / "probe", store_id=STORE, max_buffer_bytes=1 << 20, retention_days=1)
+    await box.open()
+    try:
+        await box.append([sale("a-0")])
+        with sqlite3.connect(tmp_path / "probe" / "outbox.db") as conn:
+            payload: bytes = conn.execute("SELECT payload FROM records").fetchone()[0]
+    finally:
+        await box.close()
+    return payload
+
+
+async def test_retention_prunes_only_old_sent_records(tmp_path: Path) -> None:
+    """Sent records older than retention are pruned; recent sent and all unsent stay."""
+    clock = Clock()
+    box = make(tmp_path, retention_days=1, clock=clock)
+    await box.open()
+    try:
+        await box.append(sales("a", 6))
+        await box.mark_sent(1, 3)
+        clock.now += 86400 + 1
+        await box.mark_sent(4, 4)
+        pruned = await box.prune()
+        stats = box.statistics()
+    finally:
+        await box.close()
+    assert 3 == pruned
+    assert 3 == stats.records_pruned
+    with open_db(tmp_path / "data") as conn:
+        seqs = [r[0] for r in conn.execute("SELECT seq FROM records ORDER BY seq")]
+    assert [4, 5, 6] == seqs
+
+
+async def test_seqs_are_never_reused_after_pruning(tmp_path: Path) -> None:
+    """With every record pruned and the file reopened, the next seq follows the last one."""
+    clock = Clock()
+    box = make(tmp_path, retention_days=0, clock=clock)
+    await box.open()
+    await box.append(sales("a", 3))
+    await box.mark_sent(1, 3)
+    clock.now += 1
+    assert 3 == await box.prune()
+    await box.close()
+    again = make(tmp_path, retention_days=0, clock=clock)
+    await again.open()
+    try:
+        result = await again.append([sale("b-0")])
+    finally:
+        await again.close()
+    assert [4] == result.seqs
+
+
+async def test_read_unsent_cuts_runs(outbox: Outbox) -> None:
+    """read_unsent returns consecutive unsent records after a cursor, within the limits."""
+    await outbox.append(sales("a", 10))
+    await outbox.mark_sent(4, 5)
+    first = await outbox.read_unsent(100, 1 << 20)
+    assert first is not None
+    assert (1, 3, 3) == (first.first_seq, first.last_seq, len(first.payloads))
+    after = await outbox.read_unsent(2, 1 << 20, after_seq=3)
+    assert after is not None
+    assert (6, 7) == (after.first_seq, after.last_seq)
+    tiny = await outbox.read_unsent(100, 1, after_seq=7)
+    assert tiny is not None
+    assert (8, 8) == (tiny.first_seq, tiny.last_seq)  # at least one record, however small
+    assert [decode_record(p).seq for p in first.payloads] == [1, 2, 3]
+    assert None is await outbox.read_unsent(100, 1 << 20, after_seq=10)
+
+
+async def test_mark_sent_and_unsent_move_pending(outbox: Outbox) -> None:
+    """mark_sent lowers pending; mark_unsent raises it, reports the count and wakes listeners."""
+    woken: list[int] = []
+    outbox.add_listener(lambda: woken.append(1))
+    await outbox.append(sales("a", 5))
+    await outbox.mark_sent(1, 5)
+    assert 0 == outbox.statistics().pending
+    assert outbox.statistics().last_ack_at is not None
+    before = len(woken)
+    outbox.take_rewind_nowait()
+    marked = await outbox.mark_unsent(2, 3)
+    assert (2, 1) == (marked.marked, marked.first_available_seq)
+    assert 2 == outbox.statistics().pending
+    assert 2 == outbox.take_rewind_nowait()
+    assert None is outbox.take_rewind_nowait()
+    assert len(woken) == before + 1
+    everything = await outbox.mark_unsent()
+    assert 3 == everything.marked
+
+
+async def test_mark_unsent_since_a_time(tmp_path: Path) -> None:
+    """mark_unsent(since=t) re-sends what was received at or after t."""
+    clock = Clock()
+    box = make(tmp_path, clock=clock)
+    await box.open()
+    try:
+        await box.append(sales("a", 2))
+        clock.now += 100
+        await box.append(sales("b", 2))
+        await box.mark_sent(1, 4)
+        marked = await box.mark_unsent(since=clock.now - 50)
+        rewind = box.take_rewind_nowait()
+    finally:
+        await box.close()
+    assert (2, 3) == (marked.marked, rewind)
+
+
+async def test_too_large_record_is_refused(tmp_path: Path) -> None:
+    """An event larger than a batch may be is refused with its index, and nothing is stored."""
+    box = make(tmp_path, max_record_bytes=600)
+    await box.open()
+    try:
+        with pytest.raises(RecordTooLarge) as refused:
+            await box.append([sale("ok-1"), sale("big", lines=20)])
+        assert 0 == box.statistics().last_seq
+    finally:
+        await box.close()
+    assert 1 == refused.value.index
+
+
+async def test_reopen_keeps_epoch_and_store(tmp_path: Path) -> None:
+    """The epoch is fixed at creation; another store's config is refused, naming both."""
+    box = make(tmp_path)
+    await box.open()
+    epoch = box.epoch
+    await box.close()
+    again = make(tmp_path)
+    await again.open()
+    await again.close()
+    other = Outbox(tmp_path / "data", store_id="S999", max_buffer_bytes=1 << 20, retention_days=1)
+    with pytest.raises(StoreMismatch) as mismatch:
+        await other.open()
+    assert 16 == len(epoch)
+    assert epoch == again.epoch
+    assert ("S001", "S999") == (mismatch.value.database_store_id, mismatch.value.config_store_id)
+
+
+async def test_migrations_are_recorded(outbox: Outbox) -> None:
+    """Each applied migration step is named in the migrations table."""
+    with open_db(outbox.data_dir) as conn:
+        names = [r[0] for r in conn.execute("SELECT name FROM migrations")]
+    assert ["0001_initial"] == names
+
+
+async def test_second_agent_on_same_data_dir_is_refused(outbox: Outbox, tmp_path: Path) -> None:
+    """Only one process may write an outbox: a second open fails with OutboxLocked."""
+    second = make(tmp_path)
+    with pytest.raises(OutboxLocked):
+        await second.open()
+
+
+async def test_foreign_database_is_left_alone(tmp_path: Path) -> None:
+    """A healthy SQLite file that is not an outbox is refused and not modified."""
+    (tmp_path / "data").mkdir()
+    with sqlite3.connect(tmp_path / "data" / "outbox.db") as conn:
+        conn.execute("CREATE TABLE mine (x)")
+    before = (tmp_path / "data" / "outbox.db").read_bytes()
+    with pytest.raises(NotAnOutbox):
+        await make(tmp_path).open()
+    assert before == (tmp_path / "data" / "outbox.db").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+async def test_damaged_file_is_moved_aside(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A damaged outbox is renamed with its -wal, logged loudly, and a new epoch starts."""
+    data = tmp_path / "data"
+    box = make(tmp_path)
+    await box.open()
+    old_epoch = box.epoch
+    for i in range(20):
+        await box.append(sales(f"d{i}", 50))
+    await box.close()
+    path = data / "outbox.db"
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database at all" * 1000)
+    else:
+        content = path.read_bytes()
+        path.write_bytes(content[: len(content) // 3])
+    (data / "outbox.db-wal").write_bytes(b"junk")
+    caplog.set_level(logging.ERROR, logger="agent.outbox")
+    fresh = make(tmp_path)
+    await fresh.open()
+    try:
+        result = await fresh.append([sale("after-1")])
+        stats = fresh.statistics()
+    finally:
+        await fresh.close()
+    assert stats.damaged_file is not None
+    moved = Path(stats.damaged_file)
+    assert [1] == result.seqs
+    assert old_epoch != fresh.epoch
+    assert b"junk" == moved.with_name(moved.name + "-wal").read_bytes()  # kept for recovery
+    assert moved.name.startswith("outbox.db.damaged-")
+    assert any("OUTBOX DAMAGED" in r.getMessage() for r in caplog.records)
+    assert any("sqlite3" in r.getMessage() and ".recover" in r.getMessage() for r in caplog.records)
+
+
+async def test_readonly_statistics_do_not_touch_the_file(tmp_path: Path) -> None:
+    """Statistics read with the service down match the live ones and leave the file as is."""
+    box = make(tmp_path)
+    await box.open()
+    await box.append(sales("a", 5))
+    await box.mark_sent(1, 2)
+    live = box.statistics()
+    await box.close()
+    before = (tmp_path / "data" / "outbox.db").read_bytes()
+    offline = read_statistics_readonly(tmp_path / "data", max_buffer_bytes=1 << 30)
+    assert (live.epoch, live.last_seq, live.pending, live.buffer_bytes) == (
+        offline.epoch,
+        offline.last_seq,
+        offline.pending,
+        offline.buffer_bytes,
+    )
+    assert live.last_ack_at == offline.last_ack_at
+    assert before == (tmp_path / "data" / "outbox.db").read_bytes()
+
+
+async def test_close_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
+    """Appends queued before close are committed; an append after close raises OutboxClosed."""
+    box = make(tmp_path)
+    await box.open()
+    pending = [asyncio.ensure_future(box.append([sale(f"q-{i}")])) for i in range(50)]
+    await asyncio.sleep(0)
+    await box.close()
+    results = await asyncio.gather(*pending)
+    with pytest.raises(OutboxClosed):
+        await box.append([sale("late")])
+    assert 50 == len({r.seqs[0] for r in results})
+    with open_db(tmp_path / "data") as conn:
+        assert 50 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
