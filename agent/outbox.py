@@ -376,9 +376,12 @@ def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
         "SELECT count(*), min(received_at) FROM records WHERE sent_at IS NULL"
     ).fetchone()
     (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM records").fetchone()
+    (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()
     last_ack = meta.get("last_ack_at")
     return _State(
-        last_seq=int(meta["last_seq"]),
+        # meta.last_seq is written only before pruning (the one thing that can remove the
+        # newest record); otherwise the newest record is the truth. Saves a write per commit.
+        last_seq=max(int(meta["last_seq"]), int(max_seq)),
         pending=int(pending),
         buffer_bytes=int(total),
         oldest_pending_at=oldest,
@@ -719,9 +722,6 @@ class Outbox:
                         "SELECT received_at FROM records WHERE sent_at IS NULL ORDER BY seq LIMIT 1"
                     ).fetchone()
                     state.oldest_pending_at = oldest[0] if oldest else None
-                conn.execute(
-                    "UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(state.last_seq),)
-                )
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -820,8 +820,14 @@ class Outbox:
             part = rows[i : i + INSERT_CHUNK]
             conn.execute(_insert_sql(len(part)), [value for row in part for value in row])
 
+    @staticmethod
+    def _keep_last_seq(conn: sqlite3.Connection, state: _State) -> None:
+        """Record last_seq before a delete, so a seq is never reused even if every row goes."""
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'last_seq'", (str(state.last_seq),))
+
     def _make_room(self, conn: sqlite3.Connection, state: _State, excess: int) -> None:
         """Delete sent records, oldest first, until ``excess`` bytes are freed (or none left)."""
+        self._keep_last_seq(conn, state)
         freed = 0
         while freed < excess:
             sizes = conn.execute(
@@ -884,6 +890,7 @@ class Outbox:
     def _prune_expired(
         self, conn: sqlite3.Connection, state: _State, now: float, *, limit: int
     ) -> int:
+        self._keep_last_seq(conn, state)
         sizes = conn.execute(
             "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
             "WHERE sent_at IS NOT NULL AND sent_at < ? ORDER BY sent_at LIMIT ?) RETURNING size",

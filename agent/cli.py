@@ -1,0 +1,343 @@
+"""``storelink-agent``: run the store agent, ask how it is doing, re-send, check and write configs.
+
+Errors become ``click.ClickException`` here and only here: a message that says what went wrong
+and what to do. Exit codes: 0 ok, 1 error, 2 usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+import msgspec
+
+from agent.config import (
+    TOKEN_ENV,
+    AgentConfig,
+    check_listen_allowed,
+    load_config,
+    parse_listen,
+    render_config,
+)
+from agent.errors import AgentError
+from agent.outbox import Outbox, read_statistics_readonly
+from agent.service import StatusReport, run_service, status_report
+
+HTTP_TIMEOUT = 3.0
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _load(config: Path, data_dir: Path | None = None, listen: str | None = None) -> AgentConfig:
+    """The config with command-line and environment overrides applied."""
+    try:
+        cfg = load_config(config)
+        changes: dict[str, Any] = {}
+        if data_dir is not None:
+            changes["data_dir"] = str(data_dir.resolve())
+        ingest = cfg.ingest
+        if listen is not None:
+            parse_listen(listen)
+            ingest = msgspec.structs.replace(ingest, listen=listen)
+        if token := os.environ.get(TOKEN_ENV):
+            ingest = msgspec.structs.replace(ingest, token=token)
+        return msgspec.structs.replace(cfg, ingest=ingest, **changes)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _base_url(cfg: AgentConfig) -> str:
+    host, port = parse_listen(cfg.ingest.listen)
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+def _http(cfg: AgentConfig, method: str, path: str, body: bytes | None = None) -> Any | None:
+    """JSON from the running agent, or None when nothing answers on the listen address."""
+    request = urllib.request.Request(_base_url(cfg) + path, data=body, method=method)
+    request.add_header("Accept", "application/json")
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    if cfg.ingest.token:
+        request.add_header("Authorization", f"Bearer {cfg.ingest.token}")
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("message", "")
+        except (ValueError, AttributeError):
+            detail = ""
+        raise click.ClickException(
+            f"the agent at {_base_url(cfg)} answered {exc.code} {exc.reason}: {detail}"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="storelink", prog_name="storelink-agent")
+def cli() -> None:
+    """storelink-agent: takes POS events at the store, keeps them safe, forwards them to HQ."""
+
+
+config_option = click.option(
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The agent.toml to use.",
+)
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where outbox.db lives (overrides data_dir).",
+)
+@click.option("--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="How much to log (to stderr).",
+)
+def run(config: Path, data_dir: Path | None, listen: str | None, log_level: str) -> None:
+    """Run the agent until SIGTERM or Ctrl-C."""
+    cfg = _load(config, data_dir, listen)
+    try:
+        check_listen_allowed(cfg)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    _configure_logging(log_level)
+    try:
+        run_service(cfg)
+    except AgentError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:  # Windows without a console control handler
+        pass
+
+
+def _offline_status(cfg: AgentConfig) -> StatusReport:
+    try:
+        stats = read_statistics_readonly(
+            Path(cfg.data_dir), max_buffer_bytes=cfg.outbox.max_buffer_bytes
+        )
+    except AgentError as exc:
+        raise click.ClickException(
+            f"the agent does not answer on {_base_url(cfg)} and its database cannot be read: {exc}"
+        ) from None
+    return status_report(cfg, stats, None, running=False)
+
+
+def _age(when: str | None) -> str:
+    if not when:
+        return "never"
+    moment = dt.datetime.fromisoformat(when)
+    seconds = (dt.datetime.now(dt.UTC) - moment).total_seconds()
+    return f"{when} ({seconds:.0f} s ago)"
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(config: Path, as_json: bool) -> None:
+    """Show the agent's state; works whether or not the service runs.
+
+    Asks the running agent over HTTP; when nothing answers, reads the database read-only and
+    says the service is not running.
+    """
+    cfg = _load(config)
+    report: dict[str, Any] | None = _http(cfg, "GET", "/v1/status")
+    if report is not None and report.get("store_id") != cfg.store_id:
+        raise click.ClickException(
+            f"the agent at {_base_url(cfg)} is store {report.get('store_id')!r}, "
+            f"not {cfg.store_id!r}: check ingest.listen"
+        )
+    if report is None:
+        report = msgspec.to_builtins(_offline_status(cfg))
+    assert report is not None
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    running = "running" if report["service_running"] else "NOT RUNNING (read from the database)"
+    connected = "connected" if report["connected"] else "not connected"
+    click.echo(f"store         {report['store_id']} (epoch {report['epoch']})")
+    click.echo(f"service       {running}")
+    click.echo(f"NATS          {connected}: {', '.join(report['nats_urls'])}")
+    click.echo(f"last seq      {report['last_seq']}")
+    click.echo(f"pending       {report['pending']} (oldest {_age(report['oldest_pending_at'])})")
+    click.echo(f"last ack      {_age(report['last_ack_at'])}")
+    used = report["buffer_bytes"] / max(1, report["max_buffer_bytes"]) * 100
+    click.echo(
+        f"buffer        {report['buffer_bytes']} of {report['max_buffer_bytes']} bytes "
+        f"({used:.1f}%)"
+    )
+    if report.get("damaged_file"):
+        click.echo(f"DAMAGED FILE  {report['damaged_file']} (see the log for the runbook)")
+
+
+def _parse_since(text: str) -> dt.datetime:
+    """An ISO 8601 time (no offset: local time) or a duration back from now: 90s, 30m, 2h, 1d."""
+    if match := _DURATION.match(text.strip()):
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+        return dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    try:
+        when = dt.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise click.BadParameter(
+            "use an ISO 8601 time (2026-11-22T08:00, 2026-11-22T08:00Z) or a duration (30m, 2h, 1d)"
+        ) from None
+    return when if when.tzinfo else when.astimezone()
+
+
+async def _resync_offline(
+    cfg: AgentConfig, from_seq: int | None, to_seq: int | None, since: float | None
+) -> tuple[int, int | None]:
+    outbox = Outbox(
+        Path(cfg.data_dir),
+        store_id=cfg.store_id,
+        max_buffer_bytes=cfg.outbox.max_buffer_bytes,
+        retention_days=cfg.outbox.retention_days,
+    )
+    await outbox.open()
+    try:
+        marked = await outbox.mark_unsent(from_seq, to_seq, since=since)
+    finally:
+        await outbox.close()
+    return marked.marked, marked.first_available_seq
+
+
+@cli.command()
+@config_option
+@click.option("--from-seq", type=click.IntRange(min=1), help="Re-send from this seq.")
+@click.option("--to-seq", type=click.IntRange(min=1), help="... up to this seq (default: the end).")
+@click.option("--since", metavar="TIME", help="Re-send what arrived since TIME (ISO 8601 or 2h).")
+@click.option("--all", "everything", is_flag=True, help="Re-send everything still held.")
+def resync(
+    config: Path, from_seq: int | None, to_seq: int | None, since: str | None, everything: bool
+) -> None:
+    """Mark events as unsent so the agent sends them to HQ again.
+
+    Goes through the running agent when it answers, else changes the database directly (the
+    service must then be stopped: it holds a lock on the data directory).
+    """
+    if sum((from_seq is not None, since is not None, everything)) != 1:
+        raise click.UsageError("give exactly one of --from-seq, --since, --all")
+    if to_seq is not None and from_seq is None:
+        raise click.UsageError("--to-seq needs --from-seq")
+    if to_seq is not None and from_seq is not None and to_seq < from_seq:
+        raise click.UsageError("--to-seq is below --from-seq")
+    when = _parse_since(since) if since is not None else None
+    cfg = _load(config)
+    body: dict[str, Any] = {}
+    if from_seq is not None:
+        body = {"from_seq": from_seq, "to_seq": to_seq}
+    elif when is not None:
+        body = {"since": when.isoformat()}
+    else:
+        body = {"all": True}
+    answer = _http(cfg, "POST", "/v1/resync", json.dumps(body).encode())
+    if answer is not None:
+        marked, first_available = answer["marked"], answer["first_available_seq"]
+        where = "by the running agent"
+    else:
+        try:
+            marked, first_available = asyncio.run(
+                _resync_offline(cfg, from_seq, to_seq, when.timestamp() if when else None)
+            )
+        except AgentError as exc:
+            raise click.ClickException(str(exc)) from None
+        where = "in the database; they go out when the agent next runs"
+    click.echo(f"{marked} events will be re-sent ({where}).")
+    if first_available is not None and from_seq is not None and from_seq < first_available:
+        click.echo(
+            f"note: seqs below {first_available} are no longer held (retention); the POS must "
+            "re-send those events itself."
+        )
+
+
+@cli.command("check-config")
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+def check_config(config: Path) -> None:
+    """Validate CONFIG and check that the data directory is writable."""
+    cfg = _load(config)
+    problems: list[str] = []
+    try:
+        check_listen_allowed(cfg)
+    except AgentError as exc:
+        problems.append(str(exc))
+    data_dir = Path(cfg.data_dir)
+    probe_dir = data_dir
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir):
+            pass
+    except OSError as exc:
+        problems.append(f"data_dir {data_dir} is not writable: {exc.strerror}")
+    if cfg.nats.credentials and not Path(cfg.nats.credentials).is_file():
+        problems.append(f"nats.credentials {cfg.nats.credentials} does not exist")
+    if cfg.poslog.drop_dir and not Path(cfg.poslog.drop_dir).is_dir():
+        problems.append(f"poslog.drop_dir {cfg.poslog.drop_dir} is not a directory")
+    if problems:
+        raise click.ClickException(f"{config}:\n  " + "\n  ".join(problems))
+    click.echo(f"{config}: ok (store {cfg.store_id}, data in {cfg.data_dir})")
+
+
+@cli.command()
+@click.option("--store-id", default="STORE1", show_default=True, help="This store's id.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write (default: print to stdout).",
+)
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def init(store_id: str, out: Path | None, force: bool) -> None:
+    """Write a commented agent.toml with every key and its default."""
+    try:
+        cfg = msgspec.convert({"store_id": store_id}, AgentConfig)
+    except msgspec.ValidationError:
+        raise click.BadParameter(
+            f"{store_id!r}: use 1-32 letters, digits, '_' or '-'", param_hint="--store-id"
+        ) from None
+    text = render_config(cfg)
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    if out.exists() and not force:
+        raise click.ClickException(f"{out} exists: pass --force to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
+    click.echo(f"wrote {out}")
+
+
+def main() -> None:
+    cli(prog_name="storelink-agent")

@@ -1,0 +1,102 @@
+"""Control: HQ asks a store over NATS request/reply on ``storelink.control.<store_id>``.
+
+``status`` answers with the agent's ``AgentStatus``; ``resync(from_seq, to_seq)`` marks that
+range unsent again (the forwarder rewinds and re-sends it) and answers how many records were
+marked and the lowest seq still held. Anything else, including bytes that do not decode, gets
+a ``ControlError`` reply: a bad request never crashes the agent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from agent.errors import AgentError
+from agent.outbox import Outbox
+from protocol.subjects import control_subject
+from protocol.wire import (
+    AgentStatus,
+    ControlError,
+    ControlReply,
+    ResyncReply,
+    ResyncRequest,
+    StatusRequest,
+    decode_control_request,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Control:
+    """Answers HQ's control requests for one store."""
+
+    def __init__(self, outbox: Outbox, *, store_id: str, status: Callable[[], AgentStatus]) -> None:
+        self.outbox = outbox
+        self.subject = control_subject(store_id)
+        self._status = status
+        self._sub: Subscription | None = None
+        self.requests = 0
+        self.errors = 0
+
+    @property
+    def attached(self) -> bool:
+        """True once subscribed on the control subject."""
+        return self._sub is not None
+
+    async def attach(self, nc: NatsClient) -> None:
+        """Subscribe on ``nc`` (nats-py restores the subscription after a reconnect)."""
+        self._sub = await nc.subscribe(self.subject, cb=self._on_message)
+        log.info("control listening on %s", self.subject)
+
+    async def handle(self, data: bytes) -> ControlReply:
+        """The reply to one request body."""
+        self.requests += 1
+        try:
+            request = decode_control_request(data)
+        except msgspec.DecodeError as exc:
+            self.errors += 1
+            return ControlError(error=f"bad control request: {exc}")
+        try:
+            if isinstance(request, StatusRequest):
+                return self._status()
+            if isinstance(request, ResyncRequest):
+                return await self._resync(request)
+        except AgentError as exc:
+            self.errors += 1
+            return ControlError(error=str(exc))
+        self.errors += 1  # pragma: no cover - decode_control_request knows only the two above
+        return ControlError(error=f"unsupported control request {type(request).__name__}")
+
+    async def _resync(self, request: ResyncRequest) -> ResyncReply:
+        marked = await self.outbox.mark_unsent(request.from_seq, request.to_seq)
+        log.info(
+            "control: resync %s..%s requested by HQ (%s): %d records will be re-sent",
+            request.from_seq,
+            request.to_seq if request.to_seq is not None else "end",
+            request.reason or "no reason given",
+            marked.marked,
+        )
+        return ResyncReply(
+            requested_from=request.from_seq,
+            requested_to=request.to_seq,
+            marked=marked.marked,
+            first_available_seq=marked.first_available_seq,
+        )
+
+    async def _on_message(self, msg: Msg) -> None:
+        try:
+            reply = await self.handle(msg.data)
+        except Exception as exc:  # never let one request kill the subscription
+            log.exception("control: request failed")
+            reply = ControlError(error=f"internal error: {exc!r}")
+        if msg.reply:
+            try:
+                await msg.respond(encode(reply))
+            except Exception as exc:  # the link may have dropped; HQ will ask again
+                log.warning("control: could not reply: %r", exc)

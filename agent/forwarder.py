@@ -1,0 +1,508 @@
+"""The forwarder: unsent records, in seq order, to JetStream, marked sent only after the PubAck.
+
+One loop, one NATS connection. It reads runs of consecutive unsent records from the outbox
+(pre-encoded: the records are spliced into the batch, never decoded), publishes each run as one
+message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``inflight``
+batches awaiting their PubAck. Only the acknowledged *prefix* of the window is marked sent,
+and that through the outbox's single writer, so the forwarder never blocks ingest.
+
+On any failure (PubAck timeout, API error, lost connection) it rewinds to the first
+unacknowledged batch and re-sends from there after a capped, jittered backoff. Batches after
+it may have landed as well; central drops what it already has by seq, and JetStream drops
+exact re-sends within its duplicate window.
+
+Batching is adaptive: with nothing in flight a batch goes out at once (lowest latency); while
+batches are in flight, a partial batch lingers up to ``linger_ms`` to fill up (throughput).
+
+Connecting happens in a background task (``nats.connect`` blocks until a server answers) with
+``max_reconnect_attempts=-1``: the agent starts, accepts and buffers with HQ unreachable. The
+reconnect delay is ours (capped at RECONNECT_MAX_DELAY, jittered) instead of nats-py's fixed
+2 s, so draining resumes within about a second of HQ coming back.
+
+We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
+existing cluster, and the store's permissions already pin the subject. The first PubAck's
+stream name is logged, with a warning when it is not ``STORELINK_EVENTS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.client import Server as NatsServer
+from nats.js.api import PubAck
+
+from agent.outbox import Outbox, UnsentRun
+from protocol.subjects import (
+    EVENTS_STREAM,
+    MSG_ID_HEADER,
+    batch_msg_id,
+    events_subject,
+    inbox_prefix,
+)
+from protocol.wire import encode_raw_batch
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2
+INITIAL_RECONNECT_WAIT = 0.25  # nats-py's fixed wait between first-connect attempts
+RECONNECT_BASE_DELAY = 0.05
+RECONNECT_MAX_DELAY = 1.0  # "resume draining within ~1-2 s of NATS coming back"
+RETRY_BASE_DELAY = 0.05
+RETRY_MAX_DELAY = 1.0
+MAX_OUTSTANDING_PINGS = 2
+PAYLOAD_HEADROOM = 1024  # batch envelope and headers, on top of the records' bytes
+ERROR_LOG_INTERVAL = 30.0  # seconds between repeated connection-error log lines
+
+Sleep = Callable[[float], Awaitable[None]]
+ConnectHook = Callable[[NatsClient], Awaitable[None]]
+
+
+class ForwarderStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the forwarder."""
+
+    connected: bool
+    server: str | None
+    last_ack_at: dt.datetime | None
+    batches_sent: int  # acknowledged batches (re-sends count again)
+    records_sent: int
+    inflight: int
+    cursor: int  # highest seq handed to a batch
+    failures: int
+    reconnects: int
+    last_error: str | None
+    offline_since: dt.datetime | None
+
+
+class Backoff:
+    """Capped exponential backoff with jitter (half fixed, half random, so never zero)."""
+
+    def __init__(self, base: float, cap: float, rand: Callable[[], float] = random.random) -> None:
+        self.base = base
+        self.cap = cap
+        self._rand = rand
+        self.attempts = 0
+
+    def delay_for(self, attempts: int) -> float:
+        ceiling = min(self.cap, self.base * 2.0 ** min(attempts, 30))
+        return ceiling / 2 + self._rand() * ceiling / 2
+
+    def next(self) -> float:
+        delay = self.delay_for(self.attempts)
+        self.attempts += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass(eq=False)
+class _Inflight:
+    first_seq: int
+    last_seq: int
+    records: int
+    future: asyncio.Future[PubAck]
+    deadline: float
+
+
+def _utc(ts: float | None) -> dt.datetime | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
+
+
+class Forwarder:
+    """Drains the outbox to JetStream. ``await run()`` in a task; ``await stop()`` to end."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        store_id: str,
+        urls: list[str],
+        credentials: str = "",
+        ping_interval: float = 5.0,
+        batch_max_records: int = 500,
+        batch_max_bytes: int = 512 * 1024,
+        linger_ms: int = 5,
+        inflight: int = 8,
+        publish_timeout: float = 5.0,
+        sleep: Sleep = asyncio.sleep,
+        rand: Callable[[], float] = random.random,
+        clock: Callable[[], float] = time.time,
+        name: str = "",
+    ) -> None:
+        self.outbox = outbox
+        self.store_id = store_id
+        self.subject = events_subject(store_id)
+        self.urls = list(urls)
+        self.credentials = credentials
+        self.ping_interval = ping_interval
+        self.batch_max_records = batch_max_records
+        self.batch_max_bytes = batch_max_bytes
+        self.linger = linger_ms / 1000.0
+        self.inflight = inflight
+        self.publish_timeout = publish_timeout
+        self.name = name or f"storelink-agent {store_id}"
+        self._sleep = sleep
+        self._clock = clock
+        self._retry = Backoff(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rand)
+        self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand)
+        self._nc: NatsClient | None = None
+        self._connected = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._connect_task: asyncio.Task[None] | None = None
+        self._hooks: list[ConnectHook] = []
+        self._window: collections.deque[_Inflight] = collections.deque()
+        self._cursor = 0
+        self._link_lost = False
+        self._marking: asyncio.Future[None] | None = None
+        self._stream_checked = False
+        # statistics
+        self._last_ack_at: float | None = None
+        self._batches = 0
+        self._records = 0
+        self._failures = 0
+        self._reconnects = 0
+        self._last_error: str | None = None
+        self._offline_since: float | None = clock()
+        self._last_error_log = 0.0
+        outbox.add_listener(self._wake.set)
+
+    # -- public --
+
+    def add_connect_hook(self, hook: ConnectHook) -> None:
+        """Run ``hook(nc)`` once the first connection is up (subscriptions made there are
+        restored by nats-py after every reconnect)."""
+        self._hooks.append(hook)
+
+    @property
+    def nc(self) -> NatsClient | None:
+        return self._nc
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self) -> None:
+        await self._connected.wait()
+
+    def statistics(self) -> ForwarderStatistics:
+        nc = self._nc
+        server = None
+        if nc is not None and nc.is_connected and nc.connected_url is not None:
+            server = nc.connected_url.netloc
+        return ForwarderStatistics(
+            connected=self._connected.is_set(),
+            server=server,
+            last_ack_at=_utc(self._last_ack_at),
+            batches_sent=self._batches,
+            records_sent=self._records,
+            inflight=len(self._window),
+            cursor=self._cursor,
+            failures=self._failures,
+            reconnects=self._reconnects,
+            last_error=self._last_error,
+            offline_since=_utc(self._offline_since),
+        )
+
+    async def run(self) -> None:
+        """Connect in the background and forward until ``stop()``."""
+        self._connect_task = asyncio.create_task(self._connect(), name="forwarder-connect")
+        try:
+            await self._forward()
+        finally:
+            await self._shutdown_connection()
+
+    async def stop(self) -> None:
+        """Stop cutting batches; the batches in flight get until their PubAck deadline."""
+        self._stopping = True
+        self._wake.set()
+
+    # -- connection --
+
+    async def _connect(self) -> None:
+        options: dict[str, Any] = {}
+        if self.credentials:
+            options["user_credentials"] = self.credentials
+        nc = NatsClient()
+        try:
+            await nc.connect(
+                servers=self.urls,
+                name=self.name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                connect_timeout=CONNECT_TIMEOUT,
+                reconnect_time_wait=INITIAL_RECONNECT_WAIT,  # type: ignore[arg-type]
+                reconnect_to_server_handler=self._pick_server,
+                ping_interval=self.ping_interval,  # type: ignore[arg-type]
+                max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+                inbox_prefix=inbox_prefix(self.store_id),
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnected,
+                reconnected_cb=self._on_reconnected,
+                closed_cb=self._on_closed,
+                **options,
+            )
+        except asyncio.CancelledError:
+            await nc.close()
+            raise
+        except Exception as exc:  # bad credentials file, bad URL: say so, keep ingest running
+            self._last_error = f"cannot connect to NATS: {exc!r}"
+            log.error("forwarder: %s; events are buffered until this is fixed", self._last_error)
+            await nc.close()
+            return
+        self._nc = nc
+        log.info("forwarder connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        for hook in self._hooks:
+            try:
+                await hook(nc)
+            except Exception:
+                log.exception("forwarder: a connect hook failed")
+        self._set_connected()
+
+    def _pick_server(
+        self, servers: list[NatsServer], info: dict[str, Any]
+    ) -> tuple[NatsServer | None, float]:
+        # nats-py asks this before each reconnect attempt: rotate through the servers with a
+        # capped, jittered delay (400 stores must not hammer HQ in lockstep after an outage).
+        server = min(servers, key=lambda s: s.reconnects)
+        return server, self._reconnect.delay_for(server.reconnects)
+
+    def _set_connected(self) -> None:
+        if self._offline_since is not None:
+            log.info("forwarder online after %.1f s offline", self._clock() - self._offline_since)
+        self._offline_since = None
+        self._connected.set()
+        self._wake.set()
+
+    async def _on_error(self, exc: Exception) -> None:
+        self._last_error = f"NATS: {exc!r}"
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.warning("forwarder: %s (retrying; events are buffered)", self._last_error)
+
+    async def _on_disconnected(self) -> None:
+        if self._connected.is_set() and not self._stopping:
+            log.warning("forwarder disconnected from NATS; buffering")
+            self._offline_since = self._clock()
+        self._connected.clear()
+        self._link_lost = True
+        self._wake.set()
+
+    async def _on_reconnected(self) -> None:
+        self._reconnects += 1
+        self._set_connected()
+
+    async def _on_closed(self) -> None:
+        self._connected.clear()
+        self._wake.set()
+
+    async def _shutdown_connection(self) -> None:
+        task, self._connect_task = self._connect_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            try:
+                await nc.close()
+            except Exception as exc:  # closing is best effort; nothing unacked is lost
+                log.warning("forwarder: closing the NATS connection: %r", exc)
+        self._connected.clear()
+
+    # -- forwarding --
+
+    async def _forward(self) -> None:
+        window = self._window
+        while True:
+            if self._stopping and not window:
+                break
+            self._wake.clear()
+            if self._link_lost or not self._connected.is_set():
+                self._link_lost = False
+                if window:
+                    self._fail("connection to NATS lost")
+                if not self._connected.is_set():
+                    if self._stopping:
+                        break  # nothing can be acknowledged any more; re-sent after restart
+                    await self._wait_wake(None)
+                    continue
+            rewind = self.outbox.take_rewind_nowait()
+            if rewind is not None and rewind <= self._cursor:
+                log.info("forwarder: resync, re-sending from seq %d", rewind)
+                self._drop_window()
+                self._cursor = rewind - 1
+            if not self._stopping:
+                await self._fill_window()
+            if self._link_lost:
+                continue
+            if not window:
+                if not self._stopping:
+                    await self._wait_wake(None)
+                continue
+            head = window[0]
+            if head.future.done():
+                if not self._settle():
+                    await self._back_off()
+                continue
+            remaining = head.deadline - time.monotonic()
+            if remaining <= 0:
+                self._fail(f"no PubAck within {self.publish_timeout:g} s")
+                await self._back_off()
+                continue
+            await self._wait_wake(remaining)
+
+    async def _wait_wake(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def _fill_window(self) -> None:
+        nc = self._nc
+        assert nc is not None
+        limit_bytes = min(self.batch_max_bytes, max(1024, nc.max_payload - PAYLOAD_HEADROOM))
+        lingered = False
+        while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
+            run = await self.outbox.read_unsent(
+                self.batch_max_records, limit_bytes, after_seq=self._cursor
+            )
+            if run is None:
+                return
+            partial = len(run.payloads) < self.batch_max_records and run.size < limit_bytes // 2
+            if partial and self._window and self.linger and not lingered:
+                # Batches are in flight anyway: give this one a moment to fill up.
+                lingered = True
+                self._wake.clear()
+                await self._wait_wake(self.linger)
+                continue
+            lingered = False
+            if not await self._publish(nc, run):
+                return
+
+    async def _publish(self, nc: NatsClient, run: UnsentRun) -> bool:
+        payload = encode_raw_batch(
+            self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, run.payloads
+        )
+        msg_id = batch_msg_id(self.store_id, self.outbox.epoch, run.first_seq, run.last_seq)
+        try:
+            future = await nc.jetstream().publish_async(
+                self.subject, payload, headers={MSG_ID_HEADER: msg_id}
+            )
+        except (nats.errors.Error, OSError) as exc:
+            self._fail(f"publish failed: {exc!r}")
+            await self._back_off()
+            return False
+        future.add_done_callback(lambda _f: self._wake.set())
+        self._window.append(
+            _Inflight(
+                first_seq=run.first_seq,
+                last_seq=run.last_seq,
+                records=len(run.payloads),
+                future=future,
+                deadline=time.monotonic() + self.publish_timeout,
+            )
+        )
+        self._cursor = run.last_seq
+        return True
+
+    def _settle(self) -> bool:
+        """Pop the acknowledged prefix of the window and mark it sent; False on a failure."""
+        window = self._window
+        first = last = None
+        while window and window[0].future.done():
+            head = window[0]
+            if head.future.cancelled():
+                exc: BaseException | None = asyncio.CancelledError()
+            else:
+                exc = head.future.exception()
+            if exc is not None:
+                self._mark(first, last)
+                self._fail(f"batch {head.first_seq}-{head.last_seq} refused: {exc!r}")
+                return False
+            ack = head.future.result()
+            self._check_stream(ack)
+            window.popleft()
+            first = head.first_seq if first is None else first
+            last = head.last_seq
+            self._batches += 1
+            self._records += head.records
+        self._mark(first, last)
+        self._retry.reset()
+        return True
+
+    def _mark(self, first: int | None, last: int | None) -> None:
+        if first is None or last is None:
+            return
+        self._last_ack_at = self._clock()
+        # Not awaited: the writer group-commits these with ingest's appends. Losing one in a
+        # crash only means re-sending records central already has.
+        self._marking = self.outbox.mark_sent_nowait(first, last)
+        self._marking.add_done_callback(_log_mark_failure)
+
+    def _check_stream(self, ack: PubAck) -> None:
+        if self._stream_checked:
+            return
+        self._stream_checked = True
+        if ack.stream != EVENTS_STREAM:
+            log.warning(
+                "forwarder: PubAcks come from stream %r, not %r: check HQ's stream setup",
+                ack.stream,
+                EVENTS_STREAM,
+            )
+        else:
+            log.info("forwarder: publishing into stream %s", ack.stream)
+
+    def _drop_window(self) -> None:
+        for batch in self._window:
+            batch.future.cancel()
+        self._window.clear()
+
+    def _fail(self, reason: str) -> None:
+        """Rewind to the first unacknowledged batch; later ones are re-sent too."""
+        if self._window:
+            self._cursor = self._window[0].first_seq - 1
+        self._drop_window()
+        self._failures += 1
+        self._last_error = reason
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_INTERVAL:
+            self._last_error_log = now
+            log.warning("forwarder: %s; re-sending from seq %d", reason, self._cursor + 1)
+
+    async def _back_off(self) -> None:
+        if self._stopping:
+            return
+        await self._sleep(self._retry.next())
+
+    async def wait_marked(self) -> None:
+        """Wait until the last mark-sent handed to the outbox is committed."""
+        marking = self._marking
+        if marking is not None:
+            try:
+                await marking
+            except Exception:  # already logged by _log_mark_failure
+                pass
+
+
+def _log_mark_failure(future: asyncio.Future[None]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning(
+            "forwarder: marking records sent failed (they will be re-sent): %r", future.exception()
+        )

@@ -1,0 +1,394 @@
+"""The HTTP API a POS talks to: ``POST /v1/events`` and friends (aiohttp).
+
+A request is all-or-nothing and answered only after its events are committed to the outbox
+(``synchronous=FULL``): ``202`` means durable. Every refusal is specific and writes nothing:
+401 token, 415 content type, 413 size, 400 unparsable, 422 invalid (index, path, message),
+507 buffer full (with Retry-After), 503 shutting down. An event_id already held is not stored
+again: the answer carries the original seq, so a POS can retry blindly.
+
+The handlers are deliberately plain (no middleware): at ten thousand requests a second every
+layer shows up in the latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from agent.errors import (
+    AgentError,
+    BufferFull,
+    OutboxClosed,
+    OutboxError,
+    OutboxWriteFailed,
+    RecordTooLarge,
+)
+from agent.outbox import AppendResult, UnsentMarked
+from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
+
+log = logging.getLogger(__name__)
+
+JSON_TYPES = frozenset({"application/json"})
+MSGPACK_TYPES = frozenset(
+    {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+)
+XML_TYPES = frozenset({"application/xml", "text/xml", "application/octet-stream"})
+RETRY_AFTER_FULL = "10"  # seconds: the forwarder needs a moment to drain before room appears
+RETRY_AFTER_BUSY = "1"
+SHUTDOWN_TIMEOUT = 5.0
+BACKLOG = 1024
+
+_json = msgspec.json.Encoder()
+
+
+class EventSink(Protocol):
+    """Where accepted events go (the outbox; tests may give a fake)."""
+
+    async def append(self, events: list[Event]) -> AppendResult: ...
+
+    async def mark_unsent(
+        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+    ) -> UnsentMarked: ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+
+class ResyncBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/resync``: a seq range, a time, or everything held."""
+
+    from_seq: int | None = None
+    to_seq: int | None = None
+    since: dt.datetime | None = None
+    all: bool = False
+
+
+class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """Counters since start."""
+
+    requests: int
+    events_accepted: int
+    events_duplicate: int
+    refused: dict[int, int]  # HTTP status -> count
+    listening: str
+    stopping: bool
+
+
+def _error(
+    status: int, error: str, headers: dict[str, str] | None = None, **fields: Any
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=_json.encode({"error": error, **fields}),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _ok(status: int, payload: object) -> web.Response:
+    return web.Response(status=status, body=_json.encode(payload), content_type="application/json")
+
+
+class Ingest:
+    """The agent's HTTP server. ``await start()``, ``begin_shutdown()``, ``await stop()``."""
+
+    def __init__(
+        self,
+        sink: EventSink,
+        *,
+        store_id: str,
+        host: str,
+        port: int,
+        token: str = "",
+        max_request_bytes: int,
+        status: Callable[[], object],
+        convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
+    ) -> None:
+        self.sink = sink
+        self.store_id = store_id
+        self.host = host
+        self.port = port
+        self._token = token.encode() if token else b""
+        self.max_request_bytes = max_request_bytes
+        self._status = status
+        self._convert_poslog = convert_poslog
+        self._stopping = False
+        self._runner: web.AppRunner | None = None
+        self._requests = 0
+        self._accepted = 0
+        self._duplicates = 0
+        self._refused: dict[int, int] = {}
+        self.app = web.Application(client_max_size=max_request_bytes)
+        self.app.router.add_post("/v1/events", self._post_events)
+        self.app.router.add_post("/v1/poslog", self._post_poslog)
+        self.app.router.add_post("/v1/resync", self._post_resync)
+        self.app.router.add_get("/v1/status", self._get_status)
+        self.app.router.add_get("/healthz", self._healthz)
+        self.app.router.add_get("/metrics", self._metrics)
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Bind and serve. The port is known once this returns (``port=0`` picks one)."""
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, backlog=BACKLOG, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise AgentError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; is another "
+                "agent running, or use --listen with a free port"
+            ) from None
+        self._runner = runner
+        if self.port == 0:
+            server = site._server  # the only way aiohttp exposes the bound socket
+            assert isinstance(server, asyncio.base_events.Server)
+            self.port = server.sockets[0].getsockname()[1]
+        log.info("ingest listening on http://%s:%d", self.host, self.port)
+
+    def begin_shutdown(self) -> None:
+        """From now on new requests get 503; requests already committing finish."""
+        self._stopping = True
+
+    async def stop(self) -> None:
+        self._stopping = True
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def statistics(self) -> IngestStatistics:
+        return IngestStatistics(
+            requests=self._requests,
+            events_accepted=self._accepted,
+            events_duplicate=self._duplicates,
+            refused=dict(self._refused),
+            listening=f"{self.host}:{self.port}",
+            stopping=self._stopping,
+        )
+
+    # -- shared checks --
+
+    def _refuse(self, response: web.Response) -> web.Response:
+        self._refused[response.status] = self._refused.get(response.status, 0) + 1
+        return response
+
+    def _gate(self, request: web.Request) -> web.Response | None:
+        """503 while stopping, 401 on a bad token; None when the request may go on."""
+        if self._stopping or not self.sink.is_open:
+            return self._refuse(
+                _error(
+                    503,
+                    "shutting_down",
+                    {"Retry-After": RETRY_AFTER_BUSY},
+                    message="the agent is stopping; retry",
+                )
+            )
+        if self._token:
+            header = request.headers.get("Authorization", "")
+            scheme, _, supplied = header.partition(" ")
+            # compare_digest: the time taken must not tell an attacker how much of it matched.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                supplied.strip().encode(), self._token
+            ):
+                return self._refuse(
+                    _error(
+                        401,
+                        "unauthorized",
+                        {"WWW-Authenticate": 'Bearer realm="storelink-agent"'},
+                        message="missing or wrong bearer token",
+                    )
+                )
+        return None
+
+    async def _read_body(self, request: web.Request) -> bytes | web.Response:
+        """The body, or a 413 response: checked against Content-Length first, then while reading
+        (a chunked or lying client cannot make us buffer more than the limit)."""
+        limit = self.max_request_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return self._refuse(self._too_large(declared))
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limit:
+                return self._refuse(self._too_large(size))
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, size: int) -> web.Response:
+        return _error(
+            413,
+            "too_large",
+            message=f"body of {size} bytes or more is above the {self.max_request_bytes}-byte "
+            "limit (ingest.max_request_bytes): send fewer events per request",
+        )
+
+    async def _store(self, events: list[Event]) -> web.Response:
+        try:
+            result = await self.sink.append(events)
+        except BufferFull as exc:
+            log.warning("refusing %d events: %s", len(events), exc)
+            return self._refuse(
+                _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
+            )
+        except RecordTooLarge as exc:
+            return self._refuse(_error(413, "event_too_large", message=str(exc), index=exc.index))
+        except OutboxWriteFailed as exc:
+            status, error = (507, "disk_full") if exc.disk_full else (503, "write_failed")
+            return self._refuse(
+                _error(status, error, {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
+            )
+        except OutboxClosed:
+            return self._refuse(
+                _error(
+                    503,
+                    "shutting_down",
+                    {"Retry-After": RETRY_AFTER_BUSY},
+                    message="the agent is stopping; retry",
+                )
+            )
+        self._accepted += result.accepted
+        self._duplicates += result.duplicates
+        # Every event a duplicate: nothing new was stored, so this is a plain 200.
+        return _ok(202 if result.accepted else 200, result)
+
+    # -- handlers --
+
+    async def _post_events(self, request: web.Request) -> web.Response:
+        self._requests += 1
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        content_type = request.content_type
+        if content_type in JSON_TYPES:
+            msgpack = False
+        elif content_type in MSGPACK_TYPES:
+            msgpack = True
+        else:
+            return self._refuse(
+                _error(
+                    415,
+                    "unsupported_media_type",
+                    message=f"Content-Type {content_type!r}: send application/json or "
+                    "application/msgpack",
+                )
+            )
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            events = decode_pos_events(body, msgpack=msgpack)
+        except UnparsableBody as exc:
+            return self._refuse(_error(400, "unparsable", message=str(exc)))
+        except InvalidEvents as exc:
+            errors = [{"index": e.index, "path": e.path, "message": e.message} for e in exc.errors]
+            return self._refuse(_error(422, "invalid_events", errors=errors))
+        return await self._store(events)
+
+    async def _post_poslog(self, request: web.Request) -> web.Response:
+        self._requests += 1
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if request.content_type not in XML_TYPES:
+            return self._refuse(
+                _error(
+                    415,
+                    "unsupported_media_type",
+                    message=f"Content-Type {request.content_type!r}: send application/xml",
+                )
+            )
+        if self._convert_poslog is None:
+            return self._refuse(
+                _error(501, "poslog_unavailable", message="this agent build has no POSLog support")
+            )
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            events = await self._convert_poslog(body)
+        except AgentError as exc:  # agent.poslog.PoslogError: the XML says what is wrong
+            reason = getattr(exc, "reason", str(exc))
+            return self._refuse(_error(400, "unparsable", message=str(reason)))
+        if not events:
+            return self._refuse(
+                _error(422, "no_events", message="the POSLog holds no transaction to forward")
+            )
+        return await self._store(events)
+
+    async def _post_resync(self, request: web.Request) -> web.Response:
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        body = await self._read_body(request)
+        if isinstance(body, web.Response):
+            return body
+        try:
+            ask = msgspec.json.decode(body or b"{}", type=ResyncBody)
+        except msgspec.DecodeError as exc:
+            return self._refuse(_error(400, "unparsable", message=str(exc)))
+        chosen = sum((ask.from_seq is not None, ask.since is not None, ask.all))
+        if chosen != 1 or (ask.to_seq is not None and ask.from_seq is None):
+            return self._refuse(
+                _error(
+                    400,
+                    "bad_request",
+                    message="give exactly one of from_seq (with optional to_seq), since, all",
+                )
+            )
+        since = None
+        if ask.since is not None:
+            when = ask.since if ask.since.tzinfo else ask.since.replace(tzinfo=dt.UTC)
+            since = when.timestamp()
+        try:
+            marked = await self.sink.mark_unsent(ask.from_seq, ask.to_seq, since=since)
+        except OutboxError as exc:
+            return self._refuse(_error(400, "bad_request", message=str(exc)))
+        log.info("resync requested over HTTP (%s): %d records marked", ask, marked.marked)
+        return _ok(200, marked)
+
+    async def _get_status(self, request: web.Request) -> web.Response:
+        if self._token:
+            refused = self._gate(request)
+            if refused is not None and refused.status == 401:
+                return refused
+        return _ok(200, self._status())
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        if not self.sink.is_open:
+            return _error(503, "not_ready")
+        return _ok(200, {"ok": True, "stopping": self._stopping})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        status = msgspec.to_builtins(self._status())
+        assert isinstance(status, dict)
+        lines = []
+        for key in ("last_seq", "pending", "buffer_bytes", "max_buffer_bytes"):
+            lines.append(f"storelink_agent_{key} {int(status.get(key) or 0)}")
+        lines.append(f"storelink_agent_connected {int(bool(status.get('connected')))}")
+        lines.append(f"storelink_agent_http_requests_total {self._requests}")
+        lines.append(f"storelink_agent_events_accepted_total {self._accepted}")
+        lines.append(f"storelink_agent_events_duplicate_total {self._duplicates}")
+        for code, count in sorted(self._refused.items()):
+            lines.append(f'storelink_agent_http_refused_total{{status="{code}"}} {count}')
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")

@@ -1,0 +1,268 @@
+"""The running agent: outbox + ingest + forwarder + control (+ the POSLog drop folder).
+
+``run_service(cfg)`` is what ``storelink-agent run`` calls: uvloop where available, SIGTERM and
+SIGINT (CTRL_BREAK on Windows) for a clean stop. Stopping goes in the order that loses nothing:
+new requests get 503, requests already committing finish, the batches in flight get their
+PubAck (or are re-sent next start), the last mark-sent commits, SQLite closes cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from agent.config import AgentConfig, parse_listen
+from agent.control import Control
+from agent.errors import AgentError
+from agent.forwarder import Forwarder, ForwarderStatistics
+from agent.ingest import Ingest
+from agent.outbox import Outbox, OutboxStatistics
+from protocol import __version__
+from protocol.events import Event
+from protocol.wire import AgentStatus
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE = 2.0  # seconds beyond publish_timeout to wait for the forwarder to finish
+
+
+class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``storelink-agent status`` and ``GET /v1/status`` show."""
+
+    store_id: str
+    epoch: str
+    last_seq: int
+    pending: int
+    oldest_pending_at: dt.datetime | None
+    last_ack_at: dt.datetime | None
+    connected: bool
+    service_running: bool
+    buffer_bytes: int
+    max_buffer_bytes: int
+    nats_urls: list[str]
+    data_dir: str
+    listen: str
+    version: str = __version__
+    damaged_file: str | None = None
+    forwarder: ForwarderStatistics | None = None
+    poslog: dict[str, Any] | None = None
+
+
+def status_report(
+    cfg: AgentConfig,
+    outbox: OutboxStatistics,
+    forwarder: ForwarderStatistics | None,
+    *,
+    running: bool,
+    poslog: dict[str, Any] | None = None,
+) -> StatusReport:
+    """Combine the parts' statistics into the status document."""
+    return StatusReport(
+        store_id=outbox.store_id,
+        epoch=outbox.epoch,
+        last_seq=outbox.last_seq,
+        pending=outbox.pending,
+        oldest_pending_at=outbox.oldest_pending_at,
+        last_ack_at=outbox.last_ack_at,
+        connected=forwarder.connected if forwarder else False,
+        service_running=running,
+        buffer_bytes=outbox.buffer_bytes,
+        max_buffer_bytes=outbox.max_buffer_bytes,
+        nats_urls=list(cfg.nats.urls),
+        data_dir=cfg.data_dir,
+        listen=cfg.ingest.listen,
+        damaged_file=outbox.damaged_file,
+        forwarder=forwarder,
+        poslog=poslog,
+    )
+
+
+def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, list[Event]]] | None:
+    """``POST /v1/poslog``'s converter, or None when agent.poslog is not part of this build."""
+    try:
+        from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
+            convert_poslog,
+        )
+    except ImportError:
+        return None
+
+    async def convert(data: bytes) -> list[Event]:
+        # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
+        return await asyncio.to_thread(convert_poslog, data, store_id=store_id)
+
+    return convert
+
+
+class AgentService:
+    """All the parts of one agent, started and stopped together."""
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        host, port = parse_listen(cfg.ingest.listen)
+        self.outbox = Outbox(
+            Path(cfg.data_dir),
+            store_id=cfg.store_id,
+            max_buffer_bytes=cfg.outbox.max_buffer_bytes,
+            retention_days=cfg.outbox.retention_days,
+            max_record_bytes=cfg.forwarder.batch_max_bytes,
+        )
+        self.forwarder = Forwarder(
+            self.outbox,
+            store_id=cfg.store_id,
+            urls=list(cfg.nats.urls),
+            credentials=cfg.nats.credentials,
+            ping_interval=cfg.nats.ping_interval,
+            batch_max_records=cfg.forwarder.batch_max_records,
+            batch_max_bytes=cfg.forwarder.batch_max_bytes,
+            linger_ms=cfg.forwarder.linger_ms,
+            inflight=cfg.forwarder.inflight,
+            publish_timeout=cfg.forwarder.publish_timeout,
+        )
+        self.control = Control(self.outbox, store_id=cfg.store_id, status=self.agent_status)
+        self.forwarder.add_connect_hook(self.control.attach)
+        self.ingest = Ingest(
+            self.outbox,
+            store_id=cfg.store_id,
+            host=host,
+            port=port,
+            token=cfg.ingest.token,
+            max_request_bytes=cfg.ingest.max_request_bytes,
+            status=self.status,
+            convert_poslog=_poslog_converter(cfg.store_id),
+        )
+        self._watcher: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+
+    async def start(self) -> None:
+        """Open the outbox, start forwarding and watching, then accept HTTP."""
+        await self.outbox.open()
+        try:
+            self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
+            if self.cfg.poslog.drop_dir:
+                self._start_watcher()
+            await self.ingest.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._running = True
+        log.info(
+            "storelink-agent %s running: store %s, epoch %s, http %s, data %s",
+            __version__,
+            self.cfg.store_id,
+            self.outbox.epoch,
+            self.ingest.url,
+            self.cfg.data_dir,
+        )
+
+    def _start_watcher(self) -> None:
+        try:
+            from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
+                PoslogWatcher,
+            )
+        except ImportError as exc:
+            raise AgentError(
+                "poslog.drop_dir is set but this build has no POSLog support (agent.poslog)"
+            ) from exc
+        drop_dir = Path(self.cfg.poslog.drop_dir)
+        self._watcher = PoslogWatcher(
+            drop_dir, self.cfg.store_id, self.outbox.append, self.cfg.poslog.poll_interval
+        )
+        self._tasks.append(asyncio.create_task(self._watch(), name="poslog-watcher"))
+        log.info("watching %s for POSLog files", drop_dir)
+
+    async def _watch(self) -> None:
+        assert self._watcher is not None
+        await self._watcher.run()
+
+    async def stop(self) -> None:
+        """503 for new requests, finish what is in flight, close the outbox."""
+        self._running = False
+        self.ingest.begin_shutdown()
+        for task in self._tasks:
+            if task.get_name() == "poslog-watcher":
+                task.cancel()
+        await self.ingest.stop()  # waits for requests already committing
+        await self.forwarder.stop()
+        timeout = self.cfg.forwarder.publish_timeout + STOP_GRACE
+        for task in self._tasks:
+            try:
+                await asyncio.wait_for(task, timeout)
+            except asyncio.CancelledError:
+                pass
+            except TimeoutError:
+                log.warning("%s did not stop within %.0f s", task.get_name(), timeout)
+            except Exception:
+                log.exception("%s failed", task.get_name())
+        self._tasks.clear()
+        await self.forwarder.wait_marked()
+        await self.outbox.close()
+        log.info("storelink-agent stopped")
+
+    def status(self) -> StatusReport:
+        poslog = None
+        if self._watcher is not None:
+            poslog = msgspec.to_builtins(self._watcher.statistics())
+        return status_report(
+            self.cfg,
+            self.outbox.statistics(),
+            self.forwarder.statistics(),
+            running=self._running,
+            poslog=poslog,
+        )
+
+    def agent_status(self) -> AgentStatus:
+        stats = self.outbox.statistics()
+        return AgentStatus(
+            store_id=stats.store_id,
+            epoch=stats.epoch,
+            last_seq=stats.last_seq,
+            pending=stats.pending,
+            oldest_pending_at=stats.oldest_pending_at,
+            last_ack_at=stats.last_ack_at,
+            connected=self.forwarder.connected,
+            buffer_bytes=stats.buffer_bytes,
+            max_buffer_bytes=stats.max_buffer_bytes,
+            version=__version__,
+        )
+
+
+async def serve(cfg: AgentConfig, *, ready: Callable[[AgentService], None] | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT (or CTRL_BREAK on Windows)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if sys.platform == "win32":
+        signals.append(signal.SIGBREAK)  # type: ignore[attr-defined,unused-ignore]
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows event loops
+            signal.signal(sig, lambda _s, _f: loop.call_soon_threadsafe(stop.set))
+    service = AgentService(cfg)
+    await service.start()
+    if ready is not None:
+        ready(service)
+    try:
+        await stop.wait()
+        log.info("stopping on signal")
+    finally:
+        await service.stop()
+
+
+def run_service(cfg: AgentConfig) -> None:
+    """Run on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(cfg))
+        return
+    uvloop.run(serve(cfg))

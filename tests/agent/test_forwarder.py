@@ -1,0 +1,214 @@
+"""The forwarder against a real nats-server: order, dedup header, ack-before-mark, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from agent.forwarder import Backoff, Forwarder
+from agent.outbox import Outbox
+from central.broker import EmbeddedBroker
+from protocol.subjects import EVENTS_STREAM, EVENTS_WILDCARD, MSG_ID_HEADER, batch_msg_id
+from protocol.wire import Batch, decode_batch
+from tests.agent.conftest import STORE, sales
+
+
+async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Poll ``check`` until true; fail naming ``what`` after ``timeout`` (a hang guard only)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def make_stream(url: str) -> tuple[nats.NATS, JetStreamContext]:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await js.add_stream(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD], duplicate_window=120)
+    return nc, js
+
+
+async def stored_batches(js: JetStreamContext) -> list[tuple[str, Batch]]:
+    """Every message in the events stream: (its Nats-Msg-Id, the decoded batch)."""
+    info = await js.stream_info(EVENTS_STREAM)
+    out = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(EVENTS_STREAM, seq)
+        assert msg.headers is not None and msg.data is not None
+        out.append((msg.headers[MSG_ID_HEADER], decode_batch(msg.data)))
+    return out
+
+
+def delivered_seqs(batches: list[tuple[str, Batch]]) -> list[int]:
+    """Record seqs in stream order with re-sent duplicates dropped, as central would."""
+    seen: list[int] = []
+    for _msg_id, batch in batches:
+        for record in batch.records:
+            if not seen or record.seq > seen[-1]:
+                seen.append(record.seq)
+    return seen
+
+
+@pytest.fixture
+async def outbox(tmp_path: Path) -> AsyncIterator[Outbox]:
+    box = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    await box.open()
+    try:
+        yield box
+    finally:
+        await box.close()
+
+
+class Running:
+    """A forwarder task that is stopped and awaited at the end of the test."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.forwarder = forwarder
+        self.task = asyncio.create_task(forwarder.run())
+
+    async def stop(self) -> None:
+        await self.forwarder.stop()
+        await asyncio.wait_for(self.task, 30)
+        await self.forwarder.wait_marked()
+
+
+def forwarder_for(outbox: Outbox, url: str, **options: object) -> Forwarder:
+    settings: dict[str, object] = {
+        "batch_max_records": 500,
+        "publish_timeout": 2.0,
+        "ping_interval": 1.0,
+    }
+    settings.update(options)
+    return Forwarder(outbox, store_id=STORE, urls=[url], **settings)  # type: ignore[arg-type]
+
+
+async def test_delivers_batches_in_order_with_dedup_header(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """1,200 records go out as consecutive batches of at most 500, each with its msg id,
+    and are marked sent once acknowledged."""
+    nc, js = await make_stream(nats_server.url)
+    await outbox.append(sales("a", 1200))
+    running = Running(forwarder_for(outbox, nats_server.url))
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+    assert list(range(1, 1201)) == [r.seq for _id, b in batches for r in b.records]
+    assert [batch_msg_id(STORE, outbox.epoch, b.first_seq, b.last_seq) for _id, b in batches] == [
+        msg_id for msg_id, _b in batches
+    ]
+    assert all(len(b.records) <= 500 for _id, b in batches)
+    assert {(STORE, outbox.epoch)} == {(b.store_id, b.epoch) for _id, b in batches}
+    stats = running.forwarder.statistics()
+    assert (1200, None) == (stats.records_sent, stats.last_error)
+
+
+async def test_wakes_on_append_and_drains_new_records(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """Records appended while the forwarder is idle are sent without polling delays."""
+    nc, js = await make_stream(nats_server.url)
+    running = Running(forwarder_for(outbox, nats_server.url))
+    try:
+        await running.forwarder.wait_connected()
+        for i in range(5):
+            await outbox.append(sales(f"w{i}", 3))
+            await wait_until(lambda: outbox.statistics().pending == 0, "drained")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+    assert list(range(1, 16)) == delivered_seqs(batches)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP freezes the server; POSIX only")
+async def test_nothing_is_marked_sent_without_a_puback(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """With the server frozen then killed before acking, nothing is marked sent; after a
+    restart everything is re-sent and acknowledged."""
+    nc, js = await make_stream(nats_server.url)
+    await nc.close()
+    running = Running(forwarder_for(outbox, nats_server.url, publish_timeout=0.5))
+    try:
+        await running.forwarder.wait_connected()
+        assert nats_server.pid is not None
+        os.kill(nats_server.pid, signal.SIGSTOP)
+        await outbox.append(sales("a", 10))
+        await wait_until(lambda: running.forwarder.statistics().failures >= 1, "a PubAck timeout")
+        frozen = outbox.statistics()
+        nats_server.kill()
+        await asyncio.sleep(0.2)
+        after_kill = outbox.statistics()
+        await nats_server.start()
+        await wait_until(lambda: outbox.statistics().pending == 0, "re-sent after restart")
+        nc, js = await make_stream(nats_server.url)
+        batches = await stored_batches(js)
+        await nc.close()
+    finally:
+        await running.stop()
+    assert (10, None) == (frozen.pending, frozen.last_ack_at)
+    assert (10, None) == (after_kill.pending, after_kill.last_ack_at)
+    assert list(range(1, 11)) == delivered_seqs(batches)
+
+
+async def test_resumes_after_server_stop_and_start(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """Events buffered while NATS is down are delivered, in order, once it is back."""
+    nc, js = await make_stream(nats_server.url)
+    await nc.close()
+    running = Running(forwarder_for(outbox, nats_server.url))
+    try:
+        await outbox.append(sales("before", 100))
+        await wait_until(lambda: outbox.statistics().pending == 0, "first drain")
+        await nats_server.stop()
+        await wait_until(lambda: not running.forwarder.connected, "disconnect noticed")
+        await outbox.append(sales("during", 300))
+        offline = running.forwarder.statistics()
+        await nats_server.start()
+        await wait_until(lambda: outbox.statistics().pending == 0, "drain after restart")
+        nc, js = await make_stream(nats_server.url)
+        batches = await stored_batches(js)
+        await nc.close()
+    finally:
+        await running.stop()
+    assert (False, True) == (offline.connected, offline.offline_since is not None)
+    assert list(range(1, 401)) == delivered_seqs(batches)
+    assert 1 <= running.forwarder.statistics().reconnects
+
+
+async def test_starts_while_nats_is_down(tmp_path: Path, outbox: Outbox) -> None:
+    """With no server at all, the forwarder runs, reports offline, and stops cleanly."""
+    from central.broker import free_port
+
+    running = Running(forwarder_for(outbox, f"nats://127.0.0.1:{free_port()}"))
+    await outbox.append(sales("a", 3))
+    await asyncio.sleep(0.3)
+    stats = running.forwarder.statistics()
+    await running.stop()
+    assert (False, 0) == (stats.connected, stats.batches_sent)
+    assert 3 == outbox.statistics().pending
+
+
+def test_backoff_is_capped_and_jittered() -> None:
+    """Delays double from the base up to the cap, and jitter keeps them in [ceiling/2, ceiling]."""
+    low = Backoff(0.1, 1.0, rand=lambda: 0.0)
+    high = Backoff(0.1, 1.0, rand=lambda: 1.0)
+    assert [0.05, 0.1, 0.2, 0.4, 0.5, 0.5] == [low.next() for _ in range(6)]
+    assert [0.1, 0.2, 0.4, 0.8, 1.0, 1.0] == [high.next() for _ in range(6)]
+    high.reset()
+    assert 0.1 == high.next()

@@ -1,0 +1,242 @@
+"""The HTTP API on a real loopback port: durable 202s, all-or-nothing, dedup, every refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from agent.ingest import Ingest
+from agent.outbox import Outbox
+from protocol.wire import encode
+from tests.agent.conftest import STORE, body, sale, sales
+
+MakeIngest = Callable[..., Awaitable[Ingest]]
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture
+async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
+    """Start an outbox and an Ingest on a free 127.0.0.1 port; both are closed after the test."""
+    started: list[tuple[Ingest, Outbox]] = []
+
+    async def make(
+        *, token: str = "", max_request_bytes: int = 1 << 20, max_buffer_bytes: int = 1 << 30
+    ) -> Ingest:
+        outbox = Outbox(
+            tmp_path / "data",
+            store_id=STORE,
+            max_buffer_bytes=max_buffer_bytes,
+            retention_days=7,
+        )
+        await outbox.open()
+        ingest = Ingest(
+            outbox,
+            store_id=STORE,
+            host="127.0.0.1",
+            port=0,
+            token=token,
+            max_request_bytes=max_request_bytes,
+            status=outbox.statistics,
+        )
+        await ingest.start()
+        started.append((ingest, outbox))
+        return ingest
+
+    yield make
+    for ingest, outbox in started:
+        await ingest.stop()
+        await outbox.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    ingest: Ingest,
+    data: bytes,
+    headers: dict[str, str] | None = None,
+    path: str = "/v1/events",
+) -> tuple[int, Any, aiohttp.ClientResponse]:
+    async with http.post(ingest.url + path, data=data, headers=headers or JSON) as resp:
+        return resp.status, await resp.json(content_type=None), resp
+
+
+def rows(tmp_path: Path) -> list[tuple[int, str]]:
+    with sqlite3.connect(tmp_path / "data" / "outbox.db") as conn:
+        return conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
+
+
+async def test_202_means_committed(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """A 202 answer's events are already readable from another SQLite connection."""
+    ingest = await make_ingest()
+    status, answer, _ = await post(http, ingest, body(*sales("a", 3)))
+    stored = rows(tmp_path)
+    assert 202 == status
+    expected = {"accepted": 3, "duplicates": 0, "first_seq": 1, "last_seq": 3, "seqs": [1, 2, 3]}
+    assert expected == answer
+    assert [(1, "a-0"), (2, "a-1"), (3, "a-2")] == stored
+
+
+async def test_single_object_and_msgpack_bodies(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """One JSON object is one event; application/msgpack bodies are accepted too."""
+    ingest = await make_ingest()
+    status, answer, _ = await post(http, ingest, body(sale("one")))
+    packed = encode([sale("m-1"), sale("m-2")])
+    status2, answer2, _ = await post(http, ingest, packed, {"Content-Type": "application/msgpack"})
+    assert (202, [1]) == (status, answer["seqs"])
+    assert (202, [2, 3]) == (status2, answer2["seqs"])
+
+
+async def test_one_bad_event_refuses_the_whole_request(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """422 names the index and path of the bad event, and nothing of the request is stored."""
+    ingest = await make_ingest()
+    events = msgspec.json.decode(body(*sales("a", 3)))
+    events[1]["lines"][0]["quantity"] = "-2"
+    status, answer, _ = await post(http, ingest, msgspec.json.encode(events))
+    assert 422 == status
+    assert "invalid_events" == answer["error"]
+    assert [(1, "$.lines[0]")] == [(e["index"], e["path"]) for e in answer["errors"]]
+    assert [] == rows(tmp_path)
+
+
+async def test_retry_returns_200_with_original_seqs(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Re-sending the same events stores nothing new: 200, duplicates counted, original seqs."""
+    ingest = await make_ingest()
+    await post(http, ingest, body(*sales("a", 2)))
+    status, answer, _ = await post(http, ingest, body(*sales("a", 2)))
+    expected = {"accepted": 0, "duplicates": 2, "first_seq": None, "last_seq": None, "seqs": [1, 2]}
+    assert (200, expected) == (status, answer)
+    assert 2 == len(rows(tmp_path))
+
+
+async def test_concurrent_requests_are_group_committed(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """100 concurrent POSTs all get 202 with distinct seqs in fewer transactions than requests."""
+    ingest = await make_ingest()
+    outbox = ingest.sink
+    assert isinstance(outbox, Outbox)
+    before = outbox.statistics().transactions
+    answers = await asyncio.gather(*(post(http, ingest, body(sale(f"c-{i}"))) for i in range(100)))
+    stats = outbox.statistics()
+    assert [202] * 100 == [a[0] for a in answers]
+    assert list(range(1, 101)) == sorted(a[1]["seqs"][0] for a in answers)
+    assert stats.transactions - before < 100
+
+
+async def test_unparsable_body_is_400(make_ingest: MakeIngest, http: aiohttp.ClientSession) -> None:
+    """A body that is not JSON is refused with 400 and a reason."""
+    ingest = await make_ingest()
+    status, answer, _ = await post(http, ingest, b"{not json")
+    assert (400, "unparsable") == (status, answer["error"])
+    assert answer["message"]
+
+
+async def test_token_is_required_when_configured(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Without the right bearer token the answer is 401 and nothing is stored."""
+    ingest = await make_ingest(token="s3cret")
+    missing, _, resp = await post(http, ingest, body(sale("a")))
+    wrong, _, _ = await post(
+        http, ingest, body(sale("a")), {**JSON, "Authorization": "Bearer nope"}
+    )
+    right, _, _ = await post(
+        http, ingest, body(sale("b")), {**JSON, "Authorization": "Bearer s3cret"}
+    )
+    assert (401, 401, 202) == (missing, wrong, right)
+    assert resp.headers["WWW-Authenticate"].startswith("Bearer")
+    assert [(1, "b")] == rows(tmp_path)
+
+
+async def test_too_large_by_content_length_or_by_reading(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """413 when Content-Length is over the limit, and when a chunked body grows past it."""
+    ingest = await make_ingest(max_request_bytes=2048)
+    big = body(*sales("big", 40))
+    declared, answer, _ = await post(http, ingest, big)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(big), 256):
+            yield big[i : i + 256]
+
+    async with http.post(ingest.url + "/v1/events", data=chunks(), headers=JSON) as resp:
+        streamed = resp.status
+    assert (413, "too_large") == (declared, answer["error"])
+    assert 413 == streamed
+    assert [] == rows(tmp_path)
+
+
+async def test_unsupported_content_type_is_415(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """Only JSON and msgpack bodies are accepted."""
+    ingest = await make_ingest()
+    status, answer, _ = await post(http, ingest, body(sale("a")), {"Content-Type": "text/plain"})
+    assert (415, "unsupported_media_type") == (status, answer["error"])
+
+
+async def test_full_buffer_is_507_with_retry_after(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """When unsent events fill the buffer, new ones get 507 and Retry-After; nothing is stored."""
+    ingest = await make_ingest(max_buffer_bytes=2048)
+    first, _, _ = await post(http, ingest, body(*sales("a", 5)))
+    status, answer, resp = await post(http, ingest, body(*sales("b", 20)))
+    assert (202, 507, "buffer_full") == (first, status, answer["error"])
+    assert int(resp.headers["Retry-After"]) > 0
+    assert 5 == len(rows(tmp_path))
+
+
+async def test_503_while_shutting_down(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """After begin_shutdown, requests get 503 with Retry-After and nothing is stored."""
+    ingest = await make_ingest()
+    ingest.begin_shutdown()
+    status, answer, resp = await post(http, ingest, body(sale("a")))
+    assert (503, "shutting_down") == (status, answer["error"])
+    assert "Retry-After" in resp.headers
+    assert [] == rows(tmp_path)
+
+
+async def test_health_status_and_resync(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """/healthz answers ok, /v1/status reports the outbox, /v1/resync marks records unsent."""
+    ingest = await make_ingest()
+    outbox = ingest.sink
+    assert isinstance(outbox, Outbox)
+    await post(http, ingest, body(*sales("a", 4)))
+    await outbox.mark_sent(1, 4)
+    async with http.get(ingest.url + "/healthz") as resp:
+        health = (resp.status, await resp.json())
+    async with http.get(ingest.url + "/v1/status") as resp:
+        report = await resp.json()
+    status, marked, _ = await post(http, ingest, b'{"from_seq": 2, "to_seq": 3}', path="/v1/resync")
+    bad, _, _ = await post(http, ingest, b'{"from_seq": 2, "all": true}', path="/v1/resync")
+    assert (200, {"ok": True, "stopping": False}) == health
+    assert (STORE, 4, 0) == (report["store_id"], report["last_seq"], report["pending"])
+    assert (200, {"marked": 2, "first_available_seq": 1}) == (status, marked)
+    assert 400 == bad
+    assert 2 == outbox.statistics().pending
