@@ -32,7 +32,7 @@ from agent.config import (
 )
 from agent.errors import AgentError
 from agent.outbox import Outbox, read_statistics_readonly
-from agent.service import StatusReport, run_service, status_report
+from agent.service import StatusReport, check_credentials, run_service, status_report
 
 HTTP_TIMEOUT = 3.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -300,8 +300,10 @@ def check_config(config: Path) -> None:
             pass
     except OSError as exc:
         problems.append(f"data_dir {data_dir} is not writable: {exc.strerror}")
-    if cfg.nats.credentials and not Path(cfg.nats.credentials).is_file():
-        problems.append(f"nats.credentials {cfg.nats.credentials} does not exist")
+    try:
+        check_credentials(cfg)
+    except AgentError as exc:
+        problems.append(str(exc))
     if cfg.poslog.drop_dir and not Path(cfg.poslog.drop_dir).is_dir():
         problems.append(f"poslog.drop_dir {cfg.poslog.drop_dir} is not a directory")
     if problems:

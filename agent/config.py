@@ -11,6 +11,7 @@ the CLI edge, not here.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -182,12 +183,30 @@ def _resolve(base: Path, value: str) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+_error_re = re.compile(r"^(?P<message>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.S)
+_field_re = re.compile(
+    r"^Object (?P<what>contains unknown|missing required) field `(?P<key>[^`]*)`$"
+)
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    """msgspec's message in config-file words: keys and [tables], not JSON paths."""
+    match = _error_re.match(str(exc))
+    assert match is not None
+    message, path = match.group("message"), match.group("path")
+    if field := _field_re.match(message):
+        kind = "unknown key" if field.group("what") == "contains unknown" else "missing key"
+        where = f" in [{path}]" if path else ""
+        return f"{kind} `{field.group('key')}`{where}"
+    return f"`{path}`: {message[0].lower()}{message[1:]}" if path else message
+
+
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
     """Validate a decoded TOML document; relative paths are taken from ``base_dir``."""
     try:
         cfg = msgspec.convert(data, AgentConfig)
     except msgspec.ValidationError as exc:
-        raise ConfigError(str(exc).replace("`$.", "`").replace("`$`", "the top level")) from None
+        raise ConfigError(_explain(exc)) from None
     parse_listen(cfg.ingest.listen)
     if base_dir is not None:
         cfg = msgspec.structs.replace(

@@ -44,6 +44,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server as NatsServer
 from nats.js.api import PubAck
 
+from agent.errors import OutboxClosed, OutboxError
 from agent.outbox import Outbox, UnsentRun
 from protocol.subjects import (
     EVENTS_STREAM,
@@ -380,9 +381,16 @@ class Forwarder:
         limit_bytes = min(self.batch_max_bytes, max(1024, nc.max_payload - PAYLOAD_HEADROOM))
         lingered = False
         while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
-            run = await self.outbox.read_unsent(
-                self.batch_max_records, limit_bytes, after_seq=self._cursor
-            )
+            try:
+                run = await self.outbox.read_unsent(
+                    self.batch_max_records, limit_bytes, after_seq=self._cursor
+                )
+            except OutboxClosed:
+                raise
+            except OutboxError as exc:  # a read hiccup must not end forwarding for good
+                self._fail(str(exc))
+                await self._back_off()
+                return
             if run is None:
                 return
             partial = len(run.payloads) < self.batch_max_records and run.size < limit_bytes // 2

@@ -44,6 +44,7 @@ RETRY_AFTER_FULL = "10"  # seconds: the forwarder needs a moment to drain before
 RETRY_AFTER_BUSY = "1"
 SHUTDOWN_TIMEOUT = 5.0
 BACKLOG = 1024
+DECODE_IN_THREAD_BYTES = 64 * 1024
 
 _json = msgspec.json.Encoder()
 
@@ -297,7 +298,12 @@ class Ingest:
         if isinstance(body, web.Response):
             return body
         try:
-            events = decode_pos_events(body, msgpack=msgpack)
+            if len(body) > DECODE_IN_THREAD_BYTES:
+                # A big batch takes milliseconds to validate; in a thread, the GIL is handed
+                # back to the event loop every few ms, so small requests are not held up.
+                events = await asyncio.to_thread(decode_pos_events, body, msgpack=msgpack)
+            else:
+                events = decode_pos_events(body, msgpack=msgpack)
         except UnparsableBody as exc:
             return self._refuse(_error(400, "unparsable", message=str(exc)))
         except InvalidEvents as exc:

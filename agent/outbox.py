@@ -601,11 +601,14 @@ class Outbox:
         self, limit_records: int, limit_bytes: int, after_seq: int
     ) -> UnsentRun | None:
         assert self._rconn is not None
-        rows = self._rconn.execute(
-            "SELECT seq, payload FROM records "
-            "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-            (after_seq, limit_records),
-        ).fetchall()
+        try:
+            rows = self._rconn.execute(
+                "SELECT seq, payload FROM records "
+                "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit_records),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot read unsent records from {self.path}: {exc}") from None
         if not rows:
             return None
         first_seq = rows[0][0]
@@ -646,7 +649,7 @@ class Outbox:
                     break
             if jobs:
                 outcome = self._run_group(conn, jobs)
-                self._loop.call_soon_threadsafe(self._deliver, outcome)
+                self._hand_back(outcome)
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
                 if not any(isinstance(j, _Prune) for j in jobs):
@@ -660,13 +663,18 @@ class Outbox:
                 break
             if job is not None and job.future is not None:
                 leftovers.results.append((job.future, None, OutboxClosed()))
-        with contextlib.suppress(RuntimeError):  # the loop may be gone at interpreter exit
-            self._loop.call_soon_threadsafe(self._deliver, leftovers)
+        self._hand_back(leftovers)
         try:
             conn.execute("PRAGMA optimize")
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _hand_back(self, outcome: _Outcome) -> None:
+        """Resolve a group's futures on the event loop: one wakeup per group, not per caller."""
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
+            self._loop.call_soon_threadsafe(self._deliver, outcome)
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
         """Run ``jobs`` in one transaction; per-job refusals do not affect the others."""
@@ -908,9 +916,8 @@ class Outbox:
             job = _Prune(future=None)
             before = self._state.records_pruned
             outcome = self._run_group(conn, [job])
-            assert self._loop is not None
             if outcome.results:
-                self._loop.call_soon_threadsafe(self._deliver, outcome)
+                self._hand_back(outcome)
             pruned = self._state.records_pruned - before
             if pruned:
                 log.info("outbox retention: pruned %d sent records", pruned)

@@ -101,6 +101,20 @@ def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, li
     return convert
 
 
+def check_credentials(cfg: AgentConfig) -> None:
+    """Fail at start, not silently in the background, when NATS credentials cannot work."""
+    if not cfg.nats.credentials:
+        return
+    if not Path(cfg.nats.credentials).is_file():
+        raise AgentError(f"nats.credentials {cfg.nats.credentials} does not exist")
+    try:
+        import nkeys  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except ImportError:
+        raise AgentError(
+            "nats.credentials is set but the 'nkeys' package is missing: pip install nkeys"
+        ) from None
+
+
 class AgentService:
     """All the parts of one agent, started and stopped together."""
 
@@ -141,12 +155,17 @@ class AgentService:
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False
+        # Set when a part dies on its own: the service stops and exits non-zero, so the
+        # supervisor (systemd, Windows service) restarts it instead of it limping on.
+        self.failed = asyncio.Event()
+        self.failure: BaseException | None = None
 
     async def start(self) -> None:
         """Open the outbox, start forwarding and watching, then accept HTTP."""
+        check_credentials(self.cfg)
         await self.outbox.open()
         try:
-            self._tasks.append(asyncio.create_task(self.forwarder.run(), name="forwarder"))
+            self._spawn(self.forwarder.run(), "forwarder")
             if self.cfg.poslog.drop_dir:
                 self._start_watcher()
             await self.ingest.start()
@@ -176,8 +195,22 @@ class AgentService:
         self._watcher = PoslogWatcher(
             drop_dir, self.cfg.store_id, self.outbox.append, self.cfg.poslog.poll_interval
         )
-        self._tasks.append(asyncio.create_task(self._watch(), name="poslog-watcher"))
+        self._spawn(self._watch(), "poslog-watcher")
         log.info("watching %s for POSLog files", drop_dir)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or not self._running:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.critical("%s failed: %r; stopping the agent", task.get_name(), exc, exc_info=exc)
+            self.failure = exc
+            self.failed.set()
 
     async def _watch(self) -> None:
         assert self._watcher is not None
@@ -251,11 +284,17 @@ async def serve(cfg: AgentConfig, *, ready: Callable[[AgentService], None] | Non
     await service.start()
     if ready is not None:
         ready(service)
+    waits = [asyncio.create_task(stop.wait()), asyncio.create_task(service.failed.wait())]
     try:
-        await stop.wait()
-        log.info("stopping on signal")
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stopping on signal")
     finally:
+        for waiter in waits:
+            waiter.cancel()
         await service.stop()
+    if service.failure is not None:
+        raise AgentError(f"the agent stopped because a part failed: {service.failure!r}")
 
 
 def run_service(cfg: AgentConfig) -> None:

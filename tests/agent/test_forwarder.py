@@ -204,6 +204,35 @@ async def test_starts_while_nats_is_down(tmp_path: Path, outbox: Outbox) -> None
     assert 3 == outbox.statistics().pending
 
 
+async def test_refused_publishes_back_off_then_drain(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """With no stream to take the events, each refusal rewinds and backs off (capped, through
+    the injected sleep); once the stream exists everything is delivered."""
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        await asyncio.sleep(0.005)
+
+    await outbox.append(sales("a", 20))
+    forwarder = forwarder_for(outbox, nats_server.url, sleep=sleep, rand=lambda: 1.0)
+    running = Running(forwarder)
+    try:
+        await wait_until(lambda: len(delays) >= 7, "seven refusals")
+        refused = forwarder.statistics()
+        nc, js = await make_stream(nats_server.url)
+        await wait_until(lambda: outbox.statistics().pending == 0, "drain once the stream exists")
+        batches = await stored_batches(js)
+        await nc.close()
+    finally:
+        await running.stop()
+    assert [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0] == delays[:7]
+    assert (0, 20) == (refused.batches_sent, outbox.statistics().last_seq)
+    assert refused.last_error is not None and "NoStreamResponse" in refused.last_error
+    assert list(range(1, 21)) == delivered_seqs(batches)
+
+
 def test_backoff_is_capped_and_jittered() -> None:
     """Delays double from the base up to the cap, and jitter keeps them in [ceiling/2, ceiling]."""
     low = Backoff(0.1, 1.0, rand=lambda: 0.0)

@@ -220,10 +220,11 @@ async def test_503_while_shutting_down(
     assert [] == rows(tmp_path)
 
 
-async def test_health_status_and_resync(
+async def test_health_status_metrics_and_resync(
     make_ingest: MakeIngest, http: aiohttp.ClientSession
 ) -> None:
-    """/healthz answers ok, /v1/status reports the outbox, /v1/resync marks records unsent."""
+    """/healthz answers ok, /v1/status and /metrics report the outbox, /v1/resync marks
+    records unsent."""
     ingest = await make_ingest()
     outbox = ingest.sink
     assert isinstance(outbox, Outbox)
@@ -233,10 +234,13 @@ async def test_health_status_and_resync(
         health = (resp.status, await resp.json())
     async with http.get(ingest.url + "/v1/status") as resp:
         report = await resp.json()
+    async with http.get(ingest.url + "/metrics") as resp:
+        metrics = (await resp.text()).splitlines()
     status, marked, _ = await post(http, ingest, b'{"from_seq": 2, "to_seq": 3}', path="/v1/resync")
     bad, _, _ = await post(http, ingest, b'{"from_seq": 2, "all": true}', path="/v1/resync")
     assert (200, {"ok": True, "stopping": False}) == health
     assert (STORE, 4, 0) == (report["store_id"], report["last_seq"], report["pending"])
     assert (200, {"marked": 2, "first_available_seq": 1}) == (status, marked)
     assert 400 == bad
+    assert {"storelink_agent_last_seq 4", "storelink_agent_events_accepted_total 4"} <= set(metrics)
     assert 2 == outbox.statistics().pending
