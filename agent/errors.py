@@ -114,6 +114,14 @@ class DamagedOutbox(OutboxError):
         super().__init__(f"{path} is damaged ({reason}); moved to {moved_to}")
 
 
+class PoslogRejected(AgentError):
+    """A POSLog document could not be turned into events: the sender must fix it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"POSLog rejected: {reason}")
+
+
 class ForwarderError(AgentError):
     """Publishing a batch to NATS failed; the forwarder rewinds and retries."""
 

@@ -28,6 +28,7 @@ from agent.errors import (
     OutboxClosed,
     OutboxError,
     OutboxWriteFailed,
+    PoslogRejected,
     RecordTooLarge,
 )
 from agent.outbox import AppendResult, UnsentMarked
@@ -333,13 +334,12 @@ class Ingest:
             return body
         try:
             events = await self._convert_poslog(body)
-        except AgentError as exc:  # agent.poslog.PoslogError: the XML says what is wrong
-            reason = getattr(exc, "reason", str(exc))
-            return self._refuse(_error(400, "unparsable", message=str(reason)))
+        except PoslogRejected as exc:
+            return self._refuse(_error(400, "unparsable", message=exc.reason))
         if not events:
-            return self._refuse(
-                _error(422, "no_events", message="the POSLog holds no transaction to forward")
-            )
+            # Valid POSLog with only control transactions (sign-on, till open): nothing to send.
+            empty = AppendResult(accepted=0, duplicates=0, first_seq=None, last_seq=None, seqs=[])
+            return _ok(200, empty)
         return await self._store(events)
 
     async def _post_resync(self, request: web.Request) -> web.Response:

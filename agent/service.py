@@ -21,7 +21,7 @@ import msgspec
 
 from agent.config import AgentConfig, parse_listen
 from agent.control import Control
-from agent.errors import AgentError
+from agent.errors import AgentError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
@@ -89,14 +89,19 @@ def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, li
     """``POST /v1/poslog``'s converter, or None when agent.poslog is not part of this build."""
     try:
         from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
+            PoslogError,
             convert_poslog,
         )
     except ImportError:
         return None
 
     async def convert(data: bytes) -> list[Event]:
-        # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
-        return await asyncio.to_thread(convert_poslog, data, store_id=store_id)
+        try:
+            # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
+            events: list[Event] = await asyncio.to_thread(convert_poslog, data, store_id=store_id)
+        except PoslogError as exc:
+            raise PoslogRejected(str(getattr(exc, "reason", exc))) from exc
+        return events
 
     return convert
 

@@ -12,8 +12,10 @@ import aiohttp
 import msgspec
 import pytest
 
+from agent.errors import PoslogRejected
 from agent.ingest import Ingest
 from agent.outbox import Outbox
+from protocol.events import Event
 from protocol.wire import encode
 from tests.agent.conftest import STORE, body, sale, sales
 
@@ -27,7 +29,11 @@ async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
     started: list[tuple[Ingest, Outbox]] = []
 
     async def make(
-        *, token: str = "", max_request_bytes: int = 1 << 20, max_buffer_bytes: int = 1 << 30
+        *,
+        token: str = "",
+        max_request_bytes: int = 1 << 20,
+        max_buffer_bytes: int = 1 << 30,
+        convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
     ) -> Ingest:
         outbox = Outbox(
             tmp_path / "data",
@@ -44,6 +50,7 @@ async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
             token=token,
             max_request_bytes=max_request_bytes,
             status=outbox.statistics,
+            convert_poslog=convert_poslog,
         )
         await ingest.start()
         started.append((ingest, outbox))
@@ -244,3 +251,33 @@ async def test_health_status_metrics_and_resync(
     assert 400 == bad
     assert {"storelink_agent_last_seq 4", "storelink_agent_events_accepted_total 4"} <= set(metrics)
     assert 2 == outbox.statistics().pending
+
+
+async def fake_poslog(data: bytes) -> list[Event]:
+    """A stand-in converter: one sale per <T id=".."/> element, PoslogRejected otherwise."""
+    if not data.startswith(b"<POSLog>"):
+        raise PoslogRejected("root element is not POSLog")
+    ids = [part.split(b'"')[0].decode() for part in data.split(b'<T id="')[1:]]
+    return [sale(event_id) for event_id in ids]
+
+
+async def test_poslog_is_converted_and_stored(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """POST /v1/poslog stores the converted events; bad XML is 400 with the converter's reason;
+    a document with nothing to forward is a 200 that stores nothing."""
+    ingest = await make_ingest(convert_poslog=fake_poslog)
+    xml = {"Content-Type": "application/xml"}
+    stored, answer, _ = await post(
+        http, ingest, b'<POSLog><T id="p1"/><T id="p2"/></POSLog>', xml, "/v1/poslog"
+    )
+    bad, refusal, _ = await post(http, ingest, b"<Other/>", xml, "/v1/poslog")
+    empty, nothing, _ = await post(http, ingest, b"<POSLog></POSLog>", xml, "/v1/poslog")
+    assert (202, [1, 2]) == (stored, answer["seqs"])
+    assert (400, "unparsable", "root element is not POSLog") == (
+        bad,
+        refusal["error"],
+        refusal["message"],
+    )
+    assert (200, 0, []) == (empty, nothing["accepted"], nothing["seqs"])
+    assert [(1, "p1"), (2, "p2")] == rows(tmp_path)
