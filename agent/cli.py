@@ -129,10 +129,6 @@ config_option = click.option(
 def run(config: Path, data_dir: Path | None, listen: str | None, log_level: str) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     cfg = _load(config, data_dir, listen)
-    try:
-        check_listen_allowed(cfg)
-    except AgentError as exc:
-        raise click.ClickException(str(exc)) from None
     _configure_logging(log_level)
     try:
         run_service(cfg)

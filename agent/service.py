@@ -19,7 +19,7 @@ from typing import Any
 
 import msgspec
 
-from agent.config import AgentConfig, parse_listen
+from agent.config import AgentConfig, check_listen_allowed, parse_listen
 from agent.control import Control
 from agent.errors import AgentError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
@@ -167,6 +167,7 @@ class AgentService:
 
     async def start(self) -> None:
         """Open the outbox, start forwarding and watching, then accept HTTP."""
+        check_listen_allowed(self.cfg)
         check_credentials(self.cfg)
         await self.outbox.open()
         try:
