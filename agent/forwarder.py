@@ -42,6 +42,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server as NatsServer
+from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from agent.errors import OutboxClosed, OutboxError
@@ -160,6 +161,7 @@ class Forwarder:
         self._retry = Backoff(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rand)
         self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand)
         self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -264,6 +266,9 @@ class Forwarder:
             log.error("forwarder: %s; events are buffered until this is fixed", self._last_error)
             await nc.close()
             return
+        # One JetStream context per connection: each context subscribes its own reply inbox
+        # for publish_async, so making one per publish would pile up subscriptions.
+        self._js = nc.jetstream()
         self._nc = nc
         log.info("forwarder connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
         for hook in self._hooks:
@@ -410,7 +415,8 @@ class Forwarder:
         )
         msg_id = batch_msg_id(self.store_id, self.outbox.epoch, run.first_seq, run.last_seq)
         try:
-            future = await nc.jetstream().publish_async(
+            assert self._js is not None
+            future = await self._js.publish_async(
                 self.subject, payload, headers={MSG_ID_HEADER: msg_id}
             )
         except (nats.errors.Error, OSError) as exc:

@@ -103,6 +103,9 @@ async def test_delivers_batches_in_order_with_dedup_header(
     try:
         await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
         batches = await stored_batches(js)
+        forwarder_nc = running.forwarder.nc
+        assert forwarder_nc is not None
+        subscriptions = list(forwarder_nc._subs.values())  # no public accessor in nats-py
     finally:
         await running.stop()
         await nc.close()
@@ -114,6 +117,7 @@ async def test_delivers_batches_in_order_with_dedup_header(
     assert {(STORE, outbox.epoch)} == {(b.store_id, b.epoch) for _id, b in batches}
     stats = running.forwarder.statistics()
     assert (1200, None) == (stats.records_sent, stats.last_error)
+    assert 1 == len(subscriptions)  # the PubAck inbox, however many batches were published
 
 
 async def test_wakes_on_append_and_drains_new_records(
