@@ -143,7 +143,7 @@ class Ingest:
             self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=BACKLOG, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, backlog=BACKLOG)
         try:
             await site.start()
         except OSError as exc:
@@ -154,9 +154,7 @@ class Ingest:
             ) from None
         self._runner = runner
         if self.port == 0:
-            server = site._server  # the only way aiohttp exposes the bound socket
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = server.sockets[0].getsockname()[1]
+            self.port = int(runner.addresses[0][1])
         log.info("ingest listening on http://%s:%d", self.host, self.port)
 
     def begin_shutdown(self) -> None:
