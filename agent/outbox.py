@@ -207,6 +207,7 @@ class _Outcome:
     )
     appended: bool = False
     rewind_to: int | None = None
+    failed: bool = False  # the transaction was rolled back
 
 
 _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
@@ -648,8 +649,7 @@ class Outbox:
                 except queue.Empty:
                     break
             if jobs:
-                outcome = self._run_group(conn, jobs)
-                self._hand_back(outcome)
+                self._hand_back(self._run_jobs(conn, jobs))
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
                 if not any(isinstance(j, _Prune) for j in jobs):
@@ -675,6 +675,25 @@ class Outbox:
         assert self._loop is not None
         with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit)
             self._loop.call_soon_threadsafe(self._deliver, outcome)
+
+    def _run_jobs(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
+        """Run ``jobs`` as one group; if the group's transaction fails, run each job on its own
+        so one poisoned request cannot take every request it was grouped with down with it."""
+        outcome = self._run_group(conn, jobs)
+        if outcome.failed and len(jobs) > 1:
+            merged = _Outcome()
+            for job in jobs:
+                alone = self._run_group(conn, [job])
+                merged.results += alone.results
+                merged.appended = merged.appended or alone.appended
+                if alone.rewind_to is not None:
+                    merged.rewind_to = (
+                        alone.rewind_to
+                        if merged.rewind_to is None
+                        else min(merged.rewind_to, alone.rewind_to)
+                    )
+            return merged
+        return outcome
 
     def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
         """Run ``jobs`` in one transaction; per-job refusals do not affect the others."""
@@ -735,10 +754,14 @@ class Outbox:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            error = _sqlite_failure(exc)
-            log.error("outbox write failed, %d request(s) refused: %s", len(jobs), exc)
-            outcome = _Outcome()
+        except Exception as exc:  # the writer thread must survive anything one group does
+            if isinstance(exc, sqlite3.Error):
+                error = _sqlite_failure(exc)
+                log.error("outbox write failed (%d job(s)): %s", len(jobs), exc)
+            else:
+                error = OutboxWriteFailed(reason=repr(exc))
+                log.exception("outbox write failed (%d job(s))", len(jobs))
+            outcome = _Outcome(failed=True)
             for job in jobs:
                 if job.future is not None:
                     outcome.results.append((job.future, None, error))

@@ -14,6 +14,7 @@ from agent.errors import (
     NotAnOutbox,
     OutboxClosed,
     OutboxLocked,
+    OutboxWriteFailed,
     RecordTooLarge,
     StoreMismatch,
 )
@@ -374,3 +375,24 @@ async def test_close_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
     assert 50 == len({r.seqs[0] for r in results})
     with open_db(tmp_path / "data") as conn:
         assert 50 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
+
+
+class Unencodable:
+    """Quacks like an event (has an event_id) but cannot be encoded: a poisoned request."""
+
+    event_id = "poison"
+
+
+async def test_a_poisoned_request_fails_alone(outbox: Outbox) -> None:
+    """A request that breaks the writer's transaction is refused on its own; the requests
+    grouped with it are committed and the writer keeps working."""
+    results = await asyncio.gather(
+        outbox.append([sale("a-1")]),
+        outbox.append([Unencodable()]),  # type: ignore[list-item]
+        outbox.append([sale("b-1")]),
+        return_exceptions=True,
+    )
+    later = await outbox.append([sale("c-1")])
+    assert isinstance(results[1], OutboxWriteFailed)
+    assert [[1], [2]] == [results[0].seqs, results[2].seqs]  # type: ignore[union-attr]
+    assert [3] == later.seqs
