@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from agent.forwarder import Backoff, Forwarder
@@ -31,7 +32,7 @@ async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0
         await asyncio.sleep(0.02)
 
 
-async def make_stream(url: str) -> tuple[nats.NATS, JetStreamContext]:
+async def make_stream(url: str) -> tuple[NatsClient, JetStreamContext]:
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD], duplicate_window=120)

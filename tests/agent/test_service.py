@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
+from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from agent.config import config_from_dict
@@ -28,7 +28,7 @@ from tests.agent.test_forwarder import delivered_seqs, make_stream, stored_batch
 
 
 @pytest.fixture
-async def stream(nats_server: EmbeddedBroker) -> AsyncIterator[tuple[nats.NATS, JetStreamContext]]:
+async def stream(nats_server: EmbeddedBroker) -> AsyncIterator[tuple[NatsClient, JetStreamContext]]:
     nc, js = await make_stream(nats_server.url)
     try:
         yield nc, js
@@ -57,7 +57,7 @@ async def service(nats_server: EmbeddedBroker, tmp_path: Path) -> AsyncIterator[
 
 
 async def test_posted_events_reach_jetstream(
-    service: AgentService, stream: tuple[nats.NATS, JetStreamContext]
+    service: AgentService, stream: tuple[NatsClient, JetStreamContext]
 ) -> None:
     """Events POSTed to the agent end up in the events stream in seq order."""
     _nc, js = stream
@@ -75,7 +75,7 @@ async def test_posted_events_reach_jetstream(
 
 
 async def test_control_status_and_resync(
-    service: AgentService, stream: tuple[nats.NATS, JetStreamContext]
+    service: AgentService, stream: tuple[NatsClient, JetStreamContext]
 ) -> None:
     """HQ's status request gets AgentStatus; a resync re-sends that range; junk gets an error."""
     nc, js = stream
