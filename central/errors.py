@@ -13,3 +13,16 @@ class BrokerError(CentralError):
 
 class ConfigError(CentralError):
     """The configuration is wrong: fix it and start again."""
+
+
+class SinkUnavailable(CentralError):
+    """A sink cannot take records now (OMS down, timeouts, breaker open): retry the unit later."""
+
+    def __init__(self, sink: str, reason: str) -> None:
+        self.sink = sink
+        self.reason = reason
+        super().__init__(f"sink {sink} unavailable: {reason}")
+
+
+class StateError(CentralError):
+    """The state database cannot be opened or written: stop, say why."""

@@ -1,0 +1,5 @@
+"""``python -m central`` is ``storelink-central``."""
+
+from central.cli import main
+
+main()

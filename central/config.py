@@ -1,0 +1,147 @@
+"""Central's configuration: one frozen Struct, from TOML (optional) plus command-line overrides."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+
+from central.errors import ConfigError
+
+DEFAULT_NATS_LISTEN = "127.0.0.1:4222"
+DEFAULT_HTTP_LISTEN = "127.0.0.1:8788"
+DEFAULT_MAX_AGE_DAYS = 7.0
+DEFAULT_DUPLICATE_WINDOW = 120.0
+DEFAULT_FETCH_BATCH = 256
+DEFAULT_ACK_WAIT = 30.0
+DEFAULT_GAP_HOLD = 2.0
+DEFAULT_GAP_NAK_DELAY = 0.5
+DEFAULT_WEBHOOK_TIMEOUT = 10.0
+DEFAULT_WEBHOOK_ATTEMPTS = 5
+DEFAULT_WEBHOOK_CONCURRENCY = 16
+DEFAULT_BREAKER_THRESHOLD = 5
+DEFAULT_BREAKER_COOLDOWN = 10.0
+WEBHOOK_SECRET_ENV = "STORELINK_WEBHOOK_SECRET"
+
+
+def _doc(text: str) -> msgspec.Meta:
+    return msgspec.Meta(description=text)
+
+
+class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where central finds NATS: an embedded server (default) or an existing cluster."""
+
+    urls: Annotated[
+        list[str], _doc("URLs of an existing NATS cluster; empty: start the embedded nats-server")
+    ] = []
+    listen: Annotated[str, _doc("host:port the embedded nats-server listens on")] = (
+        DEFAULT_NATS_LISTEN
+    )
+    advertise: Annotated[
+        str, _doc("URL agents use to reach this central's NATS (written by `stores add`)")
+    ] = ""
+    credentials: Annotated[str, _doc("NATS .creds file for central's own user")] = ""
+
+
+class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The JetStream stream that holds the stores' batches."""
+
+    max_age_days: Annotated[float, _doc("how long batches stay in the stream")] = (
+        DEFAULT_MAX_AGE_DAYS
+    )
+    max_bytes: Annotated[int, _doc("stream size limit in bytes; -1: unlimited")] = -1
+    duplicate_window: Annotated[
+        float, _doc("seconds JetStream deduplicates Nats-Msg-Id; our marks dedup forever")
+    ] = DEFAULT_DUPLICATE_WINDOW
+    replicas: Annotated[int, _doc("stream replicas (1 for the embedded server)")] = 1
+
+
+class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How central pulls and sequences batches."""
+
+    fetch_batch: Annotated[int, _doc("messages pulled per unit of work")] = DEFAULT_FETCH_BATCH
+    ack_wait: Annotated[float, _doc("seconds before JetStream redelivers an unacked batch")] = (
+        DEFAULT_ACK_WAIT
+    )
+    gap_hold_seconds: Annotated[
+        float, _doc("how long a gap may stay open before the store is asked to re-send")
+    ] = DEFAULT_GAP_HOLD
+    gap_nak_delay: Annotated[
+        float, _doc("seconds JetStream waits before redelivering a batch behind a gap")
+    ] = DEFAULT_GAP_NAK_DELAY
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The webhook OMS sink."""
+
+    secret: Annotated[
+        str, _doc(f"HMAC-SHA256 signing secret; env {WEBHOOK_SECRET_ENV} overrides")
+    ] = ""
+    timeout: Annotated[float, _doc("seconds per request")] = DEFAULT_WEBHOOK_TIMEOUT
+    max_attempts: Annotated[int, _doc("attempts per record before backing off the unit")] = (
+        DEFAULT_WEBHOOK_ATTEMPTS
+    )
+    per_batch: Annotated[bool, _doc("POST a JSON array per store and unit instead of per event")] = (
+        False
+    )
+    concurrency: Annotated[int, _doc("stores delivered concurrently")] = (
+        DEFAULT_WEBHOOK_CONCURRENCY
+    )
+    breaker_threshold: Annotated[int, _doc("consecutive failures that open the breaker")] = (
+        DEFAULT_BREAKER_THRESHOLD
+    )
+    breaker_cooldown: Annotated[float, _doc("seconds the breaker stays open")] = (
+        DEFAULT_BREAKER_COOLDOWN
+    )
+
+
+class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """storelink-central's configuration."""
+
+    data_dir: Annotated[str, _doc("state (central.db), embedded NATS data, default file sink")]
+    sinks: Annotated[
+        list[str], _doc("OMS sinks: file:PATH, webhook:URL, nats; default file:DATA_DIR/oms.jsonl")
+    ] = []
+    http: Annotated[str, _doc("host:port of the status/health HTTP server")] = DEFAULT_HTTP_LISTEN
+    nats: NatsSettings = NatsSettings()
+    stream: StreamSettings = StreamSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
+    webhook: WebhookSettings = WebhookSettings()
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def effective_sinks(self) -> list[str]:
+        return list(self.sinks) or [f"file:{self.data_path / 'oms.jsonl'}"]
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> CentralConfig:
+    """Read ``path`` (optional), apply ``overrides`` (dotted keys), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from None
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return msgspec.convert(data, CentralConfig)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)

@@ -1,0 +1,39 @@
+"""Central's small HTTP server: health for supervisors and tests, status as JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+
+class CentralHttp:
+    def __init__(
+        self, host: str, port: int, healthy: Callable[[], bool], status: Callable[[], Any]
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._healthy = healthy
+        self._status = status
+        self._runner: web.AppRunner | None = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        ok = self._healthy()
+        return web.json_response({"ok": ok}, status=200 if ok else 503)
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status())
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/v1/status", self._status)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

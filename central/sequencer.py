@@ -1,0 +1,95 @@
+"""Per (store, epoch) high-water marks: what is new, what is a duplicate, what is a gap.
+
+Pure logic, no I/O. The consumer feeds it batches in stream order; its decisions are staged
+in a ``Unit`` and become the truth only when the unit is committed, so a unit that fails at a
+sink leaves the marks exactly as they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from central.state import Gap, Key, Mark, Unit
+from protocol.wire import Batch, Record
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """Records above the mark, in order (possibly fewer than the batch held)."""
+
+    records: list[Record]
+    duplicates: int
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Every record of the batch was delivered before."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Behind:
+    """The batch starts above ``hwm + 1``: records ``from_seq..to_seq`` are missing."""
+
+    gap: Gap
+
+
+Decision = Deliver | Duplicate | Behind
+
+
+class Sequencer:
+    """Classifies batches against marks; stages mark and gap changes in a Unit."""
+
+    def __init__(self, marks: dict[Key, Mark], gaps: dict[Key, Gap]) -> None:
+        self._marks = marks  # committed view (owned by the state store)
+        self._gaps = gaps
+
+    def mark(self, key: Key, unit: Unit) -> Mark:
+        staged = unit.marks.get(key)
+        if staged is not None:
+            return staged
+        committed = self._marks.get(key)
+        return replace(committed) if committed else Mark(store_id=key[0], epoch=key[1])
+
+    def gap(self, key: Key, unit: Unit) -> Gap | None:
+        if key in unit.gaps:
+            return unit.gaps[key]
+        return self._gaps.get(key)
+
+    def classify(self, batch: Batch, unit: Unit, now: float) -> Decision:
+        key = (batch.store_id, batch.epoch)
+        mark = self.mark(key, unit)
+        if not mark.first_seen:
+            mark.first_seen = now
+        mark.last_seen = now
+        unit.marks[key] = mark
+        if batch.last_seq <= mark.hwm:
+            mark.duplicates += len(batch.records)
+            return Duplicate(len(batch.records))
+        if batch.first_seq > mark.hwm + 1:
+            open_gap = self.gap(key, unit)
+            since = open_gap.since if open_gap else now
+            requests = open_gap.requests if open_gap else 0
+            gap = Gap(
+                store_id=batch.store_id,
+                epoch=batch.epoch,
+                from_seq=mark.hwm + 1,
+                to_seq=batch.first_seq - 1,
+                since=since,
+                requests=requests,
+            )
+            if open_gap is None or (open_gap.from_seq, open_gap.to_seq) != (
+                gap.from_seq,
+                gap.to_seq,
+            ):
+                unit.gaps[key] = gap
+            return Behind(gap)
+        skip = mark.hwm - batch.first_seq + 1
+        records = batch.records[skip:] if skip > 0 else batch.records
+        mark.duplicates += max(skip, 0)
+        mark.delivered += len(records)
+        mark.hwm = batch.last_seq
+        if self.gap(key, unit) is not None:
+            unit.gaps[key] = None  # the missing records arrived
+        return Deliver(records, max(skip, 0))

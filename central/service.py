@@ -1,0 +1,171 @@
+"""storelink-central as a running service: broker (embedded or not), NATS connection, state,
+sinks, consumer, HTTP. ``run_service(cfg)`` is what ``storelink-central run`` calls."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from central.broker import BrokerConfig, EmbeddedBroker
+from central.config import CentralConfig, parse_hostport
+from central.consumer import Consumer
+from central.errors import CentralError
+from central.http import CentralHttp
+from central.sinks import make_sinks
+from central.state import SqliteState, read_status
+
+log = logging.getLogger(__name__)
+
+INFO_FILENAME = "central.json"
+BROKER_CHECK_INTERVAL = 1.0
+
+
+def agent_nats_urls(cfg: CentralConfig) -> list[str]:
+    """The NATS URLs an agent of this central should use."""
+    if cfg.nats.advertise:
+        return [cfg.nats.advertise]
+    if cfg.nats.urls:
+        return list(cfg.nats.urls)
+    host, port = parse_hostport(cfg.nats.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return [f"nats://{host}:{port}"]
+
+
+def write_info(cfg: CentralConfig, http: str) -> None:
+    """Record where this central's NATS and HTTP are, for `stores add` and `status`."""
+    path = cfg.data_path / INFO_FILENAME
+    tmp = path.with_suffix(".tmp")
+    info = {"nats_urls": agent_nats_urls(cfg), "http": http, "pid": os.getpid()}
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_info(data_dir: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((data_dir / INFO_FILENAME).read_text())
+        return data
+    except (OSError, ValueError):
+        return {}
+
+
+class CentralService:
+    def __init__(self, cfg: CentralConfig) -> None:
+        self.cfg = cfg
+        self.broker: EmbeddedBroker | None = None
+        self.state = SqliteState(cfg.data_path)
+        self.consumer: Consumer | None = None
+        self.nc: Any = None
+        self.stop = asyncio.Event()
+        host, port = parse_hostport(cfg.http)
+        self.http = CentralHttp(host, port, self.healthy, self.status)
+
+    def healthy(self) -> bool:
+        return bool(
+            self.consumer is not None
+            and self.consumer.consuming.is_set()
+            and self.nc is not None
+            and self.nc.is_connected
+        )
+
+    def status(self) -> dict[str, Any]:
+        stats = asdict(self.consumer.statistics()) if self.consumer else {}
+        return {
+            "central_running": True,
+            "consumer": stats,
+            "sinks": [s.statistics() for s in (self.consumer.sinks if self.consumer else [])],
+            "stores": read_status(self.cfg.data_path),
+        }
+
+    async def _start_broker(self) -> None:
+        host, port = parse_hostport(self.cfg.nats.listen)
+        self.broker = EmbeddedBroker(
+            BrokerConfig(data_dir=self.cfg.data_path / "nats", host=host, port=port)
+        )
+        await self.broker.start()
+        log.info("embedded nats-server ready on %s", self.broker.url)
+
+    async def _supervise_broker(self) -> None:
+        """Restart the embedded server if it dies; the NATS client reconnects by itself."""
+        while not self.stop.is_set():
+            await asyncio.sleep(BROKER_CHECK_INTERVAL)
+            if self.broker is not None and not self.broker.running() and not self.stop.is_set():
+                log.error("embedded nats-server died; restarting it (see %s)", self.broker.log_path)
+                try:
+                    await self.broker.start()
+                except CentralError as exc:
+                    log.error("embedded nats-server failed to restart: %s", exc)
+
+    async def run(self) -> None:
+        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
+        urls = list(self.cfg.nats.urls)
+        if not urls:
+            await self._start_broker()
+            assert self.broker is not None
+            urls = [self.broker.url]
+        supervisor = asyncio.create_task(self._supervise_broker())
+        try:
+            await self.state.open()
+            options: dict[str, Any] = {}
+            if self.cfg.nats.credentials:
+                options["user_credentials"] = self.cfg.nats.credentials
+            self.nc = await nats.connect(
+                urls,
+                name="storelink-central",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                connect_timeout=2,
+                **options,
+            )
+            js = self.nc.jetstream(timeout=10)
+            self.consumer = Consumer(self.cfg, self.nc, js, self.state, make_sinks(self.cfg, js))
+            await self.consumer.setup()
+            await self.http.start()
+            write_info(self.cfg, self.cfg.http)
+            log.info("central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http)
+            await self.consumer.run(self.stop)
+        finally:
+            supervisor.cancel()
+            await self.http.close()
+            if self.consumer is not None:
+                await self.consumer.close()
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.drain()
+            await self.state.close()
+            if self.broker is not None:
+                await self.broker.stop()
+            log.info("central stopped")
+
+
+async def serve(cfg: CentralConfig) -> None:
+    service = CentralService(cfg)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, AttributeError, ValueError):
+            loop.add_signal_handler(sig, service.stop.set)
+    await service.run()
+
+
+def run_service(cfg: CentralConfig) -> None:
+    """Run on uvloop where available."""
+    started = time.monotonic()
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(cfg))
+    else:
+        uvloop.run(serve(cfg))
+    log.info("ran for %.0fs", time.monotonic() - started)

@@ -1,0 +1,180 @@
+"""Webhook OMS sink: JSON POST per event (or per store and unit), idempotency key, HMAC
+signature, retries with backoff, poison to the DLQ on 4xx, a circuit breaker for a dead OMS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import aiohttp
+
+from central.config import WEBHOOK_SECRET_ENV, WebhookSettings
+from central.errors import SinkUnavailable
+from central.sinks import Rejection
+from protocol.wire import OmsRecord, encode_json
+
+SIGNATURE_HEADER = "X-Storelink-Signature"
+RETRYABLE_4XX = {408, 425, 429}
+BACKOFF_BASE = 0.2
+BACKOFF_CAP = 5.0
+
+
+class CircuitBreaker:
+    """Open after ``threshold`` consecutive failures; one probe allowed after ``cooldown``."""
+
+    def __init__(
+        self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
+
+    def allow(self) -> bool:
+        return self.state != "open"
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = self.clock()
+
+
+class _Retry(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class WebhookSink:
+    def __init__(
+        self,
+        url: str,
+        settings: WebhookSettings,
+        *,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.url = url
+        self.name = f"webhook:{url}"
+        self.settings = settings
+        self.secret = (os.environ.get(WEBHOOK_SECRET_ENV) or settings.secret).encode()
+        self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
+        self._sleep = sleep
+        self._session: aiohttp.ClientSession | None = None
+        self.posts = 0
+        self.retries = 0
+        self.rejected = 0
+
+    async def start(self, saved_offset: int | None) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout),
+            connector=aiohttp.TCPConnector(limit=self.settings.concurrency),
+        )
+
+    def sign(self, body: bytes) -> str:
+        return "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
+
+    async def _post_once(self, body: bytes, key: str | None) -> tuple[int, str]:
+        assert self._session is not None
+        headers = {"Content-Type": "application/json"}
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        if self.secret:
+            headers[SIGNATURE_HEADER] = self.sign(body)
+        try:
+            async with self._session.post(self.url, data=body, headers=headers) as resp:
+                text = (await resp.text())[:500]
+                status = resp.status
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        self.posts += 1
+        if status >= 500 or status in RETRYABLE_4XX:
+            raise _Retry(f"HTTP {status}: {text}")
+        return status, text
+
+    async def _post(self, body: bytes, key: str | None) -> tuple[int, str]:
+        """POST with retries; returns the final (status, text) of a 2xx/4xx answer."""
+        attempt = 0
+        while True:
+            if not self.breaker.allow():
+                raise SinkUnavailable(self.name, "circuit breaker open")
+            try:
+                result = await self._post_once(body, key)
+            except _Retry as retry:
+                self.breaker.failure()
+                attempt += 1
+                if attempt >= self.settings.max_attempts:
+                    raise SinkUnavailable(self.name, retry.reason) from None
+                self.retries += 1
+                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
+                await self._sleep(delay)
+                continue
+            self.breaker.success()
+            return result
+
+    async def _deliver_store(self, records: Sequence[OmsRecord]) -> list[Rejection]:
+        rejections: list[Rejection] = []
+        if self.settings.per_batch:
+            body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
+            status, text = await self._post(body, None)
+            if status >= 400:
+                rejections.extend(Rejection(r, status, text) for r in records)
+            return rejections
+        for record in records:  # in order: the OMS sees a store's events in seq order
+            status, text = await self._post(encode_json(record), record.key)
+            if status >= 400:
+                rejections.append(Rejection(record, status, f"HTTP {status}: {text}"))
+        return rejections
+
+    async def deliver(self, records: Sequence[OmsRecord]) -> list[Rejection]:
+        by_store: dict[str, list[OmsRecord]] = {}
+        for record in records:
+            by_store.setdefault(record.store_id, []).append(record)
+        results = await asyncio.gather(
+            *(self._deliver_store(rs) for rs in by_store.values()), return_exceptions=True
+        )
+        rejections: list[Rejection] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            rejections.extend(result)
+        self.rejected += len(rejections)
+        return rejections
+
+    def checkpoint(self) -> int | None:
+        return None
+
+    def committed(self) -> None:
+        pass
+
+    async def rollback(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "sink": self.name,
+            "posts": self.posts,
+            "retries": self.retries,
+            "rejected": self.rejected,
+            "breaker": self.breaker.state,
+        }

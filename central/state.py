@@ -1,0 +1,346 @@
+"""Central's durable state in SQLite: high-water marks, gaps, inventory, sink offsets, stores.
+
+One writer (a single-thread executor owns the connection), WAL, ``synchronous=FULL``.
+Everything a unit of work changed is committed in ONE transaction, after the sinks accepted
+and before the acks: a crash on either side of it only causes a redelivery that the marks drop.
+Migrations are named steps recorded in the same transaction as the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from central.errors import StateError
+
+STATE_FILENAME = "central.db"
+
+MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (
+        "0001_initial",
+        (
+            """CREATE TABLE stores (
+                store_id TEXT PRIMARY KEY, added_at REAL NOT NULL, removed_at REAL)""",
+            """CREATE TABLE marks (
+                store_id TEXT NOT NULL, epoch TEXT NOT NULL, hwm INTEGER NOT NULL,
+                delivered INTEGER NOT NULL, duplicates INTEGER NOT NULL,
+                first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+                PRIMARY KEY (store_id, epoch))""",
+            """CREATE TABLE gaps (
+                store_id TEXT NOT NULL, epoch TEXT NOT NULL, from_seq INTEGER NOT NULL,
+                to_seq INTEGER NOT NULL, since REAL NOT NULL, requests INTEGER NOT NULL,
+                PRIMARY KEY (store_id, epoch))""",
+            """CREATE TABLE inventory (
+                store_id TEXT NOT NULL, sku TEXT NOT NULL, on_hand TEXT NOT NULL,
+                PRIMARY KEY (store_id, sku))""",
+            "CREATE TABLE sink_offsets (sink TEXT PRIMARY KEY, offset INTEGER NOT NULL)",
+            "CREATE TABLE dlq_counts (store_id TEXT PRIMARY KEY, count INTEGER NOT NULL)",
+        ),
+    ),
+)
+
+
+@dataclass
+class Mark:
+    """Per (store, epoch): everything at or below ``hwm`` has been delivered."""
+
+    store_id: str
+    epoch: str
+    hwm: int = 0
+    delivered: int = 0
+    duplicates: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+
+
+@dataclass
+class Gap:
+    """Records ``from_seq..to_seq`` of a store are missing; later batches wait behind them."""
+
+    store_id: str
+    epoch: str
+    from_seq: int
+    to_seq: int
+    since: float
+    requests: int = 0
+
+
+Key = tuple[str, str]
+
+
+@dataclass
+class Unit:
+    """What one unit of work changed, committed all at once (or not at all)."""
+
+    marks: dict[Key, Mark] = field(default_factory=dict)
+    gaps: dict[Key, Gap | None] = field(default_factory=dict)  # None: the gap closed
+    inventory: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    sink_offsets: dict[str, int] = field(default_factory=dict)
+    dlq: dict[str, int] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not (self.marks or self.gaps or self.inventory or self.sink_offsets or self.dlq)
+
+
+class StateStore(Protocol):
+    """The seam between the consumer and where state lives (SQLite now, JetStream KV later)."""
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    def marks(self) -> dict[Key, Mark]: ...
+    def gaps(self) -> dict[Key, Gap]: ...
+    def sink_offset(self, sink: str) -> int | None: ...
+    async def load_inventory(self, store_id: str) -> dict[str, Decimal]: ...
+    async def commit(self, unit: Unit) -> None: ...
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA busy_timeout=5000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
+    for name, statements in MIGRATIONS:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def open_db(data_dir: Path) -> sqlite3.Connection:
+    """Open (creating and migrating) the state database under ``data_dir``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        conn = connect(data_dir / STATE_FILENAME)
+        migrate(conn)
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot open state {data_dir / STATE_FILENAME}: {exc}") from None
+    return conn
+
+
+class SqliteState:
+    """StateStore on one SQLite file with one writer thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="central-state")
+        self._conn: sqlite3.Connection | None = None
+        self._marks: dict[Key, Mark] = {}
+        self._gaps: dict[Key, Gap] = {}
+        self._offsets: dict[str, int] = {}
+        self.commits = 0
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def open(self) -> None:
+        self._conn = await self._run(open_db, self.data_dir)
+        await self._run(self._load)
+
+    def _load(self) -> None:
+        assert self._conn is not None
+        for row in self._conn.execute(
+            "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen FROM marks"
+        ):
+            self._marks[(row[0], row[1])] = Mark(*row)
+        for row in self._conn.execute(
+            "SELECT store_id, epoch, from_seq, to_seq, since, requests FROM gaps"
+        ):
+            self._gaps[(row[0], row[1])] = Gap(*row)
+        self._offsets = dict(self._conn.execute("SELECT sink, offset FROM sink_offsets"))
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._run(self._conn.close)
+            self._conn = None
+        self._executor.shutdown(wait=True)
+
+    def marks(self) -> dict[Key, Mark]:
+        return self._marks
+
+    def gaps(self) -> dict[Key, Gap]:
+        return self._gaps
+
+    def sink_offset(self, sink: str) -> int | None:
+        return self._offsets.get(sink)
+
+    async def load_inventory(self, store_id: str) -> dict[str, Decimal]:
+        def load() -> dict[str, Decimal]:
+            assert self._conn is not None
+            rows = self._conn.execute(
+                "SELECT sku, on_hand FROM inventory WHERE store_id = ?", (store_id,)
+            )
+            return {sku: Decimal(value) for sku, value in rows}
+
+        result: dict[str, Decimal] = await self._run(load)
+        return result
+
+    async def commit(self, unit: Unit) -> None:
+        if unit.empty():
+            return
+        await self._run(self._commit, unit)
+        # Only after COMMIT does the in-memory view move: a failed commit leaves it as it was.
+        for key, mark in unit.marks.items():
+            self._marks[key] = mark
+        for key, gap in unit.gaps.items():
+            if gap is None:
+                self._gaps.pop(key, None)
+            else:
+                self._gaps[key] = gap
+        self._offsets.update(unit.sink_offsets)
+        self.commits += 1
+
+    def _commit(self, unit: Unit) -> None:
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, epoch) "
+                "DO UPDATE SET hwm=excluded.hwm, delivered=excluded.delivered, "
+                "duplicates=excluded.duplicates, last_seen=excluded.last_seen",
+                [
+                    (m.store_id, m.epoch, m.hwm, m.delivered, m.duplicates, m.first_seen,
+                     m.last_seen)
+                    for m in unit.marks.values()
+                ],
+            )  # fmt: skip
+            closed = [key for key, gap in unit.gaps.items() if gap is None]
+            conn.executemany("DELETE FROM gaps WHERE store_id = ? AND epoch = ?", closed)
+            conn.executemany(
+                "INSERT OR REPLACE INTO gaps VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (g.store_id, g.epoch, g.from_seq, g.to_seq, g.since, g.requests)
+                    for g in unit.gaps.values()
+                    if g is not None
+                ],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO inventory VALUES (?, ?, ?)",
+                [(store, sku, str(value)) for (store, sku), value in unit.inventory.items()],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO sink_offsets VALUES (?, ?)", unit.sink_offsets.items()
+            )
+            conn.executemany(
+                "INSERT INTO dlq_counts VALUES (?, ?) ON CONFLICT (store_id) "
+                "DO UPDATE SET count = count + excluded.count",
+                unit.dlq.items(),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+# --- provisioned stores and read-only status (used by the CLI, central running or not) ------
+
+
+def add_store(data_dir: Path, store_id: str, *, force: bool = False) -> bool:
+    """Record ``store_id`` as provisioned; False when it already was (and not ``force``)."""
+    conn = open_db(data_dir)
+    try:
+        row = conn.execute(
+            "SELECT removed_at FROM stores WHERE store_id = ?", (store_id,)
+        ).fetchone()
+        if row is not None and row[0] is None and not force:
+            return False
+        conn.execute(
+            "INSERT OR REPLACE INTO stores (store_id, added_at, removed_at) VALUES (?, ?, NULL)",
+            (store_id, time.time()),
+        )
+        return True
+    finally:
+        conn.close()
+
+
+def remove_store(data_dir: Path, store_id: str) -> bool:
+    """Mark ``store_id`` removed; False when it was not provisioned."""
+    conn = open_db(data_dir)
+    try:
+        cur = conn.execute(
+            "UPDATE stores SET removed_at = ? WHERE store_id = ? AND removed_at IS NULL",
+            (time.time(), store_id),
+        )
+        return cur.rowcount == 1
+    finally:
+        conn.close()
+
+
+def list_stores(data_dir: Path) -> list[str]:
+    conn = open_db(data_dir)
+    try:
+        rows = conn.execute(
+            "SELECT store_id FROM stores WHERE removed_at IS NULL ORDER BY store_id"
+        )
+        return [r[0] for r in rows]
+    finally:
+        conn.close()
+
+
+def read_status(data_dir: Path) -> list[dict[str, Any]]:
+    """Per store (latest epoch first within a store): marks, gap and DLQ count, read-only."""
+    path = data_dir / STATE_FILENAME
+    if not path.exists():
+        raise StateError(f"no central state at {path}: has central run with --data-dir {data_dir}?")
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        stores = {r[0] for r in conn.execute("SELECT store_id FROM stores WHERE removed_at IS NULL")}
+        marks: dict[str, list[tuple[Any, ...]]] = {}
+        for row in conn.execute(
+            "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen "
+            "FROM marks ORDER BY last_seen DESC"
+        ):
+            marks.setdefault(row[0], []).append(row)
+        gaps = {
+            (r[0], r[1]): r for r in conn.execute("SELECT store_id, epoch, from_seq, to_seq, "
+                                                  "since, requests FROM gaps")
+        }  # fmt: skip
+        dlq = dict(conn.execute("SELECT store_id, count FROM dlq_counts"))
+    finally:
+        conn.close()
+    result = []
+    for store_id in sorted(stores | set(marks) | set(dlq)):
+        rows = marks.get(store_id, [])
+        latest = rows[0] if rows else None
+        epoch = latest[1] if latest else None
+        gap = gaps.get((store_id, epoch)) if epoch else None
+        result.append(
+            {
+                "store_id": store_id,
+                "provisioned": store_id in stores,
+                "epoch": epoch,
+                "epochs": len(rows),
+                "hwm": latest[2] if latest else 0,
+                "delivered": sum(r[3] for r in rows),
+                "duplicates": sum(r[4] for r in rows),
+                "last_seen": latest[6] if latest else None,
+                "gap": (
+                    {"from_seq": gap[2], "to_seq": gap[3], "since": gap[4], "requests": gap[5]}
+                    if gap
+                    else None
+                ),
+                "dlq": dlq.get(store_id, 0),
+            }
+        )
+    return result
