@@ -15,20 +15,20 @@ class CentralHttp:
         self.host = host
         self.port = port
         self._healthy = healthy
-        self._status = status
+        self._status_fn = status
         self._runner: web.AppRunner | None = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
         ok = self._healthy()
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
-    async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response(self._status())
+    async def _status_route(self, request: web.Request) -> web.Response:
+        return web.json_response(self._status_fn())
 
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/v1/status", self._status_route)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, self.host, self.port).start()

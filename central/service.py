@@ -142,8 +142,11 @@ class CentralService:
             if self.consumer is not None:
                 await self.consumer.close()
             if self.nc is not None:
+                # flush sends the last acks; drain() would wait on the pull subscription.
                 with contextlib.suppress(Exception):
-                    await self.nc.drain()
+                    await self.nc.flush(timeout=2)
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
             await self.state.close()
             if self.broker is not None:
                 await self.broker.stop()

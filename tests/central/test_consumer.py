@@ -1,0 +1,172 @@
+"""Central's core: order, duplicates beyond JetStream's window, gaps and resync, the DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+import pytest
+
+from agent.simulator import Till
+from central.broker import EmbeddedBroker
+from central.consumer import UNATTRIBUTED
+from central.dlq import list_dead_letters
+from protocol.subjects import (
+    CENTRAL_DURABLE,
+    DLQ_REASON_HEADER,
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    control_subject,
+    events_subject,
+)
+from protocol.wire import ResyncReply, ResyncRequest, decode_control_request, encode
+from tests.central.conftest import (
+    Harness,
+    central_config,
+    make_records,
+    start_central,
+    stop_central,
+)
+
+
+def seqs(records: list[dict[str, object]], store: str = "S1") -> list[int]:
+    return [int(r["seq"]) for r in records if r["store_id"] == store and not r["derived"]]  # type: ignore[call-overload]
+
+
+async def test_streams_and_consumer_are_created(harness: Harness) -> None:
+    """Central creates the events stream, the DLQ stream and its durable pull consumer."""
+    js = harness.nc.jetstream()
+    assert ["storelink.events.*"] == (await js.stream_info(EVENTS_STREAM)).config.subjects
+    assert ["storelink.dlq.*"] == (await js.stream_info(DLQ_STREAM)).config.subjects
+    consumer = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+    assert -1 == consumer.config.max_deliver
+
+
+async def test_restart_keeps_streams_and_marks(
+    tmp_path: Path, nats_server: EmbeddedBroker, till: Till
+) -> None:
+    """A second start reuses streams and consumer, and the marks survive: nothing twice."""
+    records = make_records(list(till.events(30)))
+    cfg = central_config(tmp_path, nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    service, task = await start_central(cfg)
+    h = Harness(service, nc, tmp_path / "oms.jsonl", task)
+    await h.publish("S1", records[:20])
+    await h.wait_delivered(20)
+    await stop_central(service, task)
+    service, task = await start_central(cfg)
+    h = Harness(service, nc, tmp_path / "oms.jsonl", task)
+    await h.publish("S1", records[10:30])  # overlaps what was delivered before the restart
+    delivered = await h.wait_delivered(30 + 0)
+    await stop_central(service, task)
+    await nc.close()
+    assert list(range(1, 31)) == seqs(delivered)
+
+
+async def test_batches_delivered_in_order(harness: Harness, till: Till) -> None:
+    """Batches of one store reach the sink once each, in seq order, with stable keys."""
+    events = list(till.events(100))
+    records = make_records(events)
+    for i in range(0, 100, 10):
+        await harness.publish("S1", records[i : i + 10])
+    delivered = await harness.wait_delivered(100)
+    assert list(range(1, 101)) == seqs(delivered)
+    assert [f"S1:{e.event_id}" for e in events] == [
+        r["key"] for r in delivered if not r["derived"]
+    ]
+
+
+async def test_duplicates_dropped_after_dedup_window(
+    tmp_path: Path, nats_server: EmbeddedBroker, till: Till
+) -> None:
+    """A batch re-sent after JetStream's duplicate window (same msg id, stored again) and an
+    overlapping re-cut batch are dropped by central's marks."""
+    cfg = central_config(tmp_path, nats_server.url, **{"stream.duplicate_window": 1.0})
+    service, task = await start_central(cfg)
+    nc = await nats.connect(nats_server.url)
+    h = Harness(service, nc, tmp_path / "oms.jsonl", task)
+    try:
+        records = make_records(list(till.events(30)))
+        await h.publish("S1", records[:20])
+        await h.wait_delivered(20)
+        await asyncio.sleep(1.5)  # past the window: JetStream stores the same msg id again
+        await h.publish("S1", records[:20])
+        await h.publish("S1", records[10:30])  # re-cut: overlaps 11..20
+        await h.wait_for(lambda: service.consumer is not None and service.consumer.batches >= 3)
+        delivered = await h.wait_delivered(30)
+        stream = await nc.jetstream().stream_info("STORELINK_EVENTS")
+        assert 3 == stream.state.messages  # JetStream kept all three; dedup was ours
+        assert list(range(1, 31)) == seqs(delivered)
+    finally:
+        await nc.close()
+        await stop_central(service, task)
+
+
+async def test_gap_is_closed_by_resync(harness: Harness, till: Till) -> None:
+    """A batch above hwm+1 is held, the store is asked to re-send the missing range over its
+    control subject, and once it does, everything is delivered in order."""
+    records = make_records(list(till.events(30)))
+    requests: list[ResyncRequest] = []
+
+    async def store_agent(msg: nats.aio.msg.Msg) -> None:
+        request = decode_control_request(msg.data)
+        assert isinstance(request, ResyncRequest)
+        requests.append(request)
+        await msg.respond(
+            encode(ResyncReply(requested_from=request.from_seq, requested_to=request.to_seq,
+                               marked=10, first_available_seq=1))
+        )  # fmt: skip
+        await harness.publish("S1", records[request.from_seq - 1 : request.to_seq])
+
+    await harness.nc.subscribe(control_subject("S1"), cb=store_agent)
+    await harness.publish("S1", records[:10])
+    await harness.publish("S1", records[20:30])  # 11..20 lost on the way
+    delivered = await harness.wait_delivered(30)
+    assert (11, 20) == (requests[0].from_seq, requests[0].to_seq)
+    assert list(range(1, 31)) == seqs(delivered)
+
+
+async def test_other_stores_flow_past_a_gap(harness: Harness) -> None:
+    """A gap in one store does not hold up another store."""
+    a = make_records(list(Till(store_id="A", seed=1).events(10)))
+    b = make_records(list(Till(store_id="B", seed=2).events(10)))
+    await harness.publish("A", a[5:])  # A is missing 1..5 and nobody answers for A
+    await harness.publish("B", b)
+    delivered = await harness.wait_delivered(10)
+    assert list(range(1, 11)) == seqs(delivered, "B")
+    assert [] == seqs(delivered, "A")
+
+
+async def test_store_mismatch_goes_to_dlq(harness: Harness, till: Till) -> None:
+    """A batch whose body names another store than its subject goes to the DLQ with the
+    reason, and the store's next batches keep flowing."""
+    records = make_records(list(till.events(20)))
+    await harness.publish("S1", records[:10], subject_store="S2", msg_id="forged-1")
+    await harness.publish("S1", records[:10])
+    await harness.publish("S1", records[10:])
+    delivered = await harness.wait_delivered(20)
+    assert list(range(1, 21)) == seqs(delivered)
+    await harness.wait_for(lambda: harness.service.consumer.dlq >= 1)  # type: ignore[union-attr]
+    [entry] = await list_dead_letters(harness.nc.connected_url.geturl())
+    assert "S2" == entry.store_id
+    assert "store mismatch: subject names S2, body names S1" == entry.reason
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xc1garbage", b"\x81\xa1x\x01"])
+async def test_undecodable_batch_goes_to_dlq(harness: Harness, till: Till, payload: bytes) -> None:
+    """Garbage on a store's subject is dead-lettered with the decode error; the consumer
+    keeps going."""
+    await harness.nc.jetstream().publish(events_subject("S1"), payload)
+    await harness.publish("S1", make_records(list(till.events(5))))
+    await harness.wait_delivered(5)
+    msg = await harness.nc.jetstream().get_msg(DLQ_STREAM, 1)
+    assert msg.headers is not None
+    assert msg.headers[DLQ_REASON_HEADER].startswith("undecodable batch:")
+    assert payload == (msg.data or b"")
+
+
+async def test_unattributable_subject_token(harness: Harness) -> None:
+    """The DLQ token for batches that name no valid store cannot be a real store's id."""
+    assert not UNATTRIBUTED.isalnum()
+    assert UNATTRIBUTED.startswith("_")
