@@ -84,7 +84,7 @@ class Till:
         )
 
     def _common(self) -> dict[str, object]:
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         event_id, txn = self._next_id()
         return {
             "event_id": event_id,
@@ -251,7 +251,7 @@ async def post_events(
                     ) as resp:
                         payload = await resp.json(content_type=None)
                         status = resp.status
-                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                except (TimeoutError, aiohttp.ClientError, ValueError):
                     status, payload = 0, {}
                 if status in (200, 202):
                     latencies.append((time.perf_counter() - t0) * 1000)

@@ -108,7 +108,7 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "never"
-    seconds = max(0.0, dt.datetime.now(dt.timezone.utc).timestamp() - ts)
+    seconds = max(0.0, dt.datetime.now(dt.UTC).timestamp() - ts)
     return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
 
 
@@ -170,9 +170,7 @@ def stores() -> None:
 )
 @click.option("--nats-url", help="NATS URL the agent should use [recorded by central run].")
 @click.option("--force", is_flag=True, help="Rewrite the config of an existing store.")
-def stores_add(
-    store_id: str, data_dir: Path, out: Path, nats_url: str | None, force: bool
-) -> None:
+def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, force: bool) -> None:
     """Provision STORE_ID and write a complete agent config to OUT/agent.toml."""
     from central.provision import provision_store
 

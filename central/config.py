@@ -83,12 +83,10 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     max_attempts: Annotated[int, _doc("attempts per record before backing off the unit")] = (
         DEFAULT_WEBHOOK_ATTEMPTS
     )
-    per_batch: Annotated[bool, _doc("POST a JSON array per store and unit instead of per event")] = (
-        False
-    )
-    concurrency: Annotated[int, _doc("stores delivered concurrently")] = (
-        DEFAULT_WEBHOOK_CONCURRENCY
-    )
+    per_batch: Annotated[
+        bool, _doc("POST a JSON array per store and unit instead of per event")
+    ] = False
+    concurrency: Annotated[int, _doc("stores delivered concurrently")] = DEFAULT_WEBHOOK_CONCURRENCY
     breaker_threshold: Annotated[int, _doc("consecutive failures that open the breaker")] = (
         DEFAULT_BREAKER_THRESHOLD
     )

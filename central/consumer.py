@@ -339,7 +339,7 @@ class Consumer:
         log.warning(
             "gap in store %s epoch %s: seqs %d..%d missing since %s; asking the store to re-send",
             gap.store_id, gap.epoch, gap.from_seq, gap.to_seq,
-            dt.datetime.fromtimestamp(gap.since, dt.timezone.utc).isoformat(),
+            dt.datetime.fromtimestamp(gap.since, dt.UTC).isoformat(),
         )  # fmt: skip
         try:
             reply = await self.nc.request(

@@ -119,9 +119,11 @@ class Pipeline:
         self.root.mkdir(parents=True, exist_ok=True)
         self.central_dir = self.root / "central"
         sinks = list(self.sinks) or [f"file:{self.sink_path}"]
-        nats = ["--nats-url", self.nats_url] if self.nats_url else [
-            "--nats-listen", f"127.0.0.1:{self.nats_port}"
-        ]
+        nats = (
+            ["--nats-url", self.nats_url]
+            if self.nats_url
+            else ["--nats-listen", f"127.0.0.1:{self.nats_port}"]
+        )
         args = [
             *_python("central"), "run", "--data-dir", str(self.central_dir), *nats,
             "--http", f"127.0.0.1:{self.central_http_port}",

@@ -134,7 +134,9 @@ class CentralService:
             await self.consumer.setup()
             await self.http.start()
             write_info(self.cfg, self.cfg.http)
-            log.info("central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http)
+            log.info(
+                "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http
+            )
             await self.consumer.run(self.stop)
         finally:
             supervisor.cancel()

@@ -305,7 +305,9 @@ def read_status(data_dir: Path) -> list[dict[str, Any]]:
         raise StateError(f"no central state at {path}: has central run with --data-dir {data_dir}?")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        stores = {r[0] for r in conn.execute("SELECT store_id FROM stores WHERE removed_at IS NULL")}
+        stores = {
+            r[0] for r in conn.execute("SELECT store_id FROM stores WHERE removed_at IS NULL")
+        }
         marks: dict[str, list[tuple[Any, ...]]] = {}
         for row in conn.execute(
             "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen "

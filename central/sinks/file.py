@@ -36,7 +36,7 @@ class FileSink:
         committed = size if saved_offset is None else saved_offset
         if size > committed:
             log.warning(
-                "file sink %s: dropping %d uncommitted bytes after offset %d (they are redelivered)",
+                "file sink %s: dropping %d uncommitted bytes after offset %d (redelivered next)",
                 self.path, size - committed, committed,
             )  # fmt: skip
             os.ftruncate(self._fd, committed)

@@ -100,7 +100,7 @@ class WebhookSink:
             async with self._session.post(self.url, data=body, headers=headers) as resp:
                 text = (await resp.text())[:500]
                 status = resp.status
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         self.posts += 1
         if status >= 500 or status in RETRYABLE_4XX:

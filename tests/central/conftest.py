@@ -23,7 +23,7 @@ from protocol.subjects import MSG_ID_HEADER, batch_msg_id, events_subject
 from protocol.wire import Record, encode_raw_batch, encode_record
 
 EPOCH = "0123456789abcdef"
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def make_records(events: list[Event], first_seq: int = 1) -> list[Record]:

@@ -72,9 +72,7 @@ async def test_batches_delivered_in_order(harness: Harness, till: Till) -> None:
         await harness.publish("S1", records[i : i + 10])
     delivered = await harness.wait_delivered(100)
     assert list(range(1, 101)) == seqs(delivered)
-    assert [f"S1:{e.event_id}" for e in events] == [
-        r["key"] for r in delivered if not r["derived"]
-    ]
+    assert [f"S1:{e.event_id}" for e in events] == [r["key"] for r in delivered if not r["derived"]]
 
 
 async def test_duplicates_dropped_after_dedup_window(

@@ -1,0 +1,217 @@
+"""OMS sinks: the file sink's exactly-once offsets, the webhook's keys, signatures, retries,
+poison handling and breaker, and the nats sink's msg ids."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from aiohttp import web
+
+from agent.simulator import Till
+from central.broker import EmbeddedBroker, free_port
+from central.config import WebhookSettings
+from central.consumer import ensure_streams
+from central.errors import SinkUnavailable
+from central.sinks.file import FileSink
+from central.sinks.nats import NatsSink
+from central.sinks.webhook import SIGNATURE_HEADER, CircuitBreaker, WebhookSink
+from protocol.subjects import OMS_STREAM
+from protocol.wire import OmsRecord, oms_record
+from tests.central.conftest import EPOCH, central_config, make_records
+
+
+def oms_records(count: int) -> list[OmsRecord]:
+    records = make_records(list(Till(store_id="S1", seed=5).events(count)))
+    return [oms_record("S1", EPOCH, r) for r in records]
+
+
+async def test_file_sink_truncates_uncommitted_tail(tmp_path: Path) -> None:
+    """On start the file sink drops what was written after the committed offset (a crash
+    between write and commit), so the redelivery does not leave a duplicate line."""
+    path = tmp_path / "oms.jsonl"
+    sink = FileSink(path)
+    await sink.start(None)
+    records = oms_records(4)
+    await sink.deliver(records[:2])
+    committed = sink.checkpoint()
+    sink.committed()
+    await sink.deliver(records[2:])  # written, never committed: then the process dies
+    await sink.close()
+    again = FileSink(path)
+    await again.start(committed)
+    await again.deliver(records[2:])  # the redelivery
+    await again.close()
+    keys = [json.loads(line)["key"] for line in path.read_bytes().splitlines()]
+    assert [r.key for r in records] == keys
+
+
+async def test_file_sink_rollback(tmp_path: Path) -> None:
+    """A unit that fails at a later sink is rolled back out of the file."""
+    sink = FileSink(tmp_path / "oms.jsonl")
+    await sink.start(None)
+    records = oms_records(3)
+    await sink.deliver(records[:1])
+    sink.committed()
+    await sink.deliver(records[1:])
+    await sink.rollback()
+    await sink.close()
+    assert 1 == len((tmp_path / "oms.jsonl").read_bytes().splitlines())
+
+
+class Oms:
+    """A real HTTP OMS on loopback that answers from a script and records what it got."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.script: list[int] = []  # statuses to answer, then 200
+        self.poison: set[str] = set()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append((dict(request.headers), body))
+        if request.headers.get("Idempotency-Key") in self.poison:
+            return web.Response(status=422, text="unknown sku")
+        status = self.script.pop(0) if self.script else 200
+        return web.Response(status=status, text="ok" if status < 300 else "boom")
+
+
+@pytest.fixture
+async def oms() -> AsyncIterator[tuple[Oms, str]]:
+    server = Oms()
+    app = web.Application()
+    app.router.add_post("/events", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield server, f"http://127.0.0.1:{port}/events"
+    finally:
+        await runner.cleanup()
+
+
+async def no_sleep(_: float) -> None:
+    return None
+
+
+def settings(**kw: object) -> WebhookSettings:
+    return msgspec.structs.replace(WebhookSettings(secret="s3cret"), **kw)
+
+
+async def test_webhook_keys_signature_and_order(oms: tuple[Oms, str]) -> None:
+    """Each event is POSTed in order with its Idempotency-Key and a verifiable signature."""
+    server, url = oms
+    sink = WebhookSink(url, settings(), sleep=no_sleep)
+    await sink.start(None)
+    records = oms_records(5)
+    assert [] == await sink.deliver(records)
+    await sink.close()
+    assert [r.key for r in records] == [h["Idempotency-Key"] for h, _ in server.requests]
+    headers, body = server.requests[0]
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert expected == headers[SIGNATURE_HEADER]
+    assert records[0].key == json.loads(body)["key"]
+
+
+async def test_webhook_retries_5xx(oms: tuple[Oms, str]) -> None:
+    """500s and 429s are retried; the record is delivered once the OMS answers 2xx."""
+    server, url = oms
+    server.script = [500, 429, 503]
+    sink = WebhookSink(url, settings(), sleep=no_sleep)
+    await sink.start(None)
+    assert [] == await sink.deliver(oms_records(1))
+    await sink.close()
+    assert 4 == len(server.requests)
+
+
+async def test_webhook_4xx_is_rejected_not_retried(oms: tuple[Oms, str]) -> None:
+    """A 4xx is a rejection for that record only (DLQ material); the others are delivered."""
+    server, url = oms
+    records = oms_records(3)
+    server.poison = {records[1].key}
+    sink = WebhookSink(url, settings(), sleep=no_sleep)
+    await sink.start(None)
+    rejected = await sink.deliver(records)
+    await sink.close()
+    assert [(records[1].key, 422)] == [(r.record.key, r.status) for r in rejected]
+    assert 3 == len(server.requests)
+
+
+async def test_webhook_gives_up_and_breaker_opens(oms: tuple[Oms, str]) -> None:
+    """A dead OMS makes the sink unavailable (the unit is retried later) and opens the breaker
+    so central stops hammering it."""
+    server, url = oms
+    server.script = [500] * 100
+    sink = WebhookSink(url, settings(max_attempts=3, breaker_threshold=3), sleep=no_sleep)
+    await sink.start(None)
+    with pytest.raises(SinkUnavailable):
+        await sink.deliver(oms_records(1))
+    assert "open" == sink.breaker.state
+    posts = len(server.requests)
+    with pytest.raises(SinkUnavailable, match="breaker open"):
+        await sink.deliver(oms_records(1))
+    await sink.close()
+    assert posts == len(server.requests)
+
+
+def test_breaker_half_opens_after_cooldown() -> None:
+    """After the cool-down one probe is allowed; a success closes the breaker."""
+    now = [0.0]
+    breaker = CircuitBreaker(2, 10.0, clock=lambda: now[0])
+    breaker.failure()
+    breaker.failure()
+    assert (False, "open") == (breaker.allow(), breaker.state)
+    now[0] = 10.5
+    assert (True, "half-open") == (breaker.allow(), breaker.state)
+    breaker.success()
+    assert "closed" == breaker.state
+
+
+async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: EmbeddedBroker) -> None:
+    """The nats sink puts each record on oms.<type>.<store> with its key as Nats-Msg-Id, so a
+    redelivered unit is deduplicated by the OMS stream."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(js)
+    records = oms_records(5)
+    await sink.deliver(records)
+    await sink.deliver(records)  # a redelivered unit
+    info = await js.stream_info(OMS_STREAM)
+    first = await js.get_msg(OMS_STREAM, 1)
+    await nc.close()
+    assert 5 == info.state.messages
+    assert f"oms.{records[0].type}.S1" == first.subject
+    assert records[0].key == json.loads(first.data or b"{}")["key"]
+
+
+async def test_webhook_timeout_is_retryable() -> None:
+    """An OMS that accepts the connection and never answers makes the sink unavailable after
+    its attempts: a timeout is never taken as delivered."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sink = WebhookSink(
+        f"http://127.0.0.1:{port}/events", settings(timeout=0.2, max_attempts=2), sleep=no_sleep
+    )
+    await sink.start(None)
+    with pytest.raises(SinkUnavailable, match="Timeout"):
+        await sink.deliver(oms_records(1))
+    await sink.close()
+    for writer in accepted:
+        writer.close()
+    server.close()
+    await server.wait_closed()
+    assert 2 == len(accepted)
