@@ -215,3 +215,39 @@ async def test_webhook_timeout_is_retryable() -> None:
     server.close()
     await server.wait_closed()
     assert 2 == len(accepted)
+
+
+async def test_poison_event_goes_to_dlq_and_the_store_flows_on(
+    tmp_path: Path, nats_server: EmbeddedBroker, oms: tuple[Oms, str]
+) -> None:
+    """An OMS 4xx for one event puts that record in the DLQ with the status as reason; every
+    other event of the store is delivered, in order, once."""
+    from central.dlq import list_dead_letters
+    from tests.central.conftest import Harness, start_central, stop_central
+
+    server, url = oms
+    events = list(Till(store_id="S1", seed=11).events(20))
+    server.poison = {f"S1:{events[7].event_id}"}
+    cfg = central_config(
+        tmp_path, nats_server.url, sinks=[f"file:{tmp_path / 'oms.jsonl'}", f"webhook:{url}"]
+    )
+    service, task = await start_central(cfg)
+    nc = await nats.connect(nats_server.url)
+    h = Harness(service, nc, tmp_path / "oms.jsonl", task)
+    try:
+        records = make_records(events)
+        await h.publish("S1", records[:10])
+        await h.publish("S1", records[10:])
+        await h.wait_for(lambda: service.consumer is not None and service.consumer.units >= 1)
+        await h.wait_for(lambda: len(h.delivered()) >= 20)
+        [entry] = await list_dead_letters(nats_server.url)
+    finally:
+        await nc.close()
+        await stop_central(service, task)
+    received = [hd["Idempotency-Key"] for hd, _ in server.requests]
+    assert [f"S1:{e.event_id}" for e in events] == [
+        k for k in received if not k.endswith(":variance")
+    ]
+    assert ("S1", "record") == (entry.store_id, entry.kind)
+    assert "HTTP 422: unknown sku" in entry.reason
+    assert f"S1:{events[7].event_id}" == json.loads(entry.payload)["key"]
