@@ -249,9 +249,9 @@ class Consumer:
             for msg, token, reason in poison:
                 await self._dead_letter(msg.data, token, reason, "batch", msg)
                 unit.dlq[token] = unit.dlq.get(token, 0) + 1
-            for record, reason in rejected:
-                await self._dead_letter(encode_json(record), record.store_id, reason, "record")
-                unit.dlq[record.store_id] = unit.dlq.get(record.store_id, 0) + 1
+            for refused, reason in rejected:
+                await self._dead_letter(encode_json(refused), refused.store_id, reason, "record")
+                unit.dlq[refused.store_id] = unit.dlq.get(refused.store_id, 0) + 1
             await self.state.commit(unit)
         except SinkUnavailable as exc:
             await self._back_off(msgs, exc)

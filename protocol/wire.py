@@ -198,11 +198,13 @@ def decode_batch(data: bytes) -> Batch:
 
 
 def decode_control_request(data: bytes) -> ControlRequest:
-    return _control_request_decoder.decode(data)
+    request: ControlRequest = _control_request_decoder.decode(data)
+    return request
 
 
 def decode_control_reply(data: bytes) -> ControlReply:
-    return _control_reply_decoder.decode(data)
+    reply: ControlReply = _control_reply_decoder.decode(data)
+    return reply
 
 
 def decode_oms_record(data: bytes) -> OmsRecord:
