@@ -48,22 +48,34 @@ MAX_DECIMAL_EXPONENT = 12  # |value| < 10**12
 MIN_DECIMAL_EXPONENT = -9  # at most 9 digits after the point
 
 
+def _check_decimal_slow(name: str, value: Decimal) -> None:
+    _sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)  # finite, so never 'n'/'N'/'F'
+    if exponent < MIN_DECIMAL_EXPONENT:
+        exp_normal = value.normalize().as_tuple().exponent
+        assert isinstance(exp_normal, int)
+        if exp_normal < MIN_DECIMAL_EXPONENT:
+            raise ValueError(f"{name} has more than {-MIN_DECIMAL_EXPONENT} decimal places")
+    if len(digits) > MAX_DECIMAL_DIGITS:
+        raise ValueError(f"{name} has more than {MAX_DECIMAL_DIGITS} digits")
+
+
 def check_decimal(name: str, value: Decimal) -> None:
     """Raise ValueError unless ``value`` is a finite decimal within the protocol's bounds."""
     if not value.is_finite():
         raise ValueError(f"{name} must be a finite decimal, got {value}")
-    _sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)  # finite, so never 'n'/'N'/'F'
-    if exponent < MIN_DECIMAL_EXPONENT:
-        value_normal = value.normalize()
-        exp_normal = value_normal.as_tuple().exponent
-        assert isinstance(exp_normal, int)
-        if exp_normal < MIN_DECIMAL_EXPONENT:
-            raise ValueError(f"{name} has more than {-MIN_DECIMAL_EXPONENT} decimal places")
-    if len(digits) > MAX_DECIMAL_DIGITS or value.adjusted() >= MAX_DECIMAL_EXPONENT:
+    if value.adjusted() >= MAX_DECIMAL_EXPONENT:
         raise ValueError(
             f"{name} is out of range (|{name}| must be below 10^{MAX_DECIMAL_EXPONENT})"
         )
+    # Hot path (every money and quantity field of every event): reading the plain string is
+    # ~6x cheaper than as_tuple(). Anything unusual (exponent notation, many places or digits)
+    # takes the exact slow path.
+    text = str(value)
+    point = text.find(".")
+    places = len(text) - point - 1 if point >= 0 else 0
+    if places > -MIN_DECIMAL_EXPONENT or len(text) > MAX_DECIMAL_DIGITS or "E" in text:
+        _check_decimal_slow(name, value)
 
 
 class LineItem(
