@@ -214,6 +214,12 @@ def _parse_since(text: str) -> dt.datetime:
 async def _resync_offline(
     cfg: AgentConfig, from_seq: int | None, to_seq: int | None, since: float | None
 ) -> tuple[int, int | None]:
+    if not cfg.outbox_path.exists():
+        # Opening would create an empty outbox (new epoch) and report "0 re-sent": a lie.
+        raise AgentError(
+            f"no outbox at {cfg.outbox_path} and no agent answering on {cfg.ingest.listen}: "
+            "check data_dir and ingest.listen in the config"
+        )
     outbox = Outbox(
         Path(cfg.data_dir),
         store_id=cfg.store_id,

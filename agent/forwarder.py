@@ -169,6 +169,7 @@ class Forwarder:
         self._hooks: list[ConnectHook] = []
         self._window: collections.deque[_Inflight] = collections.deque()
         self._cursor = 0
+        self._resends = 0  # resyncs served since start; part of the batch msg id
         self._link_lost = False
         self._marking: asyncio.Future[None] | None = None
         self._stream_checked = False
@@ -352,6 +353,7 @@ class Forwarder:
             rewind = self.outbox.take_rewind_nowait()
             if rewind is not None and rewind <= self._cursor:
                 log.info("forwarder: resync, re-sending from seq %d", rewind)
+                self._resends += 1  # new msg ids: JetStream must not dedup the re-sent copies
                 self._drop_window()
                 self._cursor = rewind - 1
             if not self._stopping:
@@ -413,7 +415,9 @@ class Forwarder:
         payload = encode_raw_batch(
             self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, run.payloads
         )
-        msg_id = batch_msg_id(self.store_id, self.outbox.epoch, run.first_seq, run.last_seq)
+        msg_id = batch_msg_id(
+            self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, self._resends
+        )
         try:
             assert self._js is not None
             future = await self._js.publish_async(

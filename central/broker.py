@@ -48,6 +48,16 @@ def find_nats_server() -> Path:
     )
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when central dies, even by kill -9. Otherwise an
+    orphaned embedded server keeps the port and the data dir, and the restarted central cannot
+    start its own."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that was free a moment ago on ``host``."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -123,6 +133,7 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         finally:
             log.close()

@@ -109,6 +109,10 @@ class Pipeline:
     nats_url: str = ""  # empty: central embeds nats-server
     central_args: Sequence[str] = ()
     agent_env: dict[str, str] = field(default_factory=dict)
+    # NATS URL the agents use when it differs from central's (e.g. through a test proxy).
+    agent_nats_url: str = ""
+    # Changes to every agent.toml after provisioning: {"outbox": {"max_buffer_bytes": 1000}}.
+    agent_settings: dict[str, dict[str, object]] = field(default_factory=dict)
     nats_port: int = field(default_factory=free_port)
     central_http_port: int = field(default_factory=free_port)
     agent_ports: dict[str, int] = field(default_factory=dict)
@@ -154,19 +158,33 @@ class Pipeline:
             *_python("central"), "stores", "add", store_id,
             "--data-dir", str(self.central_dir), "--out", str(out),
         ]  # fmt: skip
-        if self.nats_url or not self.central_dir.joinpath("central.json").exists():
-            cmd += ["--nats-url", self.nats_url or f"nats://127.0.0.1:{self.nats_port}"]
+        url = self.agent_nats_url or self.nats_url
+        if url or not self.central_dir.joinpath("central.json").exists():
+            cmd += ["--nats-url", url or f"nats://127.0.0.1:{self.nats_port}"]
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise ProcessError(f"stores add {store_id} failed: {done.stderr or done.stdout}")
+        self._localise_agent_config(store_id)
+
+    def _localise_agent_config(self, store_id: str) -> None:
+        """Point the store's agent.toml at its own data dir and port (so `storelink-agent
+        status/resync --config` find the running agent), plus any ``agent_settings``."""
+        import tomllib
+
+        from agent.config import config_from_dict, render_config
+
+        path = self.agent_config(store_id)
+        port = self.agent_ports.setdefault(store_id, free_port())
+        data = tomllib.loads(path.read_text())
+        data["data_dir"] = str(self.root / "stores" / store_id / "data")
+        data.setdefault("ingest", {})["listen"] = f"127.0.0.1:{port}"
+        for table, values in self.agent_settings.items():
+            data.setdefault(table, {}).update(values)
+        path.write_text(render_config(config_from_dict(data, base_dir=path.parent)))
 
     def make_agent(self, store_id: str) -> ManagedProcess:
         port = self.agent_ports.setdefault(store_id, free_port())
-        args = [
-            *_python("agent"), "run", "--config", str(self.agent_config(store_id)),
-            "--data-dir", str(self.root / "stores" / store_id / "data"),
-            "--listen", f"127.0.0.1:{port}",
-        ]  # fmt: skip
+        args = [*_python("agent"), "run", "--config", str(self.agent_config(store_id))]
         return ManagedProcess(
             f"agent {store_id}",
             args,

@@ -72,7 +72,7 @@ def store_from_events_subject(subject: str) -> str | None:
     return store_id if _store_id_re.fullmatch(store_id) else None
 
 
-def batch_msg_id(store_id: str, epoch: str, first_seq: int, last_seq: int) -> str:
+def batch_msg_id(store_id: str, epoch: str, first_seq: int, last_seq: int, resend: int = 0) -> str:
     """JetStream dedup id of a batch.
 
     DESIGN.md names ``<store>:<epoch>:<first_seq>``; we add ``last_seq``. After a crash the
@@ -80,5 +80,11 @@ def batch_msg_id(store_id: str, epoch: str, first_seq: int, last_seq: int) -> st
     With first_seq alone JetStream would drop that longer batch as a duplicate of the shorter
     one, and the extra records would be marked sent without ever being stored: silent loss.
     With both ends, a re-cut batch is stored and central's high-water mark drops the overlap.
+
+    ``resend`` counts the resyncs the agent has served since it started. A resync re-sends a
+    batch *because* JetStream lost it (or an operator asked): with the original id, JetStream
+    would drop the re-sent copy as a duplicate of the lost one for the rest of its window, and
+    the gap would never close. A retry after a failed publish keeps the same id.
     """
-    return f"{store_id}:{epoch}:{first_seq}:{last_seq}"
+    base = f"{store_id}:{epoch}:{first_seq}:{last_seq}"
+    return f"{base}:r{resend}" if resend else base
