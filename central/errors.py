@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from protocol.wire import OmsRecord
+
 
 class CentralError(Exception):
     """Base of everything central raises."""
@@ -26,3 +31,31 @@ class SinkUnavailable(CentralError):
 
 class StateError(CentralError):
     """The state database cannot be opened or written: stop, say why."""
+
+
+class SinkRejected(CentralError):
+    """The OMS refused one record for good (a 4xx): it goes to the DLQ with the reason, and the
+    rest of the store's stream keeps flowing. Sinks return these from ``deliver`` rather than
+    raising them, so one call can report several (one per store delivered concurrently)."""
+
+    def __init__(self, record: OmsRecord, status: int, reason: str) -> None:
+        self.record = record
+        self.status = status
+        self.reason = reason
+        super().__init__(f"OMS refused {record.key} (status {status}): {reason}")
+
+
+class DriftError(ConfigError):
+    """A JetStream object exists with settings central cannot bring in line by itself."""
+
+    def __init__(self, kind: str, name: str, differences: dict[str, tuple[object, object]]) -> None:
+        self.kind = kind
+        self.name = name
+        self.differences = differences
+        shown = ", ".join(
+            f"{k}: has {have!r}, want {want!r}" for k, (have, want) in differences.items()
+        )
+        super().__init__(
+            f"{kind} {name} exists with other settings ({shown}) and cannot be updated in place; "
+            f"fix it with the nats CLI (or delete it: central recreates it) and start again"
+        )

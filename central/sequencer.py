@@ -69,21 +69,21 @@ class Sequencer:
             return Duplicate(len(batch.records))
         if batch.first_seq > mark.hwm + 1:
             open_gap = self.gap(key, unit)
-            since = open_gap.since if open_gap else now
-            requests = open_gap.requests if open_gap else 0
+            to_seq = batch.first_seq - 1
+            if open_gap is not None and open_gap.from_seq == mark.hwm + 1:
+                # Several batches wait behind one gap and come back in any order: the gap
+                # ends where the nearest of them starts, whichever was seen last.
+                to_seq = min(to_seq, open_gap.to_seq)
             gap = Gap(
                 store_id=batch.store_id,
                 epoch=batch.epoch,
                 from_seq=mark.hwm + 1,
-                to_seq=batch.first_seq - 1,
-                since=since,
-                requests=requests,
+                to_seq=to_seq,
+                since=open_gap.since if open_gap else now,
+                requests=open_gap.requests if open_gap else 0,
             )
-            if open_gap is None or (open_gap.from_seq, open_gap.to_seq) != (
-                gap.from_seq,
-                gap.to_seq,
-            ):
-                unit.gaps[key] = gap
+            if open_gap is None or (open_gap.from_seq, open_gap.to_seq) != (gap.from_seq, to_seq):
+                unit.gaps[key] = gap  # only a changed gap is written
             return Behind(gap)
         skip = mark.hwm - batch.first_seq + 1
         records = batch.records[skip:] if skip > 0 else batch.records

@@ -1,10 +1,12 @@
 """OMS sinks behind one interface. A unit's records are handed to every sink; only when all
 accepted is the unit committed and acknowledged.
 
-``deliver`` returns the records the sink refused for good (poison: they go to the DLQ with the
-reason, the rest flows on) and raises ``SinkUnavailable`` when the OMS cannot take anything now
-(the unit is retried later). ``checkpoint``/``committed``/``rollback`` let a sink that can undo
-(the file sink) stay exactly-once across crashes and retried units.
+``deliver`` returns the records the sink refused for good as ``SinkRejected`` (poison: they go
+to the DLQ with the reason, the rest flows on) and raises ``SinkUnavailable`` when the OMS
+cannot take anything now (the unit is retried later). Returned, not raised: one call delivers
+several stores concurrently, and each may refuse a record while the others succeed.
+``checkpoint``/``committed``/``rollback`` let a sink that can undo (the file sink) stay
+exactly-once across crashes and retried units.
 """
 
 from __future__ import annotations
@@ -15,29 +17,51 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from central.config import CentralConfig
-from central.errors import ConfigError
+from central.errors import ConfigError, SinkRejected
 from protocol.wire import OmsRecord
 
 
 @dataclass(frozen=True)
-class Rejection:
-    """A record the OMS refused for good, and why."""
+class SinkStatistics:
+    """A sink's counters at one moment."""
 
-    record: OmsRecord
-    status: int
-    reason: str
+    sink: str
+    records: int  # accepted by the OMS (a retried unit counts again)
+    rejected: int = 0  # refused for good, sent to the DLQ
+    retries: int = 0
+    offset: int | None = None  # file sink: committed byte offset
+    breaker: str | None = None  # webhook: closed / open / half-open
 
 
 class Sink(Protocol):
+    """An OMS behind one interface. ``checkpoint``/``committed``/``rollback`` are for sinks
+    that can undo (the file sink); the others return None and do nothing."""
+
     name: str
 
-    async def start(self, saved_offset: int | None) -> None: ...
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[Rejection]: ...
-    def checkpoint(self) -> int | None: ...
-    def committed(self) -> None: ...
-    async def rollback(self) -> None: ...
+    async def start(self, saved_offset: int | None) -> None:
+        """Open; ``saved_offset`` is the committed ``checkpoint()`` of the last run, if any."""
+        ...
+
+    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+        """Deliver in order; return what was refused for good; raise SinkUnavailable if the
+        OMS cannot take them now."""
+        ...
+
+    def checkpoint(self) -> int | None:
+        """A position to commit with the unit's state (None: nothing to commit)."""
+        ...
+
+    def committed(self) -> None:
+        """The unit's state is committed: what was delivered is final."""
+        ...
+
+    async def rollback(self) -> None:
+        """The unit failed elsewhere: undo what was delivered since the last commit, if able."""
+        ...
+
     async def close(self) -> None: ...
-    def statistics(self) -> dict[str, Any]: ...
+    def statistics(self) -> SinkStatistics: ...
 
 
 def make_sinks(cfg: CentralConfig, js: Any) -> list[Sink]:

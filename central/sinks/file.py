@@ -12,15 +12,17 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from central.sinks import Rejection
+from central.errors import SinkRejected
+from central.sinks import SinkStatistics
 from protocol.wire import OmsRecord, encode_json
 
 log = logging.getLogger(__name__)
 
 
 class FileSink:
+    """Appends JSON lines; fsyncs before the unit's state commit."""
+
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
         self.name = f"file:{self.path}"
@@ -58,7 +60,7 @@ class FileSink:
             view = view[written:]
         os.fsync(self._fd)
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[Rejection]:
+    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
         if not records:
             return []
         data = b"".join([encode_json(r) + b"\n" for r in records])
@@ -83,5 +85,5 @@ class FileSink:
             os.close(self._fd)
             self._fd = None
 
-    def statistics(self) -> dict[str, Any]:
-        return {"sink": self.name, "records": self.records, "offset": self._committed}
+    def statistics(self) -> SinkStatistics:
+        return SinkStatistics(sink=self.name, records=self.records, offset=self._committed)

@@ -10,13 +10,12 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
 import aiohttp
 
 from central.config import WEBHOOK_SECRET_ENV, WebhookSettings
-from central.errors import SinkUnavailable
-from central.sinks import Rejection
+from central.errors import SinkRejected, SinkUnavailable
+from central.sinks import SinkStatistics
 from protocol.wire import OmsRecord, encode_json
 
 SIGNATURE_HEADER = "X-Storelink-Signature"
@@ -26,7 +25,8 @@ BACKOFF_CAP = 5.0
 
 
 class CircuitBreaker:
-    """Open after ``threshold`` consecutive failures; one probe allowed after ``cooldown``."""
+    """Open after ``threshold`` consecutive failures; after ``cooldown`` one probe at a time
+    is let through (half-open): its success closes the breaker, its failure re-opens it."""
 
     def __init__(
         self, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic
@@ -36,6 +36,7 @@ class CircuitBreaker:
         self.clock = clock
         self.failures = 0
         self.opened_at: float | None = None
+        self._probing = False
 
     @property
     def state(self) -> str:
@@ -44,16 +45,25 @@ class CircuitBreaker:
         return "half-open" if self.clock() - self.opened_at >= self.cooldown else "open"
 
     def allow(self) -> bool:
-        return self.state != "open"
+        """May a request go out now? In half-open, only the first caller (the probe) may."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self._probing:
+            return False
+        self._probing = True
+        return True
 
     def success(self) -> None:
         self.failures = 0
         self.opened_at = None
+        self._probing = False
 
     def failure(self) -> None:
         self.failures += 1
-        if self.failures >= self.threshold:
-            self.opened_at = self.clock()
+        if self._probing or self.failures >= self.threshold:
+            self.opened_at = self.clock()  # (re-)open: a failed probe waits a whole cool-down
+        self._probing = False
 
 
 class _Retry(Exception):
@@ -62,6 +72,8 @@ class _Retry(Exception):
 
 
 class WebhookSink:
+    """POSTs a unit's records, stores concurrently (bounded), each store's records in order."""
+
     def __init__(
         self,
         url: str,
@@ -76,6 +88,8 @@ class WebhookSink:
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
+        self._slots = asyncio.Semaphore(max(1, settings.concurrency))
+        self.records = 0
         self.posts = 0
         self.retries = 0
         self.rejected = 0
@@ -127,28 +141,32 @@ class WebhookSink:
             self.breaker.success()
             return result
 
-    async def _deliver_store(self, records: Sequence[OmsRecord]) -> list[Rejection]:
-        rejections: list[Rejection] = []
-        if self.settings.per_batch:
-            body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
-            status, text = await self._post(body, None)
-            if status >= 400:
-                rejections.extend(Rejection(r, status, text) for r in records)
+    async def _deliver_store(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+        async with self._slots:
+            if self.settings.per_batch:
+                body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
+                status, text = await self._post(body, None)
+                if status >= 400:
+                    return [SinkRejected(r, status, f"HTTP {status}: {text}") for r in records]
+                self.records += len(records)
+                return []
+            rejections: list[SinkRejected] = []
+            for record in records:  # in order: the OMS sees a store's events in seq order
+                status, text = await self._post(encode_json(record), record.key)
+                if status >= 400:
+                    rejections.append(SinkRejected(record, status, f"HTTP {status}: {text}"))
+                else:
+                    self.records += 1
             return rejections
-        for record in records:  # in order: the OMS sees a store's events in seq order
-            status, text = await self._post(encode_json(record), record.key)
-            if status >= 400:
-                rejections.append(Rejection(record, status, f"HTTP {status}: {text}"))
-        return rejections
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[Rejection]:
+    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
         by_store: dict[str, list[OmsRecord]] = {}
         for record in records:
             by_store.setdefault(record.store_id, []).append(record)
         results = await asyncio.gather(
             *(self._deliver_store(rs) for rs in by_store.values()), return_exceptions=True
         )
-        rejections: list[Rejection] = []
+        rejections: list[SinkRejected] = []
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -170,11 +188,11 @@ class WebhookSink:
             await self._session.close()
             self._session = None
 
-    def statistics(self) -> dict[str, Any]:
-        return {
-            "sink": self.name,
-            "posts": self.posts,
-            "retries": self.retries,
-            "rejected": self.rejected,
-            "breaker": self.breaker.state,
-        }
+    def statistics(self) -> SinkStatistics:
+        return SinkStatistics(
+            sink=self.name,
+            records=self.records,
+            rejected=self.rejected,
+            retries=self.retries,
+            breaker=self.breaker.state,
+        )
