@@ -17,10 +17,11 @@ roll back do, and the messages are NAKed with a backoff: the unit is retried as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +39,11 @@ from nats.js.api import (
 )
 
 from central.config import CentralConfig
-from central.errors import SinkUnavailable
+from central.errors import DriftError, SinkRejected, SinkUnavailable
 from central.inventory import Inventory
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
-from central.state import Gap, Key, SqliteState, Unit
+from central.state import Gap, Key, StateStore, Unit
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_REASON_HEADER,
@@ -50,6 +51,7 @@ from protocol.subjects import (
     DLQ_WILDCARD,
     EVENTS_STREAM,
     EVENTS_WILDCARD,
+    MSG_ID_HEADER,
     OMS_STREAM,
     OMS_WILDCARD,
     control_subject,
@@ -69,17 +71,26 @@ from protocol.wire import (
 
 log = logging.getLogger(__name__)
 
-UNATTRIBUTED = "_unattributed"  # DLQ subject token for batches that name no valid store
+# DLQ subject token for batches whose subject names no valid store. `stores add` refuses ids
+# that start with "_", so no provisioned store shares it.
+UNATTRIBUTED = "_unattributed"
 ORIGINAL_SUBJECT_HEADER = "Storelink-Original-Subject"
 ORIGINAL_SEQ_HEADER = "Storelink-Original-Seq"
 DLQ_KIND_HEADER = "Storelink-Kind"
+DLQ_TIME_HEADER = "Storelink-Dead-Lettered-At"
 RESYNC_TIMEOUT = 2.0
 RESYNC_RETRY_CAP = 30.0
 SINK_BACKOFF_CAP = 10.0
 
 
-async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
-    """Create or update the events, DLQ (and OMS) streams; idempotent."""
+MAX_MSG_SIZE = 8 * 1024 * 1024
+# Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
+# store with a long backlog behind a gap must not use up the whole consumer for every store.
+MAX_ACK_PENDING = 20_000
+
+
+def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
+    """The streams central needs, as central wants them."""
     wanted = [
         StreamConfig(
             name=EVENTS_STREAM,
@@ -90,12 +101,13 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
             max_bytes=cfg.stream.max_bytes,
             duplicate_window=cfg.stream.duplicate_window,
             num_replicas=cfg.stream.replicas,
-            max_msg_size=8 * 1024 * 1024,
+            max_msg_size=MAX_MSG_SIZE,
         ),
         StreamConfig(
             name=DLQ_STREAM,
             subjects=[DLQ_WILDCARD],
             storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
             num_replicas=cfg.stream.replicas,
         ),
     ]
@@ -105,19 +117,64 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
                 name=OMS_STREAM,
                 subjects=[OMS_WILDCARD],
                 storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS,
                 max_age=cfg.stream.max_age_days * 86400,
                 duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas,
             )
         )
-    for config in wanted:
+    return wanted
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(want, float) or isinstance(have, float):
+        return abs(float(have or 0) - float(want or 0)) < 1e-3  # durations round-trip via ns
+    return bool(have == want)
+
+
+def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The ``fields`` where ``have`` differs from ``want`` (None in ``want``: do not care)."""
+    found = {}
+    for name in fields:
+        wanted = getattr(want, name)
+        if wanted is not None and not _same(getattr(have, name), wanted):
+            found[name] = (getattr(have, name), wanted)
+    return found
+
+
+STREAM_FIELDS = (
+    "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
+    "num_replicas", "max_msg_size",
+)  # fmt: skip
+CONSUMER_FIELDS = (
+    "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",
+    "filter_subject",
+)  # fmt: skip
+
+
+async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
+    """Create the events, DLQ (and OMS) streams, or bring existing ones in line (idempotent).
+
+    Only the settings central cares about are changed; anything else an operator tuned stays.
+    What JetStream cannot change in place (storage, retention) is reported as a DriftError."""
+    for want in wanted_streams(cfg, oms=oms):
+        assert want.name is not None
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(want.name)
         except nats.js.errors.NotFoundError:
-            await js.add_stream(config)
-            log.info("created stream %s", config.name)
+            await js.add_stream(want)
+            log.info("created stream %s", want.name)
             continue
-        await js.update_stream(config)
+        drift = differences(info.config, want, STREAM_FIELDS)
+        if not drift:
+            continue
+        changes = {name: wanted for name, (_, wanted) in drift.items()}
+        try:
+            await js.update_stream(info.config.evolve(**changes))
+        except nats.js.errors.APIError as exc:
+            log.error("stream %s drifted and cannot be updated: %s", want.name, exc)
+            raise DriftError("stream", want.name, drift) from None
+        log.warning("stream %s drifted (%s); updated", want.name, drift)
 
 
 def consumer_config(cfg: CentralConfig) -> ConsumerConfig:
@@ -127,29 +184,58 @@ def consumer_config(cfg: CentralConfig) -> ConsumerConfig:
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=cfg.consumer.ack_wait,
         max_deliver=-1,  # never give up: poison is routed to our DLQ by us, with a reason
-        max_ack_pending=max(1000, cfg.consumer.fetch_batch * 8),
+        max_ack_pending=max(MAX_ACK_PENDING, cfg.consumer.fetch_batch * 8),
         filter_subject=EVENTS_WILDCARD,
     )
 
 
+async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
+    """Create the durable pull consumer, or bring an existing one in line (idempotent)."""
+    want = consumer_config(cfg)
+    try:
+        info = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(EVENTS_STREAM, config=want)
+        log.info("created consumer %s on %s", CENTRAL_DURABLE, EVENTS_STREAM)
+        return
+    drift = differences(info.config, want, CONSUMER_FIELDS)
+    if not drift:
+        return
+    try:
+        # A create with the same name and a changed config is an update (nats-server ≥ 2.10).
+        await js.add_consumer(EVENTS_STREAM, config=want)
+    except nats.js.errors.APIError as exc:
+        log.error("consumer %s drifted and cannot be updated: %s", CENTRAL_DURABLE, exc)
+        raise DriftError("consumer", CENTRAL_DURABLE, drift) from None
+    log.warning("consumer %s drifted (%s); updated", CENTRAL_DURABLE, drift)
+
+
 @dataclass(frozen=True)
 class ConsumerStatistics:
+    """The consumer's counters at one moment."""
+
     units: int
     batches: int
     delivered: int
     duplicates: int
     dlq: int
+    held: int  # batch deliveries NAKed because they wait behind a gap
     gaps_open: int
     resync_requests: int
+    resync_unanswered: int
     sink_failures: int
     last_unit_at: float | None
+
+
+class _Transient(Exception):
+    """NATS could not take a dead letter now: retry the unit later, like a busy sink."""
 
 
 class Consumer:
     """Pulls batches and runs units of work until stopped."""
 
     def __init__(
-        self, cfg: CentralConfig, nc: Any, js: Any, state: SqliteState, sinks: Sequence[Sink]
+        self, cfg: CentralConfig, nc: Any, js: Any, state: StateStore, sinks: Sequence[Sink]
     ) -> None:
         self.cfg = cfg
         self.nc = nc
@@ -159,12 +245,13 @@ class Consumer:
         self.sequencer = Sequencer(state.marks(), state.gaps())
         self.inventory = Inventory(state)
         self._sub: Any = None
+        self._stop = asyncio.Event()
         self._resync_at: dict[Key, float] = {}
         self._resync_tasks: set[asyncio.Task[None]] = set()
         self._sink_failures_in_row = 0
         self.consuming = asyncio.Event()
-        self.units = self.batches = self.delivered = self.duplicates = self.dlq = 0
-        self.resync_requests = self.sink_failures = 0
+        self.units = self.batches = self.delivered = self.duplicates = self.dlq = self.held = 0
+        self.resync_requests = self.resync_unanswered = self.sink_failures = 0
         self.last_unit_at: float | None = None
 
     def statistics(self) -> ConsumerStatistics:
@@ -174,25 +261,25 @@ class Consumer:
             delivered=self.delivered,
             duplicates=self.duplicates,
             dlq=self.dlq,
+            held=self.held,
             gaps_open=len(self.state.gaps()),
             resync_requests=self.resync_requests,
+            resync_unanswered=self.resync_unanswered,
             sink_failures=self.sink_failures,
             last_unit_at=self.last_unit_at,
         )
 
     async def setup(self) -> None:
+        """Streams, sinks (each from its committed offset), the durable consumer."""
         await ensure_streams(self.js, self.cfg, oms=any(s.name == "nats" for s in self.sinks))
         for sink in self.sinks:
             await sink.start(self.state.sink_offset(sink.name))
-        self._sub = await self.js.pull_subscribe(
-            EVENTS_WILDCARD,
-            durable=CENTRAL_DURABLE,
-            stream=EVENTS_STREAM,
-            config=consumer_config(self.cfg),
-        )
+        await ensure_consumer(self.js, self.cfg)
+        self._sub = await self.js.pull_subscribe_bind(durable=CENTRAL_DURABLE, stream=EVENTS_STREAM)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run units until ``stop`` is set; the unit in flight is finished first."""
+        self._stop = stop
         while not stop.is_set():
             try:
                 msgs = await self._sub.fetch(self.cfg.consumer.fetch_batch, timeout=0.5)
@@ -203,11 +290,16 @@ class Consumer:
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 # Disconnected or the server is restarting: nats-py reconnects on its own.
                 log.warning("fetch failed (%s); retrying", exc)
-                await asyncio.sleep(0.5)
+                await self._pause(0.5)
                 continue
             self.consuming.set()
             await self.process(msgs)
             self._request_resyncs()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake up at once when asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def process(self, msgs: Sequence[Msg]) -> None:
         """One unit of work over ``msgs`` (in stream order)."""
@@ -224,9 +316,13 @@ class Consumer:
             except msgspec.DecodeError as exc:
                 poison.append((msg, store_id or UNATTRIBUTED, f"undecodable batch: {exc}"))
                 continue
-            if store_id is None or batch.store_id != store_id:
+            if store_id is None:
+                reason = f"store mismatch: subject {msg.subject} names no valid store"
+                poison.append((msg, UNATTRIBUTED, reason))
+                continue
+            if batch.store_id != store_id:
                 reason = f"store mismatch: subject names {store_id}, body names {batch.store_id}"
-                poison.append((msg, store_id or UNATTRIBUTED, reason))
+                poison.append((msg, store_id, reason))
                 continue
             self.batches += 1
             decision = self.sequencer.classify(batch, unit, now)
@@ -244,54 +340,83 @@ class Consumer:
                 derived = self.inventory.apply(batch.store_id, batch.epoch, record, unit)
                 if derived is not None:
                     out.append(derived)
+        keep_alive = asyncio.create_task(self._keep_alive(msgs))
         try:
             rejected = await self._deliver(out, unit)
             for msg, token, reason in poison:
-                await self._dead_letter(msg.data, token, reason, "batch", msg)
+                await self._dead_letter(msg.data, token, reason, "batch", msg=msg)
                 unit.dlq[token] = unit.dlq.get(token, 0) + 1
-            for refused, reason in rejected:
-                await self._dead_letter(encode_json(refused), refused.store_id, reason, "record")
+            for refusal in rejected:
+                refused = refusal.record
+                await self._dead_letter(
+                    encode_json(refused), refused.store_id, refusal.reason, "record",
+                    msg_id=f"dlq:{refused.key}",
+                )  # fmt: skip
                 unit.dlq[refused.store_id] = unit.dlq.get(refused.store_id, 0) + 1
             await self.state.commit(unit)
-        except SinkUnavailable as exc:
+        except (SinkUnavailable, _Transient) as exc:
             await self._back_off(msgs, exc)
             return
         except Exception:
             for sink in self.sinks:
                 await sink.rollback()
             raise
+        finally:
+            keep_alive.cancel()
         for sink in self.sinks:
             sink.committed()
         self.inventory.committed(unit)
         self._sink_failures_in_row = 0
         self.delivered += sum(1 for r in out if not r.derived)
-        self.dlq += len(poison)
+        self.dlq += len(poison) + len(rejected)
+        self.held += len(held)
         self.units += 1
         self.last_unit_at = now
+        # Committed: a lost ack now only causes a redelivery that the marks drop.
         for msg in acks:
-            await msg.ack()
-        for msg in [m for m, _, _ in poison]:
-            await msg.ack()
-        for msg in held:
-            await msg.nak(delay=self.cfg.consumer.gap_nak_delay)
-        if out or poison:
+            await self._settle(msg.ack())
+        for msg, _, _ in poison:
+            await self._settle(msg.ack())
+        for msg in held:  # JetStream keeps them and hands them back after the delay
+            await self._settle(msg.nak(delay=self.cfg.consumer.gap_nak_delay))
+        if out or poison or rejected:
             log.info(
-                "unit: %d batches, %d delivered, %d held behind gaps, %d to DLQ",
-                len(acks), len(out), len(held), len(poison),
+                "unit: %d batches, %d records out, %d held behind gaps, %d to DLQ",
+                len(acks), len(out), len(held), len(poison) + len(rejected),
             )  # fmt: skip
 
-    async def _deliver(self, out: list[OmsRecord], unit: Unit) -> list[tuple[OmsRecord, str]]:
-        """Every sink gets the records; returns (record, reason) refused for good by any sink."""
-        rejected: dict[str, tuple[OmsRecord, str]] = {}
+    @staticmethod
+    async def _settle(reply: Awaitable[None]) -> None:
+        try:
+            await reply
+        except Exception as exc:  # disconnected: JetStream redelivers, the marks decide
+            log.warning("could not ack/nak a message (%s); it will be redelivered", exc)
+
+    async def _keep_alive(self, msgs: Sequence[Msg]) -> None:
+        """A slow unit (an OMS retrying) tells JetStream it is still working on its messages,
+        so they are not redelivered under it."""
+        interval = max(0.5, self.cfg.consumer.ack_wait / 3)
+        while True:
+            await asyncio.sleep(interval)
+            for msg in msgs:
+                await self._settle(msg.in_progress())
+
+    async def _deliver(self, out: list[OmsRecord], unit: Unit) -> list[SinkRejected]:
+        """Every sink gets the records; returns the records refused for good by any sink."""
+        rejected: dict[str, SinkRejected] = {}
         for sink in self.sinks:
-            for r in await sink.deliver(out):
-                rejected.setdefault(r.record.key, (r.record, f"{sink.name}: {r.reason}"))
+            for refusal in await sink.deliver(out):
+                reason = f"{sink.name}: {refusal.reason}"
+                refused = SinkRejected(refusal.record, refusal.status, reason)
+                rejected.setdefault(refusal.record.key, refused)
             offset = sink.checkpoint()
             if offset is not None:
                 unit.sink_offsets[sink.name] = offset
         return list(rejected.values())
 
-    async def _back_off(self, msgs: Sequence[Msg], exc: SinkUnavailable) -> None:
+    async def _back_off(self, msgs: Sequence[Msg], exc: Exception) -> None:
+        """Nothing of the unit is committed: undo what can be undone, hand the messages back
+        to JetStream with a growing delay, and wait as long before fetching again."""
         for sink in self.sinks:
             await sink.rollback()
         self.sink_failures += 1
@@ -299,21 +424,33 @@ class Consumer:
         delay = min(SINK_BACKOFF_CAP, 0.25 * 2 ** min(self._sink_failures_in_row, 6))
         log.warning("%s; retrying the unit in %.1fs", exc, delay)
         for msg in msgs:
-            await msg.nak(delay=delay)
-        await asyncio.sleep(delay)
+            await self._settle(msg.nak(delay=delay))
+        await self._pause(delay)
 
     async def _dead_letter(
-        self, payload: bytes, token: str, reason: str, kind: str, msg: Msg | None = None
-    ) -> None:
-        headers = {DLQ_REASON_HEADER: reason[:1000], DLQ_KIND_HEADER: kind}
+        self, payload: bytes, token: str, reason: str, kind: str, *,
+        msg: Msg | None = None, msg_id: str | None = None,
+    ) -> None:  # fmt: skip
+        """Publish ``payload`` to the DLQ with why, where from and when (headers)."""
+        headers = {
+            DLQ_REASON_HEADER: reason[:1000],
+            DLQ_KIND_HEADER: kind,
+            DLQ_TIME_HEADER: dt.datetime.now(dt.UTC).isoformat(),
+        }
         if msg is not None:
             headers[ORIGINAL_SUBJECT_HEADER] = msg.subject
-            try:
-                headers[ORIGINAL_SEQ_HEADER] = str(msg.metadata.sequence.stream)
-            except Exception:  # a message without JetStream metadata (tests): no seq to keep
-                pass
+            with contextlib.suppress(Exception):  # a message without JetStream metadata
+                stream_seq = msg.metadata.sequence.stream
+                headers[ORIGINAL_SEQ_HEADER] = str(stream_seq)
+                msg_id = f"dlq:{msg.subject}:{stream_seq}"
+        if msg_id is not None:
+            # A unit retried after a failure dead-letters the same thing again: keep one copy.
+            headers[MSG_ID_HEADER] = msg_id
         log.error("to DLQ (%s, %s): %s", token, kind, reason)
-        await self.js.publish(dlq_subject(token), payload, headers=headers)
+        try:
+            await self.js.publish(dlq_subject(token), payload, headers=headers)
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+            raise _Transient(f"DLQ publish failed: {type(exc).__name__}: {exc}") from None
 
     # --- gaps -------------------------------------------------------------------------------
 
@@ -347,7 +484,11 @@ class Consumer:
             )
             answer = decode_control_reply(reply.data)
         except Exception as exc:  # no responders, timeout, garbage: try again later
-            log.warning("store %s did not answer the resync request: %s", gap.store_id, exc)
+            self.resync_unanswered += 1
+            log.warning(
+                "store %s did not answer the resync request (%s); asking again later",
+                gap.store_id, exc or type(exc).__name__,
+            )  # fmt: skip
             return
         if isinstance(answer, ResyncReply):
             log.info(

@@ -7,8 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
+from central.errors import ConfigError
+
 
 class CentralHttp:
+    """``GET /healthz`` (200 once consuming, else 503) and ``GET /v1/status`` (JSON)."""
+
     def __init__(
         self, host: str, port: int, healthy: Callable[[], bool], status: Callable[[], Any]
     ) -> None:
@@ -31,7 +35,15 @@ class CentralHttp:
         app.router.add_get("/v1/status", self._status_route)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
+        try:
+            await web.TCPSite(self._runner, self.host, self.port).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(
+                f"cannot serve HTTP on {self.host}:{self.port} ({exc.strerror or exc}); "
+                "pick another address with --http"
+            ) from None
 
     async def close(self) -> None:
         if self._runner is not None:

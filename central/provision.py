@@ -15,9 +15,12 @@ from protocol.errors import InvalidStoreId
 from protocol.subjects import check_store_id
 
 DEFAULT_AGENT_NATS_URL = "nats://127.0.0.1:4222"
+RESERVED_PREFIX = "_"
 
 
 class StoreExists(ConfigError):
+    """The store is already provisioned (and --force was not given)."""
+
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
         super().__init__(
@@ -43,6 +46,11 @@ def provision_store(
         check_store_id(store_id)
     except InvalidStoreId as exc:
         raise ConfigError(str(exc)) from None
+    if store_id.startswith(RESERVED_PREFIX):
+        raise ConfigError(
+            f"invalid store id {store_id!r}: ids starting with {RESERVED_PREFIX!r} are reserved "
+            "for central's own use (the DLQ files unattributable batches under one)"
+        )
     if not add_store(data_dir, store_id, force=force):
         raise StoreExists(store_id)
     cfg = AgentConfig(store_id=store_id)

@@ -60,6 +60,8 @@ def read_info(data_dir: Path) -> dict[str, Any]:
 
 
 class CentralService:
+    """Everything ``storelink-central run`` runs, started and stopped in order."""
+
     def __init__(self, cfg: CentralConfig) -> None:
         self.cfg = cfg
         self.broker: EmbeddedBroker | None = None
@@ -67,10 +69,13 @@ class CentralService:
         self.consumer: Consumer | None = None
         self.nc: Any = None
         self.stop = asyncio.Event()
+        self.started_at = time.time()
+        self.broker_restarts = 0
         host, port = parse_hostport(cfg.http)
         self.http = CentralHttp(host, port, self.healthy, self.status)
 
     def healthy(self) -> bool:
+        """Consuming: the consumer fetched at least once and NATS is connected."""
         return bool(
             self.consumer is not None
             and self.consumer.consuming.is_set()
@@ -79,11 +84,19 @@ class CentralService:
         )
 
     def status(self) -> dict[str, Any]:
-        stats = asdict(self.consumer.statistics()) if self.consumer else {}
+        consumer = self.consumer
         return {
             "central_running": True,
-            "consumer": stats,
-            "sinks": [s.statistics() for s in (self.consumer.sinks if self.consumer else [])],
+            "healthy": self.healthy(),
+            "started_at": self.started_at,
+            "nats": {
+                "connected": bool(self.nc is not None and self.nc.is_connected),
+                "embedded": self.broker is not None,
+                "broker_restarts": self.broker_restarts,
+            },
+            "consumer": asdict(consumer.statistics()) if consumer else None,
+            "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
+            "state": asdict(self.state.statistics()),
             "stores": read_status(self.cfg.data_path),
         }
 
@@ -100,26 +113,31 @@ class CentralService:
         while not self.stop.is_set():
             await asyncio.sleep(BROKER_CHECK_INTERVAL)
             if self.broker is not None and not self.broker.running() and not self.stop.is_set():
-                log.error("embedded nats-server died; restarting it (see %s)", self.broker.log_path)
+                self.broker_restarts += 1
+                log.error(
+                    "EMBEDDED NATS-SERVER DIED (restart #%d); restarting it; its log: %s",
+                    self.broker_restarts, self.broker.log_path,
+                )  # fmt: skip
                 try:
                     await self.broker.start()
                 except CentralError as exc:
                     log.error("embedded nats-server failed to restart: %s", exc)
 
-    async def run(self) -> None:
-        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
-        urls = list(self.cfg.nats.urls)
-        if not urls:
-            await self._start_broker()
-            assert self.broker is not None
-            urls = [self.broker.url]
-        supervisor = asyncio.create_task(self._supervise_broker())
-        try:
-            await self.state.open()
-            options: dict[str, Any] = {}
-            if self.cfg.nats.credentials:
-                options["user_credentials"] = self.cfg.nats.credentials
-            self.nc = await nats.connect(
+    async def _connect(self, urls: list[str]) -> Any:
+        """Connect, retrying forever in the background (nats-py's connect blocks while the
+        server is down); None when asked to stop first."""
+        options: dict[str, Any] = {}
+        if self.cfg.nats.credentials:
+            options["user_credentials"] = self.cfg.nats.credentials
+
+        async def disconnected() -> None:
+            log.warning("disconnected from NATS; reconnecting")
+
+        async def reconnected() -> None:
+            log.info("reconnected to NATS")
+
+        connecting = asyncio.create_task(
+            nats.connect(
                 urls,
                 name="storelink-central",
                 max_reconnect_attempts=-1,
@@ -127,19 +145,56 @@ class CentralService:
                 ping_interval=5,
                 max_outstanding_pings=2,
                 connect_timeout=2,
+                disconnected_cb=disconnected,
+                reconnected_cb=reconnected,
                 **options,
             )
+        )
+        stopping = asyncio.create_task(self.stop.wait())
+        done, _ = await asyncio.wait(
+            {connecting, stopping}, timeout=5, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            log.warning("NATS at %s does not answer yet; still trying", urls)
+            done, _ = await asyncio.wait(
+                {connecting, stopping}, return_when=asyncio.FIRST_COMPLETED
+            )
+        stopping.cancel()
+        if connecting not in done:
+            connecting.cancel()
+            with contextlib.suppress(BaseException):
+                await connecting
+            return None
+        return connecting.result()
+
+    async def run(self) -> None:
+        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
+        supervisor: asyncio.Task[None] | None = None
+        try:
+            await self.state.open()
+            # /healthz answers (503) from the start, so supervisors see a central starting up.
+            await self.http.start()
+            # Recorded before connecting: `stores add` can write agent configs meanwhile.
+            write_info(self.cfg, self.cfg.http)
+            urls = list(self.cfg.nats.urls)
+            if not urls:
+                await self._start_broker()
+                assert self.broker is not None
+                urls = [self.broker.url]
+                supervisor = asyncio.create_task(self._supervise_broker())
+            self.nc = await self._connect(urls)
+            if self.nc is None:
+                return
             js = self.nc.jetstream(timeout=10)
             self.consumer = Consumer(self.cfg, self.nc, js, self.state, make_sinks(self.cfg, js))
             await self.consumer.setup()
-            await self.http.start()
-            write_info(self.cfg, self.cfg.http)
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http
             )
             await self.consumer.run(self.stop)
         finally:
-            supervisor.cancel()
+            if supervisor is not None:
+                supervisor.cancel()
             await self.http.close()
             if self.consumer is not None:
                 await self.consumer.close()

@@ -88,8 +88,22 @@ class Unit:
         return not (self.marks or self.gaps or self.inventory or self.sink_offsets or self.dlq)
 
 
+@dataclass(frozen=True)
+class StateStatistics:
+    """The state store's counters at one moment."""
+
+    path: str
+    commits: int
+    last_commit_seconds: float  # how long the last transaction took (fsync included)
+    marks: int
+    gaps_open: int
+
+
 class StateStore(Protocol):
-    """The seam between the consumer and where state lives (SQLite now, JetStream KV later)."""
+    """The seam between the consumer and where state lives (SQLite now, JetStream KV later).
+
+    ``marks()``/``gaps()`` are the committed view, kept in memory; ``commit`` writes a whole
+    unit atomically and only then moves that view."""
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -98,6 +112,7 @@ class StateStore(Protocol):
     def sink_offset(self, sink: str) -> int | None: ...
     async def load_inventory(self, store_id: str) -> dict[str, Decimal]: ...
     async def commit(self, unit: Unit) -> None: ...
+    def statistics(self) -> StateStatistics: ...
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -149,6 +164,16 @@ class SqliteState:
         self._gaps: dict[Key, Gap] = {}
         self._offsets: dict[str, int] = {}
         self.commits = 0
+        self._last_commit_seconds = 0.0
+
+    def statistics(self) -> StateStatistics:
+        return StateStatistics(
+            path=str(self.data_dir / STATE_FILENAME),
+            commits=self.commits,
+            last_commit_seconds=self._last_commit_seconds,
+            marks=len(self._marks),
+            gaps_open=len(self._gaps),
+        )
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -198,7 +223,12 @@ class SqliteState:
     async def commit(self, unit: Unit) -> None:
         if unit.empty():
             return
-        await self._run(self._commit, unit)
+        started = time.perf_counter()
+        try:
+            await self._run(self._commit, unit)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot commit to {self.data_dir / STATE_FILENAME}: {exc}") from exc
+        self._last_commit_seconds = time.perf_counter() - started
         # Only after COMMIT does the in-memory view move: a failed commit leaves it as it was.
         for key, mark in unit.marks.items():
             self._marks[key] = mark
