@@ -131,7 +131,8 @@ class CentralService:
             options["user_credentials"] = self.cfg.nats.credentials
 
         async def disconnected() -> None:
-            log.warning("disconnected from NATS; reconnecting")
+            if not self.stop.is_set():  # closing at the end disconnects too: not news
+                log.warning("disconnected from NATS; reconnecting")
 
         async def reconnected() -> None:
             log.info("reconnected to NATS")

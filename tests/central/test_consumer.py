@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 
 import nats
@@ -10,8 +11,14 @@ import pytest
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
-from central.consumer import UNATTRIBUTED
+from central.consumer import (
+    DLQ_TIME_HEADER,
+    ORIGINAL_SEQ_HEADER,
+    ORIGINAL_SUBJECT_HEADER,
+    UNATTRIBUTED,
+)
 from central.dlq import list_dead_letters
+from central.state import read_status
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_REASON_HEADER,
@@ -23,6 +30,7 @@ from protocol.subjects import (
 from protocol.wire import ResyncReply, ResyncRequest, decode_control_request, encode
 from tests.central.conftest import (
     Harness,
+    batch_bytes,
     central_config,
     make_records,
     start_central,
@@ -132,8 +140,13 @@ async def test_other_stores_flow_past_a_gap(harness: Harness) -> None:
     await harness.publish("A", a[5:])  # A is missing 1..5 and nobody answers for A
     await harness.publish("B", b)
     delivered = await harness.wait_delivered(10)
+    consumer = harness.service.consumer
+    assert consumer is not None
+    await harness.wait_for(lambda: consumer.resync_unanswered >= 1)
+    gaps = {s["store_id"]: s["gap"] for s in read_status(harness.service.cfg.data_path)}
     assert list(range(1, 11)) == seqs(delivered, "B")
     assert [] == seqs(delivered, "A")
+    assert ((1, 5), None) == ((gaps["A"]["from_seq"], gaps["A"]["to_seq"]), gaps["B"])
 
 
 async def test_store_mismatch_goes_to_dlq(harness: Harness, till: Till) -> None:
@@ -147,8 +160,14 @@ async def test_store_mismatch_goes_to_dlq(harness: Harness, till: Till) -> None:
     assert list(range(1, 21)) == seqs(delivered)
     await harness.wait_for(lambda: harness.service.consumer.dlq >= 1)  # type: ignore[union-attr]
     [entry] = await list_dead_letters(harness.nc.connected_url.geturl())
-    assert "S2" == entry.store_id
+    assert ("S2", "batch") == (entry.store_id, entry.kind)
     assert "store mismatch: subject names S2, body names S1" == entry.reason
+    # Where it came from and when: the original subject, its stream seq, the time.
+    assert ("storelink.events.S2", "1") == (
+        entry.headers[ORIGINAL_SUBJECT_HEADER], entry.headers[ORIGINAL_SEQ_HEADER]
+    )  # fmt: skip
+    assert entry.headers[DLQ_TIME_HEADER].startswith(str(dt.date.today().year))
+    assert "storelink.events.S2:1" in entry.headers["Nats-Msg-Id"]
 
 
 @pytest.mark.parametrize("payload", [b"", b"\xc1garbage", b"\x81\xa1x\x01"])
@@ -164,7 +183,16 @@ async def test_undecodable_batch_goes_to_dlq(harness: Harness, till: Till, paylo
     assert payload == (msg.data or b"")
 
 
-async def test_unattributable_subject_token(harness: Harness) -> None:
-    """The DLQ token for batches that name no valid store cannot be a real store's id."""
-    assert not UNATTRIBUTED.isalnum()
-    assert UNATTRIBUTED.startswith("_")
+async def test_subject_naming_no_valid_store_goes_to_dlq(harness: Harness, till: Till) -> None:
+    """A batch on a subject whose token is no valid store id is dead-lettered under the
+    reserved unattributed token, with the subject in the reason."""
+    records = make_records(list(till.events(3)))
+    await harness.nc.jetstream().publish("storelink.events." + "x" * 40, batch_bytes("S1", records))
+    await harness.publish("S1", records)
+    await harness.wait_delivered(3)
+    await harness.wait_for(lambda: harness.service.consumer.dlq >= 1)  # type: ignore[union-attr]
+    [entry] = await list_dead_letters(harness.nc.connected_url.geturl())
+    assert (UNATTRIBUTED, "batch") == (entry.store_id, entry.kind)
+    assert f"store mismatch: subject storelink.events.{'x' * 40} names no valid store" == (
+        entry.reason
+    )
