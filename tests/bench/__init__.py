@@ -1,0 +1,1 @@
+"""Benchmarks (runnable scripts, never collected by pytest): see docs/benchmarks.md."""

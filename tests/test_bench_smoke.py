@@ -1,0 +1,53 @@
+"""Every benchmark stays runnable: each one's main, with --quick, in a subprocess, prints its
+table. Figures are not checked (timings never are in tests); that the bench ran end to end is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.bench.harness import COLUMNS
+
+ROOT = Path(__file__).parents[1]
+
+
+def has_table(out: str) -> bool:
+    """The output holds the table's header row."""
+    return any(list(COLUMNS) == [c.strip() for c in line.split("|")] for line in out.splitlines())
+
+
+def run_bench(module: str, tmp_path: Path, **env: str) -> tuple[str, list[dict[str, object]]]:
+    results = tmp_path / "results.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", f"tests.bench.{module}", "--quick", "--json", str(results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+        env={**os.environ, **env},
+        check=False,
+    )
+    assert 0 == done.returncode, done.stdout + done.stderr
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return done.stdout, rows
+
+
+def test_baselines_quick(tmp_path: Path) -> None:
+    """bench_baselines --quick prints its table with every baseline row (leaf-node sourcing
+    skipped: its ~40 s resume delay is what the full run measures)."""
+    out, rows = run_bench("bench_baselines", tmp_path, STORELINK_BENCH_SKIP_LEAF="1")
+    assert has_table(out)
+    figures = [str(r["figure"]) for r in rows]
+    assert [
+        "SQLite insert, 1,000 rows/txn",
+        "SQLite insert, 1 commit/row",
+        "JetStream js.publish per event",
+        "JetStream publish_async per event",
+        "JetStream 100 events/message",
+        "naive forwarder, 1 publish+commit/event",
+        "naive forwarder, time for 1M events",
+    ] == figures
+    assert [] == [r["figure"] for r in rows if not r["value"]]
