@@ -25,6 +25,7 @@ from agent.errors import AgentError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
+from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
 from protocol.events import Event
 from protocol.wire import AgentStatus
@@ -288,6 +289,8 @@ async def serve(cfg: AgentConfig, *, ready: Callable[[AgentService], None] | Non
             signal.signal(sig, lambda _s, _f: loop.call_soon_threadsafe(stop.set))
     service = AgentService(cfg)
     await service.start()
+    # Type=notify: systemd counts the agent as started only now that HTTP answers.
+    notify_ready(f"store {cfg.store_id}, http {service.ingest.url}")
     if ready is not None:
         ready(service)
     waits = [asyncio.create_task(stop.wait()), asyncio.create_task(service.failed.wait())]
@@ -298,6 +301,7 @@ async def serve(cfg: AgentConfig, *, ready: Callable[[AgentService], None] | Non
     finally:
         for waiter in waits:
             waiter.cancel()
+        notify_stopping()
         await service.stop()
     if service.failure is not None:
         raise AgentError(f"the agent stopped because a part failed: {service.failure!r}")
