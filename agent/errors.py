@@ -104,6 +104,19 @@ class StoreMismatch(OutboxError):
         )
 
 
+class OutboxTooNew(OutboxError):
+    """A newer storelink-agent migrated this database: this (older) binary must not touch it."""
+
+    def __init__(self, *, path: Path, unknown_migrations: list[str]) -> None:
+        self.path = path
+        self.unknown_migrations = unknown_migrations
+        super().__init__(
+            f"{path} was migrated by a newer storelink-agent (schema steps this binary does not "
+            f"know: {', '.join(unknown_migrations)}): run that version again, or see "
+            "docs/install.md, 'Rolling back'"
+        )
+
+
 class DamagedOutbox(OutboxError):
     """The outbox file failed its integrity check and was moved aside (a fresh one was made)."""
 

@@ -44,6 +44,7 @@ from agent.errors import (
     OutboxClosed,
     OutboxError,
     OutboxLocked,
+    OutboxTooNew,
     OutboxWriteFailed,
     RecordTooLarge,
     StoreMismatch,
@@ -318,7 +319,7 @@ def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
         raise NotAnOutbox(path=path)
 
 
-def _migrate(conn: sqlite3.Connection) -> None:
+def _migrate(conn: sqlite3.Connection, path: Path) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(
@@ -330,6 +331,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
         raise
     done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
+    # A rolled-back binary must not write into a schema it does not know (a NOT NULL column it
+    # never fills, a table it never updates): refuse, loudly, before changing anything.
+    unknown = sorted(done - {name for name, _ in MIGRATIONS})
+    if unknown:
+        raise OutboxTooNew(path=path, unknown_migrations=unknown)
     for name, statements in MIGRATIONS:
         if name in done:
             continue
@@ -467,7 +473,7 @@ class Outbox:
                     raise OutboxError(f"cannot put {self.path} in WAL mode (got {mode})")
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
-                _migrate(conn)
+                _migrate(conn, self.path)
                 meta = _init_meta(conn, self.store_id, self.path)
                 self.epoch = meta["epoch"]
                 self._state = _load_state(conn, meta)
