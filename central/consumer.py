@@ -60,6 +60,7 @@ from protocol.subjects import (
 )
 from protocol.wire import (
     OmsRecord,
+    RawBatch,
     ResyncReply,
     ResyncRequest,
     decode_batch,
@@ -70,6 +71,9 @@ from protocol.wire import (
 )
 
 log = logging.getLogger(__name__)
+
+# The envelope alone (records left undecoded): enough to route a batch and to drop duplicates.
+_decode_envelope = msgspec.msgpack.Decoder(RawBatch).decode
 
 # DLQ subject token for batches whose subject names no valid store. `stores add` refuses ids
 # that start with "_", so no provisioned store shares it.
@@ -283,13 +287,16 @@ class Consumer:
         while not stop.is_set():
             try:
                 msgs = await self._sub.fetch(self.cfg.consumer.fetch_batch, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
+                # Nothing to fetch (nats-py raises instead of returning empty); a busy loop
+                # can also time out the first message of a fetch: it is not lost, it waits
+                # in the subscription's queue for the next fetch.
                 self.consuming.set()
                 self._request_resyncs()
                 continue
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 # Disconnected or the server is restarting: nats-py reconnects on its own.
-                log.warning("fetch failed (%s); retrying", exc)
+                log.warning("fetch failed (%s: %s); retrying", type(exc).__name__, exc)
                 await self._pause(0.5)
                 continue
             self.consuming.set()
@@ -312,7 +319,7 @@ class Consumer:
         for msg in msgs:
             store_id = store_from_events_subject(msg.subject)
             try:
-                batch = decode_batch(msg.data)
+                envelope = _decode_envelope(msg.data)
             except msgspec.DecodeError as exc:
                 poison.append((msg, store_id or UNATTRIBUTED, f"undecodable batch: {exc}"))
                 continue
@@ -320,9 +327,24 @@ class Consumer:
                 reason = f"store mismatch: subject {msg.subject} names no valid store"
                 poison.append((msg, UNATTRIBUTED, reason))
                 continue
-            if batch.store_id != store_id:
-                reason = f"store mismatch: subject names {store_id}, body names {batch.store_id}"
+            if envelope.store_id != store_id:
+                reason = f"store mismatch: subject names {store_id}, body names {envelope.store_id}"
                 poison.append((msg, store_id, reason))
+                continue
+            count = len(envelope.records)
+            if self.sequencer.drop_if_duplicate(
+                store_id, envelope.epoch, envelope.last_seq, count, unit, now
+            ):
+                # Redeliveries and re-sent ranges are dropped without decoding their events:
+                # decoding (with validation) is the most expensive step of a unit.
+                self.batches += 1
+                self.duplicates += count
+                acks.append(msg)
+                continue
+            try:
+                batch = decode_batch(msg.data)
+            except msgspec.DecodeError as exc:
+                poison.append((msg, store_id, f"undecodable batch: {exc}"))
                 continue
             self.batches += 1
             decision = self.sequencer.classify(batch, unit, now)

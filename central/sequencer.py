@@ -57,13 +57,29 @@ class Sequencer:
             return unit.gaps[key]
         return self._gaps.get(key)
 
-    def classify(self, batch: Batch, unit: Unit, now: float) -> Decision:
-        key = (batch.store_id, batch.epoch)
+    def _touch(self, key: Key, unit: Unit, now: float) -> Mark:
         mark = self.mark(key, unit)
         if not mark.first_seen:
             mark.first_seen = now
         mark.last_seen = now
         unit.marks[key] = mark
+        return mark
+
+    def drop_if_duplicate(
+        self, store_id: str, epoch: str, last_seq: int, count: int, unit: Unit, now: float
+    ) -> bool:
+        """Stage and return True when a batch ending at ``last_seq`` was wholly delivered
+        before: decided from the envelope, so a redelivered batch is never decoded."""
+        key = (store_id, epoch)
+        committed = unit.marks.get(key) or self._marks.get(key)
+        if committed is None or last_seq > committed.hwm:
+            return False
+        self._touch(key, unit, now).duplicates += count
+        return True
+
+    def classify(self, batch: Batch, unit: Unit, now: float) -> Decision:
+        key = (batch.store_id, batch.epoch)
+        mark = self._touch(key, unit, now)
         if batch.last_seq <= mark.hwm:
             mark.duplicates += len(batch.records)
             return Duplicate(len(batch.records))

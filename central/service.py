@@ -187,7 +187,9 @@ class CentralService:
             if self.nc is None:
                 return
             js = self.nc.jetstream(timeout=10)
-            self.consumer = Consumer(self.cfg, self.nc, js, self.state, make_sinks(self.cfg, js))
+            self.consumer = Consumer(
+                self.cfg, self.nc, js, self.state, make_sinks(self.cfg, self.nc)
+            )
             await self.consumer.setup()
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http

@@ -64,7 +64,7 @@ class Sink(Protocol):
     def statistics(self) -> SinkStatistics: ...
 
 
-def make_sinks(cfg: CentralConfig, js: Any) -> list[Sink]:
+def make_sinks(cfg: CentralConfig, nc: Any) -> list[Sink]:
     """Sinks from specs: ``file:PATH``, ``webhook:URL``, ``nats``."""
     from central.sinks.file import FileSink
     from central.sinks.nats import NatsSink
@@ -78,7 +78,7 @@ def make_sinks(cfg: CentralConfig, js: Any) -> list[Sink]:
         elif kind == "webhook" and arg:
             sinks.append(WebhookSink(arg, cfg.webhook))
         elif kind == "nats":
-            sinks.append(NatsSink(js))
+            sinks.append(NatsSink(nc))
         else:
             raise ConfigError(f"unknown sink {spec!r}: use file:PATH, webhook:URL or nats")
     return sinks

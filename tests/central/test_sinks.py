@@ -181,12 +181,14 @@ async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: Embedd
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(js)
+    sink = NatsSink(nc)
+    await sink.start(None)
     records = oms_records(5)
     await sink.deliver(records)
     await sink.deliver(records)  # a redelivered unit
     info = await js.stream_info(OMS_STREAM)
     first = await js.get_msg(OMS_STREAM, 1)
+    await sink.close()
     await nc.close()
     assert 5 == info.state.messages
     assert f"oms.{records[0].type}.S1" == first.subject
