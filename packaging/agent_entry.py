@@ -1,0 +1,6 @@
+"""PyInstaller entry point of the storelink-agent single binary."""
+
+from agent.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""PyInstaller entry point of the storelink-central single binary."""
+
+from central.cli import main
+
+if __name__ == "__main__":
+    main()
