@@ -73,3 +73,27 @@ def test_status_without_state_says_so(tmp_path: Path) -> None:
     done = central("status", "--data-dir", str(tmp_path / "nothing"))
     assert 1 == done.returncode
     assert "has central run with --data-dir" in done.stderr
+
+
+async def test_dlq_list_and_show(harness: Harness) -> None:
+    """`dlq list --json` and `dlq show ID` read the DLQ through the NATS URL central recorded,
+    with the reason and the original payload."""
+    records = make_records(list(Till(store_id="S1").events(3)))
+    await harness.publish("S1", records, subject_store="S7", msg_id="forged")
+    await harness.wait_for(lambda: harness.service.consumer.dlq >= 1)  # type: ignore[union-attr]
+    data_dir = str(harness.service.cfg.data_path)
+    listed = await asyncio.to_thread(central, "dlq", "list", "--data-dir", data_dir, "--json")
+    assert 0 == listed.returncode, listed.stderr
+    [entry] = json.loads(listed.stdout)
+    reason = "store mismatch: subject names S7, body names S1"
+    assert ("S7", "batch", reason) == (entry["store_id"], entry["kind"], entry["reason"])
+    shown = await asyncio.to_thread(
+        central, "dlq", "show", str(entry["id"]), "--data-dir", data_dir
+    )
+    detail = json.loads(shown.stdout)
+    assert (reason, "storelink.events.S7") == (
+        detail["reason"], detail["headers"]["Storelink-Original-Subject"]
+    )  # fmt: skip
+    assert "msgpack_hex" in detail["payload"]
+    missing = await asyncio.to_thread(central, "dlq", "show", "999", "--data-dir", data_dir)
+    assert (1, True) == (missing.returncode, "no dead letter 999" in missing.stderr)

@@ -163,16 +163,22 @@ async def test_webhook_gives_up_and_breaker_opens(oms: tuple[Oms, str]) -> None:
 
 
 def test_breaker_half_opens_after_cooldown() -> None:
-    """After the cool-down one probe is allowed; a success closes the breaker."""
+    """After the cool-down one probe at a time is let through; a failed probe re-opens the
+    breaker for a whole cool-down, a successful one closes it."""
     now = [0.0]
     breaker = CircuitBreaker(2, 10.0, clock=lambda: now[0])
     breaker.failure()
     breaker.failure()
     assert (False, "open") == (breaker.allow(), breaker.state)
     now[0] = 10.5
-    assert (True, "half-open") == (breaker.allow(), breaker.state)
+    assert (True, False, "half-open") == (breaker.allow(), breaker.allow(), breaker.state)
+    breaker.failure()  # the probe failed
+    now[0] = 15.0
+    assert (False, "open") == (breaker.allow(), breaker.state)
+    now[0] = 21.0
+    assert True is breaker.allow()
     breaker.success()
-    assert "closed" == breaker.state
+    assert (True, True, "closed") == (breaker.allow(), breaker.allow(), breaker.state)
 
 
 async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: EmbeddedBroker) -> None:
@@ -193,6 +199,20 @@ async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: Embedd
     assert 5 == info.state.messages
     assert f"oms.{records[0].type}.S1" == first.subject
     assert records[0].key == json.loads(first.data or b"{}")["key"]
+
+
+async def test_nats_sink_without_oms_stream_is_unavailable(nats_server: EmbeddedBroker) -> None:
+    """With no stream on the OMS subjects (no responders) the unit is refused as a whole
+    (SinkUnavailable), never taken as delivered."""
+    nc = await nats.connect(nats_server.url)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    with pytest.raises(SinkUnavailable, match="no responders"):
+        await sink.deliver(oms_records(3))
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert 0 == stats.records
 
 
 async def test_webhook_timeout_is_retryable() -> None:
