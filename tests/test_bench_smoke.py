@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.bench.harness import COLUMNS
 
 ROOT = Path(__file__).parents[1]
@@ -51,3 +53,12 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "naive forwarder, time for 1M events",
     ] == figures
     assert [] == [r["figure"] for r in rows if not r["value"]]
+
+
+@pytest.mark.parametrize("module", ["bench_ingest", "bench_drain"])
+def test_bench_quick(module: str, tmp_path: Path) -> None:
+    """Each storelink bench runs with --quick and reports every figure it names."""
+    out, rows = run_bench(module, tmp_path)
+    assert has_table(out)
+    unmeasured = [r for r in rows if r["value"] is None]
+    assert [] == [r["figure"] for r in unmeasured if "not measured" not in str(r["note"])]

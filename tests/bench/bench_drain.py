@@ -1,0 +1,199 @@
+"""Backlog drain: 1,000,000 events buffered at the store while HQ is away, then HQ returns.
+
+    .venv/bin/python -m tests.bench.bench_drain [--quick] [--json results.jsonl]
+
+The backlog is written with the agent's own ``Outbox`` API (as ingest would, only faster),
+then ``python -m agent run`` starts against a nats-server that is down. The server (with the
+STORELINK_EVENTS stream central would have created) comes back; we time, from the moment it
+answers /healthz, until the agent's first acknowledged batch (``pending`` drops: drain start)
+and until ``pending == 0`` (drain done), polling ``GET /v1/status``. The agent's RSS is sampled
+throughout. Afterwards the stream's last batch must end at the last seq.
+
+Baselines from the same run: the naive forwarder's time for 1M events and the leaf-node
+sourcing resume delay (bench_baselines; measured here when this bench runs alone, except the
+leaf one under --quick, which takes ~40 s whatever the size).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+
+from agent.outbox import Outbox
+from central.broker import BrokerConfig, EmbeddedBroker, free_port
+from central.config import CentralConfig
+from central.consumer import ensure_streams
+from protocol.subjects import EVENTS_STREAM, events_subject
+from protocol.wire import decode_batch
+from tests.bench.bench_baselines import (
+    LEAF_RESUME,
+    NAIVE_1M,
+    RECORD_POOL,
+    measure_leaf,
+    measure_naive_forwarder,
+)
+from tests.bench.harness import (
+    RUN,
+    AgentProcess,
+    Options,
+    Row,
+    RssSampler,
+    Table,
+    at_least,
+    at_most,
+    baseline,
+    bench_main,
+    mib,
+    nats_broker,
+    sample_events,
+    sample_records,
+    size,
+    wait_for,
+    workdir,
+)
+
+STORE = "B1"
+APPEND_CHUNK = 10_000
+DRAIN_START = "drain start after HQ returns"
+DRAIN_TIME = "drain of the backlog"
+DRAIN_RATE = "drain rate"
+DRAIN_VS_NAIVE = "drain vs naive forwarder"
+RSS_DRAIN = "agent RSS peak while draining"
+RSS_BUFFERED_IDLE = "agent RSS idle, backlog buffered"
+BUILD_RATE = "backlog build (Outbox.append)"
+
+
+async def build_backlog(data_dir: Path, events: int) -> float:
+    """Append ``events`` simulated events through the Outbox API; return events/s."""
+    pool = sample_events(min(events, RECORD_POOL * 5), store_id=STORE)
+    outbox = Outbox(data_dir, store_id=STORE, max_buffer_bytes=4 * 1024**3, retention_days=7.0)
+    await outbox.open()
+    start = time.perf_counter()
+    try:
+        for first in range(0, events, APPEND_CHUNK):
+            chunk = [
+                msgspec.structs.replace(pool[i % len(pool)], event_id=f"drain-{i:09d}")
+                for i in range(first, min(first + APPEND_CHUNK, events))
+            ]
+            await outbox.append(chunk)
+    finally:
+        await outbox.close()
+    return events / (time.perf_counter() - start)
+
+
+async def create_streams(url: str, root: Path) -> None:
+    """STORELINK_EVENTS (and the DLQ) as central creates them."""
+    nc = await nats.connect(url)
+    try:
+        await ensure_streams(nc.jetstream(), CentralConfig(data_dir=str(root)), oms=False)
+    finally:
+        await nc.close()
+
+
+async def last_batch_seq(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        msg = await nc.jetstream().get_last_msg(EVENTS_STREAM, events_subject(STORE))
+        return decode_batch(msg.data).last_seq
+    finally:
+        await nc.close()
+
+
+async def run(opts: Options) -> Table:
+    table = Table("backlog drain", opts)
+    events = size(opts, 1_000_000, 20_000)
+    async with workdir(opts, "drain") as root:
+        records = sample_records(RECORD_POOL)
+
+        async def naive() -> list[Row]:
+            async with nats_broker(root / "naive-nats") as broker:
+                return await measure_naive_forwarder(
+                    root, broker.url, records, size(opts, 20_000, 300)
+                )
+
+        naive_row = await baseline(NAIVE_1M, naive, table)
+        if opts.quick and LEAF_RESUME not in RUN:
+            leaf_row = Row(LEAF_RESUME, None, "s", note="not measured under --quick")
+        else:
+            leaf_row = await baseline(
+                LEAF_RESUME, lambda: measure_leaf(root / "leaf", records, 100_000, False), table
+            )
+
+        broker = EmbeddedBroker(BrokerConfig(data_dir=root / "nats", port=free_port()))
+        await broker.start()
+        await create_streams(broker.url, root / "central")
+        await broker.stop()
+
+        agent = AgentProcess(root / "agent", broker.url, store_id=STORE)
+        build_rate = await build_backlog(agent.data_dir, events)
+        table.add(Row(BUILD_RATE, build_rate, "events/s", note=f"{events:,} events"))
+        await agent.start()
+        rss = RssSampler(agent.pid).start()
+        try:
+            status = await agent.status()
+            if status["pending"] != events:
+                raise RuntimeError(f"expected {events} pending, agent says {status['pending']}")
+            idle_rss = rss.last
+
+            await broker.start()
+            back = time.monotonic()
+
+            async def started() -> bool:
+                return bool((await agent.status())["pending"] < events)
+
+            async def drained() -> bool:
+                return bool((await agent.status())["pending"] == 0)
+
+            first = await wait_for(started, 30, interval=0.01, what="first ack")
+            done = await wait_for(drained, 600, interval=0.05, what="pending == 0")
+            await rss.stop()
+            last_seq = await last_batch_seq(broker.url)
+            if last_seq != events:
+                raise RuntimeError(f"the stream's last batch ends at {last_seq}, not {events}")
+        finally:
+            await rss.stop()
+            await agent.stop()
+            await broker.stop()
+
+    drain = done - back
+    table.add(
+        Row(
+            DRAIN_START,
+            first - back,
+            "s",
+            baseline=LEAF_RESUME,
+            baseline_value=leaf_row.value,
+            higher_is_better=False,
+            target=at_most(2),
+            note="nats-server ready → first PubAck marked",
+        )
+    )
+    table.add(
+        Row(
+            DRAIN_TIME,
+            drain,
+            "s",
+            baseline=NAIVE_1M if events == 1_000_000 else f"naive forwarder, {events:,} events",
+            baseline_value=naive_row.value * events / 1_000_000 if naive_row.value else None,
+            higher_is_better=False,
+            target=at_most(10 * events / 1_000_000),
+            note=f"{events:,} events, HQ ready → pending 0",
+        )
+    )
+    table.add(Row(DRAIN_RATE, events / drain, "events/s"))
+    ratio = table.rows[-2].ratio
+    table.add(Row(DRAIN_VS_NAIVE, ratio, "x", target=at_least(20)))
+    table.add(
+        Row(RSS_BUFFERED_IDLE, mib(idle_rss), "MiB", higher_is_better=False, note=f"{events:,}")
+    )
+    table.add(Row(RSS_DRAIN, mib(rss.peak), "MiB", higher_is_better=False, target=at_most(80)))
+    return table
+
+
+main = bench_main(run, __doc__ or "")
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))

@@ -1,0 +1,130 @@
+"""Agent ingest: durable POSTs per second, single events and batches of 500.
+
+    .venv/bin/python -m tests.bench.bench_ingest [--quick] [--json results.jsonl]
+
+``python -m agent run`` as a child process; the load comes from ``tests.bench.loadgen`` in
+another process. NATS is unreachable during the run (the forwarder is buffering), so the
+figure is ingest alone: HTTP, validation, group commit to SQLite with synchronous=FULL.
+Every answer counted is a 202 (durable) for a new event_id.
+
+Baselines, measured in the same run: SQLite one commit per row (what "durable per request"
+costs without group commit) and SQLite batched inserts (the raw ceiling of the disk path).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from central.broker import free_port
+from tests.bench.bench_baselines import (
+    SQLITE_BATCHED,
+    SQLITE_PER_ROW,
+    measure_sqlite_batched,
+    measure_sqlite_per_row,
+)
+from tests.bench.harness import (
+    AgentProcess,
+    Options,
+    Row,
+    Table,
+    at_least,
+    at_most,
+    baseline,
+    bench_main,
+    run_loadgen,
+    size,
+    workdir,
+)
+
+SINGLE_RATE = "ingest, single-event POSTs"
+SINGLE_P99 = "ingest, single-event POSTs, p99"
+SINGLE_P50 = "ingest, single-event POSTs, p50"
+BATCHED_RATE = "ingest, POSTs of 500 events"
+BATCHED_P99 = "ingest, POSTs of 500 events, p99"
+SINGLE_CONCURRENCY = 32
+BATCHED_CONCURRENCY = 4
+
+
+def _checked(report: dict[str, Any]) -> dict[str, Any]:
+    """The load generator's report, refusing a run where not every event was newly accepted."""
+    if report["accepted"] != report["events"] or report["errors"]:
+        raise RuntimeError(f"not every event was accepted: {report}")
+    return report
+
+
+async def measure_ingest(root: Path, opts: Options) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Single-event and batched runs against one agent (NATS unreachable)."""
+    agent = AgentProcess(root / "agent", f"nats://127.0.0.1:{free_port()}")
+    await agent.start()
+    try:
+        single = _checked(
+            await run_loadgen(
+                [
+                    "--url", agent.url, "--events", str(size(opts, 100_000, 2000)),
+                    "--batch", "1", "--concurrency", str(SINGLE_CONCURRENCY), "--run-id", "single",
+                ]
+            )
+        )  # fmt: skip
+        batched = _checked(
+            await run_loadgen(
+                [
+                    "--url", agent.url, "--events", str(size(opts, 1_000_000, 20_000)),
+                    "--batch", "500", "--concurrency", str(BATCHED_CONCURRENCY),
+                    "--run-id", "batched",
+                ]
+            )
+        )  # fmt: skip
+    finally:
+        await agent.stop()
+    return single, batched
+
+
+async def run(opts: Options) -> Table:
+    table = Table("agent ingest", opts)
+    async with workdir(opts, "ingest") as root:
+        per_row = await baseline(
+            SQLITE_PER_ROW,
+            lambda: measure_sqlite_per_row(root, size(opts, 10_000, 300)),
+            table,
+        )
+        batched_base = await baseline(
+            SQLITE_BATCHED,
+            lambda: measure_sqlite_batched(root, size(opts, 1_000_000, 20_000)),
+            table,
+        )
+        single, batched = await measure_ingest(root, opts)
+    note = f"{single['events']:,} events, {SINGLE_CONCURRENCY} connections, 202 each"
+    table.add(
+        Row(
+            SINGLE_RATE,
+            single["events_per_s"],
+            "events/s",
+            baseline=SQLITE_PER_ROW,
+            baseline_value=per_row.value,
+            target=at_least(10_000),
+            note=note,
+        )
+    )
+    table.add(Row(SINGLE_P50, single["p50_ms"], "ms", higher_is_better=False))
+    table.add(Row(SINGLE_P99, single["p99_ms"], "ms", higher_is_better=False, target=at_most(10)))
+    note = f"{batched['events']:,} events, {BATCHED_CONCURRENCY} connections"
+    table.add(
+        Row(
+            BATCHED_RATE,
+            batched["events_per_s"],
+            "events/s",
+            baseline=SQLITE_BATCHED,
+            baseline_value=batched_base.value,
+            target=at_least(150_000),
+            note=note,
+        )
+    )
+    table.add(Row(BATCHED_P99, batched["p99_ms"], "ms", higher_is_better=False))
+    return table
+
+
+main = bench_main(run, __doc__ or "")
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))
