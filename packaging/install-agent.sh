@@ -84,7 +84,9 @@ fi
 
 # Every command that changes the machine goes through run: printed, and executed unless --dry-run.
 run() {
-    echo "+ $(printf '%q ' "$@")"
+    local shown
+    shown="$(printf '%q ' "$@")"
+    echo "+ ${shown% }"
     if [ "$DRY_RUN" = 0 ]; then "$@"; fi
 }
 
