@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -76,15 +79,27 @@ def test_binary_reports_the_package_version(agent_binary: Path) -> None:
     assert f"storelink-agent, version {version('storelink')}" == done.stdout.strip()
 
 
+async def receive(sock: socket.socket) -> list[str]:
+    """The next sd_notify datagram, as its lines."""
+    data = await asyncio.to_thread(sock.recv, 4096)
+    return data.decode().splitlines()
+
+
 async def test_binary_delivers_answers_status_and_stops_without_loss(
-    tmp_path: Path, agent_binary: Path
+    tmp_path: Path, agent_binary: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Provisioned by ``stores add``, the binary delivers POSTed events once and in order,
-    ``status`` answers, SIGTERM right after a burst exits 0 with every accepted event on disk,
-    and a restart delivers the rest."""
+    """Provisioned by ``stores add``, the binary tells systemd it is ready, delivers POSTed
+    events once and in order, ``status`` answers, SIGTERM right after a burst exits 0 with
+    every accepted event on disk, and a restart delivers the rest."""
     pipeline = Pipeline(root=tmp_path, store_ids=())
     await pipeline.start()  # central with its embedded nats-server
+    notify_dir = tempfile.TemporaryDirectory(prefix="sdn-")  # unix socket paths are short
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
+        notify.bind(os.path.join(notify_dir.name, "notify"))
+        notify.settimeout(30)
+        # systemd's side of Type=notify: the frozen agent (a child of the bootloader) must reach it.
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.getsockname())
         pipeline.provision(STORE)
         config = pipeline.agent_config(STORE)
         agent = ManagedProcess(
@@ -95,6 +110,7 @@ async def test_binary_delivers_answers_status_and_stops_without_loss(
         )
         pipeline.agents[STORE] = agent  # stopped (and its log shown on failure) with the rest
         await agent.start()
+        assert "READY=1" == (await receive(notify))[0]
         events = list(Till(store_id=STORE, seed=41).events(1000))
         first, second = events[:400], events[400:]
 
@@ -113,6 +129,7 @@ async def test_binary_delivers_answers_status_and_stops_without_loss(
         result = await post_events(pipeline.agent_url(STORE), second, batch_size=20)
         assert (600, 0) == (result.accepted, result.refused)
         assert 0 == await agent.stop(), agent.tail()
+        assert "STOPPING=1" == (await receive(notify))[0]
         assert "storelink-agent stopped" in agent.tail()
         report = await agent_status(agent_binary, config)
         assert (False, 1000) == (report["service_running"], report["last_seq"])
@@ -123,3 +140,5 @@ async def test_binary_delivers_answers_status_and_stops_without_loss(
         assert 0 == await agent.stop(), agent.tail()
     finally:
         await pipeline.stop()
+        notify.close()
+        notify_dir.cleanup()
