@@ -55,7 +55,9 @@ def test_baselines_quick(tmp_path: Path) -> None:
     assert [] == [r["figure"] for r in rows if not r["value"]]
 
 
-@pytest.mark.parametrize("module", ["bench_ingest", "bench_drain"])
+@pytest.mark.parametrize(
+    "module", ["bench_ingest", "bench_drain", "bench_central", "bench_e2e", "bench_rss"]
+)
 def test_bench_quick(module: str, tmp_path: Path) -> None:
     """Each storelink bench runs with --quick and reports every figure it names."""
     out, rows = run_bench(module, tmp_path)

@@ -24,8 +24,6 @@ import nats
 
 from agent.outbox import Outbox
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
-from central.config import CentralConfig
-from central.consumer import ensure_streams
 from protocol.subjects import EVENTS_STREAM, events_subject
 from protocol.wire import decode_batch
 from tests.bench.bench_baselines import (
@@ -46,6 +44,7 @@ from tests.bench.harness import (
     at_most,
     baseline,
     bench_main,
+    create_streams,
     mib,
     nats_broker,
     sample_events,
@@ -82,15 +81,6 @@ async def build_backlog(data_dir: Path, events: int) -> float:
     finally:
         await outbox.close()
     return events / (time.perf_counter() - start)
-
-
-async def create_streams(url: str, root: Path) -> None:
-    """STORELINK_EVENTS (and the DLQ) as central creates them."""
-    nc = await nats.connect(url)
-    try:
-        await ensure_streams(nc.jetstream(), CentralConfig(data_dir=str(root)), oms=False)
-    finally:
-        await nc.close()
 
 
 async def last_batch_seq(url: str) -> int:

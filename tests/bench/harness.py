@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from central.broker import BrokerConfig, EmbeddedBroker, free_port
+from central.broker import BrokerConfig, EmbeddedBroker, _die_with_parent, free_port
 from central.demo import ManagedProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -366,6 +366,21 @@ async def nats_broker(data_dir: Path, **config: Any) -> AsyncIterator[EmbeddedBr
         await broker.stop()
 
 
+async def create_streams(url: str, data_dir: Path, *, oms: bool = False) -> None:
+    """STORELINK_EVENTS and the DLQ (and the OMS stream) exactly as central creates them, for
+    benches that run an agent without central."""
+    import nats
+
+    from central.config import CentralConfig
+    from central.consumer import ensure_streams
+
+    nc = await nats.connect(url)
+    try:
+        await ensure_streams(nc.jetstream(), CentralConfig(data_dir=str(data_dir)), oms=oms)
+    finally:
+        await nc.close()
+
+
 class TextConfigBroker(EmbeddedBroker):
     """An EmbeddedBroker whose config file is given verbatim (leaf nodes, domains)."""
 
@@ -379,6 +394,22 @@ class TextConfigBroker(EmbeddedBroker):
 
 
 # --- our processes ---------------------------------------------------------------------------
+
+
+class BenchProcess(ManagedProcess):
+    """A ManagedProcess that gets SIGTERM when the bench dies, however it dies: an interrupted
+    or timed-out bench leaves no agent or central behind on a shared machine."""
+
+    def start_nowait(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
 
 
 def python_module(module: str) -> list[str]:
@@ -413,7 +444,7 @@ class AgentProcess:
     store_id: str = "B1"
     port: int = field(default_factory=free_port)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    proc: ManagedProcess = field(init=False)
+    proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
         self.config = write_agent_config(
@@ -424,7 +455,7 @@ class AgentProcess:
             self.nats_url,
             **self.settings,
         )
-        self.proc = ManagedProcess(
+        self.proc = BenchProcess(
             f"agent {self.store_id}",
             [*python_module("agent"), "run", "--config", str(self.config)],
             f"{self.url}/healthz",
@@ -462,7 +493,7 @@ class CentralProcess:
     nats_url: str
     sinks: Sequence[str] = ("nats",)
     http_port: int = field(default_factory=free_port)
-    proc: ManagedProcess = field(init=False)
+    proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
         args = [
@@ -470,7 +501,7 @@ class CentralProcess:
             "--nats-url", self.nats_url, "--http", f"127.0.0.1:{self.http_port}",
             *(a for sink in self.sinks for a in ("--sink", sink)),
         ]  # fmt: skip
-        self.proc = ManagedProcess(
+        self.proc = BenchProcess(
             "central", args, f"http://127.0.0.1:{self.http_port}/healthz", self.root / "central.log"
         )
 
@@ -480,8 +511,15 @@ class CentralProcess:
         return self.proc.proc.pid
 
     async def start(self, timeout: float = 30.0) -> None:
+        await self.start_nowait()
+        await self.wait_healthy(timeout)
+
+    async def start_nowait(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        await self.proc.start(timeout)
+        self.proc.start_nowait()
+
+    async def wait_healthy(self, timeout: float = 30.0) -> None:
+        await self.proc.wait_healthy(timeout)
 
     async def stop(self) -> None:
         await self.proc.stop()

@@ -1,0 +1,188 @@
+"""Central throughput: JetStream → sequencer, state, inventory → ``nats`` OMS sink, one worker.
+
+    .venv/bin/python -m tests.bench.bench_central [--quick] [--json results.jsonl]
+
+STORELINK_EVENTS is preloaded with batches of 500 records from several stores, exactly as
+agents publish them (msgpack RawBatch, Nats-Msg-Id). Then ``python -m central run --nats-url
+... --sink nats`` starts; we time, as JetStream sees central's durable consumer, from the
+first batch handed to it until the last one is acknowledged (central acks only after its state
+commit). Then every store's high-water mark must be its last seq, and the OMS stream must hold
+(at least) one message per event.
+
+Baseline from the same run: nats-py ``publish_async`` per event, since the ``nats`` sink
+publishes one OMS message per event and that is the most a Python publisher does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+import time
+
+import msgspec
+import nats
+import nats.js.errors
+
+from central.config import CentralConfig
+from central.consumer import ensure_streams
+from protocol.subjects import (
+    CENTRAL_DURABLE,
+    EVENTS_STREAM,
+    MSG_ID_HEADER,
+    OMS_STREAM,
+    batch_msg_id,
+    events_subject,
+)
+from protocol.wire import Record, encode_raw_batch, encode_record
+from tests.bench.bench_baselines import JS_PUBLISH_ASYNC, RECORD_POOL, measure_js_publish_async
+from tests.bench.harness import (
+    CentralProcess,
+    Options,
+    Row,
+    Table,
+    at_least,
+    baseline,
+    bench_main,
+    nats_broker,
+    sample_events,
+    sample_records,
+    size,
+    wait_for,
+    workdir,
+)
+
+BATCH = 500
+CENTRAL_RATE = "central, JetStream → nats sink"
+PRELOAD_RATE = "preload of the events stream"
+
+
+def store_batches(store_id: str, events: int, pool: list[object]) -> list[tuple[bytes, str]]:
+    """``events`` records of one store as (batch body, msg id), BATCH records per batch."""
+    epoch = secrets.token_hex(8)
+    now = dt.datetime.now(dt.UTC)
+    out = []
+    for first in range(1, events + 1, BATCH):
+        last = min(first + BATCH - 1, events)
+        records = [
+            encode_record(
+                Record(
+                    seq=seq,
+                    received_at=now,
+                    event=msgspec.structs.replace(
+                        pool[seq % len(pool)],  # type: ignore[type-var]
+                        event_id=f"{store_id}-{seq:09d}",
+                    ),
+                )
+            )
+            for seq in range(first, last + 1)
+        ]
+        body = encode_raw_batch(store_id, epoch, first, last, records)
+        out.append((body, batch_msg_id(store_id, epoch, first, last)))
+    return out
+
+
+async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig) -> float:
+    """Create the streams as central would and publish every store's batches; events/s."""
+    pool: list[object] = list(sample_events(RECORD_POOL))
+    batches = {f"S{n:03d}": store_batches(f"S{n:03d}", per_store, pool) for n in range(stores)}
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, root_cfg, oms=True)
+        start = time.perf_counter()
+        futures = []
+        # Interleaved across stores, as many agents publishing at once would be.
+        for i in range(max(len(b) for b in batches.values())):
+            for store_id, store in batches.items():
+                if i < len(store):
+                    body, msg_id = store[i]
+                    futures.append(
+                        await js.publish_async(
+                            events_subject(store_id), body, headers={MSG_ID_HEADER: msg_id}
+                        )
+                    )
+        await asyncio.gather(*futures)
+        return stores * per_store / (time.perf_counter() - start)
+    finally:
+        await nc.close()
+
+
+async def oms_messages(url: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(OMS_STREAM)
+        return int(info.state.messages)
+    finally:
+        await nc.close()
+
+
+async def run(opts: Options) -> Table:
+    table = Table("central", opts)
+    stores = size(opts, 20, 2)
+    per_store = size(opts, 50_000, 2500)
+    total = stores * per_store
+    async with workdir(opts, "central") as root, nats_broker(root / "nats") as broker:
+        records = sample_records(RECORD_POOL)
+        base = await baseline(
+            JS_PUBLISH_ASYNC,
+            lambda: measure_js_publish_async(broker.url, records, size(opts, 200_000, 5000)),
+            table,
+        )
+        cfg = CentralConfig(data_dir=str(root / "central"))
+        preload_rate = await preload(broker.url, stores, per_store, cfg)
+        table.add(Row(PRELOAD_RATE, preload_rate, "events/s", note=f"{total:,} events"))
+        central = CentralProcess(root / "central", broker.url, sinks=("nats",))
+        nc = await nats.connect(broker.url)
+        try:
+            js = nc.jetstream()
+            last = (await js.stream_info(EVENTS_STREAM)).state.last_seq
+            await central.start_nowait()
+
+            # JetStream's own view of central's durable consumer: when the first fetch was
+            # handed out, and when the last batch was acknowledged (acks follow the commit).
+            async def fetched() -> bool:
+                try:
+                    info = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+                except nats.js.errors.NotFoundError:
+                    return False
+                return bool(info.delivered.stream_seq)
+
+            async def acked() -> bool:
+                info = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+                return bool(info.ack_floor.stream_seq >= last)
+
+            first = await wait_for(fetched, 60, interval=0.005, what="first fetch")
+            done = await wait_for(acked, 600, interval=0.02, what="all acknowledged")
+            await central.wait_healthy()
+            status = await central.status()
+        finally:
+            await nc.close()
+            await central.stop()
+        hwms = {s["store_id"]: s["hwm"] for s in status["stores"]}
+        if set(hwms.values()) != {per_store} or len(hwms) != stores:
+            raise RuntimeError(f"hwm per store should be {per_store}: {hwms}")
+        oms = await oms_messages(broker.url)
+        # Beyond one message per event: count-variance adjustments central derives from counts.
+        if oms < total:
+            raise RuntimeError(f"the OMS stream holds {oms} messages, fewer than {total}")
+    rate = total / (done - first)
+    table.add(
+        Row(
+            CENTRAL_RATE,
+            rate,
+            "events/s",
+            baseline=JS_PUBLISH_ASYNC,
+            baseline_value=base.value,
+            target=at_least(100_000),
+            note=f"{stores} stores x {per_store:,}, state+dedup+inventory, 1 worker, "
+            f"{oms - total} derived",
+        )
+    )
+    return table
+
+
+main = bench_main(run, __doc__ or "")
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))

@@ -1,0 +1,127 @@
+"""Agent footprint: resident memory when idle, and how fast it is ready.
+
+    .venv/bin/python -m tests.bench.bench_rss [--quick] [--json results.jsonl]
+    STORELINK_BENCH_AGENT_BINARY=dist/storelink-agent .venv/bin/python -m tests.bench.bench_rss
+
+``python -m agent run`` against a live nats-server: time from spawn to ``/healthz`` 200, RSS
+once settled, then RSS idle again after ingesting and forwarding a burst of events. With
+``$STORELINK_BENCH_AGENT_BINARY`` set, the PyInstaller single binary is measured as well (its
+size too). RSS while draining 1M events is in bench_drain.
+
+Baseline from the same run: a Python process that only imports what the agent imports (the
+floor any Python agent pays before doing anything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+from tests.bench.harness import (
+    MIB,
+    AgentProcess,
+    Options,
+    Row,
+    Table,
+    at_most,
+    bench_main,
+    create_streams,
+    mib,
+    nats_broker,
+    rss_bytes,
+    run_loadgen,
+    size,
+    wait_for,
+    workdir,
+)
+
+BINARY_ENV = "STORELINK_BENCH_AGENT_BINARY"
+FLOOR = "Python + the agent's imports, idle"
+SETTLE = 2.0  # seconds idle before an RSS reading
+
+
+async def import_floor(settle: float) -> int | None:
+    """RSS of a Python process that imported the agent's modules and sleeps."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c",
+        "import agent.service, uvloop, time; print(1, flush=True); time.sleep(60)",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        await asyncio.wait_for(proc.stdout.readline(), 30)
+        await asyncio.sleep(settle)
+        return rss_bytes(proc.pid)
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def measure_agent(
+    root: Path, nats_url: str, events: int, label: str, binary: str | None = None
+) -> list[Row]:
+    agent = AgentProcess(root, nats_url, store_id="R1")
+    if binary is not None:
+        agent.proc.args = [binary, "run", "--config", str(agent.config)]
+    spawned = time.monotonic()
+    await agent.start()
+    ready = time.monotonic() - spawned
+    try:
+        await asyncio.sleep(SETTLE)
+        idle = rss_bytes(agent.pid)
+        await run_loadgen(
+            ["--url", agent.url, "--events", str(events), "--batch", "100", "--concurrency", "4"]
+        )
+
+        async def forwarded() -> bool:
+            return bool((await agent.status())["pending"] == 0)
+
+        await wait_for(forwarded, 120, interval=0.05, what="every event forwarded")
+        await asyncio.sleep(SETTLE)
+        after = rss_bytes(agent.pid)
+    finally:
+        await agent.stop()
+    return [
+        Row(f"{label} ready", ready, "s", higher_is_better=False, target=at_most(1.5),
+            note="spawn → /healthz 200"),
+        Row(f"{label} RSS idle", mib(idle), "MiB", baseline=FLOOR, higher_is_better=False,
+            target=at_most(40), note="started, connected"),
+        Row(f"{label} RSS idle after load", mib(after), "MiB", baseline=FLOOR,
+            higher_is_better=False, target=at_most(40),
+            note=f"{events:,} events ingested and forwarded"),
+    ]  # fmt: skip
+
+
+async def run(opts: Options) -> Table:
+    table = Table("agent footprint", opts)
+    settle = 0.5 if opts.quick else SETTLE
+    floor = mib(await import_floor(settle))
+    table.add(Row(FLOOR, floor, "MiB", higher_is_better=False))
+    events = size(opts, 50_000, 2000)
+    async with workdir(opts, "rss") as root, nats_broker(root / "nats") as broker:
+        await create_streams(broker.url, root / "central")
+        rows = await measure_agent(root / "py", broker.url, events, "agent (python -m)")
+        binary = os.environ.get(BINARY_ENV)
+        if binary:
+            rows += await measure_agent(root / "bin", broker.url, events, "agent binary", binary)
+            binary_size = await asyncio.to_thread(os.path.getsize, binary)
+            rows.append(
+                Row("agent binary size", binary_size / MIB, "MiB", higher_is_better=False,
+                    target=at_most(30))
+            )  # fmt: skip
+        else:
+            table.note(f"single binary not measured: set ${BINARY_ENV} to its path")
+    for row in rows:
+        if row.baseline == FLOOR:
+            row.baseline_value = floor
+        table.add(row)
+    return table
+
+
+main = bench_main(run, __doc__ or "")
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))
