@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import statistics
 import time
 from pathlib import Path
 
@@ -47,6 +48,7 @@ JS_BATCHED = "JetStream 100 events/message"
 NAIVE_RATE = "naive forwarder, 1 publish+commit/event"
 NAIVE_1M = "naive forwarder, time for 1M events"
 LEAF_RESUME = "leaf-node sourcing, resume delay"
+LEAF_RESUME_MAX = "leaf-node sourcing, resume delay, worst"
 LEAF_DRAIN = "leaf-node sourcing, drain"
 
 BLOB_BYTES = 200
@@ -262,9 +264,12 @@ async def _hub_count(js: nats.js.JetStreamContext) -> int:
     return int(info.state.messages)
 
 
-async def measure_leaf(root: Path, records: list[bytes], events: int, quick: bool) -> list[Row]:
+async def measure_leaf(
+    root: Path, records: list[bytes], events: int, quick: bool, trials: int = 3
+) -> list[Row]:
     """Store leaf (domain "store", stream STORE_EVENTS) sourced by the hub's HQ_EVENTS through
-    ``$JS.store.API``. Publish ``events`` at the store while the hub is down, then start it."""
+    ``$JS.store.API``. ``trials`` times: publish ``events`` at the store while the hub is down,
+    then start it and time the first and the last event's arrival at the hub."""
     hub_port, hub_leaf_port = free_port(), free_port()
     store_port = free_port()
     hub = TextConfigBroker(
@@ -312,46 +317,59 @@ async def measure_leaf(root: Path, records: list[bytes], events: int, quick: boo
             await asyncio.sleep(0.05)
         setup_seconds = time.monotonic() - setup_started
 
-        await hub.stop()
-        down_at = time.monotonic()
-        futures = [
-            await store_js.publish_async("store.events", records[i % len(records)])
-            for i in range(events)
-        ]
-        await asyncio.gather(*futures)
-        await store_js.publish_async_completed()
-        down_for = time.monotonic() - down_at
+        resumes: list[float] = []
+        drains: list[float] = []
+        downs: list[float] = []
+        held = 1  # the warm-up event
+        for _ in range(trials):
+            await hub.stop()
+            down_at = time.monotonic()
+            futures = [
+                await store_js.publish_async("store.events", records[i % len(records)])
+                for i in range(events)
+            ]
+            await asyncio.gather(*futures)
+            await store_js.publish_async_completed()
+            downs.append(time.monotonic() - down_at)
 
-        await hub.start()
-        back_at = time.monotonic()  # the hub answers /healthz with JetStream ready
-        first_at = None
-        total = events + 1
-        while True:
-            count = await _hub_count(hub_js)
-            now = time.monotonic()
-            if first_at is None and count > 1:
-                first_at = now
-            if count >= total:
-                break
-            if now - back_at > LEAF_RESUME_TIMEOUT:
-                raise TimeoutError(f"hub has {count} of {total} after {LEAF_RESUME_TIMEOUT:.0f}s")
-            await asyncio.sleep(0.02)
-        assert first_at is not None
-        done_at = now
+            await hub.start()
+            back_at = time.monotonic()  # the hub answers /healthz with JetStream ready
+            first_at = None
+            while True:
+                count = await _hub_count(hub_js)
+                now = time.monotonic()
+                if first_at is None and count > held:
+                    first_at = now
+                if count >= held + events:
+                    break
+                if now - back_at > LEAF_RESUME_TIMEOUT:
+                    raise TimeoutError(f"hub has {count} after {LEAF_RESUME_TIMEOUT:.0f}s")
+                await asyncio.sleep(0.02)
+            assert first_at is not None
+            held += events
+            resumes.append(first_at - back_at)
+            drains.append(now - back_at)
     finally:
         await store_nc.close()
         await hub_nc.close()
         await store.stop()
         await hub.stop()
-    note = f"hub down {down_for:.1f} s, set-up {setup_seconds:.1f} s"
+    # The delay is bimodal: under a second when the leaf link is back before the hub's stream
+    # first asks the store's JetStream for a source consumer, ~40 s (that request times out and
+    # is retried) when not. Which one happens is a race, so several outages are measured.
+    note = (
+        f"median of {trials}: " + ", ".join(f"{r:.1f}" for r in resumes) + " s; hub down "
+        f"{statistics.median(downs):.1f} s, set-up {setup_seconds:.1f} s"
+    )
     return [
-        Row(LEAF_RESUME, first_at - back_at, "s", higher_is_better=False, note=note),
+        Row(LEAF_RESUME, statistics.median(resumes), "s", higher_is_better=False, note=note),
+        Row(LEAF_RESUME_MAX, max(resumes), "s", higher_is_better=False),
         Row(
             LEAF_DRAIN,
-            done_at - back_at,
+            statistics.median(drains),
             "s",
             higher_is_better=False,
-            note=f"{events:,} events, 1 message each, from hub start",
+            note=f"{events:,} events, 1 message each, hub start → all at the hub, median",
         ),
     ]
 
@@ -381,7 +399,8 @@ async def run(opts: Options) -> Table:
             table.note(f"leaf-node rows skipped (${SKIP_LEAF_ENV} is set)")
         else:
             leaf_events = size(opts, 100_000, 1000)
-            for row in await measure_leaf(root / "leaf", records, leaf_events, opts.quick):
+            trials = size(opts, 3, 1)
+            for row in await measure_leaf(root / "leaf", records, leaf_events, opts.quick, trials):
                 table.add(row)
     return table
 

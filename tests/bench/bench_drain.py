@@ -109,7 +109,7 @@ async def run(opts: Options) -> Table:
             leaf_row = Row(LEAF_RESUME, None, "s", note="not measured under --quick")
         else:
             leaf_row = await baseline(
-                LEAF_RESUME, lambda: measure_leaf(root / "leaf", records, 100_000, False), table
+                LEAF_RESUME, lambda: measure_leaf(root / "leaf", records, 100_000, False, 3), table
             )
 
         broker = EmbeddedBroker(BrokerConfig(data_dir=root / "nats", port=free_port()))

@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -599,11 +598,6 @@ async def run_loadgen(args: Sequence[str], timeout: float = 600.0) -> dict[str, 
         raise RuntimeError(f"loadgen failed ({proc.returncode}): {err.decode()[-2000:]}")
     report: dict[str, Any] = json.loads(out)
     return report
-
-
-def wrk_path() -> str | None:
-    """``wrk`` if installed (``apt-get install -y wrk``); the Python load generator otherwise."""
-    return shutil.which("wrk")
 
 
 # --- running ---------------------------------------------------------------------------------
