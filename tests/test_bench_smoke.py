@@ -64,3 +64,21 @@ def test_bench_quick(module: str, tmp_path: Path) -> None:
     assert has_table(out)
     unmeasured = [r for r in rows if r["value"] is None]
     assert [] == [r["figure"] for r in unmeasured if "not measured" not in str(r["note"])]
+
+
+def test_all_benches_runner_writes_markdown(tmp_path: Path) -> None:
+    """python -m tests.bench runs the chosen benches in one process and writes their tables as
+    Markdown (the form docs/benchmarks.md shows)."""
+    markdown = tmp_path / "results.md"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "tests.bench", "--quick", "--only", "bench_ingest",
+            "--markdown", str(markdown),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert 0 == done.returncode, done.stdout + done.stderr
+    assert has_table(done.stdout)
+    lines = markdown.read_text().splitlines()
+    assert "### agent ingest" in lines
+    assert "| " + " | ".join(COLUMNS) + " |" in lines
