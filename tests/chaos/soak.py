@@ -1,7 +1,7 @@
 """The long soak: many events, random kill -9s of agent, central and nats-server, then the
 promise checked at a recording OMS. Not a test (it runs for minutes):
 
-    python -m tests.chaos.soak --events 100000 --kills 200
+    python -m tests.chaos.soak --events 100000 --kills 200 --rate 300
 
 prints a summary table and exits non-zero when the promise is broken.
 """
@@ -22,7 +22,7 @@ from central.demo import Pipeline
 from tests.chaos.oms import RecordingOms
 
 
-async def soak(events: int, kills: int, seed: int) -> int:
+async def soak(events: int, kills: int, seed: int, rate: float) -> int:
     rng = random.Random(seed)
     root = Path(tempfile.mkdtemp(prefix="storelink-soak-"))
     oms = RecordingOms()
@@ -35,7 +35,7 @@ async def soak(events: int, kills: int, seed: int) -> int:
     sent = list(till.events(events))
     t0 = time.monotonic()
     sending = asyncio.create_task(
-        post_events(p.agent_url("S1"), sent, batch_size=10, concurrency=4, retry_for=600)
+        post_events(p.agent_url("S1"), sent, batch_size=10, concurrency=4, rate=rate, retry_for=600)
     )
     survived = {"agent": 0, "central": 0, "nats": 0}
     for _ in range(kills):
@@ -94,8 +94,11 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--kills", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--rate", type=float, default=300.0, help="events/s the till rings (kills need time)"
+    )
     args = parser.parse_args()
-    sys.exit(asyncio.run(soak(args.events, args.kills, args.seed)))
+    sys.exit(asyncio.run(soak(args.events, args.kills, args.seed, args.rate)))
 
 
 if __name__ == "__main__":
