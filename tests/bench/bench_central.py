@@ -26,6 +26,7 @@ import nats.js.errors
 
 from central.config import CentralConfig
 from central.consumer import ensure_streams
+from protocol.events import Event
 from protocol.subjects import (
     CENTRAL_DURABLE,
     EVENTS_STREAM,
@@ -57,7 +58,7 @@ CENTRAL_RATE = "central, JetStream → nats sink"
 PRELOAD_RATE = "preload of the events stream"
 
 
-def store_batches(store_id: str, events: int, pool: list[object]) -> list[tuple[bytes, str]]:
+def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[bytes, str]]:
     """``events`` records of one store as (batch body, msg id), BATCH records per batch."""
     epoch = secrets.token_hex(8)
     now = dt.datetime.now(dt.UTC)
@@ -70,7 +71,7 @@ def store_batches(store_id: str, events: int, pool: list[object]) -> list[tuple[
                     seq=seq,
                     received_at=now,
                     event=msgspec.structs.replace(
-                        pool[seq % len(pool)],  # type: ignore[type-var]
+                        pool[seq % len(pool)],
                         event_id=f"{store_id}-{seq:09d}",
                     ),
                 )
@@ -84,7 +85,7 @@ def store_batches(store_id: str, events: int, pool: list[object]) -> list[tuple[
 
 async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig) -> float:
     """Create the streams as central would and publish every store's batches; events/s."""
-    pool: list[object] = list(sample_events(RECORD_POOL))
+    pool: list[Event] = sample_events(RECORD_POOL)
     batches = {f"S{n:03d}": store_batches(f"S{n:03d}", per_store, pool) for n in range(stores)}
     nc = await nats.connect(url)
     try:

@@ -87,6 +87,7 @@ async def last_batch_seq(url: str) -> int:
     nc = await nats.connect(url)
     try:
         msg = await nc.jetstream().get_last_msg(EVENTS_STREAM, events_subject(STORE))
+        assert msg.data is not None  # a stored batch always has a body
         return decode_batch(msg.data).last_seq
     finally:
         await nc.close()

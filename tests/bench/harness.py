@@ -26,10 +26,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from central.broker import BrokerConfig, EmbeddedBroker, _die_with_parent, free_port
 from central.demo import ManagedProcess
+
+if TYPE_CHECKING:
+    from protocol.events import Event
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,7 +158,7 @@ class Table:
         self.notes.append(text)
 
     def cells(self) -> list[tuple[str, ...]]:
-        out = []
+        out: list[tuple[str, ...]] = []
         for r in self.rows:
             ratio = r.ratio
             verdict = {True: "pass", False: "FAIL", None: ""}[r.passed]
@@ -481,7 +484,8 @@ class AgentProcess:
         await self.proc.stop()
 
     async def status(self) -> dict[str, Any]:
-        return await get_json(f"{self.url}/v1/status")
+        status: dict[str, Any] = await get_json(f"{self.url}/v1/status")
+        return status
 
 
 @dataclass
@@ -524,7 +528,8 @@ class CentralProcess:
         await self.proc.stop()
 
     async def status(self) -> dict[str, Any]:
-        return await get_json(f"http://127.0.0.1:{self.http_port}/v1/status")
+        status: dict[str, Any] = await get_json(f"http://127.0.0.1:{self.http_port}/v1/status")
+        return status
 
 
 async def get_json(url: str, timeout: float = 5.0) -> Any:
@@ -557,7 +562,7 @@ async def wait_for(
 
 def sample_events(
     count: int, store_id: str = "B1", seed: int = 1, run_id: str = "bench"
-) -> list[Any]:
+) -> list[Event]:
     """``count`` simulated till events (sales, returns, voids, adjustments, counts)."""
     from agent.simulator import Till
 
