@@ -1,11 +1,13 @@
 """ARTS POSLog XML → canonical storelink events, and the drop folder that feeds them in.
 
-Parsing is lenient about what vendors disagree on (namespaces, optional elements, vendor
-extensions) and strict about money: an amount that cannot be read exactly rejects the file,
-naming the transaction. A file is all-or-nothing, like an HTTP request.
+Parsing is lenient about what vendors disagree on (namespaces, element order, optional
+elements, vendor extensions) and strict about money: an amount that cannot be read exactly
+rejects the whole file, naming the transaction and the element. A file is all-or-nothing, like
+an HTTP request. docs/poslog.md is the vendor-facing description of every rule here.
 
-Each transaction's ``event_id`` is derived from the store, workstation, business day and
-transaction sequence number, so the same file dropped twice never doubles a sale: the agent
+Each event's ``event_id`` is derived from the store, workstation, business day and
+transaction sequence number, so the same file converted twice gives the same ids: dropping a
+file twice (or posting it again after a timeout) never doubles a sale, because the outbox
 answers the second time with the original seqs.
 """
 
@@ -16,295 +18,1114 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import re
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+import xml.parsers.expat
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 
 import msgspec
 
-from agent.errors import AgentError
-from protocol.events import Event, LineItem, PostVoid, Return, Sale, Tender
+from agent.errors import AgentError, RecordTooLarge
+from protocol.events import (
+    Event,
+    LineItem,
+    PostVoid,
+    Return,
+    Sale,
+    StockAdjustment,
+    StockCount,
+    StockLine,
+    Tender,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CURRENCY = "USD"
-MAX_ID = 128
+DEFAULT_WEIGHT_UNIT = "lb"  # NCR ACS (US) flags weighed lines without naming the unit
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_SETTLE_SECONDS = 2.0
+DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024
+
+DONE_DIR = "done"
+REJECTED_DIR = "rejected"
+REASON_SUFFIX = ".reason.txt"
+
+EVENT_ID_PREFIX = "poslog"
+MAX_EVENT_ID = 128
+# Room kept for the longest suffix (":return"), so every derived id stays within 128.
+_MAX_PLAIN_ID = MAX_EVENT_ID - len(":return")
+VOID_SUFFIX = ":void"
+RETURN_SUFFIX = ":return"
+
+# TransactionStatus values (case-insensitive) and what they mean for us.
+_SKIPPED_STATUSES = frozenset({"canceled", "cancelled", "suspended", "suspendeddeleted"})
+_VOIDED_STATUSES = frozenset({"postvoided", "postvoid", "voided"})
+# TransactionLink/@ReasonCode values that make this transaction the post-void of the linked one.
+_VOID_LINK_REASONS = frozenset({"postvoid", "postvoided", "voided", "void"})
+
+_UNITS = {
+    "ea": "each", "each": "each", "c62": "each", "pce": "each", "pc": "each", "st": "each",
+    "lbr": "lb", "lb": "lb", "lbs": "lb", "kgm": "kg", "kg": "kg", "grm": "g", "g": "g",
+    "ona": "oz", "oza": "oz", "oz": "oz", "ltr": "l", "l": "l",
+}  # fmt: skip
+_TENDER_KINDS = {
+    "cash": "cash", "check": "check", "cheque": "check", "creditcard": "credit_card",
+    "credit": "credit_card", "debitcard": "debit_card", "debit": "debit_card",
+    "giftcard": "gift_card", "giftcertificate": "gift_certificate", "voucher": "voucher",
+    "coupon": "coupon", "foodstamps": "food_stamps", "storecredit": "store_credit",
+}  # fmt: skip
+
+# xs:decimal's lexical form: no exponent, no thousands separators, no "NaN"/"Infinity",
+# no underscores (which Decimal() would otherwise accept).
+_DECIMAL_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_DATE_RE = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})")
+_ID_PART_RE = re.compile(r"[\x21-\x39\x3b-\x7e]+")  # printable ASCII without ':' (the separator)
+_SHORT_ID_RE = re.compile(r"[\x21-\x7e]{1,64}")
+_DTD_RE = re.compile(rb"<!\s*(?:doctype|entity)", re.IGNORECASE)
+_CURRENCY_RE = re.compile(r"[A-Z]{3}")
+
+_event_encoder = msgspec.json.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
 
 
 class PoslogError(AgentError):
-    """The file cannot be converted; ``reason`` says which transaction and element."""
+    """The document cannot be converted; ``reason`` names the transaction and the element."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
 
 
-def _local(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
+class Conversion(msgspec.Struct, frozen=True, kw_only=True):
+    """What one POSLog document turned into."""
+
+    events: list[Event]
+    transactions: int  # <Transaction> elements read
+    # Transactions that give no event: sign-on, no-sale, training, cancelled, every line
+    # voided, or a repeat of a transaction earlier in the document (the first one counts).
+    skipped: int
 
 
-def _child(elem: ET.Element, name: str) -> ET.Element | None:
-    for child in elem:
-        if _local(child.tag) == name:
+# --- namespace-agnostic element access ----------------------------------------------------
+
+
+def _local(name: str) -> str:
+    """``{namespace}Name`` → ``Name``; ``acs:Name`` (an attribute value) → ``Name``."""
+    return name.rsplit("}", 1)[-1].rsplit(":", 1)[-1]
+
+
+def _children(elem: ET.Element, name: str) -> Iterator[ET.Element]:
+    return (child for child in elem if _local(child.tag) == name)
+
+
+def _child(elem: ET.Element | None, *names: str) -> ET.Element | None:
+    """The first child named one of ``names`` (tried in order)."""
+    if elem is None:
+        return None
+    for name in names:
+        for child in _children(elem, name):
             return child
     return None
 
 
-def _children(elem: ET.Element, name: str) -> list[ET.Element]:
-    return [child for child in elem if _local(child.tag) == name]
-
-
-def _text(elem: ET.Element, name: str) -> str | None:
-    child = _child(elem, name)
-    if child is None or child.text is None:
+def _text(elem: ET.Element | None, *names: str) -> str | None:
+    """Stripped text of the first non-empty child named one of ``names``."""
+    if elem is None:
         return None
-    return child.text.strip() or None
-
-
-def _attr(elem: ET.Element, name: str) -> str | None:
-    for key, value in elem.attrib.items():
-        if _local(key) == name:
-            return value
+    for name in names:
+        for child in _children(elem, name):
+            if child.text is not None and child.text.strip():
+                return child.text.strip()
     return None
 
 
-def _decimal(where: str, value: str | None, default: Decimal | None = None) -> Decimal:
-    if value is None:
-        if default is None:
-            raise PoslogError(f"{where}: missing")
-        return default
-    try:
-        number = Decimal(value)
-    except InvalidOperation:
-        raise PoslogError(f"{where}: {value!r} is not a decimal number") from None
-    if not number.is_finite():
-        raise PoslogError(f"{where}: {value!r} is not a finite number")
-    return number
+def _attr(elem: ET.Element | None, name: str) -> str | None:
+    if elem is None:
+        return None
+    for key, value in elem.attrib.items():
+        if _local(key) == name and value.strip():
+            return value.strip()
+    return None
 
 
-def event_id_for(store_id: str, workstation: str, day: str, sequence: str) -> str:
-    """``poslog:<store>:<workstation>:<day>:<seq>``, hashed at the tail if over 128 chars."""
-    plain = f"poslog:{store_id}:{workstation}:{day}:{sequence}"
-    if len(plain) <= MAX_ID and plain.isprintable() and " " not in plain:
-        return plain
-    digest = hashlib.sha256(plain.encode()).hexdigest()[:32]
-    return f"poslog:{store_id}:{digest}"
+def _flag(elem: ET.Element | None, name: str) -> bool:
+    """A boolean given as an attribute or a child element (``true``/``1``/``yes``)."""
+    value = _attr(elem, name) or _text(elem, name)
+    return value is not None and value.lower() in ("true", "1", "yes")
 
 
-def _line(where: str, item: ET.Element) -> LineItem:
-    sku = _text(item, "ItemID")
-    if sku is None:
-        identity = _child(item, "POSIdentity")
-        sku = _text(identity, "POSItemID") if identity is not None else None
-    if sku is None:
-        raise PoslogError(f"{where}: line without ItemID or POSIdentity/POSItemID")
-    quantity_elem = _child(item, "Quantity")
-    quantity = _decimal(
-        f"{where} Quantity",
-        quantity_elem.text.strip() if quantity_elem is not None and quantity_elem.text else None,
-        Decimal(1),
-    )
-    amount = _decimal(f"{where} ExtendedAmount", _text(item, "ExtendedAmount"))
-    price_text = _text(item, "ActualSalesUnitPrice") or _text(item, "RegularSalesUnitPrice")
-    unit_price = _decimal(
-        f"{where} unit price", price_text, amount / quantity if quantity else amount
-    )
-    unit = _attr(quantity_elem, "UnitOfMeasureCode") if quantity_elem is not None else None
-    return LineItem(
-        sku=sku[:64],
-        quantity=abs(quantity),
-        unit_price=unit_price,
-        amount=abs(amount),
-        description=(_text(item, "Description") or None),
-        unit=unit[:16] if unit else None,
-    )
+def _status(*elems: ET.Element | None) -> str:
+    """TransactionStatus as attribute or element of any of ``elems``, lower case."""
+    for elem in elems:
+        value = _attr(elem, "TransactionStatus") or _text(elem, "TransactionStatus")
+        if value:
+            return _local(value).lower()
+    return ""
 
 
-def _retail(
-    tx: ET.Element, retail: ET.Element, common: dict[str, object], where: str
-) -> Event | None:
-    sales: list[LineItem] = []
-    returns: list[LineItem] = []
-    tenders: list[Tender] = []
-    tax = Decimal(0)
-    for number, line in enumerate(_children(retail, "LineItem"), 1):
-        if (_attr(line, "VoidFlag") or "").lower() == "true":
-            continue  # a line voided during the transaction never happened
-        lwhere = f"{where} LineItem {number}"
-        for part in line:
-            name = _local(part.tag)
-            if name == "Sale":
-                sales.append(_line(lwhere, part))
-            elif name == "Return":
-                returns.append(_line(lwhere, part))
-            elif name == "Tender":
-                kind = _attr(part, "TenderType") or "other"
-                amount = _decimal(f"{lwhere} Tender Amount", _text(part, "Amount"))
-                tenders.append(Tender(kind=kind[:64].replace(" ", "_"), amount=amount))
-            elif name == "Tax":
-                tax += _decimal(f"{lwhere} Tax Amount", _text(part, "Amount"), Decimal(0))
-    total_text = None
-    for total_elem in _children(retail, "Total"):
-        if _attr(total_elem, "TotalType") == "TransactionGrandAmount" and total_elem.text:
-            total_text = total_elem.text.strip()
-    status = _attr(retail, "TransactionStatus") or _text(retail, "TransactionStatus") or ""
-    currency = str(common.pop("currency"))
-    if not sales and not returns:
-        return None  # nothing sold or returned (e.g. every line voided): no event
-    lines = sales or returns
-    total = _decimal(f"{where} Total", total_text, sum((line.amount for line in lines), Decimal(0)))
-    fields = {**common, "currency": currency, "total": abs(total), "tax": tax,
-              "lines": lines, "tenders": tenders}  # fmt: skip
-    if status.lower() in ("postvoided", "postvoid", "voided"):
-        return PostVoid(voided_transaction_id=str(common["transaction_id"]), **fields)  # type: ignore[arg-type]
-    if returns and not sales:
-        return Return(**fields)  # type: ignore[arg-type]
-    return Sale(**fields)  # type: ignore[arg-type]
+# --- values ---------------------------------------------------------------------------------
 
 
-def convert_poslog(data: bytes, *, store_id: str, tz: dt.tzinfo = dt.UTC) -> list[Event]:
-    """Every retail transaction in ``data`` as an event (control transactions give none).
+def _decimal(where: str, what: str, text: str | None) -> Decimal:
+    if text is None:
+        raise PoslogError(f"{where}: {what} is missing")
+    if not _DECIMAL_RE.fullmatch(text):
+        raise PoslogError(f"{where}: {what} {text!r} is not a decimal number")
+    return Decimal(text)
 
-    Times without an offset are read in ``tz`` (the store's timezone). Raises PoslogError.
+
+def _short_id(text: str | None) -> str | None:
+    """``text`` when it can be a protocol ShortId (printable ASCII, 1-64), else None."""
+    return text if text is not None and _SHORT_ID_RE.fullmatch(text) else None
+
+
+def _business_day(elem: ET.Element | None) -> str | None:
+    """BusinessDayDate as text or with a <Date> child (both occur), as YYYY-MM-DD."""
+    day = _child(elem, "BusinessDayDate")
+    if day is None:
+        return None
+    text = (day.text or "").strip() or _text(day, "Date")
+    match = _DATE_RE.match(text or "")
+    return match.group(1) if match else None
+
+
+def poslog_event_id(store_id: str, workstation: str, business_day: str, sequence: str) -> str:
+    """``poslog:<store>:<workstation>:<YYYY-MM-DD>:<sequence>``, the stable id of a transaction.
+
+    When that would be too long, or a part holds a colon, a space or non-ASCII, the parts after
+    the store are replaced by a SHA-256 digest: still stable, still unique.
     """
-    head = data[:4096].lower()
-    if b"<!doctype" in head or b"<!entity" in data.lower():
-        raise PoslogError("DTDs and entities are not accepted in POSLog files")
+    plain = f"{EVENT_ID_PREFIX}:{store_id}:{workstation}:{business_day}:{sequence}"
+    parts = (workstation, business_day, sequence)
+    if len(plain) <= _MAX_PLAIN_ID and all(_ID_PART_RE.fullmatch(part) for part in parts):
+        return plain
+    digest = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:40]
+    return f"{EVENT_ID_PREFIX}:{store_id}:sha256:{digest}"
+
+
+# --- converting one document ----------------------------------------------------------------
+
+
+class _Refuse(Exception):
+    """Raised from inside expat to stop at the first DTD."""
+
+
+def _refuse_dtd(*_args: object) -> None:
+    raise _Refuse
+
+
+def _parse(data: bytes) -> ET.Element:
+    # Entity expansion (billion laughs) and external entities both need a DTD: refuse any.
+    # The byte search gives the clear reason; the expat pass also catches a DTD in UTF-16.
+    if _DTD_RE.search(data):
+        raise PoslogError("DTDs and entities (<!DOCTYPE, <!ENTITY) are not accepted")
+    guard = xml.parsers.expat.ParserCreate()
+    guard.StartDoctypeDeclHandler = _refuse_dtd
+    guard.EntityDeclHandler = _refuse_dtd
     try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
+        guard.Parse(data, True)
+    except _Refuse:
+        raise PoslogError("DTDs and entities (<!DOCTYPE, <!ENTITY) are not accepted") from None
+    except xml.parsers.expat.ExpatError as exc:
         raise PoslogError(f"not well-formed XML: {exc}") from None
-    transactions = [root] if _local(root.tag) == "Transaction" else _children(root, "Transaction")
-    if _local(root.tag) not in ("POSLog", "Transaction"):
-        raise PoslogError(f"root element is <{_local(root.tag)}>, expected <POSLog>")
-    events: list[Event] = []
-    for index, tx in enumerate(transactions, 1):
-        workstation = _text(tx, "WorkstationID") or "0"
-        sequence = _text(tx, "SequenceNumber") or str(index)
-        day = _text(tx, "BusinessDayDate")
-        where = f"transaction {index} (workstation {workstation}, sequence {sequence})"
-        retail = _child(tx, "RetailTransaction")
-        if retail is None:
-            continue  # control, tender-control, inventory-control we do not map: no event
-        stamp = _text(tx, "EndDateTime") or _text(tx, "BeginDateTime")
-        if stamp is None:
-            raise PoslogError(f"{where}: no EndDateTime or BeginDateTime")
-        try:
-            occurred = dt.datetime.fromisoformat(stamp)
-            business_day = dt.date.fromisoformat(day) if day else None
-        except ValueError as exc:
-            raise PoslogError(f"{where}: bad date/time: {exc}") from None
-        if occurred.tzinfo is None:
-            occurred = occurred.replace(tzinfo=tz)
-        common: dict[str, object] = {
-            "event_id": event_id_for(store_id, workstation, day or occurred.date().isoformat(),
-                                     sequence),
-            "occurred_at": occurred,
-            "workstation_id": workstation[:64],
-            "business_day": business_day,
-            "transaction_id": sequence[:64],
-            "currency": (_text(tx, "CurrencyCode") or DEFAULT_CURRENCY).upper(),
-        }  # fmt: skip
-        try:
-            event = _retail(tx, retail, common, where)
-        except (msgspec.ValidationError, ValueError, TypeError) as exc:
-            if isinstance(exc, PoslogError):
-                raise
-            raise PoslogError(f"{where}: {exc}") from None
-        if event is not None:
-            events.append(event)
-    return events
+    try:
+        return ET.fromstring(data)
+    except ET.ParseError as exc:  # pragma: no cover - expat above already refused it
+        raise PoslogError(f"not well-formed XML: {exc}") from None
 
 
 @dataclass(frozen=True)
-class WatcherStatistics:
-    files_done: int
-    files_rejected: int
-    events_submitted: int
-    last_error: str | None
+class _Options:
+    store_id: str
+    tz: dt.tzinfo
+    currency: str
+    weight_unit: str
+
+
+def parse_poslog(
+    data: bytes,
+    *,
+    store_id: str,
+    tz: dt.tzinfo = dt.UTC,
+    currency: str = DEFAULT_CURRENCY,
+    weight_unit: str = DEFAULT_WEIGHT_UNIT,
+) -> Conversion:
+    """Convert a POSLog document, counting the transactions that give no event.
+
+    Times without an offset are read in ``tz`` (the store's timezone); ``currency`` applies when
+    the document names none; ``weight_unit`` is the unit of lines flagged as weighed that name
+    none. Raises PoslogError, and then nothing of the document is to be stored.
+    """
+    root = _parse(data)
+    if _local(root.tag) not in ("POSLog", "Transaction"):
+        raise PoslogError(f"root element is <{_local(root.tag)}>, expected <POSLog>")
+    options = _Options(store_id, tz, currency, weight_unit)
+    transactions = (
+        [root] if _local(root.tag) == "Transaction" else list(_children(root, "Transaction"))
+    )
+    events: list[Event] = []
+    first_seen: dict[str, Event] = {}
+    skipped = 0
+    store_numbers: set[str] = set()
+    for index, tx in enumerate(transactions, 1):
+        store_number = _text(tx, "RetailStoreID") or _text(_child(tx, "BusinessUnit"), "UnitID")
+        if store_number is not None:
+            store_numbers.add(store_number)
+        converted = _transaction(tx, index, options)
+        fresh = [event for event in converted if event.event_id not in first_seen]
+        for event in converted:
+            if event.event_id in first_seen and event != first_seen[event.event_id]:
+                # Same workstation, day and sequence, different content: the outbox would keep
+                # the first too (an event_id already held is a duplicate), so say so loudly.
+                log.warning(
+                    "POSLog transaction %d repeats event_id %s with different content; the "
+                    "first one is kept",
+                    index,
+                    event.event_id,
+                )
+            first_seen.setdefault(event.event_id, event)
+        if fresh:
+            events.extend(fresh)
+        else:
+            skipped += 1
+    if len(store_numbers) > 1:
+        # An agent speaks for one store; a file from several (an HQ export) would book every
+        # store's sales to this one.
+        raise PoslogError(
+            f"the file holds transactions of several stores (RetailStoreID "
+            f"{', '.join(sorted(store_numbers))}); one agent accepts one store's transactions"
+        )
+    return Conversion(events=events, transactions=len(transactions), skipped=skipped)
+
+
+def convert_poslog(
+    data: bytes,
+    *,
+    store_id: str,
+    tz: dt.tzinfo = dt.UTC,
+    currency: str = DEFAULT_CURRENCY,
+    weight_unit: str = DEFAULT_WEIGHT_UNIT,
+) -> list[Event]:
+    """Every sale, return, post-void, stock adjustment and count in ``data``, as events.
+
+    Control transactions (sign-on, no-sale, till operations) give none. Times without an
+    offset are read in ``tz``, which the agent sets to the store's timezone. Raises
+    PoslogError naming the transaction and element when any part cannot be read exactly.
+    """
+    return parse_poslog(
+        data, store_id=store_id, tz=tz, currency=currency, weight_unit=weight_unit
+    ).events
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What every event of one transaction shares."""
+
+    where: str
+    workstation: str
+    sequence: str
+    day: str
+    event_id: str
+    occurred_at: dt.datetime
+    business_day: dt.date | None
+    workstation_id: str | None
+    transaction_id: str | None
+
+
+def _transaction(tx: ET.Element, index: int, options: _Options) -> list[Event]:
+    """The events of one <Transaction>; empty when it is skipped."""
+    retail = _child(tx, "RetailTransaction")
+    inventory = _child(tx, "InventoryControlTransaction")
+    body = retail if retail is not None else inventory
+    if body is None:
+        return []  # ControlTransaction, TenderControlTransaction, vendor kinds: nothing to book
+    if _flag(tx, "TrainingModeFlag") or _flag(body, "TrainingModeFlag"):
+        return []  # training: nothing was sold
+    if _flag(tx, "CancelFlag") or _flag(body, "CancelFlag"):
+        return []  # cancelled before completion: no goods, no money moved
+    if _status(body, tx) in _SKIPPED_STATUSES:
+        return []  # suspended ones come back later, resumed, as a transaction of their own
+    header = _header(tx, body, index, options)
+    try:
+        if retail is not None:
+            events = _retail(tx, retail, header, options)
+        else:
+            assert inventory is not None
+            events = _inventory(inventory, header)
+        # Construction skips msgspec's Meta constraints (lengths, patterns); a round trip
+        # applies exactly the rules HTTP ingest applies, so no event the outbox takes is one
+        # central would refuse.
+        return [_event_decoder.decode(_event_encoder.encode(event)) for event in events]
+    except PoslogError:
+        raise
+    except (msgspec.ValidationError, ValueError, TypeError) as exc:
+        raise PoslogError(f"{header.where}: {exc}") from None
+
+
+def _header(tx: ET.Element, body: ET.Element, index: int, options: _Options) -> _Header:
+    workstation = _text(tx, "WorkstationID")
+    sequence = _text(tx, "SequenceNumber") or _text(tx, "TransactionID")
+    day = _business_day(tx)
+    where = (
+        f"transaction {index} (WorkstationID {workstation or '-'}, "
+        f"SequenceNumber {sequence or '-'}, BusinessDayDate {day or '-'})"
+    )
+    if sequence is None:
+        raise PoslogError(f"{where}: no SequenceNumber, so no stable event_id can be derived")
+    stamp_name, stamp = "EndDateTime", _text(tx, "EndDateTime")
+    for name, elem in (
+        ("BeginDateTime", tx),
+        ("ReceiptDateTime", body),
+        ("ReceiptDateTime", tx),
+        ("POSLogDateTime", tx),
+    ):
+        if stamp is None:
+            stamp_name, stamp = name, _text(elem, name)
+    if stamp is None:
+        raise PoslogError(f"{where}: no EndDateTime, BeginDateTime or ReceiptDateTime")
+    try:
+        occurred = dt.datetime.fromisoformat(stamp)
+    except ValueError:
+        raise PoslogError(f"{where}: {stamp_name} {stamp!r} is not an ISO 8601 time") from None
+    if occurred.tzinfo is None:
+        occurred = occurred.replace(tzinfo=options.tz)
+    if day is None:
+        day = occurred.date().isoformat()
+        business_day = None
+    else:
+        try:
+            business_day = dt.date.fromisoformat(day)
+        except ValueError:
+            raise PoslogError(f"{where}: BusinessDayDate {day!r} is not a date") from None
+    workstation_key = workstation or "0"
+    return _Header(
+        where=where,
+        workstation=workstation_key,
+        sequence=sequence,
+        day=day,
+        event_id=poslog_event_id(options.store_id, workstation_key, day, sequence),
+        occurred_at=occurred,
+        business_day=business_day,
+        workstation_id=_short_id(workstation),
+        transaction_id=_short_id(sequence),
+    )
+
+
+# --- retail transactions --------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    kind: str  # "Sale" or "Return", the element it came from
+    number: str  # LineItem SequenceNumber (or position), for reasons
+    sku: str
+    quantity: Decimal
+    amount: Decimal
+    unit_price: Decimal
+    description: str | None
+    unit: str | None
+    tax: Decimal | None  # line-level Tax/Amount, used when the transaction states no tax total
+    link: ET.Element | None  # a TransactionLink inside the line (original of a return)
+    reason: str | None
+
+
+def _line(
+    where: str, kind: str, item: ET.Element, line_item: ET.Element, options: _Options
+) -> _Line:
+    sku = _text(item, "ItemID") or _text(_child(item, "POSIdentity"), "POSItemID")
+    if sku is None:
+        raise PoslogError(f"{where}: {kind} has no ItemID or POSIdentity/POSItemID")
+    if not _SHORT_ID_RE.fullmatch(sku):
+        raise PoslogError(
+            f"{where}: {kind} ItemID {sku!r} is not a SKU storelink can carry "
+            "(1-64 printable ASCII characters, no spaces)"
+        )
+    quantity_elem = _child(item, "Quantity")
+    quantity = Decimal(1)
+    if quantity_elem is not None and (quantity_elem.text or "").strip():
+        quantity = _decimal(where, f"{kind} Quantity", (quantity_elem.text or "").strip())
+    amount = _decimal(where, f"{kind} ExtendedAmount", _text(item, "ExtendedAmount"))
+    price_text = _text(item, "ActualSalesUnitPrice", "RegularSalesUnitPrice", "UnitListPrice")
+    if price_text is not None:
+        unit_price = _decimal(where, f"{kind} unit price", price_text)
+    else:
+        unit_price = _exact_unit_price(where, kind, amount, quantity)
+    code = _attr(quantity_elem, "UnitOfMeasureCode") or _attr(quantity_elem, "Units")
+    unit: str | None = None
+    if code is not None and not _DECIMAL_RE.fullmatch(code):
+        unit = _UNITS.get(code.lower(), code.lower()[:16])
+    elif _flag(line_item, "weightItem") or _flag(line_item, "WeightItem"):
+        unit = options.weight_unit
+    tax_text = _text(_child(item, "Tax"), "Amount")
+    return _Line(
+        kind=kind,
+        number="",
+        sku=sku,
+        quantity=quantity,
+        amount=amount,
+        unit_price=unit_price,
+        description=(_text(item, "Description") or _text(item, "ItemDescription") or "")[:256]
+        or None,
+        unit=unit,
+        tax=_decimal(where, f"{kind} Tax Amount", tax_text) if tax_text is not None else None,
+        link=_child(item, "TransactionLink"),
+        reason=_text(item, "Reason", "ReasonCode"),
+    )
+
+
+def _exact_unit_price(where: str, kind: str, amount: Decimal, quantity: Decimal) -> Decimal:
+    """amount / quantity when that division is exact; anything else would be made-up money."""
+    if quantity != 0:
+        price = (amount / quantity).normalize()
+        exponent = price.as_tuple().exponent
+        if isinstance(exponent, int) and exponent >= -9 and price * quantity == amount:
+            return price
+    raise PoslogError(
+        f"{where}: {kind} has no ActualSalesUnitPrice or RegularSalesUnitPrice, and "
+        f"ExtendedAmount {amount} / Quantity {quantity} is not exact"
+    )
+
+
+def _line_items(retail: ET.Element, where: str, options: _Options) -> tuple[
+    list[_Line], list[tuple[str, Decimal]], Decimal | None
+]:  # fmt: skip
+    """The lines that stand (voids applied), the tenders and the summed LineItem/Tax."""
+    lines: list[_Line] = []
+    tenders: list[tuple[str, Decimal]] = []
+    tax: Decimal | None = None
+    for position, line_item in enumerate(_children(retail, "LineItem"), 1):
+        number = _text(line_item, "SequenceNumber") or str(position)
+        lwhere = f"{where}, LineItem {number}"
+        voided = _flag(line_item, "VoidFlag")
+        for part in line_item:
+            name = _local(part.tag)
+            if name in ("Sale", "Return"):
+                line = _line(lwhere, name, part, line_item, options)
+                line.number = number
+                if voided or _flag(part, "VoidFlag"):
+                    _apply_void(lwhere, line, lines)
+                elif line.quantity == 0 and line.amount == 0:
+                    continue  # nothing sold, nothing charged
+                elif line.quantity == 0:
+                    raise PoslogError(
+                        f"{lwhere} {name}: Quantity 0 with ExtendedAmount {line.amount}"
+                    )
+                else:
+                    lines.append(line)
+            elif voided:
+                continue  # a voided tender or tax line never happened
+            elif name == "Tender":
+                tenders.extend(_tender(lwhere, part))
+            elif name == "Tax":
+                amount = _decimal(lwhere, "Tax Amount", _text(part, "Amount"))
+                tax = amount if tax is None else tax + amount
+    return lines, tenders, tax
+
+
+def _apply_void(where: str, void: _Line, lines: list[_Line]) -> None:
+    """Take a line with VoidFlag="true" out, with the line it cancels where there is one.
+
+    ARTS flags the voided line itself: it is left out. NCR ACS instead repeats the line with
+    the quantity and amount negated and VoidFlag set: that reversal cancels the latest earlier
+    line it exactly negates, and both are left out.
+    """
+    for position in range(len(lines) - 1, -1, -1):
+        line = lines[position]
+        if (
+            line.kind == void.kind
+            and line.sku == void.sku
+            and line.quantity == -void.quantity
+            and line.amount == -void.amount
+        ):
+            del lines[position]
+            return
+    if void.kind == "Sale" and void.quantity < 0:
+        raise PoslogError(
+            f"{where}: the voided line reverses {void.sku} (Quantity {void.quantity}, "
+            f"ExtendedAmount {void.amount}) but no earlier line matches it exactly"
+        )
+
+
+def _tender(where: str, tender: ET.Element) -> list[tuple[str, Decimal]]:
+    """(kind, amount) with amount signed as money received: positive in, negative out."""
+    raw = _attr(tender, "TenderType") or _attr(tender, "TypeCode") or "other"
+    kind = _local(raw)
+    if kind.lower() == "creditdebit":
+        card = (_attr(_child(tender, "CreditDebit"), "CardType") or "credit").lower()
+        kind = "debit_card" if card == "debit" else "credit_card"
+    else:
+        kind = _TENDER_KINDS.get(kind.lower(), re.sub(r"[^A-Za-z0-9_.-]+", "_", kind).lower()[:64])
+    amount = _decimal(where, "Tender Amount", _text(tender, "Amount"))
+    if (_attr(tender, "TypeCode") or "").lower() == "refund":
+        amount = -abs(
+            amount
+        )  # a refund tender pays the customer, whatever sign it was written with
+    found = [(kind, amount)]
+    change_text = _text(_child(tender, "TenderChange"), "Amount")
+    if change_text is not None:
+        change = _decimal(where, "TenderChange Amount", change_text)
+        # NCR writes change as its own negative tender (TenderChange repeats it): nothing to
+        # add. Others nest the change inside the positive tender that caused it.
+        if amount > 0 and change > 0:
+            found.append(("change", -change))
+    return found
+
+
+def _grand_total(retail: ET.Element, where: str) -> Decimal:
+    for total in _children(retail, "Total"):
+        if _local(_attr(total, "TotalType") or "") == "TransactionGrandAmount":
+            return _decimal(
+                where, "Total TransactionGrandAmount", (total.text or "").strip() or None
+            )
+    # Summing lines would guess at discounts, rewards and rounding: never invent money.
+    raise PoslogError(f'{where}: no <Total TotalType="TransactionGrandAmount">')
+
+
+def _tax_total(
+    retail: ET.Element, where: str, line_item_tax: Decimal | None, lines: list[_Line]
+) -> Decimal:
+    """TransactionTaxAmount, else the Tax line items, else the lines' own Tax, else 0."""
+    for total in _children(retail, "Total"):
+        if _local(_attr(total, "TotalType") or "") == "TransactionTaxAmount":
+            return _decimal(where, "Total TransactionTaxAmount", (total.text or "").strip() or None)
+    if line_item_tax is not None:
+        return line_item_tax
+    return sum((line.tax for line in lines if line.tax is not None), Decimal(0))
+
+
+def _currency(tx: ET.Element, retail: ET.Element, where: str, options: _Options) -> str:
+    candidates = [_text(tx, "CurrencyCode"), _text(retail, "CurrencyCode")]
+    for total in _children(retail, "Total"):
+        if _local(_attr(total, "TotalType") or "") == "TransactionGrandAmount":
+            candidates += [_attr(total, "CurrencyCode"), _attr(total, "Currency")]
+    for candidate in candidates:
+        if candidate is not None and candidate.upper() != "XXX":  # XXX: ISO "no currency"
+            code = candidate.upper()
+            if not _CURRENCY_RE.fullmatch(code):
+                raise PoslogError(f"{where}: CurrencyCode {candidate!r} is not an ISO 4217 code")
+            return code
+    return options.currency
+
+
+def _void_link(tx: ET.Element, retail: ET.Element) -> ET.Element | None:
+    for parent in (retail, tx):
+        for link in _children(parent, "TransactionLink"):
+            if _local(_attr(link, "ReasonCode") or "").lower() in _VOID_LINK_REASONS:
+                return link
+    return None
+
+
+def _return_link(retail: ET.Element, returns: list[_Line]) -> ET.Element | None:
+    for line in returns:
+        if line.link is not None:
+            return line.link
+    for link in _children(retail, "TransactionLink"):
+        reason = (_attr(link, "ReasonCode") or "").lower()
+        if "return" in reason or "refund" in reason:
+            return link
+    return None
+
+
+def _item(line: _Line, *, magnitude: bool) -> LineItem:
+    """The protocol line; return and post-void lines carry magnitudes (the type says which way)."""
+    quantity, amount, price = line.quantity, line.amount, line.unit_price
+    if magnitude:
+        quantity, amount, price = abs(quantity), abs(amount), abs(price)
+    elif amount < 0 < price:
+        price = -price  # a negative item (bottle deposit refund): price takes the amount's sign
+    return LineItem(
+        sku=line.sku,
+        quantity=quantity,
+        unit_price=price,
+        amount=amount,
+        description=line.description,
+        unit=line.unit,
+    )
+
+
+@dataclass(frozen=True)
+class _Money:
+    """Total, tax and tenders of one event."""
+
+    total: Decimal
+    tax: Decimal
+    tenders: list[Tender]
+
+    def flipped(self) -> _Money:
+        """Returns and post-voids carry magnitudes: a refund written as a negative total is the
+        same refund. Total, tax and tenders flip together so they stay consistent."""
+        if self.total >= 0:
+            return self
+        return _Money(
+            total=-self.total,
+            tax=-self.tax,
+            tenders=[Tender(kind=t.kind, amount=-t.amount) for t in self.tenders],
+        )
+
+
+def _sale(h: _Header, currency: str, event_id: str, money: _Money, lines: list[_Line]) -> Sale:
+    return Sale(
+        event_id=event_id,
+        occurred_at=h.occurred_at,
+        workstation_id=h.workstation_id,
+        business_day=h.business_day,
+        transaction_id=h.transaction_id,
+        currency=currency,
+        total=money.total,
+        tax=money.tax,
+        lines=[_item(line, magnitude=False) for line in lines],
+        tenders=money.tenders,
+    )
+
+
+def _return(
+    h: _Header,
+    currency: str,
+    event_id: str,
+    money: _Money,
+    lines: list[_Line],
+    original: str | None,
+) -> Return:
+    return Return(
+        event_id=event_id,
+        occurred_at=h.occurred_at,
+        workstation_id=h.workstation_id,
+        business_day=h.business_day,
+        transaction_id=h.transaction_id,
+        currency=currency,
+        total=money.total,
+        tax=money.tax,
+        lines=[_item(line, magnitude=True) for line in lines],
+        tenders=money.tenders,
+        original_transaction_id=original,
+        reason=next((line.reason[:256] for line in lines if line.reason), None),
+    )
+
+
+def _post_void(
+    h: _Header,
+    currency: str,
+    voided_event_id: str,
+    voided_transaction_id: str | None,
+    money: _Money,
+    lines: list[_Line],
+) -> PostVoid:
+    return PostVoid(
+        event_id=voided_event_id + VOID_SUFFIX,
+        occurred_at=h.occurred_at,
+        workstation_id=h.workstation_id,
+        business_day=h.business_day,
+        transaction_id=h.transaction_id,
+        currency=currency,
+        total=money.total,
+        tax=money.tax,
+        lines=[_item(line, magnitude=True) for line in lines],
+        tenders=money.tenders,
+        voided_event_id=voided_event_id,
+        voided_transaction_id=voided_transaction_id,
+    )
+
+
+def _is_post_voided(tx: ET.Element, retail: ET.Element) -> bool:
+    return (
+        _status(retail, tx) in _VOIDED_STATUSES
+        or any(_flag(elem, name) for elem in (tx, retail) for name in ("VoidFlag", "PostVoidFlag"))
+        or _child(retail, "PostVoid") is not None
+    )
+
+
+def _retail(tx: ET.Element, retail: ET.Element, h: _Header, options: _Options) -> list[Event]:
+    lines, raw_tenders, line_item_tax = _line_items(retail, h.where, options)
+    if not lines:
+        return []  # every line voided, or tenders only (paid in/out): nothing sold
+    # A Sale line with a negative quantity is an item brought back (NCR refund, roqqio RETOUR).
+    sales = [line for line in lines if line.kind == "Sale" and line.quantity > 0]
+    returns = [line for line in lines if not (line.kind == "Sale" and line.quantity > 0)]
+    currency = _currency(tx, retail, h.where, options)
+    money = _Money(
+        total=_grand_total(retail, h.where),
+        tax=_tax_total(retail, h.where, line_item_tax, lines),
+        tenders=[Tender(kind=kind, amount=amount) for kind, amount in raw_tenders],
+    )
+
+    link = _void_link(tx, retail)
+    if link is not None:
+        # This transaction post-voids the linked one. Its id is derived from the voided
+        # transaction, so a till that also re-sends the original marked PostVoided produces the
+        # same id and the void is booked once.
+        if sales and returns:
+            raise PoslogError(
+                f"{h.where}: a post-void with both Sale and Return lines cannot be expressed"
+            )
+        voided_sequence = _text(link, "SequenceNumber") or _text(link, "TransactionID")
+        if voided_sequence is None:
+            raise PoslogError(
+                f"{h.where}: TransactionLink names no SequenceNumber of the voided transaction"
+            )
+        voided_id = poslog_event_id(
+            options.store_id,
+            _text(link, "WorkstationID") or h.workstation,
+            _business_day(link) or h.day,
+            voided_sequence,
+        )
+        return [
+            _post_void(h, currency, voided_id, _short_id(voided_sequence), money.flipped(), lines)
+        ]
+
+    if _is_post_voided(tx, retail):
+        # The transaction itself is marked voided. Book the sale and its void: if the sale
+        # already came in (live feed, an earlier file) its id makes it a duplicate, and if it
+        # never did the pair nets to nothing. Either way the void lands exactly once.
+        if returns:
+            raise PoslogError(
+                f"{h.where}: a post-voided return cannot be expressed (post_void puts stock "
+                "back); send the return and its reversal as separate transactions"
+            )
+        return [
+            _sale(h, currency, h.event_id, money, sales),
+            _post_void(h, currency, h.event_id, _short_id(h.sequence), money.flipped(), sales),
+        ]
+
+    link = _return_link(retail, returns)
+    original = _short_id(_text(link, "SequenceNumber") or _text(link, "TransactionID"))
+    if not returns:
+        return [_sale(h, currency, h.event_id, money, sales)]
+    if not sales:
+        return [_return(h, currency, h.event_id, money.flipped(), returns, original)]
+    # An exchange: a sale and a return in one transaction. The return carries its lines'
+    # value; the sale carries the rest, so sale.total - return.total is the grand total to
+    # the cent, and tax and tenders stay whole on the sale.
+    returned = sum((abs(line.amount) for line in returns), Decimal(0))
+    sale_money = _Money(total=money.total + returned, tax=money.tax, tenders=money.tenders)
+    return_money = _Money(total=returned, tax=Decimal(0), tenders=[])
+    return [
+        _sale(h, currency, h.event_id, sale_money, sales),
+        _return(h, currency, h.event_id + RETURN_SUFFIX, return_money, returns, original),
+    ]
+
+
+# --- inventory transactions -----------------------------------------------------------------
+
+
+def _inventory(body: ET.Element, h: _Header) -> list[Event]:
+    """InventoryControlTransaction → stock_count when its type says count, else stock_adjustment."""
+    kinds = [
+        _local(value)
+        for value in (
+            _attr(body, "TypeCode"),
+            _attr(body, "DocumentTypeCode"),
+            _text(body, "DocumentTypeCode"),
+            _text(body, "TypeCode"),
+        )
+        if value
+    ]
+    is_count = any("count" in kind.lower() for kind in kinds) or (
+        _child(body, "PhysicalCount") is not None
+    )
+    found: list[tuple[str, str | None, str | None]] = []  # (number, sku, quantity text)
+    for position, line in enumerate(_inventory_lines(body), 1):
+        if _flag(line, "VoidFlag"):
+            continue
+        number = _text(line, "SequenceNumber", "DetSequenceNumber") or str(position)
+        sku = (
+            _text(line, "ItemID", "Item")
+            or _text(_child(line, "POSIdentity"), "POSItemID")
+            or _text(_child(line, "Item"), "ItemID")
+        )
+        found.append((number, sku, _text(line, "Quantity", "UnitCount", "CountedQuantity")))
+    if all(quantity is None for _number, _sku, quantity in found):
+        return []  # no quantities at all: a price change or a document header, not stock
+    stock: list[StockLine] = []
+    for number, sku, quantity in found:
+        lwhere = f"{h.where}, {_local(body.tag)} line {number}"
+        if sku is None:
+            raise PoslogError(f"{lwhere}: no ItemID")
+        if not _SHORT_ID_RE.fullmatch(sku):
+            raise PoslogError(f"{lwhere}: ItemID {sku!r} is not a SKU storelink can carry")
+        stock.append(StockLine(sku=sku, quantity=_decimal(lwhere, "Quantity", quantity)))
+    if is_count:
+        # One SKU counted in several places (shelf, back room) is one on-hand figure.
+        on_hand: dict[str, Decimal] = {}
+        for counted in stock:
+            on_hand[counted.sku] = on_hand.get(counted.sku, Decimal(0)) + counted.quantity
+        return [
+            StockCount(
+                event_id=h.event_id,
+                occurred_at=h.occurred_at,
+                workstation_id=h.workstation_id,
+                business_day=h.business_day,
+                transaction_id=h.transaction_id,
+                lines=[StockLine(sku=sku, quantity=qty) for sku, qty in on_hand.items()],
+            )
+        ]
+    reason_text = _text(body, "Reason", "ReasonCode", "InventoryAdjustmentType")
+    if reason_text is None and kinds:
+        reason_text = kinds[0]
+    reason = re.sub(r"[^\x21-\x7e]+", "_", reason_text or "").strip("_")[:64] or "adjustment"
+    return [
+        StockAdjustment(
+            event_id=h.event_id,
+            occurred_at=h.occurred_at,
+            workstation_id=h.workstation_id,
+            business_day=h.business_day,
+            transaction_id=h.transaction_id,
+            lines=stock,
+            reason=reason,
+        )
+    ]
+
+
+def _inventory_lines(body: ET.Element) -> Iterator[ET.Element]:
+    """Every innermost element named ``...LineItem`` (vendors nest and name them differently)."""
+    for elem in body.iter():
+        if elem is body or not _local(elem.tag).endswith("LineItem"):
+            continue
+        if any(
+            _local(inner.tag).endswith("LineItem") for inner in elem.iter() if inner is not elem
+        ):
+            continue
+        yield elem
+
+
+# --- the drop folder ------------------------------------------------------------------------
+
+
+class WatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the drop-folder watcher, counted since start."""
+
+    files_done: int  # converted, stored, moved to done/
+    files_rejected: int  # moved to rejected/ with a reason file
+    events_submitted: int  # events handed to the outbox (duplicates included)
+    transactions_skipped: int  # sign-ons, no-sales, training, cancelled: no event by design
+    submit_failures: int  # the outbox refused for now (full, stopping): file kept, retried
+    last_error: str | None  # the last rejection or failure, with the file's name
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
 
 
 class PoslogWatcher:
-    """Scans a drop folder; converted files go to done/, unreadable ones to rejected/ with a
-    ``.reason.txt``. A file whose events could not be stored (buffer full, stopping) stays put
-    and is tried again at the next scan."""
+    """Scans a drop folder for POSLog files and stores their events, each file exactly once.
+
+    A file is taken once it has held still (same size and mtime) for one scan, or is older
+    than ``settle_seconds``. Its events are handed to ``submit`` (the outbox's durable append:
+    when it returns, they are committed) and only then is the file moved to ``done/``. A file
+    that cannot be converted moves to ``rejected/`` with ``<name>.reason.txt``. When ``submit``
+    raises (buffer full, shutting down) the file stays and is tried again at the next scan; a
+    crash between commit and move only means the file is converted again, and its stable
+    event_ids make the second append a no-op.
+    """
 
     def __init__(
         self,
         drop_dir: Path,
         store_id: str,
         submit: Callable[[list[Event]], Awaitable[object]],
-        poll_interval: float = 1.0,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
         tz: dt.tzinfo = dt.UTC,
+        *,
+        currency: str = DEFAULT_CURRENCY,
+        weight_unit: str = DEFAULT_WEIGHT_UNIT,
+        settle_seconds: float = DEFAULT_SETTLE_SECONDS,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        self.drop_dir = drop_dir
+        self.drop_dir = Path(drop_dir)
         self.store_id = store_id
-        self.submit = submit
         self.poll_interval = poll_interval
         self.tz = tz
-        self._seen: dict[Path, tuple[int, float]] = {}
-        self.files_done = self.files_rejected = self.events_submitted = 0
-        self.last_error: str | None = None
+        self.currency = currency
+        self.weight_unit = weight_unit
+        self.settle_seconds = settle_seconds
+        self.max_file_bytes = max_file_bytes
+        self._submit = submit
+        self._clock = clock
+        self._seen: dict[str, _Seen] = {}
+        self._files_done = 0
+        self._files_rejected = 0
+        self._events_submitted = 0
+        self._transactions_skipped = 0
+        self._submit_failures = 0
+        self._last_error: str | None = None
 
     def statistics(self) -> WatcherStatistics:
         return WatcherStatistics(
-            self.files_done, self.files_rejected, self.events_submitted, self.last_error
+            files_done=self._files_done,
+            files_rejected=self._files_rejected,
+            events_submitted=self._events_submitted,
+            transactions_skipped=self._transactions_skipped,
+            submit_failures=self._submit_failures,
+            last_error=self._last_error,
         )
 
     async def run(self) -> None:
+        """Scan every ``poll_interval`` seconds until cancelled. Never raises on a bad file or a
+        full outbox: those are counted, logged and retried or set aside."""
         while True:
             await self.scan_once()
             await asyncio.sleep(self.poll_interval)
 
-    def _ready(self, path: Path) -> bool:
-        """A file is taken only once its size and mtime held still for one scan (the POS may
-        still be writing it)."""
+    async def scan_once(self) -> int:
+        """Handle every ready file once, oldest first; return how many were done or rejected."""
+        try:
+            ready = await asyncio.to_thread(self._ready_files)
+        except OSError as exc:
+            self._note(f"cannot scan {self.drop_dir}: {exc}", warning=True)
+            return 0
+        handled = 0
+        for path, seen in ready:
+            outcome = await self._handle(path, seen)
+            if outcome is None:
+                break  # the outbox refused: later files wait too, so files go in in order
+            handled += outcome
+        return handled
+
+    def _ready_files(self) -> list[tuple[Path, _Seen]]:
+        """Files ready to take, oldest first. Runs in a thread (directory I/O)."""
+        self.drop_dir.mkdir(parents=True, exist_ok=True)
+        now = self._clock()
+        current: dict[str, _Seen] = {}
+        ready: list[tuple[float, str, Path, _Seen]] = []
+        with os.scandir(self.drop_dir) as entries:
+            for entry in entries:
+                # Only *.xml, and no dotfiles or editor temp names: a POS that writes
+                # "x.xml.tmp" or ".x.xml" and renames when done is never read half-written.
+                name = entry.name
+                if not name.lower().endswith(".xml") or name.startswith((".", "~")):
+                    continue
+                try:
+                    if not entry.is_file():
+                        continue
+                    stat = entry.stat()
+                except OSError:
+                    continue  # vanished between listing and stat
+                seen = _Seen(stat.st_size, stat.st_mtime_ns)
+                current[name] = seen
+                before = self._seen.get(name)
+                settled = now - stat.st_mtime_ns / 1e9 >= self.settle_seconds
+                if before == seen or settled:
+                    ready.append((stat.st_mtime_ns / 1e9, name, Path(entry.path), seen))
+        self._seen = current  # forget files that are gone
+        ready.sort(key=lambda item: (item[0], item[1]))
+        return [(path, seen) for _mtime, _name, path, seen in ready]
+
+    async def _handle(self, path: Path, seen: _Seen) -> int | None:
+        """1 when the file was done or rejected, 0 when it waits, None when the outbox refused."""
+        if seen.size > self.max_file_bytes:
+            await self._reject(
+                path,
+                f"the file is {seen.size} bytes, above the {self.max_file_bytes}-byte limit: "
+                "split it into smaller files",
+            )
+            return 1
+        try:
+            conversion = await asyncio.to_thread(self._convert, path, seen)
+        except FileNotFoundError:
+            return 0  # taken away by someone else
+        except OSError as exc:  # e.g. still locked by the writer on Windows
+            self._note(f"{path.name}: cannot read: {exc}", warning=True)
+            return 0
+        except PoslogError as exc:
+            await self._reject(path, exc.reason)
+            return 1
+        except Exception as exc:
+            # A converter bug must not stop the agent: stopping would restart it into the
+            # same file again. Set the file aside with the error for a human instead.
+            log.exception("POSLog %s: unexpected error converting it", path.name)
+            await self._reject(path, f"unexpected error converting the file: {exc!r}")
+            return 1
+        if conversion is None:
+            return 0  # changed while being read: still being written
+        if conversion.events:
+            try:
+                await self._submit(conversion.events)
+            except RecordTooLarge as exc:
+                await self._reject(path, str(exc))  # would never fit: retrying cannot help
+                return 1
+            except Exception as exc:
+                # Buffer full, shutting down, disk trouble: nothing of the file was stored.
+                self._submit_failures += 1
+                self._note(f"{path.name}: not stored yet, will retry: {exc}", warning=True)
+                return None
+        self._transactions_skipped += conversion.skipped
+        self._events_submitted += len(conversion.events)
+        try:
+            await asyncio.to_thread(self._move, path, self.drop_dir / DONE_DIR)
+        except OSError as exc:
+            # Stored but not moved: the next scan converts it again and the append answers
+            # with duplicates, so nothing doubles.
+            self._note(f"{path.name}: stored, but cannot move it to {DONE_DIR}/: {exc}", True)
+            return 0
+        self._files_done += 1
+        self._seen.pop(path.name, None)
+        log.info(
+            "POSLog %s: %d events stored, %d transactions skipped",
+            path.name,
+            len(conversion.events),
+            conversion.skipped,
+        )
+        return 1
+
+    def _convert(self, path: Path, seen: _Seen) -> Conversion | None:
+        """Read and convert (in a thread: XML parsing is CPU work). None when the file changed
+        while it was read, so a half-written file is waited for rather than rejected."""
+        data = path.read_bytes()
+        try:
+            conversion = parse_poslog(
+                data,
+                store_id=self.store_id,
+                tz=self.tz,
+                currency=self.currency,
+                weight_unit=self.weight_unit,
+            )
+        except PoslogError:
+            if self._changed(path, seen):
+                return None
+            raise
+        return None if self._changed(path, seen) else conversion
+
+    @staticmethod
+    def _changed(path: Path, seen: _Seen) -> bool:
         stat = path.stat()
-        seen = self._seen.get(path)
-        current = (stat.st_size, stat.st_mtime)
-        self._seen[path] = current
-        return seen == current or time.time() - stat.st_mtime > max(2.0, 2 * self.poll_interval)
+        return (stat.st_size, stat.st_mtime_ns) != (seen.size, seen.mtime_ns)
+
+    async def _reject(self, path: Path, reason: str) -> None:
+        self._files_rejected += 1
+        self._note(f"{path.name} rejected: {reason}", warning=False)
+        try:
+            await asyncio.to_thread(self._move_rejected, path, reason)
+        except OSError as exc:
+            self._note(f"{path.name}: cannot move it to {REJECTED_DIR}/: {exc}", warning=True)
+        self._seen.pop(path.name, None)
+
+    def _move_rejected(self, path: Path, reason: str) -> None:
+        target = self._move(path, self.drop_dir / REJECTED_DIR)
+        reason_file = target.with_name(target.name + REASON_SUFFIX)
+        reason_file.write_text(reason + "\n", encoding="utf-8")
 
     @staticmethod
     def _move(path: Path, folder: Path) -> Path:
+        """Move ``path`` into ``folder``; a name already there gets ``.1``, ``.2``... before
+        the extension, so nothing is overwritten."""
         folder.mkdir(exist_ok=True)
         target = folder / path.name
-        n = 1
+        n = 0
         while target.exists():
             n += 1
             target = folder / f"{path.stem}.{n}{path.suffix}"
         os.replace(path, target)
         return target
 
-    async def scan_once(self) -> int:
-        self.drop_dir.mkdir(parents=True, exist_ok=True)
-        handled = 0
-        for path in sorted(self.drop_dir.glob("*.xml")):
-            if path.name.startswith(".") or not path.is_file() or not self._ready(path):
-                continue
-            try:
-                events = convert_poslog(path.read_bytes(), store_id=self.store_id, tz=self.tz)
-            except PoslogError as exc:
-                target = self._move(path, self.drop_dir / "rejected")
-                target.with_name(target.name + ".reason.txt").write_text(exc.reason + "\n")
-                log.error("POSLog %s rejected: %s", path.name, exc.reason)
-                self.files_rejected += 1
-                self.last_error = exc.reason
-                handled += 1
-                continue
-            if events:
-                try:
-                    await self.submit(events)
-                except Exception as exc:  # buffer full, stopping: keep the file, try again
-                    self.last_error = str(exc)
-                    log.warning("POSLog %s not stored yet (%s); will retry", path.name, exc)
-                    continue
-            self._move(path, self.drop_dir / "done")
-            self._seen.pop(path, None)
-            self.files_done += 1
-            self.events_submitted += len(events)
-            handled += 1
-        return handled
+    def _note(self, message: str, warning: bool) -> None:
+        self._last_error = message
+        if warning:
+            log.warning("POSLog %s", message)
+        else:
+            log.error("POSLog %s", message)
