@@ -275,6 +275,19 @@ def test_negative_quantity_sale_line_is_a_return() -> None:
     assert [Tender(kind="cash", amount=Decimal("1.290"))] == event.tenders
 
 
+def test_change_nested_in_a_tender_becomes_a_change_tender() -> None:
+    """A 20.00 cash tender holding TenderChange 16.00 pays 4.00: tenders add up to the total."""
+    cash = (
+        '<LineItem><Tender TenderType="Cash"><Amount>20.00</Amount>'
+        "<TenderChange><Amount>16.00</Amount></TenderChange></Tender></LineItem>"
+    )
+    event = one(poslog(transaction(retail(item() + cash, "4.00"))))
+    assert [
+        Tender(kind="cash", amount=Decimal("20.00")),
+        Tender(kind="change", amount=Decimal("-16.00")),
+    ] == event.tenders
+
+
 def test_exchange_is_a_sale_and_a_return_that_net_to_the_total() -> None:
     """Sale and Return lines in one transaction: two events whose totals net to the grand
     total, with distinct stable ids."""
@@ -583,21 +596,27 @@ async def test_files_move_to_done_and_rejected(tmp_path: Path) -> None:
     assert stats.last_error is not None and stats.last_error.startswith("bad.xml rejected")
 
 
-async def test_refused_submit_keeps_the_file_for_the_next_scan(tmp_path: Path) -> None:
-    """When the outbox refuses (buffer full) the file stays; the next scan stores it once."""
+async def test_refused_submit_keeps_the_files_for_the_next_scan(tmp_path: Path) -> None:
+    """When the outbox refuses (buffer full) the file stays and later files wait behind it;
+    the next scan stores them, in order, once."""
     recorder = Recorder()
     recorder.refuse = BufferFull(buffer_bytes=10, needed_bytes=5, max_buffer_bytes=10)
     scan = watcher(tmp_path, recorder, clock=later)
     (tmp_path / "a.xml").write_bytes(SMALL.read_bytes())
+    (tmp_path / "b.xml").write_bytes(poslog(transaction(SALE_BODY)))
+    os.utime(tmp_path / "a.xml", ns=(0, 1_000_000_000))  # a is the older file
     assert 0 == await scan.scan_once()
-    assert (["a.xml"], [], 1) == (
+    assert (["a.xml", "b.xml"], [], 1) == (
         names(tmp_path),
         recorder.committed,
         scan.statistics().submit_failures,
     )
     recorder.refuse = None
-    assert 1 == await scan.scan_once()
-    assert (["done"], 1) == (names(tmp_path), len(recorder.committed))
+    assert 2 == await scan.scan_once()
+    assert (["done"], ["poslog:S9:34:2017-09-30:161", "poslog:S9:2:2026-11-22:7"]) == (
+        names(tmp_path),
+        [event.event_id for event in recorder.committed],
+    )
 
 
 async def test_files_still_being_written_wait(tmp_path: Path) -> None:
