@@ -305,6 +305,11 @@ class Ingest:
                 events = decode_pos_events(body, msgpack=msgpack)
         except UnparsableBody as exc:
             return self._refuse(_error(400, "unparsable", message=str(exc)))
+        except (RecursionError, UnicodeDecodeError) as exc:
+            # msgspec raises these (not a DecodeError) for deeply nested bodies such as
+            # "[[[[...]]]]" and for some invalid UTF-8: the client's malformed body, not a
+            # server fault (found by tests/security/test_fuzz_ingest.py).
+            return self._refuse(_error(400, "unparsable", message=str(exc)))
         except InvalidEvents as exc:
             errors = [{"index": e.index, "path": e.path, "message": e.message} for e in exc.errors]
             return self._refuse(_error(422, "invalid_events", errors=errors))
