@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import logging
 import os
 import re
-import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -31,11 +29,17 @@ from agent.config import (
     render_config,
 )
 from agent.errors import AgentError
+from agent.logs import (
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    configure_logging,
+)
 from agent.outbox import Outbox, read_statistics_readonly
 from agent.service import StatusReport, check_credentials, run_service, status_report
 
 HTTP_TIMEOUT = 3.0
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -92,10 +96,6 @@ def _http(cfg: AgentConfig, method: str, path: str, body: bytes | None = None) -
         return None
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="storelink", prog_name="storelink-agent")
 def cli() -> None:
@@ -121,15 +121,24 @@ config_option = click.option(
 @click.option("--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen).")
 @click.option(
     "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    default="info",
+    type=click.Choice(LOG_LEVELS),
+    default=DEFAULT_LOG_LEVEL,
     show_default=True,
-    help="How much to log (to stderr).",
+    help="How much to log.",
 )
-def run(config: Path, data_dir: Path | None, listen: str | None, log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=DEFAULT_LOG_FORMAT,
+    show_default=True,
+    help="Log lines on stdout: one JSON object per line, or text for humans.",
+)
+def run(
+    config: Path, data_dir: Path | None, listen: str | None, log_level: str, log_format: str
+) -> None:
     """Run the agent until SIGTERM or Ctrl-C."""
     cfg = _load(config, data_dir, listen)
-    _configure_logging(log_level)
+    configure_logging(log_level, log_format)
     try:
         run_service(cfg)
     except AgentError as exc:

@@ -1,28 +1,50 @@
 """``storelink-central``: run HQ's side, see every store, provision stores, read the DLQ, demo.
 
-Errors become ``click.ClickException`` here and only here. Exit codes: 0 ok, 1 error, 2 usage.
+Errors become ``click.ClickException`` here and only here, each saying what went wrong and
+what to do. Exit codes (docs/cli.md): 0 done, 1 failed, 2 usage (a wrong flag or argument),
+3 unreachable (NATS or a store's agent did not answer: retry later).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
-import logging
-import sys
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
+from agent.logs import (
+    DEFAULT_LOG_FORMAT,
+    DEFAULT_LOG_LEVEL,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    configure_logging,
+)
 from central.config import load_config
+from central.control import (
+    DEFAULT_ASK_TIMEOUT,
+    DEFAULT_RESYNC_TIMEOUT,
+    AgentReach,
+    AgentUnreachable,
+    NatsUnreachable,
+    lag,
+)
+from central.dlq import DeadLetter
 from central.errors import CentralError
-from central.service import read_info, run_service
+from central.service import INFO_FILENAME, read_info, run_service
 from central.state import list_stores, read_status, remove_store
+from protocol.errors import InvalidStoreId
+from protocol.subjects import check_store_id
+from protocol.wire import ResyncReply
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+EXIT_UNREACHABLE = 3
+T = TypeVar("T")
+DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look
 
 data_dir_option = click.option(
     "--data-dir",
@@ -32,12 +54,52 @@ data_dir_option = click.option(
 )
 
 
+nats_url_option = click.option(
+    "--nats-url",
+    "nats_urls",
+    multiple=True,
+    help="NATS to use (repeatable) [the URL central recorded in DATA_DIR/central.json].",
+)
+creds_option = click.option(
+    "--creds",
+    type=click.Path(dir_okay=False),
+    default="",
+    help="NATS .creds file, when NATS requires authentication.",
+)
+
+
+class Unreachable(click.ClickException):
+    """NATS or an agent did not answer: nothing is wrong with the command, retry later."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
 def _fail(exc: Exception) -> click.ClickException:
+    if isinstance(exc, NatsUnreachable | AgentUnreachable):
+        return Unreachable(str(exc))
     return click.ClickException(str(exc))
 
 
-@click.group()
-@click.version_option(package_name="storelink")
+def _urls_or_none(data_dir: Path, given: tuple[str, ...]) -> list[str] | None:
+    if given:
+        return list(given)
+    urls = read_info(data_dir).get("nats_urls") or []
+    return [str(u) for u in urls] or None
+
+
+def _urls(data_dir: Path, given: tuple[str, ...]) -> list[str]:
+    """--nats-url, else what `central run` recorded in central.json."""
+    urls = _urls_or_none(data_dir, given)
+    if urls is None:
+        raise click.ClickException(
+            f"no NATS URL recorded in {data_dir / INFO_FILENAME} (has central run with "
+            f"--data-dir {data_dir}?); pass --nats-url"
+        )
+    return urls
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="storelink", prog_name="storelink-central")
 def cli() -> None:
     """storelink-central: HQ side of storelink (JetStream → sequencer → OMS sinks)."""
 
@@ -65,6 +127,20 @@ def cli() -> None:
     help="Seconds JetStream deduplicates batch ids (central's marks dedup forever) [120].",
 )
 @click.option("--gap-hold", type=float, help="Seconds a gap waits before a resync request [2].")
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default=DEFAULT_LOG_LEVEL,
+    show_default=True,
+    help="How much to log.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    default=DEFAULT_LOG_FORMAT,
+    show_default=True,
+    help="Log lines on stdout: one JSON object per line, or text for humans.",
+)
 def run(
     data_dir: Path,
     config: Path | None,
@@ -74,9 +150,11 @@ def run(
     http: str | None,
     duplicate_window: float | None,
     gap_hold: float | None,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Run central: embedded nats-server (unless --nats-url), consumer, sinks, status HTTP."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stdout)
+    configure_logging(log_level, log_format)
     overrides: dict[str, Any] = {
         "data_dir": str(data_dir.resolve()),
         "nats.urls": list(nats_urls) or None,
@@ -108,18 +186,93 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "never"
-    seconds = max(0.0, dt.datetime.now(dt.UTC).timestamp() - ts)
-    return f"{seconds:.0f}s ago" if seconds < 120 else f"{seconds / 60:.0f}m ago"
+    return _duration(max(0.0, time.time() - ts)) + " ago"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f}h"
+    return f"{seconds / 86400:.1f}d"
+
+
+async def _ask_agents(
+    urls: list[str], credentials: str, store_ids: list[str], timeout: float
+) -> tuple[dict[str, AgentReach], dict[str, int] | None, str | None]:
+    """(each store's agent, live DLQ counts per store, why NATS could not be asked)."""
+    from central.control import ask_status, connect
+    from central.dlq import dead_letter_counts
+
+    try:
+        nc = await connect(urls, credentials)
+    except NatsUnreachable as exc:
+        return {}, None, exc.reason
+    try:
+        reach = await ask_status(nc, store_ids, timeout)
+        try:
+            counts: dict[str, int] | None = await dead_letter_counts(nc)
+        except CentralError:
+            counts = None
+        return reach, counts, None
+    finally:
+        await nc.close()
+
+
+def _problems(store: dict[str, Any], lag_alert: float) -> list[str]:
+    """What an operator should look at for this store, most urgent first (see
+    docs/operations.md for each)."""
+    found = []
+    if store["agent"]["reachable"] is False:
+        found.append("unreachable")
+    if store["gap"]:
+        found.append("gap")
+    if store["dlq"]:
+        found.append("dlq")
+    if store["lag_seconds"] is not None and store["lag_seconds"] > lag_alert:
+        found.append("lagging")
+    return found
 
 
 @cli.command()
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--store", "store_filter", help="Only this store.")
-def status(data_dir: Path, as_json: bool, store_filter: str | None) -> None:
-    """Per store: epoch, high-water mark, delivered, duplicates, last seen, gap, DLQ count.
+@click.option("--store", "store_filter", metavar="STORE_ID", help="Only this store.")
+@nats_url_option
+@creds_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.05),
+    default=DEFAULT_ASK_TIMEOUT,
+    show_default=True,
+    help="Seconds each store's agent has to answer (all are asked at once).",
+)
+@click.option(
+    "--lag-alert",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_LAG_ALERT,
+    show_default=True,
+    help="A store more than this many seconds behind is flagged 'lagging'.",
+)
+@click.option("--no-agents", is_flag=True, help="Do not ask the agents (state database only).")
+def status(
+    data_dir: Path,
+    as_json: bool,
+    store_filter: str | None,
+    nats_urls: tuple[str, ...],
+    creds: str,
+    timeout: float,
+    lag_alert: float,
+    no_agents: bool,
+) -> None:
+    """One line per store: last seen, lag (events, seconds), hwm, open gap, DLQ count, agent
+    reachable; totals at the top.
 
-    Works whether or not central is running (reads the state database read-only)."""
+    Reads the state database read-only, so it works whether or not central runs. Each store's
+    agent is asked over its control subject, all at once, each with --timeout. Flags per store:
+    unreachable, gap, dlq, lagging (see docs/operations.md)."""
     try:
         stores = read_status(data_dir)
     except CentralError as exc:
@@ -127,30 +280,174 @@ def status(data_dir: Path, as_json: bool, store_filter: str | None) -> None:
     running = _running_status(data_dir)
     if store_filter:
         stores = [s for s in stores if s["store_id"] == store_filter]
+        if not stores:
+            raise click.ClickException(
+                f"central knows no store {store_filter!r}: see `storelink-central stores list`"
+            )
+    reach: dict[str, AgentReach] = {}
+    dlq_live: dict[str, int] | None = None
+    nats_error: str | None = "not asked (--no-agents)"
+    urls = _urls_or_none(data_dir, nats_urls)
+    if not no_agents:
+        if urls is None:
+            nats_error = f"no NATS URL recorded in {data_dir}/{INFO_FILENAME}; pass --nats-url"
+        else:
+            ids = [s["store_id"] for s in stores]
+            reach, dlq_live, nats_error = asyncio.run(_ask_agents(urls, creds, ids, timeout))
+    now = time.time()
+    for s in stores:
+        if dlq_live is not None:
+            # The DLQ stream is the truth (replay/drop remove from it); the state database's
+            # count is what central dead-lettered, used when NATS cannot be asked.
+            s["dlq"] = dlq_live.get(s["store_id"], 0)
+        agent = reach.get(s["store_id"])
+        s["agent"] = (
+            agent.to_dict()
+            if agent is not None
+            else {"reachable": None, "error": nats_error, "status": None}
+        )
+        s["lag_events"], s["lag_seconds"] = lag(agent, s["epoch"], s["hwm"], s["last_seen"], now)
+        s["problems"] = _problems(s, lag_alert)
+    asked = [s for s in stores if s["agent"]["reachable"] is not None]
+    lags = [s["lag_seconds"] for s in stores if s["lag_seconds"] is not None]
     totals = {
         "stores": len(stores),
         "delivered": sum(s["delivered"] for s in stores),
         "duplicates": sum(s["duplicates"] for s in stores),
         "gaps": sum(1 for s in stores if s["gap"]),
         "dlq": sum(s["dlq"] for s in stores),
+        "agents_asked": len(asked),
+        "agents_reachable": sum(1 for s in asked if s["agent"]["reachable"]),
+        "lag_events": sum(s["lag_events"] or 0 for s in stores),
+        "max_lag_seconds": max(lags) if lags else None,
+        "stores_with_problems": sum(1 for s in stores if s["problems"]),
     }
-    result = {"central_running": running is not None, "totals": totals, "stores": stores}
+    result = {
+        "central_running": running is not None,
+        "nats": {"urls": urls or [], "asked": nats_error is None, "error": nats_error},
+        "totals": totals,
+        "sinks": (running or {}).get("sinks") or [],
+        "stores": stores,
+    }
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    state = "running" if running else "NOT RUNNING (state read from disk)"
+    _print_status(result)
+
+
+def _print_status(result: dict[str, Any]) -> None:
+    totals = result["totals"]
+    state = "running" if result["central_running"] else "NOT RUNNING (state read from disk)"
     click.echo(
         f"central {state}: {totals['stores']} stores, {totals['delivered']} delivered, "
         f"{totals['duplicates']} duplicates dropped, {totals['gaps']} open gaps, "
         f"{totals['dlq']} in DLQ"
     )
-    for s in stores:
+    if result["nats"]["asked"]:
+        max_lag = totals["max_lag_seconds"]
+        click.echo(
+            f"agents: {totals['agents_reachable']} of {totals['agents_asked']} reachable; "
+            f"lag {totals['lag_events']} events, worst "
+            f"{_duration(max_lag) if max_lag is not None else '?'}; "
+            f"{totals['stores_with_problems']} stores need attention"
+        )
+    else:
+        click.echo(f"agents: not asked: {result['nats']['error']}")
+    for sink in result["sinks"]:
+        if sink.get("breaker") not in (None, "closed"):
+            click.echo(f"sink {sink['sink']}: circuit breaker {sink['breaker'].upper()}")
+    for s in result["stores"]:
         gap = s["gap"]
         gap_text = f"GAP {gap['from_seq']}..{gap['to_seq']}" if gap else "no gap"
+        agent = s["agent"]
+        if agent["reachable"] is None:
+            agent_text = "agent ?"
+        elif not agent["reachable"]:
+            agent_text = f"agent UNREACHABLE ({agent['error']})"
+        elif agent["status"] is None:
+            agent_text = f"agent ERROR ({agent['error']})"
+        else:
+            link = "connected" if agent["status"]["connected"] else "NOT CONNECTED to NATS"
+            agent_text = f"agent ok ({link}, {agent['status']['pending']} pending)"
+        if s["lag_events"] is None:
+            lag_text = "lag ?"
+        else:
+            seconds = s["lag_seconds"]
+            lag_text = (
+                f"lag {s['lag_events']} ev {_duration(seconds) if seconds is not None else '?'}"
+            )
+        flags = ",".join(s["problems"]).upper() or ("OK" if agent["reachable"] else "-")
         click.echo(
-            f"  {s['store_id']:<32} epoch {s['epoch'] or '-':<16} hwm {s['hwm']:>9} "
-            f"delivered {s['delivered']:>9} last seen {_ago(s['last_seen']):>10}  "
-            f"{gap_text}  dlq {s['dlq']}"
+            f"  {s['store_id']:<12} {flags:<14} hwm {s['hwm']:>8} "
+            f"last seen {_ago(s['last_seen']):>9}  {lag_text:<16} {gap_text}  "
+            f"dlq {s['dlq']}  {agent_text}"
+        )
+
+
+@cli.command()
+@click.argument("store_id")
+@data_dir_option
+@click.option(
+    "--from-seq", type=click.IntRange(min=1), required=True, help="Re-send from this seq."
+)
+@click.option(
+    "--to-seq", type=click.IntRange(min=1), help="... up to this seq [the last one the store has]."
+)
+@click.option(
+    "--reason", default="operator request", show_default=True, help="Logged by the agent."
+)
+@nats_url_option
+@creds_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0.1),
+    default=DEFAULT_RESYNC_TIMEOUT,
+    show_default=True,
+    help="Seconds the agent has to answer.",
+)
+def resync(
+    store_id: str,
+    data_dir: Path,
+    from_seq: int,
+    to_seq: int | None,
+    reason: str,
+    nats_urls: tuple[str, ...],
+    creds: str,
+    timeout: float,
+) -> None:
+    """Ask STORE_ID's agent (over NATS) to re-send seqs --from-seq..--to-seq.
+
+    The agent marks them unsent and sends them again; central drops what it already delivered,
+    so a resync is always safe. Exits 3 when the agent or NATS does not answer."""
+    from central.control import ask_resync, connect
+
+    if to_seq is not None and to_seq < from_seq:
+        raise click.UsageError("--to-seq is below --from-seq")
+    try:
+        check_store_id(store_id)
+    except InvalidStoreId as exc:
+        raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
+    urls = _urls(data_dir, nats_urls)
+
+    async def ask() -> ResyncReply:
+        nc = await connect(urls, creds)
+        try:
+            return await ask_resync(nc, store_id, from_seq, to_seq, reason=reason, timeout=timeout)
+        finally:
+            await nc.close()
+
+    try:
+        answer = asyncio.run(ask())
+    except (NatsUnreachable, AgentUnreachable) as exc:
+        raise Unreachable(f"{exc}; check `storelink-agent status` at the store") from None
+    except CentralError as exc:
+        raise _fail(exc) from None
+    span = f"{from_seq}..{to_seq if to_seq is not None else 'end'}"
+    click.echo(f"store {store_id}: {answer.marked} events will be re-sent (seqs {span}).")
+    if answer.first_available_seq is not None and from_seq < answer.first_available_seq:
+        click.echo(
+            f"note: seqs below {answer.first_available_seq} are no longer held by the agent "
+            "(retention); the POS must re-send those events itself."
         )
 
 
@@ -204,51 +501,202 @@ def dlq() -> None:
     """Dead letters: batches and records central could not deliver, with the reason."""
 
 
-def _nats_url(data_dir: Path, url: str | None) -> str:
-    if url:
-        return url
-    urls = read_info(data_dir).get("nats_urls") or []
-    if not urls:
-        raise click.ClickException(
-            f"no NATS URL recorded in {data_dir}/central.json; pass --nats-url"
-        )
-    return str(urls[0])
+def _with_nats(
+    data_dir: Path,
+    nats_urls: tuple[str, ...],
+    creds: str,
+    work: Callable[[Any], Awaitable[T]],
+) -> T:
+    """Connect (fast-failing), run ``work(nc)``, close; CentralErrors become CLI errors."""
+    from central.control import connect
+
+    urls = _urls(data_dir, nats_urls)
+
+    async def run() -> T:
+        nc = await connect(urls, creds)
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(run())
+    except CentralError as exc:
+        raise _fail(exc) from None
+
+
+def _dead_letter_line(e: DeadLetter) -> str:
+    return f"{e.id:>6}  {e.store_id:<20} {e.kind:<7} {e.reason}"
 
 
 @dlq.command("list")
 @data_dir_option
-@click.option("--nats-url", help="NATS URL [recorded by central run].")
+@click.option("--store", "store_id", metavar="STORE_ID", help="Only this store's dead letters.")
+@nats_url_option
+@creds_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def dlq_list(data_dir: Path, nats_url: str | None, as_json: bool) -> None:
-    """List dead letters: id, store, kind, reason."""
-    from central.dlq import list_dead_letters
+def dlq_list(
+    data_dir: Path, store_id: str | None, nats_urls: tuple[str, ...], creds: str, as_json: bool
+) -> None:
+    """List dead letters, oldest first: id, store, kind (record or batch), reason."""
+    from central.dlq import entries
 
-    try:
-        entries = asyncio.run(list_dead_letters(_nats_url(data_dir, nats_url)))
-    except CentralError as exc:
-        raise _fail(exc) from None
+    found = _with_nats(data_dir, nats_urls, creds, lambda nc: entries(nc, store_id))
     if as_json:
-        click.echo(json.dumps([e.summary() for e in entries], indent=2))
+        click.echo(json.dumps([e.summary() for e in found], indent=2))
         return
-    if not entries:
+    if not found:
         click.echo("DLQ is empty")
-    for e in entries:
-        click.echo(f"{e.id:>6}  {e.store_id:<20} {e.kind:<7} {e.reason}")
+    for e in found:
+        click.echo(_dead_letter_line(e))
 
 
 @dlq.command("show")
-@click.argument("entry_id", type=int)
+@click.argument("entry_id", type=click.IntRange(min=1))
 @data_dir_option
-@click.option("--nats-url", help="NATS URL [recorded by central run].")
-def dlq_show(entry_id: int, data_dir: Path, nats_url: str | None) -> None:
-    """Show one dead letter with its reason and payload."""
-    from central.dlq import get_dead_letter
+@nats_url_option
+@creds_option
+def dlq_show(entry_id: int, data_dir: Path, nats_urls: tuple[str, ...], creds: str) -> None:
+    """Show dead letter ENTRY_ID with its reason, headers and payload (JSON)."""
+    from central.dlq import entry
 
+    found = _with_nats(data_dir, nats_urls, creds, lambda nc: entry(nc, entry_id))
+    click.echo(json.dumps(found.detail(), indent=2))
+
+
+@dlq.command("replay")
+@click.argument("entry_id", type=click.IntRange(min=1), required=False)
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter (of --store).")
+@click.option("--store", "store_id", metavar="STORE_ID", help="With --all: only this store's.")
+@data_dir_option
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Central's TOML config, for the webhook settings (secret, timeout) [defaults].",
+)
+@click.option(
+    "--sink",
+    "sinks",
+    multiple=True,
+    metavar="SPEC",
+    help="Deliver records to webhook:URL or nats (repeatable) instead of the sink that "
+    "refused them (e.g. the OMS moved).",
+)
+@nats_url_option
+@creds_option
+def dlq_replay(
+    entry_id: int | None,
+    everything: bool,
+    store_id: str | None,
+    data_dir: Path,
+    config: Path | None,
+    sinks: tuple[str, ...],
+    nats_urls: tuple[str, ...],
+    creds: str,
+) -> None:
+    """Deliver ENTRY_ID (or --all) again; each is removed from the DLQ only on success.
+
+    A record goes to the sink that refused it (named in its reason) with its original
+    idempotency key; a batch is published again on its store's events subject for the running
+    central to process. Exits 1 when any stays in the DLQ (each says why)."""
+    from central.dlq import entries, entry
+
+    if (entry_id is None) == (not everything):
+        raise click.UsageError("give one dead letter ID or --all")
+    if store_id is not None and not everything:
+        raise click.UsageError("--store goes with --all")
+    for spec in sinks:
+        if not (spec == "nats" or spec.startswith("webhook:")):
+            raise click.BadParameter(
+                f"{spec!r}: records are replayed to webhook:URL or nats (a file sink never "
+                "refuses a record, and its file belongs to the running central)",
+                param_hint="--sink",
+            )
+
+    async def work(nc: Any) -> tuple[list[str], list[str]]:
+        found = await entries(nc, store_id) if everything else [await entry(nc, entry_id or 0)]
+        return await _replay(nc, found, data_dir, config, list(sinks))
+
+    done, failed = _with_nats(data_dir, nats_urls, creds, work)
+    for line in done + failed:
+        click.echo(line)
+    if failed:
+        raise click.ClickException(
+            f"{len(failed)} of {len(done) + len(failed)} dead letters stay in the DLQ "
+            "(reasons above); fix the cause and replay again, or drop them"
+        )
+    if not done:
+        click.echo("DLQ is empty: nothing to replay")
+
+
+async def _replay(
+    nc: Any, found: list[DeadLetter], data_dir: Path, config: Path | None, given: list[str]
+) -> tuple[list[str], list[str]]:
+    """Replay each dead letter; (lines for those replayed, lines for those that stay)."""
+    from central.dlq import DlqError, remove, replay_batch, replay_record
+    from central.sinks import Sink, make_sinks
+
+    opened: dict[str, Sink] = {}
+    done: list[str] = []
+    failed: list[str] = []
     try:
-        entry = asyncio.run(get_dead_letter(_nats_url(data_dir, nats_url), entry_id))
-    except CentralError as exc:
-        raise _fail(exc) from None
-    click.echo(json.dumps(entry.detail(), indent=2))
+        for dead in found:
+            try:
+                if dead.kind == "batch":
+                    await replay_batch(nc, dead)
+                    target = dead.headers.get("Storelink-Original-Subject", "?")
+                else:
+                    specs = given or [s for s in [dead.refusing_sink()] if s]
+                    if not specs or any(s.startswith("file:") for s in specs):
+                        raise DlqError(
+                            f"dead letter {dead.id}: its reason names no sink to replay to; "
+                            "say which with --sink webhook:URL or --sink nats"
+                        )
+                    for spec in specs:
+                        if spec not in opened:
+                            cfg = load_config(config, {"data_dir": str(data_dir), "sinks": [spec]})
+                            [sink] = make_sinks(cfg, nc)
+                            await sink.start(None)
+                            opened[spec] = sink
+                    await replay_record(dead, [opened[s] for s in specs])
+                    target = ", ".join(specs)
+                await remove(nc, dead, data_dir)
+            except DlqError as exc:
+                failed.append(f"{dead.id:>6}  {dead.store_id:<20} STAYS: {exc}")
+                continue
+            done.append(f"{dead.id:>6}  {dead.store_id:<20} replayed ({dead.kind} → {target})")
+    finally:
+        for sink in opened.values():
+            await sink.close()
+    return done, failed
+
+
+@dlq.command("drop")
+@click.argument("entry_id", type=click.IntRange(min=1))
+@data_dir_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@nats_url_option
+@creds_option
+def dlq_drop(
+    entry_id: int, data_dir: Path, yes: bool, nats_urls: tuple[str, ...], creds: str
+) -> None:
+    """Remove dead letter ENTRY_ID for good (the OMS will never get it from storelink).
+
+    Use it when the event was booked at the OMS another way, or is not wanted there; `dlq show`
+    first to keep a copy."""
+    from central.dlq import entry, remove
+
+    async def drop(nc: Any) -> DeadLetter:
+        dead = await entry(nc, entry_id)
+        if not yes and not click.confirm(
+            f"drop dead letter {dead.id} of store {dead.store_id} ({dead.reason})?"
+        ):
+            raise click.Abort()
+        await remove(nc, dead, data_dir)
+        return dead
+
+    dead = _with_nats(data_dir, nats_urls, creds, drop)
+    click.echo(f"dropped dead letter {dead.id} of store {dead.store_id}")
 
 
 @cli.command()
@@ -275,4 +723,4 @@ def demo(root: Path | None, events: int, rate: float, keep_running: bool) -> Non
 
 
 def main() -> None:
-    cli()
+    cli(prog_name="storelink-central")

@@ -1,0 +1,212 @@
+"""HQ's side of the control subject: ask stores' agents how they are, and to re-send.
+
+``storelink-central status`` asks every store at once (``ask_status``: one request per store,
+concurrent, bounded, each with a short timeout, so 400 stores answer in about one timeout and a
+dead store costs no more than that). ``storelink-central resync`` sends one ``ResyncRequest``
+(``ask_resync``). The agent's side is ``agent/control.py``.
+
+These are CLI-side helpers: each command opens its own short-lived NATS connection
+(``connect``), which fails fast instead of retrying forever like the service's connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+
+from central.errors import CentralError
+from protocol.subjects import control_subject
+from protocol.wire import (
+    AgentStatus,
+    ControlError,
+    ResyncReply,
+    ResyncRequest,
+    StatusRequest,
+    decode_control_reply,
+    encode,
+)
+
+DEFAULT_ASK_TIMEOUT = 1.0  # an agent answers from memory in milliseconds; 1 s is a dead link
+DEFAULT_RESYNC_TIMEOUT = 5.0  # a resync writes to the store's outbox: give it longer
+CONNECT_TIMEOUT = 2.0
+MAX_CONCURRENT_ASKS = 256  # in-flight requests at once: enough for 1,000 stores in ~4 timeouts
+
+
+class NatsUnreachable(CentralError):
+    """NATS did not accept a connection: central (with its embedded server) may be down."""
+
+    def __init__(self, urls: Sequence[str], reason: str) -> None:
+        self.urls = list(urls)
+        self.reason = reason
+        super().__init__(f"cannot reach NATS at {', '.join(urls)}: {reason}")
+
+
+class AgentUnreachable(CentralError):
+    """The store's agent did not answer on its control subject."""
+
+    def __init__(self, store_id: str, reason: str) -> None:
+        self.store_id = store_id
+        self.reason = reason
+        super().__init__(f"the agent of store {store_id} did not answer: {reason}")
+
+
+class ControlRefused(CentralError):
+    """The agent answered with an error."""
+
+    def __init__(self, store_id: str, error: str) -> None:
+        self.store_id = store_id
+        self.error = error
+        super().__init__(f"the agent of store {store_id} refused: {error}")
+
+
+@dataclass(frozen=True)
+class AgentReach:
+    """What asking one store's agent found: its status, or why there was none."""
+
+    store_id: str
+    reachable: bool
+    status: AgentStatus | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        status = msgspec.to_builtins(self.status) if self.status is not None else None
+        return {"reachable": self.reachable, "error": self.error, "status": status}
+
+
+async def connect(urls: Sequence[str], credentials: str = "") -> Any:
+    """A NATS connection for one command, or NatsUnreachable within ``CONNECT_TIMEOUT``."""
+    options: dict[str, Any] = {}
+    if credentials:
+        options["user_credentials"] = credentials
+    errors: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:
+        # nats-py logs every failed attempt with a traceback by default; keep the last one
+        # for a one-line message instead.
+        errors.append(exc)
+
+    try:
+        # max_reconnect_attempts=1, not 0: nats-py never drops a server from its pool at 0 and
+        # the first connect would loop forever. wait_for as well: a blackholed host can hold
+        # connect beyond connect_timeout.
+        return await asyncio.wait_for(
+            nats.connect(
+                list(urls),
+                name="storelink-central-cli",
+                connect_timeout=CONNECT_TIMEOUT,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                error_cb=on_error,
+                **options,
+            ),
+            CONNECT_TIMEOUT * 2,
+        )
+    except Exception as exc:
+        raise NatsUnreachable(urls, _why(errors[-1] if errors else exc)) from None
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, nats.errors.NoRespondersError):
+        return "no agent is subscribed on its control subject (not running or not connected)"
+    if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
+        return "no answer in time"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (is central, or the NATS server, running?)"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def _request(nc: Any, store_id: str, payload: bytes, timeout: float) -> Any:
+    try:
+        reply = await nc.request(control_subject(store_id), payload, timeout=timeout)
+    except Exception as exc:
+        raise AgentUnreachable(store_id, _why(exc)) from None
+    try:
+        return decode_control_reply(reply.data)
+    except msgspec.DecodeError as exc:
+        raise AgentUnreachable(store_id, f"an answer that does not decode: {exc}") from None
+
+
+async def ask_one(nc: Any, store_id: str, timeout: float = DEFAULT_ASK_TIMEOUT) -> AgentReach:
+    """Ask one agent for its status; never raises for an agent that does not answer."""
+    try:
+        answer = await _request(nc, store_id, encode(StatusRequest()), timeout)
+    except AgentUnreachable as exc:
+        return AgentReach(store_id, False, error=exc.reason)
+    if isinstance(answer, AgentStatus):
+        if answer.store_id != store_id:
+            # A misconfigured agent answering on another store's subject would hide the real
+            # one; the permissions `stores add` writes should make this impossible.
+            return AgentReach(
+                store_id, False, error=f"answered as store {answer.store_id!r}: misconfigured"
+            )
+        return AgentReach(store_id, True, status=answer)
+    error = answer.error if isinstance(answer, ControlError) else f"unexpected reply {answer!r}"
+    return AgentReach(store_id, True, error=error)
+
+
+async def ask_status(
+    nc: Any, store_ids: Iterable[str], timeout: float = DEFAULT_ASK_TIMEOUT
+) -> dict[str, AgentReach]:
+    """Every store's agent asked concurrently (bounded); a store that does not answer within
+    ``timeout`` is unreachable."""
+    slots = asyncio.Semaphore(MAX_CONCURRENT_ASKS)
+
+    async def bounded(store_id: str) -> AgentReach:
+        async with slots:
+            return await ask_one(nc, store_id, timeout)
+
+    ids = list(store_ids)
+    answers = await asyncio.gather(*(bounded(s) for s in ids))
+    return dict(zip(ids, answers, strict=True))
+
+
+async def ask_resync(
+    nc: Any,
+    store_id: str,
+    from_seq: int,
+    to_seq: int | None,
+    *,
+    reason: str = "",
+    timeout: float = DEFAULT_RESYNC_TIMEOUT,
+) -> ResyncReply:
+    """Ask one agent to re-send ``from_seq..to_seq``; raises AgentUnreachable/ControlRefused."""
+    request = ResyncRequest(from_seq=from_seq, to_seq=to_seq, reason=reason)
+    answer = await _request(nc, store_id, encode(request), timeout)
+    if isinstance(answer, ResyncReply):
+        return answer
+    if isinstance(answer, ControlError):
+        raise ControlRefused(store_id, answer.error)
+    raise ControlRefused(store_id, f"unexpected reply {answer!r}")
+
+
+def lag(
+    reach: AgentReach | None, epoch: str | None, hwm: int, last_seen: float | None, now: float
+) -> tuple[int | None, float | None]:
+    """(events, seconds) central is behind this store, or (None, None) when the agent did not
+    say. Events: what the agent committed beyond central's high-water mark in the same epoch
+    (all of it in an epoch central has not seen yet). Seconds: the age of the oldest event the
+    agent still holds unsent; when everything is sent but central is behind (central was down,
+    the batches wait in JetStream), the time since central last heard from the store."""
+    if reach is None or reach.status is None:
+        return None, None
+    status = reach.status
+    behind = status.last_seq - hwm if status.epoch == epoch else status.last_seq
+    events = max(0, behind)
+    seconds: float | None
+    if status.pending and status.oldest_pending_at is not None:
+        seconds = (
+            dt.datetime.fromtimestamp(now, dt.UTC) - status.oldest_pending_at
+        ).total_seconds()
+    elif events:
+        seconds = now - last_seen if last_seen else None
+    else:
+        seconds = 0.0
+    return events, None if seconds is None else max(0.0, seconds)

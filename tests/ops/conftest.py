@@ -1,0 +1,53 @@
+"""Operator-tool fixtures: the pipeline as real processes, and the CLIs run as subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from central.demo import Pipeline
+
+CLI_TIMEOUT = 60.0
+
+
+def run_cli(module: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m MODULE ARGS`` to completion (agent or central), text captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+
+
+async def central(pipeline: Pipeline, *args: str) -> subprocess.CompletedProcess[str]:
+    """``storelink-central ARGS --data-dir <the pipeline's>`` in a thread (the event loop keeps
+    serving anything the test runs in-process meanwhile)."""
+    return await asyncio.to_thread(
+        run_cli, "central", *args, "--data-dir", str(pipeline.central_dir)
+    )
+
+
+async def agent(pipeline: Pipeline, store_id: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``storelink-agent ARGS --config <the store's agent.toml>`` in a thread."""
+    return await asyncio.to_thread(
+        run_cli, "agent", *args, "--config", str(pipeline.agent_config(store_id))
+    )
+
+
+@pytest.fixture
+async def pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
+    """Central (embedded NATS, file sink) and agents for S1 and S2, started; stopped after."""
+    p = Pipeline(root=tmp_path, store_ids=("S1", "S2"))
+    try:
+        await p.start()
+        yield p
+    finally:
+        await p.stop()
