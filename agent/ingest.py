@@ -16,6 +16,7 @@ import asyncio
 import datetime as dt
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -31,6 +32,8 @@ from agent.errors import (
     PoslogRejected,
     RecordTooLarge,
 )
+from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, UnsentMarked
 from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
 
@@ -390,14 +393,7 @@ class Ingest:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         status = msgspec.to_builtins(self._status())
-        assert isinstance(status, dict)
-        lines = []
-        for key in ("last_seq", "pending", "buffer_bytes", "max_buffer_bytes"):
-            lines.append(f"storelink_agent_{key} {int(status.get(key) or 0)}")
-        lines.append(f"storelink_agent_connected {int(bool(status.get('connected')))}")
-        lines.append(f"storelink_agent_http_requests_total {self._requests}")
-        lines.append(f"storelink_agent_events_accepted_total {self._accepted}")
-        lines.append(f"storelink_agent_events_duplicate_total {self._duplicates}")
-        for code, count in sorted(self._refused.items()):
-            lines.append(f'storelink_agent_http_refused_total{{status="{code}"}} {count}')
-        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+        ingest = msgspec.to_builtins(self.statistics())
+        assert isinstance(status, dict) and isinstance(ingest, dict)
+        text = render_agent_metrics(status, ingest, time.time())
+        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})

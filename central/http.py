@@ -1,17 +1,21 @@
-"""Central's small HTTP server: health for supervisors and tests, status as JSON."""
+"""Central's small HTTP server: health for supervisors and tests, status as JSON, metrics for
+Prometheus."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from central.errors import ConfigError
+from central.metrics import CONTENT_TYPE, render_central_metrics
 
 
 class CentralHttp:
-    """``GET /healthz`` (200 once consuming, else 503) and ``GET /v1/status`` (JSON)."""
+    """``GET /healthz`` (200 once consuming, else 503), ``GET /v1/status`` (JSON) and
+    ``GET /metrics`` (Prometheus text, from the same status document)."""
 
     def __init__(
         self, host: str, port: int, healthy: Callable[[], bool], status: Callable[[], Any]
@@ -29,10 +33,15 @@ class CentralHttp:
     async def _status_route(self, request: web.Request) -> web.Response:
         return web.json_response(self._status_fn())
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        text = render_central_metrics(self._status_fn(), time.time())
+        return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/v1/status", self._status_route)
+        app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:

@@ -1,0 +1,193 @@
+"""Prometheus ``GET /metrics`` for the agent, and the text-format writer central uses too.
+
+The exposition format (version 0.0.4) is a few lines of text per metric; writing it by hand
+costs ~60 lines here, where ``prometheus-client`` would add a dependency and a second registry
+of counters beside the ``statistics()`` snapshots the parts already keep. Every figure is read
+from those snapshots at scrape time, so nothing on the hot path changes for metrics.
+
+One agent is one store, so the store id, epoch and version are labels of
+``storelink_agent_info`` only (join on it, the usual Prometheus pattern); the other series stay
+unlabelled and cheap. Central's ``/metrics`` labels every per-store series with ``store``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Mapping
+from typing import Any
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+Labels = Mapping[str, str]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+class Exposition:
+    """Metrics in the Prometheus text format: ``add`` each family once, then ``render``."""
+
+    def __init__(self, prefix: str, labels: Labels | None = None) -> None:
+        self.prefix = prefix
+        self.labels = dict(labels or {})
+        self._lines: list[str] = []
+        self._names: set[str] = set()
+
+    def add(
+        self,
+        name: str,
+        kind: str,
+        help_text: str,
+        samples: float | bool | list[tuple[Labels, float]],
+    ) -> None:
+        """One metric family: a single value, or ``[(labels, value), ...]``. Counters are
+        named ``*_total`` by the caller; ``kind`` is ``counter``, ``gauge`` or ``info``."""
+        full = f"{self.prefix}_{name}"
+        if full in self._names:
+            raise ValueError(f"metric {full} added twice")
+        self._names.add(full)
+        self._lines.append(f"# HELP {full} {help_text}")
+        self._lines.append(f"# TYPE {full} {'gauge' if kind == 'info' else kind}")
+        if not isinstance(samples, list):
+            samples = [({}, float(samples))]
+        for labels, value in samples:
+            merged = {**self.labels, **labels}
+            text = ",".join(f'{k}="{_escape(str(v))}"' for k, v in merged.items())
+            sample = f"{full}{{{text}}}" if text else full
+            self._lines.append(f"{sample} {_number(value)}")
+
+    def render(self) -> str:
+        return "\n".join(self._lines) + "\n"
+
+
+def _timestamp(value: Any) -> float:
+    """Seconds since the epoch of a datetime or ISO text; 0 for never (Prometheus' custom)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    assert isinstance(value, dt.datetime)
+    return value.timestamp()
+
+
+def render_agent_metrics(status: Mapping[str, Any], ingest: Mapping[str, Any], now: float) -> str:
+    """The agent's metrics from its status report and its ingest statistics (both as the
+    builtins ``msgspec.to_builtins`` makes)."""
+    out = Exposition("storelink_agent")
+    info = {
+        "store": str(status.get("store_id", "")),
+        "epoch": str(status.get("epoch", "")),
+        "version": str(status.get("version", "")),
+    }
+    out.add("info", "info", "Always 1; the labels say which store, epoch and version.", [(info, 1)])
+    out.add(
+        "up",
+        "gauge",
+        "1 while the service runs and accepts events.",
+        bool(status.get("service_running")),
+    )
+    out.add(
+        "connected",
+        "gauge",
+        "1 while connected to NATS at HQ.",
+        bool(status.get("connected", False)),
+    )
+    forwarder = status.get("forwarder") or {}
+    offline_since = _timestamp(forwarder.get("offline_since"))
+    out.add(
+        "offline_seconds",
+        "gauge",
+        "Seconds since the link to HQ was lost; 0 while connected.",
+        max(0.0, now - offline_since)
+        if offline_since and not status.get("connected", False)
+        else 0.0,
+    )
+    out.add("last_seq", "gauge", "Highest seq committed to the outbox.", status.get("last_seq", 0))
+    out.add(
+        "pending_events",
+        "gauge",
+        "Events committed but not yet acknowledged by HQ.",
+        status.get("pending", 0),
+    )
+    oldest = _timestamp(status.get("oldest_pending_at"))
+    out.add(
+        "oldest_pending_age_seconds",
+        "gauge",
+        "Age of the oldest event not yet acknowledged by HQ; 0 when none.",
+        max(0.0, now - oldest) if oldest and status.get("pending", 0) else 0.0,
+    )
+    out.add(
+        "last_ack_timestamp_seconds",
+        "gauge",
+        "When HQ last acknowledged a batch (Unix time); 0 never.",
+        _timestamp(status.get("last_ack_at")),
+    )
+    out.add("buffer_bytes", "gauge", "Bytes the outbox holds.", status.get("buffer_bytes", 0))
+    out.add(
+        "buffer_limit_bytes",
+        "gauge",
+        "outbox.max_buffer_bytes: beyond it ingest answers 507.",
+        status.get("max_buffer_bytes", 0),
+    )
+    out.add(
+        "forwarded_batches_total",
+        "counter",
+        "Batches acknowledged by JetStream.",
+        forwarder.get("batches_sent", 0),
+    )
+    out.add(
+        "forwarded_events_total",
+        "counter",
+        "Events acknowledged by JetStream (re-sends too).",
+        forwarder.get("records_sent", 0),
+    )
+    out.add(
+        "inflight_batches",
+        "gauge",
+        "Batches published and awaiting their PubAck.",
+        forwarder.get("inflight", 0),
+    )
+    out.add(
+        "forward_failures_total",
+        "counter",
+        "Publishes that failed and were retried.",
+        forwarder.get("failures", 0),
+    )
+    out.add("reconnects_total", "counter", "Reconnections to NATS.", forwarder.get("reconnects", 0))
+    out.add("http_requests_total", "counter", "Ingest requests received.", ingest["requests"])
+    out.add(
+        "events_accepted_total",
+        "counter",
+        "Events accepted (202, durable).",
+        ingest["events_accepted"],
+    )
+    out.add(
+        "events_duplicate_total",
+        "counter",
+        "Events refused as already held (same event_id).",
+        ingest["events_duplicate"],
+    )
+    refused = sorted((int(code), count) for code, count in ingest["refused"].items())
+    out.add(
+        "http_refused_total",
+        "counter",
+        "Ingest requests refused, by HTTP status.",
+        [({"status": str(code)}, count) for code, count in refused],
+    )
+    out.add(
+        "damaged_file",
+        "gauge",
+        "1 when the outbox was found damaged (and moved aside) at start.",
+        bool(status.get("damaged_file")),
+    )
+    return out.render()

@@ -1,0 +1,156 @@
+"""Prometheus ``GET /metrics`` for central, rendered from the same document as ``/v1/status``.
+
+Per-store series carry a ``store`` label; per-sink series a ``sink`` label. Every figure comes
+from the ``statistics()`` snapshots and the state database at scrape time. The text format
+writer is the agent's (``agent.metrics.Exposition``): one format, one implementation.
+
+What an alert rule would look at (docs/operations.md has the runbook for each):
+``storelink_central_healthy == 0``, ``storelink_central_store_gap_open == 1`` for minutes,
+``storelink_central_store_dlq_events > 0``, ``time() - storelink_central_store_last_seen_
+timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from agent.metrics import CONTENT_TYPE, Exposition
+
+__all__ = ["CONTENT_TYPE", "render_central_metrics"]
+
+
+def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
+    """Central's metrics from its status document (``CentralService.status()``)."""
+    out = Exposition("storelink_central")
+    out.add(
+        "healthy",
+        "gauge",
+        "1 while consuming with NATS connected (as /healthz).",
+        bool(status.get("healthy")),
+    )
+    nats = status.get("nats") or {}
+    out.add("nats_connected", "gauge", "1 while connected to NATS.", bool(nats.get("connected")))
+    out.add(
+        "broker_restarts_total",
+        "counter",
+        "Times the embedded nats-server was restarted.",
+        nats.get("broker_restarts", 0),
+    )
+    out.add(
+        "started_timestamp_seconds",
+        "gauge",
+        "When this central started (Unix time).",
+        status.get("started_at") or 0,
+    )
+    consumer = status.get("consumer") or {}
+    for key, help_text in (
+        ("units", "Units of work (fetches) committed."),
+        ("batches", "Batches processed."),
+        ("delivered", "Events delivered to every sink."),
+        ("duplicates", "Events dropped as already delivered (redeliveries, re-sends)."),
+        ("dlq", "Batches and records sent to the DLQ by this process."),
+        ("held", "Batch deliveries held back behind a gap."),
+        ("resync_requests", "Resync requests sent to stores for gaps."),
+        ("resync_unanswered", "Resync requests no store answered."),
+        ("sink_failures", "Units retried because a sink could not take them."),
+    ):
+        out.add(f"consumer_{key}_total", "counter", help_text, consumer.get(key, 0))
+    last_unit = consumer.get("last_unit_at") or 0
+    out.add(
+        "consumer_last_unit_timestamp_seconds",
+        "gauge",
+        "When the last unit of work committed (Unix time); 0 never.",
+        last_unit,
+    )
+    state = status.get("state") or {}
+    out.add(
+        "state_commits_total", "counter", "State transactions committed.", state.get("commits", 0)
+    )
+    out.add(
+        "state_last_commit_seconds",
+        "gauge",
+        "Duration of the last state transaction.",
+        state.get("last_commit_seconds", 0.0),
+    )
+    sinks = status.get("sinks") or []
+    out.add(
+        "sink_records_total",
+        "counter",
+        "Records the OMS sink accepted.",
+        [({"sink": s["sink"]}, s.get("records", 0)) for s in sinks],
+    )
+    out.add(
+        "sink_rejected_total",
+        "counter",
+        "Records the OMS refused for good (to the DLQ).",
+        [({"sink": s["sink"]}, s.get("rejected", 0)) for s in sinks],
+    )
+    out.add(
+        "sink_retries_total",
+        "counter",
+        "Retried deliveries (5xx, timeouts).",
+        [({"sink": s["sink"]}, s.get("retries", 0)) for s in sinks],
+    )
+    out.add(
+        "sink_breaker_open",
+        "gauge",
+        "1 while the sink's circuit breaker is open.",
+        [({"sink": s["sink"]}, s.get("breaker") == "open") for s in sinks],
+    )
+    stores = status.get("stores") or []
+
+    def per_store(key: str) -> list[tuple[Mapping[str, str], float]]:
+        return [({"store": s["store_id"]}, float(s.get(key) or 0)) for s in stores]
+
+    out.add("stores", "gauge", "Stores central knows (provisioned or seen).", len(stores))
+    out.add(
+        "store_hwm",
+        "gauge",
+        "High-water mark: every seq up to it is delivered (latest epoch).",
+        per_store("hwm"),
+    )
+    out.add(
+        "store_delivered_total", "counter", "Events delivered, all epochs.", per_store("delivered")
+    )
+    out.add(
+        "store_duplicates_total",
+        "counter",
+        "Duplicate events dropped, all epochs.",
+        per_store("duplicates"),
+    )
+    out.add(
+        "store_last_seen_timestamp_seconds",
+        "gauge",
+        "When a batch of the store last arrived (Unix time); 0 never.",
+        per_store("last_seen"),
+    )
+    gaps = [(s["store_id"], s.get("gap")) for s in stores]
+    out.add(
+        "store_gap_open",
+        "gauge",
+        "1 while seqs are missing and later batches wait.",
+        [({"store": sid}, gap is not None) for sid, gap in gaps],
+    )
+    out.add(
+        "store_gap_missing_events",
+        "gauge",
+        "Seqs missing in the open gap; 0 without one.",
+        [({"store": sid}, gap["to_seq"] - gap["from_seq"] + 1 if gap else 0) for sid, gap in gaps],
+    )
+    out.add(
+        "store_gap_age_seconds",
+        "gauge",
+        "How long the open gap has been open; 0 without.",
+        [({"store": sid}, max(0.0, now - gap["since"]) if gap else 0) for sid, gap in gaps],
+    )
+    out.add(
+        "store_dlq_events", "gauge", "Dead letters central filed for the store.", per_store("dlq")
+    )
+    out.add(
+        "store_provisioned",
+        "gauge",
+        "1 if provisioned with `stores add` (and not removed).",
+        [({"store": s["store_id"]}, bool(s.get("provisioned"))) for s in stores],
+    )
+    return out.render()
