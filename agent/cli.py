@@ -1,17 +1,21 @@
 """``storelink-agent``: run the store agent, ask how it is doing, re-send, check and write configs.
 
 Errors become ``click.ClickException`` here and only here: a message that says what went wrong
-and what to do. Exit codes: 0 ok, 1 error, 2 usage.
+and what to do. Exit codes (docs/cli.md): 0 done, 1 failed (the message says what to fix),
+2 usage (a wrong flag or argument).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import re
+import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,8 +42,13 @@ from agent.logs import (
 )
 from agent.outbox import Outbox, read_statistics_readonly
 from agent.service import StatusReport, check_credentials, run_service, status_report
+from protocol.subjects import inbox_prefix
 
 HTTP_TIMEOUT = 3.0
+DEFAULT_STATUS_SAMPLE = 1.0
+NATS_CHECK_TIMEOUT = 2.0
+EARLIEST_SANE_YEAR = 2024  # a clock before this lost its time (dead RTC battery)
+CLOCK_SKEW_ALLOWED = dt.timedelta(minutes=5)
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -167,15 +176,54 @@ def _age(when: str | None) -> str:
     return f"{when} ({seconds:.0f} s ago)"
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def _rates(first: dict[str, Any], second: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Ingest and forward rates between two reports, and how long the backlog would take."""
+    ingest = (second["last_seq"] - first["last_seq"]) / seconds
+    sent = [(r.get("forwarder") or {}).get("records_sent", 0) for r in (first, second)]
+    forward = (sent[1] - sent[0]) / seconds
+    pending = second["pending"]
+    drain: float | None
+    if not pending:
+        drain = 0.0
+    elif forward > ingest and second["connected"]:
+        # What is left shrinks at the difference: POS traffic keeps arriving while it drains.
+        drain = pending / (forward - ingest)
+    else:
+        drain = None  # offline, or not keeping up: no estimate
+    return {
+        "sampled_seconds": seconds,
+        "ingest_per_second": round(ingest, 1),
+        "forward_per_second": round(forward, 1),
+        "drain_seconds": None if drain is None else round(drain, 1),
+    }
+
+
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(config: Path, as_json: bool) -> None:
+@click.option(
+    "--sample",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_STATUS_SAMPLE,
+    show_default=True,
+    help="Seconds between two readings for the rates and drain estimate (0: skip them).",
+)
+def status(config: Path, as_json: bool, sample: float) -> None:
     """Show the agent's state; works whether or not the service runs.
 
-    Asks the running agent over HTTP; when nothing answers, reads the database read-only and
-    says the service is not running.
-    """
+    Asks the running agent over HTTP (twice, --sample seconds apart, for the ingest and forward
+    rates and the drain estimate); when nothing answers, reads the database read-only and says
+    the service is not running."""
     cfg = _load(config)
     report: dict[str, Any] | None = _http(cfg, "GET", "/v1/status")
     if report is not None and report.get("store_id") != cfg.store_id:
@@ -183,27 +231,60 @@ def status(config: Path, as_json: bool) -> None:
             f"the agent at {_base_url(cfg)} is store {report.get('store_id')!r}, "
             f"not {cfg.store_id!r}: check ingest.listen"
         )
+    rates: dict[str, Any] | None = None
+    if report is not None and sample > 0:
+        started = time.monotonic()
+        time.sleep(sample)
+        second = _http(cfg, "GET", "/v1/status")
+        if second is not None:
+            rates = _rates(report, second, time.monotonic() - started)
+            report = second
     if report is None:
         report = msgspec.to_builtins(_offline_status(cfg))
     assert report is not None
+    report["rates"] = rates
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
+    _print_status(report)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    forwarder = report.get("forwarder") or {}
     running = "running" if report["service_running"] else "NOT RUNNING (read from the database)"
-    connected = "connected" if report["connected"] else "not connected"
+    if not report["service_running"]:
+        link = "unknown (the service is not running)"
+    elif report["connected"]:
+        link = f"connected to {forwarder.get('server') or '?'}"
+    else:
+        link = f"NOT CONNECTED since {_age(forwarder.get('offline_since'))}"
     click.echo(f"store         {report['store_id']} (epoch {report['epoch']})")
     click.echo(f"service       {running}")
-    click.echo(f"NATS          {connected}: {', '.join(report['nats_urls'])}")
+    click.echo(f"NATS          {link}: {', '.join(report['nats_urls'])}")
     click.echo(f"last seq      {report['last_seq']}")
     click.echo(f"pending       {report['pending']} (oldest {_age(report['oldest_pending_at'])})")
     click.echo(f"last ack      {_age(report['last_ack_at'])}")
+    rates = report.get("rates")
+    if rates is not None:
+        drain = rates["drain_seconds"]
+        if drain is None:
+            estimate = "no estimate (offline or not keeping up)"
+        else:
+            estimate = f"~{_duration(drain)}"
+        click.echo(
+            f"rates         ingest {rates['ingest_per_second']}/s, forward "
+            f"{rates['forward_per_second']}/s (over {rates['sampled_seconds']:.1f} s)"
+        )
+        click.echo(f"drain         {estimate}")
     used = report["buffer_bytes"] / max(1, report["max_buffer_bytes"]) * 100
     click.echo(
         f"buffer        {report['buffer_bytes']} of {report['max_buffer_bytes']} bytes "
         f"({used:.1f}%)"
     )
+    if forwarder.get("last_error"):
+        click.echo(f"last error    {forwarder['last_error']}")
     if report.get("damaged_file"):
-        click.echo(f"DAMAGED FILE  {report['damaged_file']} (see the log for the runbook)")
+        click.echo(f"DAMAGED FILE  {report['damaged_file']} (see docs/operations.md)")
 
 
 def _parse_since(text: str) -> dt.datetime:
@@ -292,12 +373,74 @@ def resync(
         )
 
 
+async def _nats_problem(cfg: AgentConfig) -> str | None:
+    """None when NATS accepts this agent's connection, else why not (one line)."""
+    import nats
+
+    options: dict[str, Any] = {}
+    if cfg.nats.credentials:
+        options["user_credentials"] = cfg.nats.credentials
+    errors: list[BaseException] = []
+
+    async def on_error(exc: Exception) -> None:  # keep the reason, skip nats-py's traceback
+        errors.append(exc)
+
+    try:
+        # max_reconnect_attempts=1: at 0 nats-py never gives up on the first connect.
+        nc = await asyncio.wait_for(
+            nats.connect(
+                list(cfg.nats.urls),
+                connect_timeout=NATS_CHECK_TIMEOUT,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.1,
+                inbox_prefix=inbox_prefix(cfg.store_id),
+                error_cb=on_error,
+                **options,
+            ),
+            NATS_CHECK_TIMEOUT * 2,
+        )
+    except Exception as exc:
+        cause = errors[-1] if errors else exc
+        return f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+    await nc.close()
+    return None
+
+
+def _clock_problem(cfg: AgentConfig, now: dt.datetime) -> str | None:
+    if now.year < EARLIEST_SANE_YEAR:
+        return (
+            f"the clock says {now.isoformat(timespec='seconds')}: set the time (enable NTP); "
+            "event times and retention depend on it"
+        )
+    try:
+        stats = read_statistics_readonly(
+            Path(cfg.data_dir), max_buffer_bytes=cfg.outbox.max_buffer_bytes
+        )
+    except AgentError:
+        return None  # no outbox yet: nothing to compare with
+    latest = max((t for t in (stats.last_ack_at, stats.oldest_pending_at) if t), default=None)
+    if latest is not None and latest - now > CLOCK_SKEW_ALLOWED:
+        return (
+            f"the clock ({now.isoformat(timespec='seconds')}) is behind what this agent recorded "
+            f"before ({latest.isoformat(timespec='seconds')}): it was set back; fix the time "
+            "(NTP) before running the agent"
+        )
+    return None
+
+
 @cli.command("check-config")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
-def check_config(config: Path) -> None:
-    """Validate CONFIG and check that the data directory is writable."""
+@click.option("--offline", is_flag=True, help="Skip the check that NATS at HQ answers.")
+def check_config(config: Path, offline: bool) -> None:
+    """Validate CONFIG and the machine it runs on: data directory writable, disk headroom for
+    the buffer, credentials readable, clock sane, NATS reachable.
+
+    Exits 1 naming every problem. NATS not answering is only a warning (exit 0): the agent
+    buffers until HQ is reachable, and an install must not fail because the link is down."""
     cfg = _load(config)
     problems: list[str] = []
+    warnings: list[str] = []
     try:
         check_listen_allowed(cfg)
     except AgentError as exc:
@@ -311,15 +454,43 @@ def check_config(config: Path) -> None:
             pass
     except OSError as exc:
         problems.append(f"data_dir {data_dir} is not writable: {exc.strerror}")
+    else:
+        held = 0
+        with contextlib.suppress(AgentError):
+            held = read_statistics_readonly(data_dir, max_buffer_bytes=0).buffer_bytes
+        # The outbox may grow to max_buffer_bytes (an outage plus retention_days of sent
+        # events); SQLite needs room beyond that for its WAL.
+        needed = cfg.outbox.max_buffer_bytes - held
+        free = shutil.disk_usage(probe_dir).free
+        if free < needed:
+            problems.append(
+                f"only {free // 2**20} MiB free under {probe_dir}, but the outbox may grow by "
+                f"{needed // 2**20} MiB more (outbox.max_buffer_bytes): free disk space or lower "
+                "outbox.max_buffer_bytes (a long outage then ends in 507s sooner)"
+            )
     try:
         check_credentials(cfg)
+        if cfg.nats.credentials:
+            Path(cfg.nats.credentials).read_bytes()
     except AgentError as exc:
         problems.append(str(exc))
+    except OSError as exc:
+        problems.append(f"nats.credentials {cfg.nats.credentials} cannot be read: {exc.strerror}")
     if cfg.poslog.drop_dir and not Path(cfg.poslog.drop_dir).is_dir():
         problems.append(f"poslog.drop_dir {cfg.poslog.drop_dir} is not a directory")
+    if clock := _clock_problem(cfg, dt.datetime.now(dt.UTC)):
+        problems.append(clock)
+    if not offline and not problems:
+        if why := asyncio.run(_nats_problem(cfg)):
+            warnings.append(
+                f"NATS at {', '.join(cfg.nats.urls)} does not accept this agent ({why}): events "
+                "are buffered until it does; check the network, nats.urls and nats.credentials"
+            )
     if problems:
         raise click.ClickException(f"{config}:\n  " + "\n  ".join(problems))
     click.echo(f"{config}: ok (store {cfg.store_id}, data in {cfg.data_dir})")
+    for warning in warnings:
+        click.echo(f"warning: {warning}")
 
 
 @cli.command()

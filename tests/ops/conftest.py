@@ -42,12 +42,24 @@ async def agent(pipeline: Pipeline, store_id: str, *args: str) -> subprocess.Com
     )
 
 
-@pytest.fixture
-async def pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
-    """Central (embedded NATS, file sink) and agents for S1 and S2, started; stopped after."""
-    p = Pipeline(root=tmp_path, store_ids=("S1", "S2"))
+async def _running(root: Path, store_ids: tuple[str, ...]) -> AsyncIterator[Pipeline]:
+    p = Pipeline(root=root, store_ids=store_ids)
     try:
         await p.start()
         yield p
     finally:
         await p.stop()
+
+
+@pytest.fixture
+async def pipeline(tmp_path: Path) -> AsyncIterator[Pipeline]:
+    """Central (embedded NATS, file sink) and the agent of store S1, started; stopped after."""
+    async for p in _running(tmp_path, ("S1",)):
+        yield p
+
+
+@pytest.fixture
+async def pipeline2(tmp_path: Path) -> AsyncIterator[Pipeline]:
+    """Central (embedded NATS, file sink) and agents for S1 and S2, started; stopped after."""
+    async for p in _running(tmp_path, ("S1", "S2")):
+        yield p
