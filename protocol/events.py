@@ -272,10 +272,12 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
     items_decoder, event_decoder = (
         (_msgpack_items, _msgpack_event) if msgpack else (_json_items, _json_event)
     )
+    kind = "msgpack" if msgpack else "JSON"
     try:
         items = items_decoder.decode(body)
     except msgspec.DecodeError as exc:
-        kind = "msgpack" if msgpack else "JSON"
+        raise UnparsableBody(f"body is not a {kind} event or array of events: {exc}") from None
+    except (RecursionError, UnicodeDecodeError) as exc:  # found by fuzzing: were 500s
         raise UnparsableBody(f"body is not a {kind} event or array of events: {exc}") from None
     if isinstance(items, dict):
         raws = [msgspec.Raw(body)]
@@ -293,7 +295,7 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
         except msgspec.ValidationError as exc:
             path, message = _split_error(exc)
             errors.append(EventError(index, path, message))
-        except msgspec.DecodeError as exc:  # e.g. a nested value msgpack cannot represent
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as exc:
             errors.append(EventError(index, "$", str(exc)))
     if errors:
         raise InvalidEvents(errors)
