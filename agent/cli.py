@@ -282,7 +282,9 @@ def _print_status(report: dict[str, Any]) -> None:
         f"({used:.1f}%)"
     )
     if forwarder.get("last_error"):
-        click.echo(f"last error    {forwarder['last_error']}")
+        # The forwarder keeps its last error after recovering: say whether it is current.
+        when = "" if not report["connected"] else " (earlier; connected again since)"
+        click.echo(f"last error    {forwarder['last_error']}{when}")
     if report.get("damaged_file"):
         click.echo(f"DAMAGED FILE  {report['damaged_file']} (see docs/operations.md)")
 

@@ -345,11 +345,15 @@ def _print_status(result: dict[str, Any]) -> None:
     )
     if result["nats"]["asked"]:
         max_lag = totals["max_lag_seconds"]
+        unknown = sum(1 for s in result["stores"] if s["lag_events"] is None)
+        lag_text = f"lag {totals['lag_events']} events"
+        if max_lag is not None:
+            lag_text += f", worst {_duration(max_lag)}"
+        if unknown:
+            lag_text += f" (unknown for {unknown} unreachable)"
         click.echo(
             f"agents: {totals['agents_reachable']} of {totals['agents_asked']} reachable; "
-            f"lag {totals['lag_events']} events, worst "
-            f"{_duration(max_lag) if max_lag is not None else '?'}; "
-            f"{totals['stores_with_problems']} stores need attention"
+            f"{lag_text}; {totals['stores_with_problems']} stores need attention"
         )
     else:
         click.echo(f"agents: not asked: {result['nats']['error']}")
@@ -378,7 +382,7 @@ def _print_status(result: dict[str, Any]) -> None:
             )
         flags = ",".join(s["problems"]).upper() or ("OK" if agent["reachable"] else "-")
         click.echo(
-            f"  {s['store_id']:<12} {flags:<14} hwm {s['hwm']:>8} "
+            f"  {s['store_id']:<12} {flags:<16} hwm {s['hwm']:>8} "
             f"last seen {_ago(s['last_seen']):>9}  {lag_text:<16} {gap_text}  "
             f"dlq {s['dlq']}  {agent_text}"
         )

@@ -115,7 +115,7 @@ async def connect(urls: Sequence[str], credentials: str = "") -> Any:
 
 def _why(exc: BaseException) -> str:
     if isinstance(exc, nats.errors.NoRespondersError):
-        return "no agent is subscribed on its control subject (not running or not connected)"
+        return "nobody listens on its control subject: the agent is stopped or cut off from NATS"
     if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
         return "no answer in time"
     if isinstance(exc, ConnectionRefusedError):

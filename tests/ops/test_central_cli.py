@@ -42,7 +42,10 @@ async def test_status_asks_every_agent_and_flags_the_unreachable(pipeline2: Pipe
     )
     text = await central(pipeline2, "status")
     lines = text.stdout.splitlines()
-    assert "agents: 1 of 2 reachable; lag 0 events, worst 0s; 1 stores need attention" == lines[1]
+    assert (
+        "agents: 1 of 2 reachable; lag 0 events, worst 0s (unknown for 1 unreachable); "
+        "1 stores need attention"
+    ) == lines[1]
     assert ["OK", "UNREACHABLE"] == [line.split()[1] for line in lines[2:]]
 
 
