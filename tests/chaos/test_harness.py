@@ -1,0 +1,164 @@
+"""The chaos suite's own instruments: a promise checker or an OMS that cannot see a broken
+promise would make every scenario pass. These break the promise on purpose."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.chaos.harness import FileSinkBooked, Ledger, promise_problems
+from tests.chaos.oms import RecordingOms
+
+
+@dataclass
+class Booked:
+    """A hand-written booking record (implements harness.Booked)."""
+
+    keys: set[str] = field(default_factory=set)
+    duplicates: int = 0
+    violations: int = 0
+
+    def effect_keys(self, *, derived: bool = False) -> set[str]:
+        return set(self.keys)
+
+    def duplicate_effects(self) -> int:
+        return self.duplicates
+
+    def order_violations(self) -> int:
+        return self.violations
+
+
+def ledger_of(
+    accepted: Iterable[str], refused: Iterable[str] = (), unknown: Iterable[str] = ()
+) -> Ledger:
+    ledger = Ledger()
+    ledger.settle(accepted, 202, maybe_committed=False)
+    ledger.settle(refused, 422, maybe_committed=False)
+    ledger.settle(unknown, 0, maybe_committed=False)
+    return ledger
+
+
+def test_ledger_keeps_the_strongest_answer() -> None:
+    """An event once answered 202 stays accepted; a refusal after a dropped connection is only
+    'unknown' (the first attempt may have committed); a plain refusal is a refusal."""
+    ledger = Ledger()
+    ledger.settle(["a"], 202, maybe_committed=False)
+    ledger.settle(["a"], 507, maybe_committed=False)
+    ledger.settle(["b"], 503, maybe_committed=True)
+    ledger.settle(["c"], 422, maybe_committed=False)
+    ledger.settle(["d"], 0, maybe_committed=False)
+    ledger.settle(["d"], 200, maybe_committed=False)
+    assert ({"a", "d"}, {"c": 422}, {"b"}) == (ledger.accepted, ledger.refused, ledger.unknown)
+
+
+def test_promise_kept() -> None:
+    """Accepted and some unknown events booked once, in order: no problem reported."""
+    ledger = ledger_of({"S1:a", "S1:b"}, refused={"S1:c"}, unknown={"S1:d"})
+    assert [] == promise_problems(ledger, Booked({"S1:a", "S1:b", "S1:d"}))
+
+
+@pytest.mark.parametrize(
+    ("booked", "problem"),
+    [
+        (Booked({"S1:a"}), "1 accepted events never booked"),
+        (Booked({"S1:a", "S1:b", "S1:c"}), "1 refused events booked"),
+        (Booked({"S1:a", "S1:b", "S1:x"}), "1 events booked nobody sent"),
+        (Booked({"S1:a", "S1:b"}, duplicates=2), "2 duplicate effects"),
+        (Booked({"S1:a", "S1:b"}, violations=1), "1 per-store order violations"),
+    ],
+)
+def test_promise_broken_is_reported(booked: Booked, problem: str) -> None:
+    """Each way of breaking the promise is reported."""
+    ledger = ledger_of({"S1:a", "S1:b"}, refused={"S1:c"})
+    [found] = promise_problems(ledger, booked)
+    assert found.startswith(problem)
+
+
+def line(key: str, seq: int, *, epoch: str = "e1", derived: bool = False) -> dict[str, Any]:
+    return {
+        "key": f"S1:{key}",
+        "store_id": "S1",
+        "epoch": epoch,
+        "seq": seq,
+        "derived": derived,
+        "event": {"event_id": key},
+    }
+
+
+def test_file_sink_duplicates_and_order(tmp_path: Path) -> None:
+    """Read back, the file sink counts a line written twice as a duplicate effect and a seq
+    going backwards within an epoch as an order violation (a new epoch starts over)."""
+    path = tmp_path / "oms.jsonl"
+    lines = [line("a", 1), line("c", 3), line("b", 2), line("c", 3), line("z", 1, epoch="e2")]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    booked = FileSinkBooked(path)
+    assert ({"S1:a", "S1:b", "S1:c", "S1:z"}, 1, 1) == (
+        booked.effect_keys(),
+        booked.duplicate_effects(),
+        booked.order_violations(),
+    )
+
+
+@pytest.fixture
+async def oms() -> AsyncIterator[RecordingOms]:
+    server = RecordingOms()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def post(oms: RecordingOms, record: dict[str, Any], key: str | None) -> int:
+    headers = {"Idempotency-Key": key} if key else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(oms.url, data=json.dumps(record), headers=headers) as resp,
+    ):
+        return resp.status
+
+
+async def test_oms_books_a_key_once(oms: RecordingOms) -> None:
+    """A key delivered twice is one effect and one duplicate receipt; the same event without a
+    key is booked again (a duplicate effect); a lower seq first seen later is an order
+    violation."""
+    assert 200 == await post(oms, line("a", 1), "S1:a")
+    assert 200 == await post(oms, line("b", 3), "S1:b")
+    assert 200 == await post(oms, line("a", 1), "S1:a")
+    assert 200 == await post(oms, line("b", 3), None)
+    assert 200 == await post(oms, line("c", 2), "S1:c")
+    stats = oms.statistics()
+    assert (5, 4, 1, 1, 1) == (
+        stats.received,
+        stats.effects,
+        stats.duplicate_receipts,
+        stats.duplicate_effects,
+        stats.order_violations,
+    )
+
+
+async def test_oms_faults_book_nothing(oms: RecordingOms) -> None:
+    """500s and poisoned keys are answered as asked and book nothing; recover() heals the 500s
+    but a poisoned key stays refused."""
+    oms.fail_with(500)
+    assert 500 == await post(oms, line("a", 1), "S1:a")
+    oms.poison(["S1:b"])
+    oms.recover()
+    assert 422 == await post(oms, line("b", 2), "S1:b")
+    assert 200 == await post(oms, line("a", 1), "S1:a")
+    assert ({"S1:a"}, 2) == (oms.effect_keys(), oms.statistics().refused)
+
+
+async def test_oms_hang_books_first_when_asked(oms: RecordingOms) -> None:
+    """hang(book=True) books before the answer that comes too late; hang() books nothing."""
+    oms.hang(0.05, book=True)
+    assert 200 == await post(oms, line("a", 1), "S1:a")
+    oms.hang(0.05)
+    assert 503 == await post(oms, line("b", 2), "S1:b")
+    assert {"S1:a"} == oms.effect_keys()
