@@ -1,17 +1,23 @@
 """Generated documentation, kept true by tests: ``python -m tests.docsgen`` rewrites it.
 
 docs/configuration.md lists every key of both config files with its default and help text,
-read from the config Structs themselves.
+read from the config Structs themselves. docs/cli.md lists every command and option of both
+command-line tools with its help, read from the click commands themselves.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any
 
+import click
 import msgspec
 
+from agent.cli import cli as agent_cli
 from agent.config import AgentConfig
+from central.cli import EXIT_UNREACHABLE
+from central.cli import cli as central_cli
 from central.config import CentralConfig
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -85,5 +91,89 @@ Central runs with no config file at all; command-line options override the file
 """
 
 
+# --- docs/cli.md ---------------------------------------------------------------------------
+
+CLIS: tuple[tuple[str, click.Group], ...] = (
+    ("storelink-agent", agent_cli),
+    ("storelink-central", central_cli),
+)
+
+
+def commands(
+    name: str, command: click.Command, parent: click.Context | None = None
+) -> list[tuple[click.Context, click.Command]]:
+    """Every command under ``command`` (itself first), each with its click context."""
+    ctx = click.Context(command, info_name=name, parent=parent)
+    found = [(ctx, command)]
+    if isinstance(command, click.Group):
+        for sub_name in sorted(command.commands):
+            found += commands(sub_name, command.commands[sub_name], ctx)
+    return found
+
+
+def undocumented() -> list[str]:
+    """Commands without help, and options without help text (``--help`` aside)."""
+    missing = []
+    for prog, group in CLIS:
+        for ctx, command in commands(prog, group):
+            path = ctx.command_path
+            if not (command.help or "").strip():
+                missing.append(path)
+            for param in command.params:
+                if isinstance(param, click.Option) and not (param.help or "").strip():
+                    missing.append(f"{path} {param.opts[0]}")
+    return missing
+
+
+def _cell(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _render_command(ctx: click.Context, command: click.Command) -> list[str]:
+    path = ctx.command_path
+    usage = " ".join([path, *command.collect_usage_pieces(ctx)])
+    lines = [f"{'#' * min(4, len(path.split()) + 1)} `{path}`", "", "```", usage, "```", ""]
+    lines += [inspect.cleandoc(command.help or ""), ""]
+    rows = []
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Argument):
+            rows.append((param.human_readable_name, "argument (see above)"))
+            continue
+        record = param.get_help_record(ctx)
+        if record is not None and "--help" not in param.opts:
+            rows.append(record)
+    if rows:
+        lines += ["| option | meaning |", "|---|---|"]
+        lines += [f"| `{_cell(opt)}` | {_cell(text)} |" for opt, text in rows]
+        lines.append("")
+    return lines
+
+
+def render_cli() -> str:
+    out = [
+        "# Command-line reference",
+        "",
+        "Generated from the commands themselves by `python -m tests.docsgen`; a test fails when",
+        "this page is stale or a command or option has no help. `-h`/`--help` works everywhere.",
+        "How to use these commands during an incident: [operations.md](operations.md).",
+        "",
+        "## Exit codes",
+        "",
+        "| code | meaning | what to do |",
+        "|---|---|---|",
+        "| 0 | done | |",
+        "| 1 | failed: the message on stderr says what is wrong | fix what it names, run again |",
+        "| 2 | usage: a wrong or missing flag or argument | see the command's `--help` |",
+        f"| {EXIT_UNREACHABLE} | unreachable (`storelink-central` only): NATS or a store's agent "
+        "did not answer | retry later; see operations.md |",
+        "",
+    ]
+    for prog, group in CLIS:
+        for ctx, command in commands(prog, group):
+            out += _render_command(ctx, command)
+    return "\n".join(out).rstrip() + "\n"
+
+
 if __name__ == "__main__":
     (DOCS / "configuration.md").write_text(render_configuration())
+    (DOCS / "cli.md").write_text(render_cli())

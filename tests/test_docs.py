@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from tests.docsgen import DOCS, configuration_rows, render_configuration
+from tests.docsgen import (
+    DOCS,
+    configuration_rows,
+    render_cli,
+    render_configuration,
+    undocumented,
+)
 
 
 def test_every_config_key_has_help() -> None:
@@ -19,3 +25,13 @@ def test_every_config_key_has_help() -> None:
 def test_configuration_page_is_current() -> None:
     """docs/configuration.md matches the config Structs (regenerate: python -m tests.docsgen)."""
     assert render_configuration() == (DOCS / "configuration.md").read_text()
+
+
+def test_every_command_and_option_has_help() -> None:
+    """Every command of both CLIs, and every option, explains itself in --help."""
+    assert [] == undocumented()
+
+
+def test_cli_page_is_current() -> None:
+    """docs/cli.md matches the commands' help (regenerate: python -m tests.docsgen)."""
+    assert render_cli() == (DOCS / "cli.md").read_text()
