@@ -49,12 +49,16 @@ async def test_status_asks_every_agent_and_flags_the_unreachable(pipeline2: Pipe
     assert ["OK", "UNREACHABLE"] == [line.split()[1] for line in lines[2:]]
 
 
-async def test_status_of_one_store_and_of_an_unknown_store(pipeline: Pipeline) -> None:
+def test_status_of_one_store_and_of_an_unknown_store(tmp_path: Path) -> None:
     """--store narrows status to one store; a store central does not know is an error naming
     the command that lists the known ones."""
-    done = await central(pipeline, "status", "--json", "--store", "S1")
-    assert ["S1"] == [s["store_id"] for s in json.loads(done.stdout)["stores"]]
-    unknown = await central(pipeline, "status", "--store", "NOPE")
+    where = ("--data-dir", str(tmp_path / "central"))
+    for store_id in ("S1", "S2"):
+        out = ("--out", str(tmp_path / store_id), "--nats-url", "nats://127.0.0.1:4222")
+        assert 0 == run_cli("central", "stores", "add", store_id, *where, *out).returncode
+    done = run_cli("central", "status", "--json", "--no-agents", "--store", "S2", *where)
+    assert ["S2"] == [s["store_id"] for s in json.loads(done.stdout)["stores"]]
+    unknown = run_cli("central", "status", "--no-agents", "--store", "NOPE", *where)
     assert (1, True) == (unknown.returncode, "storelink-central stores list" in unknown.stderr)
 
 
