@@ -55,6 +55,11 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _load(config: Path, data_dir: Path | None = None, listen: str | None = None) -> AgentConfig:
     """The config with command-line and environment overrides applied."""
+    if not config.exists():
+        raise click.ClickException(
+            f"{config} does not exist: write one with `storelink-agent init --store-id ID "
+            f"--out {config}`, or use the one `storelink-central stores add` wrote at HQ"
+        )
     try:
         cfg = load_config(config)
         changes: dict[str, Any] = {}

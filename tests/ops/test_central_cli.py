@@ -112,3 +112,29 @@ async def test_status_with_central_down_reads_the_disk(pipeline: Pipeline) -> No
     assert lines[0].startswith("central NOT RUNNING (state read from disk): 1 stores, 5 delivered")
     assert lines[1].startswith("agents: not asked: connection refused")
     assert ["agent ?"] == [line[-7:] for line in lines[2:]]
+
+
+def test_stores_add_list_remove(tmp_path: Path) -> None:
+    """stores add provisions, list shows, remove takes a store out; removing an unknown store
+    is an error that says so."""
+    where = ("--data-dir", str(tmp_path / "central"))
+    for store_id in ("S1", "S2"):
+        out = ("--out", str(tmp_path / store_id), "--nats-url", "nats://127.0.0.1:4222")
+        assert 0 == run_cli("central", "stores", "add", store_id, *where, *out).returncode
+    removed = run_cli("central", "stores", "remove", "S2", *where)
+    listed = run_cli("central", "stores", "list", *where)
+    again = run_cli("central", "stores", "remove", "S2", *where)
+    assert ("store S2 removed", "S1") == (removed.stdout.strip(), listed.stdout.strip())
+    assert (1, "Error: store S2 is not provisioned") == (again.returncode, again.stderr.strip())
+
+
+def test_unreachable_nats_exits_3_and_says_what_to_check(tmp_path: Path) -> None:
+    """A command that needs NATS exits 3 when nothing answers, naming the URL and what to
+    check; without a recorded URL it says to pass --nats-url (exit 1)."""
+    where = ("--data-dir", str(tmp_path))
+    down = run_cli("central", "dlq", "list", *where, "--nats-url", "nats://127.0.0.1:1")
+    unknown = run_cli("central", "dlq", "list", *where)
+    assert (3, "Error: cannot reach NATS at nats://127.0.0.1:1: connection refused") == (
+        down.returncode, down.stderr.partition(" (")[0]
+    )  # fmt: skip
+    assert (1, True) == (unknown.returncode, unknown.stderr.strip().endswith("pass --nats-url"))
