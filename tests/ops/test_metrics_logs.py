@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import socket
 import urllib.request
 from pathlib import Path
 
+from agent.logs import configure_logging
 from central.broker import free_port
 from central.demo import ManagedProcess, Pipeline, _python
 from tests.ops.conftest import run_cli
@@ -98,3 +101,26 @@ def test_a_wrong_log_format_is_a_usage_error(tmp_path: Path) -> None:
         done = run_cli(module, "run", where, str(tmp_path / "x"), "--log-format", "xml")
         assert 2 == done.returncode
         assert "'xml' is not one of 'json', 'text'" in done.stderr
+
+
+def test_json_lines_carry_extra_fields_and_exceptions() -> None:
+    """Fields passed with extra= become keys of the JSON line, and a traceback rides along."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    configure_logging("info", "json", stream=stream)
+    try:
+        log = logging.getLogger("agent.forwarder")
+        log.info("forwarded %d records", 500, extra={"first_seq": 1, "last_seq": 500})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            log.exception("failed")
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert ("forwarded 500 records", 1, 500) == (
+        first["msg"], first["first_seq"], first["last_seq"]
+    )  # fmt: skip
+    assert ("error", True) == (second["level"], second["exc"].endswith("ValueError: boom"))
