@@ -1,6 +1,7 @@
 """The consumer: JetStream → sequencer → inventory → sinks → state → ack.
 
-One unit of work is one fetch of up to ``fetch_batch`` messages, processed in stream order:
+One unit of work is one fetch of up to ``fetch_batch`` messages and ``UNIT_MAX_BYTES`` (what
+is over is NAKed for the next fetch), processed in stream order:
 
 1. decode each batch; undecodable or mis-attributed batches go to the DLQ (with the reason);
 2. the sequencer drops what is at or below the store's mark and holds back batches behind a gap
@@ -88,6 +89,11 @@ SINK_BACKOFF_CAP = 10.0
 
 
 MAX_MSG_SIZE = 8 * 1024 * 1024
+# A unit holds its batches decoded (about ten times their wire size) until every sink took
+# them. Bounding a unit by message count alone let a backlog of full 500-record batches behind
+# a slow OMS put fetch_batch x 500 records (hundreds of MB) in memory at once: a unit also
+# stops at this many wire bytes (at least one message), and the next fetch asks for fewer.
+UNIT_MAX_BYTES = 4 * 1024 * 1024
 # Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
 # store with a long backlog behind a gap must not use up the whole consumer for every store.
 MAX_ACK_PENDING = 20_000
@@ -253,6 +259,7 @@ class Consumer:
         self._resync_at: dict[Key, float] = {}
         self._resync_tasks: set[asyncio.Task[None]] = set()
         self._sink_failures_in_row = 0
+        self._largest_msg = UNIT_MAX_BYTES // 8  # until measured: assume big batches
         self.consuming = asyncio.Event()
         self.units = self.batches = self.delivered = self.duplicates = self.dlq = self.held = 0
         self.resync_requests = self.resync_unanswered = self.sink_failures = 0
@@ -286,7 +293,7 @@ class Consumer:
         self._stop = stop
         while not stop.is_set():
             try:
-                msgs = await self._sub.fetch(self.cfg.consumer.fetch_batch, timeout=0.5)
+                msgs = await self._sub.fetch(self._fetch_size(), timeout=0.5)
             except (nats.errors.TimeoutError, TimeoutError):
                 # Nothing to fetch (nats-py raises instead of returning empty); a busy loop
                 # can also time out the first message of a fetch: it is not lost, it waits
@@ -300,8 +307,26 @@ class Consumer:
                 await self._pause(0.5)
                 continue
             self.consuming.set()
-            await self.process(msgs)
+            unit, rest = self._cut_unit(msgs)
+            for msg in rest:  # back with the next fetches (the sequencer copes with any order)
+                await self._settle(msg.nak())
+            await self.process(unit)
             self._request_resyncs()
+
+    def _fetch_size(self) -> int:
+        """fetch_batch, or fewer when the last fetch's batches were big."""
+        fits = UNIT_MAX_BYTES // max(1, self._largest_msg)
+        return max(1, min(self.cfg.consumer.fetch_batch, fits))
+
+    def _cut_unit(self, msgs: Sequence[Msg]) -> tuple[Sequence[Msg], Sequence[Msg]]:
+        """The longest prefix of ``msgs`` within UNIT_MAX_BYTES (at least one), the rest."""
+        self._largest_msg = max((len(msg.data) for msg in msgs), default=self._largest_msg)
+        size = 0
+        for i, msg in enumerate(msgs):
+            size += len(msg.data)
+            if size > UNIT_MAX_BYTES and i > 0:
+                return msgs[:i], msgs[i:]
+        return msgs, ()
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake up at once when asked to stop."""
