@@ -524,10 +524,21 @@ def init(store_id: str, out: Path | None, force: bool) -> None:
         raise click.ClickException(f"{out} exists: pass --force to overwrite it")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
+        _write_private(out, text)
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror}") from None
     click.echo(f"wrote {out}")
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable by its owner only: an agent.toml may hold
+    ingest.token. Created 0600; with --force over an existing file, that file becomes 0600
+    before anything is written to it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as f:
+        if os.name == "posix":
+            os.fchmod(fd, 0o600)
+        f.write(text)
 
 
 def main() -> None:

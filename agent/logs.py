@@ -9,6 +9,12 @@ every field passed with ``extra={...}``, so a summary line per unit of work can 
 numbers as fields (``records``, ``first_seq``, ...) that a dashboard can sum without parsing
 text. Central imports this module too (as ``central/provision.py`` imports ``agent.config``):
 one format, one place.
+
+Secrets never reach the log: every line ``configure_logging`` sets up is passed through
+``redact`` after formatting (message, ``extra`` fields and traceback alike). It masks NATS
+nkey seeds, JWTs (a .creds file's contents), ``Bearer`` credentials and the user:password of
+a URL wherever they appear, and any value given to ``add_secret`` (the ingest token, at
+start) or found in ``$STORELINK_AGENT_TOKEN``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import re
 import sys
 from typing import Any, TextIO
 
@@ -24,6 +32,41 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "info"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+REDACTED = "[redacted]"
+TOKEN_ENV = "STORELINK_AGENT_TOKEN"  # agent.config.TOKEN_ENV (not imported: central uses this)
+MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words and numbers
+
+_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
+    # An nkey seed: 'S', the key type, then base32 (58 characters in all).
+    (re.compile(r"\bS[UNACOPX][A-Z2-7]{56}\b"), REDACTED),
+    # A JWT (a user JWT from a .creds file): three base64url parts, the first a JSON header.
+    (re.compile(r"\beyJ[\w-]*\.[\w-]+\.[\w-]*"), REDACTED),
+    # An Authorization header's credential.
+    (re.compile(r"\b(Bearer|Basic)\s+(?!realm=)[^\s'\",;]+"), rf"\1 {REDACTED}"),
+    # user:password@ (or token@) in a URL: nats://u:p@host, https://t@host.
+    (re.compile(r"\b([a-zA-Z][\w+.-]*://)[^\s/@'\"]+@"), rf"\1{REDACTED}@"),
+)
+_secrets: set[str] = set()
+
+
+def add_secret(value: str) -> None:
+    """Mask ``value`` (a token, a password) in every log line from now on."""
+    if len(value) >= MIN_SECRET_LENGTH:
+        _secrets.add(value)
+        # Also as it appears inside a JSON string or a repr().
+        _secrets.add(json.dumps(value, ensure_ascii=False)[1:-1])
+        _secrets.add(repr(value)[1:-1])
+
+
+def redact(text: str) -> str:
+    """``text`` with every secret this module knows of replaced by ``[redacted]``."""
+    for secret in sorted(_secrets, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    for pattern, replacement in _PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = frozenset(
@@ -37,6 +80,17 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.isoformat()
     return str(value)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Wraps another formatter and ``redact``s what it writes."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(self.inner.format(record))
 
 
 class JsonFormatter(logging.Formatter):
@@ -68,8 +122,11 @@ def configure_logging(
     handler set before (a second call must not double every line)."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of {', '.join(LOG_FORMATS)}")
+    if token := os.environ.get(TOKEN_ENV):
+        add_secret(token)
     handler = logging.StreamHandler(stream if stream is not None else sys.stdout)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    inner = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
+    handler.setFormatter(RedactingFormatter(inner))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

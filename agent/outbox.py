@@ -13,6 +13,12 @@ splices the bytes into a batch without decoding anything. ``seq`` is assigned by
 
 Reads for the forwarder go through a second connection on its own thread: WAL lets it read
 while the writer writes, and nothing the forwarder does can hold up ingest.
+
+What the agent keeps is for the service user only (POSIX): a data_dir the agent creates is
+0700, and ``outbox.db``, ``agent.lock`` and any ``outbox.db.damaged-*`` are 0600. The database
+file is created 0600 before SQLite opens it, because SQLite gives ``-wal`` and ``-shm`` the
+main file's mode; an existing file that other users can read is tightened at open, with a
+warning.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import queue
 import secrets
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -62,6 +69,10 @@ INSERT_CHUNK = 64  # rows per multi-row INSERT (one sqlite3_step, one GIL releas
 LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+SIDE_SUFFIXES = ("-wal", "-shm")  # SQLite's files next to the database (WAL mode)
+_POSIX = os.name == "posix"  # elsewhere (Windows) modes mean nothing: access is by ACL
 
 # Named steps; each is applied and recorded in ``migrations`` in one transaction.
 MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -214,6 +225,62 @@ class _Outcome:
 _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
 
 
+# --- file modes: readable by the service user only -------------------------------------------
+
+
+def _make_private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) unless it exists; the directory this creates is
+    0700. An existing directory is left as the operator (or the package) set it up."""
+    if path.is_dir():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=PRIVATE_DIR_MODE)
+    except FileExistsError:
+        if path.is_dir():  # another process made it meanwhile
+            return
+        raise
+    if _POSIX:
+        os.chmod(path, PRIVATE_DIR_MODE)  # mkdir's mode went through the umask
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """``open(..., opener=_private_opener)``: a file it creates is 0600 from the first byte."""
+    return os.open(path, flags, PRIVATE_FILE_MODE)
+
+
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists (SQLite takes an empty file as an
+    empty database, and gives ``-wal``/``-shm`` the mode of the file it finds)."""
+    os.close(_private_opener(str(path), os.O_RDWR | os.O_CREAT))
+
+
+def _tighten(path: Path) -> None:
+    """Take group and other permissions off an existing ``path``, saying so."""
+    if not _POSIX:
+        return
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if not mode & 0o077:
+        return
+    private = mode & ~0o077
+    try:
+        os.chmod(path, private)
+    except OSError as exc:
+        log.warning(
+            "%s can be read by other users (mode %04o) and its mode cannot be changed: %s",
+            path,
+            mode,
+            exc.strerror,
+        )
+        return
+    log.warning(
+        "%s could be read by other users (mode %04o); changed it to %04o", path, mode, private
+    )
+
+
 # --- file lock: one agent per data_dir ------------------------------------------------------
 
 
@@ -225,7 +292,9 @@ class _FileLock:
         self._file: IO[bytes] | None = None
 
     def acquire(self) -> None:
-        f = open(self.path, "a+b")  # held open for the lifetime of the lock
+        _tighten(self.path)
+        # Held open for the lifetime of the lock.
+        f = open(self.path, "a+b", opener=_private_opener)
         try:
             if sys.platform == "win32":
                 import msvcrt
@@ -287,8 +356,9 @@ def _move_aside(path: Path, reason: str, now: float) -> Path:
     while target.exists():
         n += 1
         target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+    # os.replace keeps each file's mode: 0600, as _open_sync made them before the check.
     os.replace(path, target)
-    for suffix in ("-wal", "-shm"):
+    for suffix in SIDE_SUFFIXES:
         side = path.with_name(path.name + suffix)
         if side.exists():
             os.replace(side, target.with_name(target.name + suffix))
@@ -455,16 +525,27 @@ class Outbox:
 
     def _open_sync(self) -> None:
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            _make_private_dir(self.data_dir)
         except OSError as exc:
             raise OutboxError(f"cannot create data dir {self.data_dir}: {exc.strerror}") from None
-        self._lock.acquire()
         try:
+            self._lock.acquire()
+        except OSError as exc:
+            raise OutboxError(f"cannot create {self._lock.path}: {exc.strerror}") from None
+        try:
+            # Before anything opens them: SQLite copies the database's mode to a new -wal/-shm,
+            # and even the read-only damage check may create a -shm.
+            for path in self._private_files():
+                _tighten(path)
             reason = _damage_reason(self.path)
             if reason is not None:
                 moved = _move_aside(self.path, reason, self._clock())
                 self.damaged_file = moved
                 _log_damage(DamagedOutbox(path=self.path, moved_to=moved, reason=reason))
+            try:
+                _create_private(self.path)
+            except OSError as exc:
+                raise OutboxError(f"cannot create {self.path}: {exc.strerror}") from None
             conn = _connect(self.path)
             try:
                 _check_ours(conn, self.path)
@@ -486,6 +567,11 @@ class Outbox:
         except BaseException:
             self._lock.release()
             raise
+
+    def _private_files(self) -> list[Path]:
+        """The database, its -wal/-shm, and any damaged files moved aside at earlier starts."""
+        main = [self.path, *(self.path.with_name(self.path.name + s) for s in SIDE_SUFFIXES)]
+        return main + sorted(self.data_dir.glob(f"{OUTBOX_FILENAME}.damaged-*"))
 
     async def close(self) -> None:
         """Finish every queued job, then close the files and release the lock."""
