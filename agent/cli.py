@@ -41,7 +41,8 @@ from agent.logs import (
     configure_logging,
 )
 from agent.outbox import Outbox, read_statistics_readonly
-from agent.service import StatusReport, check_credentials, run_service, status_report
+from agent.service import StatusReport, nats_auth, run_service, status_report
+from protocol.connection import redact_url
 from protocol.subjects import inbox_prefix
 
 HTTP_TIMEOUT = 3.0
@@ -286,6 +287,12 @@ def _print_status(report: dict[str, Any]) -> None:
         f"buffer        {report['buffer_bytes']} of {report['max_buffer_bytes']} bytes "
         f"({used:.1f}%)"
     )
+    if forwarder.get("denied"):
+        click.echo(
+            f"DENIED        NATS refuses this store: {forwarder['denied']}; nats.credentials are "
+            "not this store's, or it was removed at HQ (`storelink-central stores add "
+            f"{report['store_id']} --force` issues new ones); events are buffered"
+        )
     if forwarder.get("last_error"):
         # The forwarder keeps its last error after recovering: say whether it is current.
         when = "" if not report["connected"] else " (earlier; connected again since)"
@@ -384,9 +391,10 @@ async def _nats_problem(cfg: AgentConfig) -> str | None:
     """None when NATS accepts this agent's connection, else why not (one line)."""
     import nats
 
-    options: dict[str, Any] = {}
-    if cfg.nats.credentials:
-        options["user_credentials"] = cfg.nats.credentials
+    try:
+        options = nats_auth(cfg)
+    except AgentError as exc:
+        return str(exc)
     errors: list[BaseException] = []
 
     async def on_error(exc: Exception) -> None:  # keep the reason, skip nats-py's traceback
@@ -476,21 +484,18 @@ def check_config(config: Path, offline: bool) -> None:
                 "outbox.max_buffer_bytes (a long outage then ends in 507s sooner)"
             )
     try:
-        check_credentials(cfg)
-        if cfg.nats.credentials:
-            Path(cfg.nats.credentials).read_bytes()
+        nats_auth(cfg)
     except AgentError as exc:
         problems.append(str(exc))
-    except OSError as exc:
-        problems.append(f"nats.credentials {cfg.nats.credentials} cannot be read: {exc.strerror}")
     if cfg.poslog.drop_dir and not Path(cfg.poslog.drop_dir).is_dir():
         problems.append(f"poslog.drop_dir {cfg.poslog.drop_dir} is not a directory")
     if clock := _clock_problem(cfg, dt.datetime.now(dt.UTC)):
         problems.append(clock)
     if not offline and not problems:
         if why := asyncio.run(_nats_problem(cfg)):
+            urls = ", ".join(map(redact_url, cfg.nats.urls))
             warnings.append(
-                f"NATS at {', '.join(cfg.nats.urls)} does not accept this agent ({why}): events "
+                f"NATS at {urls} does not accept this agent ({why}): events "
                 "are buffered until it does; check the network, nats.urls and nats.credentials"
             )
     if problems:

@@ -70,8 +70,23 @@ class NatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         msgspec.Meta(min_length=1, description="NATS server URLs at HQ (any one will do)."),
     ] = DEFAULT_NATS_URLS
     credentials: Annotated[
-        str, msgspec.Meta(description="Path to this store's NATS .creds file; empty: none.")
+        str,
+        msgspec.Meta(
+            description="This store's NATS credentials: the NKEY seed file `stores add` wrote "
+            "(store.nk) or a .creds file; empty: none."
+        ),
     ] = ""
+    tls_ca: Annotated[
+        str,
+        msgspec.Meta(
+            description="CA certificate (PEM) that signed HQ's NATS server certificate; "
+            "empty: the system's trust store when a URL is tls://."
+        ),
+    ] = ""
+    tls_cert: Annotated[
+        str, msgspec.Meta(description="This store's client certificate (PEM), for mutual TLS.")
+    ] = ""
+    tls_key: Annotated[str, msgspec.Meta(description="Its private key (PEM).")] = ""
     ping_interval: Annotated[
         float,
         msgspec.Meta(
@@ -213,7 +228,11 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> A
             cfg,
             data_dir=_resolve(base_dir, cfg.data_dir),
             nats=msgspec.structs.replace(
-                cfg.nats, credentials=_resolve(base_dir, cfg.nats.credentials)
+                cfg.nats,
+                credentials=_resolve(base_dir, cfg.nats.credentials),
+                tls_ca=_resolve(base_dir, cfg.nats.tls_ca),
+                tls_cert=_resolve(base_dir, cfg.nats.tls_cert),
+                tls_key=_resolve(base_dir, cfg.nats.tls_key),
             ),
             poslog=msgspec.structs.replace(
                 cfg.poslog, drop_dir=_resolve(base_dir, cfg.poslog.drop_dir)

@@ -32,7 +32,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,16 @@ class ForwarderStatistics(msgspec.Struct, frozen=True, kw_only=True):
     reconnects: int
     last_error: str | None
     offline_since: dt.datetime | None
+    # NATS refuses this store (authorization or permissions violation): its credentials are
+    # wrong or were revoked. Cleared by the next accepted connection / acknowledged batch.
+    denied: str | None = None
+
+
+def _host_port(url: Any) -> str:
+    """host:port of a connected URL, without the user:password@ a URL may carry."""
+    if url is None:
+        return "?"
+    return f"{url.hostname}:{url.port}" if url.port else str(url.hostname)
 
 
 class Backoff:
@@ -132,7 +142,7 @@ class Forwarder:
         *,
         store_id: str,
         urls: list[str],
-        credentials: str = "",
+        auth: Mapping[str, Any] | None = None,
         ping_interval: float = 5.0,
         batch_max_records: int = 500,
         batch_max_bytes: int = 512 * 1024,
@@ -148,7 +158,8 @@ class Forwarder:
         self.store_id = store_id
         self.subject = events_subject(store_id)
         self.urls = list(urls)
-        self.credentials = credentials
+        # nats-py options from protocol.connection.connect_options: credentials file, TLS.
+        self.auth = dict(auth or {})
         self.ping_interval = ping_interval
         self.batch_max_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
@@ -180,6 +191,7 @@ class Forwarder:
         self._failures = 0
         self._reconnects = 0
         self._last_error: str | None = None
+        self._denied: str | None = None
         self._offline_since: float | None = clock()
         self._last_error_log = 0.0
         outbox.add_listener(self._wake.set)
@@ -206,7 +218,7 @@ class Forwarder:
         nc = self._nc
         server = None
         if nc is not None and nc.is_connected and nc.connected_url is not None:
-            server = nc.connected_url.netloc
+            server = _host_port(nc.connected_url)
         return ForwarderStatistics(
             connected=self._connected.is_set(),
             server=server,
@@ -219,6 +231,7 @@ class Forwarder:
             reconnects=self._reconnects,
             last_error=self._last_error,
             offline_since=_utc(self._offline_since),
+            denied=self._denied,
         )
 
     async def run(self) -> None:
@@ -237,9 +250,7 @@ class Forwarder:
     # -- connection --
 
     async def _connect(self) -> None:
-        options: dict[str, Any] = {}
-        if self.credentials:
-            options["user_credentials"] = self.credentials
+        options = dict(self.auth)
         nc = NatsClient()
         try:
             await nc.connect(
@@ -271,7 +282,7 @@ class Forwarder:
         # for publish_async, so making one per publish would pile up subscriptions.
         self._js = nc.jetstream()
         self._nc = nc
-        log.info("forwarder connected to %s", nc.connected_url.netloc if nc.connected_url else "?")
+        log.info("forwarder connected to %s", _host_port(nc.connected_url))
         for hook in self._hooks:
             try:
                 await hook(nc)
@@ -285,6 +296,10 @@ class Forwarder:
         # nats-py asks this before each reconnect attempt: rotate through the servers with a
         # capped, jittered delay (400 stores must not hammer HQ in lockstep after an outage).
         server = min(servers, key=lambda s: s.reconnects)
+        if self._denied is not None:
+            # Refused credentials stay refused until an operator acts: knock at the slowest
+            # pace (nats-py counts a refused login as a connect, so attempts never grow).
+            return server, self._reconnect.delay_for(30)
         return server, self._reconnect.delay_for(server.reconnects)
 
     def _set_connected(self) -> None:
@@ -296,6 +311,15 @@ class Forwarder:
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = f"NATS: {exc!r}"
+        text = str(exc).lower()
+        if "authorization violation" in text or "permissions violation" in text:
+            if self._denied is None:
+                log.error(
+                    "forwarder: NATS REFUSES STORE %s (%s): its credentials (nats.credentials) "
+                    "are not this store's or were revoked; events are buffered until fixed",
+                    self.store_id, exc,
+                )  # fmt: skip
+            self._denied = str(exc)
         now = time.monotonic()
         if now - self._last_error_log >= ERROR_LOG_INTERVAL:
             self._last_error_log = now
@@ -311,6 +335,8 @@ class Forwarder:
 
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        if self._denied is not None and "authorization" in self._denied.lower():
+            self._denied = None  # logged in again: the server accepts the credentials now
         self._set_connected()
 
     async def _on_closed(self) -> None:
@@ -469,6 +495,7 @@ class Forwarder:
         if first is None or last is None:
             return
         self._last_ack_at = self._clock()
+        self._denied = None
         # Not awaited: the writer group-commits these with ingest's appends. Losing one in a
         # crash only means re-sending records central already has.
         self._marking = self.outbox.mark_sent_nowait(first, last)

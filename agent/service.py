@@ -27,6 +27,7 @@ from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
 from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
+from protocol.connection import CredentialsError, connect_options, redact_url
 from protocol.events import Event
 from protocol.wire import AgentStatus
 
@@ -77,7 +78,7 @@ def status_report(
         service_running=running,
         buffer_bytes=outbox.buffer_bytes,
         max_buffer_bytes=outbox.max_buffer_bytes,
-        nats_urls=list(cfg.nats.urls),
+        nats_urls=[redact_url(u) for u in cfg.nats.urls],
         data_dir=cfg.data_dir,
         listen=cfg.ingest.listen,
         damaged_file=outbox.damaged_file,
@@ -107,18 +108,28 @@ def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, li
     return convert
 
 
-def check_credentials(cfg: AgentConfig) -> None:
-    """Fail at start, not silently in the background, when NATS credentials cannot work."""
-    if not cfg.nats.credentials:
-        return
-    if not Path(cfg.nats.credentials).is_file():
+def nats_auth(cfg: AgentConfig) -> dict[str, Any]:
+    """nats-py options for this store's credentials and TLS; fails at start, not silently in
+    the background, when they cannot work (the message names files, never their content)."""
+    if cfg.nats.credentials and not Path(cfg.nats.credentials).is_file():
         raise AgentError(f"nats.credentials {cfg.nats.credentials} does not exist")
     try:
-        import nkeys  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-    except ImportError:
-        raise AgentError(
-            "nats.credentials is set but the 'nkeys' package is missing: pip install nkeys"
-        ) from None
+        options = connect_options(
+            cfg.nats.credentials,
+            tls_ca=cfg.nats.tls_ca,
+            tls_cert=cfg.nats.tls_cert,
+            tls_key=cfg.nats.tls_key,
+        )
+    except CredentialsError as exc:
+        raise AgentError(f"nats: {exc}") from None
+    if cfg.nats.credentials:
+        try:
+            import nkeys  # noqa: F401
+        except ImportError:
+            raise AgentError(
+                "nats.credentials is set but the 'nkeys' package is missing: pip install nkeys"
+            ) from None
+    return options
 
 
 class AgentService:
@@ -138,7 +149,6 @@ class AgentService:
             self.outbox,
             store_id=cfg.store_id,
             urls=list(cfg.nats.urls),
-            credentials=cfg.nats.credentials,
             ping_interval=cfg.nats.ping_interval,
             batch_max_records=cfg.forwarder.batch_max_records,
             batch_max_bytes=cfg.forwarder.batch_max_bytes,
@@ -169,7 +179,7 @@ class AgentService:
     async def start(self) -> None:
         """Open the outbox, start forwarding and watching, then accept HTTP."""
         check_listen_allowed(self.cfg)
-        check_credentials(self.cfg)
+        self.forwarder.auth = nats_auth(self.cfg)
         await self.outbox.open()
         try:
             self._spawn(self.forwarder.run(), "forwarder")

@@ -9,6 +9,7 @@ or ``PATH``, in that order of preference after the environment variable.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -24,6 +25,7 @@ from pathlib import Path
 from central.errors import BrokerError
 
 NATS_SERVER_ENV = "STORELINK_NATS_SERVER"
+PID_FILENAME = "nats-server.pid"
 READY_TIMEOUT = 15.0
 
 
@@ -75,7 +77,14 @@ class BrokerConfig:
     port: int = 4222
     monitor_port: int = 0  # 0: pick a free one
     max_payload: int = 8 * 1024 * 1024
-    # Extra nats-server config text (accounts, authorization, tls) appended verbatim.
+    # A config file to ``include`` (central's generated authorization), relative to data_dir.
+    include: str = ""
+    # Server TLS: certificate and key (PEM); ``tls_ca`` + ``tls_verify`` demand client certs.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_verify: bool = False
+    # Extra nats-server config text appended verbatim.
     extra_config: str = ""
     jetstream_max_store: str = ""  # e.g. "10G"; empty: the server's default
     args: list[str] = field(default_factory=list)
@@ -85,14 +94,24 @@ def render_config(cfg: BrokerConfig, monitor_port: int) -> str:
     """The nats-server configuration file for ``cfg``."""
     store_dir = (cfg.data_dir / "jetstream").as_posix()
     max_store = f"\n  max_file_store: {cfg.jetstream_max_store}" if cfg.jetstream_max_store else ""
-    return (
+    text = (
         f'host: "{cfg.host}"\n'
         f"port: {cfg.port}\n"
         f'http: "127.0.0.1:{monitor_port}"\n'
+        f"pid_file: {json.dumps((cfg.data_dir / PID_FILENAME).as_posix())}\n"
         f"max_payload: {cfg.max_payload}\n"
         f'jetstream {{\n  store_dir: "{store_dir}"{max_store}\n}}\n'
-        f"{cfg.extra_config}\n"
     )
+    if cfg.tls_cert:
+        tls = {"cert_file": cfg.tls_cert, "key_file": cfg.tls_key, "timeout": 5}
+        if cfg.tls_ca:
+            tls["ca_file"] = cfg.tls_ca
+        if cfg.tls_verify:
+            tls["verify"] = True
+        text += f"tls {json.dumps(tls)}\n"
+    if cfg.include:
+        text += f"include {json.dumps(cfg.include)}\n"
+    return text + f"{cfg.extra_config}\n"
 
 
 class EmbeddedBroker:
@@ -109,6 +128,10 @@ class EmbeddedBroker:
     def url(self) -> str:
         host = "127.0.0.1" if self.cfg.host in ("0.0.0.0", "::") else self.cfg.host
         return f"nats://{host}:{self.cfg.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
 
     @property
     def pid(self) -> int | None:
@@ -144,7 +167,7 @@ class EmbeddedBroker:
         await self.wait_ready(timeout)
 
     def healthy_nowait(self) -> bool:
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        url = f"{self.monitor_url}/healthz?js-enabled-only=true"
         try:
             with urllib.request.urlopen(url, timeout=0.5) as resp:
                 return bool(resp.status == 200)

@@ -37,9 +37,10 @@ from central.control import (
 from central.dlq import DeadLetter
 from central.errors import CentralError
 from central.service import INFO_FILENAME, read_info, run_service
-from central.state import list_stores, read_status, remove_store
+from central.state import list_stores, read_status
+from protocol.connection import CredentialsError, connect_options
 from protocol.errors import InvalidStoreId
-from protocol.subjects import check_store_id
+from protocol.subjects import CENTRAL_INBOX_PREFIX, check_store_id
 from protocol.wire import ResyncReply
 
 EXIT_UNREACHABLE = 3
@@ -64,7 +65,8 @@ creds_option = click.option(
     "--creds",
     type=click.Path(dir_okay=False),
     default="",
-    help="NATS .creds file, when NATS requires authentication.",
+    help="NATS credentials (NKEY seed or .creds file) [central's own, as recorded in "
+    "DATA_DIR/central.json].",
 )
 
 
@@ -96,6 +98,24 @@ def _urls(data_dir: Path, given: tuple[str, ...]) -> list[str]:
             f"--data-dir {data_dir}?); pass --nats-url"
         )
     return urls
+
+
+def _nats_options(data_dir: Path, creds: str) -> dict[str, Any]:
+    """How this command authenticates to central's NATS: --creds, else the credentials and TLS
+    files `central run` recorded (central's own user)."""
+    info = read_info(data_dir)
+    tls = info.get("tls") or {}
+    try:
+        options = connect_options(
+            creds or str(info.get("credentials") or ""),
+            tls_ca=str(tls.get("ca") or ""),
+            tls_cert=str(tls.get("client_cert") or ""),
+            tls_key=str(tls.get("client_key") or ""),
+        )
+    except CredentialsError as exc:
+        raise click.ClickException(str(exc)) from None
+    options["inbox_prefix"] = CENTRAL_INBOX_PREFIX
+    return options
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -200,14 +220,14 @@ def _duration(seconds: float) -> str:
 
 
 async def _ask_agents(
-    urls: list[str], credentials: str, store_ids: list[str], timeout: float
+    urls: list[str], options: dict[str, Any], store_ids: list[str], timeout: float
 ) -> tuple[dict[str, AgentReach], dict[str, int] | None, str | None]:
     """(each store's agent, live DLQ counts per store, why NATS could not be asked)."""
     from central.control import ask_status, connect
     from central.dlq import dead_letter_counts
 
     try:
-        nc = await connect(urls, credentials)
+        nc = await connect(urls, options)
     except NatsUnreachable as exc:
         return {}, None, exc.reason
     try:
@@ -293,7 +313,9 @@ def status(
             nats_error = f"no NATS URL recorded in {data_dir}/{INFO_FILENAME}; pass --nats-url"
         else:
             ids = [s["store_id"] for s in stores]
-            reach, dlq_live, nats_error = asyncio.run(_ask_agents(urls, creds, ids, timeout))
+            reach, dlq_live, nats_error = asyncio.run(
+                _ask_agents(urls, _nats_options(data_dir, creds), ids, timeout)
+            )
     now = time.time()
     for s in stores:
         if dlq_live is not None:
@@ -432,9 +454,10 @@ def resync(
     except InvalidStoreId as exc:
         raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
     urls = _urls(data_dir, nats_urls)
+    options = _nats_options(data_dir, creds)
 
     async def ask() -> ResyncReply:
-        nc = await connect(urls, creds)
+        nc = await connect(urls, options)
         try:
             return await ask_resync(nc, store_id, from_seq, to_seq, reason=reason, timeout=timeout)
         finally:
@@ -472,14 +495,36 @@ def stores() -> None:
 @click.option("--nats-url", help="NATS URL the agent should use [recorded by central run].")
 @click.option("--force", is_flag=True, help="Rewrite the config of an existing store.")
 def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, force: bool) -> None:
-    """Provision STORE_ID and write a complete agent config to OUT/agent.toml."""
+    """Provision STORE_ID: a new NATS user (NKEY) allowed only the store's own subjects, and a
+    ready-to-run agent directory OUT (agent.toml, store.nk, TLS files). With the embedded
+    nats-server the user is live at once; for an external cluster the user entry to apply is
+    printed. --force issues new credentials (rotation): the old ones stop working."""
     from central.provision import provision_store
 
     try:
-        path = provision_store(data_dir, store_id, out, nats_url=nats_url, force=force)
+        done = provision_store(data_dir, store_id, out, nats_url=nats_url, force=force)
     except CentralError as exc:
         raise _fail(exc) from None
-    click.echo(f"store {store_id} provisioned; agent config written to {path}")
+    click.echo(f"store {store_id} provisioned; agent config written to {done.config}")
+    click.echo(
+        f"its NATS credentials are in {done.credentials} (keep them secret: copy the whole "
+        "directory to the store machine, readable only by the agent's user)"
+    )
+    _say_authorization(done.authorization, f"store {store_id} may connect")
+
+
+def _say_authorization(auth: Any, what: str) -> None:
+    if auth.embedded:
+        if auth.reloaded:
+            click.echo(f"embedded nats-server reloaded: {what} now")
+        else:
+            click.echo(f"central is not running: {what} once it starts")
+    elif auth.fragment:
+        click.echo(
+            "NATS is an external cluster: add this user to the `users` list of its "
+            "authorization and reload it (`nats-server --signal reload`):"
+        )
+        click.echo(auth.fragment)
 
 
 @stores.command("list")
@@ -494,10 +539,75 @@ def stores_list(data_dir: Path) -> None:
 @click.argument("store_id")
 @data_dir_option
 def stores_remove(store_id: str, data_dir: Path) -> None:
-    """Remove STORE_ID from the provisioned stores (its delivered history stays)."""
-    if not remove_store(data_dir, store_id):
-        raise click.ClickException(f"store {store_id} is not provisioned")
+    """Remove STORE_ID and revoke its NATS user: its connections are closed at once (embedded
+    nats-server). Its delivered history stays."""
+    from central.provision import unprovision_store
+
+    try:
+        auth = unprovision_store(data_dir, store_id)
+    except CentralError as exc:
+        raise _fail(exc) from None
     click.echo(f"store {store_id} removed")
+    if auth.embedded:
+        _say_authorization(auth, f"store {store_id} is cut off")
+    elif auth.fragment:
+        click.echo(
+            f"NATS is an external cluster: remove the user with nkey {auth.fragment} from its "
+            "authorization and reload it (`nats-server --signal reload`)"
+        )
+
+
+@stores.command("authorization")
+@data_dir_option
+def stores_authorization(data_dir: Path) -> None:
+    """Print the nats-server `authorization` block for central and every provisioned store,
+    for an external NATS cluster (the embedded one includes it by itself)."""
+    from central.auth import ensure_central_user, render_authorization
+    from central.state import store_keys
+
+    try:
+        path, key = ensure_central_user(data_dir)
+        click.echo(f"# central's user: nats.credentials = {path}")
+        click.echo(render_authorization(key, store_keys(data_dir)), nl=False)
+    except CentralError as exc:
+        raise _fail(exc) from None
+
+
+@cli.group()
+def pki() -> None:
+    """A private CA and certificates for TLS on the NATS port (tests, small deployments)."""
+
+
+@pki.command("init")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Where to write ca.pem, ca.key, server.pem/.key and central.pem/.key.",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    help="DNS name or IP agents use to reach NATS (repeatable); localhost and 127.0.0.1 "
+    "are always included.",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace an existing CA (its certificates stop working)."
+)
+def pki_init(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
+    """Create a CA, the NATS server certificate and central's client certificate, and print
+    the [nats.tls] section of central's config that uses them."""
+    from central.pki import init_pki, tls_config_snippet
+
+    try:
+        files = init_pki(directory, list(hosts), force=force)
+    except CentralError as exc:
+        raise _fail(exc) from None
+    click.echo(f"CA and certificates written to {directory} (private keys mode 0600)")
+    click.echo("add to central's config (--config):")
+    click.echo(tls_config_snippet(files), nl=False)
 
 
 @cli.group()
@@ -515,9 +625,10 @@ def _with_nats(
     from central.control import connect
 
     urls = _urls(data_dir, nats_urls)
+    options = _nats_options(data_dir, creds)
 
     async def run() -> T:
-        nc = await connect(urls, creds)
+        nc = await connect(urls, options)
         try:
             return await work(nc)
         finally:

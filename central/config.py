@@ -30,6 +30,25 @@ def _doc(text: str) -> msgspec.Meta:
     return msgspec.Meta(description=text)
 
 
+class TlsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """TLS for the NATS port (`storelink-central pki init` makes a CA and these files)."""
+
+    cert: Annotated[str, _doc("server certificate (PEM) of the embedded nats-server")] = ""
+    key: Annotated[str, _doc("its private key (PEM)")] = ""
+    ca: Annotated[
+        str,
+        _doc("CA certificate agents and central trust for the server (and that signs clients)"),
+    ] = ""
+    verify: Annotated[
+        bool, _doc("mutual TLS: the embedded server demands a client certificate signed by ca")
+    ] = False
+    client_cert: Annotated[str, _doc("central's own client certificate, for mutual TLS")] = ""
+    client_key: Annotated[str, _doc("its private key")] = ""
+    ca_key: Annotated[
+        str, _doc("CA private key: `stores add` issues each store a client certificate with it")
+    ] = ""
+
+
 class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where central finds NATS: an embedded server (default) or an existing cluster."""
 
@@ -42,7 +61,16 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     advertise: Annotated[
         str, _doc("URL agents use to reach this central's NATS (written by `stores add`)")
     ] = ""
-    credentials: Annotated[str, _doc("NATS .creds file for central's own user")] = ""
+    credentials: Annotated[
+        str,
+        _doc(
+            "central's own NATS credentials (NKEY seed or .creds file); "
+            "default: DATA_DIR/credentials/central.nk, generated on first start"
+        ),
+    ] = ""
+    tls: Annotated[TlsSettings, _doc("TLS on the NATS port; see `storelink-central pki init`")] = (
+        TlsSettings()
+    )
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +80,10 @@ class AgentReach:
         return {"reachable": self.reachable, "error": self.error, "status": status}
 
 
-async def connect(urls: Sequence[str], credentials: str = "") -> Any:
-    """A NATS connection for one command, or NatsUnreachable within ``CONNECT_TIMEOUT``."""
-    options: dict[str, Any] = {}
-    if credentials:
-        options["user_credentials"] = credentials
+async def connect(urls: Sequence[str], options: Mapping[str, Any] | None = None) -> Any:
+    """A NATS connection for one command, or NatsUnreachable within ``CONNECT_TIMEOUT``.
+    ``options``: authentication (credentials, TLS, inbox prefix) for ``nats.connect``."""
+    options = dict(options or {})
     errors: list[BaseException] = []
 
     async def on_error(exc: Exception) -> None:

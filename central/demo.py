@@ -20,7 +20,9 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from central.auth import STORE_SEED_FILENAME
 from central.broker import free_port
 from central.errors import CentralError
 
@@ -151,12 +153,14 @@ class Pipeline:
     def agent_config(self, store_id: str) -> Path:
         return self.root / "stores" / store_id / "agent.toml"
 
-    def provision(self, store_id: str) -> None:
-        """``storelink-central stores add`` for one store, writing its agent.toml."""
+    def provision(self, store_id: str, *, force: bool = False) -> None:
+        """``storelink-central stores add`` for one store, writing its agent.toml (``force``:
+        again, with new credentials)."""
         out = self.agent_config(store_id).parent
         cmd = [
             *_python("central"), "stores", "add", store_id,
             "--data-dir", str(self.central_dir), "--out", str(out),
+            *(["--force"] if force else []),
         ]  # fmt: skip
         url = self.agent_nats_url or self.nats_url
         if url or not self.central_dir.joinpath("central.json").exists():
@@ -181,6 +185,15 @@ class Pipeline:
         for table, values in self.agent_settings.items():
             data.setdefault(table, {}).update(values)
         path.write_text(render_config(config_from_dict(data, base_dir=path.parent)))
+
+    def store_nats_options(self, store_id: str) -> dict[str, Any]:
+        """nats-py options to connect as ``store_id`` (its provisioned credentials), e.g. for a
+        test that plays a misbehaving store."""
+        from protocol.connection import connect_options
+        from protocol.subjects import inbox_prefix
+
+        creds = self.agent_config(store_id).parent / STORE_SEED_FILENAME
+        return {"inbox_prefix": inbox_prefix(store_id), **connect_options(str(creds))}
 
     def make_agent(self, store_id: str) -> ManagedProcess:
         port = self.agent_ports.setdefault(store_id, free_port())

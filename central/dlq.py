@@ -110,10 +110,10 @@ def _entry(raw: Any) -> DeadLetter:
     )
 
 
-async def _connect(url: str) -> Any:
+async def _connect(url: str, options: dict[str, Any] | None = None) -> Any:
     from central.control import connect
 
-    return await connect([url])
+    return await connect([url], options)
 
 
 async def entries(nc: Any, store_id: str | None = None) -> list[DeadLetter]:

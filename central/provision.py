@@ -1,21 +1,37 @@
-"""Store provisioning: `stores add` records a store and writes its ready-to-run agent.toml."""
+"""Store provisioning: `stores add` records a store, makes its NATS user and writes a
+ready-to-run agent directory (agent.toml, the store's NKEY seed, TLS files); `stores remove`
+revokes it. Both bring the embedded broker's authorization up to date at once."""
 
 from __future__ import annotations
 
-import os
+import json
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from agent.config import AgentConfig, NatsConfig, render_config
+from central.auth import (
+    STORE_SEED_FILENAME,
+    new_user_seed,
+    reload_broker,
+    store_permissions,
+    write_auth_conf,
+    write_secret,
+)
 from central.errors import ConfigError
 from central.service import read_info
-from central.state import add_store
+from central.state import add_store, remove_store, store_keys
 from protocol.errors import InvalidStoreId
 from protocol.subjects import check_store_id
 
 DEFAULT_AGENT_NATS_URL = "nats://127.0.0.1:4222"
 RESERVED_PREFIX = "_"
+STORE_CA = "ca.pem"
+STORE_CERT = "store.pem"
+STORE_KEY = "store.key"
 
 
 class StoreExists(ConfigError):
@@ -24,8 +40,25 @@ class StoreExists(ConfigError):
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
         super().__init__(
-            f"store {store_id} is already provisioned; use --force to write its config again"
+            f"store {store_id} is already provisioned; use --force to issue it new credentials "
+            "and write its config again (its old credentials stop working)"
         )
+
+
+@dataclass(frozen=True)
+class Authorization:
+    """What became of the broker's authorization after a change."""
+
+    embedded: bool  # central runs (or will run) the embedded nats-server
+    reloaded: bool  # a running embedded server has loaded the change
+    fragment: str  # for an external cluster: the user entry to apply (empty when removing)
+
+
+@dataclass(frozen=True)
+class Provisioned:
+    config: Path
+    credentials: Path
+    authorization: Authorization
 
 
 def agent_urls_for(data_dir: Path, nats_url: str | None) -> list[str]:
@@ -38,10 +71,50 @@ def agent_urls_for(data_dir: Path, nats_url: str | None) -> list[str]:
     return [DEFAULT_AGENT_NATS_URL]
 
 
+def user_fragment(store_id: str, nkey: str) -> str:
+    """The store's entry for the ``users`` list of an external cluster's authorization."""
+    return json.dumps({"nkey": nkey, "permissions": store_permissions(store_id)}, indent=2)
+
+
+def _apply(data_dir: Path, info: dict[str, Any]) -> tuple[bool, bool]:
+    """Rewrite the embedded broker's auth.conf and reload a running one: (embedded, reloaded)."""
+    if not info.get("embedded", True):
+        return False, False
+    write_auth_conf(data_dir)
+    monitor = info.get("monitor_url")
+    return True, reload_broker(data_dir, str(monitor) if monitor else None)
+
+
+def _tls_files(info: dict[str, Any], store_id: str, out_dir: Path) -> dict[str, str]:
+    """Copy the CA for the agent to trust and, with mutual TLS, issue its client certificate."""
+    tls = info.get("tls") or {}
+    ca = str(tls.get("ca") or "")
+    if not ca:
+        return {}
+    shutil.copyfile(ca, out_dir / STORE_CA)
+    files = {"tls_ca": STORE_CA}
+    if tls.get("verify"):
+        ca_key = str(tls.get("ca_key") or "")
+        if not ca_key:
+            raise ConfigError(
+                "central requires client certificates (nats.tls.verify) but has no nats.tls.ca_key "
+                "to issue one: issue the store a certificate from your PKI and set "
+                "nats.tls_cert / nats.tls_key in its agent.toml"
+            )
+        from central.pki import issue_client_cert
+
+        issue_client_cert(
+            Path(ca), Path(ca_key), store_id, out_dir / STORE_CERT, out_dir / STORE_KEY
+        )
+        files |= {"tls_cert": STORE_CERT, "tls_key": STORE_KEY}
+    return files
+
+
 def provision_store(
     data_dir: Path, store_id: str, out_dir: Path, *, nats_url: str | None, force: bool
-) -> Path:
-    """Record ``store_id`` and write ``out_dir/agent.toml``; returns the config's path."""
+) -> Provisioned:
+    """Record ``store_id`` with a new NATS user and write ``out_dir``: agent.toml, store.nk
+    (the user's seed, 0600) and, when central uses TLS, the CA and client certificate."""
     try:
         check_store_id(store_id)
     except InvalidStoreId as exc:
@@ -51,15 +124,30 @@ def provision_store(
             f"invalid store id {store_id!r}: ids starting with {RESERVED_PREFIX!r} are reserved "
             "for central's own use (the DLQ files unattributable batches under one)"
         )
-    if not add_store(data_dir, store_id, force=force):
+    seed, public = new_user_seed()
+    if not add_store(data_dir, store_id, nkey=public, force=force):
         raise StoreExists(store_id)
-    cfg = AgentConfig(store_id=store_id)
-    cfg = msgspec.structs.replace(
-        cfg, nats=NatsConfig(urls=tuple(agent_urls_for(data_dir, nats_url)))
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    info = read_info(data_dir)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    credentials = out_dir / STORE_SEED_FILENAME
+    write_secret(credentials, seed + b"\n")
+    tls = _tls_files(info, store_id, out_dir)
+    urls = agent_urls_for(data_dir, nats_url)
+    nats = NatsConfig(urls=tuple(urls), credentials=STORE_SEED_FILENAME)
+    cfg = AgentConfig(store_id=store_id, nats=msgspec.structs.replace(nats, **tls))
     path = out_dir / "agent.toml"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(render_config(cfg))
-    os.replace(tmp, path)
-    return path
+    # 0600: the operator may add ingest.token to it.
+    write_secret(path, render_config(cfg).encode())
+    embedded, reloaded = _apply(data_dir, info)
+    fragment = "" if embedded else user_fragment(store_id, public)
+    return Provisioned(path, credentials, Authorization(embedded, reloaded, fragment))
+
+
+def unprovision_store(data_dir: Path, store_id: str) -> Authorization:
+    """Remove ``store_id`` and revoke its NATS user; its delivered history stays."""
+    key = store_keys(data_dir).get(store_id)
+    if not remove_store(data_dir, store_id):
+        raise ConfigError(f"store {store_id} is not provisioned")
+    embedded, reloaded = _apply(data_dir, read_info(data_dir))
+    fragment = "" if embedded or key is None else key
+    return Authorization(embedded, reloaded, fragment)

@@ -16,13 +16,16 @@ from typing import Any
 
 import nats
 
+from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
 from central.config import CentralConfig, parse_hostport
 from central.consumer import Consumer
-from central.errors import CentralError
+from central.errors import CentralError, ConfigError
 from central.http import CentralHttp
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
+from protocol.connection import CredentialsError, connect_options
+from protocol.subjects import CENTRAL_INBOX_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,51 @@ def agent_nats_urls(cfg: CentralConfig) -> list[str]:
     return [f"nats://{host}:{port}"]
 
 
-def write_info(cfg: CentralConfig, http: str) -> None:
-    """Record where this central's NATS and HTTP are, for `stores add` and `status`."""
+def central_credentials(cfg: CentralConfig) -> str:
+    """Central's own NATS credentials: the configured file, else its generated NKEY seed."""
+    if cfg.nats.credentials:
+        return cfg.nats.credentials
+    seed = central_seed_path(cfg.data_path)
+    return str(seed) if not cfg.nats.urls or seed.exists() else ""
+
+
+def client_options(cfg: CentralConfig) -> dict[str, Any]:
+    """nats-py options for central's own connections: credentials, TLS, its reply inbox."""
+    tls = cfg.nats.tls
+    try:
+        options = connect_options(
+            central_credentials(cfg),
+            tls_ca=tls.ca,
+            tls_cert=tls.client_cert,
+            tls_key=tls.client_key,
+        )
+    except CredentialsError as exc:
+        raise ConfigError(str(exc)) from None
+    options["inbox_prefix"] = CENTRAL_INBOX_PREFIX
+    return options
+
+
+def write_info(cfg: CentralConfig, http: str, monitor_url: str | None = None) -> None:
+    """Record where this central's NATS and HTTP are and how to authenticate to its NATS, for
+    `stores add`, `status`, `resync` and `dlq` (file paths only, never secrets)."""
     path = cfg.data_path / INFO_FILENAME
     tmp = path.with_suffix(".tmp")
-    info = {"nats_urls": agent_nats_urls(cfg), "http": http, "pid": os.getpid()}
+    tls = cfg.nats.tls
+    info = {
+        "nats_urls": agent_nats_urls(cfg),
+        "http": http,
+        "pid": os.getpid(),
+        "embedded": not cfg.nats.urls,
+        "monitor_url": monitor_url,
+        "credentials": central_credentials(cfg),
+        "tls": {
+            "ca": tls.ca,
+            "verify": tls.verify,
+            "client_cert": tls.client_cert,
+            "client_key": tls.client_key,
+            "ca_key": tls.ca_key,
+        },
+    }
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)
 
@@ -102,9 +145,22 @@ class CentralService:
 
     async def _start_broker(self) -> None:
         host, port = parse_hostport(self.cfg.nats.listen)
+        tls = self.cfg.nats.tls
+        # Authorization from the provisioned stores: nobody without a key gets in.
+        write_auth_conf(self.cfg.data_path)
         self.broker = EmbeddedBroker(
-            BrokerConfig(data_dir=self.cfg.data_path / "nats", host=host, port=port)
+            BrokerConfig(
+                data_dir=self.cfg.data_path / "nats",
+                host=host,
+                port=port,
+                include=AUTH_CONF_FILENAME,
+                tls_cert=tls.cert,
+                tls_key=tls.key,
+                tls_ca=tls.ca,
+                tls_verify=tls.verify,
+            )
         )
+        write_info(self.cfg, self.cfg.http, self.broker.monitor_url)
         await self.broker.start()
         log.info("embedded nats-server ready on %s", self.broker.url)
 
@@ -126,9 +182,7 @@ class CentralService:
     async def _connect(self, urls: list[str]) -> Any:
         """Connect, retrying forever in the background (nats-py's connect blocks while the
         server is down); None when asked to stop first."""
-        options: dict[str, Any] = {}
-        if self.cfg.nats.credentials:
-            options["user_credentials"] = self.cfg.nats.credentials
+        options = client_options(self.cfg)
 
         async def disconnected() -> None:
             if not self.stop.is_set():  # closing at the end disconnects too: not news
@@ -169,7 +223,7 @@ class CentralService:
         return connecting.result()
 
     async def run(self) -> None:
-        self.cfg.data_path.mkdir(parents=True, exist_ok=True)
+        self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
         try:
             await self.state.open()

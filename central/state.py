@@ -43,6 +43,8 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "CREATE TABLE dlq_counts (store_id TEXT PRIMARY KEY, count INTEGER NOT NULL)",
         ),
     ),
+    # The store's NKEY public key (its NATS user); the seed lives only on the store.
+    ("0002_store_nkey", ("ALTER TABLE stores ADD COLUMN nkey TEXT",)),
 )
 
 
@@ -286,8 +288,11 @@ class SqliteState:
 # --- provisioned stores and read-only status (used by the CLI, central running or not) ------
 
 
-def add_store(data_dir: Path, store_id: str, *, force: bool = False) -> bool:
-    """Record ``store_id`` as provisioned; False when it already was (and not ``force``)."""
+def add_store(
+    data_dir: Path, store_id: str, *, nkey: str | None = None, force: bool = False
+) -> bool:
+    """Record ``store_id`` (and its NATS user's public key) as provisioned; False when it
+    already was (and not ``force``)."""
     conn = open_db(data_dir)
     try:
         row = conn.execute(
@@ -296,8 +301,9 @@ def add_store(data_dir: Path, store_id: str, *, force: bool = False) -> bool:
         if row is not None and row[0] is None and not force:
             return False
         conn.execute(
-            "INSERT OR REPLACE INTO stores (store_id, added_at, removed_at) VALUES (?, ?, NULL)",
-            (store_id, time.time()),
+            "INSERT OR REPLACE INTO stores (store_id, added_at, removed_at, nkey) "
+            "VALUES (?, ?, NULL, ?)",
+            (store_id, time.time(), nkey),
         )
         return True
     finally:
@@ -313,6 +319,18 @@ def remove_store(data_dir: Path, store_id: str) -> bool:
             (time.time(), store_id),
         )
         return cur.rowcount == 1
+    finally:
+        conn.close()
+
+
+def store_keys(data_dir: Path) -> dict[str, str]:
+    """Provisioned (not removed) stores that have a NATS user: store id -> NKEY public key."""
+    conn = open_db(data_dir)
+    try:
+        rows = conn.execute(
+            "SELECT store_id, nkey FROM stores WHERE removed_at IS NULL AND nkey IS NOT NULL"
+        )
+        return {r[0]: r[1] for r in rows}
     finally:
         conn.close()
 

@@ -58,6 +58,11 @@ def oms_subject(event_type: str, store_id: str) -> str:
     return f"{OMS_PREFIX}.{event_type}.{check_store_id(store_id)}"
 
 
+# Central's reply inbox. Store ids starting with "_" are reserved, so no store's inbox
+# (``_INBOX_<store>``) can equal it.
+CENTRAL_INBOX_PREFIX = "_INBOX__central"
+
+
 def inbox_prefix(store_id: str) -> str:
     """The reply-inbox prefix a store's client uses; its permissions allow only this one."""
     return f"_INBOX_{check_store_id(store_id)}"

@@ -91,7 +91,9 @@ async def test_refused_records_are_shown_replayed_and_dropped(
 async def test_a_replayed_batch_is_processed_again(pipeline: Pipeline) -> None:
     """A dead-lettered batch is published again on its store's subject: central processes it
     again (still undecodable here, so it comes back under a new id, with the same reason)."""
-    nc = await nats.connect(f"nats://127.0.0.1:{pipeline.nats_port}")
+    nc = await nats.connect(
+        f"nats://127.0.0.1:{pipeline.nats_port}", **pipeline.store_nats_options("S1")
+    )
     try:
         await nc.jetstream().publish(events_subject("S1"), b"\xc1 not msgpack")
     finally:
