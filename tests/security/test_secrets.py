@@ -279,12 +279,6 @@ def test_redaction_leaves_ordinary_lines_alone() -> None:
         assert line == redact(line)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known leak: a password in a NATS URL (nats://user:pass@host) is printed by status: "
-    "agent/service.py status_report copies cfg.nats.urls as they are (nats_urls=...), and "
-    "agent/cli.py prints them (_print_status, and check-config's NATS warning)",
-)
 def test_a_password_in_a_nats_url_is_not_shown_by_status(tmp_path: Path) -> None:
     """`status` (here reading the database: the service is down) masks a URL's password."""
     from click.testing import CliRunner
