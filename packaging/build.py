@@ -80,6 +80,7 @@ AGENT_ONLY_EXCLUDES = (
     "lzma",
     "_bz2",
     "bz2",
+    "cryptography",  # central's `pki init`; the agent only loads certificates (ssl)
 )
 
 
@@ -108,6 +109,14 @@ def targets() -> dict[str, Target]:
             name="storelink-agent",
             entry=PACKAGING / "agent_entry.py",
             excludes=DEV_EXCLUDES + STDLIB_EXCLUDES + AGENT_ONLY_EXCLUDES,
+            extra_args=(
+                # NKEY credentials: nats-py imports nkeys inside a function, and PyNaCl loads
+                # libsodium through cffi's backend, which the analysis does not see.
+                "--hidden-import",
+                "nkeys",
+                "--hidden-import",
+                "_cffi_backend",
+            ),
         ),
         "central": Target(
             name="storelink-central",

@@ -7,7 +7,8 @@
 # script checks it with the new binary before changing anything, then: installs the binary to
 # $PREFIX/bin (keeping the one it replaces as storelink-agent.previous, for rollback), creates
 # the system user, installs the config to /etc/storelink-agent/agent.toml (root:storelink-agent,
-# 0640: it may hold the ingest token) with its NATS .creds file if it names a relative one, and
+# 0640: it may hold the ingest token) with the NATS credentials and TLS files it names by
+# relative paths, and
 # the systemd unit, (re)starts the service and runs `storelink-agent check-config` and `status`
 # as the service user. Running it again upgrades.
 #
@@ -102,7 +103,6 @@ echo "checking $CONFIG with $BINARY"
 DATA_DIR="$(toml_string data_dir "$CONFIG")"
 DATA_DIR="${DATA_DIR:-$DEFAULT_STATE_DIR}"
 DROP_DIR="$(toml_string drop_dir "$CONFIG")"
-CREDS="$(toml_string credentials "$CONFIG")"
 
 BIN="$PREFIX/bin/storelink-agent"
 CONF="$CONF_DIR/agent.toml"
@@ -132,16 +132,20 @@ if [ -e "$DESTDIR$CONF" ] && ! cmp -s "$CONFIG" "$DESTDIR$CONF"; then
 fi
 run install -m 0640 "$CONFIG" "$DESTDIR$CONF"
 run $CHOWN "root:$AGENT_USER" "$DESTDIR$CONF_DIR" "$DESTDIR$CONF"
-# A relative credentials path is resolved against the config's directory: bring the file along.
-case "$CREDS" in
-    "" | /*) ;;
-    *)
-        CREDS_SRC="$(dirname "$CONFIG")/$CREDS"
-        [ -f "$CREDS_SRC" ] || die "nats.credentials names $CREDS_SRC, which does not exist"
-        run install -D -m 0640 "$CREDS_SRC" "$DESTDIR$CONF_DIR/$CREDS"
-        run $CHOWN "root:$AGENT_USER" "$DESTDIR$CONF_DIR/$CREDS"
-        ;;
-esac
+# Relative credential and TLS paths are resolved against the config's directory: bring those
+# files along, readable by root and the service user only (the seed and key are secrets).
+for KEY in credentials tls_ca tls_cert tls_key; do
+    FILE="$(toml_string "$KEY" "$CONFIG")"
+    case "$FILE" in
+        "" | /*) ;;
+        *)
+            SRC="$(dirname "$CONFIG")/$FILE"
+            [ -f "$SRC" ] || die "nats.$KEY names $SRC, which does not exist"
+            run install -D -m 0640 "$SRC" "$DESTDIR$CONF_DIR/$FILE"
+            run $CHOWN "root:$AGENT_USER" "$DESTDIR$CONF_DIR/$FILE"
+            ;;
+    esac
+done
 
 # 5. The unit, pointing at this PREFIX's binary.
 run install -d -m 0755 "$DESTDIR$UNIT_DIR"

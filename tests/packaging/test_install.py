@@ -220,6 +220,23 @@ def test_install_lays_out_the_store_and_starts_the_service(store: Store) -> None
     assert "service       running" in done.stdout
 
 
+def test_credentials_beside_the_config_are_installed_for_the_service_only(store: Store) -> None:
+    """The store's NKEY seed, named relative to agent.toml as `stores add` writes it, is
+    installed beside the config, root:storelink-agent 0640 (the seed is a secret)."""
+    seed = store.config.parent / "store.nk"
+    text = store.config.read_text().replace(f'credentials = "{seed}"', 'credentials = "store.nk"')
+    assert 'credentials = "store.nk"' in text
+    store.config.write_text(text)
+    done = store.install("--no-start", "--binary", str(store.binary), str(store.config))
+    assert 0 == done.returncode, done.stdout + done.stderr
+    installed = store.installed("/etc/storelink-agent/store.nk")
+    assert (seed.read_bytes(), 0o640) == (
+        installed.read_bytes(),
+        stat.S_IMODE(installed.stat().st_mode),
+    )
+    assert f"chown root:storelink-agent {installed}" in store.recorded()
+
+
 def test_running_it_again_upgrades_and_keeps_a_way_back(store: Store) -> None:
     """A second run keeps the replaced binary as .previous, backs up a changed config, and
     does not create the user again."""
