@@ -62,6 +62,9 @@ CONNECT_TIMEOUT = 2
 INITIAL_RECONNECT_WAIT = 0.25  # nats-py's fixed wait between first-connect attempts
 RECONNECT_BASE_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0  # "resume draining within ~1-2 s of NATS coming back"
+# While the server refuses this store's login (revoked, wrong seed), retry every 5-10 s: an
+# operator's fix (new store.nk) is picked up soon, and 400 refused stores do not hammer HQ.
+DENIED_RECONNECT_DELAY = 10.0
 RETRY_BASE_DELAY = 0.05
 RETRY_MAX_DELAY = 1.0
 MAX_OUTSTANDING_PINGS = 2
@@ -171,6 +174,7 @@ class Forwarder:
         self._clock = clock
         self._retry = Backoff(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rand)
         self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand)
+        self._rand = rand
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._connected = asyncio.Event()
@@ -299,7 +303,7 @@ class Forwarder:
         if self._denied is not None:
             # Refused credentials stay refused until an operator acts: knock at the slowest
             # pace (nats-py counts a refused login as a connect, so attempts never grow).
-            return server, self._reconnect.delay_for(30)
+            return server, DENIED_RECONNECT_DELAY * (0.5 + self._rand() / 2)
         return server, self._reconnect.delay_for(server.reconnects)
 
     def _set_connected(self) -> None:

@@ -24,6 +24,7 @@ from agent.control import Control
 from agent.errors import AgentError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.ingest import Ingest
+from agent.logs import add_secret
 from agent.outbox import Outbox, OutboxStatistics
 from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
@@ -125,9 +126,10 @@ def nats_auth(cfg: AgentConfig) -> dict[str, Any]:
     if cfg.nats.credentials:
         try:
             import nkeys  # noqa: F401
-        except ImportError:
+        except ImportError as exc:
             raise AgentError(
-                "nats.credentials is set but the 'nkeys' package is missing: pip install nkeys"
+                f"nats.credentials is set but the 'nkeys' package cannot be loaded ({exc}): "
+                "pip install nkeys"
             ) from None
     return options
 
@@ -179,6 +181,8 @@ class AgentService:
     async def start(self) -> None:
         """Open the outbox, start forwarding and watching, then accept HTTP."""
         check_listen_allowed(self.cfg)
+        if self.cfg.ingest.token:
+            add_secret(self.cfg.ingest.token)  # a backstop: nothing logs it on purpose
         self.forwarder.auth = nats_auth(self.cfg)
         await self.outbox.open()
         try:

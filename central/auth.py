@@ -204,7 +204,14 @@ def reload_broker(data_dir: Path, monitor_url: str | None) -> bool:
     if pid is None or not hasattr(signal, "SIGHUP"):
         return False
     before = _config_load_time(monitor_url) if monitor_url else None
-    os.kill(pid, signal.SIGHUP)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except PermissionError:
+        raise ConfigError(
+            f"cannot signal the embedded nats-server (pid {pid}) to reload: run this command as "
+            "the user central runs as (or root); auth.conf is written, and central's next start "
+            "loads it"
+        ) from None
     if monitor_url is None or before is None:
         time.sleep(0.5)  # no monitor to ask: give the server a moment
         return True
