@@ -10,6 +10,7 @@ the CLI edge, not here.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import tomllib
@@ -149,6 +150,35 @@ class PoslogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     poll_interval: Annotated[
         float, msgspec.Meta(gt=0, description="Seconds between scans of the drop folder.")
     ] = DEFAULT_POLL_INTERVAL
+    timezone: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            description="The store's IANA timezone (e.g. America/Chicago): POSLog times "
+            "without an offset are read in it.",
+        ),
+    ] = "UTC"
+    currency: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Z]{3}$",
+            description="ISO 4217 currency of POSLog amounts when a document names none.",
+        ),
+    ] = "USD"
+    weight_unit: Annotated[
+        str,
+        msgspec.Meta(
+            min_length=1,
+            max_length=16,
+            description="Unit of POSLog lines flagged as weighed that name none (lb, kg).",
+        ),
+    ] = "lb"
+
+    def zone(self) -> dt.tzinfo:
+        """``timezone`` as a tzinfo (checked when the config is loaded)."""
+        import zoneinfo
+
+        return dt.UTC if self.timezone == "UTC" else zoneinfo.ZoneInfo(self.timezone)
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -223,6 +253,13 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> A
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
     parse_listen(cfg.ingest.listen)
+    try:
+        cfg.poslog.zone()
+    except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError
+        raise ConfigError(
+            f"`poslog.timezone`: unknown timezone {cfg.poslog.timezone!r} (an IANA name like "
+            "America/Chicago or Europe/Berlin)"
+        ) from None
     if base_dir is not None:
         cfg = msgspec.structs.replace(
             cfg,

@@ -88,7 +88,9 @@ def status_report(
     )
 
 
-def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, list[Event]]] | None:
+def _poslog_converter(
+    cfg: AgentConfig,
+) -> Callable[[bytes], Coroutine[Any, Any, list[Event]]] | None:
     """``POST /v1/poslog``'s converter, or None when agent.poslog is not part of this build."""
     try:
         from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
@@ -101,7 +103,14 @@ def _poslog_converter(store_id: str) -> Callable[[bytes], Coroutine[Any, Any, li
     async def convert(data: bytes) -> list[Event]:
         try:
             # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
-            events: list[Event] = await asyncio.to_thread(convert_poslog, data, store_id=store_id)
+            events: list[Event] = await asyncio.to_thread(
+                convert_poslog,
+                data,
+                store_id=cfg.store_id,
+                tz=cfg.poslog.zone(),
+                currency=cfg.poslog.currency,
+                weight_unit=cfg.poslog.weight_unit,
+            )
         except PoslogError as exc:
             raise PoslogRejected(str(getattr(exc, "reason", exc))) from exc
         return events
@@ -168,7 +177,7 @@ class AgentService:
             token=cfg.ingest.token,
             max_request_bytes=cfg.ingest.max_request_bytes,
             status=self.status,
-            convert_poslog=_poslog_converter(cfg.store_id),
+            convert_poslog=_poslog_converter(cfg),
         )
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -213,8 +222,15 @@ class AgentService:
                 "poslog.drop_dir is set but this build has no POSLog support (agent.poslog)"
             ) from exc
         drop_dir = Path(self.cfg.poslog.drop_dir)
+        poslog = self.cfg.poslog
         self._watcher = PoslogWatcher(
-            drop_dir, self.cfg.store_id, self.outbox.append, self.cfg.poslog.poll_interval
+            drop_dir,
+            self.cfg.store_id,
+            self.outbox.append,
+            poslog.poll_interval,
+            poslog.zone(),
+            currency=poslog.currency,
+            weight_unit=poslog.weight_unit,
         )
         self._spawn(self._watch(), "poslog-watcher")
         log.info("watching %s for POSLog files", drop_dir)

@@ -34,6 +34,9 @@ SHARED_KEYS = {
     "outbox.max_buffer_bytes",
     "poslog.drop_dir",
     "poslog.poll_interval",
+    "poslog.timezone",
+    "poslog.currency",
+    "poslog.weight_unit",
 }
 
 
