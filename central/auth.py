@@ -37,6 +37,7 @@ from protocol.subjects import (
     DLQ_PREFIX,
     EVENTS_PREFIX,
     OMS_PREFIX,
+    OMS_STREAM,
     control_subject,
     events_subject,
     inbox_prefix,
@@ -138,12 +139,42 @@ def central_permissions() -> dict[str, Any]:
     }
 
 
-def render_authorization(central_key: str, stores: dict[str, str]) -> str:
-    """The nats-server ``authorization`` block: central's user plus one user per store."""
+def oms_reader_permissions() -> dict[str, Any]:
+    """An OMS consuming what the nats sink publishes: JetStream consumers on the OMS stream
+    (create, read, ack, delete) and the records' subjects; nothing of the stores' stream, the
+    DLQ or the control subjects. Its replies come on the client's default inbox."""
+    api = "$JS.API"
+    return {
+        "publish": {
+            "allow": [
+                f"{api}.INFO",
+                f"{api}.STREAM.INFO.{OMS_STREAM}",
+                f"{api}.STREAM.MSG.GET.{OMS_STREAM}",
+                f"{api}.DIRECT.GET.{OMS_STREAM}.>",
+                f"{api}.CONSUMER.*.{OMS_STREAM}",
+                f"{api}.CONSUMER.*.{OMS_STREAM}.>",
+                f"{api}.CONSUMER.*.*.{OMS_STREAM}.>",
+                f"$JS.ACK.{OMS_STREAM}.>",
+                f"$JS.FC.{OMS_STREAM}.>",
+            ]
+        },
+        "subscribe": {"allow": ["_INBOX.>", f"{OMS_PREFIX}.>"]},
+    }
+
+
+def render_authorization(
+    central_key: str, stores: dict[str, str], oms_readers: dict[str, str] | None = None
+) -> str:
+    """The nats-server ``authorization`` block: central's user, one user per store and one per
+    OMS reader."""
     users = [{"nkey": central_key, "permissions": central_permissions()}]
     users += [
         {"nkey": key, "permissions": store_permissions(store)}
         for store, key in sorted(stores.items())
+    ]
+    users += [
+        {"nkey": key, "permissions": oms_reader_permissions()}
+        for _, key in sorted((oms_readers or {}).items())
     ]
     # nats-server's config format accepts JSON values.
     lines = ",\n".join(f"    {json.dumps(u)}" for u in users)
@@ -157,11 +188,12 @@ def broker_dir(data_dir: Path) -> Path:
 
 def write_auth_conf(data_dir: Path) -> Path:
     """Render ``auth.conf`` for the embedded broker from the provisioned stores."""
-    from central.state import store_keys
+    from central.state import oms_reader_keys, store_keys
 
     _, central_key = ensure_central_user(data_dir)
     path = broker_dir(data_dir) / AUTH_CONF_FILENAME
-    write_secret(path, render_authorization(central_key, store_keys(data_dir)).encode())
+    text = render_authorization(central_key, store_keys(data_dir), oms_reader_keys(data_dir))
+    write_secret(path, text.encode())
     return path
 
 

@@ -548,8 +548,12 @@ def stores_remove(store_id: str, data_dir: Path) -> None:
     except CentralError as exc:
         raise _fail(exc) from None
     click.echo(f"store {store_id} removed")
+    _say_revocation(auth, f"store {store_id} is cut off")
+
+
+def _say_revocation(auth: Any, what: str) -> None:
     if auth.embedded:
-        _say_authorization(auth, f"store {store_id} is cut off")
+        _say_authorization(auth, what)
     elif auth.fragment:
         click.echo(
             f"NATS is an external cluster: remove the user with nkey {auth.fragment} from its "
@@ -563,14 +567,68 @@ def stores_authorization(data_dir: Path) -> None:
     """Print the nats-server `authorization` block for central and every provisioned store,
     for an external NATS cluster (the embedded one includes it by itself)."""
     from central.auth import ensure_central_user, render_authorization
-    from central.state import store_keys
+    from central.state import oms_reader_keys, store_keys
 
     try:
         path, key = ensure_central_user(data_dir)
         click.echo(f"# central's user: nats.credentials = {path}")
-        click.echo(render_authorization(key, store_keys(data_dir)), nl=False)
+        block = render_authorization(key, store_keys(data_dir), oms_reader_keys(data_dir))
+        click.echo(block, nl=False)
     except CentralError as exc:
         raise _fail(exc) from None
+
+
+@cli.group("oms-readers")
+def oms_readers() -> None:
+    """NATS users for OMS systems that consume the nats sink's stream (STORELINK_OMS)."""
+
+
+@oms_readers.command("add")
+@click.argument("name")
+@data_dir_option
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory to write the reader's credentials (oms.nk) into.",
+)
+@click.option("--force", is_flag=True, help="Issue new credentials (the old ones stop working).")
+def oms_readers_add(name: str, data_dir: Path, out: Path, force: bool) -> None:
+    """Make NAME a NATS user that may consume STORELINK_OMS (oms.<type>.<store>) and nothing
+    else; its NKEY seed goes to OUT/oms.nk."""
+    from central.provision import provision_oms_reader
+
+    try:
+        done = provision_oms_reader(data_dir, name, out, force=force)
+    except CentralError as exc:
+        raise _fail(exc) from None
+    click.echo(f"OMS reader {name}: NATS credentials (NKEY seed) in {done.credentials}")
+    _say_authorization(done.authorization, f"{name} may connect")
+
+
+@oms_readers.command("list")
+@data_dir_option
+def oms_readers_list(data_dir: Path) -> None:
+    """List OMS readers."""
+    from central.state import oms_reader_keys
+
+    for name in oms_reader_keys(data_dir):
+        click.echo(name)
+
+
+@oms_readers.command("remove")
+@click.argument("name")
+@data_dir_option
+def oms_readers_remove(name: str, data_dir: Path) -> None:
+    """Revoke OMS reader NAME: its connections are closed at once (embedded nats-server)."""
+    from central.provision import unprovision_oms_reader
+
+    try:
+        auth = unprovision_oms_reader(data_dir, name)
+    except CentralError as exc:
+        raise _fail(exc) from None
+    click.echo(f"OMS reader {name} removed")
+    _say_revocation(auth, f"{name} is cut off")
 
 
 @cli.group()

@@ -16,6 +16,7 @@ from agent.config import AgentConfig, NatsConfig, render_config
 from central.auth import (
     STORE_SEED_FILENAME,
     new_user_seed,
+    oms_reader_permissions,
     reload_broker,
     store_permissions,
     write_auth_conf,
@@ -23,7 +24,14 @@ from central.auth import (
 )
 from central.errors import ConfigError
 from central.service import read_info
-from central.state import add_store, remove_store, store_keys
+from central.state import (
+    add_oms_reader,
+    add_store,
+    oms_reader_keys,
+    remove_oms_reader,
+    remove_store,
+    store_keys,
+)
 from protocol.errors import InvalidStoreId
 from protocol.subjects import check_store_id
 
@@ -151,3 +159,45 @@ def unprovision_store(data_dir: Path, store_id: str) -> Authorization:
     embedded, reloaded = _apply(data_dir, read_info(data_dir))
     fragment = "" if embedded or key is None else key
     return Authorization(embedded, reloaded, fragment)
+
+
+OMS_SEED_FILENAME = "oms.nk"
+
+
+def oms_reader_fragment(nkey: str) -> str:
+    """An OMS reader's entry for the ``users`` list of an external cluster's authorization."""
+    return json.dumps({"nkey": nkey, "permissions": oms_reader_permissions()}, indent=2)
+
+
+def provision_oms_reader(data_dir: Path, name: str, out_dir: Path, *, force: bool) -> Provisioned:
+    """A NATS user for an OMS that consumes the nats sink's stream: ``out_dir/oms.nk`` (0600)
+    and, when central uses TLS, the CA to trust. Returns where the seed went."""
+    try:
+        check_store_id(name)  # the same shape of name: safe in logs and file names
+    except InvalidStoreId:
+        raise ConfigError(f"invalid OMS reader name {name!r}: 1-32 of A-Z a-z 0-9 _ -") from None
+    seed, public = new_user_seed()
+    if not add_oms_reader(data_dir, name, public, force=force):
+        raise ConfigError(
+            f"OMS reader {name} exists; use --force to issue it new credentials (the old ones "
+            "stop working)"
+        )
+    info = read_info(data_dir)
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    credentials = out_dir / OMS_SEED_FILENAME
+    write_secret(credentials, seed + b"\n")
+    ca = str((info.get("tls") or {}).get("ca") or "")
+    if ca:
+        shutil.copyfile(ca, out_dir / STORE_CA)
+    embedded, reloaded = _apply(data_dir, info)
+    fragment = "" if embedded else oms_reader_fragment(public)
+    return Provisioned(credentials, credentials, Authorization(embedded, reloaded, fragment))
+
+
+def unprovision_oms_reader(data_dir: Path, name: str) -> Authorization:
+    """Revoke an OMS reader's NATS user."""
+    key = oms_reader_keys(data_dir).get(name)
+    if key is None or not remove_oms_reader(data_dir, name):
+        raise ConfigError(f"OMS reader {name} does not exist")
+    embedded, reloaded = _apply(data_dir, read_info(data_dir))
+    return Authorization(embedded, reloaded, "" if embedded else key)

@@ -45,6 +45,14 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     # The store's NKEY public key (its NATS user); the seed lives only on the store.
     ("0002_store_nkey", ("ALTER TABLE stores ADD COLUMN nkey TEXT",)),
+    # NATS users of OMS systems that consume the nats sink's stream.
+    (
+        "0003_oms_readers",
+        (
+            """CREATE TABLE oms_readers (
+                name TEXT PRIMARY KEY, nkey TEXT NOT NULL, added_at REAL NOT NULL)""",
+        ),
+    ),
 )
 
 
@@ -331,6 +339,37 @@ def store_keys(data_dir: Path) -> dict[str, str]:
             "SELECT store_id, nkey FROM stores WHERE removed_at IS NULL AND nkey IS NOT NULL"
         )
         return {r[0]: r[1] for r in rows}
+    finally:
+        conn.close()
+
+
+def add_oms_reader(data_dir: Path, name: str, nkey: str, *, force: bool = False) -> bool:
+    """Record an OMS reader's NATS user; False when ``name`` exists (and not ``force``)."""
+    conn = open_db(data_dir)
+    try:
+        verb = "INSERT OR REPLACE" if force else "INSERT OR IGNORE"
+        cur = conn.execute(
+            f"{verb} INTO oms_readers (name, nkey, added_at) VALUES (?, ?, ?)",
+            (name, nkey, time.time()),
+        )
+        return cur.rowcount == 1
+    finally:
+        conn.close()
+
+
+def remove_oms_reader(data_dir: Path, name: str) -> bool:
+    conn = open_db(data_dir)
+    try:
+        return conn.execute("DELETE FROM oms_readers WHERE name = ?", (name,)).rowcount == 1
+    finally:
+        conn.close()
+
+
+def oms_reader_keys(data_dir: Path) -> dict[str, str]:
+    """OMS readers: name -> NKEY public key."""
+    conn = open_db(data_dir)
+    try:
+        return dict(conn.execute("SELECT name, nkey FROM oms_readers ORDER BY name"))
     finally:
         conn.close()
 

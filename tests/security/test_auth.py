@@ -29,12 +29,18 @@ from central.auth import (
 )
 from central.broker import free_port
 from central.demo import Pipeline
-from central.provision import provision_store, unprovision_store
+from central.provision import (
+    provision_oms_reader,
+    provision_store,
+    unprovision_oms_reader,
+    unprovision_store,
+)
 from central.service import CentralService, client_options
 from protocol.connection import connect_options
 from protocol.subjects import (
     EVENTS_STREAM,
     MSG_ID_HEADER,
+    OMS_STREAM,
     control_subject,
     events_subject,
     inbox_prefix,
@@ -294,3 +300,51 @@ async def test_agent_with_another_stores_credentials_says_denied(tmp_path: Path)
         assert [f"B:{e.event_id}" for e in events] == [r["key"] for r in delivered]
     finally:
         await p.stop()
+
+
+async def test_oms_reader_consumes_the_oms_stream_and_nothing_else(tmp_path: Path) -> None:
+    """`oms-readers add` makes a user that can pull and ack records from STORELINK_OMS (the
+    nats sink's stream) but cannot read the stores' stream, publish events or subscribe to
+    control subjects; `oms-readers remove` cuts it off."""
+    port = free_port()
+    cfg = central_config(
+        tmp_path, "", **{"nats.urls": [], "nats.listen": f"127.0.0.1:{port}", "sinks": ["nats"]}
+    )
+    service, task = await start_central(cfg)
+    hq = Hq(service, task, cfg.data_path, f"nats://127.0.0.1:{port}", tmp_path)
+    try:
+        creds_a = hq.provision("A")
+        store = await hq.connect_store("A", creds_a, Errors())
+        payload, headers = batch("A")
+        await store.jetstream(timeout=2).publish(events_subject("A"), payload, headers=headers)
+        await store.close()
+
+        reader = provision_oms_reader(cfg.data_path, "erp", tmp_path / "erp", force=False)
+        assert reader.authorization.reloaded
+        errors = Errors()
+        nc = await nats.connect(
+            hq.url, error_cb=errors.error, connect_timeout=2, max_reconnect_attempts=1,
+            disconnected_cb=errors.disconnected, **connect_options(str(reader.credentials)),
+        )  # fmt: skip
+        try:
+            js = nc.jetstream(timeout=2)
+            sub = await js.pull_subscribe("oms.>", durable="erp", stream=OMS_STREAM)
+            msgs = await sub.fetch(3, timeout=10)
+            for msg in msgs:
+                await msg.ack()
+            assert 3 == len(msgs) and all(m.subject == "oms.sale.A" for m in msgs)
+
+            with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+                await js.stream_info(EVENTS_STREAM)
+            await nc.publish(events_subject("A"), b"forged")
+            await nc.subscribe(control_subject("A"))
+            await nc.flush()
+            await wait_until(lambda: "permissions violation for publish" in errors.text())
+            await wait_until(lambda: "permissions violation for subscription" in errors.text())
+
+            unprovision_oms_reader(cfg.data_path, "erp")
+            await wait_until(lambda: errors.disconnects >= 1)
+        finally:
+            await nc.close()
+    finally:
+        await stop_central_service(service, task)
