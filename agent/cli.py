@@ -41,7 +41,13 @@ from agent.logs import (
     configure_logging,
 )
 from agent.outbox import Outbox, read_statistics_readonly
-from agent.service import StatusReport, nats_auth, run_service, status_report
+from agent.service import (
+    StatusReport,
+    exposed_secrets,
+    nats_auth,
+    run_service,
+    status_report,
+)
 from protocol.connection import redact_url
 from protocol.subjects import inbox_prefix
 
@@ -487,6 +493,7 @@ def check_config(config: Path, offline: bool) -> None:
         nats_auth(cfg)
     except AgentError as exc:
         problems.append(str(exc))
+    warnings.extend(exposed_secrets(cfg))
     if cfg.poslog.drop_dir and not Path(cfg.poslog.drop_dir).is_dir():
         problems.append(f"poslog.drop_dir {cfg.poslog.drop_dir} is not a directory")
     if clock := _clock_problem(cfg, dt.datetime.now(dt.UTC)):

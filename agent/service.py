@@ -118,6 +118,25 @@ def _poslog_converter(
     return convert
 
 
+def exposed_secrets(cfg: AgentConfig) -> list[str]:
+    """Secret files (the NKEY seed, the TLS key) that users other than the owner and its group
+    can read, each with what to do (POSIX; an install by install-agent.sh makes them 0640)."""
+    if sys.platform == "win32":
+        return []
+    found = []
+    for key, value in (("credentials", cfg.nats.credentials), ("tls_key", cfg.nats.tls_key)):
+        try:
+            mode = Path(value).stat().st_mode & 0o777 if value else 0
+        except OSError:
+            continue
+        if mode & 0o007:
+            found.append(
+                f"nats.{key} {value} is readable by every user on this machine (mode "
+                f"{mode:04o}): chmod 600 (or 640 with the agent's group) {value}"
+            )
+    return found
+
+
 def nats_auth(cfg: AgentConfig) -> dict[str, Any]:
     """nats-py options for this store's credentials and TLS; fails at start, not silently in
     the background, when they cannot work (the message names files, never their content)."""
@@ -193,6 +212,8 @@ class AgentService:
         if self.cfg.ingest.token:
             add_secret(self.cfg.ingest.token)  # a backstop: nothing logs it on purpose
         self.forwarder.auth = nats_auth(self.cfg)
+        for warning in exposed_secrets(self.cfg):
+            log.warning("%s", warning)
         await self.outbox.open()
         try:
             self._spawn(self.forwarder.run(), "forwarder")

@@ -177,3 +177,23 @@ def test_init_force_makes_an_existing_config_private(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["init", "--store-id", "S42", "--out", str(out), "--force"])
     assert (0, 0o600) == (result.exit_code, mode(out)), result.output
     assert 'store_id = "S42"' in out.read_text()
+
+
+def test_check_config_warns_about_a_world_readable_seed(tmp_path: Path) -> None:
+    """A store.nk anyone on the machine can read is named by check-config, with the fix."""
+    from click.testing import CliRunner
+
+    from agent.cli import cli
+    from central.auth import new_user_seed
+
+    seed = tmp_path / "store.nk"
+    seed.write_bytes(new_user_seed()[0])
+    config = tmp_path / "agent.toml"
+    config.write_text('store_id = "S1"\ndata_dir = "data"\n[nats]\ncredentials = "store.nk"\n')
+    seed.chmod(0o644)
+    loose = CliRunner().invoke(cli, ["check-config", "--offline", str(config)])
+    seed.chmod(0o600)
+    tight = CliRunner().invoke(cli, ["check-config", "--offline", str(config)])
+    assert 0 == loose.exit_code == tight.exit_code, loose.output
+    assert f"warning: nats.credentials {seed} is readable by every user" in loose.output
+    assert "chmod 600" in loose.output and "warning" not in tight.output
