@@ -154,7 +154,7 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 def open_db(data_dir: Path) -> sqlite3.Connection:
     """Open (creating and migrating) the state database under ``data_dir``."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds central's seed
     try:
         conn = connect(data_dir / STATE_FILENAME)
         migrate(conn)
