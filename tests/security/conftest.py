@@ -1,11 +1,51 @@
 """Hypothesis keeps its caches outside the repo: a `.hypothesis` dir at the top level would
-break collection (pyproject's norecursedirs replaces pytest's default ignores)."""
+break collection (pyproject's norecursedirs replaces pytest's default ignores).
+
+The fuzz tests record how many examples they actually executed; the counts are printed at the
+end of the run (so a full run's log says what it did, even with -q)."""
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "storelink-hypothesis")
+
+
+@dataclass
+class FuzzCount:
+    """What one fuzz test ran: examples executed (and distinct), hypothesis runs, time."""
+
+    name: str
+    target: int
+    seed: int
+    executed: int = 0
+    distinct: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    kinds: dict[str, int] = field(default_factory=dict)  # kinds of input seen, and how often
+
+
+FUZZ_COUNTS: list[FuzzCount] = []
+
+
+def record_fuzz_count(count: FuzzCount) -> None:
+    FUZZ_COUNTS.append(count)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not FUZZ_COUNTS:
+        return
+    terminalreporter.section("fuzz counts")
+    for c in FUZZ_COUNTS:
+        terminalreporter.write_line(
+            f"{c.name}: {c.distinct} distinct of {c.target} wanted ({c.executed} executed), "
+            f"{c.chunks} hypothesis runs from seed {c.seed}, {c.seconds:.1f}s"
+        )
+        if c.kinds:
+            kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(c.kinds.items()))
+            terminalreporter.write_line(f"  {kinds}")
