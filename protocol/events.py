@@ -2,9 +2,16 @@
 
 The five event types form a tagged union on ``type``. Money and quantities are
 ``decimal.Decimal`` (strings on the wire, JSON numbers accepted on input and kept exact);
-no float ever touches them. Validation that msgspec cannot express with ``Meta``
-(finiteness, bounds, timezone-awareness) lives in ``__post_init__``, so a decoded event is
-always a valid one: every place that decodes gets the same rules.
+no float ever touches them. msgspec checks types, lengths and required fields while it decodes;
+the rules it cannot check cheaply (finite decimals within bounds, identifiers of printable
+ASCII, a timezone on ``occurred_at``, quantities > 0, ...) are checked by each event's
+``__post_init__``, so a decoded event is always a valid one: every place that decodes (HTTP
+ingest, POSLog, central reading a batch) gets the same rules.
+
+They are checked once per event, not once per line: decoding is the agent's and central's
+hottest path, and a call per field cost more than msgspec's whole decode. A cheap pass accepts
+the common case (every identifier printable, every decimal a plain number within bounds);
+anything else goes through the exact per-field checks, which name the offending field.
 """
 
 from __future__ import annotations
@@ -18,26 +25,40 @@ import msgspec
 
 # An identifier that can go into logs, keys and headers unchanged: printable ASCII, no spaces.
 PRINTABLE_ID = r"^[\x21-\x7e]+$"
+CURRENCY_CODE = r"^[A-Z]{3}$"
 
+# The patterns below are published in the JSON Schema (extra_json_schema) and checked by the
+# events' __post_init__ (_printable, _is_currency) rather than by msgspec's ``pattern``, which
+# runs a Python regex per string: about half of the time msgspec spent decoding a sale. Lengths
+# stay with msgspec (cheap, in C). A Struct outside this module using these types does not get
+# the pattern checked: it must check it itself (or use Meta(pattern=PRINTABLE_ID)).
 EventId = Annotated[
     str,
     msgspec.Meta(
         min_length=1,
         max_length=128,
-        pattern=PRINTABLE_ID,
+        extra_json_schema={"pattern": PRINTABLE_ID},
         description="The POS's idempotency key for this event: 1-128 printable ASCII characters. "
         "Sending the same event_id again is a no-op that returns the original seq.",
     ),
 ]
-ShortId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=PRINTABLE_ID)]
+ShortId = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=64, extra_json_schema={"pattern": PRINTABLE_ID})
+]
 Sku = Annotated[
     str,
     msgspec.Meta(
-        min_length=1, max_length=64, pattern=PRINTABLE_ID, description="Stock keeping unit."
+        min_length=1,
+        max_length=64,
+        extra_json_schema={"pattern": PRINTABLE_ID},
+        description="Stock keeping unit.",
     ),
 ]
 Currency = Annotated[
-    str, msgspec.Meta(pattern=r"^[A-Z]{3}$", description="ISO 4217 code, e.g. USD.")
+    str,
+    msgspec.Meta(
+        extra_json_schema={"pattern": CURRENCY_CODE}, description="ISO 4217 code, e.g. USD."
+    ),
 ]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
 
@@ -68,9 +89,8 @@ def check_decimal(name: str, value: Decimal) -> None:
         raise ValueError(
             f"{name} is out of range (|{name}| must be below 10^{MAX_DECIMAL_EXPONENT})"
         )
-    # Hot path (every money and quantity field of every event): reading the plain string is
-    # ~6x cheaper than as_tuple(). Anything unusual (exponent notation, many places or digits)
-    # takes the exact slow path.
+    # Reading the plain string is ~6x cheaper than as_tuple(). Anything unusual (exponent
+    # notation, many places or digits) takes the exact slow path.
     text = str(value)
     point = text.find(".")
     places = len(text) - point - 1 if point >= 0 else 0
@@ -78,24 +98,172 @@ def check_decimal(name: str, value: Decimal) -> None:
         _check_decimal_slow(name, value)
 
 
+# --- the rules, checked once per event -------------------------------------------------------
+
+# The cheap check of many decimals at once: msgspec writes them as JSON strings in one call
+# (str() notation: NaN, Infinity and exponents have letters), then each byte maps to itself
+# when it separates two values, to "d" when it may be part of a plain decimal ("-", ".",
+# digits), to "!" otherwise. No "!": every value is written plainly, so it is finite. No 11
+# "d" in a row: each is at most 10 characters, so at most 10 digits before the point
+# (|value| < 10^10) and at most 9 after it (10 places take 11 characters even without a
+# leading 0), at most 10 digits in all. A value that fails this is not necessarily invalid
+# ("1E+3", "123456789012.5"): check_decimal then decides, exactly.
+_encode_decimals = msgspec.json.Encoder(decimal_format="string").encode
+_SHAPE = bytes(
+    ord("d") if chr(c) in "0123456789.-" else c if chr(c) in '",[]' else ord("!")
+    for c in range(256)
+)
+_TOO_LONG = "d" * 11
+_ID_MESSAGE = f"Expected `str` matching regex {PRINTABLE_ID!r}"
+_CURRENCY_MESSAGE = f"Expected `str` matching regex {CURRENCY_CODE!r}"
+_is_signed = Decimal.is_signed
+
+
+class RuleError(ValueError):
+    """An event breaks one of the protocol's rules at ``path``, relative to the event
+    (``.lines[0]``, ``.event_id``; empty for the event as a whole).
+
+    Its text is msgspec's own form, ``message - at `$.lines[0]```, so decoding a bare event
+    reports exactly what msgspec reported when each line checked itself; inside a batch msgspec
+    appends where the event is (`` - at `$.records[3].event```).
+    """
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(f"{message} - at `${path}`" if path else message)
+        self.message = message
+        self.path = path
+
+
+def _printable(text: str) -> bool:
+    """Every character is printable ASCII other than space (PRINTABLE_ID without Python's
+    ``$`` quirk, which let one trailing newline through; JSON Schema's ``$`` never did)."""
+    return text.isascii() and text.isprintable() and " " not in text
+
+
+def _is_currency(text: str) -> bool:
+    return len(text) == 3 and text.isascii() and text.isalpha() and text.isupper()
+
+
+def _plain(values: list[Decimal]) -> bool:
+    """Every value is certainly finite and within the bounds (see _SHAPE); False may be a
+    false alarm."""
+    shape = _encode_decimals(values).translate(_SHAPE).decode()  # str's `in` is faster
+    return "!" not in shape and _TOO_LONG not in shape
+
+
+def _check_id(value: str | None, path: str) -> None:
+    if value is not None and not _printable(value):
+        raise RuleError(_ID_MESSAGE, path)
+
+
+def _check_decimal_at(name: str, value: Decimal, path: str) -> None:
+    try:
+        check_decimal(name, value)
+    except ValueError as exc:
+        raise RuleError(str(exc), path) from None
+
+
+def _check_head(event: EventBase) -> None:
+    """The identifiers every event starts with, in field order."""
+    _check_id(event.event_id, ".event_id")
+    _check_id(event.workstation_id, ".workstation_id")
+    _check_id(event.transaction_id, ".transaction_id")
+
+
+def _check_timezone(at: dt.datetime) -> None:
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise RuleError("occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)")
+
+
+def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
+    """Sale, return and post-void: one cheap pass for the common case, else the exact checks."""
+    lines = event.lines
+    values = [event.total, event.tax]
+    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
+    quantities = []
+    for line in lines:
+        quantities.append(line.quantity)
+        values += (line.unit_price, line.amount)
+        ids.append(line.sku)
+    for tender in event.tenders:
+        values.append(tender.amount)
+        ids.append(tender.kind)
+    for _name, value in extra_ids:
+        ids.append(value or "")
+    values += quantities
+    at = event.occurred_at
+    if (
+        _plain(values)
+        and _printable("".join(ids))
+        and _is_currency(event.currency)
+        and not any(map(_is_signed, quantities))  # > 0: neither negative nor (-)0
+        and all(quantities)
+        and at.utcoffset() is not None  # None when naive, too
+    ):
+        return
+    # Something may be off: find the first broken rule, in the order they were found when each
+    # line checked itself (identifiers and lines in field order, then the event's own fields).
+    _check_head(event)
+    if not _is_currency(event.currency):
+        raise RuleError(_CURRENCY_MESSAGE, ".currency")
+    for index, line in enumerate(lines):
+        path = f".lines[{index}]"
+        _check_id(line.sku, f"{path}.sku")
+        _check_decimal_at("quantity", line.quantity, path)
+        _check_decimal_at("unit_price", line.unit_price, path)
+        _check_decimal_at("amount", line.amount, path)
+        if line.quantity <= 0:
+            raise RuleError("quantity must be greater than zero", path)
+    for index, tender in enumerate(event.tenders):
+        _check_id(tender.kind, f".tenders[{index}].kind")
+        _check_decimal_at("amount", tender.amount, f".tenders[{index}]")
+    for name, value in extra_ids:
+        _check_id(value, f".{name}")
+    _check_timezone(at)
+    _check_decimal_at("total", event.total, "")
+    _check_decimal_at("tax", event.tax, "")
+
+
+def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
+    """Stock adjustment and count: one cheap pass for the common case, else the exact checks."""
+    lines = event.lines
+    quantities = [line.quantity for line in lines]
+    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
+    ids += [line.sku for line in lines]
+    reason = event.reason if isinstance(event, StockAdjustment) else None
+    if reason is not None:
+        ids.append(reason)
+    at = event.occurred_at
+    if (
+        _plain(quantities)
+        and _printable("".join(ids))
+        and not (counted and any(map(_is_signed, quantities)))  # -0 is checked below
+        and at.utcoffset() is not None  # None when naive, too
+    ):
+        return
+    _check_head(event)
+    for index, line in enumerate(lines):
+        _check_id(line.sku, f".lines[{index}].sku")
+        _check_decimal_at("quantity", line.quantity, f".lines[{index}]")
+    _check_id(reason, ".reason")
+    _check_timezone(at)
+    if counted and any(line.quantity < 0 for line in lines):
+        raise RuleError("a counted quantity cannot be negative")
+
+
 class LineItem(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
 ):
     """One line of a sale, return or post-void."""
 
+    # Its rules (decimals, quantity > 0, sku) are checked by the event: _check_transaction.
+
     sku: Sku
-    quantity: Decimal  # may be fractional: weighed goods (0.42 lb of apples)
+    quantity: Decimal  # may be fractional: weighed goods (0.42 lb of apples); > 0
     unit_price: Decimal
     amount: Decimal  # extended amount of the line after line-level discounts
     description: Text | None = None
     unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # "each", "lb", "kg"
-
-    def __post_init__(self) -> None:
-        check_decimal("quantity", self.quantity)
-        check_decimal("unit_price", self.unit_price)
-        check_decimal("amount", self.amount)
-        if self.quantity <= 0:
-            raise ValueError("quantity must be greater than zero")
 
 
 class Tender(
@@ -103,11 +271,10 @@ class Tender(
 ):
     """How (part of) a transaction was paid."""
 
+    # Its rules are checked by the event: _check_transaction.
+
     kind: ShortId  # "cash", "credit_card", "gift_card", ...
     amount: Decimal
-
-    def __post_init__(self) -> None:
-        check_decimal("amount", self.amount)
 
 
 class StockLine(
@@ -115,11 +282,10 @@ class StockLine(
 ):
     """A SKU and a quantity: a signed delta in an adjustment, the on-hand figure in a count."""
 
+    # Its rules are checked by the event: _check_stock.
+
     sku: Sku
     quantity: Decimal
-
-    def __post_init__(self) -> None:
-        check_decimal("quantity", self.quantity)
 
 
 Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
@@ -141,8 +307,8 @@ class EventBase(
     stock_direction: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
-        if self.occurred_at.tzinfo is None or self.occurred_at.utcoffset() is None:
-            raise ValueError("occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)")
+        _check_head(self)
+        _check_timezone(self.occurred_at)
 
 
 class _Transaction(EventBase, frozen=True, kw_only=True):
@@ -155,9 +321,7 @@ class _Transaction(EventBase, frozen=True, kw_only=True):
     tenders: list[Tender] = []
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        check_decimal("total", self.total)
-        check_decimal("tax", self.tax)
+        _check_transaction(self, ())
 
 
 class Sale(_Transaction, frozen=True, kw_only=True, tag="sale", tag_field="type"):
@@ -174,6 +338,9 @@ class Return(_Transaction, frozen=True, kw_only=True, tag="return", tag_field="t
 
     stock_direction: ClassVar[int] = 1
 
+    def __post_init__(self) -> None:
+        _check_transaction(self, (("original_transaction_id", self.original_transaction_id),))
+
 
 class PostVoid(_Transaction, frozen=True, kw_only=True, tag="post_void", tag_field="type"):
     """Cancels an earlier, completed transaction; its lines are what is put back on hand."""
@@ -185,9 +352,15 @@ class PostVoid(_Transaction, frozen=True, kw_only=True, tag="post_void", tag_fie
     stock_direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        _check_transaction(
+            self,
+            (
+                ("voided_event_id", self.voided_event_id),
+                ("voided_transaction_id", self.voided_transaction_id),
+            ),
+        )
         if self.voided_event_id is None and self.voided_transaction_id is None:
-            raise ValueError("post_void needs voided_event_id or voided_transaction_id")
+            raise RuleError("post_void needs voided_event_id or voided_transaction_id")
 
 
 class StockAdjustment(
@@ -198,17 +371,17 @@ class StockAdjustment(
     lines: StockLines  # quantity is a signed delta
     reason: ShortId
 
+    def __post_init__(self) -> None:
+        _check_stock(self, counted=False)
+
 
 class StockCount(EventBase, frozen=True, kw_only=True, tag="stock_count", tag_field="type"):
     """A physical count: quantity is the on-hand figure as of occurred_at."""
 
-    lines: StockLines
+    lines: StockLines  # quantity >= 0
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for line in self.lines:
-            if line.quantity < 0:
-                raise ValueError("a counted quantity cannot be negative")
+        _check_stock(self, counted=True)
 
 
 Event = Sale | Return | PostVoid | StockAdjustment | StockCount
@@ -227,7 +400,7 @@ def event_type(event: EventBase) -> str:
 
 class EventError(msgspec.Struct, frozen=True):
     """Why one event of a request was refused: its index in the request, the JSON path of the
-    offending field (``$.lines[0].quantity``) and a message a POS developer can act on."""
+    offending field (``$.lines[0].sku``) and a message a POS developer can act on."""
 
     index: int
     path: str
@@ -246,13 +419,17 @@ class UnparsableBody(ValueError):
     """The body is not JSON/msgpack at all, or not an event or a list of events."""
 
 
+MAX_EVENTS_PER_REQUEST = 10_000
+
+# The common case, every event valid, in one call; any failure is explained event by event.
+_Events = Annotated[list[Event], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
+_json_all = msgspec.json.Decoder(_Events | Event)
+_msgpack_all = msgspec.msgpack.Decoder(_Events | Event)
 _json_event = msgspec.json.Decoder(Event)
 _msgpack_event = msgspec.msgpack.Decoder(Event)
 _json_items = msgspec.json.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
 _msgpack_items = msgspec.msgpack.Decoder(list[msgspec.Raw] | dict[str, msgspec.Raw])
 _path_re = re.compile(r" - at `(\$[^`]*)`$")
-
-MAX_EVENTS_PER_REQUEST = 10_000
 
 
 def _split_error(exc: msgspec.ValidationError) -> tuple[str, str]:
@@ -269,6 +446,12 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
     Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
     InvalidEvents listing every invalid event (index, path, message) otherwise.
     """
+    try:
+        decoded = (_msgpack_all if msgpack else _json_all).decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # something is wrong: the exact path below says what, event by event
+    else:
+        return decoded if isinstance(decoded, list) else [decoded]
     items_decoder, event_decoder = (
         (_msgpack_items, _msgpack_event) if msgpack else (_json_items, _json_event)
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.bench import (
     bench_baselines,
     bench_central,
+    bench_decode,
     bench_drain,
     bench_e2e,
     bench_ingest,
@@ -23,7 +24,15 @@ from tests.bench import (
 )
 from tests.bench.harness import Options, Table, machine, run_loop
 
-BENCHES = (bench_baselines, bench_ingest, bench_drain, bench_central, bench_e2e, bench_rss)
+BENCHES = (
+    bench_baselines,
+    bench_decode,
+    bench_ingest,
+    bench_drain,
+    bench_central,
+    bench_e2e,
+    bench_rss,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,240 @@
+"""Every rule of the POS events, field by field: refused with the path and message a POS
+developer needs, wherever the field is; values near the bounds that are valid stay accepted.
+
+The rules are checked once per event (a cheap pass, then the exact checks when that pass is not
+sure): these tests pin both the refusals and the values the cheap pass cannot vouch for.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+import pytest
+
+from protocol.events import (
+    InvalidEvents,
+    LineItem,
+    Sale,
+    StockCount,
+    StockLine,
+    Tender,
+    decode_pos_events,
+)
+from protocol.wire import decode_batch, encode_raw_batch, encode_record
+from tests.protocol.samples import EPOCH, EVENTS, RECORDS
+
+SALE: dict[str, Any] = {
+    "type": "sale",
+    "event_id": "e-1",
+    "occurred_at": "2026-11-22T10:00:00+01:00",
+    "workstation_id": "1",
+    "transaction_id": "0001",
+    "currency": "EUR",
+    "total": "2.10",
+    "tax": "0.10",
+    "lines": [
+        {"sku": "4131", "quantity": "0.42", "unit_price": "1.99", "amount": "0.84"},
+        {"sku": "4011", "quantity": "2", "unit_price": "0.63", "amount": "1.26"},
+    ],
+    "tenders": [{"kind": "cash", "amount": "2.10"}],
+}
+COUNT: dict[str, Any] = {
+    "type": "stock_count",
+    "event_id": "c-1",
+    "occurred_at": "2026-11-22T10:00:00Z",
+    "lines": [{"sku": "4131", "quantity": "40"}, {"sku": "4011", "quantity": "7.5"}],
+}
+ADJUSTMENT: dict[str, Any] = {
+    "type": "stock_adjustment",
+    "event_id": "a-1",
+    "occurred_at": "2026-11-22T10:00:00Z",
+    "reason": "received",
+    "lines": [{"sku": "4131", "quantity": "-3"}],
+}
+ID_REGEX = "Expected `str` matching regex '^[\\\\x21-\\\\x7e]+$'"
+CURRENCY_REGEX = "Expected `str` matching regex '^[A-Z]{3}$'"
+
+
+def patched(event: dict[str, Any], where: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    """A deep copy of ``event`` with the field at ``where`` (keys and indexes) set to value."""
+    copy: dict[str, Any] = msgspec.json.decode(msgspec.json.encode(event))
+    parent: Any = copy
+    for step in where[:-1]:
+        parent = parent[step]
+    parent[where[-1]] = value
+    return copy
+
+
+def refusal(*events: dict[str, Any], msgpack: bool = False) -> list[tuple[int, str, str]]:
+    encode = msgspec.msgpack.encode if msgpack else msgspec.json.encode
+    with pytest.raises(InvalidEvents) as info:
+        decode_pos_events(encode(list(events)), msgpack=msgpack)
+    return [(e.index, e.path, e.message) for e in info.value.errors]
+
+
+@pytest.mark.parametrize("msgpack", [False, True])
+@pytest.mark.parametrize(
+    ("where", "value", "path", "message"),
+    [
+        (("total",), "NaN", "$", "total must be a finite decimal, got NaN"),
+        (("tax",), "-Infinity", "$", "tax must be a finite decimal, got -Infinity"),
+        (("total",), "1e12", "$", "total is out of range (|total| must be below 10^12)"),
+        (("tax",), "0.0000000001", "$", "tax has more than 9 decimal places"),
+        (("lines", 0, "quantity"), "sNaN", "$.lines[0]", "quantity must be a finite decimal"),
+        (("lines", 1, "unit_price"), "-1E+12", "$.lines[1]", "unit_price is out of range"),
+        (("lines", 1, "amount"), "1" * 29, "$.lines[1]", "amount is out of range"),
+        (("lines", 1, "amount"), "0." + "1" * 28, "$.lines[1]", "amount has more than 9 decimal"),
+        (("lines", 1, "amount"), "1." + "0" * 28, "$.lines[1]", "amount has more than 28 digits"),
+        (("lines", 1, "quantity"), "0", "$.lines[1]", "quantity must be greater than zero"),
+        (("lines", 1, "quantity"), "-0.00", "$.lines[1]", "quantity must be greater than zero"),
+        (("lines", 0, "quantity"), "-2", "$.lines[0]", "quantity must be greater than zero"),
+        (("tenders", 0, "amount"), "Infinity", "$.tenders[0]", "amount must be a finite"),
+        (("tenders", 0, "amount"), "1e-10", "$.tenders[0]", "amount has more than 9"),
+        (("event_id",), "has space", "$.event_id", ID_REGEX),
+        (("event_id",), "e-1\n", "$.event_id", ID_REGEX),  # Python's `$` let one "\n" pass
+        (("workstation_id",), "caf\u00e9", "$.workstation_id", ID_REGEX),
+        (("transaction_id",), "a\tb", "$.transaction_id", ID_REGEX),
+        (("lines", 1, "sku"), "41\x7f", "$.lines[1].sku", ID_REGEX),
+        (("tenders", 0, "kind"), "credit card", "$.tenders[0].kind", ID_REGEX),
+        (("currency",), "eur", "$.currency", CURRENCY_REGEX),
+        (("currency",), "EURO", "$.currency", CURRENCY_REGEX),
+        (("currency",), "EUR\n", "$.currency", CURRENCY_REGEX),
+        (("currency",), "\u00c9UR", "$.currency", CURRENCY_REGEX),
+        (("occurred_at",), "2026-11-22T10:00:00", "$", "occurred_at must carry a timezone"),
+    ],
+)
+def test_a_broken_rule_is_named_where_it_is(
+    where: tuple[Any, ...], value: str, path: str, message: str, msgpack: bool
+) -> None:
+    """One broken rule in the second event: its index, the field's path and the message."""
+    [(index, got_path, got_message)] = refusal(SALE, patched(SALE, where, value), msgpack=msgpack)
+    assert (1, path) == (index, got_path)
+    assert got_message.startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("event", "where", "value", "path", "message"),
+    [
+        (COUNT, ("lines", 1, "quantity"), "-0.5", "$", "a counted quantity cannot be negative"),
+        (COUNT, ("lines", 1, "quantity"), "NaN", "$.lines[1]", "quantity must be a finite"),
+        (COUNT, ("lines", 0, "sku"), "a b", "$.lines[0].sku", ID_REGEX),
+        (ADJUSTMENT, ("lines", 0, "quantity"), "-1e13", "$.lines[0]", "quantity is out of range"),
+        (ADJUSTMENT, ("reason",), "re ceived", "$.reason", ID_REGEX),
+        (ADJUSTMENT, ("occurred_at",), "2026-11-22T10:00:00", "$", "occurred_at must carry"),
+    ],
+)
+def test_stock_rules(
+    event: dict[str, Any], where: tuple[Any, ...], value: str, path: str, message: str
+) -> None:
+    [(index, got_path, got_message)] = refusal(event, patched(event, where, value))
+    assert (1, path) == (index, got_path)
+    assert got_message.startswith(message)
+
+
+def test_return_and_post_void_identifiers() -> None:
+    """The identifiers only returns and post-voids carry follow the same rule."""
+    ret = patched(SALE, ("type",), "return") | {"original_transaction_id": "00 01"}
+    void = patched(SALE, ("type",), "post_void") | {"voided_event_id": "e\n"}
+    void_ok = patched(SALE, ("type",), "post_void") | {"voided_transaction_id": "0001"}
+    assert [
+        (0, "$.original_transaction_id", ID_REGEX),
+        (1, "$.voided_event_id", ID_REGEX),
+        (2, "$", "post_void needs voided_event_id or voided_transaction_id"),
+    ] == refusal(ret, void, patched(void_ok, ("voided_transaction_id",), None))
+    decode_pos_events(msgspec.json.encode([void_ok]))
+
+
+def test_every_invalid_event_is_listed() -> None:
+    """Several invalid events in one body: each is listed, valid ones are not."""
+    assert [
+        (1, "$.lines[0]", "quantity must be greater than zero"),
+        (3, "$.currency", CURRENCY_REGEX),
+    ] == refusal(
+        SALE,
+        patched(SALE, ("lines", 0, "quantity"), "-1"),
+        COUNT,
+        patched(SALE, ("currency",), "usd"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        (("total",), "1E+3"),  # exponent notation, well within the bounds
+        (("total",), "999999999999.999999999"),  # the largest value, 21 digits
+        (("tax",), "-999999999999"),
+        (("lines", 0, "quantity"), "0.000000001"),  # the smallest positive quantity
+        (("lines", 0, "amount"), "1.0000000000000"),  # many places, all trailing zeros
+        (("lines", 0, "unit_price"), "1E-9"),
+        (("tenders", 0, "amount"), "-12345678901.5"),
+        (("tenders", 0, "amount"), "0E-20"),
+        (("lines", 0, "quantity"), 3),  # JSON numbers are kept exact
+        (("lines", 0, "quantity"), 1.5),
+    ],
+)
+def test_valid_values_near_the_bounds_are_accepted(where: tuple[Any, ...], value: Any) -> None:
+    """Values the cheap pass cannot vouch for are accepted when the exact checks accept them."""
+    [decoded] = decode_pos_events(msgspec.json.encode(patched(SALE, where, value)))
+    field: Any = decoded
+    for step in where:
+        field = field[step] if isinstance(step, int) else getattr(field, step)
+    assert Decimal(str(value)) == field
+
+
+def test_counts_may_be_zero() -> None:
+    """A count of zero (even written -0) is a valid on-hand figure."""
+    for quantity in ("0", "-0", "0.000", "-0E+3"):
+        decode_pos_events(msgspec.json.encode(patched(COUNT, ("lines", 0, "quantity"), quantity)))
+
+
+def test_rules_hold_when_an_event_is_built() -> None:
+    """Building an event in code applies the same rules (lines are checked by their event)."""
+    at = dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC)
+    one = Decimal(1)
+    line = LineItem(sku="4131", quantity=one, unit_price=one, amount=one)
+    negative = LineItem(sku="4131", quantity=-one, unit_price=one, amount=one)
+    Sale(event_id="e", occurred_at=at, currency="USD", total=one, lines=[line])
+    with pytest.raises(ValueError, match="greater than zero"):
+        Sale(event_id="e", occurred_at=at, currency="USD", total=one, lines=[line, negative])
+    with pytest.raises(ValueError, match="regex"):
+        Sale(
+            event_id="e",
+            occurred_at=at,
+            currency="USD",
+            total=one,
+            lines=[line],
+            tenders=[Tender(kind="gift card", amount=one)],
+        )
+    with pytest.raises(ValueError, match="timezone"):
+        StockCount(
+            event_id="c",
+            occurred_at=at.replace(tzinfo=None),
+            lines=[StockLine(sku="x", quantity=Decimal(1))],
+        )
+
+
+def test_central_applies_the_same_rules_to_a_batch() -> None:
+    """A record whose event breaks a rule makes the whole batch undecodable, and the error says
+    which record and which field."""
+    bad = msgspec.msgpack.encode(
+        {
+            "seq": 1,
+            "received_at": "2026-11-22T10:00:00Z",
+            "event": patched(SALE, ("lines", 1, "quantity"), "0"),
+        }
+    )
+    records = [bad] + [encode_record(r) for r in RECORDS[1:]]
+    with pytest.raises(msgspec.ValidationError) as info:
+        decode_batch(encode_raw_batch("S001", EPOCH, 1, len(records), records))
+    assert "quantity must be greater than zero" in str(info.value)
+    assert "$.lines[1]" in str(info.value)
+    assert "$.records[0].event" in str(info.value)
+    assert EVENTS[1:] == [
+        r.event
+        for r in decode_batch(
+            encode_raw_batch("S001", EPOCH, 2, 5, [encode_record(r) for r in RECORDS[1:]])
+        ).records
+    ]
