@@ -72,10 +72,12 @@ MIN_DECIMAL_EXPONENT = -9  # at most 9 digits after the point
 def _check_decimal_slow(name: str, value: Decimal) -> None:
     _sign, digits, exponent = value.as_tuple()
     assert isinstance(exponent, int)  # finite, so never 'n'/'N'/'F'
-    if exponent < MIN_DECIMAL_EXPONENT:
-        exp_normal = value.normalize().as_tuple().exponent
-        assert isinstance(exp_normal, int)
-        if exp_normal < MIN_DECIMAL_EXPONENT:
+    if exponent < MIN_DECIMAL_EXPONENT and any(digits):
+        # Trailing zeros add no places (1.500 has one). Counted here rather than with
+        # normalize(), which rounds to the context and turns anything below 1e-1000026 into 0
+        # (found by fuzzing: 1e-1000027 was accepted).
+        zeros = len(digits) - len(bytes(digits).rstrip(b"\0"))
+        if exponent + zeros < MIN_DECIMAL_EXPONENT:
             raise ValueError(f"{name} has more than {-MIN_DECIMAL_EXPONENT} decimal places")
     if len(digits) > MAX_DECIMAL_DIGITS:
         raise ValueError(f"{name} has more than {MAX_DECIMAL_DIGITS} digits")
