@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -20,6 +19,7 @@ from agent.errors import AgentError
 from agent.outbox import Outbox
 from protocol.subjects import control_subject
 from protocol.wire import (
+    UNDECODABLE,
     AgentStatus,
     ControlError,
     ControlReply,
@@ -59,7 +59,7 @@ class Control:
         self.requests += 1
         try:
             request = decode_control_request(data)
-        except msgspec.DecodeError as exc:
+        except UNDECODABLE as exc:
             self.errors += 1
             return ControlError(error=f"bad control request: {exc}")
         try:

@@ -60,6 +60,7 @@ from protocol.subjects import (
     store_from_events_subject,
 )
 from protocol.wire import (
+    UNDECODABLE,
     OmsRecord,
     RawBatch,
     ResyncReply,
@@ -345,7 +346,7 @@ class Consumer:
             store_id = store_from_events_subject(msg.subject)
             try:
                 envelope = _decode_envelope(msg.data)
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 poison.append((msg, store_id or UNATTRIBUTED, f"undecodable batch: {exc}"))
                 continue
             if store_id is None:
@@ -368,7 +369,7 @@ class Consumer:
                 continue
             try:
                 batch = decode_batch(msg.data)
-            except msgspec.DecodeError as exc:
+            except UNDECODABLE as exc:
                 poison.append((msg, store_id, f"undecodable batch: {exc}"))
                 continue
             self.batches += 1

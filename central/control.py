@@ -24,6 +24,7 @@ import nats.errors
 from central.errors import CentralError
 from protocol.subjects import control_subject
 from protocol.wire import (
+    UNDECODABLE,
     AgentStatus,
     ControlError,
     ResyncReply,
@@ -129,7 +130,7 @@ async def _request(nc: Any, store_id: str, payload: bytes, timeout: float) -> An
         raise AgentUnreachable(store_id, _why(exc)) from None
     try:
         return decode_control_reply(reply.data)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         raise AgentUnreachable(store_id, f"an answer that does not decode: {exc}") from None
 
 

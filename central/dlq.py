@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 
@@ -39,7 +38,7 @@ from protocol.subjects import (
     MSG_ID_HEADER,
     store_from_events_subject,
 )
-from protocol.wire import decode_oms_record
+from protocol.wire import UNDECODABLE, decode_oms_record
 
 KIND_HEADER = "Storelink-Kind"
 ORIGINAL_SUBJECT_HEADER = "Storelink-Original-Subject"  # as central/consumer.py writes it
@@ -209,7 +208,7 @@ async def replay_record(dead: DeadLetter, sinks: Sequence[Sink]) -> None:
     is unavailable."""
     try:
         record = decode_oms_record(dead.payload)
-    except msgspec.DecodeError as exc:
+    except UNDECODABLE as exc:
         raise ReplayFailed(dead.id, f"its payload is not an OMS record: {exc}") from None
     for sink in sinks:
         try:

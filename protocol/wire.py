@@ -192,8 +192,18 @@ def encode_raw_batch(
     )
 
 
+# What msgspec raises for input it cannot decode: DecodeError (a ValidationError is one) and,
+# found by fuzzing, RecursionError for deeply nested input and UnicodeDecodeError for some
+# invalid UTF-8. Every decode of bytes from outside catches all three.
+UNDECODABLE: tuple[type[Exception], ...] = (
+    msgspec.DecodeError,
+    RecursionError,
+    UnicodeDecodeError,
+)
+
+
 def decode_batch(data: bytes) -> Batch:
-    """Decode a Batch; raises ``msgspec.DecodeError`` (a ValidationError is one) on bad input."""
+    """Decode a Batch; raises one of ``UNDECODABLE`` on bad input."""
     return _batch_decoder.decode(data)
 
 

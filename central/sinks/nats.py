@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from central.errors import SinkRejected, SinkUnavailable
 from central.sinks import SinkStatistics
 from protocol.subjects import MSG_ID_HEADER, OMS_STREAM, oms_subject
-from protocol.wire import OmsRecord, encode_json
+from protocol.wire import UNDECODABLE, OmsRecord, encode_json
 
 DEFAULT_PUBLISH_TIMEOUT = 10.0
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
@@ -79,7 +79,7 @@ class NatsSink:
         else:
             try:
                 ack = _decode_ack(msg.data)
-            except msgspec.DecodeError:
+            except UNDECODABLE:
                 unit.error = f"unreadable PubAck: {msg.data[:200]!r}"
             else:
                 if ack.error is not None:

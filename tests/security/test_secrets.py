@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nacl.signing
-import nkeys  # type: ignore[import-untyped]
+import nkeys
 import pytest
 
 from agent.logs import REDACTED, add_secret, configure_logging, redact
