@@ -22,7 +22,9 @@ import os
 import sqlite3
 import statistics
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.js.api import ExternalStream, StorageType, StreamConfig, StreamSource
@@ -135,16 +137,32 @@ async def measure_js_publish(url: str, records: list[bytes], events: int) -> lis
     return [Row(JS_PUBLISH, rate, "events/s", note=f"await each PubAck, {events:,} events")]
 
 
+PUBLISH_WINDOW = 1000  # PubAcks awaited at a time
+PUBLISH_ACK_TIMEOUT = 30.0
+
+
+async def _publish_windowed(js: Any, subject: str, payloads: Iterable[bytes]) -> None:
+    """``publish_async`` in windows of PUBLISH_WINDOW, each window's PubAcks awaited with a
+    deadline. Unbounded, nats-server answers 429 "too many requests" and nats-py leaves those
+    futures pending forever (the full run hung here)."""
+    window: list[asyncio.Future[Any]] = []
+    for payload in payloads:
+        window.append(await js.publish_async(subject, payload))
+        if len(window) >= PUBLISH_WINDOW:
+            await asyncio.wait_for(asyncio.gather(*window), PUBLISH_ACK_TIMEOUT)
+            window = []
+    if window:
+        await asyncio.wait_for(asyncio.gather(*window), PUBLISH_ACK_TIMEOUT)
+
+
 async def measure_js_publish_async(url: str, records: list[bytes], events: int) -> list[Row]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
         await _stream(js, "BASE_ASYNC", ["base.async"])
         start = time.perf_counter()
-        futures = [
-            await js.publish_async("base.async", records[i % len(records)]) for i in range(events)
-        ]
-        await asyncio.gather(*futures)
+        payloads = (records[i % len(records)] for i in range(events))
+        await _publish_windowed(js, "base.async", payloads)
         rate = events / (time.perf_counter() - start)
     finally:
         await nc.close()
@@ -161,8 +179,7 @@ async def measure_js_batched(url: str, records: list[bytes], events: int) -> lis
         js = nc.jetstream()
         await _stream(js, "BASE_BATCHED", ["base.batched"])
         start = time.perf_counter()
-        futures = [await js.publish_async("base.batched", body) for _ in range(messages)]
-        await asyncio.gather(*futures)
+        await _publish_windowed(js, "base.batched", (body for _ in range(messages)))
         rate = messages * per_message / (time.perf_counter() - start)
     finally:
         await nc.close()
