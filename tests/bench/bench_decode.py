@@ -43,6 +43,9 @@ CEILING = " (msgspec alone, no rules)"
 # --- the ceiling: the same Structs without constraints or __post_init__ ----------------------
 
 
+_LIST: Any = list  # subscripted with types built at run time (mypy cannot follow)
+
+
 def _bare(tp: Any, memo: dict[type, type]) -> Any:
     """``tp`` without Meta constraints, Structs replaced by bare copies."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -51,7 +54,7 @@ def _bare(tp: Any, memo: dict[type, type]) -> Any:
     if origin is Union or origin is types.UnionType:
         return Union[tuple(_bare(a, memo) for a in args)]  # noqa: UP007 (built at runtime)
     if origin is list:
-        return list[_bare(args[0], memo)]
+        return _LIST[_bare(args[0], memo)]
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return _bare_struct(tp, memo)
     return tp
@@ -88,8 +91,8 @@ def bare_decoders() -> tuple[Callable[[bytes], Any], Callable[[bytes], Any], Any
     event = _bare(events.Event, memo)
     batch = _bare(wire.Batch, memo)
     return (
-        msgspec.json.Decoder(list[event]).decode,
-        msgspec.msgpack.Decoder(list[event]).decode,
+        msgspec.json.Decoder(_LIST[event]).decode,
+        msgspec.msgpack.Decoder(_LIST[event]).decode,
         msgspec.msgpack.Decoder(batch).decode,
     )
 
