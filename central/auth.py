@@ -213,7 +213,7 @@ def _running_broker_pid(data_dir: Path) -> int | None:
         conf = str(broker_dir(data_dir) / "nats-server.conf").encode()
         return pid if b"nats-server" in cmdline and conf in cmdline else None
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # POSIX only (reload_broker checks): signal 0 tests, never delivers
     except OSError:
         return None
     return pid
@@ -232,8 +232,12 @@ def reload_broker(data_dir: Path, monitor_url: str | None) -> bool:
     """Ask the running embedded nats-server to reload its config; wait until it has (its
     ``/varz`` config_load_time changes). False when no embedded server is running: it reads
     the new ``auth.conf`` when it starts."""
+    if not hasattr(signal, "SIGHUP"):
+        # Windows: no reload signal (and os.kill there would terminate the server). The new
+        # auth.conf applies when central (re)starts its nats-server.
+        return False
     pid = _running_broker_pid(data_dir)
-    if pid is None or not hasattr(signal, "SIGHUP"):
+    if pid is None:
         return False
     before = _config_load_time(monitor_url) if monitor_url else None
     try:

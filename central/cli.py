@@ -518,7 +518,10 @@ def _say_authorization(auth: Any, what: str) -> None:
         if auth.reloaded:
             click.echo(f"embedded nats-server reloaded: {what} now")
         else:
-            click.echo(f"central is not running: {what} once it starts")
+            click.echo(
+                f"central's nats-server is not running here (or cannot be signalled, as on "
+                f"Windows): {what} once central (re)starts"
+            )
     elif auth.fragment:
         click.echo(
             "NATS is an external cluster: add this user to the `users` list of its "

@@ -58,3 +58,27 @@ def test_authorization_lists_central_and_each_store_with_its_own_subjects() -> N
     s1 = store_permissions("S1")
     assert ["storelink.events.S1"] == s1["publish"]["allow"]
     assert ["storelink.control.S1", "_INBOX_S1.>"] == s1["subscribe"]["allow"]
+
+
+def test_no_reload_signal_means_no_signal_at_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where there is no SIGHUP (Windows), `stores add` must not touch the server's process:
+    os.kill there terminates it. The new auth.conf waits for central's next start."""
+    import os
+    import signal
+    import sys
+
+    from central.auth import broker_dir, reload_broker
+    from central.broker import PID_FILENAME
+
+    broker_dir(tmp_path).mkdir(parents=True)
+    (broker_dir(tmp_path) / PID_FILENAME).write_text(str(os.getpid()))
+
+    def no_kill(pid: int, sig: int) -> None:
+        raise AssertionError(f"os.kill({pid}, {sig}) called")
+
+    monkeypatch.delattr(signal, "SIGHUP")
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(os, "kill", no_kill)
+    assert reload_broker(tmp_path, None) is False
