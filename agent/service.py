@@ -100,6 +100,8 @@ def _poslog_converter(
     except ImportError:
         return None
 
+    tz = cfg.poslog.zone()
+
     async def convert(data: bytes) -> list[Event]:
         try:
             # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
@@ -107,7 +109,7 @@ def _poslog_converter(
                 convert_poslog,
                 data,
                 store_id=cfg.store_id,
-                tz=cfg.poslog.zone(),
+                tz=tz,
                 currency=cfg.poslog.currency,
                 weight_unit=cfg.poslog.weight_unit,
             )

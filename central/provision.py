@@ -19,6 +19,7 @@ from central.auth import (
     oms_reader_permissions,
     reload_broker,
     store_permissions,
+    user_entry,
     write_auth_conf,
     write_secret,
 )
@@ -69,19 +70,37 @@ class Provisioned:
     authorization: Authorization
 
 
-def agent_urls_for(data_dir: Path, nats_url: str | None) -> list[str]:
-    """--nats-url, else what the central recorded in central.json, else the local default."""
+def agent_urls_for(info: dict[str, Any], nats_url: str | None) -> list[str]:
+    """--nats-url, else what the central recorded in central.json (``info``), else the local
+    default."""
     if nats_url:
         return [nats_url]
-    recorded = read_info(data_dir).get("nats_urls")
+    recorded = info.get("nats_urls")
     if isinstance(recorded, list) and recorded:
         return [str(u) for u in recorded]
     return [DEFAULT_AGENT_NATS_URL]
 
 
-def user_fragment(store_id: str, nkey: str) -> str:
-    """The store's entry for the ``users`` list of an external cluster's authorization."""
-    return json.dumps({"nkey": nkey, "permissions": store_permissions(store_id)}, indent=2)
+def user_fragment(nkey: str, permissions: dict[str, Any]) -> str:
+    """A user's entry for the ``users`` list of an external cluster's authorization."""
+    return json.dumps(user_entry(nkey, permissions), indent=2)
+
+
+def _write_seed(out_dir: Path, filename: str, seed: bytes) -> Path:
+    """The user's NKEY seed in a directory only its owner can enter, the file 0600."""
+    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = out_dir / filename
+    write_secret(path, seed + b"\n")
+    return path
+
+
+def _copy_ca(info: dict[str, Any], out_dir: Path) -> str:
+    """Copy the CA central's NATS certificate chains to (when it uses TLS) into ``out_dir``;
+    its path there, or "" without TLS."""
+    ca = str((info.get("tls") or {}).get("ca") or "")
+    if ca:
+        shutil.copyfile(ca, out_dir / STORE_CA)
+    return ca
 
 
 def _apply(data_dir: Path, info: dict[str, Any]) -> tuple[bool, bool]:
@@ -95,11 +114,10 @@ def _apply(data_dir: Path, info: dict[str, Any]) -> tuple[bool, bool]:
 
 def _tls_files(info: dict[str, Any], store_id: str, out_dir: Path) -> dict[str, str]:
     """Copy the CA for the agent to trust and, with mutual TLS, issue its client certificate."""
-    tls = info.get("tls") or {}
-    ca = str(tls.get("ca") or "")
+    ca = _copy_ca(info, out_dir)
     if not ca:
         return {}
-    shutil.copyfile(ca, out_dir / STORE_CA)
+    tls = info["tls"]
     files = {"tls_ca": STORE_CA}
     if tls.get("verify"):
         ca_key = str(tls.get("ca_key") or "")
@@ -136,18 +154,16 @@ def provision_store(
     if not add_store(data_dir, store_id, nkey=public, force=force):
         raise StoreExists(store_id)
     info = read_info(data_dir)
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    credentials = out_dir / STORE_SEED_FILENAME
-    write_secret(credentials, seed + b"\n")
+    credentials = _write_seed(out_dir, STORE_SEED_FILENAME, seed)
     tls = _tls_files(info, store_id, out_dir)
-    urls = agent_urls_for(data_dir, nats_url)
+    urls = agent_urls_for(info, nats_url)
     nats = NatsConfig(urls=tuple(urls), credentials=STORE_SEED_FILENAME)
     cfg = AgentConfig(store_id=store_id, nats=msgspec.structs.replace(nats, **tls))
     path = out_dir / "agent.toml"
     # 0600: the operator may add ingest.token to it.
     write_secret(path, render_config(cfg).encode())
     embedded, reloaded = _apply(data_dir, info)
-    fragment = "" if embedded else user_fragment(store_id, public)
+    fragment = "" if embedded else user_fragment(public, store_permissions(store_id))
     return Provisioned(path, credentials, Authorization(embedded, reloaded, fragment))
 
 
@@ -164,11 +180,6 @@ def unprovision_store(data_dir: Path, store_id: str) -> Authorization:
 OMS_SEED_FILENAME = "oms.nk"
 
 
-def oms_reader_fragment(nkey: str) -> str:
-    """An OMS reader's entry for the ``users`` list of an external cluster's authorization."""
-    return json.dumps({"nkey": nkey, "permissions": oms_reader_permissions()}, indent=2)
-
-
 def provision_oms_reader(data_dir: Path, name: str, out_dir: Path, *, force: bool) -> Provisioned:
     """A NATS user for an OMS that consumes the nats sink's stream: ``out_dir/oms.nk`` (0600)
     and, when central uses TLS, the CA to trust. Returns where the seed went."""
@@ -183,14 +194,10 @@ def provision_oms_reader(data_dir: Path, name: str, out_dir: Path, *, force: boo
             "stop working)"
         )
     info = read_info(data_dir)
-    out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    credentials = out_dir / OMS_SEED_FILENAME
-    write_secret(credentials, seed + b"\n")
-    ca = str((info.get("tls") or {}).get("ca") or "")
-    if ca:
-        shutil.copyfile(ca, out_dir / STORE_CA)
+    credentials = _write_seed(out_dir, OMS_SEED_FILENAME, seed)
+    _copy_ca(info, out_dir)
     embedded, reloaded = _apply(data_dir, info)
-    fragment = "" if embedded else oms_reader_fragment(public)
+    fragment = "" if embedded else user_fragment(public, oms_reader_permissions())
     return Provisioned(credentials, credentials, Authorization(embedded, reloaded, fragment))
 
 

@@ -8,10 +8,9 @@ auth.conf and reloads the running server. Clients are real nats-py connections o
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,19 +48,14 @@ from tests.central.conftest import batch_bytes, central_config, make_records, st
 from tests.central.conftest import stop_central as stop_central_service
 from tests.ops.conftest import agent as agent_cli
 
-# nats-py drops, without closing, the socket of a connection the server refused at login; it
-# is closed when collected, which pytest reports as an unraisable ResourceWarning. Only those
-# are ignored, and they are collected at the end of each test here, not in a later module.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in.*(StreamWriter|_SelectorTransport|socket\.socket)"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
-
-
-@pytest.fixture(autouse=True)
-def _collect_refused_sockets() -> Iterator[None]:
-    yield
-    gc.collect()
+# Refused logins leave nats-py's sockets to the garbage collector (see conftest).
+pytestmark = [
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in.*(StreamWriter|_SelectorTransport|socket\.socket)"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.usefixtures("collect_refused_sockets"),
+]
 
 
 @dataclass

@@ -5,9 +5,8 @@ One pipeline of real processes (central, agent) runs the whole way over mutual T
 
 from __future__ import annotations
 
-import gc
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,14 @@ from protocol.subjects import inbox_prefix
 from tests.central.conftest import central_config, start_central, stop_central
 from tests.ops.conftest import run_cli
 
-# A refused TLS handshake leaves nats-py's half-open socket to the garbage collector.
-pytestmark = pytest.mark.filterwarnings(
-    r"ignore:Exception ignored in.*(StreamWriter|_SelectorTransport|socket\.socket)"
-    ":pytest.PytestUnraisableExceptionWarning"
-)
-
-
-@pytest.fixture(autouse=True)
-def _collect_refused_sockets() -> Iterator[None]:
-    yield
-    gc.collect()
+# Refused TLS handshakes leave nats-py's sockets to the garbage collector (see conftest).
+pytestmark = [
+    pytest.mark.filterwarnings(
+        r"ignore:Exception ignored in.*(StreamWriter|_SelectorTransport|socket\.socket)"
+        ":pytest.PytestUnraisableExceptionWarning"
+    ),
+    pytest.mark.usefixtures("collect_refused_sockets"),
+]
 
 
 @pytest.fixture
