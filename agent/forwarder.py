@@ -47,6 +47,7 @@ from nats.js.api import PubAck
 
 from agent.errors import OutboxClosed, OutboxError
 from agent.outbox import Outbox, UnsentRun
+from protocol.backoff import Backoff
 from protocol.subjects import (
     EVENTS_STREAM,
     MSG_ID_HEADER,
@@ -101,28 +102,6 @@ def _host_port(url: Any) -> str:
     return f"{url.hostname}:{url.port}" if url.port else str(url.hostname)
 
 
-class Backoff:
-    """Capped exponential backoff with jitter (half fixed, half random, so never zero)."""
-
-    def __init__(self, base: float, cap: float, rand: Callable[[], float] = random.random) -> None:
-        self.base = base
-        self.cap = cap
-        self._rand = rand
-        self.attempts = 0
-
-    def delay_for(self, attempts: int) -> float:
-        ceiling = min(self.cap, self.base * 2.0 ** min(attempts, 30))
-        return ceiling / 2 + self._rand() * ceiling / 2
-
-    def next(self) -> float:
-        delay = self.delay_for(self.attempts)
-        self.attempts += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempts = 0
-
-
 @dataclass(eq=False)
 class _Inflight:
     first_seq: int
@@ -172,8 +151,8 @@ class Forwarder:
         self.name = name or f"storelink-agent {store_id}"
         self._sleep = sleep
         self._clock = clock
-        self._retry = Backoff(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rand)
-        self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand)
+        self._retry = Backoff(RETRY_BASE_DELAY, RETRY_MAX_DELAY, rand=rand)
+        self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand=rand)
         self._rand = rand
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None

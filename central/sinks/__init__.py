@@ -35,7 +35,8 @@ class SinkStatistics:
 
 class Sink(Protocol):
     """An OMS behind one interface. ``checkpoint``/``committed``/``rollback`` are for sinks
-    that can undo (the file sink); the others return None and do nothing."""
+    that can undo (the file sink); a sink that cannot subclasses ``Sink`` and keeps these
+    defaults (nothing to commit, nothing to undo)."""
 
     name: str
 
@@ -50,15 +51,15 @@ class Sink(Protocol):
 
     def checkpoint(self) -> int | None:
         """A position to commit with the unit's state (None: nothing to commit)."""
-        ...
+        return None
 
     def committed(self) -> None:
         """The unit's state is committed: what was delivered is final."""
-        ...
+        return None
 
     async def rollback(self) -> None:
         """The unit failed elsewhere: undo what was delivered since the last commit, if able."""
-        ...
+        return None
 
     async def close(self) -> None: ...
     def statistics(self) -> SinkStatistics: ...

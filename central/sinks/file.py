@@ -14,13 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from central.errors import SinkRejected
-from central.sinks import SinkStatistics
+from central.sinks import Sink, SinkStatistics
 from protocol.wire import OmsRecord, encode_json
 
 log = logging.getLogger(__name__)
 
 
-class FileSink:
+class FileSink(Sink):
     """Appends JSON lines; fsyncs before the unit's state commit."""
 
     def __init__(self, path: Path) -> None:

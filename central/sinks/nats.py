@@ -19,7 +19,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from central.errors import SinkRejected, SinkUnavailable
-from central.sinks import SinkStatistics
+from central.sinks import Sink, SinkStatistics
 from protocol.subjects import MSG_ID_HEADER, OMS_STREAM, oms_subject
 from protocol.wire import UNDECODABLE, OmsRecord, encode_json
 
@@ -47,7 +47,7 @@ class _Unit:
         self.done = asyncio.Event()
 
 
-class NatsSink:
+class NatsSink(Sink):
     """Publishes a unit and returns once JetStream acknowledged every record (or gives up on
     the whole unit: a unit that timed out may still land later, and the OMS stream's dedup on
     the key, plus the key itself beyond its window, make the retried unit harmless)."""
@@ -124,15 +124,6 @@ class NatsSink:
             raise SinkUnavailable(self.name, unit.error)
         self.records += len(records)
         return []
-
-    def checkpoint(self) -> int | None:
-        return None
-
-    def committed(self) -> None:
-        pass
-
-    async def rollback(self) -> None:
-        pass
 
     async def close(self) -> None:
         if self._sub is not None:

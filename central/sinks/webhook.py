@@ -7,7 +7,6 @@ import asyncio
 import hashlib
 import hmac
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -15,7 +14,8 @@ import aiohttp
 
 from central.config import WEBHOOK_SECRET_ENV, WebhookSettings
 from central.errors import SinkRejected, SinkUnavailable
-from central.sinks import SinkStatistics
+from central.sinks import Sink, SinkStatistics
+from protocol.backoff import Backoff
 from protocol.wire import OmsRecord, encode_json
 
 SIGNATURE_HEADER = "X-Storelink-Signature"
@@ -71,7 +71,7 @@ class _Retry(Exception):
         self.reason = reason
 
 
-class WebhookSink:
+class WebhookSink(Sink):
     """POSTs a unit's records, stores concurrently (bounded), each store's records in order."""
 
     def __init__(
@@ -87,6 +87,7 @@ class WebhookSink:
         self.secret = (os.environ.get(WEBHOOK_SECRET_ENV) or settings.secret).encode()
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
         self._sleep = sleep
+        self._backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max(1, settings.concurrency))
         self.records = 0
@@ -135,8 +136,7 @@ class WebhookSink:
                 if attempt >= self.settings.max_attempts:
                     raise SinkUnavailable(self.name, retry.reason) from None
                 self.retries += 1
-                delay = min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt) * random.uniform(0.5, 1.0)
-                await self._sleep(delay)
+                await self._sleep(self._backoff.delay_for(attempt))
                 continue
             self.breaker.success()
             return result
@@ -173,15 +173,6 @@ class WebhookSink:
             rejections.extend(result)
         self.rejected += len(rejections)
         return rejections
-
-    def checkpoint(self) -> int | None:
-        return None
-
-    def committed(self) -> None:
-        pass
-
-    async def rollback(self) -> None:
-        pass
 
     async def close(self) -> None:
         if self._session is not None:

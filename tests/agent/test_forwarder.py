@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from agent.forwarder import Backoff, Forwarder
+from agent.forwarder import Forwarder
 from agent.outbox import Outbox
 from central.broker import EmbeddedBroker
 from protocol.subjects import EVENTS_STREAM, EVENTS_WILDCARD, MSG_ID_HEADER, batch_msg_id
@@ -236,13 +236,3 @@ async def test_refused_publishes_back_off_then_drain(
     assert (0, 20) == (refused.batches_sent, outbox.statistics().last_seq)
     assert refused.last_error is not None and "NoStreamResponse" in refused.last_error
     assert list(range(1, 21)) == delivered_seqs(batches)
-
-
-def test_backoff_is_capped_and_jittered() -> None:
-    """Delays double from the base up to the cap, and jitter keeps them in [ceiling/2, ceiling]."""
-    low = Backoff(0.1, 1.0, rand=lambda: 0.0)
-    high = Backoff(0.1, 1.0, rand=lambda: 1.0)
-    assert [0.05, 0.1, 0.2, 0.4, 0.5, 0.5] == [low.next() for _ in range(6)]
-    assert [0.1, 0.2, 0.4, 0.8, 1.0, 1.0] == [high.next() for _ in range(6)]
-    high.reset()
-    assert 0.1 == high.next()
