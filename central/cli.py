@@ -26,16 +26,9 @@ from agent.logs import (
     configure_logging,
 )
 from central.config import load_config
-from central.control import (
-    DEFAULT_ASK_TIMEOUT,
-    DEFAULT_RESYNC_TIMEOUT,
-    AgentReach,
-    AgentUnreachable,
-    NatsUnreachable,
-    lag,
-)
+from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach, lag
 from central.dlq import DeadLetter
-from central.errors import CentralError
+from central.errors import AgentUnreachable, CentralError, NatsUnreachable
 from central.service import INFO_FILENAME, read_info, run_service
 from central.state import list_stores, read_status
 from protocol.connection import CredentialsError, connect_options
@@ -775,7 +768,7 @@ def dlq_replay(
     A record goes to the sink that refused it (named in its reason) with its original
     idempotency key; a batch is published again on its store's events subject for the running
     central to process. Exits 1 when any stays in the DLQ (each says why)."""
-    from central.dlq import entries, entry
+    from central.dlq import ReplayOutcome, entries, entry, replay
 
     if (entry_id is None) == (not everything):
         raise click.UsageError("give one dead letter ID or --all")
@@ -789,11 +782,21 @@ def dlq_replay(
                 param_hint="--sink",
             )
 
-    async def work(nc: Any) -> tuple[list[str], list[str]]:
+    async def work(nc: Any) -> list[ReplayOutcome]:
         found = await entries(nc, store_id) if everything else [await entry(nc, entry_id or 0)]
-        return await _replay(nc, found, data_dir, config, list(sinks))
+        return await replay(nc, found, data_dir, config, sinks)
 
-    done, failed = _with_nats(data_dir, nats_urls, creds, work)
+    outcomes = _with_nats(data_dir, nats_urls, creds, work)
+    done = [
+        f"{o.dead.id:>6}  {o.dead.store_id:<20} replayed ({o.dead.kind} → {o.target})"
+        for o in outcomes
+        if o.error is None
+    ]
+    failed = [
+        f"{o.dead.id:>6}  {o.dead.store_id:<20} STAYS: {o.error}"
+        for o in outcomes
+        if o.error is not None
+    ]
     for line in done + failed:
         click.echo(line)
     if failed:
@@ -803,48 +806,6 @@ def dlq_replay(
         )
     if not done:
         click.echo("DLQ is empty: nothing to replay")
-
-
-async def _replay(
-    nc: Any, found: list[DeadLetter], data_dir: Path, config: Path | None, given: list[str]
-) -> tuple[list[str], list[str]]:
-    """Replay each dead letter; (lines for those replayed, lines for those that stay)."""
-    from central.dlq import DlqError, remove, replay_batch, replay_record
-    from central.sinks import Sink, make_sinks
-
-    opened: dict[str, Sink] = {}
-    done: list[str] = []
-    failed: list[str] = []
-    try:
-        for dead in found:
-            try:
-                if dead.kind == "batch":
-                    await replay_batch(nc, dead)
-                    target = dead.headers.get("Storelink-Original-Subject", "?")
-                else:
-                    specs = given or [s for s in [dead.refusing_sink()] if s]
-                    if not specs or any(s.startswith("file:") for s in specs):
-                        raise DlqError(
-                            f"dead letter {dead.id}: its reason names no sink to replay to; "
-                            "say which with --sink webhook:URL or --sink nats"
-                        )
-                    for spec in specs:
-                        if spec not in opened:
-                            cfg = load_config(config, {"data_dir": str(data_dir), "sinks": [spec]})
-                            [sink] = make_sinks(cfg, nc)
-                            await sink.start(None)
-                            opened[spec] = sink
-                    await replay_record(dead, [opened[s] for s in specs])
-                    target = ", ".join(specs)
-                await remove(nc, dead, data_dir)
-            except DlqError as exc:
-                failed.append(f"{dead.id:>6}  {dead.store_id:<20} STAYS: {exc}")
-                continue
-            done.append(f"{dead.id:>6}  {dead.store_id:<20} replayed ({dead.kind} → {target})")
-    finally:
-        for sink in opened.values():
-            await sink.close()
-    return done, failed
 
 
 @dlq.command("drop")

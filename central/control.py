@@ -5,14 +5,18 @@ concurrent, bounded, each with a short timeout, so 400 stores answer in about on
 dead store costs no more than that). ``storelink-central resync`` sends one ``ResyncRequest``
 (``ask_resync``). The agent's side is ``agent/control.py``.
 
-These are CLI-side helpers: each command opens its own short-lived NATS connection
-(``connect``), which fails fast instead of retrying forever like the service's connection.
+The CLI's commands each open their own short-lived NATS connection (``connect``), which fails
+fast instead of retrying forever like the service's connection. The running service asks
+through ``GapResyncer``: the consumer hands it the open gaps between units, and it asks each
+store to re-send on its own schedule.
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +25,9 @@ import msgspec
 import nats
 import nats.errors
 
-from central.errors import CentralError
+from central.errors import AgentUnreachable, ControlRefused, NatsUnreachable
+from central.state import Gap, Key
+from protocol.backoff import Backoff
 from protocol.subjects import control_subject
 from protocol.wire import (
     UNDECODABLE,
@@ -38,33 +44,11 @@ DEFAULT_ASK_TIMEOUT = 1.0  # an agent answers from memory in milliseconds; 1 s i
 DEFAULT_RESYNC_TIMEOUT = 5.0  # a resync writes to the store's outbox: give it longer
 CONNECT_TIMEOUT = 2.0
 MAX_CONCURRENT_ASKS = 256  # in-flight requests at once: enough for 1,000 stores in ~4 timeouts
+GAP_RESYNC_TIMEOUT = 2.0  # the consumer's own requests: short, it asks again anyway
+GAP_RESYNC_MIN_DELAY = 1.0  # never ask one store twice within a second
+GAP_RESYNC_CAP = 30.0  # a store that never answers is still asked every 30 s
 
-
-class NatsUnreachable(CentralError):
-    """NATS did not accept a connection: central (with its embedded server) may be down."""
-
-    def __init__(self, urls: Sequence[str], reason: str) -> None:
-        self.urls = list(urls)
-        self.reason = reason
-        super().__init__(f"cannot reach NATS at {', '.join(urls)}: {reason}")
-
-
-class AgentUnreachable(CentralError):
-    """The store's agent did not answer on its control subject."""
-
-    def __init__(self, store_id: str, reason: str) -> None:
-        self.store_id = store_id
-        self.reason = reason
-        super().__init__(f"the agent of store {store_id} did not answer: {reason}")
-
-
-class ControlRefused(CentralError):
-    """The agent answered with an error."""
-
-    def __init__(self, store_id: str, error: str) -> None:
-        self.store_id = store_id
-        self.error = error
-        super().__init__(f"the agent of store {store_id} refused: {error}")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -210,3 +194,64 @@ def lag(
     else:
         seconds = 0.0
     return events, None if seconds is None else max(0.0, seconds)
+
+
+class GapResyncer:
+    """The consumer's side of gaps: once a gap has waited ``gap_hold`` seconds, ask its store
+    to re-send it, again with a growing delay (``gap_hold * 2**requests``, capped) while it
+    stays open. Each request runs in its own task, so a store that does not answer never
+    delays the unit loop; ``poke`` is called between units."""
+
+    def __init__(self, nc: Any, gap_hold: float, timeout: float = GAP_RESYNC_TIMEOUT) -> None:
+        self.nc = nc
+        self.gap_hold = gap_hold
+        self.timeout = timeout
+        self._backoff = Backoff(gap_hold, GAP_RESYNC_CAP, jitter=False)
+        self._next_at: dict[Key, float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.requests = 0
+        self.unanswered = 0
+
+    def poke(self, gaps: Mapping[Key, Gap], now: float | None = None) -> None:
+        """Ask for every gap that is due (``now``: a clock for tests)."""
+        now = time.time() if now is None else now
+        for key, gap in list(gaps.items()):
+            if now - gap.since < self.gap_hold or now < self._next_at.get(key, 0.0):
+                continue
+            delay = max(GAP_RESYNC_MIN_DELAY, self._backoff.delay_for(gap.requests))
+            self._next_at[key] = now + delay
+            gap.requests += 1
+            task = asyncio.create_task(self._ask(gap))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _ask(self, gap: Gap) -> None:
+        self.requests += 1
+        log.warning(
+            "gap in store %s epoch %s: seqs %d..%d missing since %s; asking the store to re-send",
+            gap.store_id, gap.epoch, gap.from_seq, gap.to_seq,
+            dt.datetime.fromtimestamp(gap.since, dt.UTC).isoformat(),
+        )  # fmt: skip
+        try:
+            answer = await ask_resync(
+                self.nc, gap.store_id, gap.from_seq, gap.to_seq,
+                reason="gap detected by central", timeout=self.timeout,
+            )  # fmt: skip
+        except AgentUnreachable as exc:  # no responders, timeout, garbage: try again later
+            self.unanswered += 1
+            log.warning(
+                "store %s did not answer the resync request (%s); asking again later",
+                gap.store_id, exc.reason,
+            )  # fmt: skip
+            return
+        except ControlRefused as exc:
+            log.error("store %s refused the resync: %s", gap.store_id, exc.error)
+            return
+        log.info(
+            "store %s re-sends %d records (lowest held: %s)",
+            gap.store_id, answer.marked, answer.first_available_seq,
+        )  # fmt: skip
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()

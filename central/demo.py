@@ -24,11 +24,7 @@ from typing import Any
 
 from central.auth import STORE_SEED_FILENAME
 from central.broker import free_port
-from central.errors import CentralError
-
-
-class ProcessError(CentralError):
-    """A child process of the pipeline did not start or died."""
+from central.errors import ProcessError
 
 
 class ManagedProcess:

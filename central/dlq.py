@@ -17,7 +17,10 @@ A dead letter is removed only after the replay succeeded; ``drop`` removes one f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import logging
+import secrets
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,36 +29,34 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from central.errors import CentralError, SinkUnavailable
-from central.sinks import Sink
+from central.config import load_config
+from central.errors import DeadLetterUnpublished, DlqError, ReplayFailed, SinkUnavailable
+from central.sinks import Sink, make_sinks
 from central.state import STATE_FILENAME
 from protocol.subjects import (
+    DLQ_KIND_HEADER,
+    DLQ_ORIGINAL_SEQ_HEADER,
+    DLQ_ORIGINAL_SUBJECT_HEADER,
     DLQ_PREFIX,
     DLQ_REASON_HEADER,
     DLQ_STREAM,
+    DLQ_TIME_HEADER,
     DLQ_WILDCARD,
     MSG_ID_HEADER,
+    dlq_subject,
     store_from_events_subject,
 )
 from protocol.wire import UNDECODABLE, decode_oms_record
 
-KIND_HEADER = "Storelink-Kind"
-ORIGINAL_SUBJECT_HEADER = "Storelink-Original-Subject"  # as central/consumer.py writes it
+log = logging.getLogger(__name__)
+
 REPLAY_TIMEOUT = 5.0
-
-
-class DlqError(CentralError):
-    """The DLQ could not be read or changed."""
-
-
-class ReplayFailed(DlqError):
-    """A dead letter could not be delivered again; it stays in the DLQ."""
-
-    def __init__(self, entry_id: int, reason: str) -> None:
-        self.entry_id = entry_id
-        self.reason = reason
-        super().__init__(f"dead letter {entry_id} not replayed (it stays in the DLQ): {reason}")
+READ_BATCH = 256  # dead letters per fetch when listing
+READ_TIMEOUT = 2.0  # per fetch: the messages are there, a fetch that waits this long found none
+READ_INACTIVE_THRESHOLD = 30.0  # the listing consumer goes away by itself if we die mid-read
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,25 @@ def _entry(raw: Any) -> DeadLetter:
     return DeadLetter(
         id=raw.seq,
         store_id=subject.removeprefix(DLQ_PREFIX + "."),
-        kind=headers.get(KIND_HEADER, "?"),
+        kind=headers.get(DLQ_KIND_HEADER, "?"),
         reason=headers.get(DLQ_REASON_HEADER, ""),
         time=raw.time if isinstance(getattr(raw, "time", None), dt.datetime) else None,
         headers=headers,
         payload=raw.data or b"",
+    )
+
+
+def _entry_from_msg(msg: Any) -> DeadLetter:
+    """A dead letter as a consumer delivers it (``_entry``: as ``get_msg`` returns it)."""
+    headers = dict(msg.headers or {})
+    return DeadLetter(
+        id=msg.metadata.sequence.stream,
+        store_id=msg.subject.removeprefix(DLQ_PREFIX + "."),
+        kind=headers.get(DLQ_KIND_HEADER, "?"),
+        reason=headers.get(DLQ_REASON_HEADER, ""),
+        time=msg.metadata.timestamp,
+        headers=headers,
+        payload=msg.data or b"",
     )
 
 
@@ -116,22 +131,45 @@ async def _connect(url: str, options: dict[str, Any] | None = None) -> Any:
 
 
 async def entries(nc: Any, store_id: str | None = None) -> list[DeadLetter]:
-    """Every dead letter (of ``store_id``), oldest first."""
+    """Every dead letter (of ``store_id``), oldest first, read in one pass: an ephemeral pull
+    consumer (no acks, deleted after) streams them in batches instead of one request each."""
     js = nc.jetstream()
+    subject = dlq_subject(store_id) if store_id is not None else DLQ_WILDCARD
+    name = f"storelink-dlq-read-{secrets.token_hex(6)}"
+    config = ConsumerConfig(
+        name=name,
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=subject,
+        inactive_threshold=READ_INACTIVE_THRESHOLD,
+        mem_storage=True,
+    )
     try:
-        info = await js.stream_info(DLQ_STREAM)
+        info = await js.add_consumer(DLQ_STREAM, config=config)
     except nats.js.errors.NotFoundError:
-        return []
+        return []  # no DLQ stream yet: nothing was ever dead-lettered
+    except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise DlqError(f"cannot read {DLQ_STREAM}: {exc}") from None
     found: list[DeadLetter] = []
-    if not info.state.messages:
-        return found
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        try:
-            entry = _entry(await js.get_msg(DLQ_STREAM, seq))
-        except nats.js.errors.NotFoundError:
-            continue  # dropped or replayed
-        if store_id is None or entry.store_id == store_id:
-            found.append(entry)
+    try:
+        left = info.num_pending
+        if not left:
+            return found
+        sub = await js.pull_subscribe_bind(durable=None, stream=DLQ_STREAM, name=name)
+        while left > 0:
+            try:
+                msgs = await sub.fetch(min(left, READ_BATCH), timeout=READ_TIMEOUT)
+            except (nats.errors.TimeoutError, TimeoutError):
+                break  # the rest was dropped or replayed while we read
+            for msg in msgs:
+                found.append(_entry_from_msg(msg))
+                left = msg.metadata.num_pending
+        await sub.unsubscribe()
+    except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+        raise DlqError(f"cannot read {DLQ_STREAM}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):  # it expires by itself (inactive_threshold)
+            await js.delete_consumer(DLQ_STREAM, name)
     return found
 
 
@@ -221,7 +259,7 @@ async def replay_record(dead: DeadLetter, sinks: Sequence[Sink]) -> None:
 
 async def replay_batch(nc: Any, dead: DeadLetter) -> None:
     """Publish a dead-lettered batch again on its original events subject."""
-    subject = dead.headers.get(ORIGINAL_SUBJECT_HEADER, "")
+    subject = dead.headers.get(DLQ_ORIGINAL_SUBJECT_HEADER, "")
     if store_from_events_subject(subject) is None:
         raise ReplayFailed(
             dead.id,
@@ -237,3 +275,91 @@ async def replay_batch(nc: Any, dead: DeadLetter) -> None:
         )
     except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
         raise ReplayFailed(dead.id, f"publish to {subject} failed: {exc}") from None
+
+
+async def publish(
+    js: Any,
+    payload: bytes,
+    token: str,
+    reason: str,
+    kind: str,
+    *,
+    msg: Msg | None = None,
+    msg_id: str | None = None,
+) -> None:
+    """Dead-letter ``payload`` under ``token`` (a store id, or ``DLQ_UNATTRIBUTED``) with why,
+    where from and when in its headers; DeadLetterUnpublished when NATS cannot take it now.
+
+    ``kind`` is ``batch`` (``msg`` is the JetStream message it came in) or ``record`` (an
+    ``OmsRecord`` as JSON, ``msg_id`` derived from its key)."""
+    headers = {
+        DLQ_REASON_HEADER: reason[:1000],
+        DLQ_KIND_HEADER: kind,
+        DLQ_TIME_HEADER: dt.datetime.now(dt.UTC).isoformat(),
+    }
+    if msg is not None:
+        headers[DLQ_ORIGINAL_SUBJECT_HEADER] = msg.subject
+        with contextlib.suppress(Exception):  # a message without JetStream metadata
+            stream_seq = msg.metadata.sequence.stream
+            headers[DLQ_ORIGINAL_SEQ_HEADER] = str(stream_seq)
+            msg_id = f"dlq:{msg.subject}:{stream_seq}"
+    if msg_id is not None:
+        # A unit retried after a failure dead-letters the same thing again: keep one copy.
+        headers[MSG_ID_HEADER] = msg_id
+    log.error("to DLQ (%s, %s): %s", token, kind, reason)
+    try:
+        await js.publish(dlq_subject(token), payload, headers=headers)
+    except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+        raise DeadLetterUnpublished(f"DLQ publish failed: {type(exc).__name__}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class ReplayOutcome:
+    """What became of one dead letter in a replay: replayed (``target`` says where to) or
+    still in the DLQ (``error`` says why)."""
+
+    dead: DeadLetter
+    target: str | None = None
+    error: str | None = None
+
+
+async def replay(
+    nc: Any, found: Sequence[DeadLetter], data_dir: Path, config: Path | None, given: Sequence[str]
+) -> list[ReplayOutcome]:
+    """Replay each dead letter in ``found``, removing it from the DLQ only on success.
+
+    A batch is published again on its events subject; a record goes to the sinks ``given``
+    (``webhook:URL``, ``nats``) or else to the sink that refused it (named in its reason), each
+    opened once with central's config (``config``, for the webhook secret and timeouts)."""
+    opened: dict[str, Sink] = {}
+    outcomes: list[ReplayOutcome] = []
+    try:
+        for dead in found:
+            try:
+                if dead.kind == "batch":
+                    await replay_batch(nc, dead)
+                    target = dead.headers.get(DLQ_ORIGINAL_SUBJECT_HEADER, "?")
+                else:
+                    specs = list(given) or [s for s in [dead.refusing_sink()] if s]
+                    if not specs or any(s.startswith("file:") for s in specs):
+                        raise DlqError(
+                            f"dead letter {dead.id}: its reason names no sink to replay to; "
+                            "say which with --sink webhook:URL or --sink nats"
+                        )
+                    for spec in specs:
+                        if spec not in opened:
+                            cfg = load_config(config, {"data_dir": str(data_dir), "sinks": [spec]})
+                            [sink] = make_sinks(cfg, nc)
+                            await sink.start(None)
+                            opened[spec] = sink
+                    await replay_record(dead, [opened[s] for s in specs])
+                    target = ", ".join(specs)
+                await remove(nc, dead, data_dir)
+            except DlqError as exc:
+                outcomes.append(ReplayOutcome(dead, error=str(exc)))
+                continue
+            outcomes.append(ReplayOutcome(dead, target=target))
+    finally:
+        for sink in opened.values():
+            await sink.close()
+    return outcomes

@@ -1,7 +1,18 @@
-"""Errors raised by central, arranged by what the caller should do about them."""
+"""Every error central raises, in one tree arranged by what the caller should do about it.
+
+- **Fix and start again**: ``ConfigError`` (and ``DriftError``, ``StoreExists``),
+  ``BrokerError``, ``StateError``.
+- **Retry later, nothing is wrong with the request**: ``SinkUnavailable`` (the unit is retried),
+  ``NatsUnreachable``, ``AgentUnreachable`` (the CLI exits 3), ``DeadLetterUnpublished``.
+- **Refused for good, say why**: ``SinkRejected`` (the record goes to the DLQ),
+  ``ControlRefused``, ``DlqError``/``ReplayFailed`` (the dead letter stays), ``ProcessError``.
+
+``central/cli.py`` alone turns these into click errors.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -12,12 +23,72 @@ class CentralError(Exception):
     """Base of everything central raises."""
 
 
+class ProcessError(CentralError):
+    """A child process of the pipeline (the demo's central, agent or till) did not start or
+    died."""
+
+
+class NatsUnreachable(CentralError):
+    """NATS did not accept a connection: central (with its embedded server) may be down."""
+
+    def __init__(self, urls: Sequence[str], reason: str) -> None:
+        self.urls = list(urls)
+        self.reason = reason
+        super().__init__(f"cannot reach NATS at {', '.join(urls)}: {reason}")
+
+
+class AgentUnreachable(CentralError):
+    """The store's agent did not answer on its control subject."""
+
+    def __init__(self, store_id: str, reason: str) -> None:
+        self.store_id = store_id
+        self.reason = reason
+        super().__init__(f"the agent of store {store_id} did not answer: {reason}")
+
+
+class ControlRefused(CentralError):
+    """The agent answered with an error."""
+
+    def __init__(self, store_id: str, error: str) -> None:
+        self.store_id = store_id
+        self.error = error
+        super().__init__(f"the agent of store {store_id} refused: {error}")
+
+
+class DlqError(CentralError):
+    """The DLQ could not be read or changed."""
+
+
+class ReplayFailed(DlqError):
+    """A dead letter could not be delivered again; it stays in the DLQ."""
+
+    def __init__(self, entry_id: int, reason: str) -> None:
+        self.entry_id = entry_id
+        self.reason = reason
+        super().__init__(f"dead letter {entry_id} not replayed (it stays in the DLQ): {reason}")
+
+
+class DeadLetterUnpublished(CentralError):
+    """NATS could not take a dead letter now: the unit is retried later, like a busy sink."""
+
+
 class BrokerError(CentralError):
     """The embedded nats-server could not be found, started or made ready: give up, say why."""
 
 
 class ConfigError(CentralError):
     """The configuration is wrong: fix it and start again."""
+
+
+class StoreExists(ConfigError):
+    """The store is already provisioned (and --force was not given)."""
+
+    def __init__(self, store_id: str) -> None:
+        self.store_id = store_id
+        super().__init__(
+            f"store {store_id} is already provisioned; use --force to issue it new credentials "
+            "and write its config again (its old credentials stop working)"
+        )
 
 
 class SinkUnavailable(CentralError):

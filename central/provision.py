@@ -23,7 +23,7 @@ from central.auth import (
     write_auth_conf,
     write_secret,
 )
-from central.errors import ConfigError
+from central.errors import ConfigError, StoreExists
 from central.service import read_info
 from central.state import (
     add_oms_reader,
@@ -41,17 +41,6 @@ RESERVED_PREFIX = "_"
 STORE_CA = "ca.pem"
 STORE_CERT = "store.pem"
 STORE_KEY = "store.key"
-
-
-class StoreExists(ConfigError):
-    """The store is already provisioned (and --force was not given)."""
-
-    def __init__(self, store_id: str) -> None:
-        self.store_id = store_id
-        super().__init__(
-            f"store {store_id} is already provisioned; use --force to issue it new credentials "
-            "and write its config again (its old credentials stop working)"
-        )
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,17 @@ DLQ_WILDCARD = f"{DLQ_PREFIX}.*"
 OMS_WILDCARD = f"{OMS_PREFIX}.*.*"
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+
+# A dead letter's headers: why, what it is (``batch`` or ``record``), when, and for a batch
+# where it came from (its events subject and its sequence in STORELINK_EVENTS).
 DLQ_REASON_HEADER = "Storelink-Reason"
+DLQ_KIND_HEADER = "Storelink-Kind"
+DLQ_TIME_HEADER = "Storelink-Dead-Lettered-At"
+DLQ_ORIGINAL_SUBJECT_HEADER = "Storelink-Original-Subject"
+DLQ_ORIGINAL_SEQ_HEADER = "Storelink-Original-Seq"
+# The DLQ subject token of batches whose subject names no valid store. Store ids starting with
+# "_" are reserved (`stores add` refuses them), so no provisioned store shares it.
+DLQ_UNATTRIBUTED = "_unattributed"
 
 
 def check_store_id(store_id: str) -> str:

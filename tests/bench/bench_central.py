@@ -25,7 +25,7 @@ import nats
 import nats.js.errors
 
 from central.config import CentralConfig
-from central.consumer import ensure_streams
+from central.streams import ensure_streams
 from protocol.events import Event
 from protocol.subjects import (
     CENTRAL_DURABLE,

@@ -374,7 +374,7 @@ async def create_streams(url: str, data_dir: Path, *, oms: bool = False) -> None
     import nats
 
     from central.config import CentralConfig
-    from central.consumer import ensure_streams
+    from central.streams import ensure_streams
 
     nc = await nats.connect(url)
     try:

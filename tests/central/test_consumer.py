@@ -11,18 +11,16 @@ import pytest
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
-from central.consumer import (
-    DLQ_TIME_HEADER,
-    ORIGINAL_SEQ_HEADER,
-    ORIGINAL_SUBJECT_HEADER,
-    UNATTRIBUTED,
-)
 from central.dlq import list_dead_letters
 from central.state import read_status
 from protocol.subjects import (
     CENTRAL_DURABLE,
+    DLQ_ORIGINAL_SEQ_HEADER,
+    DLQ_ORIGINAL_SUBJECT_HEADER,
     DLQ_REASON_HEADER,
     DLQ_STREAM,
+    DLQ_TIME_HEADER,
+    DLQ_UNATTRIBUTED,
     EVENTS_STREAM,
     control_subject,
     events_subject,
@@ -142,7 +140,7 @@ async def test_other_stores_flow_past_a_gap(harness: Harness) -> None:
     delivered = await harness.wait_delivered(10)
     consumer = harness.service.consumer
     assert consumer is not None
-    await harness.wait_for(lambda: consumer.resync_unanswered >= 1)
+    await harness.wait_for(lambda: consumer.resyncer.unanswered >= 1)
     gaps = {s["store_id"]: s["gap"] for s in read_status(harness.service.cfg.data_path)}
     assert list(range(1, 11)) == seqs(delivered, "B")
     assert [] == seqs(delivered, "A")
@@ -164,7 +162,7 @@ async def test_store_mismatch_goes_to_dlq(harness: Harness, till: Till) -> None:
     assert "store mismatch: subject names S2, body names S1" == entry.reason
     # Where it came from and when: the original subject, its stream seq, the time.
     assert ("storelink.events.S2", "1") == (
-        entry.headers[ORIGINAL_SUBJECT_HEADER], entry.headers[ORIGINAL_SEQ_HEADER]
+        entry.headers[DLQ_ORIGINAL_SUBJECT_HEADER], entry.headers[DLQ_ORIGINAL_SEQ_HEADER]
     )  # fmt: skip
     assert entry.headers[DLQ_TIME_HEADER].startswith(str(dt.date.today().year))
     assert "storelink.events.S2:1" in entry.headers["Nats-Msg-Id"]
@@ -192,7 +190,7 @@ async def test_subject_naming_no_valid_store_goes_to_dlq(harness: Harness, till:
     await harness.wait_delivered(3)
     await harness.wait_for(lambda: harness.service.consumer.dlq >= 1)  # type: ignore[union-attr]
     [entry] = await list_dead_letters(harness.nc.connected_url.geturl())
-    assert (UNATTRIBUTED, "batch") == (entry.store_id, entry.kind)
+    assert (DLQ_UNATTRIBUTED, "batch") == (entry.store_id, entry.kind)
     assert f"store mismatch: subject storelink.events.{'x' * 40} names no valid store" == (
         entry.reason
     )

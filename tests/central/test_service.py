@@ -22,8 +22,8 @@ from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker, free_port
-from central.consumer import consumer_config, ensure_consumer, ensure_streams
 from central.errors import DriftError
+from central.streams import consumer_config, ensure_consumer, ensure_streams
 from protocol.subjects import CENTRAL_DURABLE, EVENTS_STREAM, EVENTS_WILDCARD, OMS_STREAM
 from tests.central.conftest import (
     Harness,

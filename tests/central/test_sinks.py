@@ -18,11 +18,11 @@ from aiohttp import web
 from agent.simulator import Till
 from central.broker import EmbeddedBroker, free_port
 from central.config import WebhookSettings
-from central.consumer import ensure_streams
 from central.errors import SinkUnavailable
 from central.sinks.file import FileSink
 from central.sinks.nats import NatsSink
 from central.sinks.webhook import SIGNATURE_HEADER, CircuitBreaker, WebhookSink
+from central.streams import ensure_streams
 from protocol.subjects import OMS_STREAM
 from protocol.wire import OmsRecord, oms_record
 from tests.central.conftest import EPOCH, central_config, make_records

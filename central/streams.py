@@ -1,0 +1,163 @@
+"""JetStream set-up: the streams and the durable pull consumer central needs, created or
+brought in line at start (idempotent), beside the broker that serves them (``broker.py``).
+
+Only the settings central cares about are compared and changed (``STREAM_FIELDS``,
+``CONSUMER_FIELDS``); anything else an operator tuned stays. What JetStream cannot change in
+place (storage, retention) is a ``DriftError`` that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import nats.js.errors
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from central.config import CentralConfig
+from central.errors import DriftError
+from protocol.subjects import (
+    CENTRAL_DURABLE,
+    DLQ_STREAM,
+    DLQ_WILDCARD,
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    OMS_STREAM,
+    OMS_WILDCARD,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MSG_SIZE = 8 * 1024 * 1024
+# Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
+# store with a long backlog behind a gap must not use up the whole consumer for every store.
+MAX_ACK_PENDING = 20_000
+
+
+def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
+    """The streams central needs, as central wants them."""
+    wanted = [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[EVENTS_WILDCARD],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            max_age=cfg.stream.max_age_days * 86400,
+            max_bytes=cfg.stream.max_bytes,
+            duplicate_window=cfg.stream.duplicate_window,
+            num_replicas=cfg.stream.replicas,
+            max_msg_size=MAX_MSG_SIZE,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            subjects=[DLQ_WILDCARD],
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.LIMITS,
+            num_replicas=cfg.stream.replicas,
+        ),
+    ]
+    if oms:
+        wanted.append(
+            StreamConfig(
+                name=OMS_STREAM,
+                subjects=[OMS_WILDCARD],
+                storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS,
+                max_age=cfg.stream.max_age_days * 86400,
+                duplicate_window=cfg.stream.duplicate_window,
+                num_replicas=cfg.stream.replicas,
+            )
+        )
+    return wanted
+
+
+def _same(have: Any, want: Any) -> bool:
+    if isinstance(want, float) or isinstance(have, float):
+        return abs(float(have or 0) - float(want or 0)) < 1e-3  # durations round-trip via ns
+    return bool(have == want)
+
+
+def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """The ``fields`` where ``have`` differs from ``want`` (None in ``want``: do not care)."""
+    found = {}
+    for name in fields:
+        wanted = getattr(want, name)
+        if wanted is not None and not _same(getattr(have, name), wanted):
+            found[name] = (getattr(have, name), wanted)
+    return found
+
+
+STREAM_FIELDS = (
+    "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
+    "num_replicas", "max_msg_size",
+)  # fmt: skip
+CONSUMER_FIELDS = (
+    "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",
+    "filter_subject",
+)  # fmt: skip
+
+
+async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
+    """Create the events, DLQ (and OMS) streams, or bring existing ones in line (idempotent).
+
+    Only the settings central cares about are changed; anything else an operator tuned stays.
+    What JetStream cannot change in place (storage, retention) is reported as a DriftError."""
+    for want in wanted_streams(cfg, oms=oms):
+        assert want.name is not None
+        try:
+            info = await js.stream_info(want.name)
+        except nats.js.errors.NotFoundError:
+            await js.add_stream(want)
+            log.info("created stream %s", want.name)
+            continue
+        drift = differences(info.config, want, STREAM_FIELDS)
+        if not drift:
+            continue
+        changes = {name: wanted for name, (_, wanted) in drift.items()}
+        try:
+            await js.update_stream(info.config.evolve(**changes))
+        except nats.js.errors.APIError as exc:
+            log.error("stream %s drifted and cannot be updated: %s", want.name, exc)
+            raise DriftError("stream", want.name, drift) from None
+        log.warning("stream %s drifted (%s); updated", want.name, drift)
+
+
+def consumer_config(cfg: CentralConfig) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=CENTRAL_DURABLE,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=cfg.consumer.ack_wait,
+        max_deliver=-1,  # never give up: poison is routed to our DLQ by us, with a reason
+        max_ack_pending=max(MAX_ACK_PENDING, cfg.consumer.fetch_batch * 8),
+        filter_subject=EVENTS_WILDCARD,
+    )
+
+
+async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
+    """Create the durable pull consumer, or bring an existing one in line (idempotent)."""
+    want = consumer_config(cfg)
+    try:
+        info = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(EVENTS_STREAM, config=want)
+        log.info("created consumer %s on %s", CENTRAL_DURABLE, EVENTS_STREAM)
+        return
+    drift = differences(info.config, want, CONSUMER_FIELDS)
+    if not drift:
+        return
+    try:
+        # A create with the same name and a changed config is an update (nats-server ≥ 2.10).
+        await js.add_consumer(EVENTS_STREAM, config=want)
+    except nats.js.errors.APIError as exc:
+        log.error("consumer %s drifted and cannot be updated: %s", CENTRAL_DURABLE, exc)
+        raise DriftError("consumer", CENTRAL_DURABLE, drift) from None
+    log.warning("consumer %s drifted (%s); updated", CENTRAL_DURABLE, drift)
