@@ -26,6 +26,7 @@ import xml.parsers.expat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TypeVar
 
 import msgspec
 
@@ -660,30 +661,23 @@ class _Money:
         )
 
 
-def _sale(h: _Header, currency: str, event_id: str, money: _Money, lines: list[_Line]) -> Sale:
-    return Sale(
-        event_id=event_id,
-        occurred_at=h.occurred_at,
-        workstation_id=h.workstation_id,
-        business_day=h.business_day,
-        transaction_id=h.transaction_id,
-        currency=currency,
-        total=money.total,
-        tax=money.tax,
-        lines=[_item(line, magnitude=False) for line in lines],
-        tenders=money.tenders,
-    )
+# The events that carry money; the TypeVar keeps each call's own type (a Sale stays a Sale).
+_MoneyEvent = TypeVar("_MoneyEvent", Sale, Return, PostVoid)
 
 
-def _return(
+def _money_event(
+    kind: type[_MoneyEvent],
     h: _Header,
     currency: str,
     event_id: str,
     money: _Money,
     lines: list[_Line],
-    original: str | None,
-) -> Return:
-    return Return(
+    **links: str | None,
+) -> _MoneyEvent:
+    """A sale, return or post-void of the transaction ``h``. Sale lines keep their signs, the
+    others carry magnitudes; ``links`` are the kind's own fields (the original or voided
+    transaction, the reason)."""
+    return kind(
         event_id=event_id,
         occurred_at=h.occurred_at,
         workstation_id=h.workstation_id,
@@ -692,34 +686,9 @@ def _return(
         currency=currency,
         total=money.total,
         tax=money.tax,
-        lines=[_item(line, magnitude=True) for line in lines],
+        lines=[_item(line, magnitude=kind is not Sale) for line in lines],
         tenders=money.tenders,
-        original_transaction_id=original,
-        reason=next((line.reason[:256] for line in lines if line.reason), None),
-    )
-
-
-def _post_void(
-    h: _Header,
-    currency: str,
-    voided_event_id: str,
-    voided_transaction_id: str | None,
-    money: _Money,
-    lines: list[_Line],
-) -> PostVoid:
-    return PostVoid(
-        event_id=voided_event_id + VOID_SUFFIX,
-        occurred_at=h.occurred_at,
-        workstation_id=h.workstation_id,
-        business_day=h.business_day,
-        transaction_id=h.transaction_id,
-        currency=currency,
-        total=money.total,
-        tax=money.tax,
-        lines=[_item(line, magnitude=True) for line in lines],
-        tenders=money.tenders,
-        voided_event_id=voided_event_id,
-        voided_transaction_id=voided_transaction_id,
+        **links,
     )
 
 
@@ -766,7 +735,16 @@ def _retail(tx: ET.Element, retail: ET.Element, h: _Header, options: _Options) -
             voided_sequence,
         )
         return [
-            _post_void(h, currency, voided_id, _short_id(voided_sequence), money.flipped(), lines)
+            _money_event(
+                PostVoid,
+                h,
+                currency,
+                voided_id + VOID_SUFFIX,
+                money.flipped(),
+                lines,
+                voided_event_id=voided_id,
+                voided_transaction_id=_short_id(voided_sequence),
+            )
         ]
 
     if _is_post_voided(tx, retail):
@@ -779,26 +757,48 @@ def _retail(tx: ET.Element, retail: ET.Element, h: _Header, options: _Options) -
                 "back); send the return and its reversal as separate transactions"
             )
         return [
-            _sale(h, currency, h.event_id, money, sales),
-            _post_void(h, currency, h.event_id, _short_id(h.sequence), money.flipped(), sales),
+            _money_event(Sale, h, currency, h.event_id, money, sales),
+            _money_event(
+                PostVoid,
+                h,
+                currency,
+                h.event_id + VOID_SUFFIX,
+                money.flipped(),
+                sales,
+                voided_event_id=h.event_id,
+                voided_transaction_id=_short_id(h.sequence),
+            ),
         ]
 
-    link = _return_link(retail, returns)
-    original = _short_id(_text(link, "SequenceNumber") or _text(link, "TransactionID"))
     if not returns:
-        return [_sale(h, currency, h.event_id, money, sales)]
-    if not sales:
-        return [_return(h, currency, h.event_id, money.flipped(), returns, original)]
-    # An exchange: a sale and a return in one transaction. The return carries its lines'
-    # value; the sale carries the rest, so sale.total - return.total is the grand total to
-    # the cent, and tax and tenders stay whole on the sale.
-    returned = sum((abs(line.amount) for line in returns), Decimal(0))
-    sale_money = _Money(total=money.total + returned, tax=money.tax, tenders=money.tenders)
-    return_money = _Money(total=returned, tax=Decimal(0), tenders=[])
-    return [
-        _sale(h, currency, h.event_id, sale_money, sales),
-        _return(h, currency, h.event_id + RETURN_SUFFIX, return_money, returns, original),
-    ]
+        return [_money_event(Sale, h, currency, h.event_id, money, sales)]
+    events: list[Event] = []
+    return_id, return_money = h.event_id, money.flipped()
+    if sales:
+        # An exchange: a sale and a return in one transaction. The return carries its lines'
+        # value; the sale carries the rest, so sale.total - return.total is the grand total to
+        # the cent, and tax and tenders stay whole on the sale.
+        returned = sum((abs(line.amount) for line in returns), Decimal(0))
+        sale_money = _Money(total=money.total + returned, tax=money.tax, tenders=money.tenders)
+        events.append(_money_event(Sale, h, currency, h.event_id, sale_money, sales))
+        return_id = h.event_id + RETURN_SUFFIX
+        return_money = _Money(total=returned, tax=Decimal(0), tenders=[])
+    link = _return_link(retail, returns)
+    events.append(
+        _money_event(
+            Return,
+            h,
+            currency,
+            return_id,
+            return_money,
+            returns,
+            original_transaction_id=_short_id(
+                _text(link, "SequenceNumber") or _text(link, "TransactionID")
+            ),
+            reason=next((line.reason[:256] for line in returns if line.reason), None),
+        )
+    )
+    return events
 
 
 # --- inventory transactions -----------------------------------------------------------------
