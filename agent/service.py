@@ -237,12 +237,13 @@ class AgentService:
 
     def _start_watcher(self) -> None:
         try:
-            from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
+            from agent.dropfolder import (  # type: ignore[import-not-found,unused-ignore]
                 PoslogWatcher,
             )
         except ImportError as exc:
             raise AgentError(
-                "poslog.drop_dir is set but this build has no POSLog support (agent.poslog)"
+                "poslog.drop_dir is set but this build has no POSLog support "
+                "(agent.dropfolder, agent.poslog)"
             ) from exc
         drop_dir = Path(self.cfg.poslog.drop_dir)
         poslog = self.cfg.poslog

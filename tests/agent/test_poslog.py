@@ -13,11 +13,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from agent.dropfolder import PoslogWatcher
 from agent.errors import BufferFull
 from agent.outbox import Outbox
 from agent.poslog import (
     PoslogError,
-    PoslogWatcher,
     convert_poslog,
     parse_poslog,
     poslog_event_id,
