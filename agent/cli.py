@@ -33,13 +33,7 @@ from agent.config import (
     render_config,
 )
 from agent.errors import AgentError
-from agent.logs import (
-    DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    configure_logging,
-)
+from agent.logs import configure_logging
 from agent.outbox import Outbox, read_statistics_readonly
 from agent.service import (
     StatusReport,
@@ -49,6 +43,7 @@ from agent.service import (
     status_report,
 )
 from protocol.connection import redact_url
+from protocol.logformat import log_options
 from protocol.subjects import inbox_prefix
 
 HTTP_TIMEOUT = 3.0
@@ -140,20 +135,7 @@ config_option = click.option(
     help="Where outbox.db lives (overrides data_dir).",
 )
 @click.option("--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen).")
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS),
-    default=DEFAULT_LOG_LEVEL,
-    show_default=True,
-    help="How much to log.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default=DEFAULT_LOG_FORMAT,
-    show_default=True,
-    help="Log lines on stdout: one JSON object per line, or text for humans.",
-)
+@log_options
 def run(
     config: Path, data_dir: Path | None, listen: str | None, log_level: str, log_format: str
 ) -> None:

@@ -18,13 +18,6 @@ from typing import Any, TypeVar
 
 import click
 
-from agent.logs import (
-    DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    configure_logging,
-)
 from central.config import load_config
 from central.control import (
     DEFAULT_ASK_TIMEOUT,
@@ -36,10 +29,12 @@ from central.control import (
 )
 from central.dlq import DeadLetter
 from central.errors import CentralError
+from central.logs import configure_logging
 from central.service import INFO_FILENAME, read_info, run_service
 from central.state import list_stores, read_status
 from protocol.connection import CredentialsError, connect_options
 from protocol.errors import InvalidStoreId
+from protocol.logformat import log_options
 from protocol.subjects import CENTRAL_INBOX_PREFIX, check_store_id
 from protocol.wire import ResyncReply
 
@@ -147,20 +142,7 @@ def cli() -> None:
     help="Seconds JetStream deduplicates batch ids (central's marks dedup forever) [120].",
 )
 @click.option("--gap-hold", type=float, help="Seconds a gap waits before a resync request [2].")
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS),
-    default=DEFAULT_LOG_LEVEL,
-    show_default=True,
-    help="How much to log.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default=DEFAULT_LOG_FORMAT,
-    show_default=True,
-    help="Log lines on stdout: one JSON object per line, or text for humans.",
-)
+@log_options
 def run(
     data_dir: Path,
     config: Path | None,
