@@ -45,6 +45,7 @@ from agent.service import (
 from protocol.connection import redact_url
 from protocol.logformat import log_options
 from protocol.subjects import inbox_prefix
+from protocol.timefmt import duration
 
 HTTP_TIMEOUT = 3.0
 DEFAULT_STATUS_SAMPLE = 1.0
@@ -170,16 +171,6 @@ def _age(when: str | None) -> str:
     return f"{when} ({seconds:.0f} s ago)"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
-
-
 def _rates(first: dict[str, Any], second: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Ingest and forward rates between two reports, and how long the backlog would take."""
     ingest = (second["last_seq"] - first["last_seq"]) / seconds
@@ -264,7 +255,7 @@ def _print_status(report: dict[str, Any]) -> None:
         if drain is None:
             estimate = "no estimate (offline or not keeping up)"
         else:
-            estimate = f"~{_duration(drain)}"
+            estimate = f"~{duration(drain)}"
         click.echo(
             f"rates         ingest {rates['ingest_per_second']}/s, forward "
             f"{rates['forward_per_second']}/s (over {rates['sampled_seconds']:.1f} s)"
