@@ -33,13 +33,7 @@ from agent.config import (
     render_config,
 )
 from agent.errors import AgentError
-from agent.logs import (
-    DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    configure_logging,
-)
+from agent.logs import configure_logging
 from agent.outbox import Outbox, read_statistics_readonly
 from agent.service import (
     StatusReport,
@@ -49,7 +43,9 @@ from agent.service import (
     status_report,
 )
 from protocol.connection import redact_url
+from protocol.logformat import log_options
 from protocol.subjects import inbox_prefix
+from protocol.timefmt import duration
 
 HTTP_TIMEOUT = 3.0
 DEFAULT_STATUS_SAMPLE = 1.0
@@ -140,20 +136,7 @@ config_option = click.option(
     help="Where outbox.db lives (overrides data_dir).",
 )
 @click.option("--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen).")
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS),
-    default=DEFAULT_LOG_LEVEL,
-    show_default=True,
-    help="How much to log.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default=DEFAULT_LOG_FORMAT,
-    show_default=True,
-    help="Log lines on stdout: one JSON object per line, or text for humans.",
-)
+@log_options
 def run(
     config: Path, data_dir: Path | None, listen: str | None, log_level: str, log_format: str
 ) -> None:
@@ -186,16 +169,6 @@ def _age(when: str | None) -> str:
     moment = dt.datetime.fromisoformat(when)
     seconds = (dt.datetime.now(dt.UTC) - moment).total_seconds()
     return f"{when} ({seconds:.0f} s ago)"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} d"
 
 
 def _rates(first: dict[str, Any], second: dict[str, Any], seconds: float) -> dict[str, Any]:
@@ -282,7 +255,7 @@ def _print_status(report: dict[str, Any]) -> None:
         if drain is None:
             estimate = "no estimate (offline or not keeping up)"
         else:
-            estimate = f"~{_duration(drain)}"
+            estimate = f"~{duration(drain)}"
         click.echo(
             f"rates         ingest {rates['ingest_per_second']}/s, forward "
             f"{rates['forward_per_second']}/s (over {rates['sampled_seconds']:.1f} s)"

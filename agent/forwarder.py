@@ -55,6 +55,7 @@ from protocol.subjects import (
     events_subject,
     inbox_prefix,
 )
+from protocol.timefmt import utc
 from protocol.wire import encode_raw_batch
 
 log = logging.getLogger(__name__)
@@ -109,10 +110,6 @@ class _Inflight:
     records: int
     future: asyncio.Future[PubAck]
     deadline: float
-
-
-def _utc(ts: float | None) -> dt.datetime | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 class Forwarder:
@@ -205,7 +202,7 @@ class Forwarder:
         return ForwarderStatistics(
             connected=self._connected.is_set(),
             server=server,
-            last_ack_at=_utc(self._last_ack_at),
+            last_ack_at=utc(self._last_ack_at),
             batches_sent=self._batches,
             records_sent=self._records,
             inflight=len(self._window),
@@ -213,7 +210,7 @@ class Forwarder:
             failures=self._failures,
             reconnects=self._reconnects,
             last_error=self._last_error,
-            offline_since=_utc(self._offline_since),
+            offline_since=utc(self._offline_since),
             denied=self._denied,
         )
 

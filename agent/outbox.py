@@ -57,6 +57,7 @@ from agent.errors import (
     StoreMismatch,
 )
 from protocol.events import Event
+from protocol.timefmt import utc
 from protocol.wire import Record, encode_record
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,6 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     appends: int = 0  # append calls committed since open (> transactions: group commit works)
     records_pruned: int = 0
     damaged_file: str | None = None  # where a damaged outbox was moved to at this start
-
-
-def _utc(ts: float | None) -> dt.datetime | None:
-    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC)
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
@@ -891,7 +888,7 @@ class Outbox:
         Nothing is inserted for a refused job, and ``known``/``state`` change only when the
         job is accepted, so a later job in the same group never sees a refused job's events.
         """
-        received_at = _utc(now)
+        received_at = utc(now)
         assert received_at is not None
         seqs: list[int] = []
         new_rows: list[_Row] = []
@@ -1045,10 +1042,10 @@ class Outbox:
             epoch=self.epoch,
             last_seq=state.last_seq,
             pending=state.pending,
-            oldest_pending_at=_utc(state.oldest_pending_at),
+            oldest_pending_at=utc(state.oldest_pending_at),
             buffer_bytes=state.buffer_bytes,
             max_buffer_bytes=self.max_buffer_bytes,
-            last_ack_at=_utc(state.last_ack_at),
+            last_ack_at=utc(state.last_ack_at),
             transactions=state.transactions,
             appends=state.appends,
             records_pruned=state.records_pruned,
@@ -1080,8 +1077,8 @@ def read_statistics_readonly(data_dir: Path, *, max_buffer_bytes: int) -> Outbox
         epoch=meta.get("epoch", ""),
         last_seq=state.last_seq,
         pending=state.pending,
-        oldest_pending_at=_utc(state.oldest_pending_at),
+        oldest_pending_at=utc(state.oldest_pending_at),
         buffer_bytes=state.buffer_bytes,
         max_buffer_bytes=max_buffer_bytes,
-        last_ack_at=_utc(state.last_ack_at),
+        last_ack_at=utc(state.last_ack_at),
     )

@@ -24,12 +24,12 @@ from agent.control import Control
 from agent.errors import AgentError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.ingest import Ingest
-from agent.logs import add_secret
 from agent.outbox import Outbox, OutboxStatistics
 from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
 from protocol.connection import CredentialsError, connect_options, redact_url
 from protocol.events import Event
+from protocol.logformat import add_secret
 from protocol.wire import AgentStatus
 
 log = logging.getLogger(__name__)

@@ -18,22 +18,18 @@ from typing import Any, TypeVar
 
 import click
 
-from agent.logs import (
-    DEFAULT_LOG_FORMAT,
-    DEFAULT_LOG_LEVEL,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    configure_logging,
-)
 from central.config import load_config
 from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach, lag
 from central.dlq import DeadLetter
 from central.errors import AgentUnreachable, CentralError, NatsUnreachable
+from central.logs import configure_logging
 from central.service import INFO_FILENAME, read_info, run_service
 from central.state import list_stores, read_status
 from protocol.connection import CredentialsError, connect_options
 from protocol.errors import InvalidStoreId
+from protocol.logformat import log_options
 from protocol.subjects import CENTRAL_INBOX_PREFIX, check_store_id
+from protocol.timefmt import duration
 from protocol.wire import ResyncReply
 
 EXIT_UNREACHABLE = 3
@@ -140,20 +136,7 @@ def cli() -> None:
     help="Seconds JetStream deduplicates batch ids (central's marks dedup forever) [120].",
 )
 @click.option("--gap-hold", type=float, help="Seconds a gap waits before a resync request [2].")
-@click.option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS),
-    default=DEFAULT_LOG_LEVEL,
-    show_default=True,
-    help="How much to log.",
-)
-@click.option(
-    "--log-format",
-    type=click.Choice(LOG_FORMATS),
-    default=DEFAULT_LOG_FORMAT,
-    show_default=True,
-    help="Log lines on stdout: one JSON object per line, or text for humans.",
-)
+@log_options
 def run(
     data_dir: Path,
     config: Path | None,
@@ -199,17 +182,7 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
 def _ago(ts: float | None) -> str:
     if not ts:
         return "never"
-    return _duration(max(0.0, time.time() - ts)) + " ago"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f}s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f}m"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f}h"
-    return f"{seconds / 86400:.1f}d"
+    return duration(max(0.0, time.time() - ts), compact=True) + " ago"
 
 
 async def _ask_agents(
@@ -363,7 +336,7 @@ def _print_status(result: dict[str, Any]) -> None:
         unknown = sum(1 for s in result["stores"] if s["lag_events"] is None)
         lag_text = f"lag {totals['lag_events']} events"
         if max_lag is not None:
-            lag_text += f", worst {_duration(max_lag)}"
+            lag_text += f", worst {duration(max_lag, compact=True)}"
         if unknown:
             lag_text += f" (unknown for {unknown} unreachable)"
         click.echo(
@@ -392,9 +365,8 @@ def _print_status(result: dict[str, Any]) -> None:
             lag_text = "lag ?"
         else:
             seconds = s["lag_seconds"]
-            lag_text = (
-                f"lag {s['lag_events']} ev {_duration(seconds) if seconds is not None else '?'}"
-            )
+            behind = "?" if seconds is None else duration(seconds, compact=True)
+            lag_text = f"lag {s['lag_events']} ev {behind}"
         flags = ",".join(s["problems"]).upper() or ("OK" if agent["reachable"] else "-")
         click.echo(
             f"  {s['store_id']:<12} {flags:<16} hwm {s['hwm']:>8} "

@@ -1,8 +1,8 @@
 """Prometheus ``GET /metrics`` for central, rendered from the same document as ``/v1/status``.
 
 Per-store series carry a ``store`` label; per-sink series a ``sink`` label. Every figure comes
-from the ``statistics()`` snapshots and the state database at scrape time. The text format
-writer is the agent's (``agent.metrics.Exposition``): one format, one implementation.
+from the ``statistics()`` snapshots and the state database at scrape time. The text format is
+written by ``protocol.exposition``, the writer the agent's ``/metrics`` uses too.
 
 What an alert rule would look at (docs/operations.md has the runbook for each):
 ``storelink_central_healthy == 0``, ``storelink_central_store_gap_open == 1`` for minutes,
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from agent.metrics import CONTENT_TYPE, Exposition
+from protocol.exposition import CONTENT_TYPE, Exposition
 
 __all__ = ["CONTENT_TYPE", "render_central_metrics"]
 

@@ -9,9 +9,9 @@ import socket
 import urllib.request
 from pathlib import Path
 
-from agent.logs import configure_logging
 from central.broker import free_port
 from central.demo import ManagedProcess, Pipeline, _python
+from protocol.logformat import configure_logging
 from tests.ops.conftest import run_cli
 from tests.ops.test_central_cli import ring
 

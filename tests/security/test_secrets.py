@@ -26,9 +26,9 @@ import nacl.signing
 import nkeys
 import pytest
 
-from agent.logs import REDACTED, add_secret, configure_logging, redact
 from central.broker import EmbeddedBroker, free_port
 from central.demo import ManagedProcess
+from protocol.logformat import REDACTED, add_secret, configure_logging, redact
 from tests.agent.conftest import STORE, body, sales
 
 CLI_TIMEOUT = 60.0
@@ -265,6 +265,35 @@ def test_the_log_masks_secrets_whatever_logs_them() -> None:
     assert [] == [s for s in (seed, jwt, token, "hunter22") if s in text]
     assert REDACTED in text
     assert "nats://[redacted]@hq:4222" in text
+
+
+def test_each_side_masks_the_secrets_in_its_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The agent's log masks $STORELINK_AGENT_TOKEN; central's masks $STORELINK_WEBHOOK_SECRET
+    (and the agent's token, as it always has)."""
+    import agent.logs
+    import central.logs
+
+    token, hmac_secret = "tok-" + secrets.token_urlsafe(24), "whs-" + secrets.token_urlsafe(24)
+    monkeypatch.setenv("STORELINK_AGENT_TOKEN", token)
+    monkeypatch.setenv("STORELINK_WEBHOOK_SECRET", hmac_secret)
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    out: dict[str, str] = {}
+    try:
+        for side, configure in (
+            ("agent", agent.logs.configure_logging),
+            ("central", central.logs.configure_logging),
+        ):
+            configure("info", "text")
+            logging.getLogger("tests.security").info("token %s secret %s", token, hmac_secret)
+            out[side] = capsys.readouterr().out
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert f"token {REDACTED} secret" in out["agent"]
+    assert f"token {REDACTED} secret {REDACTED}" in out["central"]
 
 
 def test_redaction_leaves_ordinary_lines_alone() -> None:
