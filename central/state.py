@@ -17,11 +17,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from central.errors import StateError
+from central.errors import NotAStateDatabase, StateError, StateTooNew
+from protocol import migrations
+from protocol.errors import DatabaseTooNew, NotOurDatabase
 
 STATE_FILENAME = "central.db"
 
-MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+MIGRATIONS: tuple[migrations.Migration, ...] = (
     (
         "0001_initial",
         (
@@ -127,39 +129,44 @@ class StateStore(Protocol):
 
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        _check_ours(conn, path)  # before WAL mode rewrites another program's file
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
-    for name, statements in MIGRATIONS:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        migrations.check_ours(conn)
+    except NotOurDatabase as exc:
+        raise NotAStateDatabase(path=path, tables=exc.tables) from None
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        migrations.migrate(conn, MIGRATIONS)
+    except DatabaseTooNew as exc:
+        raise StateTooNew(path=path, unknown_migrations=exc.unknown_migrations) from None
 
 
 def open_db(data_dir: Path) -> sqlite3.Connection:
     """Open (creating and migrating) the state database under ``data_dir``."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds central's seed
+    path = data_dir / STATE_FILENAME
     try:
-        conn = connect(data_dir / STATE_FILENAME)
-        migrate(conn)
+        conn = connect(path)
+        try:
+            migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
     except sqlite3.Error as exc:
-        raise StateError(f"cannot open state {data_dir / STATE_FILENAME}: {exc}") from None
+        raise StateError(f"cannot open state {path}: {exc}") from None
     return conn
 
 
@@ -392,6 +399,7 @@ def read_status(data_dir: Path) -> list[dict[str, Any]]:
         raise StateError(f"no central state at {path}: has central run with --data-dir {data_dir}?")
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
+        _check_ours(conn, path)
         stores = {
             r[0] for r in conn.execute("SELECT store_id FROM stores WHERE removed_at IS NULL")
         }
