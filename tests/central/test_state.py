@@ -136,35 +136,39 @@ def test_stores_are_provisioned_once(tmp_path: Path) -> None:
     assert ["S9"] == list_stores(tmp_path)
 
 
-async def test_state_a_newer_central_migrated_is_refused_unchanged(tmp_path: Path) -> None:
-    """A state database with a migration this binary does not know is refused with StateTooNew
-    (naming the step) and not written to."""
-    add_store(tmp_path, "S1")
-    db = tmp_path / STATE_FILENAME
+async def open_refused(data_dir: Path, sql: str) -> StateError:
+    """Run ``sql`` on the state file, then open it: the StateError raised, after checking the
+    file is byte for byte as ``sql`` left it."""
+    db = data_dir / STATE_FILENAME
     with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute("INSERT INTO migrations VALUES ('9999_from_the_future', 0)")
+        conn.execute(sql)
     before = db.read_bytes()
-    state = SqliteState(tmp_path)
-    with pytest.raises(StateTooNew) as caught:
+    state = SqliteState(data_dir)
+    with pytest.raises(StateError) as caught:
         await state.open()
     await state.close()
+    assert before == db.read_bytes()
+    return caught.value
+
+
+async def test_state_a_newer_central_migrated_is_refused_unchanged(tmp_path: Path) -> None:
+    """A state database with a migration this binary does not know is refused with StateTooNew
+    (naming the step, saying the binary was rolled back) and not written to."""
+    add_store(tmp_path, "S1")
+    error = await open_refused(
+        tmp_path, "INSERT INTO migrations VALUES ('9999_from_the_future', 0)"
+    )
+    assert isinstance(error, StateTooNew)
+    assert (["9999_from_the_future"], True) == (
+        error.unknown_migrations, "rolled back" in str(error)
+    )  # fmt: skip
     with pytest.raises(StateTooNew):
         add_store(tmp_path, "S2")
-    assert ["9999_from_the_future"] == caught.value.unknown_migrations
-    assert "rolled back" in str(caught.value)
-    assert before == db.read_bytes()
 
 
 async def test_another_programs_database_is_refused_unchanged(tmp_path: Path) -> None:
     """A central.db with tables but no migrations table is refused with NotAStateDatabase
     before anything (not even the journal mode) changes."""
-    db = tmp_path / STATE_FILENAME
-    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
-        conn.execute("CREATE TABLE theirs (x)")
-    before = db.read_bytes()
-    state = SqliteState(tmp_path)
-    with pytest.raises(NotAStateDatabase) as caught:
-        await state.open()
-    await state.close()
-    assert ["theirs"] == caught.value.tables
-    assert before == db.read_bytes()
+    error = await open_refused(tmp_path, "CREATE TABLE theirs (x)")
+    assert isinstance(error, NotAStateDatabase)
+    assert ["theirs"] == error.tables
