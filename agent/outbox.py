@@ -7,6 +7,11 @@ everything queued, runs it in ONE ``BEGIN IMMEDIATE`` transaction, commits, and 
 resolves each caller's future. That is group commit: a hundred concurrent POSTs cost one
 fsync, and "accepted" still means "on disk".
 
+Not aiosqlite (which central uses for its status reads): group commit needs one owner of the
+connection that sees every queued request and batches them into one transaction. aiosqlite
+also runs a thread per connection, but hands it one statement at a time, so it would add a
+hop per statement and batch nothing.
+
 Each record is stored already encoded (``protocol.wire.encode_record``), so the forwarder
 splices the bytes into a batch without decoding anything. ``seq`` is assigned by the writer
 (gap-free from 1, kept in ``meta`` so pruning never lets a seq be reused).

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 
 Migration = tuple[str, tuple[str, ...]]  # a step's name and its statements, in order
+TABLES_SQL = "SELECT name FROM sqlite_master WHERE type = 'table'"
 CREATE_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
 )
@@ -29,10 +30,6 @@ class Connection(Protocol):
     def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Iterable[Any]: ...
 
 
-def _tables(conn: Connection) -> set[str]:
-    return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 def _applied(conn: Connection, name: str) -> bool:
     return any(True for _ in conn.execute("SELECT 1 FROM migrations WHERE name = ?", (name,)))
 
@@ -41,7 +38,12 @@ def check_ours(conn: Connection) -> set[str]:
     """Refuse, before changing anything, a database some other program made (``NotOurDatabase``):
     one with tables but no ``migrations`` table. An empty database is ours to create. Returns
     the tables found."""
-    tables = _tables(conn)
+    return check_tables(row[0] for row in conn.execute(TABLES_SQL))
+
+
+def check_tables(names: Iterable[str]) -> set[str]:
+    """``check_ours`` for a caller that ran ``TABLES_SQL`` itself (on an asyncio connection)."""
+    tables = set(names)
     if tables and "migrations" not in tables:
         raise NotOurDatabase(tables=sorted(tables))
     return tables
