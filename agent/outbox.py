@@ -7,6 +7,11 @@ everything queued, runs it in ONE ``BEGIN IMMEDIATE`` transaction, commits, and 
 resolves each caller's future. That is group commit: a hundred concurrent POSTs cost one
 fsync, and "accepted" still means "on disk".
 
+Not aiosqlite (which central uses for its status reads): group commit needs one owner of the
+connection that sees every queued request and batches them into one transaction. aiosqlite
+also runs a thread per connection, but hands it one statement at a time, so it would add a
+hop per statement and batch nothing.
+
 Each record is stored already encoded (``protocol.wire.encode_record``), so the forwarder
 splices the bytes into a batch without decoding anything. ``seq`` is assigned by the writer
 (gap-free from 1, kept in ``meta`` so pruning never lets a seq be reused).
@@ -56,6 +61,8 @@ from agent.errors import (
     RecordTooLarge,
     StoreMismatch,
 )
+from protocol import migrations
+from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import Event
 from protocol.timefmt import utc
 from protocol.wire import Record, encode_record
@@ -76,7 +83,7 @@ SIDE_SUFFIXES = ("-wal", "-shm")  # SQLite's files next to the database (WAL mod
 _POSIX = os.name == "posix"  # elsewhere (Windows) modes mean nothing: access is by ACL
 
 # Named steps; each is applied and recorded in ``migrations`` in one transaction.
-MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+MIGRATIONS: tuple[migrations.Migration, ...] = (
     (
         "0001_initial",
         (
@@ -381,42 +388,20 @@ def _log_damage(damage: DamagedOutbox) -> None:
 
 def _check_ours(conn: sqlite3.Connection, path: Path) -> None:
     """Refuse, before changing anything, a database some other program made."""
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    if tables and "migrations" not in tables:
-        raise NotAnOutbox(path=path)
+    try:
+        migrations.check_ours(conn)
+    except NotOurDatabase:
+        raise NotAnOutbox(path=path) from None
 
 
 def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS migrations "
-            "(name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
-    # A rolled-back binary must not write into a schema it does not know (a NOT NULL column it
-    # never fills, a table it never updates): refuse, loudly, before changing anything.
-    unknown = sorted(done - {name for name, _ in MIGRATIONS})
-    if unknown:
-        raise OutboxTooNew(path=path, unknown_migrations=unknown)
-    for name, statements in MIGRATIONS:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute(
-                "INSERT INTO migrations (name, applied_at) VALUES (?, ?)", (name, time.time())
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        applied = migrations.migrate(conn, MIGRATIONS)
+    except NotOurDatabase:
+        raise NotAnOutbox(path=path) from None
+    except DatabaseTooNew as exc:
+        raise OutboxTooNew(path=path, unknown_migrations=exc.unknown_migrations) from None
+    for name in applied:
         log.info("outbox migration %s applied", name)
 
 

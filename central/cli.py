@@ -260,7 +260,7 @@ def status(
     agent is asked over its control subject, all at once, each with --timeout. Flags per store:
     unreachable, gap, dlq, lagging (see docs/operations.md)."""
     try:
-        stores = read_status(data_dir)
+        stores = asyncio.run(read_status(data_dir))
     except CentralError as exc:
         raise _fail(exc) from None
     running = _running_status(data_dir)

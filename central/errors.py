@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from protocol.wire import OmsRecord
 
 
@@ -129,4 +131,31 @@ class DriftError(ConfigError):
         super().__init__(
             f"{kind} {name} exists with other settings ({shown}) and cannot be updated in place; "
             f"fix it with the nats CLI (or delete it: central recreates it) and start again"
+        )
+
+
+class NotAStateDatabase(StateError):
+    """``central.db`` is some other program's SQLite database: never touch it."""
+
+    def __init__(self, *, path: Path, tables: list[str]) -> None:
+        self.path = path
+        self.tables = tables
+        super().__init__(
+            f"{path} is an SQLite database but not central's state (it has tables "
+            f"{', '.join(tables)} and no migrations table): --data-dir points at another "
+            "program's files; give central a directory of its own"
+        )
+
+
+class StateTooNew(StateError):
+    """A newer storelink-central migrated this database: this (older) binary must not touch it."""
+
+    def __init__(self, *, path: Path, unknown_migrations: list[str]) -> None:
+        self.path = path
+        self.unknown_migrations = unknown_migrations
+        super().__init__(
+            f"{path} was migrated by a newer storelink-central (schema steps this binary does "
+            f"not know: {', '.join(unknown_migrations)}): this central binary was rolled back; "
+            "run the newer version again (an older one must not write into a schema it does not "
+            "know)"
         )

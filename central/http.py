@@ -4,7 +4,7 @@ Prometheus."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +18,11 @@ class CentralHttp:
     ``GET /metrics`` (Prometheus text, from the same status document)."""
 
     def __init__(
-        self, host: str, port: int, healthy: Callable[[], bool], status: Callable[[], Any]
+        self,
+        host: str,
+        port: int,
+        healthy: Callable[[], bool],
+        status: Callable[[], Awaitable[Any]],
     ) -> None:
         self.host = host
         self.port = port
@@ -31,10 +35,10 @@ class CentralHttp:
         return web.json_response({"ok": ok}, status=200 if ok else 503)
 
     async def _status_route(self, request: web.Request) -> web.Response:
-        return web.json_response(self._status_fn())
+        return web.json_response(await self._status_fn())
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        text = render_central_metrics(self._status_fn(), time.time())
+        text = render_central_metrics(await self._status_fn(), time.time())
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def start(self) -> None:

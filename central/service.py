@@ -126,7 +126,7 @@ class CentralService:
             and self.nc.is_connected
         )
 
-    def status(self) -> dict[str, Any]:
+    async def status(self) -> dict[str, Any]:
         consumer = self.consumer
         return {
             "central_running": True,
@@ -140,7 +140,7 @@ class CentralService:
             "consumer": asdict(consumer.statistics()) if consumer else None,
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
-            "stores": read_status(self.cfg.data_path),
+            "stores": await read_status(self.cfg.data_path),
         }
 
     async def _start_broker(self) -> None:

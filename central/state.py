@@ -11,17 +11,22 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
-from central.errors import StateError
+import aiosqlite
+
+from central.errors import NotAStateDatabase, StateError, StateTooNew
+from protocol import migrations
+from protocol.errors import DatabaseTooNew, NotOurDatabase
 
 STATE_FILENAME = "central.db"
 
-MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+MIGRATIONS: tuple[migrations.Migration, ...] = (
     (
         "0001_initial",
         (
@@ -127,39 +132,46 @@ class StateStore(Protocol):
 
 def connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA busy_timeout=5000")
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        # Before WAL mode rewrites another program's file.
+        _check_ours(conn.execute(migrations.TABLES_SQL), path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+    except BaseException:
+        conn.close()
+        raise
     return conn
 
 
-def migrate(conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    done = {r[0] for r in conn.execute("SELECT name FROM migrations")}
-    for name, statements in MIGRATIONS:
-        if name in done:
-            continue
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for statement in statements:
-                conn.execute(statement)
-            conn.execute("INSERT INTO migrations VALUES (?, ?)", (name, time.time()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+def _check_ours(tables: Iterable[Any], path: Path) -> None:
+    """NotAStateDatabase unless ``tables`` (the rows of ``migrations.TABLES_SQL``) are ours."""
+    try:
+        migrations.check_tables(row[0] for row in tables)
+    except NotOurDatabase as exc:
+        raise NotAStateDatabase(path=path, tables=exc.tables) from None
+
+
+def migrate(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        migrations.migrate(conn, MIGRATIONS)
+    except DatabaseTooNew as exc:
+        raise StateTooNew(path=path, unknown_migrations=exc.unknown_migrations) from None
 
 
 def open_db(data_dir: Path) -> sqlite3.Connection:
     """Open (creating and migrating) the state database under ``data_dir``."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds central's seed
+    path = data_dir / STATE_FILENAME
     try:
-        conn = connect(data_dir / STATE_FILENAME)
-        migrate(conn)
+        conn = connect(path)
+        try:
+            migrate(conn, path)
+        except BaseException:
+            conn.close()
+            raise
     except sqlite3.Error as exc:
-        raise StateError(f"cannot open state {data_dir / STATE_FILENAME}: {exc}") from None
+        raise StateError(f"cannot open state {path}: {exc}") from None
     return conn
 
 
@@ -385,29 +397,41 @@ def list_stores(data_dir: Path) -> list[str]:
         conn.close()
 
 
-def read_status(data_dir: Path) -> list[dict[str, Any]]:
-    """Per store (latest epoch first within a store): marks, gap and DLQ count, read-only."""
+async def read_status(data_dir: Path) -> list[dict[str, Any]]:
+    """Per store (latest epoch first within a store): marks, gap and DLQ count, read-only.
+
+    Through aiosqlite: the running service answers ``/v1/status`` and ``/metrics`` with this,
+    and the queries must not hold up its event loop (the consumer's acks run on it)."""
     path = data_dir / STATE_FILENAME
     if not path.exists():
         raise StateError(f"no central state at {path}: has central run with --data-dir {data_dir}?")
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        stores = {
-            r[0] for r in conn.execute("SELECT store_id FROM stores WHERE removed_at IS NULL")
-        }
-        marks: dict[str, list[tuple[Any, ...]]] = {}
-        for row in conn.execute(
-            "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen "
-            "FROM marks ORDER BY last_seen DESC"
-        ):
-            marks.setdefault(row[0], []).append(row)
-        gaps = {
-            (r[0], r[1]): r for r in conn.execute("SELECT store_id, epoch, from_seq, to_seq, "
-                                                  "since, requests FROM gaps")
-        }  # fmt: skip
-        dlq = dict(conn.execute("SELECT store_id, count FROM dlq_counts"))
-    finally:
-        conn.close()
+        async with aiosqlite.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            _check_ours(await conn.execute_fetchall(migrations.TABLES_SQL), path)
+            stores = {
+                r[0]
+                for r in await conn.execute_fetchall(
+                    "SELECT store_id FROM stores WHERE removed_at IS NULL"
+                )
+            }
+            marks: dict[str, list[tuple[Any, ...]]] = {}
+            for row in await conn.execute_fetchall(
+                "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen "
+                "FROM marks ORDER BY last_seen DESC"
+            ):
+                marks.setdefault(row[0], []).append(tuple(row))
+            gaps = {
+                (r[0], r[1]): r
+                for r in await conn.execute_fetchall(
+                    "SELECT store_id, epoch, from_seq, to_seq, since, requests FROM gaps"
+                )
+            }
+            dlq = {
+                r[0]: r[1]
+                for r in await conn.execute_fetchall("SELECT store_id, count FROM dlq_counts")
+            }
+    except sqlite3.Error as exc:
+        raise StateError(f"cannot read central state {path}: {exc}") from None
     result = []
     for store_id in sorted(stores | set(marks) | set(dlq)):
         rows = marks.get(store_id, [])

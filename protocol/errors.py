@@ -13,3 +13,29 @@ class InvalidStoreId(ProtocolError, ValueError):
     def __init__(self, store_id: str) -> None:
         self.store_id = store_id
         super().__init__(f"invalid store id {store_id!r}: use 1-32 letters, digits, '_' or '-'")
+
+
+class SchemaError(ProtocolError):
+    """A database's schema is not one this binary may migrate: stop and leave the file alone."""
+
+
+class NotOurDatabase(SchemaError):
+    """The database has tables but no ``migrations`` table: another program made it."""
+
+    def __init__(self, *, tables: list[str]) -> None:
+        self.tables = tables
+        super().__init__(
+            f"an SQLite database with tables ({', '.join(tables)}) but no migrations table: "
+            "another program's database"
+        )
+
+
+class DatabaseTooNew(SchemaError):
+    """A newer binary applied schema steps this one does not know: it must not write here."""
+
+    def __init__(self, *, unknown_migrations: list[str]) -> None:
+        self.unknown_migrations = unknown_migrations
+        super().__init__(
+            "the database was migrated by a newer binary (schema steps this one does not know: "
+            f"{', '.join(unknown_migrations)})"
+        )

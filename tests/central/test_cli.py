@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -73,6 +75,22 @@ def test_status_without_state_says_so(tmp_path: Path) -> None:
     done = central("status", "--data-dir", str(tmp_path / "nothing"))
     assert 1 == done.returncode
     assert "has central run with --data-dir" in done.stderr
+
+
+def test_status_and_run_refuse_another_programs_database(tmp_path: Path) -> None:
+    """status and run on a data dir whose central.db is some other program's SQLite file fail
+    with a message that says so, and leave the file alone."""
+    (tmp_path / "c").mkdir()
+    db = tmp_path / "c" / "central.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE theirs (x)")
+    before = db.read_bytes()
+    for command in (["status", "--no-agents"], ["run", "--http", "127.0.0.1:0"]):
+        done = central(*command, "--data-dir", str(tmp_path / "c"))
+        assert 1 == done.returncode, done.stderr
+        assert "not central's state" in done.stderr
+        assert "give central a directory of its own" in done.stderr
+    assert before == db.read_bytes()
 
 
 async def test_dlq_list_and_show(harness: Harness) -> None:

@@ -141,7 +141,7 @@ async def test_other_stores_flow_past_a_gap(harness: Harness) -> None:
     consumer = harness.service.consumer
     assert consumer is not None
     await harness.wait_for(lambda: consumer.resyncer.unanswered >= 1)
-    gaps = {s["store_id"]: s["gap"] for s in read_status(harness.service.cfg.data_path)}
+    gaps = {s["store_id"]: s["gap"] for s in await read_status(harness.service.cfg.data_path)}
     assert list(range(1, 11)) == seqs(delivered, "B")
     assert [] == seqs(delivered, "A")
     assert ((1, 5), None) == ((gaps["A"]["from_seq"], gaps["A"]["to_seq"]), gaps["B"])

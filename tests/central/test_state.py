@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import sqlite3
 from decimal import Decimal
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from central.errors import StateError
+from central.errors import NotAStateDatabase, StateError, StateTooNew
 from central.sequencer import Behind, Deliver, Duplicate, Sequencer
 from central.state import STATE_FILENAME, Mark, SqliteState, Unit, add_store, list_stores
 from protocol.events import StockAdjustment, StockLine
@@ -133,3 +134,41 @@ def test_stores_are_provisioned_once(tmp_path: Path) -> None:
         add_store(tmp_path, "S9"), add_store(tmp_path, "S9"), add_store(tmp_path, "S9", force=True)
     )  # fmt: skip
     assert ["S9"] == list_stores(tmp_path)
+
+
+async def open_refused(data_dir: Path, sql: str) -> StateError:
+    """Run ``sql`` on the state file, then open it: the StateError raised, after checking the
+    file is byte for byte as ``sql`` left it."""
+    db = data_dir / STATE_FILENAME
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(sql)
+    before = db.read_bytes()
+    state = SqliteState(data_dir)
+    with pytest.raises(StateError) as caught:
+        await state.open()
+    await state.close()
+    assert before == db.read_bytes()
+    return caught.value
+
+
+async def test_state_a_newer_central_migrated_is_refused_unchanged(tmp_path: Path) -> None:
+    """A state database with a migration this binary does not know is refused with StateTooNew
+    (naming the step, saying the binary was rolled back) and not written to."""
+    add_store(tmp_path, "S1")
+    error = await open_refused(
+        tmp_path, "INSERT INTO migrations VALUES ('9999_from_the_future', 0)"
+    )
+    assert isinstance(error, StateTooNew)
+    assert (["9999_from_the_future"], True) == (
+        error.unknown_migrations, "rolled back" in str(error)
+    )  # fmt: skip
+    with pytest.raises(StateTooNew):
+        add_store(tmp_path, "S2")
+
+
+async def test_another_programs_database_is_refused_unchanged(tmp_path: Path) -> None:
+    """A central.db with tables but no migrations table is refused with NotAStateDatabase
+    before anything (not even the journal mode) changes."""
+    error = await open_refused(tmp_path, "CREATE TABLE theirs (x)")
+    assert isinstance(error, NotAStateDatabase)
+    assert ["theirs"] == error.tables
