@@ -213,8 +213,15 @@ def _problems(store: dict[str, Any], lag_alert: float) -> list[str]:
     found = []
     if store["agent"]["reachable"] is False:
         found.append("unreachable")
-    if store["gap"]:
+    if any(g["unrecoverable"] for g in store["gaps"]):
+        found.append("unrecoverable")
+    elif store["gap"]:
         found.append("gap")
+    held = store.get("held") or {}
+    if held.get("undecodable"):
+        found.append("undecodable")
+    if held.get("expiring"):
+        found.append("expiring")
     if store["dlq"]:
         found.append("dlq")
     if store["lag_seconds"] is not None and store["lag_seconds"] > lag_alert:
@@ -258,7 +265,8 @@ def status(
 
     Reads the state database read-only, so it works whether or not central runs. Each store's
     agent is asked over its control subject, all at once, each with --timeout. Flags per store:
-    unreachable, gap, dlq, lagging (see docs/operations.md)."""
+    unreachable, unrecoverable, gap, undecodable, expiring, dlq, lagging (see
+    docs/operations.md)."""
     try:
         stores = asyncio.run(read_status(data_dir))
     except CentralError as exc:
@@ -283,7 +291,9 @@ def status(
                 _ask_agents(urls, _nats_options(data_dir, creds), ids, timeout)
             )
     now = time.time()
+    live = {s["store_id"]: s.get("held") for s in (running or {}).get("stores") or []}
     for s in stores:
+        s["held"] = live.get(s["store_id"])
         if dlq_live is not None:
             # The DLQ stream is the truth (replay/drop remove from it); the state database's
             # count is what central dead-lettered, used when NATS cannot be asked.
@@ -349,8 +359,14 @@ def _print_status(result: dict[str, Any]) -> None:
         if sink.get("breaker") not in (None, "closed"):
             click.echo(f"sink {sink['sink']}: circuit breaker {sink['breaker'].upper()}")
     for s in result["stores"]:
-        gap = s["gap"]
-        gap_text = f"GAP {gap['from_seq']}..{gap['to_seq']}" if gap else "no gap"
+        gap_text = (
+            " ".join(
+                f"GAP {g['epoch'][:8]}:{g['from_seq']}..{g['to_seq']}"
+                + (" UNRECOVERABLE" if g["unrecoverable"] else "")
+                for g in s["gaps"]
+            )
+            or "no gap"
+        )
         agent = s["agent"]
         if agent["reachable"] is None:
             agent_text = "agent ?"
@@ -373,6 +389,39 @@ def _print_status(result: dict[str, Any]) -> None:
             f"last seen {_ago(s['last_seen']):>9}  {lag_text:<16} {gap_text}  "
             f"dlq {s['dlq']}  {agent_text}"
         )
+        for line in _held_lines(s):
+            click.echo(f"  {'':<12} {line}")
+
+
+def _held_lines(store: dict[str, Any]) -> list[str]:
+    """What central holds back for a store and the operators' last decision, for status."""
+    lines = []
+    held = store.get("held") or {}
+    if held.get("held_batches") or held.get("released_batches"):
+        expires = f", oldest expires {_when(held['expires_at'])}" if held.get("expires_at") else ""
+        lines.append(
+            f"holding {held['held_batches']} batches, released {held['released_batches']} to "
+            f"re-ask{expires}"
+        )
+    bad = held.get("undecodable")
+    if bad:
+        lines.append(
+            f"UNDECODABLE batch seqs {bad['first_seq']}..{bad['last_seq']} held (central older "
+            f"than the agent?): {bad['error']}"
+        )
+    for gap in store["gaps"]:
+        if gap["unrecoverable"]:
+            lines.append(
+                f"epoch {gap['epoch']} seqs {gap['from_seq']}..{gap['lost_through']} cannot be "
+                f"re-sent: {gap['lost_reason']}; decide with `storelink-central gaps skip`"
+            )
+    if store["skips"]:
+        k = store["skips"][0]
+        lines.append(
+            f"last gap skip #{k['id']} through {k['through_seq']} by {k['operator']} "
+            f"{_ago(k['recorded_at'])}: {k['reason']!r}"
+        )
+    return lines
 
 
 @cli.command()
@@ -634,6 +683,140 @@ def pki_init(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
     click.echo(f"CA and certificates written to {directory} (private keys mode 0600)")
     click.echo("add to central's config (--config):")
     click.echo(tls_config_snippet(files), nl=False)
+
+
+@cli.group()
+def gaps() -> None:
+    """Gaps: seqs missing from a store's stream that hold its later events back."""
+
+
+def _gap_line(store_id: str, gap: dict[str, Any]) -> str:
+    lost = (
+        f"  UNRECOVERABLE through {gap['lost_through']}: {gap['lost_reason']}"
+        if gap["unrecoverable"]
+        else ""
+    )
+    return (
+        f"  {store_id:<12} epoch {gap['epoch']}  seqs {gap['from_seq']}..{gap['to_seq']}  "
+        f"open {_ago(gap['since'])}  asked {gap['requests']}x{lost}"
+    )
+
+
+@gaps.command("list")
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def gaps_list(data_dir: Path, as_json: bool) -> None:
+    """Every open gap (all epochs), whether the store can still re-send it, and the skips
+    operators recorded."""
+    try:
+        stores = asyncio.run(read_status(data_dir))
+    except CentralError as exc:
+        raise _fail(exc) from None
+    running = _running_status(data_dir) or {}
+    held = {s["store_id"]: s.get("held") for s in running.get("stores") or []}
+    found = [
+        {"store_id": s["store_id"], **g, "held": held.get(s["store_id"])}
+        for s in stores
+        for g in s["gaps"]
+    ]
+    skips = [k for s in stores for k in s["skips"]]
+    if as_json:
+        click.echo(json.dumps({"gaps": found, "skips": skips}, indent=2))
+        return
+    click.echo(f"{len(found)} open gaps" + ("" if running else " (central not running)"))
+    for gap in found:
+        click.echo(_gap_line(gap["store_id"], gap))
+        if gap["held"]:
+            h = gap["held"]
+            expires = f", expire {_when(h['expires_at'])}" if h.get("expires_at") else ""
+            click.echo(f"      {h['held_batches']} batches held behind it{expires}")
+    if skips:
+        click.echo("recorded skips (newest first):")
+    for k in skips:
+        state = f"applied {_ago(k['applied_at'])}: {k['outcome']}" if k["applied_at"] else "PENDING"
+        click.echo(
+            f"  #{k['id']} {k['store_id']} epoch {k['epoch']} through {k['through_seq']} by "
+            f"{k['operator']} {_ago(k['recorded_at'])}: {k['reason']!r} ({state})"
+        )
+
+
+@gaps.command("skip")
+@click.argument("store_id")
+@click.option("--epoch", required=True, help="The epoch of the gap (see `gaps list`).")
+@click.option(
+    "--through",
+    "through_seq",
+    required=True,
+    type=click.IntRange(min=1),
+    help="Last seq to give up on; the store's events after it flow.",
+)
+@click.option("--reason", required=True, help="Why (kept for audit, shown in status).")
+@click.option("--by", "operator", help="Who decides [the user running the command].")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the running central to apply it.",
+)
+@data_dir_option
+def gaps_skip(
+    store_id: str,
+    epoch: str,
+    through_seq: int,
+    reason: str,
+    operator: str | None,
+    wait: float,
+    data_dir: Path,
+) -> None:
+    """Record the decision to give up on STORE_ID's missing seqs up to --through (they are
+    never delivered by storelink), so the store's later events flow again, in order.
+
+    The decision (when, who, why) is kept in central's state, shown by `gaps list` and
+    `status`, and logged by central when it applies it."""
+    from central.state import read_skip, record_skip
+
+    who = operator or _operator()
+    try:
+        check_store_id(store_id)
+        skip = record_skip(data_dir, store_id, epoch, through_seq, reason, who)
+    except InvalidStoreId as exc:
+        raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
+    except CentralError as exc:
+        raise _fail(exc) from None
+    click.echo(
+        f"recorded skip #{skip.id}: store {store_id} epoch {epoch} seqs "
+        f"{skip.from_seq}..{through_seq}, by {who}: {reason!r}"
+    )
+    deadline = time.monotonic() + wait
+    while True:
+        done = read_skip(data_dir, skip.id)
+        if done is not None and done.applied_at is not None:
+            click.echo(f"applied by central: {done.outcome}")
+            return
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    click.echo(
+        "not applied yet: central applies it within a second while it runs, or when it "
+        "starts (`storelink-central gaps list` shows it as PENDING until then)"
+    )
+
+
+def _operator() -> str:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name in the environment (a container): say so
+        user = "unknown-user"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _when(ts: float) -> str:
+    seconds = ts - time.time()
+    return f"in {duration(seconds, compact=True)}" if seconds > 0 else "NOW (expired?)"
 
 
 @cli.group()

@@ -18,6 +18,9 @@ DEFAULT_FETCH_BATCH = 256
 DEFAULT_ACK_WAIT = 10.0  # after a central crash, unacked batches come back after this
 DEFAULT_GAP_HOLD = 2.0
 DEFAULT_GAP_NAK_DELAY = 0.5
+DEFAULT_GAP_NAK_DELAY_CAP = 5.0
+DEFAULT_MAX_HELD_PER_STORE = 1000
+DEFAULT_EXPIRY_ALERT_FRACTION = 0.5
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 DEFAULT_WEBHOOK_ATTEMPTS = 5
 DEFAULT_WEBHOOK_CONCURRENCY = 16
@@ -97,8 +100,29 @@ class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         float, _doc("how long a gap may stay open before the store is asked to re-send")
     ] = DEFAULT_GAP_HOLD
     gap_nak_delay: Annotated[
-        float, _doc("seconds JetStream waits before redelivering a batch behind a gap")
+        float,
+        _doc(
+            "seconds JetStream first waits before redelivering a batch behind a gap; doubled "
+            "at each redelivery up to gap_nak_delay_cap"
+        ),
     ] = DEFAULT_GAP_NAK_DELAY
+    gap_nak_delay_cap: Annotated[
+        float, _doc("longest wait between redeliveries of a batch behind a gap (seconds)")
+    ] = DEFAULT_GAP_NAK_DELAY_CAP
+    max_held_per_store: Annotated[
+        int,
+        _doc(
+            "batches of one store held behind its gap at most; later ones are released and "
+            "asked for again once the gap closes (the agent still holds them)"
+        ),
+    ] = DEFAULT_MAX_HELD_PER_STORE
+    expiry_alert_fraction: Annotated[
+        float,
+        _doc(
+            "alert when a batch held behind a gap has waited this fraction of the stream's "
+            "max_age (it would expire from JetStream at 1.0)"
+        ),
+    ] = DEFAULT_EXPIRY_ALERT_FRACTION
 
 
 class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -34,6 +35,7 @@ from central import dlq
 from central.config import CentralConfig
 from central.control import GapResyncer
 from central.errors import DeadLetterUnpublished, SinkRejected, SinkUnavailable
+from central.holds import Holds, Undecodable
 from central.inventory import Inventory
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
@@ -69,6 +71,30 @@ SINK_BACKOFF_CAP = 10.0
 # a slow OMS put fetch_batch x 500 records (hundreds of MB) in memory at once: a unit also
 # stops at this many wire bytes (at least one message), and the next fetch asks for fewer.
 UNIT_MAX_BYTES = 4 * 1024 * 1024
+SKIP_POLL_INTERVAL = 1.0  # how soon a `gaps skip` recorded by the CLI takes effect
+EXPIRY_REPORT_INTERVAL = 3600.0  # an expiring held batch is logged again every hour
+
+
+def _stream_seq(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.sequence.stream)
+    except Exception:  # a message without JetStream metadata (never from our consumer)
+        return -1
+
+
+def _deliveries(msg: Msg) -> int:
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1
+
+
+def _stored_at(msg: Msg, default: float) -> float:
+    """When JetStream stored the message (its age decides when it expires)."""
+    try:
+        return float(msg.metadata.timestamp.timestamp())
+    except Exception:
+        return default
 
 
 @dataclass(frozen=True)
@@ -80,7 +106,8 @@ class ConsumerStatistics:
     delivered: int
     duplicates: int
     dlq: int
-    held: int  # batch deliveries NAKed because they wait behind a gap
+    held: int  # batch deliveries NAKed because they wait behind a gap (or do not decode)
+    released: int  # batches over a store's cap of held ones, acked to be re-sent later
     gaps_open: int
     resync_requests: int
     resync_unanswered: int
@@ -103,11 +130,23 @@ class Consumer:
         self.inventory = Inventory(state)
         self._sub: Any = None
         self._stop = asyncio.Event()
-        self.resyncer = GapResyncer(nc, cfg.consumer.gap_hold_seconds)
+        self.holds = Holds(
+            nak_delay=cfg.consumer.gap_nak_delay,
+            nak_cap=cfg.consumer.gap_nak_delay_cap,
+            max_per_store=cfg.consumer.max_held_per_store,
+            max_age=cfg.stream.max_age_days * 86400,
+            alert_fraction=cfg.consumer.expiry_alert_fraction,
+        )
+        self.resyncer = GapResyncer(
+            nc, cfg.consumer.gap_hold_seconds, on_lost=state.note_lost,
+            blocked=self.holds.blocks_resync,
+        )  # fmt: skip
+        self._skips_at = 0.0
         self._sink_backoff = Backoff(SINK_BACKOFF_BASE, SINK_BACKOFF_CAP, jitter=False)
         self._largest_msg = UNIT_MAX_BYTES // 8  # until measured: assume big batches
         self.consuming = asyncio.Event()
         self.units = self.batches = self.delivered = self.duplicates = self.dlq = self.held = 0
+        self.released = 0
         self.sink_failures = 0
         self.last_unit_at: float | None = None
 
@@ -119,6 +158,7 @@ class Consumer:
             duplicates=self.duplicates,
             dlq=self.dlq,
             held=self.held,
+            released=self.released,
             gaps_open=len(self.state.gaps()),
             resync_requests=self.resyncer.requests,
             resync_unanswered=self.resyncer.unanswered,
@@ -127,7 +167,12 @@ class Consumer:
         )
 
     async def setup(self) -> None:
-        """Streams, sinks (each from its committed offset), the durable consumer."""
+        """Streams, sinks (each from its committed offset), the durable consumer; gap skips
+        recorded while central was stopped."""
+        await self.apply_skips()
+        revealed = Unit()
+        self.sequencer.reveal_all(revealed, time.time())
+        await self.state.commit(revealed)
         await ensure_streams(self.js, self.cfg, oms=any(s.name == "nats" for s in self.sinks))
         for sink in self.sinks:
             await sink.start(self.state.sink_offset(sink.name))
@@ -146,6 +191,7 @@ class Consumer:
                 # in the subscription's queue for the next fetch.
                 self.consuming.set()
                 self.resyncer.poke(self.state.gaps())
+                await self._between_units()
                 continue
             except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
                 # Disconnected or the server is restarting: nats-py reconnects on its own.
@@ -158,6 +204,37 @@ class Consumer:
                 await self._settle(msg.nak())
             await self.process(unit)
             self.resyncer.poke(self.state.gaps())
+            await self._between_units()
+
+    async def _between_units(self) -> None:
+        """Operators' recorded gap skips are applied here, where no unit has a mark staged
+        (every SKIP_POLL_INTERVAL); batches held near the stream's max_age are reported."""
+        now = time.time()
+        if now - self._skips_at < SKIP_POLL_INTERVAL:
+            return
+        self._skips_at = now
+        await self.apply_skips()
+        for store_id in self.holds.report_expiring(now, EXPIRY_REPORT_INTERVAL):
+            expires = self.holds.expires_at(store_id) or now
+            log.error(
+                "HELD BATCHES EXPIRE SOON: store %s has batches held behind a gap since %s; "
+                "JetStream deletes them at %s (stream max_age). Close the gap (see `storelink-"
+                "central gaps list`) or raise stream.max_age_days.",
+                store_id,
+                dt.datetime.fromtimestamp(expires - self.holds.max_age, dt.UTC).isoformat(),
+                dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
+            )
+
+    async def apply_skips(self) -> None:
+        """Apply every gap skip operators recorded (`storelink-central gaps skip`)."""
+        for skip in await self.state.pending_skips():
+            outcome = await self.state.apply_skip(skip)
+            log.warning(
+                "GAP SKIPPED by %s (decision %d): store %s epoch %s through seq %d: %s. "
+                "Reason given: %s",
+                skip.operator, skip.id, skip.store_id, skip.epoch, skip.through_seq, outcome,
+                skip.reason,
+            )  # fmt: skip
 
     def _fetch_size(self) -> int:
         """fetch_batch, or fewer when the last fetch's batches were big."""
@@ -185,7 +262,8 @@ class Consumer:
         now = time.time()
         out: list[OmsRecord] = []
         acks: list[Msg] = []
-        held: list[Msg] = []
+        held: list[tuple[Msg, float]] = []  # (msg, NAK delay)
+        released: list[Msg] = []  # over a store's cap of held batches: asked for again later
         poison: list[tuple[Msg, str, str]] = []  # (msg, store token, reason)
         for msg in msgs:
             store_id = store_from_events_subject(msg.subject)
@@ -211,17 +289,48 @@ class Consumer:
                 self.batches += 1
                 self.duplicates += count
                 acks.append(msg)
+                self.holds.settled(store_id, _stream_seq(msg))
+                continue
+            if self.sequencer.behind(
+                store_id, envelope.epoch, envelope.first_seq, envelope.last_seq, unit, now
+            ):
+                # Behind a gap: decided from the envelope, the events stay undecoded.
+                span = (envelope.epoch, envelope.first_seq, envelope.last_seq)
+                delay = self.holds.hold(
+                    store_id, span, _stream_seq(msg), _stored_at(msg, now), _deliveries(msg)
+                )
+                if delay is None:
+                    released.append(msg)
+                else:
+                    held.append((msg, delay))
                 continue
             try:
                 batch = decode_batch(msg.data)
             except UNDECODABLE as exc:
-                poison.append((msg, store_id, f"undecodable batch: {exc}"))
+                found = Undecodable(
+                    epoch=envelope.epoch, first_seq=envelope.first_seq,
+                    last_seq=envelope.last_seq, error=str(exc), since=now,
+                    stream_seq=_stream_seq(msg),
+                )  # fmt: skip
+                if self.holds.undecodable(store_id) != found:
+                    log.error(
+                        "BATCH CENTRAL CANNOT DECODE from store %s (epoch %s, seqs %d..%d): %s. "
+                        "Its envelope decodes, so the agent is probably newer than central: "
+                        "upgrade central. The batch is held (not dead-lettered) and the "
+                        "store's later events wait behind it.",
+                        store_id, found.epoch, found.first_seq, found.last_seq, exc,
+                    )  # fmt: skip
+                delay = self.holds.hold_undecodable(
+                    store_id, found, _stored_at(msg, now), _deliveries(msg)
+                )
+                held.append((msg, delay))
                 continue
             self.batches += 1
             decision = self.sequencer.classify(batch, unit, now)
-            if isinstance(decision, Behind):
-                held.append(msg)
+            if isinstance(decision, Behind):  # not after behind() said no; kept for safety
+                held.append((msg, self.holds.delay(_deliveries(msg))))
                 continue
+            self.holds.settled(store_id, _stream_seq(msg))
             acks.append(msg)
             if not isinstance(decision, Deliver):
                 self.duplicates += decision.count
@@ -263,6 +372,7 @@ class Consumer:
         self.delivered += sum(1 for r in out if not r.derived)
         self.dlq += len(poison) + len(rejected)
         self.held += len(held)
+        self.released += len(released)
         self.units += 1
         self.last_unit_at = now
         # Committed: a lost ack now only causes a redelivery that the marks drop.
@@ -270,11 +380,19 @@ class Consumer:
             await self._settle(msg.ack())
         for msg, _, _ in poison:
             await self._settle(msg.ack())
-        for msg in held:  # JetStream keeps them and hands them back after the delay
-            await self._settle(msg.nak(delay=self.cfg.consumer.gap_nak_delay))
+        for msg in released:
+            await self._settle(msg.ack())
+        for msg, delay in held:  # JetStream keeps them and hands them back after the delay
+            await self._settle(msg.nak(delay=delay))
+        if released:
+            log.warning(
+                "released %d batches over the cap of %d held per store; their stores re-send "
+                "them once the gap before them closes",
+                len(released), self.cfg.consumer.max_held_per_store,
+            )  # fmt: skip
         if out or poison or rejected:
             log.info(
-                "unit: %d batches, %d records out, %d held behind gaps, %d to DLQ",
+                "unit: %d batches, %d records out, %d held, %d to DLQ",
                 len(acks), len(out), len(held), len(poison) + len(rejected),
             )  # fmt: skip
 

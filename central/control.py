@@ -17,8 +17,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -160,9 +160,11 @@ async def ask_resync(
     *,
     reason: str = "",
     timeout: float = DEFAULT_RESYNC_TIMEOUT,
+    epoch: str | None = None,
 ) -> ResyncReply:
-    """Ask one agent to re-send ``from_seq..to_seq``; raises AgentUnreachable/ControlRefused."""
-    request = ResyncRequest(from_seq=from_seq, to_seq=to_seq, reason=reason)
+    """Ask one agent to re-send ``from_seq..to_seq`` (of ``epoch``: None, whatever epoch it
+    is in); raises AgentUnreachable/ControlRefused."""
+    request = ResyncRequest(from_seq=from_seq, to_seq=to_seq, reason=reason, epoch=epoch)
     answer = await _request(nc, store_id, encode(request), timeout)
     if isinstance(answer, ResyncReply):
         return answer
@@ -196,16 +198,40 @@ def lag(
     return events, None if seconds is None else max(0.0, seconds)
 
 
+def lost_through(gap: Gap, answer: ResyncReply) -> int:
+    """The highest seq of ``gap`` the store said it can no longer re-send (0: none).
+
+    ``first_available_seq`` is the lowest seq the store still holds (None: it holds nothing);
+    everything of the gap below it is gone from the store (pruned after its retention, or the
+    machine was rebuilt)."""
+    first = answer.first_available_seq
+    if first is None:
+        return gap.to_seq
+    if first > gap.from_seq:
+        return min(first - 1, gap.to_seq)
+    return 0
+
+
 class GapResyncer:
     """The consumer's side of gaps: once a gap has waited ``gap_hold`` seconds, ask its store
     to re-send it, again with a growing delay (``gap_hold * 2**requests``, capped) while it
     stays open. Each request runs in its own task, so a store that does not answer never
     delays the unit loop; ``poke`` is called between units."""
 
-    def __init__(self, nc: Any, gap_hold: float, timeout: float = GAP_RESYNC_TIMEOUT) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        gap_hold: float,
+        timeout: float = GAP_RESYNC_TIMEOUT,
+        *,
+        on_lost: Callable[[Gap], Awaitable[None]] | None = None,
+        blocked: Callable[[Gap], bool] | None = None,
+    ) -> None:
         self.nc = nc
         self.gap_hold = gap_hold
         self.timeout = timeout
+        self._on_lost = on_lost
+        self._blocked = blocked
         self._backoff = Backoff(gap_hold, GAP_RESYNC_CAP, jitter=False)
         self._next_at: dict[Key, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -217,6 +243,10 @@ class GapResyncer:
         now = time.time() if now is None else now
         for key, gap in list(gaps.items()):
             if now - gap.since < self.gap_hold or now < self._next_at.get(key, 0.0):
+                continue
+            if gap.lost_through >= gap.to_seq:
+                continue  # the store said it holds none of it: only an operator can close it
+            if self._blocked is not None and self._blocked(gap):
                 continue
             delay = max(GAP_RESYNC_MIN_DELAY, self._backoff.delay_for(gap.requests))
             self._next_at[key] = now + delay
@@ -235,7 +265,7 @@ class GapResyncer:
         try:
             answer = await ask_resync(
                 self.nc, gap.store_id, gap.from_seq, gap.to_seq,
-                reason="gap detected by central", timeout=self.timeout,
+                reason="gap detected by central", timeout=self.timeout, epoch=gap.epoch,
             )  # fmt: skip
         except AgentUnreachable as exc:  # no responders, timeout, garbage: try again later
             self.unanswered += 1
@@ -251,6 +281,25 @@ class GapResyncer:
             "store %s re-sends %d records (lowest held: %s)",
             gap.store_id, answer.marked, answer.first_available_seq,
         )  # fmt: skip
+        lost = lost_through(gap, answer)
+        if lost and lost != gap.lost_through:
+            reason = (
+                f"the store holds none of epoch {gap.epoch} any more"
+                if lost >= gap.to_seq and answer.first_available_seq is None
+                else f"the store no longer holds seqs {gap.from_seq}..{lost} "
+                f"(lowest it holds: {answer.first_available_seq})"
+            )
+            log.error(
+                "GAP CANNOT CLOSE: store %s epoch %s seqs %d..%d are lost at the store (%s). "
+                "Its later events wait behind the gap. Runbook: recover them (the POS re-sends "
+                "them with their original event ids), then or otherwise record the decision: "
+                "storelink-central gaps skip %s --epoch %s --through %d --reason '...'",
+                gap.store_id, gap.epoch, gap.from_seq, lost, reason,
+                gap.store_id, gap.epoch, lost,
+            )  # fmt: skip
+            gap.lost_through, gap.lost_reason = lost, reason
+            if self._on_lost is not None:
+                await self._on_lost(replace(gap))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -70,6 +70,16 @@ class ReplayFailed(DlqError):
         super().__init__(f"dead letter {entry_id} not replayed (it stays in the DLQ): {reason}")
 
 
+class SkipRefused(CentralError):
+    """`gaps skip` was asked for something central cannot record: nothing was changed."""
+
+    def __init__(self, store_id: str, epoch: str, reason: str) -> None:
+        self.store_id = store_id
+        self.epoch = epoch
+        self.reason = reason
+        super().__init__(f"gap of store {store_id} epoch {epoch} not skipped: {reason}")
+
+
 class DeadLetterUnpublished(CentralError):
     """NATS could not take a dead letter now: the unit is retried later, like a busy sink."""
 

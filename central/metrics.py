@@ -50,7 +50,8 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         ("delivered", "Events delivered to every sink."),
         ("duplicates", "Events dropped as already delivered (redeliveries, re-sends)."),
         ("dlq", "Batches and records sent to the DLQ by this process."),
-        ("held", "Batch deliveries held back behind a gap."),
+        ("held", "Batch deliveries held back behind a gap (or undecodable)."),
+        ("released", "Batches over a store's cap of held ones, acked to be re-sent later."),
         ("resync_requests", "Resync requests sent to stores for gaps."),
         ("resync_unanswered", "Resync requests no store answered."),
         ("sink_failures", "Units retried because a sink could not take them."),
@@ -136,13 +137,72 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "store_gap_missing_events",
         "gauge",
         "Seqs missing in the open gap; 0 without one.",
-        [({"store": sid}, gap["to_seq"] - gap["from_seq"] + 1 if gap else 0) for sid, gap in gaps],
+        [
+            (
+                {"store": s["store_id"]},
+                sum(g["to_seq"] - g["from_seq"] + 1 for g in s.get("gaps") or []),
+            )
+            for s in stores
+        ],
     )
     out.add(
         "store_gap_age_seconds",
         "gauge",
         "How long the open gap has been open; 0 without.",
         [({"store": sid}, max(0.0, now - gap["since"]) if gap else 0) for sid, gap in gaps],
+    )
+    out.add(
+        "store_gap_unrecoverable",
+        "gauge",
+        "1 when the store answered it can no longer re-send part of a gap: only an "
+        "operator's `gaps skip` closes it.",
+        [
+            ({"store": s["store_id"]}, any(g["unrecoverable"] for g in s.get("gaps") or []))
+            for s in stores
+        ],
+    )
+    out.add(
+        "store_gap_skips_total",
+        "counter",
+        "Gap skips operators recorded for the store (`storelink-central gaps skip`).",
+        [({"store": s["store_id"]}, len(s.get("skips") or [])) for s in stores],
+    )
+    held = [(s["store_id"], s.get("held") or {}) for s in stores]
+    out.add(
+        "store_held_batches",
+        "gauge",
+        "Batches of the store held back (behind a gap, or undecodable).",
+        [({"store": sid}, h.get("held_batches", 0)) for sid, h in held],
+    )
+    out.add(
+        "store_released_batches_total",
+        "counter",
+        "Batches over the store's cap of held ones, acked to be asked for again.",
+        [({"store": sid}, h.get("released_batches", 0)) for sid, h in held],
+    )
+    out.add(
+        "store_held_oldest_age_seconds",
+        "gauge",
+        "Age in the stream of the store's oldest held batch (it expires at the stream's "
+        "max_age); 0 when none.",
+        [
+            ({"store": sid}, max(0.0, now - h["oldest_held_at"]) if h.get("oldest_held_at") else 0)
+            for sid, h in held
+        ],
+    )
+    out.add(
+        "store_held_expiring",
+        "gauge",
+        "1 when the store's oldest held batch has used consumer.expiry_alert_fraction of "
+        "the stream's max_age.",
+        [({"store": sid}, bool(h.get("expiring"))) for sid, h in held],
+    )
+    out.add(
+        "store_undecodable_held",
+        "gauge",
+        "1 while a batch of the store that central cannot decode is held (central older "
+        "than the agent?).",
+        [({"store": sid}, h.get("undecodable") is not None) for sid, h in held],
     )
     out.add(
         "store_dlq_events", "gauge", "Dead letters central filed for the store.", per_store("dlq")

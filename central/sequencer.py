@@ -77,35 +77,68 @@ class Sequencer:
         self._touch(key, unit, now).duplicates += count
         return True
 
-    def classify(self, batch: Batch, unit: Unit, now: float) -> Decision:
-        key = (batch.store_id, batch.epoch)
+    def behind(
+        self, store_id: str, epoch: str, first_seq: int, last_seq: int, unit: Unit, now: float
+    ) -> Gap | None:
+        """The gap a batch starting at ``first_seq`` waits behind (staged when it is new or
+        changed), or None when the batch can be delivered: decided from the envelope, so a
+        held batch is never decoded."""
+        key = (store_id, epoch)
         mark = self._touch(key, unit, now)
+        mark.seen_through = max(mark.seen_through, last_seq)
+        if first_seq <= mark.hwm + 1:
+            return None
+        open_gap = self.gap(key, unit)
+        to_seq = first_seq - 1
+        if open_gap is not None and open_gap.from_seq == mark.hwm + 1:
+            # Several batches wait behind one gap and come back in any order: the gap ends
+            # where the nearest of them starts, whichever was seen last.
+            to_seq = min(to_seq, open_gap.to_seq)
+        if open_gap is None:
+            gap = Gap(store_id=store_id, epoch=epoch, from_seq=mark.hwm + 1, to_seq=to_seq,
+                      since=now)  # fmt: skip
+        else:
+            gap = open_gap.carry(from_seq=mark.hwm + 1, to_seq=to_seq)
+        if open_gap is None or (open_gap.from_seq, open_gap.to_seq) != (gap.from_seq, to_seq):
+            unit.gaps[key] = gap  # only a changed gap is written
+            return gap
+        return open_gap
+
+    def classify(self, batch: Batch, unit: Unit, now: float) -> Decision:
+        gap = self.behind(batch.store_id, batch.epoch, batch.first_seq, batch.last_seq, unit, now)
+        if gap is not None:
+            return Behind(gap)
+        key = (batch.store_id, batch.epoch)
+        mark = self.mark(key, unit)
         if batch.last_seq <= mark.hwm:
             mark.duplicates += len(batch.records)
             return Duplicate(len(batch.records))
-        if batch.first_seq > mark.hwm + 1:
-            open_gap = self.gap(key, unit)
-            to_seq = batch.first_seq - 1
-            if open_gap is not None and open_gap.from_seq == mark.hwm + 1:
-                # Several batches wait behind one gap and come back in any order: the gap
-                # ends where the nearest of them starts, whichever was seen last.
-                to_seq = min(to_seq, open_gap.to_seq)
-            gap = Gap(
-                store_id=batch.store_id,
-                epoch=batch.epoch,
-                from_seq=mark.hwm + 1,
-                to_seq=to_seq,
-                since=open_gap.since if open_gap else now,
-                requests=open_gap.requests if open_gap else 0,
-            )
-            if open_gap is None or (open_gap.from_seq, open_gap.to_seq) != (gap.from_seq, to_seq):
-                unit.gaps[key] = gap  # only a changed gap is written
-            return Behind(gap)
         skip = mark.hwm - batch.first_seq + 1
         records = batch.records[skip:] if skip > 0 else batch.records
         mark.duplicates += max(skip, 0)
         mark.delivered += len(records)
         mark.hwm = batch.last_seq
-        if self.gap(key, unit) is not None:
-            unit.gaps[key] = None  # the missing records arrived
+        self._reveal(key, mark, unit, now)
         return Deliver(records, max(skip, 0))
+
+    def _reveal(self, key: Key, mark: Mark, unit: Unit, now: float) -> None:
+        """After the mark moved: the gap closes, or, when seqs beyond the mark were seen (a
+        batch held, or released over a store's cap), what lies between is the next gap."""
+        open_gap = self.gap(key, unit)
+        if mark.hwm >= mark.seen_through:
+            if open_gap is not None:
+                unit.gaps[key] = None  # the missing records arrived
+            return
+        if open_gap is not None and open_gap.from_seq == mark.hwm + 1:
+            return
+        if open_gap is None:
+            unit.gaps[key] = Gap(key[0], key[1], mark.hwm + 1, mark.seen_through, since=now)
+        else:
+            unit.gaps[key] = open_gap.carry(from_seq=mark.hwm + 1, to_seq=mark.seen_through)
+
+    def reveal_all(self, unit: Unit, now: float) -> None:
+        """Stage a gap for every mark that has seen seqs beyond itself and has none (central
+        restarted after releasing batches, or an operator's skip)."""
+        for key, committed in list(self._marks.items()):
+            if committed.hwm < committed.seen_through and self.gap(key, unit) is None:
+                self._reveal(key, self.mark(key, unit), unit, now)

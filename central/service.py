@@ -128,6 +128,10 @@ class CentralService:
 
     async def status(self) -> dict[str, Any]:
         consumer = self.consumer
+        stores = await read_status(self.cfg.data_path)
+        holds = consumer.holds.snapshot(time.time()) if consumer else {}
+        for store in stores:
+            store["held"] = holds.get(store["store_id"])
         return {
             "central_running": True,
             "healthy": self.healthy(),
@@ -140,7 +144,7 @@ class CentralService:
             "consumer": asdict(consumer.statistics()) if consumer else None,
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
-            "stores": await read_status(self.cfg.data_path),
+            "stores": stores,
         }
 
     async def _start_broker(self) -> None:

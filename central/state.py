@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from central.errors import NotAStateDatabase, StateError, StateTooNew
+from central.errors import NotAStateDatabase, SkipRefused, StateError, StateTooNew
 from protocol import migrations
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 
@@ -58,6 +58,21 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
                 name TEXT PRIMARY KEY, nkey TEXT NOT NULL, added_at REAL NOT NULL)""",
         ),
     ),
+    # A gap part of which the store can no longer re-send (pruned, rebuilt machine), and the
+    # operators' recorded decisions to skip a gap (`gaps skip`): kept for audit, never deleted.
+    (
+        "0005_gap_decisions",
+        (
+            "ALTER TABLE marks ADD COLUMN seen_through INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE gaps ADD COLUMN lost_through INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE gaps ADD COLUMN lost_reason TEXT NOT NULL DEFAULT ''",
+            """CREATE TABLE gap_skips (
+                id INTEGER PRIMARY KEY AUTOINCREMENT, store_id TEXT NOT NULL,
+                epoch TEXT NOT NULL, from_seq INTEGER NOT NULL, through_seq INTEGER NOT NULL,
+                reason TEXT NOT NULL, operator TEXT NOT NULL, recorded_at REAL NOT NULL,
+                applied_at REAL, outcome TEXT)""",
+        ),
+    ),
 )
 
 
@@ -72,6 +87,9 @@ class Mark:
     duplicates: int = 0
     first_seen: float = 0.0
     last_seen: float = 0.0
+    # The highest seq central has seen exist (in any batch, delivered, held or released):
+    # beyond ``hwm`` it is a gap even when no later batch comes to show it.
+    seen_through: int = 0
 
 
 @dataclass
@@ -84,9 +102,66 @@ class Gap:
     to_seq: int
     since: float
     requests: int = 0
+    # The store answered that it no longer holds ``from_seq..lost_through`` (0: it may): the
+    # gap cannot close by itself, only by an operator's `gaps skip`.
+    lost_through: int = 0
+    lost_reason: str = ""
+
+    def carry(self, *, from_seq: int, to_seq: int) -> Gap:
+        """This gap with new bounds, keeping when it opened, how often it was asked for and
+        what is known lost (while it still starts at the same seq)."""
+        same_start = from_seq == self.from_seq
+        return Gap(
+            store_id=self.store_id,
+            epoch=self.epoch,
+            from_seq=from_seq,
+            to_seq=to_seq,
+            since=self.since,
+            requests=self.requests,
+            lost_through=min(self.lost_through, to_seq) if same_start else 0,
+            lost_reason=self.lost_reason if same_start else "",
+        )
 
 
 Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class GapSkip:
+    """An operator's recorded decision to give up on ``from_seq..through_seq`` of a store's
+    epoch (`storelink-central gaps skip`), and what central made of it."""
+
+    id: int
+    store_id: str
+    epoch: str
+    from_seq: int
+    through_seq: int
+    reason: str
+    operator: str
+    recorded_at: float
+    applied_at: float | None = None
+    outcome: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "store_id": self.store_id,
+            "epoch": self.epoch,
+            "from_seq": self.from_seq,
+            "through_seq": self.through_seq,
+            "reason": self.reason,
+            "operator": self.operator,
+            "recorded_at": self.recorded_at,
+            "applied_at": self.applied_at,
+            "outcome": self.outcome,
+        }
+
+
+MARK_COLUMNS = "store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen, seen_through"
+GAP_COLUMNS = "store_id, epoch, from_seq, to_seq, since, requests, lost_through, lost_reason"
+SKIP_COLUMNS = (
+    "id, store_id, epoch, from_seq, through_seq, reason, operator, recorded_at, applied_at, outcome"
+)
 
 
 @dataclass
@@ -127,6 +202,9 @@ class StateStore(Protocol):
     def sink_offset(self, sink: str) -> int | None: ...
     async def load_inventory(self, store_id: str) -> dict[str, Decimal]: ...
     async def commit(self, unit: Unit) -> None: ...
+    async def note_lost(self, gap: Gap) -> None: ...
+    async def pending_skips(self) -> list[GapSkip]: ...
+    async def apply_skip(self, skip: GapSkip) -> str: ...
     def statistics(self) -> StateStatistics: ...
 
 
@@ -206,13 +284,9 @@ class SqliteState:
 
     def _load(self) -> None:
         assert self._conn is not None
-        for row in self._conn.execute(
-            "SELECT store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen FROM marks"
-        ):
+        for row in self._conn.execute(f"SELECT {MARK_COLUMNS} FROM marks"):
             self._marks[(row[0], row[1])] = Mark(*row)
-        for row in self._conn.execute(
-            "SELECT store_id, epoch, from_seq, to_seq, since, requests FROM gaps"
-        ):
+        for row in self._conn.execute(f"SELECT {GAP_COLUMNS} FROM gaps"):
             self._gaps[(row[0], row[1])] = Gap(*row)
         self._offsets = dict(self._conn.execute("SELECT sink, offset FROM sink_offsets"))
 
@@ -262,31 +336,126 @@ class SqliteState:
         self._offsets.update(unit.sink_offsets)
         self.commits += 1
 
+    async def note_lost(self, gap: Gap) -> None:
+        """Record what the store said it can no longer re-send of ``gap`` (in memory at once;
+        on disk only while the same gap is still open)."""
+        current = self._gaps.get((gap.store_id, gap.epoch))
+        if current is not None and current.from_seq == gap.from_seq:
+            current.lost_through, current.lost_reason = gap.lost_through, gap.lost_reason
+
+        def write() -> None:
+            assert self._conn is not None
+            self._conn.execute(
+                "UPDATE gaps SET lost_through = ?, lost_reason = ? "
+                "WHERE store_id = ? AND epoch = ? AND from_seq = ?",
+                (gap.lost_through, gap.lost_reason, gap.store_id, gap.epoch, gap.from_seq),
+            )
+
+        await self._run(write)
+
+    async def pending_skips(self) -> list[GapSkip]:
+        """Operators' skips recorded (by the CLI) and not yet applied, oldest first."""
+
+        def read() -> list[GapSkip]:
+            assert self._conn is not None
+            rows = self._conn.execute(
+                f"SELECT {SKIP_COLUMNS} FROM gap_skips WHERE applied_at IS NULL ORDER BY id"
+            )
+            return [GapSkip(*row) for row in rows]
+
+        result: list[GapSkip] = await self._run(read)
+        return result
+
+    async def apply_skip(self, skip: GapSkip) -> str:
+        """Move the mark of ``skip``'s store and epoch to its ``through_seq`` and close (or
+        shorten) the gap, in one transaction with the decision's ``applied_at``; returns what
+        it did. Called between units, so no unit has the mark staged."""
+        key = (skip.store_id, skip.epoch)
+        mark = self._marks.get(key) or Mark(store_id=skip.store_id, epoch=skip.epoch)
+        gap = self._gaps.get(key)
+        new_mark = Mark(**{**mark.__dict__, "hwm": max(mark.hwm, skip.through_seq)})
+        new_gap: Gap | None = gap
+        now = time.time()
+        if skip.through_seq <= mark.hwm:
+            outcome = f"nothing to skip: seqs up to {mark.hwm} were already delivered"
+        else:
+            outcome = f"skipped seqs {mark.hwm + 1}..{skip.through_seq}"
+            if gap is not None and skip.through_seq < gap.to_seq:
+                new_gap = gap.carry(from_seq=skip.through_seq + 1, to_seq=gap.to_seq)
+            elif skip.through_seq < mark.seen_through:
+                # Released batches lie beyond: they are the next gap (the store re-sends them).
+                new_gap = Gap(skip.store_id, skip.epoch, skip.through_seq + 1, mark.seen_through,
+                              since=now)  # fmt: skip
+            else:
+                new_gap = None
+
+        def write() -> None:
+            conn = self._conn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                m = new_mark
+                conn.execute(
+                    f"INSERT INTO marks ({MARK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (store_id, epoch) DO UPDATE SET hwm = excluded.hwm",
+                    (m.store_id, m.epoch, m.hwm, m.delivered, m.duplicates, m.first_seen or now,
+                     m.last_seen or now, m.seen_through),
+                )  # fmt: skip
+                conn.execute("DELETE FROM gaps WHERE store_id = ? AND epoch = ?", key)
+                if new_gap is not None:
+                    g = new_gap
+                    conn.execute(
+                        f"INSERT INTO gaps ({GAP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (g.store_id, g.epoch, g.from_seq, g.to_seq, g.since, g.requests,
+                         g.lost_through, g.lost_reason),
+                    )  # fmt: skip
+                conn.execute(
+                    "UPDATE gap_skips SET applied_at = ?, outcome = ? WHERE id = ?",
+                    (now, outcome, skip.id),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._run(write)
+        except sqlite3.Error as exc:
+            raise StateError(f"cannot apply gap skip {skip.id}: {exc}") from exc
+        self._marks[key] = new_mark
+        if new_gap is None:
+            self._gaps.pop(key, None)
+        else:
+            self._gaps[key] = new_gap
+        return outcome
+
     def _commit(self, unit: Unit) -> None:
         conn = self._conn
         assert conn is not None
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(
-                "INSERT INTO marks VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (store_id, epoch) "
-                "DO UPDATE SET hwm=excluded.hwm, delivered=excluded.delivered, "
-                "duplicates=excluded.duplicates, last_seen=excluded.last_seen",
+                f"INSERT INTO marks ({MARK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (store_id, epoch) DO UPDATE SET hwm=excluded.hwm, "
+                "delivered=excluded.delivered, duplicates=excluded.duplicates, "
+                "last_seen=excluded.last_seen, seen_through=excluded.seen_through",
                 [
                     (m.store_id, m.epoch, m.hwm, m.delivered, m.duplicates, m.first_seen,
-                     m.last_seen)
+                     m.last_seen, m.seen_through)
                     for m in unit.marks.values()
                 ],
             )  # fmt: skip
             closed = [key for key, gap in unit.gaps.items() if gap is None]
             conn.executemany("DELETE FROM gaps WHERE store_id = ? AND epoch = ?", closed)
             conn.executemany(
-                "INSERT OR REPLACE INTO gaps VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO gaps ({GAP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (g.store_id, g.epoch, g.from_seq, g.to_seq, g.since, g.requests)
+                    (g.store_id, g.epoch, g.from_seq, g.to_seq, g.since, g.requests,
+                     g.lost_through, g.lost_reason)
                     for g in unit.gaps.values()
                     if g is not None
                 ],
-            )
+            )  # fmt: skip
             conn.executemany(
                 "INSERT OR REPLACE INTO inventory VALUES (?, ?, ?)",
                 [(store, sku, str(value)) for (store, sku), value in unit.inventory.items()],
@@ -397,6 +566,82 @@ def list_stores(data_dir: Path) -> list[str]:
         conn.close()
 
 
+def record_skip(
+    data_dir: Path, store_id: str, epoch: str, through_seq: int, reason: str, operator: str
+) -> GapSkip:
+    """Record an operator's decision to skip the open gap of ``store_id``/``epoch`` up to
+    ``through_seq``; the running central applies it between two units (or at its next start).
+    SkipRefused, with nothing written, when there is no such gap or ``through_seq`` lies
+    outside it (beyond it are records central holds: they are not to be skipped)."""
+    if not reason.strip():
+        raise SkipRefused(store_id, epoch, "give the reason (--reason): it is kept for audit")
+    conn = open_db(data_dir)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            row = conn.execute(
+                "SELECT from_seq, to_seq FROM gaps WHERE store_id = ? AND epoch = ?",
+                (store_id, epoch),
+            ).fetchone()
+            if row is None:
+                raise SkipRefused(
+                    store_id, epoch, "no open gap (see `storelink-central gaps list`)"
+                )
+            from_seq, to_seq = row
+            if not from_seq <= through_seq <= to_seq:
+                raise SkipRefused(
+                    store_id, epoch,
+                    f"--through {through_seq} is outside the gap {from_seq}..{to_seq} (beyond "
+                    f"{to_seq} are records central holds and will deliver)",
+                )  # fmt: skip
+            pending = conn.execute(
+                "SELECT id FROM gap_skips WHERE store_id = ? AND epoch = ? AND applied_at IS NULL",
+                (store_id, epoch),
+            ).fetchone()
+            if pending is not None:
+                raise SkipRefused(
+                    store_id, epoch, f"skip {pending[0]} is recorded and not applied yet"
+                )
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO gap_skips (store_id, epoch, from_seq, through_seq, reason, operator, "
+                "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (store_id, epoch, from_seq, through_seq, reason, operator, now),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        assert cur.lastrowid is not None
+        return GapSkip(cur.lastrowid, store_id, epoch, from_seq, through_seq, reason, operator, now)
+    finally:
+        conn.close()
+
+
+def read_skip(data_dir: Path, skip_id: int) -> GapSkip | None:
+    conn = open_db(data_dir)
+    try:
+        row = conn.execute(f"SELECT {SKIP_COLUMNS} FROM gap_skips WHERE id = ?", (skip_id,))
+        found = row.fetchone()
+        return GapSkip(*found) if found else None
+    finally:
+        conn.close()
+
+
+def _gap_dict(row: Any) -> dict[str, Any]:
+    gap = Gap(*row)
+    return {
+        "epoch": gap.epoch,
+        "from_seq": gap.from_seq,
+        "to_seq": gap.to_seq,
+        "since": gap.since,
+        "requests": gap.requests,
+        "unrecoverable": gap.lost_through > 0,
+        "lost_through": gap.lost_through or None,
+        "lost_reason": gap.lost_reason or None,
+    }
+
+
 async def read_status(data_dir: Path) -> list[dict[str, Any]]:
     """Per store (latest epoch first within a store): marks, gap and DLQ count, read-only.
 
@@ -420,12 +665,14 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 "FROM marks ORDER BY last_seen DESC"
             ):
                 marks.setdefault(row[0], []).append(tuple(row))
-            gaps = {
-                (r[0], r[1]): r
-                for r in await conn.execute_fetchall(
-                    "SELECT store_id, epoch, from_seq, to_seq, since, requests FROM gaps"
-                )
-            }
+            gaps: dict[str, list[Any]] = {}
+            for r in await conn.execute_fetchall(f"SELECT {GAP_COLUMNS} FROM gaps ORDER BY since"):
+                gaps.setdefault(r[0], []).append(r)
+            skips: dict[str, list[GapSkip]] = {}
+            for r in await conn.execute_fetchall(
+                f"SELECT {SKIP_COLUMNS} FROM gap_skips ORDER BY id DESC"
+            ):
+                skips.setdefault(r[1], []).append(GapSkip(*r))
             dlq = {
                 r[0]: r[1]
                 for r in await conn.execute_fetchall("SELECT store_id, count FROM dlq_counts")
@@ -433,11 +680,11 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
     except sqlite3.Error as exc:
         raise StateError(f"cannot read central state {path}: {exc}") from None
     result = []
-    for store_id in sorted(stores | set(marks) | set(dlq)):
+    for store_id in sorted(stores | set(marks) | set(dlq) | set(gaps)):
         rows = marks.get(store_id, [])
         latest = rows[0] if rows else None
         epoch = latest[1] if latest else None
-        gap = gaps.get((store_id, epoch)) if epoch else None
+        open_gaps = [_gap_dict(g) for g in gaps.get(store_id, [])]
         result.append(
             {
                 "store_id": store_id,
@@ -448,11 +695,11 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 "delivered": sum(r[3] for r in rows),
                 "duplicates": sum(r[4] for r in rows),
                 "last_seen": latest[6] if latest else None,
-                "gap": (
-                    {"from_seq": gap[2], "to_seq": gap[3], "since": gap[4], "requests": gap[5]}
-                    if gap
-                    else None
-                ),
+                # The oldest open gap of any epoch (an old epoch's gap holds its batches as
+                # surely as the latest's), and every one of them.
+                "gap": open_gaps[0] if open_gaps else None,
+                "gaps": open_gaps,
+                "skips": [k.to_dict() for k in skips.get(store_id, [])],
                 "dlq": dlq.get(store_id, 0),
             }
         )

@@ -76,6 +76,7 @@ class ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag
     from_seq: Seq
     to_seq: Seq | None = None
     reason: str = ""
+    epoch: str | None = None
 
 
 ControlRequest = StatusRequest | ResyncRequest

@@ -12,7 +12,15 @@ import pytest
 
 from central.errors import NotAStateDatabase, StateError, StateTooNew
 from central.sequencer import Behind, Deliver, Duplicate, Sequencer
-from central.state import STATE_FILENAME, Mark, SqliteState, Unit, add_store, list_stores
+from central.state import (
+    MIGRATIONS,
+    STATE_FILENAME,
+    Mark,
+    SqliteState,
+    Unit,
+    add_store,
+    list_stores,
+)
 from protocol.events import StockAdjustment, StockLine
 from protocol.wire import Batch, Record
 
@@ -52,7 +60,8 @@ def test_sequencer_delivers_skips_and_holds() -> None:
 
 def test_gap_ends_at_the_nearest_held_batch_and_closes() -> None:
     """Held batches seen in any order leave the gap ending where the nearest starts, keep
-    when it opened, and the missing records close it."""
+    when it opened; the missing records move it on to the held batches (seen, not yet back),
+    and they close it."""
     seq = Sequencer({("S1", EPOCH): Mark("S1", EPOCH, hwm=10)}, {})
     unit = Unit()
     seq.classify(batch(21, 30), unit, 1.0)
@@ -62,7 +71,23 @@ def test_gap_ends_at_the_nearest_held_batch_and_closes() -> None:
     assert (11, 20, 1.0) == (gap.from_seq, gap.to_seq, gap.since)
     fill = seq.classify(batch(11, 20), unit, 3.0)
     assert isinstance(fill, Deliver)
+    waiting = unit.gaps[("S1", EPOCH)]
+    assert waiting is not None
+    assert (21, 40, 1.0) == (waiting.from_seq, waiting.to_seq, waiting.since)
+    assert isinstance(seq.classify(batch(21, 30), unit, 4.0), Deliver)
+    assert isinstance(seq.classify(batch(31, 40), unit, 4.0), Deliver)
     assert None is unit.gaps[("S1", EPOCH)]
+
+
+def test_seqs_seen_beyond_the_mark_are_a_gap_even_when_nothing_shows_it() -> None:
+    """A store's batches released over the cap leave seen_through beyond the mark: when the
+    gap before them closes, the rest is the next gap (to be asked for), not silence."""
+    seq = Sequencer({("S1", EPOCH): Mark("S1", EPOCH, hwm=10, seen_through=60)}, {})
+    unit = Unit()
+    seq.reveal_all(unit, 5.0)
+    gap = unit.gaps[("S1", EPOCH)]
+    assert gap is not None
+    assert (11, 60, 5.0) == (gap.from_seq, gap.to_seq, gap.since)
 
 
 def test_other_epochs_and_stores_are_separate() -> None:
@@ -107,7 +132,7 @@ async def test_commit_is_one_transaction_and_survives_reopen(tmp_path: Path) -> 
     migrations = [r[0] for r in conn.execute("SELECT name FROM migrations")]
     dlq = conn.execute("SELECT count FROM dlq_counts WHERE store_id = 'S1'").fetchone()
     conn.close()
-    assert (["0001_initial", "0002_store_nkey", "0003_oms_readers"], (2,)) == (migrations, dlq)
+    assert ([name for name, _ in MIGRATIONS], (2,)) == (migrations, dlq)
 
 
 async def test_failed_commit_leaves_the_view_unchanged(tmp_path: Path) -> None:
