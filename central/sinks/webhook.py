@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,10 @@ from central.sinks import Sink, SinkStatistics
 from protocol.backoff import Backoff
 from protocol.wire import OmsRecord, encode_json
 
+log = logging.getLogger(__name__)
+
 SIGNATURE_HEADER = "X-Storelink-Signature"
+REASON_CHARS = 500  # of the OMS's answer kept in a reason (a DLQ header, a log line)
 RETRYABLE_4XX = {408, 425, 429}
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
@@ -64,6 +68,14 @@ class CircuitBreaker:
         if self._probing or self.failures >= self.threshold:
             self.opened_at = self.clock()  # (re-)open: a failed probe waits a whole cool-down
         self._probing = False
+
+
+def answer_text(body: bytes) -> str:
+    """The OMS's answer as reason text: any bytes decode (undecodable ones show as U+FFFD),
+    whitespace runs (newlines too) become one space, the length is bounded."""
+    return " ".join(body[: REASON_CHARS * 4].decode("utf-8", errors="replace").split())[
+        :REASON_CHARS
+    ]
 
 
 class _Retry(Exception):
@@ -113,9 +125,14 @@ class WebhookSink(Sink):
             headers[SIGNATURE_HEADER] = self.sign(body)
         try:
             async with self._session.post(self.url, data=body, headers=headers) as resp:
-                text = (await resp.text())[:500]
+                text = answer_text(await resp.read())
                 status = resp.status
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            # Whatever one answer does, it must not escape deliver and stop central (which
+            # would crash-loop on the same unit): it is a failed attempt like a 5xx.
+            log.exception("unexpected failure posting to %s", self.url)
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
         self.posts += 1
         if status >= 500 or status in RETRYABLE_4XX:
@@ -168,6 +185,10 @@ class WebhookSink(Sink):
         )
         rejections: list[SinkRejected] = []
         for result in results:
+            if isinstance(result, Exception) and not isinstance(result, SinkUnavailable):
+                # Only SinkUnavailable leaves deliver: anything else would stop central.
+                log.error("delivering to %s failed", self.name, exc_info=result)
+                raise SinkUnavailable(self.name, f"{type(result).__name__}: {result}") from result
             if isinstance(result, BaseException):
                 raise result
             rejections.extend(result)
