@@ -7,7 +7,8 @@ written by ``protocol.exposition``, the writer the agent's ``/metrics`` uses too
 What an alert rule would look at (docs/operations.md has the runbook for each):
 ``storelink_central_healthy == 0``, ``storelink_central_store_gap_open == 1`` for minutes,
 ``storelink_central_store_dlq_events > 0``, ``time() - storelink_central_store_last_seen_
-timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``.
+timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``,
+``storelink_central_sink_misconfigured == 1``.
 """
 
 from __future__ import annotations
@@ -97,6 +98,13 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "gauge",
         "1 while the sink's circuit breaker is open.",
         [({"sink": s["sink"]}, s.get("breaker") == "open") for s in sinks],
+    )
+    out.add(
+        "sink_misconfigured",
+        "gauge",
+        "1 while the OMS answers as misconfigured (3xx, 401, 403, 404, ...): retried, never "
+        "dead-lettered; /v1/status has the answer.",
+        [({"sink": s["sink"]}, bool(s.get("misconfigured"))) for s in sinks],
     )
     stores = status.get("stores") or []
 
