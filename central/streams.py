@@ -4,6 +4,11 @@ brought in line at start (idempotent), beside the broker that serves them (``bro
 Only the settings central cares about are compared and changed (``STREAM_FIELDS``,
 ``CONSUMER_FIELDS``); anything else an operator tuned stays. What JetStream cannot change in
 place (storage, retention) is a ``DriftError`` that says how to fix it.
+
+Every stream discards *new* messages when full: a limit an operator sets (``max_bytes``,
+``max_msgs``) then refuses the next publish (an agent keeps its batch and retries; central
+retries the unit) instead of silently dropping the oldest batches, which may not have been
+consumed yet. Only ``max_age`` removes messages.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -55,6 +61,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             duplicate_window=cfg.stream.duplicate_window,
             num_replicas=cfg.stream.replicas,
             max_msg_size=MAX_MSG_SIZE,
+            discard=DiscardPolicy.NEW,
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -62,6 +69,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             num_replicas=cfg.stream.replicas,
+            discard=DiscardPolicy.NEW,
         ),
     ]
     if oms:
@@ -74,6 +82,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 max_age=cfg.stream.max_age_days * 86400,
                 duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas,
+                discard=DiscardPolicy.NEW,
             )
         )
     return wanted
@@ -97,7 +106,7 @@ def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[
 
 STREAM_FIELDS = (
     "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
-    "num_replicas", "max_msg_size",
+    "num_replicas", "max_msg_size", "discard",
 )  # fmt: skip
 CONSUMER_FIELDS = (
     "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",
