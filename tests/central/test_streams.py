@@ -4,22 +4,28 @@ STORELINK_OMS is in the status document and /metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 
 import nats
 import nats.errors
 import nats.js.errors
 import pytest
-from nats.js.api import DiscardPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
+from central.metrics import render_central_metrics
 from central.streams import ensure_streams, wanted_streams
 from protocol.subjects import DLQ_STREAM, EVENTS_STREAM, MSG_ID_HEADER, OMS_STREAM, events_subject
 from tests.central.conftest import (
+    Harness,
     batch_bytes,
     central_config,
     make_records,
+    start_central,
+    stop_central,
 )
 
 
@@ -68,3 +74,43 @@ async def test_existing_discard_old_stream_is_updated_in_place(
     info = await js.stream_info(stream)
     await nc.close()
     assert (DiscardPolicy.NEW, 1) == (info.config.discard, info.state.messages)
+
+
+async def test_oms_consumer_lag_is_in_status_and_metrics(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A durable consumer of the OMS on STORELINK_OMS that does not consume shows in the status
+    document its unacked records and when the oldest arrived, and in /metrics that age beside
+    the stream's max_age (records older than it are gone)."""
+    cfg = central_config(tmp_path, nats_server.url, sinks=["nats"])
+    service, task = await start_central(cfg)
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        erp = ConsumerConfig(durable_name="erp", ack_policy=AckPolicy.EXPLICIT)
+        await js.add_consumer(OMS_STREAM, config=erp)
+        harness = Harness(service, nc, tmp_path / "oms.jsonl", task)
+        await harness.publish("S1", make_records(list(Till(store_id="S1", seed=6).events(5))))
+        deadline = time.monotonic() + 20
+        while (await js.stream_info(OMS_STREAM)).state.messages < 5:
+            assert time.monotonic() < deadline, "the nats sink published nothing"
+            await asyncio.sleep(0.05)
+        messages = (await js.stream_info(OMS_STREAM)).state.messages
+        first = await js.get_msg(OMS_STREAM, 1)
+        status = await service.status()
+    finally:
+        await nc.close()
+        await stop_central(service, task)
+    assert first.time is not None
+    arrived = first.time.timestamp()
+    expected = {
+        "max_age": cfg.stream.max_age_days * 86400,
+        "consumers": [{"consumer": "erp", "pending": messages, "oldest_pending_at": arrived}],
+    }
+    assert expected == status["oms_stream"]
+    metrics = render_central_metrics(status, arrived + 100)
+    assert f'storelink_central_oms_consumer_pending_records{{consumer="erp"}} {messages}' in metrics
+    assert (
+        'storelink_central_oms_consumer_oldest_pending_age_seconds{consumer="erp"} 100' in metrics
+    )
+    assert "storelink_central_oms_stream_max_age_seconds 604800" in metrics
