@@ -44,12 +44,8 @@ def oms_records(count: int) -> list[OmsRecord]:
 
 @pytest.fixture
 async def oms() -> AsyncIterator[ScriptedOms]:
-    server = ScriptedOms()
-    await server.start()
-    try:
+    async with ScriptedOms() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 def sink_for(oms: ScriptedOms, **kw: object) -> tuple[WebhookSink, list[float]]:
@@ -121,13 +117,13 @@ async def test_per_batch_refusal_is_narrowed_to_the_record(oms: ScriptedOms) -> 
     """With per-batch delivery a batch of 10 refused (422) for one record is split until the
     record is found: the 9 others are delivered in order, only the refused one is returned."""
     records = oms_records(10)
-    oms.refuse[records[6].key] = Answer(422, b"unknown sku")
+    oms.answers[records[6].key] = Answer(422, b"unknown sku")
     sink, _ = sink_for(oms, per_batch=True)
     await sink.start(None)
     rejected = await sink.deliver(records)
     await sink.close()
     assert [(records[6].key, 422)] == [(r.record.key, r.status) for r in rejected]
-    assert [r.key for r in records if r is not records[6]] == oms.booked
+    assert [r.key for r in records if r is not records[6]] == oms.arrivals
 
 
 async def test_retry_after_seconds_and_date_are_honoured_and_capped(oms: ScriptedOms) -> None:
@@ -183,7 +179,7 @@ async def test_unauthorised_oms_alerts_holds_everything_and_delivers_once_fixed(
         alerting = render_central_metrics(await service.status(), 0.0)
         oms.default = OK
         keys = [f"S1:{r.event.event_id}" for r in records]
-        await h.wait_for(lambda: set(keys) <= set(oms.booked))
+        await h.wait_for(lambda: set(keys) <= set(oms.arrivals))
         cleared = render_central_metrics(await service.status(), 0.0)
         dead = await list_dead_letters(nats_server.url)
     finally:
@@ -193,4 +189,4 @@ async def test_unauthorised_oms_alerts_holds_everything_and_delivers_once_fixed(
     assert f'storelink_central_sink_misconfigured{{sink="{name}"}} 1' in alerting
     assert f'storelink_central_sink_misconfigured{{sink="{name}"}} 0' in cleared
     assert ([], 0) == (dead, service.consumer.dlq if service.consumer else -1)
-    assert keys == [k for k in oms.booked if not k.endswith(":variance")]
+    assert keys == [k for k in oms.arrivals if not k.endswith(":variance")]

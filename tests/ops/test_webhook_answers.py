@@ -23,12 +23,8 @@ NOT_UTF8 = b"\xff\xfe"
 
 @pytest.fixture
 async def oms() -> AsyncIterator[ScriptedOms]:
-    server = ScriptedOms()
-    await server.start()
-    try:
+    async with ScriptedOms() as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture
@@ -75,10 +71,10 @@ async def test_undecodable_5xx_answers_do_not_stop_central(
     events = list(Till(store_id="S1", run_id="utf8").events(20))
     await post_events(pipeline.agent_url("S1"), events, rate=5000)
     keys = [event_key("S1", e.event_id) for e in events]
-    await wait_until(pipeline, lambda: set(keys) <= set(oms.booked), "every event booked")
+    await wait_until(pipeline, lambda: set(keys) <= set(oms.arrivals), "every event booked")
     assert pipeline.central.proc is not None
     assert None is pipeline.central.proc.poll()
-    assert keys == [k for k in oms.booked if not k.endswith(":variance")]
+    assert keys == [k for k in oms.arrivals if not k.endswith(":variance")]
 
 
 async def test_undecodable_refusal_is_dead_lettered_with_a_readable_reason(
@@ -88,9 +84,9 @@ async def test_undecodable_refusal_is_dead_lettered_with_a_readable_reason(
     it goes (undecodable bytes shown as U+FFFD); the other events are delivered."""
     events = list(Till(store_id="S1", run_id="utf8-422").events(5))
     refused = event_key("S1", events[2].event_id)
-    oms.refuse[refused] = Answer(422, b"unknown sku " + NOT_UTF8)
+    oms.answers[refused] = Answer(422, b"unknown sku " + NOT_UTF8)
     await post_events(pipeline.agent_url("S1"), events, rate=5000)
     others = {event_key("S1", e.event_id) for e in events} - {refused}
-    await wait_until(pipeline, lambda: others <= set(oms.booked), "the others booked")
+    await wait_until(pipeline, lambda: others <= set(oms.arrivals), "the others booked")
     [entry] = await dead_letters(pipeline, 1)
     assert f"webhook:{oms.url}: HTTP 422: unknown sku \ufffd\ufffd" == entry["reason"]
