@@ -82,7 +82,14 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_age_days: Annotated[float, _doc("how long batches stay in the stream")] = (
         DEFAULT_MAX_AGE_DAYS
     )
-    max_bytes: Annotated[int, _doc("stream size limit in bytes; -1: unlimited")] = -1
+    max_bytes: Annotated[
+        int,
+        _doc(
+            "stream size limit in bytes; -1: unlimited. When full, new batches are refused "
+            "(agents keep them and retry), never old ones dropped; consumed batches leave only "
+            "after max_age_days, so size it for that many days of every store's traffic"
+        ),
+    ] = -1
     duplicate_window: Annotated[
         float, _doc("seconds JetStream deduplicates Nats-Msg-Id; our marks dedup forever")
     ] = DEFAULT_DUPLICATE_WINDOW

@@ -7,7 +7,9 @@ written by ``protocol.exposition``, the writer the agent's ``/metrics`` uses too
 What an alert rule would look at (docs/operations.md has the runbook for each):
 ``storelink_central_healthy == 0``, ``storelink_central_store_gap_open == 1`` for minutes,
 ``storelink_central_store_dlq_events > 0``, ``time() - storelink_central_store_last_seen_
-timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``.
+timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``,
+``storelink_central_sink_misconfigured == 1``, ``storelink_central_oms_consumer_oldest_pending_
+age_seconds`` near ``storelink_central_oms_stream_max_age_seconds``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,38 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "1 while the sink's circuit breaker is open.",
         [({"sink": s["sink"]}, s.get("breaker") == "open") for s in sinks],
     )
+    out.add(
+        "sink_misconfigured",
+        "gauge",
+        "1 while the OMS answers as misconfigured (3xx, 401, 403, 404, ...): retried, never "
+        "dead-lettered; /v1/status has the answer.",
+        [({"sink": s["sink"]}, bool(s.get("misconfigured"))) for s in sinks],
+    )
+    oms = status.get("oms_stream") or {}
+    readers = oms.get("consumers") or []
+    out.add(
+        "oms_stream_max_age_seconds",
+        "gauge",
+        "How long STORELINK_OMS keeps a record (nats sink): an OMS consumer further behind "
+        "loses it.",
+        [({}, oms["max_age"])] if oms else [],
+    )
+    out.add(
+        "oms_consumer_pending_records",
+        "gauge",
+        "Records an OMS durable consumer on STORELINK_OMS has not acknowledged.",
+        [({"consumer": c["consumer"]}, c["pending"]) for c in readers],
+    )
+    out.add(
+        "oms_consumer_oldest_pending_age_seconds",
+        "gauge",
+        "Age of the oldest record an OMS durable consumer has not acknowledged; 0 without.",
+        [
+            ({"consumer": c["consumer"]}, max(0.0, round(now - c["oldest_pending_at"], 3))
+             if c["oldest_pending_at"] else 0)
+            for c in readers
+        ],
+    )  # fmt: skip
     stores = status.get("stores") or []
 
     def per_store(key: str) -> list[tuple[Mapping[str, str], float]]:

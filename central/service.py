@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 
 from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
@@ -24,6 +26,7 @@ from central.errors import CentralError, ConfigError
 from central.http import CentralHttp
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
+from central.streams import oms_stream_lag
 from protocol.connection import CredentialsError, connect_options
 from protocol.subjects import CENTRAL_INBOX_PREFIX
 
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 INFO_FILENAME = "central.json"
 BROKER_CHECK_INTERVAL = 1.0
+OMS_LAG_TIMEOUT = 2.0
 
 
 def agent_nats_urls(cfg: CentralConfig) -> list[str]:
@@ -145,7 +149,22 @@ class CentralService:
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
             "stores": stores,
+            "oms_stream": await self._oms_stream(),
         }
+
+    async def _oms_stream(self) -> dict[str, Any] | None:
+        """With the nats sink: how far the OMS's consumers are behind (``oms_stream_lag``);
+        None without it, or when NATS does not answer in time (status must answer fast)."""
+        consumer = self.consumer
+        if consumer is None or not any(s.name == "nats" for s in consumer.sinks):
+            return None
+        if not (self.nc is not None and self.nc.is_connected):
+            return None
+        try:
+            return await asyncio.wait_for(oms_stream_lag(consumer.js), OMS_LAG_TIMEOUT)
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            log.warning("cannot read the OMS consumers' lag: %s: %s", type(exc).__name__, exc)
+            return None
 
     async def _start_broker(self) -> None:
         host, port = parse_hostport(self.cfg.nats.listen)

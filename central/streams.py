@@ -4,6 +4,15 @@ brought in line at start (idempotent), beside the broker that serves them (``bro
 Only the settings central cares about are compared and changed (``STREAM_FIELDS``,
 ``CONSUMER_FIELDS``); anything else an operator tuned stays. What JetStream cannot change in
 place (storage, retention) is a ``DriftError`` that says how to fix it.
+
+Every stream discards *new* messages when full: a limit an operator sets (``max_bytes``,
+``max_msgs``) then refuses the next publish (an agent keeps its batch and retries; central
+retries the unit) instead of silently dropping the oldest batches, which may not have been
+consumed yet. Only ``max_age`` removes messages.
+
+``oms_stream_lag`` reads how far the OMS's own consumers on ``STORELINK_OMS`` are behind: an
+OMS away longer than ``max_age`` loses what expired unread (the status document and /metrics
+show it coming).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -55,6 +65,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             duplicate_window=cfg.stream.duplicate_window,
             num_replicas=cfg.stream.replicas,
             max_msg_size=MAX_MSG_SIZE,
+            discard=DiscardPolicy.NEW,
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -62,6 +73,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
             num_replicas=cfg.stream.replicas,
+            discard=DiscardPolicy.NEW,
         ),
     ]
     if oms:
@@ -74,6 +86,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 max_age=cfg.stream.max_age_days * 86400,
                 duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas,
+                discard=DiscardPolicy.NEW,
             )
         )
     return wanted
@@ -97,7 +110,7 @@ def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[
 
 STREAM_FIELDS = (
     "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
-    "num_replicas", "max_msg_size",
+    "num_replicas", "max_msg_size", "discard",
 )  # fmt: skip
 CONSUMER_FIELDS = (
     "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",
@@ -161,3 +174,34 @@ async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
         log.error("consumer %s drifted and cannot be updated: %s", CENTRAL_DURABLE, exc)
         raise DriftError("consumer", CENTRAL_DURABLE, drift) from None
     log.warning("consumer %s drifted (%s); updated", CENTRAL_DURABLE, drift)
+
+
+async def oms_stream_lag(js: Any) -> dict[str, Any]:
+    """``STORELINK_OMS`` as its readers see it: its ``max_age`` (seconds), and for each durable
+    consumer the records it has not acknowledged (``pending``) and when the oldest of them was
+    stored (``oldest_pending_at``, Unix time; None when nothing is pending). The oldest is the
+    first message after the consumer's ack floor on its filter subject: one lookup each."""
+    info = await js.stream_info(OMS_STREAM)
+    consumers = []
+    for consumer in await js.consumers_info(OMS_STREAM):
+        if not consumer.config.durable_name:
+            continue  # an ephemeral reader (a `nats` CLI look) owns nothing that can be lost
+        pending = (consumer.num_pending or 0) + (consumer.num_ack_pending or 0)
+        oldest = None
+        if pending:
+            floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+            try:
+                msg = await js.get_msg(
+                    OMS_STREAM,
+                    seq=max(floor + 1, info.state.first_seq),
+                    subject=consumer.config.filter_subject or OMS_WILDCARD,
+                    next=True,
+                )
+            except nats.js.errors.NotFoundError:
+                msg = None  # expired or deleted between the two calls
+            if msg is not None and msg.time is not None:
+                oldest = msg.time.timestamp()
+        consumers.append(
+            {"consumer": consumer.name, "pending": pending, "oldest_pending_at": oldest}
+        )
+    return {"max_age": info.config.max_age, "consumers": consumers}

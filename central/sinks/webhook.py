@@ -1,14 +1,33 @@
 """Webhook OMS sink: JSON POST per event (or per store and unit), idempotency key, HMAC
-signature, retries with backoff, poison to the DLQ on 4xx, a circuit breaker for a dead OMS."""
+signature, retries with backoff, a circuit breaker for a dead OMS.
+
+Every answer gets one of four verdicts (``verdict``; the table is in docs/oms.md):
+
+- **delivered** (2xx);
+- **refused** (400, 409, 422): the OMS says this record is wrong; it goes to the DLQ with the
+  answer as the reason and the store flows on. With ``per_batch``, a refused batch is split
+  in halves until the refused records are found: the others are delivered, in order;
+- **retry** (5xx, 408, 425, 429): the OMS is busy or down; ``Retry-After`` on 429/503 is
+  honoured (capped at ``RETRY_AFTER_CAP``);
+- **misconfigured** (3xx and every other 4xx: 401, 403, 404, 407, ...): the URL, credentials
+  or proxy are wrong, which no record can fix; retried like a dead OMS (never the DLQ) and
+  shown in ``statistics().misconfigured`` until the OMS processes a request again.
+
+Retries and misconfigurations count against the breaker; refusals do not (the OMS answered).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import email.utils
 import hashlib
 import hmac
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -18,10 +37,56 @@ from central.sinks import Sink, SinkStatistics
 from protocol.backoff import Backoff
 from protocol.wire import OmsRecord, encode_json
 
+log = logging.getLogger(__name__)
+
 SIGNATURE_HEADER = "X-Storelink-Signature"
-RETRYABLE_4XX = {408, 425, 429}
+REASON_CHARS = 500  # of the OMS's answer kept in a reason (a DLQ header, a log line)
+RECORD_REFUSALS = frozenset({400, 409, 422})  # answers about the record itself
+RETRYABLE_4XX = frozenset({408, 425, 429})  # with every 5xx: busy or down, try again
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+# An OMS asking for longer still gets a request after this: a unit must not sit for hours on
+# one header, and the breaker and the consumer's own backoff pace a longer outage anyway.
+RETRY_AFTER_CAP = 60.0
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 5.0
+
+
+def verdict(status: int) -> str:
+    """``delivered``, ``refused``, ``retry`` or ``misconfigured`` for an HTTP status."""
+    if 200 <= status < 300:
+        return "delivered"
+    if status in RECORD_REFUSALS:
+        return "refused"
+    if status >= 500 or status in RETRYABLE_4XX:
+        return "retry"
+    return "misconfigured"
+
+
+def retry_after(value: str | None, now: float) -> float | None:
+    """Seconds a ``Retry-After`` header asks for (delay-seconds or an HTTP date, against the
+    wall-clock ``now``), within 0..RETRY_AFTER_CAP; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = when.timestamp() - now
+    return min(RETRY_AFTER_CAP, max(0.0, seconds))
+
+
+def answer_text(body: bytes) -> str:
+    """The OMS's answer as reason text: any bytes decode (undecodable ones show as U+FFFD),
+    whitespace runs (newlines too) become one space, the length is bounded."""
+    return " ".join(body[: REASON_CHARS * 4].decode("utf-8", errors="replace").split())[
+        :REASON_CHARS
+    ]
 
 
 class CircuitBreaker:
@@ -66,9 +131,18 @@ class CircuitBreaker:
         self._probing = False
 
 
+@dataclass(frozen=True)
+class WebhookStatistics(SinkStatistics):
+    """The webhook's counters, plus what the OMS last said."""
+
+    last_status: int | None = None  # the last HTTP status the OMS answered
+    misconfigured: str | None = None  # "HTTP 401: ..." while the OMS answers as misconfigured
+
+
 class _Retry(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, delay: float | None = None) -> None:
         self.reason = reason
+        self.delay = delay  # what the OMS asked for (Retry-After), else the backoff's
 
 
 class WebhookSink(Sink):
@@ -80,6 +154,7 @@ class WebhookSink(Sink):
         settings: WebhookSettings,
         *,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         self.name = f"webhook:{url}"
@@ -87,6 +162,7 @@ class WebhookSink(Sink):
         self.secret = (os.environ.get(WEBHOOK_SECRET_ENV) or settings.secret).encode()
         self.breaker = CircuitBreaker(settings.breaker_threshold, settings.breaker_cooldown)
         self._sleep = sleep
+        self._wall_clock = wall_clock
         self._backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max(1, settings.concurrency))
@@ -94,6 +170,8 @@ class WebhookSink(Sink):
         self.posts = 0
         self.retries = 0
         self.rejected = 0
+        self.last_status: int | None = None
+        self.misconfigured: str | None = None
 
     async def start(self, saved_offset: int | None) -> None:
         self._session = aiohttp.ClientSession(
@@ -105,6 +183,7 @@ class WebhookSink(Sink):
         return "sha256=" + hmac.new(self.secret, body, hashlib.sha256).hexdigest()
 
     async def _post_once(self, body: bytes, key: str | None) -> tuple[int, str]:
+        """One POST; the (status, text) of a delivered or refused answer, else ``_Retry``."""
         assert self._session is not None
         headers = {"Content-Type": "application/json"}
         if key is not None:
@@ -112,22 +191,49 @@ class WebhookSink(Sink):
         if self.secret:
             headers[SIGNATURE_HEADER] = self.sign(body)
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as resp:
-                text = (await resp.text())[:500]
+            # A redirect is not followed: aiohttp would turn the POST into a GET (the record
+            # lost while the 200 says delivered); a moved OMS is a wrong URL to fix.
+            async with self._session.post(
+                self.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                text = answer_text(await resp.read())
                 status = resp.status
+                asked = resp.headers.get("Retry-After")
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            # Whatever one answer does, it must not escape deliver and stop central (which
+            # would crash-loop on the same unit): it is a failed attempt like a 5xx.
+            log.exception("unexpected failure posting to %s", self.url)
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
         self.posts += 1
-        if status >= 500 or status in RETRYABLE_4XX:
-            raise _Retry(f"HTTP {status}: {text}")
+        self.last_status = status
+        reason = f"HTTP {status}: {text}"
+        match verdict(status):
+            case "retry":
+                wait = retry_after(asked, self._wall_clock())
+                raise _Retry(reason, wait if status in RETRY_AFTER_STATUSES else None)
+            case "misconfigured":
+                if self.misconfigured is None:
+                    log.error(
+                        "OMS at %s answers %s: misconfigured (URL, credentials, proxy?); "
+                        "retrying, nothing goes to the DLQ", self.url, reason,
+                    )  # fmt: skip
+                self.misconfigured = reason
+                raise _Retry(reason)
+        if self.misconfigured is not None:
+            log.warning("OMS at %s processes requests again (HTTP %d)", self.url, status)
+        self.misconfigured = None
         return status, text
 
     async def _post(self, body: bytes, key: str | None) -> tuple[int, str]:
-        """POST with retries; returns the final (status, text) of a 2xx/4xx answer."""
+        """POST with retries; returns the final (status, text) of a delivered or refused
+        answer; SinkUnavailable when the attempts are used up or the breaker is open."""
         attempt = 0
         while True:
             if not self.breaker.allow():
-                raise SinkUnavailable(self.name, "circuit breaker open")
+                why = f" (last answer {self.misconfigured})" if self.misconfigured else ""
+                raise SinkUnavailable(self.name, f"circuit breaker open{why}")
             try:
                 result = await self._post_once(body, key)
             except _Retry as retry:
@@ -136,24 +242,34 @@ class WebhookSink(Sink):
                 if attempt >= self.settings.max_attempts:
                     raise SinkUnavailable(self.name, retry.reason) from None
                 self.retries += 1
-                await self._sleep(self._backoff.delay_for(attempt))
+                delay = self._backoff.delay_for(attempt) if retry.delay is None else retry.delay
+                await self._sleep(delay)
                 continue
             self.breaker.success()
             return result
 
+    async def _deliver_batch(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+        """One POST of a JSON array; a refused batch is split in halves (first half first,
+        keeping the store's order) until the refused records are alone."""
+        body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
+        status, text = await self._post(body, None)
+        if verdict(status) == "delivered":
+            self.records += len(records)
+            return []
+        if len(records) == 1:
+            return [SinkRejected(records[0], status, f"HTTP {status}: {text}")]
+        half = len(records) // 2
+        first = await self._deliver_batch(records[:half])
+        return first + await self._deliver_batch(records[half:])
+
     async def _deliver_store(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
         async with self._slots:
             if self.settings.per_batch:
-                body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
-                status, text = await self._post(body, None)
-                if status >= 400:
-                    return [SinkRejected(r, status, f"HTTP {status}: {text}") for r in records]
-                self.records += len(records)
-                return []
+                return await self._deliver_batch(records)
             rejections: list[SinkRejected] = []
             for record in records:  # in order: the OMS sees a store's events in seq order
                 status, text = await self._post(encode_json(record), record.key)
-                if status >= 400:
+                if verdict(status) == "refused":
                     rejections.append(SinkRejected(record, status, f"HTTP {status}: {text}"))
                 else:
                     self.records += 1
@@ -168,6 +284,10 @@ class WebhookSink(Sink):
         )
         rejections: list[SinkRejected] = []
         for result in results:
+            if isinstance(result, Exception) and not isinstance(result, SinkUnavailable):
+                # Only SinkUnavailable leaves deliver: anything else would stop central.
+                log.error("delivering to %s failed", self.name, exc_info=result)
+                raise SinkUnavailable(self.name, f"{type(result).__name__}: {result}") from result
             if isinstance(result, BaseException):
                 raise result
             rejections.extend(result)
@@ -179,11 +299,13 @@ class WebhookSink(Sink):
             await self._session.close()
             self._session = None
 
-    def statistics(self) -> SinkStatistics:
-        return SinkStatistics(
+    def statistics(self) -> WebhookStatistics:
+        return WebhookStatistics(
             sink=self.name,
             records=self.records,
             rejected=self.rejected,
             retries=self.retries,
             breaker=self.breaker.state,
+            last_status=self.last_status,
+            misconfigured=self.misconfigured,
         )
