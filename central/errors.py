@@ -112,6 +112,30 @@ class SinkUnavailable(CentralError):
         super().__init__(f"sink {sink} unavailable: {reason}")
 
 
+class StoreBlocked(SinkUnavailable):
+    """The OMS keeps failing on one store's record (``key``) while it may take other stores':
+    that store is parked (its records held, in order) and the others flow on."""
+
+    def __init__(self, sink: str, store_id: str, key: str, reason: str) -> None:
+        self.store_id = store_id
+        self.key = key
+        super().__init__(sink, f"store {store_id} blocked at {key}: {reason}")
+        self.reason = reason
+
+
+class StoresUnavailable(SinkUnavailable):
+    """A delivery got some stores' records through and not others': ``blocked`` says which
+    stores failed (and where), ``rejected`` what the OMS refused of those delivered."""
+
+    def __init__(
+        self, sink: str, blocked: Sequence[StoreBlocked], rejected: Sequence[SinkRejected]
+    ) -> None:
+        self.blocked = list(blocked)
+        self.rejected = list(rejected)
+        stores = ", ".join(b.store_id for b in self.blocked)
+        super().__init__(sink, f"{len(self.blocked)} stores blocked ({stores})")
+
+
 class StateError(CentralError):
     """The state database cannot be opened or written: stop, say why."""
 

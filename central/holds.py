@@ -16,6 +16,12 @@ One store's trouble must not cost the others (DESIGN §5.6), so:
 A batch whose envelope decodes but whose events do not (an agent newer than central) is held
 the same way, never dead-lettered: dead-lettering it without moving the mark made the store
 re-send it forever. It waits for a central that understands it (or an operator's skip).
+
+A store whose records the OMS keeps failing on while it takes other stores' is *parked*: its
+batches are handed back untouched (in order: nothing of it is delivered past the record it is
+blocked at) until its next try, ``park_base`` doubled per failure up to ``park_cap``. The try
+is one attempt, so it costs the other stores one request's time; when it gets through the
+store drains in order by itself.
 """
 
 from __future__ import annotations
@@ -39,6 +45,21 @@ class Undecodable:
     stream_seq: int
 
 
+PARK_BASE = 1.0  # seconds before a parked store is tried again, doubled per failed try
+PARK_CAP = 60.0
+
+
+@dataclass
+class Parked:
+    """A store the OMS keeps failing on: blocked at ``key`` since ``since``."""
+
+    key: str
+    reason: str
+    since: float
+    failures: int
+    next_try_at: float
+
+
 @dataclass
 class StoreHolds:
     """One store's held batches (by stream sequence) and what became of them."""
@@ -48,6 +69,7 @@ class StoreHolds:
     oldest_held_at: float | None = None  # when the oldest held batch was stored in JetStream
     undecodable: Undecodable | None = None
     expiry_reported_at: float = 0.0
+    parked: Parked | None = None
 
 
 class Holds:
@@ -67,6 +89,7 @@ class Holds:
         self.max_age = max_age  # seconds; 0: the stream keeps batches forever
         self.alert_fraction = alert_fraction
         self._stores: dict[str, StoreHolds] = {}
+        self._park_backoff = Backoff(PARK_BASE, PARK_CAP, jitter=False)
 
     def _store(self, store_id: str) -> StoreHolds:
         return self._stores.setdefault(store_id, StoreHolds())
@@ -116,6 +139,40 @@ class Holds:
             store.undecodable = None
         if not store.held:
             store.oldest_held_at = None
+
+    def park(self, store_id: str, key: str, reason: str, now: float) -> Parked:
+        """The OMS failed on ``key`` of the store (again): hold its batches until the next
+        try, which comes later each time."""
+        store = self._store(store_id)
+        old = store.parked
+        failures = old.failures + 1 if old is not None else 1
+        store.parked = Parked(
+            key=key,
+            reason=reason,
+            since=old.since if old is not None else now,
+            failures=failures,
+            next_try_at=now + self._park_backoff.delay_for(failures - 1),
+        )
+        return store.parked
+
+    def unpark(self, store_id: str) -> Parked | None:
+        """The store's records got through: it flows again. The parking that ended, if any."""
+        store = self._stores.get(store_id)
+        if store is None or store.parked is None:
+            return None
+        parked, store.parked = store.parked, None
+        return parked
+
+    def parked_wait(self, store_id: str, now: float) -> float | None:
+        """Seconds a parked store's batch is handed back for; None when it may be delivered
+        (not parked, or its next try has come)."""
+        store = self._stores.get(store_id)
+        if store is None or store.parked is None or now >= store.parked.next_try_at:
+            return None
+        return max(0.1, store.parked.next_try_at - now)
+
+    def parked(self) -> frozenset[str]:
+        return frozenset(s for s, store in self._stores.items() if store.parked is not None)
 
     def undecodable(self, store_id: str) -> Undecodable | None:
         store = self._stores.get(store_id)
@@ -167,8 +224,9 @@ class Holds:
         out: dict[str, dict[str, Any]] = {}
         expiring = set(self.expiring(now))
         for store_id, store in sorted(self._stores.items()):
-            if not (store.held or store.released or store.undecodable):
+            if not (store.held or store.released or store.undecodable or store.parked):
                 continue
+            parked = store.parked
             undecodable = store.undecodable
             out[store_id] = {
                 "held_batches": len(store.held),
@@ -185,6 +243,17 @@ class Holds:
                         "since": undecodable.since,
                     }
                     if undecodable is not None
+                    else None
+                ),
+                "blocked": (
+                    {
+                        "key": parked.key,
+                        "reason": parked.reason,
+                        "since": parked.since,
+                        "failures": parked.failures,
+                        "next_try_at": parked.next_try_at,
+                    }
+                    if parked is not None
                     else None
                 ),
             }

@@ -177,6 +177,13 @@ class Unit:
     def empty(self) -> bool:
         return not (self.marks or self.gaps or self.inventory or self.sink_offsets or self.dlq)
 
+    def drop_store(self, store_id: str) -> None:
+        """Forget what this unit staged for ``store_id`` (its records did not get through:
+        they are handed back and sequenced again when they return)."""
+        self.marks = {k: v for k, v in self.marks.items() if k[0] != store_id}
+        self.gaps = {k: v for k, v in self.gaps.items() if k[0] != store_id}
+        self.inventory = {k: v for k, v in self.inventory.items() if k[0] != store_id}
+
 
 @dataclass(frozen=True)
 class StateStatistics:

@@ -39,14 +39,20 @@ class Sink(Protocol):
     defaults (nothing to commit, nothing to undo)."""
 
     name: str
+    # A sink that can take back what it was given (rollback): it is given a unit's records
+    # last, once the others said which stores got through.
+    undoable: bool = False
 
     async def start(self, saved_offset: int | None) -> None:
         """Open; ``saved_offset`` is the committed ``checkpoint()`` of the last run, if any."""
         ...
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    async def deliver(
+        self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
+    ) -> list[SinkRejected]:
         """Deliver in order; return what was refused for good; raise SinkUnavailable if the
-        OMS cannot take them now."""
+        OMS cannot take them now, StoresUnavailable if it took some stores' and not others'.
+        ``probe``: parked stores being tried again (a sink that retries tries them once)."""
         ...
 
     def checkpoint(self) -> int | None:

@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 class FileSink(Sink):
     """Appends JSON lines; fsyncs before the unit's state commit."""
 
+    undoable = True
+
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
         self.name = f"file:{self.path}"
@@ -60,7 +62,9 @@ class FileSink(Sink):
             view = view[written:]
         os.fsync(self._fd)
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    async def deliver(
+        self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
+    ) -> list[SinkRejected]:
         if not records:
             return []
         data = b"".join([encode_json(r) + b"\n" for r in records])

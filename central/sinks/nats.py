@@ -104,7 +104,9 @@ class NatsSink(Sink):
                 break
         await unit.done.wait()
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    async def deliver(
+        self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
+    ) -> list[SinkRejected]:
         if not records:
             return []
         token = f"u{next(self._units)}_"  # the "_" ends it: u1_ is no prefix of u10_

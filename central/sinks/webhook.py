@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from central.config import WEBHOOK_SECRET_ENV, WebhookSettings
-from central.errors import SinkRejected, SinkUnavailable
+from central.errors import SinkRejected, SinkUnavailable, StoreBlocked, StoresUnavailable
 from central.sinks import Sink, SinkStatistics
 from protocol.backoff import Backoff
 from protocol.wire import OmsRecord, encode_json
@@ -164,6 +164,7 @@ class WebhookSink(Sink):
         self._sleep = sleep
         self._wall_clock = wall_clock
         self._backoff = Backoff(BACKOFF_BASE, BACKOFF_CAP)
+        self._got_through = False  # in the delivery under way, some store's record did
         self._session: aiohttp.ClientSession | None = None
         self._slots = asyncio.Semaphore(max(1, settings.concurrency))
         self.records = 0
@@ -226,9 +227,11 @@ class WebhookSink(Sink):
         self.misconfigured = None
         return status, text
 
-    async def _post(self, body: bytes, key: str | None) -> tuple[int, str]:
-        """POST with retries; returns the final (status, text) of a delivered or refused
-        answer; SinkUnavailable when the attempts are used up or the breaker is open."""
+    async def _post(self, body: bytes, key: str | None, attempts: int = 0) -> tuple[int, str]:
+        """POST with retries (``attempts``, or the settings' max_attempts); returns the final
+        (status, text) of a delivered or refused answer; SinkUnavailable when the attempts
+        are used up or the breaker is open."""
+        attempts = attempts or self.settings.max_attempts
         attempt = 0
         while True:
             if not self.breaker.allow():
@@ -237,61 +240,106 @@ class WebhookSink(Sink):
             try:
                 result = await self._post_once(body, key)
             except _Retry as retry:
-                self.breaker.failure()
+                # A failure counts against the breaker only while no other store's record got
+                # through in this delivery: one store's record the OMS keeps failing on says
+                # nothing about the OMS (that store is parked instead).
+                if not self._got_through:
+                    self.breaker.failure()
                 attempt += 1
-                if attempt >= self.settings.max_attempts:
+                if attempt >= attempts:
                     raise SinkUnavailable(self.name, retry.reason) from None
                 self.retries += 1
                 delay = self._backoff.delay_for(attempt) if retry.delay is None else retry.delay
                 await self._sleep(delay)
                 continue
             self.breaker.success()
+            self._got_through = True
             return result
 
-    async def _deliver_batch(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    async def _deliver_batch(
+        self, records: Sequence[OmsRecord], attempts: int = 0
+    ) -> list[SinkRejected]:
         """One POST of a JSON array; a refused batch is split in halves (first half first,
         keeping the store's order) until the refused records are alone."""
         body = b"[" + b",".join(encode_json(r) for r in records) + b"]"
-        status, text = await self._post(body, None)
+        try:
+            status, text = await self._post(body, None, attempts)
+        except SinkUnavailable as exc:
+            raise self._blocked(records[0], exc) from None
         if verdict(status) == "delivered":
             self.records += len(records)
             return []
         if len(records) == 1:
             return [SinkRejected(records[0], status, f"HTTP {status}: {text}")]
         half = len(records) // 2
-        first = await self._deliver_batch(records[:half])
-        return first + await self._deliver_batch(records[half:])
+        first = await self._deliver_batch(records[:half], attempts)
+        return first + await self._deliver_batch(records[half:], attempts)
 
-    async def _deliver_store(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    def _blocked(self, record: OmsRecord, exc: SinkUnavailable) -> SinkUnavailable:
+        """``exc`` as the store's own trouble, unless it is the breaker's (the OMS's)."""
+        if isinstance(exc, StoreBlocked) or exc.reason.startswith("circuit breaker open"):
+            return exc
+        return StoreBlocked(self.name, record.store_id, record.key, exc.reason)
+
+    async def _deliver_store(
+        self, records: Sequence[OmsRecord], attempts: int = 0
+    ) -> list[SinkRejected]:
         async with self._slots:
             if self.settings.per_batch:
-                return await self._deliver_batch(records)
+                return await self._deliver_batch(records, attempts)
             rejections: list[SinkRejected] = []
             for record in records:  # in order: the OMS sees a store's events in seq order
-                status, text = await self._post(encode_json(record), record.key)
+                try:
+                    status, text = await self._post(encode_json(record), record.key, attempts)
+                except SinkUnavailable as exc:
+                    raise self._blocked(record, exc) from None
                 if verdict(status) == "refused":
                     rejections.append(SinkRejected(record, status, f"HTTP {status}: {text}"))
                 else:
                     self.records += 1
             return rejections
 
-    async def deliver(self, records: Sequence[OmsRecord]) -> list[SinkRejected]:
+    async def deliver(
+        self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
+    ) -> list[SinkRejected]:
+        """Every store's records, stores concurrently (bounded), each store's in order.
+
+        Stores in ``probe`` (parked ones) get one attempt, so trying them again costs the
+        others one request's time. StoresUnavailable when some stores' records got through
+        and others' did not; SinkUnavailable when none did (the OMS is down)."""
         by_store: dict[str, list[OmsRecord]] = {}
         for record in records:
             by_store.setdefault(record.store_id, []).append(record)
+        self._got_through = False
         results = await asyncio.gather(
-            *(self._deliver_store(rs) for rs in by_store.values()), return_exceptions=True
+            *(self._deliver_store(rs, 1 if s in probe else 0) for s, rs in by_store.items()),
+            return_exceptions=True,
         )
         rejections: list[SinkRejected] = []
+        blocked: list[StoreBlocked] = []
+        outage: SinkUnavailable | None = None
         for result in results:
-            if isinstance(result, Exception) and not isinstance(result, SinkUnavailable):
+            if isinstance(result, StoreBlocked):
+                blocked.append(result)
+            elif isinstance(result, SinkUnavailable):
+                outage = result
+            elif isinstance(result, Exception):
                 # Only SinkUnavailable leaves deliver: anything else would stop central.
                 log.error("delivering to %s failed", self.name, exc_info=result)
                 raise SinkUnavailable(self.name, f"{type(result).__name__}: {result}") from result
-            if isinstance(result, BaseException):
+            elif isinstance(result, BaseException):
                 raise result
-            rejections.extend(result)
+            else:
+                rejections.extend(result)
         self.rejected += len(rejections)
+        if outage is not None:
+            raise outage  # the breaker is open: nobody's fault but the OMS's
+        if blocked and len(blocked) == len(by_store) and not self._got_through:
+            # Nothing got through: the OMS is down (or only this one store is trading and
+            # cannot be told apart from that): the whole unit waits, the breaker counted it.
+            raise SinkUnavailable(self.name, blocked[0].reason)
+        if blocked:
+            raise StoresUnavailable(self.name, blocked, rejections)
         return rejections
 
     async def close(self) -> None:
