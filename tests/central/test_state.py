@@ -107,7 +107,8 @@ async def test_commit_is_one_transaction_and_survives_reopen(tmp_path: Path) -> 
     migrations = [r[0] for r in conn.execute("SELECT name FROM migrations")]
     dlq = conn.execute("SELECT count FROM dlq_counts WHERE store_id = 'S1'").fetchone()
     conn.close()
-    assert (["0001_initial", "0002_store_nkey", "0003_oms_readers"], (2,)) == (migrations, dlq)
+    expected = ["0001_initial", "0002_store_nkey", "0003_oms_readers", "0004_key_ledger"]
+    assert (expected, (2,)) == (migrations, dlq)
 
 
 async def test_failed_commit_leaves_the_view_unchanged(tmp_path: Path) -> None:
