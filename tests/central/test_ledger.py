@@ -110,7 +110,8 @@ async def test_a_failed_commit_records_no_key(tmp_path: Path) -> None:
 
 async def test_keys_expire_after_the_retention(tmp_path: Path) -> None:
     """A key is kept for retention_days after its delivery day and pruned after that: a
-    re-send is dropped on the last day and delivered the day after the sweep."""
+    re-send is dropped on the last day (without renewing the key) and delivered the day after
+    the sweep."""
     clock = Clock(1_800_000_000.0)
     state = SqliteState(tmp_path)
     await state.open()
@@ -122,7 +123,9 @@ async def test_keys_expire_after_the_retention(tmp_path: Path) -> None:
 
     clock.now += 35 * DAY
     pruned_on_last_day = await ledger.prune()
-    last_day = await screen(state, ledger, [batch("b" * 16, ["e1"])], Unit())
+    resend = Unit()
+    last_day = await screen(state, ledger, [batch("b" * 16, ["e1"])], resend)
+    await state.commit(resend)  # a re-send does not renew the key
     clock.now += DAY
     pruned_after = await ledger.prune()
     after = await screen(state, ledger, [batch("c" * 16, ["e1"])], Unit())

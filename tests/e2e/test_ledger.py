@@ -4,13 +4,10 @@ inventory a second time: central's key ledger drops it and counts it."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -18,36 +15,22 @@ import pytest
 
 from agent.simulator import Till, post_events
 from central.demo import Pipeline
+from tests.chaos.harness import agent_status, central_status, eventually
 from tests.ops.test_metrics_logs import scrape
 
 pytestmark = pytest.mark.slow
 
 
-def central_store(pipeline: Pipeline, store_id: str) -> dict[str, Any]:
-    """The store's row of the running central's /v1/status."""
-    url = f"http://127.0.0.1:{pipeline.central_http_port}/v1/status"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        status = json.loads(resp.read())
-    return next((s for s in status["stores"] if s["store_id"] == store_id), {})
-
-
 async def wait_committed(pipeline: Pipeline, store_id: str, epoch: str, hwm: int) -> None:
     """Until central has committed ``store_id``'s ``epoch`` up to ``hwm`` (its state, not
     only the sink: the inventory is written in the same transaction as the mark)."""
-    deadline = time.monotonic() + 60
-    while True:
-        row = await asyncio.to_thread(central_store, pipeline, store_id)
-        if (epoch, hwm) == (row.get("epoch"), row.get("hwm")):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"central did not reach {epoch}:{hwm}: {row}")
-        await asyncio.sleep(0.1)
 
+    def reached() -> bool:
+        stores = central_status(pipeline)["stores"]
+        row = next((s for s in stores if s["store_id"] == store_id), {})
+        return (epoch, hwm) == (row.get("epoch"), row.get("hwm"))
 
-def agent_status(pipeline: Pipeline, store_id: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{pipeline.agent_url(store_id)}/v1/status", timeout=5) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
-        return data
+    await eventually(reached, 60, f"central committed {store_id} {epoch} up to {hwm}")
 
 
 def inventory(pipeline: Pipeline) -> list[tuple[str, str, str]]:
