@@ -19,7 +19,7 @@ keeps an 8-byte BLAKE2b hash of every delivered ``event_id`` with its delivery d
   pruned by a background sweep, a sixteenth of a store's hash range per transaction, between
   units on the same writer thread (never inside a unit's critical section).
 
-8 bytes keep a row small (about 30 bytes with its store id and day). The price is a false match:
+8 bytes keep a row small (~24 bytes on disk with its store id and day). The price is a false match:
 with n keys of a store in the ledger, a new event is taken for a re-send with probability
 n / 2^64 (1 in 50 trillion for a store with 350,000 keys).
 """
