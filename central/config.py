@@ -26,6 +26,7 @@ DEFAULT_WEBHOOK_ATTEMPTS = 5
 DEFAULT_WEBHOOK_CONCURRENCY = 16
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
+DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
 WEBHOOK_SECRET_ENV = "STORELINK_WEBHOOK_SECRET"
 
 
@@ -154,6 +155,19 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     )
 
 
+class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The key ledger: delivered event_ids per store, so a re-sent one is dropped."""
+
+    retention_days: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="days after delivery an event_id is remembered: a re-send within them "
+            "is dropped",
+        ),
+    ] = DEFAULT_LEDGER_RETENTION_DAYS
+
+
 class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """storelink-central's configuration."""
 
@@ -166,6 +180,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stream: StreamSettings = StreamSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     webhook: WebhookSettings = WebhookSettings()
+    ledger: LedgerSettings = LedgerSettings()
 
     @property
     def data_path(self) -> Path:

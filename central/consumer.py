@@ -6,8 +6,10 @@ is over is NAKed for the next fetch), processed in stream order:
 1. decode each batch; undecodable or mis-attributed batches go to the DLQ (with the reason);
 2. the sequencer drops what is at or below the store's mark and holds back batches behind a gap
    (NAKed with a delay: JetStream keeps them, not our memory);
-3. the deliverable records (plus derived count-variance adjustments) go to every sink;
-4. only when every sink accepted: one state transaction (marks, gaps, inventory, sink offsets);
+3. the deliverable records, less those whose event_id the key ledger saw delivered before
+   (``central/ledger.py``), plus derived count-variance adjustments, go to every sink;
+4. only when every sink accepted: one state transaction (marks, gaps, inventory, sink offsets,
+   ledger keys);
 5. then the acks. A crash before 4 redelivers the unit (marks drop what was already delivered);
    a crash between 4 and 5 redelivers batches that the marks now drop.
 
@@ -37,6 +39,7 @@ from central.control import GapResyncer
 from central.errors import DeadLetterUnpublished, SinkRejected, SinkUnavailable
 from central.holds import Holds, Undecodable
 from central.inventory import Inventory
+from central.ledger import Deliveries, KeyLedger
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
 from central.state import StateStore, Unit
@@ -113,6 +116,7 @@ class ConsumerStatistics:
     resync_unanswered: int
     sink_failures: int
     last_unit_at: float | None
+    ledger_duplicates: int  # records dropped because their event_id was delivered before
 
 
 class Consumer:
@@ -128,6 +132,7 @@ class Consumer:
         self.sinks = list(sinks)
         self.sequencer = Sequencer(state.marks(), state.gaps())
         self.inventory = Inventory(state)
+        self.ledger = KeyLedger(state, cfg.ledger.retention_days)
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.holds = Holds(
@@ -164,6 +169,7 @@ class Consumer:
             resync_unanswered=self.resyncer.unanswered,
             sink_failures=self.sink_failures,
             last_unit_at=self.last_unit_at,
+            ledger_duplicates=self.ledger.resent,
         )
 
     async def setup(self) -> None:
@@ -265,6 +271,7 @@ class Consumer:
         held: list[tuple[Msg, float]] = []  # (msg, NAK delay)
         released: list[Msg] = []  # over a store's cap of held batches: asked for again later
         poison: list[tuple[Msg, str, str]] = []  # (msg, store token, reason)
+        deliveries: Deliveries = []
         for msg in msgs:
             store_id = store_from_events_subject(msg.subject)
             try:
@@ -336,8 +343,11 @@ class Consumer:
                 self.duplicates += decision.count
                 continue
             self.duplicates += decision.duplicates
+            deliveries.append((batch, decision.records))
+        # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
+        for batch, records in await self.ledger.screen(deliveries, unit):
             await self.inventory.ensure_loaded(batch.store_id)
-            for record in decision.records:
+            for record in records:
                 out.append(oms_record(batch.store_id, batch.epoch, record))
                 derived = self.inventory.apply(batch.store_id, batch.epoch, record, unit)
                 if derived is not None:
@@ -368,6 +378,7 @@ class Consumer:
         for sink in self.sinks:
             sink.committed()
         self.inventory.committed(unit)
+        self.ledger.committed(unit)
         self._sink_backoff.reset()
         self.delivered += sum(1 for r in out if not r.derived)
         self.dlq += len(poison) + len(rejected)

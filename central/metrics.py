@@ -57,6 +57,7 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         ("resync_requests", "Resync requests sent to stores for gaps."),
         ("resync_unanswered", "Resync requests no store answered."),
         ("sink_failures", "Units retried because a sink could not take them."),
+        ("ledger_duplicates", "Events dropped because their event_id was delivered before."),
     ):
         out.add(f"consumer_{key}_total", "counter", help_text, consumer.get(key, 0))
     last_unit = consumer.get("last_unit_at") or 0
@@ -153,6 +154,32 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "counter",
         "Duplicate events dropped, all epochs.",
         per_store("duplicates"),
+    )
+    # Key ledger (central/ledger.py).
+    out.add(
+        "store_resent_duplicates_total",
+        "counter",
+        "Events dropped because the store's event_id was delivered before (under another seq).",
+        per_store("resent"),
+    )
+    out.add(
+        "store_ledger_keys",
+        "gauge",
+        "Delivered event_ids the ledger holds.",
+        per_store("ledger_keys"),
+    )
+    out.add(
+        "ledger_keys",
+        "gauge",
+        "Delivered event_ids the ledger holds, all stores.",
+        sum(s.get("ledger_keys") or 0 for s in stores),
+    )
+    ledger = status.get("ledger") or {}
+    out.add(
+        "ledger_pruned_total",
+        "counter",
+        "Expired keys pruned from the ledger by this process.",
+        ledger.get("pruned", 0),
     )
     out.add(
         "store_last_seen_timestamp_seconds",

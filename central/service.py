@@ -146,6 +146,7 @@ class CentralService:
                 "broker_restarts": self.broker_restarts,
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
+            "ledger": asdict(consumer.ledger.statistics()) if consumer else None,
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
             "stores": stores,
@@ -248,6 +249,7 @@ class CentralService:
     async def run(self) -> None:
         self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
+        pruning: asyncio.Task[None] | None = None  # the key ledger's expiry sweeps
         try:
             await self.state.open()
             # /healthz answers (503) from the start, so supervisors see a central starting up.
@@ -268,6 +270,7 @@ class CentralService:
                 self.cfg, self.nc, js, self.state, make_sinks(self.cfg, self.nc)
             )
             await self.consumer.setup()
+            pruning = asyncio.create_task(self.consumer.ledger.run_pruning(self.stop))
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http
             )
@@ -275,6 +278,8 @@ class CentralService:
         finally:
             if supervisor is not None:
                 supervisor.cancel()
+            if pruning is not None:
+                pruning.cancel()
             await self.http.close()
             if self.consumer is not None:
                 await self.consumer.close()

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import aiosqlite
 
+from central import ledger
 from central.errors import NotAStateDatabase, SkipRefused, StateError, StateTooNew
 from protocol import migrations
 from protocol.errors import DatabaseTooNew, NotOurDatabase
@@ -58,6 +59,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
                 name TEXT PRIMARY KEY, nkey TEXT NOT NULL, added_at REAL NOT NULL)""",
         ),
     ),
+    # Delivered event_ids per store (central/ledger.py).
+    ledger.MIGRATION,
     # A gap part of which the store can no longer re-send (pruned, rebuilt machine), and the
     # operators' recorded decisions to skip a gap (`gaps skip`): kept for audit, never deleted.
     (
@@ -173,6 +176,10 @@ class Unit:
     inventory: dict[tuple[str, str], Decimal] = field(default_factory=dict)
     sink_offsets: dict[str, int] = field(default_factory=dict)
     dlq: dict[str, int] = field(default_factory=dict)
+    # Key ledger (central/ledger.py): hashes of delivered event_ids per store (-> day), and
+    # records dropped as re-sent per store. Both come with marks, so empty() needs no change.
+    ledger_keys: dict[str, dict[bytes, int]] = field(default_factory=dict)
+    ledger_resent: dict[str, int] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.marks or self.gaps or self.inventory or self.sink_offsets or self.dlq)
@@ -213,6 +220,10 @@ class StateStore(Protocol):
     async def pending_skips(self) -> list[GapSkip]: ...
     async def apply_skip(self, skip: GapSkip) -> str: ...
     def statistics(self) -> StateStatistics: ...
+    # The key ledger's storage (central/ledger.py).
+    async def delivered_keys(self, wanted: dict[str, set[bytes]]) -> dict[str, set[bytes]]: ...
+    async def ledger_stores(self) -> list[str]: ...
+    async def prune_keys(self, store_id: str, part: int, before_day: int) -> int: ...
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -436,6 +447,26 @@ class SqliteState:
             self._gaps[key] = new_gap
         return outcome
 
+    # --- key ledger: the SQL is central/ledger.py's, run on this writer thread ---------------
+
+    async def _run_ledger(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await self._run(fn, self._conn, *args)
+        except sqlite3.Error as exc:
+            raise StateError(f"key ledger in {self.data_dir / STATE_FILENAME}: {exc}") from exc
+
+    async def delivered_keys(self, wanted: dict[str, set[bytes]]) -> dict[str, set[bytes]]:
+        found: dict[str, set[bytes]] = await self._run_ledger(ledger.find_delivered, wanted)
+        return found
+
+    async def ledger_stores(self) -> list[str]:
+        stores: list[str] = await self._run_ledger(ledger.ledger_stores)
+        return stores
+
+    async def prune_keys(self, store_id: str, part: int, before_day: int) -> int:
+        gone: int = await self._run_ledger(ledger.prune_slice, store_id, part, before_day)
+        return gone
+
     def _commit(self, unit: Unit) -> None:
         conn = self._conn
         assert conn is not None
@@ -475,6 +506,7 @@ class SqliteState:
                 "DO UPDATE SET count = count + excluded.count",
                 unit.dlq.items(),
             )
+            ledger.record_keys(conn, unit.ledger_keys, unit.ledger_resent)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -684,6 +716,7 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 r[0]: r[1]
                 for r in await conn.execute_fetchall("SELECT store_id, count FROM dlq_counts")
             }
+            keys = await ledger.read_counts(conn)
     except sqlite3.Error as exc:
         raise StateError(f"cannot read central state {path}: {exc}") from None
     result = []
@@ -708,6 +741,9 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 "gaps": open_gaps,
                 "skips": [k.to_dict() for k in skips.get(store_id, [])],
                 "dlq": dlq.get(store_id, 0),
+                # Key ledger: event_ids held, and records dropped as re-sent.
+                "ledger_keys": keys.get(store_id, (0, 0))[0],
+                "resent": keys.get(store_id, (0, 0))[1],
             }
         )
     return result

@@ -58,8 +58,8 @@ async def gaps_of(h: Harness, store_id: str = "S1") -> list[dict[str, Any]]:
 
 async def held_of(h: Harness, store_id: str = "S1") -> dict[str, Any]:
     status = await h.service.status()
-    [store] = [s for s in status["stores"] if s["store_id"] == store_id]
-    return dict(store["held"] or {})
+    found = [s for s in status["stores"] if s["store_id"] == store_id]
+    return dict(found[0]["held"] or {}) if found else {}
 
 
 def undecodable_batch(store_id: str, first_seq: int, last_seq: int, epoch: str = EPOCH) -> bytes:
