@@ -218,6 +218,8 @@ def _problems(store: dict[str, Any], lag_alert: float) -> list[str]:
     elif store["gap"]:
         found.append("gap")
     held = store.get("held") or {}
+    if held.get("blocked"):
+        found.append("blocked")
     if held.get("undecodable"):
         found.append("undecodable")
     if held.get("expiring"):
@@ -265,7 +267,7 @@ def status(
 
     Reads the state database read-only, so it works whether or not central runs. Each store's
     agent is asked over its control subject, all at once, each with --timeout. Flags per store:
-    unreachable, unrecoverable, gap, undecodable, expiring, dlq, lagging (see
+    unreachable, unrecoverable, gap, blocked, undecodable, expiring, dlq, lagging (see
     docs/operations.md)."""
     try:
         stores = asyncio.run(read_status(data_dir))
@@ -402,6 +404,12 @@ def _held_lines(store: dict[str, Any]) -> list[str]:
         lines.append(
             f"holding {held['held_batches']} batches, released {held['released_batches']} to "
             f"re-ask{expires}"
+        )
+    block = held.get("blocked")
+    if block:
+        lines.append(
+            f"BLOCKED at {block['key']} since {_ago(block['since'])} ({block['failures']} "
+            f"failed tries, next {_when(block['next_try_at'])}): {block['reason']}"
         )
     bad = held.get("undecodable")
     if bad:

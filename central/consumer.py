@@ -36,7 +36,13 @@ from nats.aio.msg import Msg
 from central import dlq
 from central.config import CentralConfig
 from central.control import GapResyncer
-from central.errors import DeadLetterUnpublished, SinkRejected, SinkUnavailable
+from central.errors import (
+    DeadLetterUnpublished,
+    SinkRejected,
+    SinkUnavailable,
+    StoreBlocked,
+    StoresUnavailable,
+)
 from central.holds import Holds, Undecodable
 from central.inventory import Inventory
 from central.ledger import Deliveries, KeyLedger
@@ -268,6 +274,7 @@ class Consumer:
         now = time.time()
         out: list[OmsRecord] = []
         acks: list[Msg] = []
+        ack_stores: list[str] = []  # the store of each of acks
         held: list[tuple[Msg, float]] = []  # (msg, NAK delay)
         released: list[Msg] = []  # over a store's cap of held batches: asked for again later
         poison: list[tuple[Msg, str, str]] = []  # (msg, store token, reason)
@@ -296,7 +303,14 @@ class Consumer:
                 self.batches += 1
                 self.duplicates += count
                 acks.append(msg)
+                ack_stores.append(store_id)
                 self.holds.settled(store_id, _stream_seq(msg))
+                continue
+            wait = self.holds.parked_wait(store_id, now)
+            if wait is not None:
+                # Parked (the OMS keeps failing on one of its records): back, untouched, until
+                # the store's next try; the other stores flow on.
+                held.append((msg, wait))
                 continue
             if self.sequencer.behind(
                 store_id, envelope.epoch, envelope.first_seq, envelope.last_seq, unit, now
@@ -339,6 +353,7 @@ class Consumer:
                 continue
             self.holds.settled(store_id, _stream_seq(msg))
             acks.append(msg)
+            ack_stores.append(store_id)
             if not isinstance(decision, Deliver):
                 self.duplicates += decision.count
                 continue
@@ -354,7 +369,10 @@ class Consumer:
                     out.append(derived)
         keep_alive = asyncio.create_task(self._keep_alive(msgs))
         try:
-            rejected = await self._deliver(out, unit)
+            rejected, blocked = await self._deliver(out, unit)
+            if blocked:
+                out, acks = self._park(blocked, out, acks, ack_stores, held, unit, now)
+                rejected = [r for r in rejected if r.record.store_id not in blocked]
             for msg, token, reason in poison:
                 await dlq.publish(self.js, msg.data, token, reason, "batch", msg=msg)
                 unit.dlq[token] = unit.dlq.get(token, 0) + 1
@@ -380,6 +398,14 @@ class Consumer:
         self.inventory.committed(unit)
         self.ledger.committed(unit)
         self._sink_backoff.reset()
+        for store_id in {r.store_id for r in out} & self.holds.parked():
+            parked = self.holds.unpark(store_id)
+            if parked is not None:
+                log.warning(
+                    "store %s unblocked: the OMS took %s after %d failed tries since %s",
+                    store_id, parked.key, parked.failures,
+                    dt.datetime.fromtimestamp(parked.since, dt.UTC).isoformat(),
+                )  # fmt: skip
         self.delivered += sum(1 for r in out if not r.derived)
         self.dlq += len(poison) + len(rejected)
         self.held += len(held)
@@ -423,18 +449,61 @@ class Consumer:
             for msg in msgs:
                 await self._settle(msg.in_progress())
 
-    async def _deliver(self, out: list[OmsRecord], unit: Unit) -> list[SinkRejected]:
-        """Every sink gets the records; returns the records refused for good by any sink."""
+    async def _deliver(
+        self, out: list[OmsRecord], unit: Unit
+    ) -> tuple[list[SinkRejected], dict[str, StoreBlocked]]:
+        """Every sink gets the records; returns the records refused for good by any sink and
+        the stores some sink could not deliver now (blocked). A sink that can undo (the file
+        sink) goes last and gets only the stores every other sink delivered."""
         rejected: dict[str, SinkRejected] = {}
-        for sink in self.sinks:
-            for refusal in await sink.deliver(out):
+        blocked: dict[str, StoreBlocked] = {}
+        probe = self.holds.parked()
+        for sink in sorted(self.sinks, key=lambda s: getattr(s, "undoable", False)):
+            records = [r for r in out if r.store_id not in blocked] if blocked else out
+            try:
+                refusals = await sink.deliver(records, probe=probe)
+            except StoresUnavailable as exc:
+                refusals = exc.rejected
+                for block in exc.blocked:
+                    blocked.setdefault(block.store_id, block)
+            for refusal in refusals:
                 reason = f"{sink.name}: {refusal.reason}"
                 refused = SinkRejected(refusal.record, refusal.status, reason)
                 rejected.setdefault(refusal.record.key, refused)
             offset = sink.checkpoint()
             if offset is not None:
                 unit.sink_offsets[sink.name] = offset
-        return list(rejected.values())
+        return list(rejected.values()), blocked
+
+    def _park(
+        self,
+        blocked: dict[str, StoreBlocked],
+        out: list[OmsRecord],
+        acks: list[Msg],
+        ack_stores: list[str],
+        held: list[tuple[Msg, float]],
+        unit: Unit,
+        now: float,
+    ) -> tuple[list[OmsRecord], list[Msg]]:
+        """Take the blocked stores out of the unit: nothing of theirs is committed, their
+        batches go back to JetStream until their next try; the rest of the unit goes on."""
+        for store_id, block in blocked.items():
+            unit.drop_store(store_id)
+            parked = self.holds.park(store_id, block.key, block.reason, now)
+            log.error(
+                "STORE %s BLOCKED at %s: %s. Its events are held, in order, and tried again "
+                "in %.0fs (failed %d times since %s); the other stores flow on.",
+                store_id, block.key, block.reason, parked.next_try_at - now, parked.failures,
+                dt.datetime.fromtimestamp(parked.since, dt.UTC).isoformat(),
+            )  # fmt: skip
+        kept: list[Msg] = []
+        for msg, store_id in zip(acks, ack_stores, strict=True):
+            if store_id in blocked:
+                wait = self.holds.parked_wait(store_id, now) or 0.1
+                held.append((msg, wait))
+            else:
+                kept.append(msg)
+        return [r for r in out if r.store_id not in blocked], kept
 
     async def _back_off(self, msgs: Sequence[Msg], exc: Exception) -> None:
         """Nothing of the unit is committed: undo what can be undone, hand the messages back

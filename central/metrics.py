@@ -259,6 +259,22 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         [({"store": sid}, bool(h.get("expiring"))) for sid, h in held],
     )
     out.add(
+        "store_blocked",
+        "gauge",
+        "1 while the store is parked: the OMS keeps failing on the record `key` while it "
+        "takes other stores' (its events are held, in order).",
+        [({"store": sid, "key": h["blocked"]["key"]}, 1) for sid, h in held if h.get("blocked")],
+    )
+    out.add(
+        "store_blocked_seconds",
+        "gauge",
+        "How long the store has been parked; 0 when it is not.",
+        [
+            ({"store": sid}, max(0.0, now - h["blocked"]["since"]) if h.get("blocked") else 0)
+            for sid, h in held
+        ],
+    )
+    out.add(
         "store_undecodable_held",
         "gauge",
         "1 while a batch of the store that central cannot decode is held (central older "

@@ -190,6 +190,8 @@ class Unit:
         self.marks = {k: v for k, v in self.marks.items() if k[0] != store_id}
         self.gaps = {k: v for k, v in self.gaps.items() if k[0] != store_id}
         self.inventory = {k: v for k, v in self.inventory.items() if k[0] != store_id}
+        self.ledger_keys.pop(store_id, None)
+        self.ledger_resent.pop(store_id, None)
 
 
 @dataclass(frozen=True)

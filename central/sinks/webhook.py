@@ -89,6 +89,11 @@ def answer_text(body: bytes) -> str:
     ]
 
 
+# A parked store is tried with one request; its failure says nothing about the OMS (other
+# stores' records got through before it was parked), so it does not count against the breaker.
+PROBE_ATTEMPTS = 1
+
+
 class CircuitBreaker:
     """Open after ``threshold`` consecutive failures; after ``cooldown`` one probe at a time
     is let through (half-open): its success closes the breaker, its failure re-opens it."""
@@ -231,6 +236,7 @@ class WebhookSink(Sink):
         """POST with retries (``attempts``, or the settings' max_attempts); returns the final
         (status, text) of a delivered or refused answer; SinkUnavailable when the attempts
         are used up or the breaker is open."""
+        probing = attempts == PROBE_ATTEMPTS  # a parked store's try (0: not one)
         attempts = attempts or self.settings.max_attempts
         attempt = 0
         while True:
@@ -243,7 +249,7 @@ class WebhookSink(Sink):
                 # A failure counts against the breaker only while no other store's record got
                 # through in this delivery: one store's record the OMS keeps failing on says
                 # nothing about the OMS (that store is parked instead).
-                if not self._got_through:
+                if not self._got_through and not probing:
                     self.breaker.failure()
                 attempt += 1
                 if attempt >= attempts:
@@ -312,7 +318,10 @@ class WebhookSink(Sink):
             by_store.setdefault(record.store_id, []).append(record)
         self._got_through = False
         results = await asyncio.gather(
-            *(self._deliver_store(rs, 1 if s in probe else 0) for s, rs in by_store.items()),
+            *(
+                self._deliver_store(rs, PROBE_ATTEMPTS if s in probe else 0)
+                for s, rs in by_store.items()
+            ),
             return_exceptions=True,
         )
         rejections: list[SinkRejected] = []
@@ -334,6 +343,8 @@ class WebhookSink(Sink):
         self.rejected += len(rejections)
         if outage is not None:
             raise outage  # the breaker is open: nobody's fault but the OMS's
+        if blocked and all(b.store_id in probe for b in blocked):
+            raise StoresUnavailable(self.name, blocked, rejections)  # parked ones, still bad
         if blocked and len(blocked) == len(by_store) and not self._got_through:
             # Nothing got through: the OMS is down (or only this one store is trading and
             # cannot be told apart from that): the whole unit waits, the breaker counted it.
