@@ -617,6 +617,13 @@ class Outbox:
             self._reader, self._read_unsent_sync, limit_records, limit_bytes, after_seq
         )
 
+    async def first_seq_held(self) -> int | None:
+        """The lowest seq the outbox still holds (older ones were pruned), None when empty."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._first_seq_held_sync)
+
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) whenever records become unsent, so the forwarder
         wakes the moment ingest commits rather than polling."""
@@ -698,6 +705,14 @@ class Outbox:
             size += len(payload)
             expected += 1
         return UnsentRun(first_seq=first_seq, last_seq=expected - 1, payloads=payloads, size=size)
+
+    def _first_seq_held_sync(self) -> int | None:
+        assert self._rconn is not None
+        try:
+            (first,) = self._rconn.execute("SELECT min(seq) FROM records").fetchone()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot read {self.path}: {exc}") from None
+        return int(first) if first is not None else None
 
     # -- writer thread --
 

@@ -98,7 +98,14 @@ async def test_control_status_and_resync(
         status.pending,
         status.connected,
     )
-    assert ResyncReply(requested_from=2, requested_to=3, marked=2, first_available_seq=1) == resync
+    expected = ResyncReply(
+        requested_from=2,
+        requested_to=3,
+        marked=2,
+        first_available_seq=1,
+        epoch=service.outbox.epoch,
+    )
+    assert expected == resync
     assert (2, 3) == (batches[-1][1].first_seq, batches[-1][1].last_seq)
     assert isinstance(junk, ControlError)
 
