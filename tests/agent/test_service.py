@@ -23,7 +23,7 @@ from protocol.wire import (
     decode_control_reply,
     encode,
 )
-from tests.agent.conftest import STORE, body, sales
+from tests.agent.conftest import STORE, body, sale, sales
 from tests.agent.test_forwarder import delivered_seqs, make_stream, stored_batches, wait_until
 
 
@@ -132,3 +132,39 @@ async def test_stop_refuses_new_requests_and_closes_cleanly(
     leftovers = sorted(p.name for p in (tmp_path / "agent").iterdir())
     assert ["agent.lock", "outbox.db"] == leftovers
     assert agent.status().service_running is False
+
+
+async def test_full_disk_is_507_and_loses_nothing(
+    service: AgentService, stream: tuple[NatsClient, JetStreamContext]
+) -> None:
+    """SQLITE_FULL (the writer connection may not grow the file) answers 507 with Retry-After
+    and leaves nothing of the refused request; every event answered 202 reaches JetStream."""
+    _nc, js = stream
+    url = service.ingest.url + "/v1/events"
+    headers = {"Content-Type": "application/json"}
+    writer = service.outbox._wconn  # the one writer connection: SQLite's limit is per connection
+    assert writer is not None
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=body(*sales("a", 5)), headers=headers) as resp:
+            before = resp.status
+        (pages,) = writer.execute("PRAGMA page_count").fetchone()
+        writer.execute(f"PRAGMA max_page_count = {pages}")
+        big = [sale(f"b-{i}", lines=40) for i in range(50)]
+        async with http.post(url, data=body(*big), headers=headers) as resp:
+            full = (resp.status, (await resp.json())["error"], "Retry-After" in resp.headers)
+        writer.execute("PRAGMA max_page_count = 1073741823")
+        async with http.post(url, data=body(*sales("c", 5)), headers=headers) as resp:
+            after = resp.status
+    await wait_until(lambda: service.outbox.statistics().pending == 0, "drained")
+    batches = await stored_batches(js)
+    delivered = {r.event.event_id for _id, b in batches for r in b.records}
+    assert (202, (507, "disk_full", True), 202) == (before, full, after)
+    assert list(range(1, 11)) == delivered_seqs(batches)
+    assert {e.event_id for e in sales("a", 5) + sales("c", 5)} == delivered
+
+
+async def test_the_writer_commits_with_synchronous_full(service: AgentService) -> None:
+    """Accepted means durable: the writer connection runs with synchronous=FULL (2)."""
+    writer = service.outbox._wconn
+    assert writer is not None
+    assert 2 == writer.execute("PRAGMA synchronous").fetchone()[0]
