@@ -197,6 +197,7 @@ class AgentService:
             port=port,
             token=cfg.ingest.token,
             max_request_bytes=cfg.ingest.max_request_bytes,
+            max_requests_in_flight=cfg.ingest.max_requests_in_flight,
             status=self.status,
             convert_poslog=_poslog_converter(cfg),
         )
