@@ -204,8 +204,9 @@ def test_resync_messages_stay_compatible_both_ways() -> None:
         encode(ResyncRequest(from_seq=3, epoch=EPOCH)), type=_V1ResyncRequest
     )
     assert ResyncRequest(from_seq=3, to_seq=4, epoch=None) == old_request
-    assert ResyncReply(
-        requested_from=3, requested_to=4, marked=2, first_available_seq=1, epoch=None
-    ) == old_reply
+    assert (
+        ResyncReply(requested_from=3, requested_to=4, marked=2, first_available_seq=1, epoch=None)
+        == old_reply
+    )
     assert (0, 1) == (read_by_old.marked, read_by_old.first_available_seq)
     assert 3 == read_by_old_agent.from_seq
