@@ -116,8 +116,8 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         int,
         msgspec.Meta(
             ge=1024,
-            description="Most payload bytes in one NATS message (keep below the server's "
-            "max_payload).",
+            description="Most record bytes in one NATS message; batches are cut smaller when "
+            "HQ's max_payload is lower, and no event larger than one batch is accepted (413).",
         ),
     ] = DEFAULT_BATCH_MAX_BYTES
     linger_ms: Annotated[

@@ -3,8 +3,9 @@
 A request is all-or-nothing and answered only after its events are committed to the outbox
 (``synchronous=FULL``): ``202`` means durable. Every refusal is specific and writes nothing:
 401 token, 415 content type, 413 size, 400 unparsable, 422 invalid (index, path, message),
-507 buffer full or disk full (with Retry-After), 503 shutting down or busy (with Retry-After). An event_id already held is not stored
-again: the answer carries the original seq, so a POS can retry blindly.
+507 buffer full or disk full (with Retry-After), 503 shutting down or busy (with
+Retry-After). An event_id already held is not stored again: the answer carries the original
+seq, so a POS can retry blindly.
 
 The handlers are deliberately plain (no middleware): at ten thousand requests a second every
 layer shows up in the latency.
@@ -64,7 +65,12 @@ class EventSink(Protocol):
     async def append(self, events: list[Event]) -> AppendResult: ...
 
     async def mark_unsent(
-        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+        self,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+        *,
+        since: float | None = None,
+        retry_refused: bool = False,
     ) -> UnsentMarked: ...
 
     @property
@@ -288,7 +294,9 @@ class Ingest:
                 _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
         except RecordTooLarge as exc:
-            return self._refuse(_error(413, "event_too_large", message=str(exc), index=exc.index))
+            return self._refuse(
+                _error(413, "event_too_large", message=str(exc), index=exc.index, limit=exc.limit)
+            )
         except OutboxWriteFailed as exc:
             status, error = (507, "disk_full") if exc.disk_full else (503, "write_failed")
             return self._refuse(
@@ -404,7 +412,11 @@ class Ingest:
             when = ask.since if ask.since.tzinfo else ask.since.replace(tzinfo=dt.UTC)
             since = when.timestamp()
         try:
-            marked = await self.sink.mark_unsent(ask.from_seq, ask.to_seq, since=since)
+            # An operator's resync also retries what HQ refused in the range (after HQ raised
+            # its limits): the only way such a record is offered again.
+            marked = await self.sink.mark_unsent(
+                ask.from_seq, ask.to_seq, since=since, retry_refused=True
+            )
         except OutboxError as exc:
             return self._refuse(_error(400, "bad_request", message=str(exc)))
         log.info("resync requested over HTTP (%s): %d records marked", ask, marked.marked)

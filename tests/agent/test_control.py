@@ -112,3 +112,22 @@ async def test_a_pruned_range_is_unavailable(sent_outbox: Outbox, clock: Clock) 
     assert isinstance(gone, ResyncReply) and isinstance(partly, ResyncReply)
     assert (0, 6, True) == (gone.marked, gone.first_available_seq, gone.unavailable)
     assert (0, 6, False) == (partly.marked, partly.first_available_seq, partly.unavailable)
+
+
+async def test_hqs_resync_leaves_refused_records_aside(tmp_path: Path) -> None:
+    """HQ's gap resync does not offer a record HQ refused for good: it would only be refused
+    again; the reply marks nothing for it."""
+    box = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=1)
+    await box.open()
+    try:
+        await box.append(sales("a", 3))
+        await box.mark_sent(1, 1)
+        await box.mark_refused_nowait(2, "too large")
+        await box.mark_sent(3, 3)
+        control = Control(box, store_id=STORE, status=_no_status)
+        reply = await control.handle(encode(ResyncRequest(from_seq=2, to_seq=2)))
+        stats = box.statistics()
+    finally:
+        await box.close()
+    assert isinstance(reply, ResyncReply)
+    assert (0, 0, 1) == (reply.marked, stats.pending, stats.refused)

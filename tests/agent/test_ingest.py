@@ -301,7 +301,12 @@ class HeldSink:
         return AppendResult(accepted=len(events), duplicates=0, first_seq=1, last_seq=1, seqs=[1])
 
     async def mark_unsent(
-        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+        self,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+        *,
+        since: float | None = None,
+        retry_refused: bool = False,
     ) -> UnsentMarked:
         raise AssertionError("not used")
 
@@ -340,3 +345,22 @@ async def test_requests_in_flight_are_capped(http: aiohttp.ClientSession) -> Non
     assert [202, 202] == finished
     assert 202 == again
     assert {503: 1} == ingest.statistics().refused
+
+
+async def test_an_operators_resync_offers_refused_records_again(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """A record set aside as refused by HQ is offered again by an operator's resync over HTTP
+    (after HQ raised its limit), and only then."""
+    ingest = await make_ingest()
+    outbox = ingest.sink
+    assert isinstance(outbox, Outbox)
+    await post(http, ingest, body(*sales("a", 3)))
+    await outbox.mark_refused_nowait(2, "too large")
+    set_aside = (outbox.statistics().pending, outbox.statistics().refused)
+    status, marked, _ = await post(http, ingest, b'{"from_seq": 2, "to_seq": 2}', path="/v1/resync")
+    run = await outbox.read_unsent(10, 1 << 20)
+    assert (2, 1) == set_aside
+    assert (200, 1) == (status, marked["marked"])
+    assert (3, 0) == (outbox.statistics().pending, outbox.statistics().refused)
+    assert run is not None and (1, 3) == (run.first_seq, run.last_seq)

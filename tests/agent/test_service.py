@@ -12,7 +12,7 @@ from nats.js import JetStreamContext
 
 from agent.config import config_from_dict
 from agent.service import AgentService
-from central.broker import EmbeddedBroker, free_port
+from central.broker import BrokerConfig, EmbeddedBroker, free_port
 from protocol.subjects import control_subject
 from protocol.wire import (
     AgentStatus,
@@ -168,3 +168,42 @@ async def test_the_writer_commits_with_synchronous_full(service: AgentService) -
     writer = service.outbox._wconn
     assert writer is not None
     assert 2 == writer.execute("PRAGMA synchronous").fetchone()[0]
+
+
+async def test_an_event_hq_could_never_take_is_413_naming_the_limit(tmp_path: Path) -> None:
+    """Against a server with a 64 KiB max_payload, an event that would not fit in one NATS
+    message is refused at ingest with 413 and the limit; nothing is stored."""
+    broker = EmbeddedBroker(
+        BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=64 * 1024)
+    )
+    await broker.start()
+    cfg = config_from_dict(
+        {
+            "store_id": STORE,
+            "data_dir": str(tmp_path / "agent"),
+            "ingest": {"listen": f"127.0.0.1:{free_port()}"},
+            "nats": {"urls": [broker.url], "ping_interval": 1},
+        }
+    )
+    agent = AgentService(cfg)
+    await agent.start()
+    try:
+        await wait_until(lambda: agent.outbox.max_payload == 64 * 1024, "max_payload learned")
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                agent.ingest.url + "/v1/events",
+                data=body(sale("big", lines=1500)),
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                status, answer = resp.status, await resp.json()
+        last_seq = agent.outbox.statistics().last_seq
+    finally:
+        await agent.stop()
+        await broker.stop()
+    assert (413, "event_too_large", 64 * 1024 - 1024, 0) == (
+        status,
+        answer["error"],
+        answer["limit"],
+        last_seq,
+    )
+    assert "max_payload of 65536 bytes" in answer["message"]
