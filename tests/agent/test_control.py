@@ -49,41 +49,28 @@ def _no_status() -> AgentStatus:
     raise AssertionError("not asked")
 
 
-async def test_a_resync_for_another_epoch_is_unavailable_and_marks_nothing(
-    sent_outbox: Outbox,
+@pytest.mark.parametrize(
+    ("own", "marked", "unavailable"), [(False, 0, True), (True, 2, False)], ids=["old", "own"]
+)
+async def test_a_resync_names_its_epoch(
+    sent_outbox: Outbox, own: bool, marked: int, unavailable: bool
 ) -> None:
-    """A request naming an epoch this agent does not hold (a rebuilt machine) marks nothing and
-    says the range can never be re-sent, naming the agent's own epoch."""
+    """A request naming the agent's epoch marks the range unsent; one naming an epoch this
+    agent does not hold (a rebuilt machine) marks nothing and says the range can never be
+    re-sent. Both replies name the agent's own epoch."""
     control = Control(sent_outbox, store_id=STORE, status=_no_status)
-    request = ResyncRequest(from_seq=2, to_seq=3, epoch=OLD_EPOCH)
-    reply = await control.handle(encode(request))
+    epoch = sent_outbox.epoch if own else OLD_EPOCH
+    reply = await control.handle(encode(ResyncRequest(from_seq=2, to_seq=3, epoch=epoch)))
     expected = ResyncReply(
         requested_from=2,
         requested_to=3,
-        marked=0,
+        marked=marked,
         first_available_seq=1,
         epoch=sent_outbox.epoch,
-        unavailable=True,
+        unavailable=unavailable,
     )
     assert expected == reply
-    assert 0 == sent_outbox.statistics().pending
-
-
-async def test_a_resync_for_its_own_epoch_re_sends(sent_outbox: Outbox) -> None:
-    """A request naming the agent's epoch marks the range unsent and says which epoch it is."""
-    control = Control(sent_outbox, store_id=STORE, status=_no_status)
-    request = ResyncRequest(from_seq=2, to_seq=3, epoch=sent_outbox.epoch)
-    reply = await control.handle(encode(request))
-    expected = ResyncReply(
-        requested_from=2,
-        requested_to=3,
-        marked=2,
-        first_available_seq=1,
-        epoch=sent_outbox.epoch,
-        unavailable=False,
-    )
-    assert expected == reply
-    assert 2 == sent_outbox.statistics().pending
+    assert marked == sent_outbox.statistics().pending
 
 
 async def test_a_resync_without_an_epoch_behaves_as_before(sent_outbox: Outbox) -> None:

@@ -16,7 +16,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
-from agent.forwarder import Forwarder
+from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
@@ -254,6 +254,23 @@ async def small_server(tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
         await broker.stop()
 
 
+async def drain(
+    outbox: Outbox, url: str, nc: NatsClient, *, small: int, big_lines: int, more: int
+) -> tuple[list[tuple[str, Batch]], ForwarderStatistics]:
+    """Append ``small`` sales, one of ``big_lines`` lines, ``more`` sales; forward until nothing
+    is pending; the stream's batches and the forwarder's figures (``nc`` is closed after)."""
+    await outbox.append(sales("a", small))
+    await outbox.append([sale("big", lines=big_lines)])
+    await outbox.append(sales("b", more))
+    running = Running(forwarder_for(outbox, url))
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "nothing pending")
+        return await stored_batches(nc.jetstream()), running.forwarder.statistics()
+    finally:
+        await running.stop()
+        await nc.close()
+
+
 def refused_rows(outbox: Outbox) -> list[tuple[int, str]]:
     """(seq, reason) of the records the outbox holds flagged as refused by HQ."""
     with sqlite3.connect(outbox.path) as conn:
@@ -269,22 +286,11 @@ async def test_a_record_above_max_payload_is_refused_not_retried_forever(
     """A record an older agent accepted that is larger than the server's max_payload is set
     aside (flagged in the outbox, counted, reported) and the records after it flow; the
     learned max_payload is kept for the next start."""
-    nc, js = await make_stream(small_server.url)
-    await outbox.append(sales("a", 3))
-    await outbox.append([sale("big", lines=1500)])
-    await outbox.append(sales("b", 3))
-    running = Running(forwarder_for(outbox, small_server.url))
-    try:
-        await wait_until(lambda: outbox.statistics().pending == 0, "everything but seq 4 sent")
-        batches = await stored_batches(js)
-        stats = running.forwarder.statistics()
-    finally:
-        await running.stop()
-        await nc.close()
+    nc, _js = await make_stream(small_server.url)
+    batches, stats = await drain(outbox, small_server.url, nc, small=3, big_lines=1500, more=3)
     readonly = read_statistics_readonly(outbox.data_dir, max_buffer_bytes=1 << 30)
     [(seq, reason)] = refused_rows(outbox)
     assert [1, 2, 3, 5, 6, 7] == delivered_seqs(batches)
-    assert all(len(msg_id) > 0 for msg_id, _b in batches)
     assert (4, 1, 1, 1) == (seq, stats.refused, outbox.statistics().refused, readonly.refused)
     assert "max_payload" in reason
     assert 64 * 1024 == outbox.max_payload
@@ -307,17 +313,7 @@ async def test_a_stream_max_msg_size_refusal_shrinks_batches_and_sets_aside_one_
     await js.add_stream(
         name=EVENTS_STREAM, subjects=[EVENTS_WILDCARD], duplicate_window=120, max_msg_size=8192
     )
-    await outbox.append(sales("a", 100))
-    await outbox.append([sale("big", lines=200)])
-    await outbox.append(sales("b", 20))
-    running = Running(forwarder_for(outbox, nats_server.url))
-    try:
-        await wait_until(lambda: outbox.statistics().pending == 0, "everything but seq 101 sent")
-        batches = await stored_batches(js)
-        stats = running.forwarder.statistics()
-    finally:
-        await running.stop()
-        await nc.close()
+    batches, stats = await drain(outbox, nats_server.url, nc, small=100, big_lines=200, more=20)
     [(seq, reason)] = refused_rows(outbox)
     # Batches after a refused one may land before the rewind re-sends it: order is central's
     # job (its marks), what matters here is that every record but the refused one arrived.
