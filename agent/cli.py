@@ -266,6 +266,12 @@ def _print_status(report: dict[str, Any]) -> None:
         f"buffer        {report['buffer_bytes']} of {report['max_buffer_bytes']} bytes "
         f"({used:.1f}%)"
     )
+    if report.get("refused_by_hq"):
+        click.echo(
+            f"REFUSED       {report['refused_by_hq']} events HQ can never take (too large for "
+            "its NATS): held in the outbox, not sent; see docs/operations.md, 'Records HQ "
+            "refused'"
+        )
     if forwarder.get("denied"):
         click.echo(
             f"DENIED        NATS refuses this store: {forwarder['denied']}; nats.credentials are "
@@ -311,7 +317,8 @@ async def _resync_offline(
     )
     await outbox.open()
     try:
-        marked = await outbox.mark_unsent(from_seq, to_seq, since=since)
+        # As over HTTP: an operator's resync also offers the records HQ refused again.
+        marked = await outbox.mark_unsent(from_seq, to_seq, since=since, retry_refused=True)
     finally:
         await outbox.close()
     return marked.marked, marked.first_available_seq

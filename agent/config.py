@@ -28,6 +28,7 @@ DEFAULT_DATA_DIR = (
 )
 DEFAULT_LISTEN = "127.0.0.1:8787"
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_REQUESTS_IN_FLIGHT = 64
 DEFAULT_NATS_URLS = ("nats://127.0.0.1:4222",)
 DEFAULT_PING_INTERVAL = 5.0
 DEFAULT_BATCH_MAX_RECORDS = 500
@@ -61,6 +62,15 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     max_request_bytes: Annotated[
         int, msgspec.Meta(ge=1024, description="Largest request body accepted (413 above it).")
     ] = DEFAULT_MAX_REQUEST_BYTES
+    max_requests_in_flight: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=100_000,
+            description="Event and POSLog requests read and stored at once; one more gets 503 "
+            "with Retry-After (memory stays below this times max_request_bytes).",
+        ),
+    ] = DEFAULT_MAX_REQUESTS_IN_FLIGHT
 
 
 class NatsConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,8 +116,8 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         int,
         msgspec.Meta(
             ge=1024,
-            description="Most payload bytes in one NATS message (keep below the server's "
-            "max_payload).",
+            description="Most record bytes in one NATS message; batches are cut smaller when "
+            "HQ's max_payload is lower, and no event larger than one batch is accepted (413).",
         ),
     ] = DEFAULT_BATCH_MAX_BYTES
     linger_ms: Annotated[

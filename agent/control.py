@@ -2,8 +2,11 @@
 
 ``status`` answers with the agent's ``AgentStatus``; ``resync(from_seq, to_seq)`` marks that
 range unsent again (the forwarder rewinds and re-sends it) and answers how many records were
-marked and the lowest seq still held. Anything else, including bytes that do not decode, gets
-a ``ControlError`` reply: a bad request never crashes the agent.
+marked, the lowest seq still held and the agent's epoch. A resync that names another epoch
+(HQ still waits for a gap of this store's previous machine) marks nothing: the reply says the
+range is ``unavailable``, so HQ stops asking instead of receiving this epoch's records again
+and again. So does a range retention has pruned entirely. Anything else, including bytes that
+do not decode, gets a ``ControlError`` reply: a bad request never crashes the agent.
 """
 
 from __future__ import annotations
@@ -74,6 +77,24 @@ class Control:
         return ControlError(error=f"unsupported control request {type(request).__name__}")
 
     async def _resync(self, request: ResyncRequest) -> ResyncReply:
+        epoch = self.outbox.epoch
+        if request.epoch is not None and request.epoch != epoch:
+            log.warning(
+                "control: HQ asked to re-send %s..%s of epoch %s, but this agent holds epoch %s "
+                "(a rebuilt machine or a damaged outbox moved aside): answered unavailable",
+                request.from_seq,
+                request.to_seq if request.to_seq is not None else "end",
+                request.epoch,
+                epoch,
+            )
+            return ResyncReply(
+                requested_from=request.from_seq,
+                requested_to=request.to_seq,
+                marked=0,
+                first_available_seq=await self.outbox.first_seq_held(),
+                epoch=epoch,
+                unavailable=True,
+            )
         marked = await self.outbox.mark_unsent(request.from_seq, request.to_seq)
         log.info(
             "control: resync %s..%s requested by HQ (%s): %d records will be re-sent",
@@ -87,7 +108,16 @@ class Control:
             requested_to=request.to_seq,
             marked=marked.marked,
             first_available_seq=marked.first_available_seq,
+            epoch=epoch,
+            unavailable=self._pruned(request, marked.first_available_seq),
         )
+
+    def _pruned(self, request: ResyncRequest, first_available: int | None) -> bool:
+        """Every seq of the range this agent committed is gone (retention pruned it)."""
+        last_seq = self.outbox.statistics().last_seq
+        high = min(request.to_seq or last_seq, last_seq)
+        held_from = first_available if first_available is not None else last_seq + 1
+        return request.from_seq <= high < held_from
 
     async def _on_message(self, msg: Msg) -> None:
         try:

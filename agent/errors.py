@@ -51,13 +51,14 @@ class BufferFull(OutboxError):
 class RecordTooLarge(OutboxError):
     """One event encodes larger than a NATS message may be: it could never be sent, so refuse it."""
 
-    def __init__(self, *, index: int, size: int, limit: int) -> None:
+    def __init__(self, *, index: int, size: int, limit: int, source: str) -> None:
         self.index = index
         self.size = size
         self.limit = limit
+        self.source = source
         super().__init__(
-            f"event {index} encodes to {size} bytes, above the {limit}-byte batch limit "
-            "(forwarder.batch_max_bytes): split it"
+            f"event {index} encodes to {size} bytes, above the {limit}-byte limit ({source}): "
+            "split it"
         )
 
 

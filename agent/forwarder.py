@@ -19,6 +19,20 @@ Connecting happens in a background task (``nats.connect`` blocks until a server 
 reconnect delay is ours (capped at RECONNECT_MAX_DELAY, jittered) instead of nats-py's fixed
 2 s, so draining resumes within about a second of HQ coming back.
 
+PubAcks are awaited on the forwarder's own reply subscription, not through nats-py's
+``publish_async``: nats-py never resolves a ``publish_async`` future whose PubAck carries an
+error (its reply handler raises instead), so a batch JetStream refused would look like a
+timeout and be re-sent forever.
+
+A record HQ can never take wedged a store before: larger than the server's ``max_payload``
+(an older agent accepted it, or HQ lowered the limit), or than the stream's ``max_msg_size``.
+Such a refusal is permanent, so it is not retried: a batch of several records is cut smaller
+until it fits (``max_msg_size`` is not told to clients: a refused batch halves the cap), and a
+single record still refused is set aside in the outbox, flagged with the reason, reported
+(status, metrics, a loud log line) and skipped; the records after it flow on. Only an
+operator's resync offers it again. The server's ``max_payload`` learned on each connect is
+handed to the outbox, which refuses larger events at ingest from then on.
+
 We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
 existing cluster, and the store's permissions already pin the subject. The first PubAck's
 stream name is logged, with a warning when it is not ``STORELINK_EVENTS``.
@@ -29,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import itertools
 import logging
 import random
 import time
@@ -42,11 +57,10 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server as NatsServer
-from nats.js import JetStreamContext
-from nats.js.api import PubAck
+from nats.aio.msg import Msg
 
 from agent.errors import OutboxClosed, OutboxError
-from agent.outbox import Outbox, UnsentRun
+from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
 from protocol.backoff import Backoff
 from protocol.subjects import (
     EVENTS_STREAM,
@@ -56,7 +70,7 @@ from protocol.subjects import (
     inbox_prefix,
 )
 from protocol.timefmt import utc
-from protocol.wire import encode_raw_batch
+from protocol.wire import UNDECODABLE, encode_raw_batch
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +84,11 @@ DENIED_RECONNECT_DELAY = 10.0
 RETRY_BASE_DELAY = 0.05
 RETRY_MAX_DELAY = 1.0
 MAX_OUTSTANDING_PINGS = 2
-PAYLOAD_HEADROOM = 1024  # batch envelope and headers, on top of the records' bytes
 ERROR_LOG_INTERVAL = 30.0  # seconds between repeated connection-error log lines
+
+# JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
+JS_MESSAGE_TOO_LARGE = 10054
+NO_RESPONDERS_STATUS = "503"
 
 Sleep = Callable[[float], Awaitable[None]]
 ConnectHook = Callable[[NatsClient], Awaitable[None]]
@@ -94,6 +111,7 @@ class ForwarderStatistics(msgspec.Struct, frozen=True, kw_only=True):
     # NATS refuses this store (authorization or permissions violation): its credentials are
     # wrong or were revoked. Cleared by the next accepted connection / acknowledged batch.
     denied: str | None = None
+    refused: int = 0  # records HQ refused for good since start, set aside in the outbox
 
 
 def _host_port(url: Any) -> str:
@@ -103,11 +121,74 @@ def _host_port(url: Any) -> str:
     return f"{url.hostname}:{url.port}" if url.port else str(url.hostname)
 
 
+class PubAck(msgspec.Struct):
+    """JetStream's answer to a publish (an ``error`` when it refused the message)."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_decode_ack = msgspec.json.Decoder(PubAck).decode
+
+
+class Refused(Exception):
+    """JetStream refused a batch (``error`` of its PubAck, or no stream answered)."""
+
+    def __init__(self, reason: str, *, err_code: int | None = None) -> None:
+        self.reason = reason
+        self.err_code = err_code
+        super().__init__(reason)
+
+
+class _Acks:
+    """PubAck futures keyed by a token in the reply subject, on one subscription."""
+
+    def __init__(self) -> None:
+        self._prefix = ""
+        self._futures: dict[str, asyncio.Future[PubAck]] = {}
+        self._tokens = itertools.count(1)
+
+    async def start(self, nc: NatsClient) -> None:
+        # Under the store's inbox prefix: its permissions let it subscribe there only.
+        self._prefix = nc.new_inbox() + "."
+        await nc.subscribe(self._prefix + "*", cb=self._on_reply)
+
+    def expect(self) -> tuple[str, asyncio.Future[PubAck]]:
+        """A reply subject and the future its PubAck resolves (cancel it to stop waiting)."""
+        token = str(next(self._tokens))
+        future: asyncio.Future[PubAck] = asyncio.get_running_loop().create_future()
+        self._futures[token] = future
+        future.add_done_callback(lambda _f: self._futures.pop(token, None))
+        return self._prefix + token, future
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._futures.get(msg.subject[len(self._prefix) :])
+        if future is None or future.done():
+            return  # a PubAck for a batch given up on (timed out, rewound)
+        if msg.headers and msg.headers.get("Status") == NO_RESPONDERS_STATUS:
+            future.set_exception(nats.js.errors.NoStreamResponseError())
+            return
+        try:
+            ack = _decode_ack(msg.data)
+        except UNDECODABLE:
+            future.set_exception(Refused(f"unreadable PubAck: {msg.data[:200]!r}"))
+            return
+        if ack.error is not None:
+            code = ack.error.get("err_code")
+            reason = str(ack.error.get("description", ack.error))
+            future.set_exception(Refused(reason, err_code=code if isinstance(code, int) else None))
+            return
+        future.set_result(ack)
+
+
 @dataclass(eq=False)
 class _Inflight:
     first_seq: int
     last_seq: int
     records: int
+    size: int  # the records' bytes
     future: asyncio.Future[PubAck]
     deadline: float
 
@@ -152,7 +233,9 @@ class Forwarder:
         self._reconnect = Backoff(RECONNECT_BASE_DELAY, RECONNECT_MAX_DELAY, rand=rand)
         self._rand = rand
         self._nc: NatsClient | None = None
-        self._js: JetStreamContext | None = None
+        self._acks = _Acks()
+        # Largest records' bytes per batch the stream took; halved on a size refusal.
+        self._size_cap = batch_max_bytes
         self._connected = asyncio.Event()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -172,6 +255,7 @@ class Forwarder:
         self._reconnects = 0
         self._last_error: str | None = None
         self._denied: str | None = None
+        self._refused = 0
         self._offline_since: float | None = clock()
         self._last_error_log = 0.0
         outbox.add_listener(self._wake.set)
@@ -212,6 +296,7 @@ class Forwarder:
             last_error=self._last_error,
             offline_since=utc(self._offline_since),
             denied=self._denied,
+            refused=self._refused,
         )
 
     async def run(self) -> None:
@@ -258,11 +343,16 @@ class Forwarder:
             log.error("forwarder: %s; events are buffered until this is fixed", self._last_error)
             await nc.close()
             return
-        # One JetStream context per connection: each context subscribes its own reply inbox
-        # for publish_async, so making one per publish would pile up subscriptions.
-        self._js = nc.jetstream()
+        try:
+            await self._acks.start(nc)
+        except Exception as exc:  # the link dropped at once: the next attempt starts over
+            self._last_error = f"cannot subscribe for PubAcks: {exc!r}"
+            log.error("forwarder: %s", self._last_error)
+            await nc.close()
+            return
         self._nc = nc
         log.info("forwarder connected to %s", _host_port(nc.connected_url))
+        self._learn_max_payload(nc)
         for hook in self._hooks:
             try:
                 await hook(nc)
@@ -313,8 +403,17 @@ class Forwarder:
         self._link_lost = True
         self._wake.set()
 
+    def _learn_max_payload(self, nc: NatsClient) -> None:
+        try:
+            self.outbox.learn_max_payload_nowait(nc.max_payload)
+        except OutboxClosed:
+            pass  # stopping: the next start learns it again
+
     async def _on_reconnected(self) -> None:
         self._reconnects += 1
+        self._size_cap = self.batch_max_bytes  # perhaps another server, another stream limit
+        if self._nc is not None:
+            self._learn_max_payload(self._nc)
         if self._denied is not None and "authorization" in self._denied.lower():
             self._denied = None  # logged in again: the server accepts the credentials now
         self._set_connected()
@@ -391,7 +490,10 @@ class Forwarder:
     async def _fill_window(self) -> None:
         nc = self._nc
         assert nc is not None
-        limit_bytes = min(self.batch_max_bytes, max(1024, nc.max_payload - PAYLOAD_HEADROOM))
+        # Records' bytes per batch: the envelope and headers fit in BATCH_ENVELOPE_BYTES, so a
+        # batch never exceeds max_payload (a single larger record is tried alone, and set
+        # aside when refused).
+        limit_bytes = min(self._size_cap, max(1, nc.max_payload - BATCH_ENVELOPE_BYTES))
         lingered = False
         while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
             try:
@@ -424,12 +526,21 @@ class Forwarder:
         msg_id = batch_msg_id(
             self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, self._resends
         )
+        reply, future = self._acks.expect()
         try:
-            assert self._js is not None
-            future = await self._js.publish_async(
-                self.subject, payload, headers={MSG_ID_HEADER: msg_id}
-            )
+            await nc.publish(self.subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
+        except nats.errors.MaxPayloadError:
+            future.cancel()
+            reason = f"{len(payload)} bytes, above HQ's NATS max_payload of {nc.max_payload} bytes"
+            if len(run.payloads) == 1:
+                self._set_aside(run.first_seq, reason)
+                self._cursor = run.last_seq
+                return True
+            self._shrink(run.size, reason)
+            self._fail(f"batch {run.first_seq}-{run.last_seq} too large: {reason}")
+            return False
         except (nats.errors.Error, OSError) as exc:
+            future.cancel()
             self._fail(f"publish failed: {exc!r}")
             await self._back_off()
             return False
@@ -439,12 +550,33 @@ class Forwarder:
                 first_seq=run.first_seq,
                 last_seq=run.last_seq,
                 records=len(run.payloads),
+                size=run.size,
                 future=future,
                 deadline=time.monotonic() + self.publish_timeout,
             )
         )
         self._cursor = run.last_seq
         return True
+
+    def _set_aside(self, seq: int, reason: str) -> None:
+        """HQ refused record ``seq`` for good: flag it in the outbox and go on without it."""
+        self._refused += 1
+        self._last_error = f"record {seq} refused by HQ: {reason}"
+        log.error(
+            "forwarder: HQ REFUSES RECORD seq %d OF STORE %s FOR GOOD (%s). It stays in the "
+            "outbox, flagged, and the records after it flow on; HQ sees a gap at this seq. "
+            "See docs/operations.md, 'Records HQ refused'.",
+            seq, self.store_id, reason,
+        )  # fmt: skip
+        self.outbox.mark_refused_nowait(seq, reason).add_done_callback(_log_mark_failure)
+
+    def _shrink(self, size: int, reason: str) -> None:
+        """A batch of ``size`` records' bytes was too large for HQ: cut smaller ones."""
+        self._size_cap = max(1, size // 2)
+        log.warning(
+            "forwarder: a batch of %d bytes was refused (%s); batches are cut at %d bytes now",
+            size, reason, self._size_cap,
+        )  # fmt: skip
 
     def _settle(self) -> bool:
         """Pop the acknowledged prefix of the window and mark it sent; False on a failure."""
@@ -456,6 +588,18 @@ class Forwarder:
                 exc: BaseException | None = asyncio.CancelledError()
             else:
                 exc = head.future.exception()
+            if isinstance(exc, Refused) and exc.err_code == JS_MESSAGE_TOO_LARGE:
+                # Permanent: re-sending the same bytes can never succeed.
+                if head.records == 1:
+                    window.popleft()
+                    self._mark(first, last)  # the acknowledged batches before it, on their own
+                    first = last = None
+                    self._set_aside(head.first_seq, f"JetStream: {exc.reason}")
+                    continue
+                self._mark(first, last)
+                self._shrink(head.size, f"JetStream: {exc.reason}")
+                self._fail(f"batch {head.first_seq}-{head.last_seq} too large: {exc.reason}")
+                return False
             if exc is not None:
                 self._mark(first, last)
                 self._fail(f"batch {head.first_seq}-{head.last_seq} refused: {exc!r}")

@@ -3,11 +3,16 @@
 A request is all-or-nothing and answered only after its events are committed to the outbox
 (``synchronous=FULL``): ``202`` means durable. Every refusal is specific and writes nothing:
 401 token, 415 content type, 413 size, 400 unparsable, 422 invalid (index, path, message),
-507 buffer full (with Retry-After), 503 shutting down. An event_id already held is not stored
-again: the answer carries the original seq, so a POS can retry blindly.
+507 buffer full or disk full (with Retry-After), 503 shutting down or busy (with
+Retry-After). An event_id already held is not stored again: the answer carries the original
+seq, so a POS can retry blindly.
 
 The handlers are deliberately plain (no middleware): at ten thousand requests a second every
 layer shows up in the latency.
+
+Memory is bounded: at most ``max_requests_in_flight`` event and POSLog requests are read and
+held at once (each body at most ``max_request_bytes``); one more is answered ``503 busy`` with
+``Retry-After`` before its body is read.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Protocol
 import msgspec
 from aiohttp import web
 
+from agent.config import DEFAULT_MAX_REQUESTS_IN_FLIGHT
 from agent.errors import (
     AgentError,
     BufferFull,
@@ -59,7 +65,12 @@ class EventSink(Protocol):
     async def append(self, events: list[Event]) -> AppendResult: ...
 
     async def mark_unsent(
-        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+        self,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+        *,
+        since: float | None = None,
+        retry_refused: bool = False,
     ) -> UnsentMarked: ...
 
     @property
@@ -113,6 +124,7 @@ class Ingest:
         port: int,
         token: str = "",
         max_request_bytes: int,
+        max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT,
         status: Callable[[], object],
         convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
     ) -> None:
@@ -122,6 +134,8 @@ class Ingest:
         self.port = port
         self._token = token.encode() if token else b""
         self.max_request_bytes = max_request_bytes
+        self.max_requests_in_flight = max_requests_in_flight
+        self._in_flight = 0
         self._status = status
         self._convert_poslog = convert_poslog
         self._stopping = False
@@ -219,6 +233,31 @@ class Ingest:
                 )
         return None
 
+    async def _bounded(
+        self, request: web.Request, handle: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> web.Response:
+        """Run ``handle`` unless the gate refuses or ``max_requests_in_flight`` requests are
+        already being read or stored (then 503 at once, before the body is read)."""
+        self._requests += 1
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if self._in_flight >= self.max_requests_in_flight:
+            return self._refuse(
+                _error(
+                    503,
+                    "busy",
+                    {"Retry-After": RETRY_AFTER_BUSY},
+                    message=f"{self._in_flight} requests in flight, the limit "
+                    "(ingest.max_requests_in_flight): retry",
+                )
+            )
+        self._in_flight += 1
+        try:
+            return await handle(request)
+        finally:
+            self._in_flight -= 1
+
     async def _read_body(self, request: web.Request) -> bytes | web.Response:
         """The body, or a 413 response: checked against Content-Length first, then while reading
         (a chunked or lying client cannot make us buffer more than the limit)."""
@@ -255,7 +294,9 @@ class Ingest:
                 _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
         except RecordTooLarge as exc:
-            return self._refuse(_error(413, "event_too_large", message=str(exc), index=exc.index))
+            return self._refuse(
+                _error(413, "event_too_large", message=str(exc), index=exc.index, limit=exc.limit)
+            )
         except OutboxWriteFailed as exc:
             status, error = (507, "disk_full") if exc.disk_full else (503, "write_failed")
             return self._refuse(
@@ -278,10 +319,9 @@ class Ingest:
     # -- handlers --
 
     async def _post_events(self, request: web.Request) -> web.Response:
-        self._requests += 1
-        refused = self._gate(request)
-        if refused is not None:
-            return refused
+        return await self._bounded(request, self._events)
+
+    async def _events(self, request: web.Request) -> web.Response:
         content_type = request.content_type
         if content_type in JSON_TYPES:
             msgpack = False
@@ -319,10 +359,9 @@ class Ingest:
         return await self._store(events)
 
     async def _post_poslog(self, request: web.Request) -> web.Response:
-        self._requests += 1
-        refused = self._gate(request)
-        if refused is not None:
-            return refused
+        return await self._bounded(request, self._poslog)
+
+    async def _poslog(self, request: web.Request) -> web.Response:
         if request.content_type not in XML_TYPES:
             return self._refuse(
                 _error(
@@ -373,7 +412,11 @@ class Ingest:
             when = ask.since if ask.since.tzinfo else ask.since.replace(tzinfo=dt.UTC)
             since = when.timestamp()
         try:
-            marked = await self.sink.mark_unsent(ask.from_seq, ask.to_seq, since=since)
+            # An operator's resync also retries what HQ refused in the range (after HQ raised
+            # its limits): the only way such a record is offered again.
+            marked = await self.sink.mark_unsent(
+                ask.from_seq, ask.to_seq, since=since, retry_refused=True
+            )
         except OutboxError as exc:
             return self._refuse(_error(400, "bad_request", message=str(exc)))
         log.info("resync requested over HTTP (%s): %d records marked", ask, marked.marked)

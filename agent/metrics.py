@@ -113,6 +113,18 @@ def render_agent_metrics(status: Mapping[str, Any], ingest: Mapping[str, Any], n
         "Publishes that failed and were retried.",
         forwarder.get("failures", 0),
     )
+    out.add(
+        "refused_by_hq_total",
+        "counter",
+        "Events JetStream refused for good (too large) since start; set aside, not retried.",
+        forwarder.get("refused", 0),
+    )
+    out.add(
+        "refused_by_hq_events",
+        "gauge",
+        "Events HQ refused for good, held flagged in the outbox: an operator must act.",
+        status.get("refused_by_hq", 0),
+    )
     out.add("reconnects_total", "counter", "Reconnections to NATS.", forwarder.get("reconnects", 0))
     out.add("http_requests_total", "counter", "Ingest requests received.", ingest["requests"])
     out.add(

@@ -81,6 +81,11 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 SIDE_SUFFIXES = ("-wal", "-shm")  # SQLite's files next to the database (WAL mode)
 _POSIX = os.name == "posix"  # elsewhere (Windows) modes mean nothing: access is by ACL
+# HQ's NATS max_payload until the forwarder has learned the real one: nats-server's default.
+DEFAULT_MAX_PAYLOAD = 1024 * 1024
+# A batch's envelope (store, epoch, seqs: under 200 bytes) and its Nats-Msg-Id header (under
+# 200), with room to spare: records up to max_payload less this always fit in one message.
+BATCH_ENVELOPE_BYTES = 1024
 
 # Named steps; each is applied and recorded in ``migrations`` in one transaction.
 MIGRATIONS: tuple[migrations.Migration, ...] = (
@@ -102,6 +107,19 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
             "CREATE INDEX records_unsent ON records(seq) WHERE sent_at IS NULL",
             # Retention and buffer-full pruning take the oldest sent records first.
             "CREATE INDEX records_sent ON records(sent_at) WHERE sent_at IS NOT NULL",
+        ),
+    ),
+    (
+        "0002_refused",
+        (
+            # A record JetStream refused for good (larger than HQ takes): kept, unsent, never
+            # pruned, but no longer offered to the forwarder. NULL: not refused.
+            "ALTER TABLE records ADD COLUMN refused_at REAL",
+            "ALTER TABLE records ADD COLUMN refused_reason TEXT",
+            "DROP INDEX records_unsent",
+            "CREATE INDEX records_unsent ON records(seq) "
+            "WHERE sent_at IS NULL AND refused_at IS NULL",
+            "CREATE INDEX records_refused ON records(seq) WHERE refused_at IS NOT NULL",
         ),
     ),
 )
@@ -149,6 +167,8 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     appends: int = 0  # append calls committed since open (> transactions: group commit works)
     records_pruned: int = 0
     damaged_file: str | None = None  # where a damaged outbox was moved to at this start
+    refused: int = 0  # records HQ refused for good, held flagged (not pending, never pruned)
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # HQ's NATS max_payload, as last learned
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
@@ -189,11 +209,24 @@ class _MarkUnsent(_Job):
     from_seq: int | None
     to_seq: int | None
     since: float | None
+    retry_refused: bool = False
 
 
 @dataclass(eq=False)
 class _Prune(_Job):
     pass
+
+
+@dataclass(eq=False)
+class _MarkRefused(_Job):
+    seq: int
+    reason: str
+
+
+@dataclass(eq=False)
+class _SetMeta(_Job):
+    key: str
+    value: str
 
 
 @dataclass
@@ -209,6 +242,7 @@ class _State:
     transactions: int = 0
     appends: int = 0
     records_pruned: int = 0
+    refused: int = 0
 
     def copy(self) -> _State:
         return _State(**self.__dict__)
@@ -432,7 +466,11 @@ def _init_meta(conn: sqlite3.Connection, store_id: str, path: Path) -> dict[str,
 
 def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
     pending, oldest = conn.execute(
-        "SELECT count(*), min(received_at) FROM records WHERE sent_at IS NULL"
+        "SELECT count(*), min(received_at) FROM records "
+        "WHERE sent_at IS NULL AND refused_at IS NULL"
+    ).fetchone()
+    (refused,) = conn.execute(
+        "SELECT count(*) FROM records WHERE refused_at IS NOT NULL"
     ).fetchone()
     (total,) = conn.execute("SELECT coalesce(sum(size), 0) FROM records").fetchone()
     (max_seq,) = conn.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()
@@ -442,6 +480,7 @@ def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
         # newest record); otherwise the newest record is the truth. Saves a write per commit.
         last_seq=max(int(meta["last_seq"]), int(max_seq)),
         pending=int(pending),
+        refused=int(refused),
         buffer_bytes=int(total),
         oldest_pending_at=oldest,
         last_ack_at=float(last_ack) if last_ack else None,
@@ -476,6 +515,9 @@ class Outbox:
         self.max_buffer_bytes = max_buffer_bytes
         self.retention_seconds = retention_days * 86400.0
         self.max_record_bytes = max_record_bytes
+        # HQ's NATS max_payload: read from meta at open, updated by the forwarder on connect.
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+        self._max_payload_learned = False
         self.prune_interval = prune_interval
         self._clock = clock
         self.epoch = ""
@@ -539,6 +581,9 @@ class Outbox:
                 _migrate(conn, self.path)
                 meta = _init_meta(conn, self.store_id, self.path)
                 self.epoch = meta["epoch"]
+                if "max_payload" in meta:
+                    self.max_payload = int(meta["max_payload"])
+                    self._max_payload_learned = True
                 self._state = _load_state(conn, meta)
             except BaseException:
                 conn.close()
@@ -586,19 +631,56 @@ class Outbox:
         await self.mark_sent_nowait(first_seq, last_seq)
 
     async def mark_unsent(
-        self, from_seq: int | None = None, to_seq: int | None = None, *, since: float | None = None
+        self,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+        *,
+        since: float | None = None,
+        retry_refused: bool = False,
     ) -> UnsentMarked:
         """Make sent records unsent again so the forwarder re-sends them (resync).
 
         ``from_seq``/``to_seq`` bound the range (None: open-ended); ``since`` (unix time)
-        starts it at the first record received at or after that time.
+        starts it at the first record received at or after that time. ``retry_refused``: the
+        records HQ refused in the range are offered again too (an operator's resync, after
+        HQ raised its limits); HQ's own resyncs leave them set aside.
         """
         if from_seq is not None and to_seq is not None and to_seq < from_seq:
             raise OutboxError(f"to_seq {to_seq} is below from_seq {from_seq}")
         result: UnsentMarked = await self._submit(
-            _MarkUnsent(self._new_future(), from_seq, to_seq, since)
+            _MarkUnsent(self._new_future(), from_seq, to_seq, since, retry_refused)
         )
         return result
+
+    def learn_max_payload_nowait(self, max_payload: int) -> None:
+        """HQ's NATS server takes messages of at most ``max_payload`` bytes: from now on no
+        record is accepted that could not travel in one (kept in ``meta``, so an agent that
+        starts while HQ is unreachable still knows it)."""
+        if max_payload == self.max_payload and self._max_payload_learned:
+            return
+        if max_payload != self.max_payload:
+            log.info("HQ's NATS takes messages up to %d bytes (max_payload)", max_payload)
+        self.max_payload = max_payload
+        self._max_payload_learned = True
+        self._enqueue(_SetMeta(None, "max_payload", str(max_payload)))
+
+    def record_limit(self) -> tuple[int, str]:
+        """The largest record accepted, and where that limit comes from."""
+        from_hq = self.max_payload - BATCH_ENVELOPE_BYTES
+        if self.max_record_bytes is not None and self.max_record_bytes <= from_hq:
+            return self.max_record_bytes, "forwarder.batch_max_bytes"
+        learned = "" if self._max_payload_learned else ", nats-server's default until HQ answers"
+        return from_hq, (
+            f"HQ's NATS max_payload of {self.max_payload} bytes{learned}, less "
+            f"{BATCH_ENVELOPE_BYTES} for the batch envelope"
+        )
+
+    def mark_refused_nowait(self, seq: int, reason: str) -> asyncio.Future[None]:
+        """Set ``seq`` aside: JetStream refused it for good. It stays in the outbox, flagged
+        with ``reason``, is no longer offered to the forwarder and is never pruned."""
+        future = self._new_future()
+        self._enqueue(_MarkRefused(future, seq, reason))
+        return future
 
     async def prune(self) -> int:
         """Run retention pruning now; return how many records were deleted."""
@@ -616,6 +698,13 @@ class Outbox:
         return await loop.run_in_executor(
             self._reader, self._read_unsent_sync, limit_records, limit_bytes, after_seq
         )
+
+    async def first_seq_held(self) -> int | None:
+        """The lowest seq the outbox still holds (older ones were pruned), None when empty."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._first_seq_held_sync)
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) whenever records become unsent, so the forwarder
@@ -679,7 +768,7 @@ class Outbox:
         try:
             rows = self._rconn.execute(
                 "SELECT seq, payload FROM records "
-                "WHERE sent_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
+                "WHERE sent_at IS NULL AND refused_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
                 (after_seq, limit_records),
             ).fetchall()
         except sqlite3.Error as exc:
@@ -691,13 +780,22 @@ class Outbox:
         size = 0
         expected = first_seq
         for seq, payload in rows:
-            # A batch is consecutive seqs: stop at a gap (sent records between resync ranges).
+            # A batch is consecutive seqs: stop at a gap (sent records between resync ranges,
+            # or a record set aside as refused by HQ).
             if seq != expected or (payloads and size + len(payload) > limit_bytes):
                 break
             payloads.append(payload)
             size += len(payload)
             expected += 1
         return UnsentRun(first_seq=first_seq, last_seq=expected - 1, payloads=payloads, size=size)
+
+    def _first_seq_held_sync(self) -> int | None:
+        assert self._rconn is not None
+        try:
+            (first,) = self._rconn.execute("SELECT min(seq) FROM records").fetchone()
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot read {self.path}: {exc}") from None
+        return int(first) if first is not None else None
 
     # -- writer thread --
 
@@ -816,11 +914,26 @@ class Outbox:
                             rows = []
                         pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
                         pending_results.append((job, pruned, None))
+                    elif isinstance(job, _MarkRefused):
+                        if rows:
+                            self._insert(conn, rows)
+                            rows = []
+                        self._mark_refused(conn, job, state, now)
+                        sent_changed = True
+                        pending_results.append((job, None, None))
+                    elif isinstance(job, _SetMeta):
+                        conn.execute(
+                            "INSERT INTO meta (key, value) VALUES (?, ?) "
+                            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            (job.key, job.value),
+                        )
+                        pending_results.append((job, None, None))
                 if rows:
                     self._insert(conn, rows)
                 if sent_changed:
                     oldest = conn.execute(
-                        "SELECT received_at FROM records WHERE sent_at IS NULL ORDER BY seq LIMIT 1"
+                        "SELECT received_at FROM records "
+                        "WHERE sent_at IS NULL AND refused_at IS NULL ORDER BY seq LIMIT 1"
                     ).fetchone()
                     state.oldest_pending_at = oldest[0] if oldest else None
                 conn.execute("COMMIT")
@@ -880,6 +993,7 @@ class Outbox:
         mine: dict[str, int] = {}
         next_seq = state.last_seq + 1
         needed = 0
+        limit, source = self.record_limit()
         for index, event in enumerate(job.events):
             event_id = event.event_id
             seq = known.get(event_id) or mine.get(event_id)
@@ -888,8 +1002,8 @@ class Outbox:
                 continue
             payload = encode_record(Record(seq=next_seq, received_at=received_at, event=event))
             size = len(payload)
-            if self.max_record_bytes is not None and size > self.max_record_bytes:
-                raise RecordTooLarge(index=index, size=size, limit=self.max_record_bytes)
+            if size > limit:
+                raise RecordTooLarge(index=index, size=size, limit=limit, source=source)
             new_rows.append((next_seq, event_id, now, size, payload))
             mine[event_id] = next_seq
             seqs.append(next_seq)
@@ -955,12 +1069,14 @@ class Outbox:
         self, conn: sqlite3.Connection, job: _MarkSent, state: _State, now: float
     ) -> None:
         (count,) = conn.execute(
-            "SELECT count(*) FROM records WHERE sent_at IS NULL AND seq BETWEEN ? AND ?",
+            "SELECT count(*) FROM records "
+            "WHERE sent_at IS NULL AND refused_at IS NULL AND seq BETWEEN ? AND ?",
             (job.first_seq, job.last_seq),
         ).fetchone()
         if count:
             conn.execute(
-                "UPDATE records SET sent_at = ? WHERE sent_at IS NULL AND seq BETWEEN ? AND ?",
+                "UPDATE records SET sent_at = ? "
+                "WHERE sent_at IS NULL AND refused_at IS NULL AND seq BETWEEN ? AND ?",
                 (now, job.first_seq, job.last_seq),
             )
         state.pending -= count
@@ -988,9 +1104,28 @@ class Outbox:
                 "WHERE sent_at IS NOT NULL AND seq BETWEEN ? AND ?",
                 (low, high),
             ).rowcount
+        if low <= high and job.retry_refused:
+            retried = conn.execute(
+                "UPDATE records SET refused_at = NULL, refused_reason = NULL "
+                "WHERE refused_at IS NOT NULL AND seq BETWEEN ? AND ?",
+                (low, high),
+            ).rowcount
+            state.refused -= retried
+            marked += retried
         state.pending += marked
         (first_available,) = conn.execute("SELECT min(seq) FROM records").fetchone()
         return UnsentMarked(marked=marked, first_available_seq=first_available), low
+
+    def _mark_refused(
+        self, conn: sqlite3.Connection, job: _MarkRefused, state: _State, now: float
+    ) -> None:
+        changed = conn.execute(
+            "UPDATE records SET refused_at = ?, refused_reason = ? "
+            "WHERE seq = ? AND sent_at IS NULL AND refused_at IS NULL",
+            (now, job.reason, job.seq),
+        ).rowcount
+        state.pending -= changed
+        state.refused += changed
 
     def _prune_expired(
         self, conn: sqlite3.Connection, state: _State, now: float, *, limit: int
@@ -1035,6 +1170,8 @@ class Outbox:
             appends=state.appends,
             records_pruned=state.records_pruned,
             damaged_file=str(self.damaged_file) if self.damaged_file else None,
+            refused=state.refused,
+            max_payload=self.max_payload,
         )
 
 
@@ -1066,4 +1203,6 @@ def read_statistics_readonly(data_dir: Path, *, max_buffer_bytes: int) -> Outbox
         buffer_bytes=state.buffer_bytes,
         max_buffer_bytes=max_buffer_bytes,
         last_ack_at=utc(state.last_ack_at),
+        refused=state.refused,
+        max_payload=int(meta.get("max_payload", DEFAULT_MAX_PAYLOAD)),
     )

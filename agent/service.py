@@ -57,6 +57,7 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     damaged_file: str | None = None
     forwarder: ForwarderStatistics | None = None
     poslog: dict[str, Any] | None = None
+    refused_by_hq: int = 0  # events HQ refused for good, held flagged in the outbox
 
 
 def status_report(
@@ -85,6 +86,7 @@ def status_report(
         damaged_file=outbox.damaged_file,
         forwarder=forwarder,
         poslog=poslog,
+        refused_by_hq=outbox.refused,
     )
 
 
@@ -175,6 +177,7 @@ class AgentService:
             store_id=cfg.store_id,
             max_buffer_bytes=cfg.outbox.max_buffer_bytes,
             retention_days=cfg.outbox.retention_days,
+            # Never larger than a batch; HQ's max_payload, once learned, may lower it.
             max_record_bytes=cfg.forwarder.batch_max_bytes,
         )
         self.forwarder = Forwarder(
@@ -197,6 +200,7 @@ class AgentService:
             port=port,
             token=cfg.ingest.token,
             max_request_bytes=cfg.ingest.max_request_bytes,
+            max_requests_in_flight=cfg.ingest.max_requests_in_flight,
             status=self.status,
             convert_poslog=_poslog_converter(cfg),
         )

@@ -71,7 +71,8 @@ class StatusRequest(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag
 
 
 class ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_field="op"):
-    """Ask an agent to re-send records ``from_seq..to_seq`` (to the end when ``to_seq`` is None)."""
+    """Ask an agent to re-send records ``from_seq..to_seq`` (to the end when ``to_seq`` is None)
+    of ``epoch`` (None: whatever epoch the agent holds, as centrals before this field asked)."""
 
     from_seq: Seq
     to_seq: Seq | None = None
@@ -104,6 +105,11 @@ class ResyncReply(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_f
     requested_to: int | None
     marked: int
     first_available_seq: int | None  # lowest seq still held (retention may have pruned older)
+    # The epoch the agent holds: seqs above are of this epoch. None from agents before it.
+    epoch: str | None = None
+    # True: no seq of the requested range can ever be re-sent by this agent (another epoch was
+    # asked for, or retention pruned the whole range). False from agents before this field.
+    unavailable: bool = False
 
 
 class ControlError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_field="reply"):

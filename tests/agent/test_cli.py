@@ -251,3 +251,29 @@ async def test_python_m_agent_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
         json.loads(down)["service_running"],
         json.loads(down)["pending"],
     )
+
+
+async def _refuse_seq(tmp_path: Path, seq: int) -> None:
+    box = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    await box.open()
+    await box.mark_refused_nowait(seq, "too large for HQ")
+    await box.close()
+
+
+def test_status_shows_refused_records_and_resync_offers_them_again(tmp_path: Path) -> None:
+    """With the service down, status names the records HQ refused, and an operator's resync
+    of their range offers them to HQ again."""
+    config = write_config(tmp_path, free_port())
+    asyncio.run(filled_outbox(tmp_path, events=3, sent=1))
+    asyncio.run(_refuse_seq(tmp_path, 2))
+    before = CliRunner().invoke(cli, ["status", "--config", str(config)])
+    resync = CliRunner().invoke(
+        cli, ["resync", "--config", str(config), "--from-seq", "2", "--to-seq", "2"]
+    )
+    after = CliRunner().invoke(cli, ["status", "--config", str(config), "--json"])
+    assert 0 == before.exit_code and 0 == resync.exit_code
+    assert "REFUSED       1 events HQ can never take" in before.output
+    assert (0, 2) == (
+        json.loads(after.output)["refused_by_hq"],
+        json.loads(after.output)["pending"],
+    )

@@ -14,7 +14,7 @@ import pytest
 
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
-from agent.outbox import Outbox
+from agent.outbox import AppendResult, Outbox, UnsentMarked
 from protocol.events import Event
 from protocol.wire import encode
 from tests.agent.conftest import STORE, body, sale, sales
@@ -33,6 +33,7 @@ async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
         token: str = "",
         max_request_bytes: int = 1 << 20,
         max_buffer_bytes: int = 1 << 30,
+        max_requests_in_flight: int = 64,
         convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
     ) -> Ingest:
         outbox = Outbox(
@@ -49,6 +50,7 @@ async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
             port=0,
             token=token,
             max_request_bytes=max_request_bytes,
+            max_requests_in_flight=max_requests_in_flight,
             status=outbox.statistics,
             convert_poslog=convert_poslog,
         )
@@ -139,7 +141,7 @@ async def test_concurrent_requests_are_group_committed(
     make_ingest: MakeIngest, http: aiohttp.ClientSession
 ) -> None:
     """100 concurrent POSTs all get 202 with distinct seqs in fewer transactions than requests."""
-    ingest = await make_ingest()
+    ingest = await make_ingest(max_requests_in_flight=100)
     outbox = ingest.sink
     assert isinstance(outbox, Outbox)
     before = outbox.statistics().transactions
@@ -281,3 +283,84 @@ async def test_poslog_is_converted_and_stored(
     )
     assert (200, 0, []) == (empty, nothing["accepted"], nothing["seqs"])
     assert [(1, "p1"), (2, "p2")] == rows(tmp_path)
+
+
+class HeldSink:
+    """An EventSink whose appends wait until released: requests stay in flight for as long as
+    the test needs (the cap under test does not depend on SQLite)."""
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.release = asyncio.Event()
+        self.arrived = asyncio.Event()
+
+    async def append(self, events: list[Event]) -> AppendResult:
+        self.waiting += 1
+        self.arrived.set()
+        await self.release.wait()
+        return AppendResult(accepted=len(events), duplicates=0, first_seq=1, last_seq=1, seqs=[1])
+
+    async def mark_unsent(
+        self,
+        from_seq: int | None = None,
+        to_seq: int | None = None,
+        *,
+        since: float | None = None,
+        retry_refused: bool = False,
+    ) -> UnsentMarked:
+        raise AssertionError("not used")
+
+    @property
+    def is_open(self) -> bool:
+        return True
+
+
+async def test_requests_in_flight_are_capped(http: aiohttp.ClientSession) -> None:
+    """Beyond max_requests_in_flight, a request is refused at once with 503 and Retry-After
+    (memory stays bounded); the requests in flight finish, and then there is room again."""
+    sink = HeldSink()
+    ingest = Ingest(
+        sink,
+        store_id=STORE,
+        host="127.0.0.1",
+        port=0,
+        max_request_bytes=1 << 20,
+        max_requests_in_flight=2,
+        status=dict,
+    )
+    await ingest.start()
+    try:
+        held = [asyncio.create_task(post(http, ingest, body(sale(f"h{i}")))) for i in range(2)]
+        while sink.waiting < 2:
+            sink.arrived.clear()
+            await sink.arrived.wait()
+        status, answer, resp = await post(http, ingest, body(sale("x")))
+        refused = (status, answer["error"], resp.headers.get("Retry-After"))
+        sink.release.set()
+        finished = [status for status, _, _ in await asyncio.gather(*held)]
+        again, _, _ = await post(http, ingest, body(sale("y")))
+    finally:
+        await ingest.stop()
+    assert (503, "busy", "1") == refused
+    assert [202, 202] == finished
+    assert 202 == again
+    assert {503: 1} == ingest.statistics().refused
+
+
+async def test_an_operators_resync_offers_refused_records_again(
+    make_ingest: MakeIngest, http: aiohttp.ClientSession
+) -> None:
+    """A record set aside as refused by HQ is offered again by an operator's resync over HTTP
+    (after HQ raised its limit), and only then."""
+    ingest = await make_ingest()
+    outbox = ingest.sink
+    assert isinstance(outbox, Outbox)
+    await post(http, ingest, body(*sales("a", 3)))
+    await outbox.mark_refused_nowait(2, "too large")
+    set_aside = (outbox.statistics().pending, outbox.statistics().refused)
+    status, marked, _ = await post(http, ingest, b'{"from_seq": 2, "to_seq": 2}', path="/v1/resync")
+    run = await outbox.read_unsent(10, 1 << 20)
+    assert (2, 1) == set_aside
+    assert (200, 1) == (status, marked["marked"])
+    assert (3, 0) == (outbox.statistics().pending, outbox.statistics().refused)
+    assert run is not None and (1, 3) == (run.first_seq, run.last_seq)

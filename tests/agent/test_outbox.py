@@ -18,7 +18,7 @@ from agent.errors import (
     RecordTooLarge,
     StoreMismatch,
 )
-from agent.outbox import Outbox, read_statistics_readonly
+from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, read_statistics_readonly
 from protocol.wire import decode_record
 from tests.agent.conftest import STORE, sale, sales
 
@@ -284,7 +284,7 @@ async def test_migrations_are_recorded(outbox: Outbox) -> None:
     """Each applied migration step is named in the migrations table."""
     with open_db(outbox.data_dir) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM migrations")]
-    assert ["0001_initial"] == names
+    assert ["0001_initial", "0002_refused"] == names
 
 
 async def test_second_agent_on_same_data_dir_is_refused(outbox: Outbox, tmp_path: Path) -> None:
@@ -396,3 +396,28 @@ async def test_a_poisoned_request_fails_alone(outbox: Outbox) -> None:
     assert isinstance(results[1], OutboxWriteFailed)
     assert [[1], [2]] == [results[0].seqs, results[2].seqs]  # type: ignore[union-attr]
     assert [3] == later.seqs
+
+
+async def test_record_limit_follows_hqs_max_payload_across_restarts(tmp_path: Path) -> None:
+    """Before HQ was ever reached a record may be up to nats-server's default max_payload
+    (1 MiB) less the batch envelope; once the forwarder learned HQ's max_payload, that is the
+    limit, and a restarted agent that cannot reach HQ still knows it."""
+    box = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    await box.open()
+    try:
+        with pytest.raises(RecordTooLarge) as first:
+            await box.append([sale("big", lines=25_000)])
+        box.learn_max_payload_nowait(64 * 1024)
+    finally:
+        await box.close()
+    again = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    await again.open()
+    try:
+        with pytest.raises(RecordTooLarge) as second:
+            await again.append([sale("mid", lines=1500)])
+        stats = again.statistics()
+    finally:
+        await again.close()
+    assert 1024 * 1024 - BATCH_ENVELOPE_BYTES == first.value.limit
+    assert (64 * 1024 - BATCH_ENVELOPE_BYTES, 0) == (second.value.limit, stats.last_seq)
+    assert "max_payload" in str(second.value)

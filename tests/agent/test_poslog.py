@@ -671,3 +671,22 @@ async def test_oversized_file_is_rejected_unread(tmp_path: Path) -> None:
     reason = (tmp_path / "rejected" / "huge.xml.reason.txt").read_text()
     assert "above the 1000-byte limit" in reason
     assert [] == recorder.committed
+
+
+async def test_a_transaction_hq_could_never_take_is_rejected(
+    tmp_path: Path, outbox: Outbox
+) -> None:
+    """With the real outbox, once HQ's max_payload is known: a file holding a transaction too
+    large for one NATS message moves to rejected/ with a reason naming the limit, and nothing
+    of it is stored."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    outbox.learn_max_payload_nowait(16 * 1024)
+    lines = "".join(item(sku=f"A{i}") for i in range(400))
+    (drop / "huge.xml").write_bytes(poslog(transaction(retail(lines, "1600.00"))))
+    scan = PoslogWatcher(drop, outbox.store_id, outbox.append, 0.01, clock=later)
+    assert 1 == await scan.scan_once()
+    reason = (drop / "rejected" / "huge.xml.reason.txt").read_text()
+    assert ["huge.xml", "huge.xml.reason.txt"] == names(drop / "rejected")
+    assert f"{16 * 1024 - 1024}-byte" in reason and "max_payload" in reason
+    assert 0 == outbox.statistics().last_seq

@@ -16,15 +16,16 @@ import pytest
 from aiohttp import web
 
 from agent.simulator import Till
-from central.broker import EmbeddedBroker, free_port
+from central.broker import BrokerConfig, EmbeddedBroker, free_port
 from central.config import WebhookSettings
 from central.errors import SinkUnavailable
 from central.sinks.file import FileSink
 from central.sinks.nats import NatsSink
 from central.sinks.webhook import SIGNATURE_HEADER, CircuitBreaker, WebhookSink
 from central.streams import ensure_streams
-from protocol.subjects import OMS_STREAM
+from protocol.subjects import OMS_STREAM, OMS_WILDCARD
 from protocol.wire import OmsRecord, oms_record
+from tests.agent.conftest import sale
 from tests.central.conftest import EPOCH, central_config, make_records
 
 
@@ -273,3 +274,51 @@ async def test_poison_event_goes_to_dlq_and_the_store_flows_on(
     assert ("S1", "record") == (entry.store_id, entry.kind)
     assert "HTTP 422: unknown sku" in entry.reason
     assert f"S1:{events[7].event_id}" == json.loads(entry.payload)["key"]
+
+
+async def test_nats_sink_refusal_for_size_is_a_rejection(nats_server: EmbeddedBroker) -> None:
+    """A record the OMS stream refuses for good (larger than its max_msg_size) is a
+    SinkRejected with JetStream's reason, bound for the DLQ; the other records of the unit
+    are delivered."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    records = oms_records(4)
+    big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
+    big = msgspec.structs.replace(big, seq=99, key="S1:big")
+    rejected = await sink.deliver([records[0], big, *records[1:]])
+    info = await js.stream_info(OMS_STREAM)
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert ["S1:big"] == [r.record.key for r in rejected]
+    assert "maximum" in rejected[0].reason
+    assert (4, 4) == (info.state.messages, stats.records)
+
+
+async def test_nats_sink_record_above_max_payload_is_a_rejection(tmp_path: Path) -> None:
+    """A record larger than the NATS server's max_payload is a SinkRejected naming the limit;
+    the rest of the unit is delivered."""
+    broker = EmbeddedBroker(
+        BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=4096)
+    )
+    await broker.start()
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD])
+        sink = NatsSink(nc, timeout=5)
+        await sink.start(None)
+        records = oms_records(2)
+        big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
+        rejected = await sink.deliver([records[0], big, records[1]])
+        info = await js.stream_info(OMS_STREAM)
+        await sink.close()
+    finally:
+        await nc.close()
+        await broker.stop()
+    assert [big.key] == [r.record.key for r in rejected]
+    assert "max_payload of 4096" in rejected[0].reason
+    assert 2 == info.state.messages

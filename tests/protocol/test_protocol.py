@@ -20,7 +20,11 @@ from protocol.events import (
 )
 from protocol.wire import (
     Batch,
+    ResyncReply,
+    ResyncRequest,
     decode_batch,
+    decode_control_reply,
+    decode_control_request,
     encode,
     encode_json,
     encode_raw_batch,
@@ -161,3 +165,48 @@ def test_event_union_is_complete() -> None:
     """Every event type a POS may send is in the union the decoders use."""
     tags = {t.__struct_config__.tag for t in Event.__args__}  # type: ignore[attr-defined]
     assert {"sale", "return", "post_void", "stock_adjustment", "stock_count"} == tags
+
+
+class _V1ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_field="op"):
+    """ResyncRequest as centrals before its ``epoch`` field send it."""
+
+    from_seq: int
+    to_seq: int | None = None
+    reason: str = ""
+
+
+class _V1ResyncReply(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_field="reply"):
+    """ResyncReply as agents before ``epoch``/``unavailable`` send it, and old centrals read it."""
+
+    requested_from: int
+    requested_to: int | None
+    marked: int
+    first_available_seq: int | None
+
+
+def test_resync_messages_stay_compatible_both_ways() -> None:
+    """Older centrals and agents and newer ones understand each other's resync messages: the
+    new fields default when absent and are ignored by the older shapes."""
+    old_request = decode_control_request(encode(_V1ResyncRequest(from_seq=3, to_seq=4)))
+    old_reply = decode_control_reply(
+        encode(_V1ResyncReply(requested_from=3, requested_to=4, marked=2, first_available_seq=1))
+    )
+    new_reply = ResyncReply(
+        requested_from=3,
+        requested_to=4,
+        marked=0,
+        first_available_seq=1,
+        epoch=EPOCH,
+        unavailable=True,
+    )
+    read_by_old = msgspec.msgpack.decode(encode(new_reply), type=_V1ResyncReply)
+    read_by_old_agent = msgspec.msgpack.decode(
+        encode(ResyncRequest(from_seq=3, epoch=EPOCH)), type=_V1ResyncRequest
+    )
+    assert ResyncRequest(from_seq=3, to_seq=4, epoch=None) == old_request
+    assert (
+        ResyncReply(requested_from=3, requested_to=4, marked=2, first_available_seq=1, epoch=None)
+        == old_reply
+    )
+    assert (0, 1) == (read_by_old.marked, read_by_old.first_available_seq)
+    assert 3 == read_by_old_agent.from_seq
