@@ -205,6 +205,8 @@ def lost_through(gap: Gap, answer: ResyncReply) -> int:
     everything of the gap below it is gone from the store (pruned after its retention, or the
     machine was rebuilt)."""
     first = answer.first_available_seq
+    if answer.unavailable or (answer.epoch is not None and answer.epoch != gap.epoch):
+        return gap.to_seq  # another epoch (a rebuilt machine), or the whole range pruned
     if first is None:
         return gap.to_seq
     if first > gap.from_seq:
@@ -283,12 +285,18 @@ class GapResyncer:
         )  # fmt: skip
         lost = lost_through(gap, answer)
         if lost and lost != gap.lost_through:
-            reason = (
-                f"the store holds none of epoch {gap.epoch} any more"
-                if lost >= gap.to_seq and answer.first_available_seq is None
-                else f"the store no longer holds seqs {gap.from_seq}..{lost} "
-                f"(lowest it holds: {answer.first_available_seq})"
-            )
+            if answer.epoch is not None and answer.epoch != gap.epoch:
+                reason = (
+                    f"the store is in epoch {answer.epoch} now (a rebuilt or restored machine) "
+                    f"and holds nothing of epoch {gap.epoch}"
+                )
+            elif lost >= gap.to_seq and answer.first_available_seq is None:
+                reason = f"the store holds none of epoch {gap.epoch} any more"
+            else:
+                reason = (
+                    f"the store no longer holds seqs {gap.from_seq}..{lost} (pruned after its "
+                    f"retention; lowest it holds: {answer.first_available_seq})"
+                )
             log.error(
                 "GAP CANNOT CLOSE: store %s epoch %s seqs %d..%d are lost at the store (%s). "
                 "Its later events wait behind the gap. Runbook: recover them (the POS re-sends "
