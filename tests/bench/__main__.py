@@ -19,6 +19,7 @@ from tests.bench import (
     bench_decode,
     bench_drain,
     bench_e2e,
+    bench_gap,
     bench_ingest,
     bench_rss,
 )
@@ -31,6 +32,7 @@ BENCHES = (
     bench_drain,
     bench_central,
     bench_e2e,
+    bench_gap,
     bench_rss,
 )
 
