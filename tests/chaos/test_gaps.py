@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
+from typing import Any
 
 import nats
 import pytest
@@ -53,3 +55,51 @@ async def test_lost_batch_is_resent_without_an_operator(
     assert_promise(ledger, booked)
     assert "asking the store to re-send" in p.central.tail(400)
     assert 1 <= central_status(p)["consumer"]["resync_requests"]
+
+
+async def test_a_gap_in_the_epoch_before_a_rebuild_is_raised_not_refilled_with_new_data(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """A batch of the store's old epoch vanished inside JetStream and then the store machine
+    was rebuilt (new epoch): the resync names the old epoch, the agent answers that it holds
+    none of it, central raises the gap as unrecoverable (status, log) instead of taking the
+    new epoch's records for it, and the new epoch's events flow."""
+    p = make_pipeline(nats_url=broker.url)
+    await p.start()
+    await p.central.stop()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=31).events(300))
+    for i in range(0, 300, 100):
+        await ring(p.agent_url("S1"), "S1", events[i : i + 100], ledger, batch_size=100)
+        await eventually(lambda: agent_pending(p) == 0, 30, "published")
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(EVENTS_STREAM)
+        await js.delete_msg(EVENTS_STREAM, info.state.first_seq + 1)  # seqs 101..200
+    finally:
+        await nc.close()
+    agent = p.agents["S1"]
+    assert 0 == await agent.stop()
+    shutil.rmtree(p.root / "stores" / "S1" / "data")  # the machine is rebuilt
+    await agent.start()
+    fresh = list(Till(store_id="S1", seed=32, run_id="rebuilt").events(50))
+    await ring(p.agent_url("S1"), "S1", fresh, ledger, batch_size=50)
+    await p.central.start()
+
+    def old_gap() -> dict[str, Any] | None:
+        [store] = [s for s in central_status(p)["stores"] if s["store_id"] == "S1"]
+        return next((g for g in store["gaps"] if g["unrecoverable"]), None)
+
+    await eventually(lambda: old_gap() is not None, 60, "the old epoch's gap raised")
+    gap = old_gap()
+    assert gap is not None
+    assert (101, 200, 200) == (gap["from_seq"], gap["to_seq"], gap["lost_through"])
+    assert "rebuilt" in gap["lost_reason"]
+    fresh_keys = {f"S1:{e.event_id}" for e in fresh}
+    await eventually(lambda: fresh_keys <= booked.effect_keys(), 60, "new epoch booked")
+    delivered = booked.effect_keys()
+    assert {f"S1:{e.event_id}" for e in events[:100]} <= delivered
+    assert set() == {f"S1:{e.event_id}" for e in events[100:]} & delivered
+    assert "GAP CANNOT CLOSE" in p.central.tail(400)
