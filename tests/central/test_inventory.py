@@ -4,6 +4,7 @@ time, post-voids matched to their sale, opening balances, non-stock lines (docs/
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -11,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from central.cli import cli
 from central.errors import BalanceRefused
 from central.inventory import (
     VARIANCE_REASON,
@@ -33,6 +36,7 @@ from protocol.events import (
     StockLine,
 )
 from protocol.wire import OmsRecord, Record
+from tests.central.conftest import Harness, make_records
 
 NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
 D = Decimal
@@ -311,3 +315,38 @@ def test_variance_id_stays_within_limits() -> None:
     long_id = "x" * 128
     assert variance_event_id(long_id) == variance_event_id(long_id)
     assert len(variance_event_id(long_id)) <= 128
+
+
+async def test_a_resent_sale_does_not_move_stock_again_across_epochs(harness: Harness) -> None:
+    """A sale delivered under one epoch and sent again by a rebuilt store (new epoch, seq 1)
+    is dropped by the key ledger before it reaches the inventory: stock moves once."""
+    first = make_records([sale("s", 0, line("apple", "2"))])
+    await harness.publish("S1", first)
+    await harness.wait_delivered(1)
+    await harness.publish("S1", make_records([sale("s", 0, line("apple", "2"))]), epoch="f" * 16)
+    consumer = harness.service.consumer
+    assert consumer is not None
+    await harness.wait_for(lambda: consumer.ledger.resent == 1)
+    document = await harness.service.inventory("S1", [])
+    assert ({"apple": "-2"}, 1) == (
+        {sku: s["on_hand"] for sku, s in document["skus"].items()}, len(harness.delivered()),
+    )  # fmt: skip
+
+
+def test_a_malformed_balance_file_imports_nothing(tmp_path: Path) -> None:
+    """`inventory import` refuses a malformed CSV with the line and the reason, exit 1, and
+    records nothing."""
+    good, bad = tmp_path / "good.csv", tmp_path / "bad.csv"
+    good.write_text("sku,on_hand\nA1,12\n")
+    bad.write_text("sku,on_hand\nA1,12\nA2,twelve\n")
+    runner = CliRunner()
+    args = ["--data-dir", str(tmp_path / "central"), "--wait", "0"]
+    recorded = runner.invoke(cli, ["inventory", "import", "S1", str(good), *args])
+    done = runner.invoke(cli, ["inventory", "import", "S1", str(bad), *args])
+    shown = runner.invoke(cli, ["inventory", "show", "S1", *args[:2], "--json"])
+    assert (0, 1) == (recorded.exit_code, done.exit_code)
+    assert (f"Error: {bad} line 3: on_hand 'twelve' is not a decimal number; nothing was "
+            "imported\n") == done.output  # fmt: skip
+    assert [(1, str(good), None)] == [
+        (i["id"], i["source"], i["applied_at"]) for i in json.loads(shown.output)["imports"]
+    ]
