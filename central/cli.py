@@ -44,6 +44,15 @@ data_dir_option = click.option(
     help="Central's state directory (central.db, embedded NATS data, default file sink).",
 )
 
+# For decisions the CLI records and the running central applies between units (_wait_applied).
+wait_option = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the running central to apply it.",
+)
+
 
 nats_url_option = click.option(
     "--nats-url",
@@ -761,13 +770,7 @@ def gaps_list(data_dir: Path, as_json: bool) -> None:
 )
 @click.option("--reason", required=True, help="Why (kept for audit, shown in status).")
 @click.option("--by", "operator", help="Who decides [the user running the command].")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the running central to apply it.",
-)
+@wait_option
 @data_dir_option
 def gaps_skip(
     store_id: str,
@@ -797,19 +800,28 @@ def gaps_skip(
         f"recorded skip #{skip.id}: store {store_id} epoch {epoch} seqs "
         f"{skip.from_seq}..{through_seq}, by {who}: {reason!r}"
     )
+    _wait_applied(
+        wait,
+        lambda: read_skip(data_dir, skip.id),
+        "not applied yet: central applies it within a second while it runs, or when it "
+        "starts (`storelink-central gaps list` shows it as PENDING until then)",
+    )
+
+
+def _wait_applied(wait: float, read: Callable[[], Any], not_yet: str) -> None:
+    """Wait up to ``wait`` seconds for the running central to apply a decision the CLI
+    recorded (``read()`` returns it, with ``applied_at`` and ``outcome``), and say what came of
+    it, or ``not_yet``."""
     deadline = time.monotonic() + wait
     while True:
-        done = read_skip(data_dir, skip.id)
+        done = read()
         if done is not None and done.applied_at is not None:
             click.echo(f"applied by central: {done.outcome}")
             return
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    click.echo(
-        "not applied yet: central applies it within a second while it runs, or when it "
-        "starts (`storelink-central gaps list` shows it as PENDING until then)"
-    )
+    click.echo(not_yet)
 
 
 def _operator() -> str:
@@ -1031,13 +1043,7 @@ def _as_of(value: str | None) -> float:
     "as included in it, later ones apply on top [now].",
 )
 @click.option("--by", "operator", help="Who imports [the user running the command].")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the running central to apply it.",
-)
+@wait_option
 @data_dir_option
 def inventory_import(
     store_id: str, file: Path, as_of: str | None, operator: str | None, wait: float,
@@ -1070,18 +1076,11 @@ def inventory_import(
         f"recorded opening balance #{opening.id}: store {store_id}, {len(balances)} SKUs as of "
         f"{dt.datetime.fromtimestamp(when, dt.UTC).isoformat()}, by {who}"
     )
-    deadline = time.monotonic() + wait
-    while True:
-        done = read_import(data_dir, opening.id)
-        if done is not None and done.applied_at is not None:
-            click.echo(f"applied by central: {done.outcome}")
-            return
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.2)
-    click.echo(
+    _wait_applied(
+        wait,
+        lambda: read_import(data_dir, opening.id),
         "not applied yet: central applies it within a second while it runs, or when it starts "
-        "(`storelink-central inventory show` lists it without an outcome until then)"
+        "(`storelink-central inventory show` lists it without an outcome until then)",
     )
 
 
