@@ -207,10 +207,7 @@ def test_deposit_and_service_lines_are_not_stock() -> None:
     """NCR's bottle refund (ItemType acs:NegativeItem) and ARTS Deposit/Service lines keep
     their money but are marked not stock; Stock lines and lines without ItemType are stock."""
     events = convert_poslog(FULL.read_bytes(), store_id="S9")
-    marks = {
-        (line.sku, line.stock)
-        for line in by_id(events, "poslog:S9:34:2017-10-01:101").lines
-    }
+    marks = {(line.sku, line.stock) for line in by_id(events, "poslog:S9:34:2017-10-01:101").lines}
     assert ("00000000054409", False) in marks
     assert {True} == {line.stock for event in events for line in event.lines
                       if line.sku != "00000000054409"}  # fmt: skip
