@@ -60,6 +60,12 @@ _SKIPPED_STATUSES = frozenset({"canceled", "cancelled", "suspended", "suspendedd
 _VOIDED_STATUSES = frozenset({"postvoided", "postvoid", "voided"})
 # TransactionLink/@ReasonCode values that make this transaction the post-void of the linked one.
 _VOID_LINK_REASONS = frozenset({"postvoid", "postvoided", "voided", "void"})
+# Sale/Return @ItemType values (local name, case-insensitive) of lines that are not stock: they
+# move money, never inventory. NCR ACS writes its bottle-deposit refund as "acs:NegativeItem".
+# Any other value (or none: "Stock" is the ARTS default) is stock.
+_NON_STOCK_ITEM_TYPES = frozenset(
+    {"deposit", "depositrefund", "negativeitem", "service", "nonmerchandise", "nonstock", "fee"}
+)
 
 _UNITS = {
     "ea": "each", "each": "each", "c62": "each", "pce": "each", "pc": "each", "st": "each",
@@ -425,6 +431,7 @@ class _Line:
     tax: Decimal | None  # line-level Tax/Amount, used when the transaction states no tax total
     link: ET.Element | None  # a TransactionLink inside the line (original of a return)
     reason: str | None
+    stock: bool  # False: a deposit, its refund, a service (_NON_STOCK_ITEM_TYPES)
 
 
 def _line(
@@ -468,6 +475,7 @@ def _line(
         tax=_decimal(where, f"{kind} Tax Amount", tax_text) if tax_text is not None else None,
         link=_child(item, "TransactionLink"),
         reason=_text(item, "Reason", "ReasonCode"),
+        stock=_local(_attr(item, "ItemType") or "Stock").lower() not in _NON_STOCK_ITEM_TYPES,
     )
 
 
@@ -638,6 +646,7 @@ def _item(line: _Line, *, magnitude: bool) -> LineItem:
         amount=amount,
         description=line.description,
         unit=line.unit,
+        stock=line.stock,
     )
 
 

@@ -8,6 +8,7 @@ what to do. Exit codes (docs/cli.md): 0 done, 1 failed, 2 usage (a wrong flag or
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import time
 import urllib.error
@@ -41,6 +42,15 @@ data_dir_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
     help="Central's state directory (central.db, embedded NATS data, default file sink).",
+)
+
+# For decisions the CLI records and the running central applies between units (_wait_applied).
+wait_option = click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the running central to apply it.",
 )
 
 
@@ -760,13 +770,7 @@ def gaps_list(data_dir: Path, as_json: bool) -> None:
 )
 @click.option("--reason", required=True, help="Why (kept for audit, shown in status).")
 @click.option("--by", "operator", help="Who decides [the user running the command].")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for the running central to apply it.",
-)
+@wait_option
 @data_dir_option
 def gaps_skip(
     store_id: str,
@@ -796,19 +800,28 @@ def gaps_skip(
         f"recorded skip #{skip.id}: store {store_id} epoch {epoch} seqs "
         f"{skip.from_seq}..{through_seq}, by {who}: {reason!r}"
     )
+    _wait_applied(
+        wait,
+        lambda: read_skip(data_dir, skip.id),
+        "not applied yet: central applies it within a second while it runs, or when it "
+        "starts (`storelink-central gaps list` shows it as PENDING until then)",
+    )
+
+
+def _wait_applied(wait: float, read: Callable[[], Any], not_yet: str) -> None:
+    """Wait up to ``wait`` seconds for the running central to apply a decision the CLI
+    recorded (``read()`` returns it, with ``applied_at`` and ``outcome``), and say what came of
+    it, or ``not_yet``."""
     deadline = time.monotonic() + wait
     while True:
-        done = read_skip(data_dir, skip.id)
+        done = read()
         if done is not None and done.applied_at is not None:
             click.echo(f"applied by central: {done.outcome}")
             return
         if time.monotonic() >= deadline:
             break
         time.sleep(0.2)
-    click.echo(
-        "not applied yet: central applies it within a second while it runs, or when it "
-        "starts (`storelink-central gaps list` shows it as PENDING until then)"
-    )
+    click.echo(not_yet)
 
 
 def _operator() -> str:
@@ -997,6 +1010,109 @@ def dlq_drop(
 
     dead = _with_nats(data_dir, nats_urls, creds, drop)
     click.echo(f"dropped dead letter {dead.id} of store {dead.store_id}")
+
+
+@cli.group()
+def inventory() -> None:
+    """Inventory: the on-hand projection per store and SKU (a derived view: the OMS owns
+    inventory truth; see docs/inventory.md)."""
+
+
+def _as_of(value: str | None) -> float:
+    if value is None:
+        return time.time()
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not an ISO 8601 time", param_hint="--as-of"
+        ) from None
+    if when.tzinfo is None:
+        raise click.BadParameter(
+            f"{value!r} has no timezone (e.g. 2026-11-22T06:00:00Z)", param_hint="--as-of"
+        )
+    return when.timestamp()
+
+
+@inventory.command("import")
+@click.argument("store_id")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--as-of",
+    help="When the balance was true (ISO 8601 with a timezone): events up to then are taken "
+    "as included in it, later ones apply on top [now].",
+)
+@click.option("--by", "operator", help="Who imports [the user running the command].")
+@wait_option
+@data_dir_option
+def inventory_import(
+    store_id: str, file: Path, as_of: str | None, operator: str | None, wait: float,
+    data_dir: Path,
+) -> None:  # fmt: skip
+    """Take STORE_ID's opening balance from FILE, a CSV with the header `sku,on_hand` (exact
+    decimals), as each listed SKU's baseline.
+
+    A malformed file is refused with the line and the reason, and nothing is imported. The
+    running central applies the balance between two units of work (or when it next starts);
+    a SKU whose baseline is newer (a later count) keeps it."""
+    from central.inventory import parse_balances, read_import, record_import
+
+    who = operator or _operator()
+    when = _as_of(as_of)
+    try:
+        check_store_id(store_id)
+    except InvalidStoreId as exc:
+        raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.ClickException(f"cannot read {file}: {exc}; nothing was imported") from None
+    try:
+        balances = parse_balances(text, str(file))
+        opening = record_import(data_dir, store_id, balances, when, str(file), who)
+    except CentralError as exc:
+        raise _fail(exc) from None
+    click.echo(
+        f"recorded opening balance #{opening.id}: store {store_id}, {len(balances)} SKUs as of "
+        f"{dt.datetime.fromtimestamp(when, dt.UTC).isoformat()}, by {who}"
+    )
+    _wait_applied(
+        wait,
+        lambda: read_import(data_dir, opening.id),
+        "not applied yet: central applies it within a second while it runs, or when it starts "
+        "(`storelink-central inventory show` lists it without an outcome until then)",
+    )
+
+
+@inventory.command("show")
+@click.argument("store_id")
+@click.argument("skus", nargs=-1)
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inventory_show(store_id: str, skus: tuple[str, ...], data_dir: Path, as_json: bool) -> None:
+    """On-hand of STORE_ID's SKUS (all when none are given), with each SKU's baseline, its
+    last event and count, the post-voids waiting for their sale and the flags."""
+    from central.inventory import read_inventory
+
+    try:
+        check_store_id(store_id)
+        document = asyncio.run(read_inventory(data_dir, store_id, skus))
+    except InvalidStoreId as exc:
+        raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
+    except CentralError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    click.echo(f"store {store_id}: {len(document['skus'])} SKUs")
+    for sku, s in document["skus"].items():
+        base = f"  baseline {s['baseline']} at {s['baseline_at']}" if s["baseline"] else ""
+        click.echo(f"  {sku:<20} {s['on_hand']:>14}{base}")
+    for v in document["voids_waiting"]:
+        state = "UNMATCHED" if v["flagged_at"] else "waiting"
+        click.echo(f"  post-void {v['event_id']} {state} for {v['voided_event_id']}")
+    for f in document["flags"]:
+        click.echo(f"  flag {f['kind']} {f['event_id']}: {f['reason']}")
 
 
 @cli.command()

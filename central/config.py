@@ -27,6 +27,8 @@ DEFAULT_WEBHOOK_CONCURRENCY = 16
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
 DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
+DEFAULT_INVENTORY_WINDOW_HOURS = 72.0  # an end-of-day file, a till offline over a weekend
+DEFAULT_VOID_WAIT_SECONDS = 3600.0
 WEBHOOK_SECRET_ENV = "STORELINK_WEBHOOK_SECRET"
 
 
@@ -168,6 +170,28 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ] = DEFAULT_LEDGER_RETENTION_DAYS
 
 
+class InventorySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The on-hand projection (docs/inventory.md)."""
+
+    window_hours: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="how late an event may reach its agent (received_at minus occurred_at) "
+            "and still be placed before or after a stock count by its time; a count that "
+            "arrives later than this is flagged and not applied",
+        ),
+    ] = DEFAULT_INVENTORY_WINDOW_HOURS
+    void_wait_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="how long a post_void naming a sale central has not seen waits for it "
+            "before it is flagged as unmatched (it is still applied if the sale comes later)",
+        ),
+    ] = DEFAULT_VOID_WAIT_SECONDS
+
+
 class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """storelink-central's configuration."""
 
@@ -181,6 +205,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     consumer: ConsumerSettings = ConsumerSettings()
     webhook: WebhookSettings = WebhookSettings()
     ledger: LedgerSettings = LedgerSettings()
+    inventory: InventorySettings = InventorySettings()
 
     @property
     def data_path(self) -> Path:

@@ -137,7 +137,9 @@ class Consumer:
         self.state = state
         self.sinks = list(sinks)
         self.sequencer = Sequencer(state.marks(), state.gaps())
-        self.inventory = Inventory(state)
+        self.inventory = Inventory(
+            state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
+        )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
         self._sub: Any = None
         self._stop = asyncio.Event()
@@ -226,6 +228,7 @@ class Consumer:
             return
         self._skips_at = now
         await self.apply_skips()
+        await self.inventory.between_units()  # opening balances, void waits, the journal
         for store_id in self.holds.report_expiring(now, EXPIRY_REPORT_INTERVAL):
             expires = self.holds.expires_at(store_id) or now
             log.error(
@@ -361,7 +364,7 @@ class Consumer:
             deliveries.append((batch, decision.records))
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
         for batch, records in await self.ledger.screen(deliveries, unit):
-            await self.inventory.ensure_loaded(batch.store_id)
+            await self.inventory.prepare(batch.store_id, records, unit)
             for record in records:
                 out.append(oms_record(batch.store_id, batch.epoch, record))
                 derived = self.inventory.apply(batch.store_id, batch.epoch, record, unit)

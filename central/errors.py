@@ -80,6 +80,16 @@ class SkipRefused(CentralError):
         super().__init__(f"gap of store {store_id} epoch {epoch} not skipped: {reason}")
 
 
+class BalanceRefused(CentralError):
+    """An opening balance file cannot be read: nothing of it was imported."""
+
+    def __init__(self, source: str, line: int, reason: str) -> None:
+        self.source = source
+        self.line = line
+        self.reason = reason
+        super().__init__(f"{source} line {line}: {reason}; nothing was imported")
+
+
 class DeadLetterUnpublished(CentralError):
     """NATS could not take a dead letter now: the unit is retried later, like a busy sink."""
 

@@ -9,8 +9,10 @@ from typing import Any
 
 from aiohttp import web
 
-from central.errors import ConfigError
+from central.errors import ConfigError, StateError
 from central.metrics import CONTENT_TYPE, render_central_metrics
+from protocol.errors import InvalidStoreId
+from protocol.subjects import check_store_id
 
 
 class CentralHttp:
@@ -23,11 +25,13 @@ class CentralHttp:
         port: int,
         healthy: Callable[[], bool],
         status: Callable[[], Awaitable[Any]],
+        inventory: Callable[[str, list[str]], Awaitable[Any]] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._healthy = healthy
         self._status_fn = status
+        self._inventory_fn = inventory
         self._runner: web.AppRunner | None = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -37,6 +41,21 @@ class CentralHttp:
     async def _status_route(self, request: web.Request) -> web.Response:
         return web.json_response(await self._status_fn())
 
+    async def _inventory_route(self, request: web.Request) -> web.Response:
+        """``GET /v1/inventory/<store>[?sku=A&sku=B]``: what `inventory show --json` prints."""
+        store_id = request.match_info["store_id"]
+        try:
+            check_store_id(store_id)
+        except InvalidStoreId as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._inventory_fn is None:
+            return web.json_response({"error": "no inventory here"}, status=404)
+        try:
+            document = await self._inventory_fn(store_id, request.query.getall("sku", []))
+        except StateError as exc:
+            return web.json_response({"error": str(exc)}, status=503)
+        return web.json_response(document)
+
     async def _metrics(self, request: web.Request) -> web.Response:
         text = render_central_metrics(await self._status_fn(), time.time())
         return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
@@ -45,6 +64,7 @@ class CentralHttp:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/v1/status", self._status_route)
+        app.router.add_get("/v1/inventory/{store_id}", self._inventory_route)
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()

@@ -284,6 +284,19 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
     out.add(
         "store_dlq_events", "gauge", "Dead letters central filed for the store.", per_store("dlq")
     )
+    # Inventory (central/inventory.py).
+    out.add(
+        "store_inventory_unmatched_voids",
+        "gauge",
+        "Post-voids whose sale central has not seen after inventory.void_wait_seconds.",
+        per_store("inventory_unmatched_voids"),
+    )
+    out.add(
+        "store_inventory_flags_total",
+        "counter",
+        "Events the inventory projection flagged (duplicate or mismatched voids, late counts).",
+        per_store("inventory_flags"),
+    )
     out.add(
         "store_provisioned",
         "gauge",

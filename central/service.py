@@ -24,6 +24,7 @@ from central.config import CentralConfig, parse_hostport
 from central.consumer import Consumer
 from central.errors import CentralError, ConfigError
 from central.http import CentralHttp
+from central.inventory import read_inventory
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
 from central.streams import oms_stream_lag
@@ -119,7 +120,7 @@ class CentralService:
         self.started_at = time.time()
         self.broker_restarts = 0
         host, port = parse_hostport(cfg.http)
-        self.http = CentralHttp(host, port, self.healthy, self.status)
+        self.http = CentralHttp(host, port, self.healthy, self.status, self.inventory)
 
     def healthy(self) -> bool:
         """Consuming: the consumer fetched at least once and NATS is connected."""
@@ -152,6 +153,10 @@ class CentralService:
             "stores": stores,
             "oms_stream": await self._oms_stream(),
         }
+
+    async def inventory(self, store_id: str, skus: list[str]) -> dict[str, Any]:
+        """``GET /v1/inventory/<store>``: the committed projection, read-only."""
+        return await read_inventory(self.cfg.data_path, store_id, skus)
 
     async def _oms_stream(self) -> dict[str, Any] | None:
         """With the nats sink: how far the OMS's consumers are behind (``oms_stream_lag``);

@@ -11,16 +11,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiosqlite
 
-from central import ledger
+from central import inventory, ledger
 from central.errors import NotAStateDatabase, SkipRefused, StateError, StateTooNew
 from protocol import migrations
 from protocol.errors import DatabaseTooNew, NotOurDatabase
@@ -76,6 +75,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
                 applied_at REAL, outcome TEXT)""",
         ),
     ),
+    # Baselines, the journal, waiting post-voids, flags, opening balances (central/inventory.py).
+    inventory.MIGRATION,
 )
 
 
@@ -173,7 +174,7 @@ class Unit:
 
     marks: dict[Key, Mark] = field(default_factory=dict)
     gaps: dict[Key, Gap | None] = field(default_factory=dict)  # None: the gap closed
-    inventory: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    inventory: dict[str, inventory.Staged] = field(default_factory=dict)  # per store
     sink_offsets: dict[str, int] = field(default_factory=dict)
     dlq: dict[str, int] = field(default_factory=dict)
     # Key ledger (central/ledger.py): hashes of delivered event_ids per store (-> day), and
@@ -189,7 +190,7 @@ class Unit:
         they are handed back and sequenced again when they return)."""
         self.marks = {k: v for k, v in self.marks.items() if k[0] != store_id}
         self.gaps = {k: v for k, v in self.gaps.items() if k[0] != store_id}
-        self.inventory = {k: v for k, v in self.inventory.items() if k[0] != store_id}
+        self.inventory.pop(store_id, None)
         self.ledger_keys.pop(store_id, None)
         self.ledger_resent.pop(store_id, None)
 
@@ -216,7 +217,21 @@ class StateStore(Protocol):
     def marks(self) -> dict[Key, Mark]: ...
     def gaps(self) -> dict[Key, Gap]: ...
     def sink_offset(self, sink: str) -> int | None: ...
-    async def load_inventory(self, store_id: str) -> dict[str, Decimal]: ...
+    # The inventory projection's storage (central/inventory.py).
+    async def load_inventory(
+        self, store_id: str
+    ) -> tuple[dict[str, inventory.SkuStock], list[inventory.WaitingVoid]]: ...
+    async def inventory_moves(
+        self, store_id: str, after: float | None, event_ids: Collection[str]
+    ) -> list[inventory.Move]: ...
+    async def flag_waiting_voids(
+        self, since_before: float, now: float
+    ) -> list[inventory.WaitingVoid]: ...
+    async def prune_moves(self, store_id: str, before: float) -> int: ...
+    async def pending_imports(self) -> list[inventory.OpeningBalance]: ...
+    async def apply_import(
+        self, import_id: int, store_id: str, skus: Mapping[str, inventory.SkuStock], outcome: str
+    ) -> None: ...
     async def commit(self, unit: Unit) -> None: ...
     async def note_lost(self, gap: Gap) -> None: ...
     async def pending_skips(self) -> list[GapSkip]: ...
@@ -325,16 +340,53 @@ class SqliteState:
     def sink_offset(self, sink: str) -> int | None:
         return self._offsets.get(sink)
 
-    async def load_inventory(self, store_id: str) -> dict[str, Decimal]:
-        def load() -> dict[str, Decimal]:
-            assert self._conn is not None
-            rows = self._conn.execute(
-                "SELECT sku, on_hand FROM inventory WHERE store_id = ?", (store_id,)
-            )
-            return {sku: Decimal(value) for sku, value in rows}
+    # --- inventory: the SQL is central/inventory.py's, run on this writer thread -----------
 
-        result: dict[str, Decimal] = await self._run(load)
-        return result
+    async def _run_inventory(self, fn: Any, *args: Any) -> Any:
+        try:
+            return await self._run(fn, self._conn, *args)
+        except sqlite3.Error as exc:
+            raise StateError(f"inventory in {self.data_dir / STATE_FILENAME}: {exc}") from exc
+
+    async def load_inventory(
+        self, store_id: str
+    ) -> tuple[dict[str, inventory.SkuStock], list[inventory.WaitingVoid]]:
+        loaded: tuple[dict[str, inventory.SkuStock], list[inventory.WaitingVoid]]
+        loaded = await self._run_inventory(inventory.load_store, store_id)
+        return loaded
+
+    async def inventory_moves(
+        self, store_id: str, after: float | None, event_ids: Collection[str]
+    ) -> list[inventory.Move]:
+        moves: list[inventory.Move] = await self._run_inventory(
+            inventory.read_moves, store_id, after, event_ids
+        )
+        return moves
+
+    async def flag_waiting_voids(
+        self, since_before: float, now: float
+    ) -> list[inventory.WaitingVoid]:
+        flagged: list[inventory.WaitingVoid] = await self._run_inventory(
+            inventory.flag_voids, since_before, now
+        )
+        return flagged
+
+    async def prune_moves(self, store_id: str, before: float) -> int:
+        gone: int = await self._run_inventory(inventory.prune_moves, store_id, before)
+        return gone
+
+    async def pending_imports(self) -> list[inventory.OpeningBalance]:
+        pending: list[inventory.OpeningBalance] = await self._run_inventory(
+            inventory.pending_imports
+        )
+        return pending
+
+    async def apply_import(
+        self, import_id: int, store_id: str, skus: Mapping[str, inventory.SkuStock], outcome: str
+    ) -> None:
+        await self._run_inventory(
+            inventory.apply_opening, import_id, store_id, skus, outcome, time.time()
+        )
 
     async def commit(self, unit: Unit) -> None:
         if unit.empty():
@@ -496,10 +548,7 @@ class SqliteState:
                     if g is not None
                 ],
             )  # fmt: skip
-            conn.executemany(
-                "INSERT OR REPLACE INTO inventory VALUES (?, ?, ?)",
-                [(store, sku, str(value)) for (store, sku), value in unit.inventory.items()],
-            )
+            inventory.record_staged(conn, unit.inventory)
             conn.executemany(
                 "INSERT OR REPLACE INTO sink_offsets VALUES (?, ?)", unit.sink_offsets.items()
             )
@@ -719,10 +768,11 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 for r in await conn.execute_fetchall("SELECT store_id, count FROM dlq_counts")
             }
             keys = await ledger.read_counts(conn)
+            stock_flags = await inventory.read_flag_counts(conn)
     except sqlite3.Error as exc:
         raise StateError(f"cannot read central state {path}: {exc}") from None
     result = []
-    for store_id in sorted(stores | set(marks) | set(dlq) | set(gaps)):
+    for store_id in sorted(stores | set(marks) | set(dlq) | set(gaps) | set(stock_flags)):
         rows = marks.get(store_id, [])
         latest = rows[0] if rows else None
         epoch = latest[1] if latest else None
@@ -746,6 +796,9 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 # Key ledger: event_ids held, and records dropped as re-sent.
                 "ledger_keys": keys.get(store_id, (0, 0))[0],
                 "resent": keys.get(store_id, (0, 0))[1],
+                # Inventory: post-voids flagged unmatched, other flags (central/inventory.py).
+                "inventory_unmatched_voids": stock_flags.get(store_id, (0, 0))[0],
+                "inventory_flags": stock_flags.get(store_id, (0, 0))[1],
             }
         )
     return result

@@ -266,6 +266,15 @@ class LineItem(
     amount: Decimal  # extended amount of the line after line-level discounts
     description: Text | None = None
     unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # "each", "lb", "kg"
+    # False: the line moves money, never stock (a bottle deposit or its refund, a service):
+    # central's inventory projection leaves it out (docs/inventory.md).
+    stock: Annotated[
+        bool,
+        msgspec.Meta(
+            description="false for a line that is not stock (a deposit or its refund, a "
+            "service): it counts for money, never for inventory"
+        ),
+    ] = True
 
 
 class Tender(

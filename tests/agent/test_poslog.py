@@ -203,6 +203,28 @@ def test_full_sample_money_details() -> None:
     assert Decimal("0.65") in {line.quantity for line in weighed}
 
 
+def test_deposit_and_service_lines_are_not_stock() -> None:
+    """NCR's bottle refund (ItemType acs:NegativeItem) and ARTS Deposit/Service lines keep
+    their money but are marked not stock; Stock lines and lines without ItemType are stock."""
+    events = convert_poslog(FULL.read_bytes(), store_id="S9")
+    marks = {(line.sku, line.stock) for line in by_id(events, "poslog:S9:34:2017-10-01:101").lines}
+    assert ("00000000054409", False) in marks
+    assert {True} == {line.stock for event in events for line in event.lines
+                      if line.sku != "00000000054409"}  # fmt: skip
+    typed = "".join(
+        f'<LineItem><Sale ItemType="{kind}"><ItemID>{sku}</ItemID><ExtendedAmount>{amount}'
+        "</ExtendedAmount><Quantity>1</Quantity></Sale></LineItem>"
+        for kind, sku, amount in [
+            ("Stock", "A1", "4.00"), ("Deposit", "DEP", "0.25"), ("Service", "GIFTWRAP", "3.00"),
+            ("DepositRefund", "DEP", "-0.25"),
+        ]
+    )  # fmt: skip
+    sale = one(poslog(transaction(retail(typed + item("B1", "1", "1.00", "1.00"), "8.00"))))
+    assert [("A1", True), ("DEP", False), ("GIFTWRAP", False), ("DEP", False), ("B1", True)] == [
+        (line.sku, line.stock) for line in sale.lines
+    ]
+
+
 # --- hand-written variants ------------------------------------------------------------------
 
 SALE_BODY = retail(item() + tender("4.00"), "4.00", tax="0.00")

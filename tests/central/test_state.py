@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from central.errors import NotAStateDatabase, StateError, StateTooNew
+from central.inventory import SkuStock, Staged
 from central.sequencer import Behind, Deliver, Duplicate, Sequencer
 from central.state import (
     MIGRATIONS,
@@ -111,7 +112,7 @@ async def test_commit_is_one_transaction_and_survives_reopen(tmp_path: Path) -> 
     seq.classify(batch(1, 10), unit, 1.0)
     seq.classify(batch(1, 5, store="S2"), unit, 1.0)
     seq.classify(batch(9, 9, store="S2"), unit, 1.0)  # S2 gap 6..8
-    unit.inventory[("S1", "x")] = Decimal("10.25")
+    unit.inventory["S1"] = Staged(skus={"x": SkuStock(on_hand=Decimal("10.25"))})
     unit.sink_offsets["file:/tmp/oms.jsonl"] = 1234
     unit.dlq["S1"] = 2
     await state.commit(unit)
@@ -121,7 +122,7 @@ async def test_commit_is_one_transaction_and_survives_reopen(tmp_path: Path) -> 
     await again.open()
     marks = {k: (m.hwm, m.delivered) for k, m in again.marks().items()}
     gaps = {k: (g.from_seq, g.to_seq) for k, g in again.gaps().items()}
-    inventory = await again.load_inventory("S1")
+    inventory = {sku: s.on_hand for sku, s in (await again.load_inventory("S1"))[0].items()}
     offset = again.sink_offset("file:/tmp/oms.jsonl")
     await again.close()
     assert {("S1", EPOCH): (10, 10), ("S2", EPOCH): (5, 5)} == marks
