@@ -54,7 +54,9 @@ def store_href(store_id: str) -> str:
     return f"/stores/{quote(store_id)}"
 
 
-def _page(title: str, body: str, refresh: float) -> str:
+def _page(title: str, body: str, refresh: float, src: str) -> str:
+    """A whole page; ``src`` is its own address to refresh from (an action's answer is the
+    store's page, shown at the action's POST address)."""
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -62,7 +64,7 @@ def _page(title: str, body: str, refresh: float) -> str:
         f"<title>{e(title)}</title>"
         '<link rel="stylesheet" href="/static/dashboard.css">'
         '<script src="/static/dashboard.js" defer></script>'
-        f'</head><body data-refresh="{refresh:g}">'
+        f'</head><body data-refresh="{refresh:g}" data-src="{e(src)}">'
         f'<p id="stale" class="banner alert" hidden>✕ central is not answering: these figures '
         f"are from the last refresh</p>{body}</body></html>\n"
     )
@@ -210,7 +212,7 @@ def render_index(doc: Doc) -> str:
         f'<p class="muted">updated {ago(now, now)}</p></div>'
     )
     body = f"<header><h1>storelink HQ</h1></header>{form}<main>{live}</main>"
-    return _page("storelink HQ", body, doc["refresh_seconds"])
+    return _page("storelink HQ", body, doc["refresh_seconds"], "/")
 
 
 def _facts(rows: Iterable[tuple[str, str]]) -> str:
@@ -321,7 +323,7 @@ def render_store(doc: Doc, message: tuple[str, str] | None = None) -> str:
         f'<p><a href="{store_href(sid)}.json" class="muted">JSON</a></p></header>{note}'
         f"<main>{live}<h2>Actions</h2>{_token_note(doc)}{resync}</main>"
     )
-    return _page(f"storelink HQ: {sid}", body, doc["refresh_seconds"])
+    return _page(f"storelink HQ: {sid}", body, doc["refresh_seconds"], store_href(sid))
 
 
 def _gap_row(gap: Doc, now: float) -> str:

@@ -9,6 +9,8 @@ from pathlib import Path
 import aiohttp
 import nats
 import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright
 
 from central.broker import EmbeddedBroker
 from tests.central.conftest import Harness, central_config, start_central, stop_central
@@ -39,3 +41,15 @@ async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """One headless Chromium (the system's) for every browser test of the session."""
+    async with async_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        launched = await playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()

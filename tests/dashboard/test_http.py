@@ -6,8 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from agent.simulator import Till
+from central.broker import free_port
+from central.config import DashboardSettings
+from central.dashboard import Dashboard
 from tests.central.conftest import Harness, make_records
 from tests.dashboard.conftest import TOKEN
 
@@ -123,3 +127,27 @@ async def test_events_per_second_come_from_the_delivered_counter(
     await central.wait_for(lambda: watch.polls > polls + 1)
     rates = (await get_json(http, f"{base(central)}/.json"))["rates"]
     assert True is (rates["last_minute"] > 0)
+
+
+async def test_without_an_operator_token_the_actions_are_off(
+    central: Harness, http: aiohttp.ClientSession
+) -> None:
+    """A dashboard whose central has no operator token says its actions are off and refuses
+    any (403), whatever token is given."""
+    dashboard = Dashboard(central.service, DashboardSettings())
+    app = web.Application()
+    dashboard.add_routes(app)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await two_stores_one_with_a_gap(central)
+        async with http.get(f"http://127.0.0.1:{port}/stores/S1") as resp:
+            assert True is ("actions are off" in await resp.text())
+        async with http.post(
+            f"http://127.0.0.1:{port}/stores/S1/resync", data={"from_seq": "1", "token": "x"}
+        ) as resp:
+            assert 403 == resp.status
+    finally:
+        await runner.cleanup()

@@ -6,6 +6,9 @@
 (function () {
   const seconds = Number(document.body.dataset.refresh || "5");
   const stale = document.getElementById("stale");
+  // An action's answer is shown at its POST address: refresh (and reload) the page itself.
+  const src = document.body.dataset.src || location.pathname;
+  if (location.pathname !== src) history.replaceState(null, "", src);
   let timer = null;
   let inFlight = false;
 
