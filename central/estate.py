@@ -21,7 +21,8 @@ import msgspec
 
 from central.control import AgentReach, ask_status, lag
 from central.errors import CentralError
-from protocol.wire import AgentStatus
+from protocol.subjects import store_from_heartbeat_subject
+from protocol.wire import UNDECODABLE, AgentStatus, decode_control_reply
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,8 @@ class AgentWatch:
     """The running central's knowledge of every store's agent: it asks them all every
     ``interval`` seconds (the control subject's ``status``, as `storelink-central status`
     does, all at once) and takes each answer, or the failure to answer, as the latest word.
-    The live DLQ counts and a sample of the delivery rate are taken in the same beat."""
+    Between rounds each agent's heartbeat (``on_heartbeat``) is its latest word too. The live
+    DLQ counts and a sample of the delivery rate are taken in the same beat as the asking."""
 
     def __init__(
         self,
@@ -192,6 +194,7 @@ class AgentWatch:
         self.dlq_live: dict[str, int] | None = None
         self.rate = DeliveryRate()
         self.polls = 0
+        self.heartbeats = 0
         self.polled = asyncio.Event()  # set after the first round of asking
 
     def heard(self, reach: AgentReach, at: float) -> None:
@@ -201,6 +204,22 @@ class AgentWatch:
             self.heard_at[reach.store_id] = at
         if reach.status is not None:
             self.reported[reach.store_id] = (at, reach.status)
+
+    async def on_heartbeat(self, msg: Any) -> None:
+        """A store's heartbeat (its AgentStatus on its heartbeat subject): its latest word. A
+        heartbeat that names another store than its subject, or does not decode, is ignored
+        (the subject is the store's own: NATS permissions let a store publish only there)."""
+        store_id = store_from_heartbeat_subject(msg.subject)
+        try:
+            status = decode_control_reply(msg.data)
+        except UNDECODABLE as exc:
+            log.warning("undecodable heartbeat on %s: %s", msg.subject, exc)
+            return
+        if store_id is None or not isinstance(status, AgentStatus) or status.store_id != store_id:
+            log.warning("heartbeat on %s is not that store's status: ignored", msg.subject)
+            return
+        self.heartbeats += 1
+        self.heard(AgentReach(store_id, True, status=status), time.time())
 
     async def poll_once(self) -> None:
         from central.dlq import dead_letter_counts

@@ -32,7 +32,7 @@ from central.sinks import make_sinks
 from central.state import SqliteState, read_status
 from central.streams import oms_stream_lag
 from protocol.connection import CredentialsError, connect_options
-from protocol.subjects import CENTRAL_INBOX_PREFIX
+from protocol.subjects import CENTRAL_INBOX_PREFIX, HEARTBEAT_WILDCARD
 from protocol.wire import ResyncReply
 
 log = logging.getLogger(__name__)
@@ -330,6 +330,7 @@ class CentralService:
                 timeout=DEFAULT_ASK_TIMEOUT,
                 delivered=lambda: consumer.delivered,
             )
+            await self.nc.subscribe(HEARTBEAT_WILDCARD, cb=self.watch.on_heartbeat)
             watching = asyncio.create_task(self.watch.run(self.stop))
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http
