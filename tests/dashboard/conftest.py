@@ -7,13 +7,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import nats
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, async_playwright
 
 from central.broker import EmbeddedBroker
-from tests.central.conftest import Harness, central_config, start_central, stop_central
+from tests.central.conftest import Harness, running_harness
 
 TOKEN = "op-secret-token"
 
@@ -22,19 +21,9 @@ TOKEN = "op-secret-token"
 async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
     """Central consuming from the test's nats-server, its agent watch asking every 0.2 s,
     actions allowed with ``TOKEN``."""
-    cfg = central_config(
-        tmp_path,
-        nats_server.url,
-        **{"dashboard.agent_poll_seconds": 0.2, "dashboard.operator_token": TOKEN},
-    )
-    service, task = await start_central(cfg)
-    nc = await nats.connect(nats_server.url)
-    try:
-        yield Harness(service, nc, tmp_path / "oms.jsonl", task)
-    finally:
-        await nc.close()
-        if not task.done():
-            await stop_central(service, task)
+    settings = {"dashboard.agent_poll_seconds": 0.2, "dashboard.operator_token": TOKEN}
+    async with running_harness(tmp_path, nats_server.url, **settings) as running:
+        yield running
 
 
 @pytest.fixture

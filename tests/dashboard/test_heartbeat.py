@@ -16,13 +16,7 @@ from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from protocol.subjects import heartbeat_subject
 from protocol.wire import AgentStatus, decode_control_reply, encode
-from tests.central.conftest import (
-    Harness,
-    central_config,
-    make_records,
-    start_central,
-    stop_central,
-)  # fmt: skip
+from tests.central.conftest import make_records, running_harness
 
 
 def status(store_id: str, pending: int) -> AgentStatus:
@@ -69,11 +63,9 @@ async def test_central_takes_a_heartbeat_as_the_stores_latest_word(
     """A store central's asking found unreachable is green again at its next heartbeat, with
     the pending it reported; a heartbeat naming another store is ignored."""
     # Central asks only when told to here (an hourly round), so the heartbeat is the last word.
-    cfg = central_config(tmp_path, nats_server.url, **{"dashboard.agent_poll_seconds": 3600})
-    service, task = await start_central(cfg)
-    nc = await nats.connect(nats_server.url)
-    central = Harness(service, nc, tmp_path / "oms.jsonl", task)
-    try:
+    hourly = {"dashboard.agent_poll_seconds": 3600}
+    async with running_harness(tmp_path, nats_server.url, **hourly) as central:
+        service, nc = central.service, central.nc
         await central.wait_for(lambda: service.watch is not None)
         watch = service.watch
         assert watch is not None
@@ -84,7 +76,7 @@ async def test_central_takes_a_heartbeat_as_the_stores_latest_word(
         await nc.publish(heartbeat_subject("S1"), encode(status("S2", 9)))
         await nc.publish(heartbeat_subject("S1"), encode(status("S1", 7)))
         await central.wait_for(lambda: watch.heartbeats >= 1)
-        async with http.get(f"http://{cfg.http}/.json") as resp:
+        async with http.get(f"http://{service.cfg.http}/.json") as resp:
             [store] = (await resp.json())["stores"]
         assert (False, True, 7) == (
             unreachable,
@@ -92,6 +84,3 @@ async def test_central_takes_a_heartbeat_as_the_stores_latest_word(
             store["reported"]["pending"],
         )
         assert 1 == watch.heartbeats
-    finally:
-        await nc.close()
-        await stop_central(service, task)
