@@ -7,10 +7,16 @@ marked, the lowest seq still held and the agent's epoch. A resync that names ano
 range is ``unavailable``, so HQ stops asking instead of receiving this epoch's records again
 and again. So does a range retention has pruned entirely. Anything else, including bytes that
 do not decode, gets a ``ControlError`` reply: a bad request never crashes the agent.
+
+Once attached, the agent also publishes its ``AgentStatus`` as a heartbeat on
+``storelink.heartbeat.<store_id>`` every ``heartbeat_interval`` seconds while connected: HQ
+tells an idle store (it beats) from a cut-off one (silence) without asking.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -20,7 +26,7 @@ from nats.aio.subscription import Subscription
 
 from agent.errors import AgentError
 from agent.outbox import Outbox
-from protocol.subjects import control_subject
+from protocol.subjects import control_subject, heartbeat_subject
 from protocol.wire import (
     UNDECODABLE,
     AgentStatus,
@@ -35,13 +41,26 @@ from protocol.wire import (
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_INTERVAL = 5.0  # seconds; central's watch asks every 5 s too
+
 
 class Control:
     """Answers HQ's control requests for one store."""
 
-    def __init__(self, outbox: Outbox, *, store_id: str, status: Callable[[], AgentStatus]) -> None:
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        store_id: str,
+        status: Callable[[], AgentStatus],
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+    ) -> None:
         self.outbox = outbox
         self.subject = control_subject(store_id)
+        self.heartbeat_subject = heartbeat_subject(store_id)
+        self.heartbeat_interval = heartbeat_interval
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.heartbeats = 0
         self._status = status
         self._sub: Subscription | None = None
         self.requests = 0
@@ -56,6 +75,27 @@ class Control:
         """Subscribe on ``nc`` (nats-py restores the subscription after a reconnect)."""
         self._sub = await nc.subscribe(self.subject, cb=self._on_message)
         log.info("control listening on %s", self.subject)
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.create_task(self._beat(nc), name="heartbeat")
+
+    async def _beat(self, nc: NatsClient) -> None:
+        """Publish the status every ``heartbeat_interval`` while connected, until closed."""
+        while not nc.is_closed:
+            if nc.is_connected:
+                try:
+                    await nc.publish(self.heartbeat_subject, encode(self._status()))
+                    self.heartbeats += 1
+                except Exception as exc:  # the link dropped meanwhile: the next beat retries
+                    log.debug("heartbeat not sent: %r", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def close(self) -> None:
+        """Stop the heartbeat."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+            self._heartbeat = None
 
     async def handle(self, data: bytes) -> ControlReply:
         """The reply to one request body."""

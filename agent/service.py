@@ -290,6 +290,7 @@ class AgentService:
                 task.cancel()
         await self.ingest.stop()  # waits for requests already committing
         await self.forwarder.stop()
+        await self.control.close()
         timeout = self.cfg.forwarder.publish_timeout + STOP_GRACE
         for task in self._tasks:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -19,8 +20,9 @@ from typing import Any, TypeVar
 
 import click
 
-from central.config import load_config
-from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach, lag
+from central import estate
+from central.config import DEFAULT_LAG_ALERT, OPERATOR_TOKEN_ENV, load_config
+from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach
 from central.dlq import DeadLetter
 from central.errors import AgentUnreachable, CentralError, NatsUnreachable
 from central.logs import configure_logging
@@ -35,7 +37,6 @@ from protocol.wire import ResyncReply
 
 EXIT_UNREACHABLE = 3
 T = TypeVar("T")
-DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look
 
 data_dir_option = click.option(
     "--data-dir",
@@ -169,6 +170,8 @@ def run(
         "http": http,
         "stream.duplicate_window": duplicate_window,
         "consumer.gap_hold_seconds": gap_hold,
+        # A secret: from the environment (or the config file), never a flag in `ps`.
+        "dashboard.operator_token": os.environ.get(OPERATOR_TOKEN_ENV) or None,
     }
     try:
         cfg = load_config(config, overrides)
@@ -215,30 +218,6 @@ async def _ask_agents(
         return reach, counts, None
     finally:
         await nc.close()
-
-
-def _problems(store: dict[str, Any], lag_alert: float) -> list[str]:
-    """What an operator should look at for this store, most urgent first (see
-    docs/operations.md for each)."""
-    found = []
-    if store["agent"]["reachable"] is False:
-        found.append("unreachable")
-    if any(g["unrecoverable"] for g in store["gaps"]):
-        found.append("unrecoverable")
-    elif store["gap"]:
-        found.append("gap")
-    held = store.get("held") or {}
-    if held.get("blocked"):
-        found.append("blocked")
-    if held.get("undecodable"):
-        found.append("undecodable")
-    if held.get("expiring"):
-        found.append("expiring")
-    if store["dlq"]:
-        found.append("dlq")
-    if store["lag_seconds"] is not None and store["lag_seconds"] > lag_alert:
-        found.append("lagging")
-    return found
 
 
 @cli.command()
@@ -302,40 +281,17 @@ def status(
             reach, dlq_live, nats_error = asyncio.run(
                 _ask_agents(urls, _nats_options(data_dir, creds), ids, timeout)
             )
-    now = time.time()
     live = {s["store_id"]: s.get("held") for s in (running or {}).get("stores") or []}
     for s in stores:
         s["held"] = live.get(s["store_id"])
-        if dlq_live is not None:
-            # The DLQ stream is the truth (replay/drop remove from it); the state database's
-            # count is what central dead-lettered, used when NATS cannot be asked.
-            s["dlq"] = dlq_live.get(s["store_id"], 0)
-        agent = reach.get(s["store_id"])
-        s["agent"] = (
-            agent.to_dict()
-            if agent is not None
-            else {"reachable": None, "error": nats_error, "status": None}
-        )
-        s["lag_events"], s["lag_seconds"] = lag(agent, s["epoch"], s["hwm"], s["last_seen"], now)
-        s["problems"] = _problems(s, lag_alert)
-    asked = [s for s in stores if s["agent"]["reachable"] is not None]
-    lags = [s["lag_seconds"] for s in stores if s["lag_seconds"] is not None]
-    totals = {
-        "stores": len(stores),
-        "delivered": sum(s["delivered"] for s in stores),
-        "duplicates": sum(s["duplicates"] for s in stores),
-        "gaps": sum(1 for s in stores if s["gap"]),
-        "dlq": sum(s["dlq"] for s in stores),
-        "agents_asked": len(asked),
-        "agents_reachable": sum(1 for s in asked if s["agent"]["reachable"]),
-        "lag_events": sum(s["lag_events"] or 0 for s in stores),
-        "max_lag_seconds": max(lags) if lags else None,
-        "stores_with_problems": sum(1 for s in stores if s["problems"]),
-    }
+    estate.annotate(
+        stores, reach, time.time(), lag_warn=lag_alert, lag_alert=lag_alert,
+        not_asked=nats_error, dlq_live=dlq_live,
+    )  # fmt: skip
     result = {
         "central_running": running is not None,
         "nats": {"urls": urls or [], "asked": nats_error is None, "error": nats_error},
-        "totals": totals,
+        "totals": estate.totals(stores),
         "sinks": (running or {}).get("sinks") or [],
         "stores": stores,
     }

@@ -30,6 +30,11 @@ DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
 DEFAULT_INVENTORY_WINDOW_HOURS = 72.0  # an end-of-day file, a till offline over a weekend
 DEFAULT_VOID_WAIT_SECONDS = 3600.0
 WEBHOOK_SECRET_ENV = "STORELINK_WEBHOOK_SECRET"
+DEFAULT_LAG_WARN = 300.0  # seconds: amber
+DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look (red)
+DEFAULT_AGENT_POLL = 5.0
+DEFAULT_REFRESH = 5.0
+OPERATOR_TOKEN_ENV = "STORELINK_OPERATOR_TOKEN"
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -192,6 +197,35 @@ class InventorySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ] = DEFAULT_VOID_WAIT_SECONDS
 
 
+class DashboardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The HQ dashboard at / of the HTTP server, and the agent watch behind it and /metrics."""
+
+    lag_warn_seconds: Annotated[
+        float, _doc("a store further behind than this is amber (warn) on the dashboard")
+    ] = DEFAULT_LAG_WARN
+    lag_alert_seconds: Annotated[
+        float, _doc("a store further behind than this is red (alert, flagged lagging)")
+    ] = DEFAULT_LAG_ALERT
+    agent_poll_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="how often central asks every store's agent for its status (a store "
+            "whose agent does not answer turns red at the next round)",
+        ),
+    ] = DEFAULT_AGENT_POLL
+    refresh_seconds: Annotated[
+        float, msgspec.Meta(gt=0, description="how often an open dashboard page refreshes itself")
+    ] = DEFAULT_REFRESH
+    operator_token: Annotated[
+        str,
+        _doc(
+            f"token an operator gives to act from the dashboard (resync, DLQ replay); env "
+            f"{OPERATOR_TOKEN_ENV} overrides; empty: the dashboard has no actions"
+        ),
+    ] = ""
+
+
 class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """storelink-central's configuration."""
 
@@ -206,6 +240,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     webhook: WebhookSettings = WebhookSettings()
     ledger: LedgerSettings = LedgerSettings()
     inventory: InventorySettings = InventorySettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @property
     def data_path(self) -> Path:

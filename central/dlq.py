@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from central.config import load_config
+from central.config import CentralConfig, load_config
 from central.errors import DeadLetterUnpublished, DlqError, ReplayFailed, SinkUnavailable
 from central.sinks import Sink, make_sinks
 from central.state import STATE_FILENAME
@@ -324,13 +325,18 @@ class ReplayOutcome:
 
 
 async def replay(
-    nc: Any, found: Sequence[DeadLetter], data_dir: Path, config: Path | None, given: Sequence[str]
+    nc: Any,
+    found: Sequence[DeadLetter],
+    data_dir: Path,
+    config: Path | CentralConfig | None,
+    given: Sequence[str],
 ) -> list[ReplayOutcome]:
     """Replay each dead letter in ``found``, removing it from the DLQ only on success.
 
     A batch is published again on its events subject; a record goes to the sinks ``given``
     (``webhook:URL``, ``nats``) or else to the sink that refused it (named in its reason), each
-    opened once with central's config (``config``, for the webhook secret and timeouts)."""
+    opened once with central's config (``config``: its file, or the running central's own, for
+    the webhook secret and timeouts)."""
     opened: dict[str, Sink] = {}
     outcomes: list[ReplayOutcome] = []
     try:
@@ -348,7 +354,12 @@ async def replay(
                         )
                     for spec in specs:
                         if spec not in opened:
-                            cfg = load_config(config, {"data_dir": str(data_dir), "sinks": [spec]})
+                            base = (
+                                config
+                                if isinstance(config, CentralConfig)
+                                else load_config(config, {"data_dir": str(data_dir)})
+                            )
+                            cfg = msgspec.structs.replace(base, sinks=[spec])
                             [sink] = make_sinks(cfg, nc)
                             await sink.start(None)
                             opened[spec] = sink

@@ -1,5 +1,5 @@
 """Central's small HTTP server: health for supervisors and tests, status as JSON, metrics for
-Prometheus."""
+Prometheus, and the HQ dashboard (central/dashboard) at ``/``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from central.dashboard import Dashboard
 from central.errors import ConfigError, StateError
 from central.metrics import CONTENT_TYPE, render_central_metrics
 from protocol.errors import InvalidStoreId
@@ -26,12 +27,15 @@ class CentralHttp:
         healthy: Callable[[], bool],
         status: Callable[[], Awaitable[Any]],
         inventory: Callable[[str, list[str]], Awaitable[Any]] | None = None,
+        *,
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self._healthy = healthy
         self._status_fn = status
         self._inventory_fn = inventory
+        self._dashboard = dashboard
         self._runner: web.AppRunner | None = None
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -66,6 +70,8 @@ class CentralHttp:
         app.router.add_get("/v1/status", self._status_route)
         app.router.add_get("/v1/inventory/{store_id}", self._inventory_route)
         app.router.add_get("/metrics", self._metrics)
+        if self._dashboard is not None:
+            self._dashboard.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         try:

@@ -9,7 +9,8 @@ What an alert rule would look at (docs/operations.md has the runbook for each):
 ``storelink_central_store_dlq_events > 0``, ``time() - storelink_central_store_last_seen_
 timestamp_seconds`` large for a store that trades, ``storelink_central_sink_breaker_open == 1``,
 ``storelink_central_sink_misconfigured == 1``, ``storelink_central_oms_consumer_oldest_pending_
-age_seconds`` near ``storelink_central_oms_stream_max_age_seconds``.
+age_seconds`` near ``storelink_central_oms_stream_max_age_seconds``, ``storelink_central_store_
+agent_reachable == 0`` (cut off, not idle). The rules, tested with promtool, are docs/alerts.yml.
 """
 
 from __future__ import annotations
@@ -296,6 +297,47 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "counter",
         "Events the inventory projection flagged (duplicate or mismatched voids, late counts).",
         per_store("inventory_flags"),
+    )
+    # What the store's agent last said (central/estate.py's agent watch): told apart from its
+    # batches, so an idle store (answers, sends nothing) is not a cut-off one (does not answer).
+    asked = [s for s in stores if (s.get("agent") or {}).get("reachable") is not None]
+    out.add(
+        "store_agent_reachable",
+        "gauge",
+        "1 when the store's agent answered central's last round of asking, 0 when it did not "
+        "(stopped, or cut off from NATS); absent before the first round.",
+        [({"store": s["store_id"]}, bool(s["agent"]["reachable"])) for s in asked],
+    )
+    out.add(
+        "store_agent_last_heard_timestamp_seconds",
+        "gauge",
+        "When the store's agent last answered or sent a heartbeat (Unix time); 0 never.",
+        per_store("last_heard"),
+    )
+    lagged = [s for s in stores if s.get("lag_events") is not None]
+    out.add(
+        "store_lag_events",
+        "gauge",
+        "Events the store's agent committed that central has not delivered (as it last said).",
+        [({"store": s["store_id"]}, s["lag_events"]) for s in lagged],
+    )
+    out.add(
+        "store_lag_seconds",
+        "gauge",
+        "How far behind central is for the store: the age of the oldest event the agent has not "
+        "had acknowledged, or since its last batch when central is the one behind.",
+        [
+            ({"store": s["store_id"]}, s["lag_seconds"])
+            for s in lagged
+            if s["lag_seconds"] is not None
+        ],
+    )
+    reported = [s for s in stores if s.get("reported")]
+    out.add(
+        "store_pending_events",
+        "gauge",
+        "Events at the store not yet acknowledged by JetStream, as its agent last reported.",
+        [({"store": s["store_id"]}, s["reported"]["pending"]) for s in reported],
     )
     out.add(
         "store_provisioned",

@@ -22,14 +22,19 @@ from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
 from central.config import CentralConfig, parse_hostport
 from central.consumer import Consumer
-from central.errors import CentralError, ConfigError
+from central.control import DEFAULT_ASK_TIMEOUT, ask_resync
+from central.dashboard import Dashboard
+from central.dlq import DeadLetter, ReplayOutcome, entries, entry, replay
+from central.errors import CentralError, ConfigError, DlqError, NatsUnreachable
+from central.estate import AgentWatch, annotate, totals
 from central.http import CentralHttp
 from central.inventory import read_inventory
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
 from central.streams import oms_stream_lag
 from protocol.connection import CredentialsError, connect_options
-from protocol.subjects import CENTRAL_INBOX_PREFIX
+from protocol.subjects import CENTRAL_INBOX_PREFIX, HEARTBEAT_WILDCARD
+from protocol.wire import ResyncReply
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +124,12 @@ class CentralService:
         self.stop = asyncio.Event()
         self.started_at = time.time()
         self.broker_restarts = 0
+        self.watch: AgentWatch | None = None  # every store's agent, asked every few seconds
         host, port = parse_hostport(cfg.http)
-        self.http = CentralHttp(host, port, self.healthy, self.status, self.inventory)
+        self.http = CentralHttp(
+            host, port, self.healthy, self.status, self.inventory,
+            dashboard=Dashboard(self, cfg.dashboard),
+        )  # fmt: skip
 
     def healthy(self) -> bool:
         """Consuming: the consumer fetched at least once and NATS is connected."""
@@ -137,6 +146,19 @@ class CentralService:
         holds = consumer.holds.snapshot(time.time()) if consumer else {}
         for store in stores:
             store["held"] = holds.get(store["store_id"])
+        now = time.time()
+        watch = self.watch
+        annotate(
+            stores,
+            watch.reach if watch else {},
+            now,
+            lag_warn=self.cfg.dashboard.lag_warn_seconds,
+            lag_alert=self.cfg.dashboard.lag_alert_seconds,
+            not_asked=None if watch and watch.polls else "not asked yet",
+            dlq_live=watch.dlq_live if watch else None,
+            heard_at=watch.heard_at if watch else None,
+            reported=watch.reported if watch else None,
+        )
         return {
             "central_running": True,
             "healthy": self.healthy(),
@@ -151,12 +173,41 @@ class CentralService:
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
             "stores": stores,
+            "totals": totals(stores),
+            "rates": watch.rate.snapshot(now) if watch else None,
             "oms_stream": await self._oms_stream(),
         }
 
     async def inventory(self, store_id: str, skus: list[str]) -> dict[str, Any]:
         """``GET /v1/inventory/<store>``: the committed projection, read-only."""
         return await read_inventory(self.cfg.data_path, store_id, skus)
+
+    # --- what the dashboard asks of the running central (central/dashboard Backend) --------
+
+    def _connected(self) -> Any:
+        """Central's NATS connection, or NatsUnreachable while it has none."""
+        if not (self.nc is not None and self.nc.is_connected):
+            raise NatsUnreachable(agent_nats_urls(self.cfg), "central is not connected (yet)")
+        return self.nc
+
+    async def dead_letters(self, store_id: str) -> list[DeadLetter]:
+        return await entries(self._connected(), store_id)
+
+    async def resync(self, store_id: str, from_seq: int, to_seq: int | None) -> ResyncReply:
+        return await ask_resync(
+            self._connected(), store_id, from_seq, to_seq, reason="operator request (dashboard)"
+        )
+
+    async def replay(self, store_id: str, entry_id: int) -> ReplayOutcome:
+        nc = self._connected()
+        dead = await entry(nc, entry_id)
+        if dead.store_id != store_id:
+            raise DlqError(f"dead letter {entry_id} is store {dead.store_id}'s, not {store_id}'s")
+        [outcome] = await replay(nc, [dead], self.cfg.data_path, self.cfg, [])
+        return outcome
+
+    async def _store_ids(self) -> list[str]:
+        return [s["store_id"] for s in await read_status(self.cfg.data_path)]
 
     async def _oms_stream(self) -> dict[str, Any] | None:
         """With the nats sink: how far the OMS's consumers are behind (``oms_stream_lag``);
@@ -255,6 +306,7 @@ class CentralService:
         self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
         pruning: asyncio.Task[None] | None = None  # the key ledger's expiry sweeps
+        watching: asyncio.Task[None] | None = None  # the agent watch (estate, dashboard)
         try:
             await self.state.open()
             # /healthz answers (503) from the start, so supervisors see a central starting up.
@@ -276,6 +328,16 @@ class CentralService:
             )
             await self.consumer.setup()
             pruning = asyncio.create_task(self.consumer.ledger.run_pruning(self.stop))
+            consumer = self.consumer
+            self.watch = AgentWatch(
+                self.nc,
+                self._store_ids,
+                interval=self.cfg.dashboard.agent_poll_seconds,
+                timeout=DEFAULT_ASK_TIMEOUT,
+                delivered=lambda: consumer.delivered,
+            )
+            await self.nc.subscribe(HEARTBEAT_WILDCARD, cb=self.watch.on_heartbeat)
+            watching = asyncio.create_task(self.watch.run(self.stop))
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http
             )
@@ -285,6 +347,8 @@ class CentralService:
                 supervisor.cancel()
             if pruning is not None:
                 pruning.cancel()
+            if watching is not None:
+                watching.cancel()
             await self.http.close()
             if self.consumer is not None:
                 await self.consumer.close()

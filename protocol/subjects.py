@@ -20,6 +20,9 @@ _store_id_re = re.compile(STORE_ID_PATTERN)
 EVENTS_PREFIX = "storelink.events"
 CONTROL_PREFIX = "storelink.control"
 DLQ_PREFIX = "storelink.dlq"
+# Each agent's heartbeat: its AgentStatus every few seconds, so HQ tells an idle store (it
+# beats, sends nothing) from a cut-off one (silence).
+HEARTBEAT_PREFIX = "storelink.heartbeat"
 OMS_PREFIX = "oms"
 
 EVENTS_STREAM = "STORELINK_EVENTS"
@@ -29,6 +32,7 @@ CENTRAL_DURABLE = "storelink-central"
 
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.*"
 DLQ_WILDCARD = f"{DLQ_PREFIX}.*"
+HEARTBEAT_WILDCARD = f"{HEARTBEAT_PREFIX}.*"
 OMS_WILDCARD = f"{OMS_PREFIX}.*.*"
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -64,6 +68,10 @@ def dlq_subject(store_id: str) -> str:
     return f"{DLQ_PREFIX}.{check_store_id(store_id)}"
 
 
+def heartbeat_subject(store_id: str) -> str:
+    return f"{HEARTBEAT_PREFIX}.{check_store_id(store_id)}"
+
+
 def oms_subject(event_type: str, store_id: str) -> str:
     return f"{OMS_PREFIX}.{event_type}.{check_store_id(store_id)}"
 
@@ -85,6 +93,13 @@ def store_from_events_subject(subject: str) -> str | None:
         return None
     store_id = subject[len(prefix) :]
     return store_id if _store_id_re.fullmatch(store_id) else None
+
+
+def store_from_heartbeat_subject(subject: str) -> str | None:
+    """The store id a heartbeat subject names, or None if the subject is not one."""
+    prefix = HEARTBEAT_PREFIX + "."
+    store_id = subject.removeprefix(prefix)
+    return store_id if subject.startswith(prefix) and _store_id_re.fullmatch(store_id) else None
 
 
 def batch_msg_id(store_id: str, epoch: str, first_seq: int, last_seq: int, resend: int = 0) -> str:

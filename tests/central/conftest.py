@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
@@ -111,15 +112,25 @@ def till() -> Till:
     return Till(store_id="S1", seed=3)
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
-    """Central consuming from the test's nats-server into a file sink."""
-    cfg = central_config(tmp_path, nats_server.url)
+@contextlib.asynccontextmanager
+async def running_harness(
+    tmp_path: Path, nats_url: str, **overrides: Any
+) -> AsyncIterator[Harness]:
+    """Central (``central_config`` with ``overrides``) consuming from ``nats_url`` into a file
+    sink, and a client to play the stores; stopped after."""
+    cfg = central_config(tmp_path, nats_url, **overrides)
     service, task = await start_central(cfg)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_url)
     try:
         yield Harness(service, nc, tmp_path / "oms.jsonl", task)
     finally:
         await nc.close()
         if not task.done():
             await stop_central(service, task)
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
+    """Central consuming from the test's nats-server into a file sink."""
+    async with running_harness(tmp_path, nats_server.url) as running:
+        yield running

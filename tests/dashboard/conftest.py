@@ -1,0 +1,44 @@
+"""Dashboard fixtures: central in-process on a real nats-server (stores played by hand-made
+batches), and an HTTP client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from playwright.async_api import Browser, async_playwright
+
+from central.broker import EmbeddedBroker
+from tests.central.conftest import Harness, running_harness
+
+TOKEN = "op-secret-token"
+
+
+@pytest.fixture
+async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
+    """Central consuming from the test's nats-server, its agent watch asking every 0.2 s,
+    actions allowed with ``TOKEN``."""
+    settings = {"dashboard.agent_poll_seconds": 0.2, "dashboard.operator_token": TOKEN}
+    async with running_harness(tmp_path, nats_server.url, **settings) as running:
+        yield running
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def browser(chromium: str) -> AsyncIterator[Browser]:
+    """One headless Chromium (the system's) for every browser test of the session."""
+    async with async_playwright() as playwright:
+        # --no-sandbox: CI runs as root, where Chromium's sandbox refuses to start.
+        launched = await playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
