@@ -2,9 +2,9 @@
 
 The five event types form a tagged union on ``type``. Money and quantities are
 ``decimal.Decimal`` (strings on the wire, JSON numbers accepted on input and kept exact);
-no float ever touches them. msgspec checks types, lengths and required fields while it decodes;
-the rules it cannot check cheaply (finite decimals within bounds, identifiers of printable
-ASCII, a timezone on ``occurred_at``, quantities > 0, ...) are checked by each event's
+no float ever touches them. msgspec checks types, lengths, required fields and the timezone on
+``occurred_at`` while it decodes; the rules it cannot check, or not cheaply (finite decimals
+within bounds, identifiers of printable ASCII, quantities > 0, ...) are checked by each event's
 ``__post_init__``, so a decoded event is always a valid one: every place that decodes (HTTP
 ingest, POSLog, central reading a batch) gets the same rules.
 
@@ -67,6 +67,49 @@ Text = Annotated[str, msgspec.Meta(max_length=256)]
 MAX_DECIMAL_DIGITS = 28
 MAX_DECIMAL_EXPONENT = 12  # |value| < 10**12
 MIN_DECIMAL_EXPONENT = -9  # at most 9 digits after the point
+
+# msgspec has no constraints for Decimal, so the decimal rules are checked by the events
+# (_check_transaction, _check_stock) and only published here: the patterns describe the plain
+# form a POS should send, every string they match is accepted. The agent accepts more (JSON
+# numbers, exponent notation, trailing zeros beyond 9 places), within the same bounds.
+_PLACES = r"(\.[0-9]{1,9})?"
+DECIMAL_PATTERN = rf"^-?[0-9]{{1,12}}{_PLACES}$"
+NON_NEGATIVE_PATTERN = rf"^[0-9]{{1,12}}{_PLACES}$"
+# > 0: a non-zero digit before the point, or zeros before it and one of the 9 places non-zero
+# (spelled out per position: JSON Schema generators handle lookaheads poorly).
+_SMALL = "|".join(f"0{{{k}}}[1-9][0-9]{{0,{8 - k}}}" for k in range(9))
+POSITIVE_PATTERN = rf"^(0*[1-9][0-9]{{0,11}}{_PLACES}|0+\.({_SMALL}))$"
+_DECIMAL_RULE = (
+    'A decimal as a string, e.g. "12.50": below 10^12 in absolute value, at most 9 places. '
+    'Also accepted: JSON numbers and exponent notation ("1E+3") within the same bounds.'
+)
+Money = Annotated[
+    Decimal,
+    msgspec.Meta(extra_json_schema={"pattern": DECIMAL_PATTERN}, description=_DECIMAL_RULE),
+]
+Quantity = Annotated[  # a line of a sale, return or post-void
+    Decimal,
+    msgspec.Meta(
+        extra_json_schema={"pattern": POSITIVE_PATTERN},
+        description=_DECIMAL_RULE + " Greater than zero; may be fractional (0.42 lb).",
+    ),
+]
+StockQuantity = Annotated[
+    Decimal,
+    msgspec.Meta(
+        extra_json_schema={"pattern": DECIMAL_PATTERN},
+        description=_DECIMAL_RULE + " A signed delta in an adjustment; >= 0 in a count.",
+    ),
+]
+OccurredAt = Annotated[
+    dt.datetime,
+    msgspec.Meta(
+        tz=True,  # checked by msgspec; the agent reports it as _TIMEZONE_MESSAGE
+        extra_json_schema={"pattern": r"(Z|z|[+-][0-9]{2}:[0-9]{2})$"},
+        description="When it happened: an RFC 3339 timestamp with its offset, "
+        "e.g. 2026-11-22T10:00:00Z or 2026-11-22T10:00:00-05:00.",
+    ),
+]
 
 
 def _check_decimal_slow(name: str, value: Decimal) -> None:
@@ -172,9 +215,13 @@ def _check_head(event: EventBase) -> None:
     _check_id(event.transaction_id, ".transaction_id")
 
 
+_TIMEZONE_MESSAGE = "occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)"
+
+
 def _check_timezone(at: dt.datetime) -> None:
+    """For events built in code: decoding has msgspec check it (OccurredAt's ``tz=True``)."""
     if at.tzinfo is None or at.utcoffset() is None:
-        raise RuleError("occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)")
+        raise RuleError(_TIMEZONE_MESSAGE)
 
 
 def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
@@ -261,9 +308,9 @@ class LineItem(
     # Its rules (decimals, quantity > 0, sku) are checked by the event: _check_transaction.
 
     sku: Sku
-    quantity: Decimal  # may be fractional: weighed goods (0.42 lb of apples); > 0
-    unit_price: Decimal
-    amount: Decimal  # extended amount of the line after line-level discounts
+    quantity: Quantity  # may be fractional: weighed goods (0.42 lb of apples); > 0
+    unit_price: Money
+    amount: Money  # extended amount of the line after line-level discounts
     description: Text | None = None
     unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # "each", "lb", "kg"
 
@@ -276,7 +323,7 @@ class Tender(
     # Its rules are checked by the event: _check_transaction.
 
     kind: ShortId  # "cash", "credit_card", "gift_card", ...
-    amount: Decimal
+    amount: Money
 
 
 class StockLine(
@@ -287,7 +334,7 @@ class StockLine(
     # Its rules are checked by the event: _check_stock.
 
     sku: Sku
-    quantity: Decimal
+    quantity: StockQuantity
 
 
 Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
@@ -300,7 +347,7 @@ class EventBase(
     """Fields every event carries."""
 
     event_id: EventId
-    occurred_at: dt.datetime  # must carry a timezone
+    occurred_at: OccurredAt
     workstation_id: ShortId | None = None
     business_day: dt.date | None = None
     transaction_id: ShortId | None = None
@@ -317,9 +364,9 @@ class _Transaction(EventBase, frozen=True, kw_only=True):
     """Shared shape of sale, return and post-void."""
 
     currency: Currency
-    total: Decimal
+    total: Money
     lines: Lines
-    tax: Decimal = Decimal(0)
+    tax: Money = Decimal(0)
     tenders: list[Tender] = []
 
     def __post_init__(self) -> None:
@@ -434,12 +481,20 @@ _msgpack_items = msgspec.msgpack.Decoder(list[msgspec.Raw] | dict[str, msgspec.R
 _path_re = re.compile(r" - at `(\$[^`]*)`$")
 
 
+# msgspec's words for a rule it checks, where the protocol's own message says more: (path,
+# message) as msgspec reports them -> as a POS has always been told. The one place they map.
+_OUR_MESSAGES = {
+    ("$.occurred_at", "Expected `datetime` with a timezone component"): ("$", _TIMEZONE_MESSAGE),
+}
+
+
 def _split_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     text = str(exc)
     match = _path_re.search(text)
     if match is None:
         return "$", text
-    return match.group(1), text[: match.start()]
+    found = match.group(1), text[: match.start()]
+    return _OUR_MESSAGES.get(found, found)
 
 
 def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
