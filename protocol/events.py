@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import msgspec
 
@@ -300,6 +302,94 @@ def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
         raise RuleError("a counted quantity cannot be negative")
 
 
+# --- the rules, checked once per body or batch -----------------------------------------------
+
+# Set only while decode_checked decodes: the events skip their own checks and decode_checked
+# runs _plain_events over all of them at once (one encode, one join, one comparison of each
+# kind for the whole body instead of per event). Any other decode, and every event built in
+# code, checks itself as before. A ContextVar, so a decode in another thread or task is not
+# affected.
+_deferred: ContextVar[bool] = ContextVar("storelink_event_rules_deferred", default=False)
+
+
+def _plain_events(events: Sequence[EventBase]) -> bool:
+    """Every event certainly keeps every rule msgspec does not check; False may be a false
+    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
+    values: list[Decimal] = []
+    ids: list[str] = []
+    quantities: list[Decimal] = []  # of sale, return and post-void lines: > 0
+    counted: list[Decimal] = []  # of counts: >= 0
+    currencies: list[str] = []
+    for event in events:
+        ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
+        kind = type(event)
+        if kind is Sale or kind is Return or kind is PostVoid:
+            assert isinstance(event, _Transaction)
+            currencies.append(event.currency)
+            values += (event.total, event.tax)
+            for line in event.lines:
+                quantities.append(line.quantity)
+                values += (line.unit_price, line.amount)
+                ids.append(line.sku)
+            for tender in event.tenders:
+                values.append(tender.amount)
+                ids.append(tender.kind)
+            if isinstance(event, Return):
+                ids.append(event.original_transaction_id or "")
+            elif isinstance(event, PostVoid):
+                if event.voided_event_id is None and event.voided_transaction_id is None:
+                    return False
+                ids += (event.voided_event_id or "", event.voided_transaction_id or "")
+        elif isinstance(event, StockAdjustment):
+            for stock in event.lines:
+                values.append(stock.quantity)
+                ids.append(stock.sku)
+            ids.append(event.reason)
+        elif isinstance(event, StockCount):
+            for stock in event.lines:
+                counted.append(stock.quantity)
+                ids.append(stock.sku)
+        else:
+            return False  # not an event type this pass knows: let it check itself
+    values += quantities
+    values += counted
+    joined = "".join(currencies)
+    return (
+        _plain(values)  # first: the comparisons below need finite values
+        and _printable("".join(ids))
+        and {*map(len, currencies)} <= {3}
+        and joined.isascii()
+        and joined.isalpha()
+        and joined.isupper()
+        and (not quantities or min(quantities) > 0)
+        and (not counted or min(counted) >= 0)
+    )
+
+
+_T = TypeVar("_T")
+
+
+def decode_checked(
+    decode: Callable[[bytes], _T], data: bytes, events: Callable[[_T], Sequence[EventBase]]
+) -> _T:
+    """``decode(data)`` with the event rules checked in one pass over all its ``events``.
+
+    When that pass cannot vouch for them, or the decode fails, ``data`` is decoded again with
+    every event checking itself, so what is raised is exactly what a per-event decode raises
+    (the broken rule, where it is).
+    """
+    token = _deferred.set(True)
+    try:
+        decoded = decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        decoded = None
+    finally:
+        _deferred.reset(token)
+    if decoded is not None and _plain_events(events(decoded)):
+        return decoded
+    return decode(data)
+
+
 class LineItem(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
 ):
@@ -356,6 +446,8 @@ class EventBase(
     stock_direction: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_head(self)
         _check_timezone(self.occurred_at)
 
@@ -370,6 +462,8 @@ class _Transaction(EventBase, frozen=True, kw_only=True):
     tenders: list[Tender] = []
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(self, ())
 
 
@@ -388,6 +482,8 @@ class Return(_Transaction, frozen=True, kw_only=True, tag="return", tag_field="t
     stock_direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(self, (("original_transaction_id", self.original_transaction_id),))
 
 
@@ -401,6 +497,8 @@ class PostVoid(_Transaction, frozen=True, kw_only=True, tag="post_void", tag_fie
     stock_direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(
             self,
             (
@@ -421,6 +519,8 @@ class StockAdjustment(
     reason: ShortId
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_stock(self, counted=False)
 
 
@@ -430,6 +530,8 @@ class StockCount(EventBase, frozen=True, kw_only=True, tag="stock_count", tag_fi
     lines: StockLines  # quantity >= 0
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_stock(self, counted=True)
 
 
@@ -503,12 +605,17 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
     Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
     InvalidEvents listing every invalid event (index, path, message) otherwise.
     """
+    token = _deferred.set(True)  # see decode_checked; here a refusal is explained per event
     try:
         decoded = (_msgpack_all if msgpack else _json_all).decode(body)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         pass  # something is wrong: the exact path below says what, event by event
     else:
-        return decoded if isinstance(decoded, list) else [decoded]
+        every: list[Event] = decoded if isinstance(decoded, list) else [decoded]
+        if _plain_events(every):
+            return every
+    finally:
+        _deferred.reset(token)
     items_decoder, event_decoder = (
         (_msgpack_items, _msgpack_event) if msgpack else (_json_items, _json_event)
     )
