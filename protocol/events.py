@@ -163,7 +163,6 @@ _SHAPE = bytes(
 _TOO_LONG = "d" * 11
 _ID_MESSAGE = f"Expected `str` matching regex {PRINTABLE_ID!r}"
 _CURRENCY_MESSAGE = f"Expected `str` matching regex {CURRENCY_CODE!r}"
-_is_signed = Decimal.is_signed
 
 
 class RuleError(ValueError):
@@ -228,30 +227,10 @@ def _check_timezone(at: dt.datetime) -> None:
 
 def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
     """Sale, return and post-void: one cheap pass for the common case, else the exact checks."""
-    lines = event.lines
-    values = [event.total, event.tax]
-    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
-    quantities = []
-    for line in lines:
-        quantities.append(line.quantity)
-        values += (line.unit_price, line.amount)
-        ids.append(line.sku)
-    for tender in event.tenders:
-        values.append(tender.amount)
-        ids.append(tender.kind)
-    for _name, value in extra_ids:
-        ids.append(value or "")
-    values += quantities
     at = event.occurred_at
-    if (
-        _plain(values)
-        and _printable("".join(ids))
-        and _is_currency(event.currency)
-        and not any(map(_is_signed, quantities))  # > 0: neither negative nor (-)0
-        and all(quantities)
-        and at.utcoffset() is not None  # None when naive, too
-    ):
+    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
         return
+    lines = event.lines
     # Something may be off: find the first broken rule, in the order they were found when each
     # line checked itself (identifiers and lines in field order, then the event's own fields).
     _check_head(event)
@@ -277,21 +256,11 @@ def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | No
 
 def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
     """Stock adjustment and count: one cheap pass for the common case, else the exact checks."""
-    lines = event.lines
-    quantities = [line.quantity for line in lines]
-    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
-    ids += [line.sku for line in lines]
-    reason = event.reason if isinstance(event, StockAdjustment) else None
-    if reason is not None:
-        ids.append(reason)
     at = event.occurred_at
-    if (
-        _plain(quantities)
-        and _printable("".join(ids))
-        and not (counted and any(map(_is_signed, quantities)))  # -0 is checked below
-        and at.utcoffset() is not None  # None when naive, too
-    ):
+    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
         return
+    lines = event.lines
+    reason = event.reason if isinstance(event, StockAdjustment) else None
     _check_head(event)
     for index, line in enumerate(lines):
         _check_id(line.sku, f".lines[{index}].sku")
