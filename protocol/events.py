@@ -2,9 +2,9 @@
 
 The five event types form a tagged union on ``type``. Money and quantities are
 ``decimal.Decimal`` (strings on the wire, JSON numbers accepted on input and kept exact);
-no float ever touches them. msgspec checks types, lengths and required fields while it decodes;
-the rules it cannot check cheaply (finite decimals within bounds, identifiers of printable
-ASCII, a timezone on ``occurred_at``, quantities > 0, ...) are checked by each event's
+no float ever touches them. msgspec checks types, lengths, required fields and the timezone on
+``occurred_at`` while it decodes; the rules it cannot check, or not cheaply (finite decimals
+within bounds, identifiers of printable ASCII, quantities > 0, ...) are checked by each event's
 ``__post_init__``, so a decoded event is always a valid one: every place that decodes (HTTP
 ingest, POSLog, central reading a batch) gets the same rules.
 
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import msgspec
 
@@ -67,6 +69,49 @@ Text = Annotated[str, msgspec.Meta(max_length=256)]
 MAX_DECIMAL_DIGITS = 28
 MAX_DECIMAL_EXPONENT = 12  # |value| < 10**12
 MIN_DECIMAL_EXPONENT = -9  # at most 9 digits after the point
+
+# msgspec has no constraints for Decimal, so the decimal rules are checked by the events
+# (_check_transaction, _check_stock) and only published here: the patterns describe the plain
+# form a POS should send, every string they match is accepted. The agent accepts more (JSON
+# numbers, exponent notation, trailing zeros beyond 9 places), within the same bounds.
+_PLACES = r"(\.[0-9]{1,9})?"
+DECIMAL_PATTERN = rf"^-?[0-9]{{1,12}}{_PLACES}$"
+NON_NEGATIVE_PATTERN = rf"^[0-9]{{1,12}}{_PLACES}$"
+# > 0: a non-zero digit before the point, or zeros before it and one of the 9 places non-zero
+# (spelled out per position: JSON Schema generators handle lookaheads poorly).
+_SMALL = "|".join(f"0{{{k}}}[1-9][0-9]{{0,{8 - k}}}" for k in range(9))
+POSITIVE_PATTERN = rf"^(0*[1-9][0-9]{{0,11}}{_PLACES}|0+\.({_SMALL}))$"
+_DECIMAL_RULE = (
+    'A decimal as a string, e.g. "12.50": below 10^12 in absolute value, at most 9 places. '
+    'Also accepted: JSON numbers and exponent notation ("1E+3") within the same bounds.'
+)
+Money = Annotated[
+    Decimal,
+    msgspec.Meta(extra_json_schema={"pattern": DECIMAL_PATTERN}, description=_DECIMAL_RULE),
+]
+Quantity = Annotated[  # a line of a sale, return or post-void
+    Decimal,
+    msgspec.Meta(
+        extra_json_schema={"pattern": POSITIVE_PATTERN},
+        description=_DECIMAL_RULE + " Greater than zero; may be fractional (0.42 lb).",
+    ),
+]
+StockQuantity = Annotated[
+    Decimal,
+    msgspec.Meta(
+        extra_json_schema={"pattern": DECIMAL_PATTERN},
+        description=_DECIMAL_RULE + " A signed delta in an adjustment; >= 0 in a count.",
+    ),
+]
+OccurredAt = Annotated[
+    dt.datetime,
+    msgspec.Meta(
+        tz=True,  # checked by msgspec; the agent reports it as _TIMEZONE_MESSAGE
+        extra_json_schema={"pattern": r"(Z|z|[+-][0-9]{2}:[0-9]{2})$"},
+        description="When it happened: an RFC 3339 timestamp with its offset, "
+        "e.g. 2026-11-22T10:00:00Z or 2026-11-22T10:00:00-05:00.",
+    ),
+]
 
 
 def _check_decimal_slow(name: str, value: Decimal) -> None:
@@ -118,7 +163,6 @@ _SHAPE = bytes(
 _TOO_LONG = "d" * 11
 _ID_MESSAGE = f"Expected `str` matching regex {PRINTABLE_ID!r}"
 _CURRENCY_MESSAGE = f"Expected `str` matching regex {CURRENCY_CODE!r}"
-_is_signed = Decimal.is_signed
 
 
 class RuleError(ValueError):
@@ -172,37 +216,21 @@ def _check_head(event: EventBase) -> None:
     _check_id(event.transaction_id, ".transaction_id")
 
 
+_TIMEZONE_MESSAGE = "occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)"
+
+
 def _check_timezone(at: dt.datetime) -> None:
+    """For events built in code: decoding has msgspec check it (OccurredAt's ``tz=True``)."""
     if at.tzinfo is None or at.utcoffset() is None:
-        raise RuleError("occurred_at must carry a timezone (e.g. 2026-11-22T10:00:00Z)")
+        raise RuleError(_TIMEZONE_MESSAGE)
 
 
 def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
     """Sale, return and post-void: one cheap pass for the common case, else the exact checks."""
-    lines = event.lines
-    values = [event.total, event.tax]
-    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
-    quantities = []
-    for line in lines:
-        quantities.append(line.quantity)
-        values += (line.unit_price, line.amount)
-        ids.append(line.sku)
-    for tender in event.tenders:
-        values.append(tender.amount)
-        ids.append(tender.kind)
-    for _name, value in extra_ids:
-        ids.append(value or "")
-    values += quantities
     at = event.occurred_at
-    if (
-        _plain(values)
-        and _printable("".join(ids))
-        and _is_currency(event.currency)
-        and not any(map(_is_signed, quantities))  # > 0: neither negative nor (-)0
-        and all(quantities)
-        and at.utcoffset() is not None  # None when naive, too
-    ):
+    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
         return
+    lines = event.lines
     # Something may be off: find the first broken rule, in the order they were found when each
     # line checked itself (identifiers and lines in field order, then the event's own fields).
     _check_head(event)
@@ -228,21 +256,11 @@ def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | No
 
 def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
     """Stock adjustment and count: one cheap pass for the common case, else the exact checks."""
-    lines = event.lines
-    quantities = [line.quantity for line in lines]
-    ids = [event.event_id, event.workstation_id or "", event.transaction_id or ""]
-    ids += [line.sku for line in lines]
-    reason = event.reason if isinstance(event, StockAdjustment) else None
-    if reason is not None:
-        ids.append(reason)
     at = event.occurred_at
-    if (
-        _plain(quantities)
-        and _printable("".join(ids))
-        and not (counted and any(map(_is_signed, quantities)))  # -0 is checked below
-        and at.utcoffset() is not None  # None when naive, too
-    ):
+    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
         return
+    lines = event.lines
+    reason = event.reason if isinstance(event, StockAdjustment) else None
     _check_head(event)
     for index, line in enumerate(lines):
         _check_id(line.sku, f".lines[{index}].sku")
@@ -253,6 +271,94 @@ def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
         raise RuleError("a counted quantity cannot be negative")
 
 
+# --- the rules, checked once per body or batch -----------------------------------------------
+
+# Set only while decode_checked decodes: the events skip their own checks and decode_checked
+# runs _plain_events over all of them at once (one encode, one join, one comparison of each
+# kind for the whole body instead of per event). Any other decode, and every event built in
+# code, checks itself as before. A ContextVar, so a decode in another thread or task is not
+# affected.
+_deferred: ContextVar[bool] = ContextVar("storelink_event_rules_deferred", default=False)
+
+
+def _plain_events(events: Sequence[EventBase]) -> bool:
+    """Every event certainly keeps every rule msgspec does not check; False may be a false
+    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
+    values: list[Decimal] = []
+    ids: list[str] = []
+    quantities: list[Decimal] = []  # of sale, return and post-void lines: > 0
+    counted: list[Decimal] = []  # of counts: >= 0
+    currencies: list[str] = []
+    for event in events:
+        ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
+        kind = type(event)
+        if kind is Sale or kind is Return or kind is PostVoid:
+            assert isinstance(event, _Transaction)
+            currencies.append(event.currency)
+            values += (event.total, event.tax)
+            for line in event.lines:
+                quantities.append(line.quantity)
+                values += (line.unit_price, line.amount)
+                ids.append(line.sku)
+            for tender in event.tenders:
+                values.append(tender.amount)
+                ids.append(tender.kind)
+            if isinstance(event, Return):
+                ids.append(event.original_transaction_id or "")
+            elif isinstance(event, PostVoid):
+                if event.voided_event_id is None and event.voided_transaction_id is None:
+                    return False
+                ids += (event.voided_event_id or "", event.voided_transaction_id or "")
+        elif isinstance(event, StockAdjustment):
+            for stock in event.lines:
+                values.append(stock.quantity)
+                ids.append(stock.sku)
+            ids.append(event.reason)
+        elif isinstance(event, StockCount):
+            for stock in event.lines:
+                counted.append(stock.quantity)
+                ids.append(stock.sku)
+        else:
+            return False  # not an event type this pass knows: let it check itself
+    values += quantities
+    values += counted
+    joined = "".join(currencies)
+    return (
+        _plain(values)  # first: the comparisons below need finite values
+        and _printable("".join(ids))
+        and {*map(len, currencies)} <= {3}
+        and joined.isascii()
+        and joined.isalpha()
+        and joined.isupper()
+        and (not quantities or min(quantities) > 0)
+        and (not counted or min(counted) >= 0)
+    )
+
+
+_T = TypeVar("_T")
+
+
+def decode_checked(
+    decode: Callable[[bytes], _T], data: bytes, events: Callable[[_T], Sequence[EventBase]]
+) -> _T:
+    """``decode(data)`` with the event rules checked in one pass over all its ``events``.
+
+    When that pass cannot vouch for them, or the decode fails, ``data`` is decoded again with
+    every event checking itself, so what is raised is exactly what a per-event decode raises
+    (the broken rule, where it is).
+    """
+    token = _deferred.set(True)
+    try:
+        decoded = decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        decoded = None
+    finally:
+        _deferred.reset(token)
+    if decoded is not None and _plain_events(events(decoded)):
+        return decoded
+    return decode(data)
+
+
 class LineItem(
     msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
 ):
@@ -261,9 +367,9 @@ class LineItem(
     # Its rules (decimals, quantity > 0, sku) are checked by the event: _check_transaction.
 
     sku: Sku
-    quantity: Decimal  # may be fractional: weighed goods (0.42 lb of apples); > 0
-    unit_price: Decimal
-    amount: Decimal  # extended amount of the line after line-level discounts
+    quantity: Quantity  # may be fractional: weighed goods (0.42 lb of apples); > 0
+    unit_price: Money
+    amount: Money  # extended amount of the line after line-level discounts
     description: Text | None = None
     unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None  # "each", "lb", "kg"
     # False: the line moves money, never stock (a bottle deposit or its refund, a service):
@@ -285,7 +391,7 @@ class Tender(
     # Its rules are checked by the event: _check_transaction.
 
     kind: ShortId  # "cash", "credit_card", "gift_card", ...
-    amount: Decimal
+    amount: Money
 
 
 class StockLine(
@@ -296,7 +402,7 @@ class StockLine(
     # Its rules are checked by the event: _check_stock.
 
     sku: Sku
-    quantity: Decimal
+    quantity: StockQuantity
 
 
 Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
@@ -309,7 +415,7 @@ class EventBase(
     """Fields every event carries."""
 
     event_id: EventId
-    occurred_at: dt.datetime  # must carry a timezone
+    occurred_at: OccurredAt
     workstation_id: ShortId | None = None
     business_day: dt.date | None = None
     transaction_id: ShortId | None = None
@@ -318,6 +424,8 @@ class EventBase(
     stock_direction: ClassVar[int] = 0
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_head(self)
         _check_timezone(self.occurred_at)
 
@@ -326,12 +434,14 @@ class _Transaction(EventBase, frozen=True, kw_only=True):
     """Shared shape of sale, return and post-void."""
 
     currency: Currency
-    total: Decimal
+    total: Money
     lines: Lines
-    tax: Decimal = Decimal(0)
+    tax: Money = Decimal(0)
     tenders: list[Tender] = []
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(self, ())
 
 
@@ -350,6 +460,8 @@ class Return(_Transaction, frozen=True, kw_only=True, tag="return", tag_field="t
     stock_direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(self, (("original_transaction_id", self.original_transaction_id),))
 
 
@@ -363,6 +475,8 @@ class PostVoid(_Transaction, frozen=True, kw_only=True, tag="post_void", tag_fie
     stock_direction: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_transaction(
             self,
             (
@@ -383,6 +497,8 @@ class StockAdjustment(
     reason: ShortId
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_stock(self, counted=False)
 
 
@@ -392,6 +508,8 @@ class StockCount(EventBase, frozen=True, kw_only=True, tag="stock_count", tag_fi
     lines: StockLines  # quantity >= 0
 
     def __post_init__(self) -> None:
+        if _deferred.get():
+            return
         _check_stock(self, counted=True)
 
 
@@ -443,12 +561,20 @@ _msgpack_items = msgspec.msgpack.Decoder(list[msgspec.Raw] | dict[str, msgspec.R
 _path_re = re.compile(r" - at `(\$[^`]*)`$")
 
 
+# msgspec's words for a rule it checks, where the protocol's own message says more: (path,
+# message) as msgspec reports them -> as a POS has always been told. The one place they map.
+_OUR_MESSAGES = {
+    ("$.occurred_at", "Expected `datetime` with a timezone component"): ("$", _TIMEZONE_MESSAGE),
+}
+
+
 def _split_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     text = str(exc)
     match = _path_re.search(text)
     if match is None:
         return "$", text
-    return match.group(1), text[: match.start()]
+    found = match.group(1), text[: match.start()]
+    return _OUR_MESSAGES.get(found, found)
 
 
 def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
@@ -457,12 +583,17 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
     Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
     InvalidEvents listing every invalid event (index, path, message) otherwise.
     """
+    token = _deferred.set(True)  # see decode_checked; here a refusal is explained per event
     try:
         decoded = (_msgpack_all if msgpack else _json_all).decode(body)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         pass  # something is wrong: the exact path below says what, event by event
     else:
-        return decoded if isinstance(decoded, list) else [decoded]
+        every: list[Event] = decoded if isinstance(decoded, list) else [decoded]
+        if _plain_events(every):
+            return every
+    finally:
+        _deferred.reset(token)
     items_decoder, event_decoder = (
         (_msgpack_items, _msgpack_event) if msgpack else (_json_items, _json_event)
     )

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from protocol.events import Event, EventBase, event_type
+from protocol.events import Event, EventBase, decode_checked, event_type
 from protocol.subjects import StoreId
 
 WIRE_VERSION = 1
@@ -209,9 +209,14 @@ UNDECODABLE: tuple[type[Exception], ...] = (
 )
 
 
+def _batch_events(batch: Batch) -> list[EventBase]:
+    return [record.event for record in batch.records]
+
+
 def decode_batch(data: bytes) -> Batch:
-    """Decode a Batch; raises one of ``UNDECODABLE`` on bad input."""
-    return _batch_decoder.decode(data)
+    """Decode a Batch, its events' rules checked in one pass; raises one of ``UNDECODABLE``
+    on bad input."""
+    return decode_checked(_batch_decoder.decode, data, _batch_events)
 
 
 def decode_control_request(data: bytes) -> ControlRequest:

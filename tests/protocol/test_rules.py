@@ -238,3 +238,12 @@ def test_central_applies_the_same_rules_to_a_batch() -> None:
             encode_raw_batch("S001", EPOCH, 2, 5, [encode_record(r) for r in RECORDS[1:]])
         ).records
     ]
+
+
+def test_one_pass_over_a_body_checks_each_event() -> None:
+    """The rules are checked over a whole body at once, yet values that are only valid when
+    joined across events (currencies "US" + "DEUR") are refused, each where it is."""
+    assert [
+        (0, "$.currency", CURRENCY_REGEX),
+        (1, "$.currency", CURRENCY_REGEX),
+    ] == refusal(patched(SALE, ("currency",), "US"), patched(SALE, ("currency",), "DEUR"))
