@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from agent.checkpoint import Checkpointer
 from agent.config import AgentConfig, check_listen_allowed, parse_listen
 from agent.control import Control
 from agent.errors import AgentError, PoslogRejected
@@ -193,6 +194,14 @@ class AgentService:
         )
         self.control = Control(self.outbox, store_id=cfg.store_id, status=self.agent_status)
         self.forwarder.add_connect_hook(self.control.attach)
+        self.checkpoints = Checkpointer(
+            store_id=cfg.store_id,
+            epoch=lambda: self.outbox.epoch,
+            read=lambda: self.outbox.read_days(cfg.reconcile.days),
+            interval=cfg.reconcile.interval,
+        )
+        self.forwarder.add_connect_hook(self._start_checkpoints)
+        self.outbox.add_listener(self._day_seen)
         self.ingest = Ingest(
             self.outbox,
             store_id=cfg.store_id,
@@ -203,6 +212,7 @@ class AgentService:
             max_requests_in_flight=cfg.ingest.max_requests_in_flight,
             status=self.status,
             convert_poslog=_poslog_converter(cfg),
+            checkpoint=self.checkpoints.send,
         )
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -281,6 +291,13 @@ class AgentService:
         assert self._watcher is not None
         await self._watcher.run()
 
+    async def _start_checkpoints(self, nc: Any) -> None:
+        self.checkpoints.start(nc)
+
+    def _day_seen(self) -> None:
+        if self.outbox.newest_day is not None:
+            self.checkpoints.day_seen_nowait(self.outbox.newest_day)
+
     async def stop(self) -> None:
         """503 for new requests, finish what is in flight, close the outbox."""
         self._running = False
@@ -291,6 +308,7 @@ class AgentService:
         await self.ingest.stop()  # waits for requests already committing
         await self.forwarder.stop()
         await self.control.close()
+        await self.checkpoints.close()
         timeout = self.cfg.forwarder.publish_timeout + STOP_GRACE
         for task in self._tasks:
             try:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from protocol.checkpoint import DayTotals
 from protocol.events import Event, EventBase, decode_checked, event_type
 from protocol.subjects import StoreId
 
@@ -121,6 +122,26 @@ class ControlError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_f
 ControlReply = AgentStatus | ResyncReply | ControlError
 
 
+# --- checkpoint (agent -> central, on the store's checkpoint subject) ----------------------
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """What the store took per business day (its recent days), as of one moment.
+
+    ``acked_through``: every record of ``epoch`` at or below it has had its PubAck; a day whose
+    ``last_seq`` is above it still has records on the way, and central does not judge it yet.
+    ``last_seq``: the highest seq committed when the checkpoint was taken."""
+
+    store_id: StoreId
+    epoch: Epoch
+    taken_at: dt.datetime
+    acked_through: int
+    last_seq: int
+    days: list[DayTotals]
+    reason: str = "timer"  # timer | day_closed | asked
+    v: int = WIRE_VERSION
+
+
 # --- OMS-facing record (file and webhook sinks) -------------------------------------------
 
 
@@ -164,6 +185,7 @@ _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _control_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 _oms_decoder = msgspec.json.Decoder(OmsRecord)
+_checkpoint_decoder = msgspec.msgpack.Decoder(Checkpoint)
 
 
 def encode(obj: Any) -> bytes:
@@ -231,3 +253,8 @@ def decode_control_reply(data: bytes) -> ControlReply:
 
 def decode_oms_record(data: bytes) -> OmsRecord:
     return _oms_decoder.decode(data)
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """Decode a Checkpoint; raises one of ``UNDECODABLE`` on bad input."""
+    return _checkpoint_decoder.decode(data)

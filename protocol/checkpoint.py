@@ -1,0 +1,110 @@
+"""Per business day totals, as the agent counts what it took and central what it delivered.
+
+Both sides fold records into the same ``DayTotals`` with ``add``, so a checkpoint (the agent's
+totals) and central's ledger compare field by field (``difference``). Money and quantities are
+exact decimals. Pure logic: no I/O.
+
+The business day of an event is its ``business_day`` when the POS sends one, else the date of
+``occurred_at`` in the event's own UTC offset (the till's local date).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from protocol.events import Event, EventBase, LineItem, StockLine, event_type
+
+
+class DayTotals(msgspec.Struct, kw_only=True):
+    """What one business day holds: counts, money per type and currency, quantities per type,
+    and the seqs of its first and last record (of one epoch)."""
+
+    business_day: dt.date
+    first_seq: int
+    last_seq: int
+    records: int = 0
+    by_type: dict[str, int] = msgspec.field(default_factory=dict)
+    # "<type>:<currency>" -> sum of totals (sale, return, post_void)
+    money: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    # "<type>" -> sum of line quantities (stock adjustments: signed deltas)
+    quantity: dict[str, Decimal] = msgspec.field(default_factory=dict)
+
+
+def business_day_of(event: EventBase) -> dt.date:
+    """The business day an event counts towards."""
+    return event.business_day or event.occurred_at.date()
+
+
+def add(days: dict[dt.date, DayTotals], seq: int, event: Event) -> None:
+    """Fold one record into ``days`` (records of one epoch, any order)."""
+    base: EventBase = event
+    day = business_day_of(base)
+    totals = days.get(day)
+    if totals is None:
+        totals = days[day] = DayTotals(business_day=day, first_seq=seq, last_seq=seq)
+    totals.first_seq = min(totals.first_seq, seq)
+    totals.last_seq = max(totals.last_seq, seq)
+    totals.records += 1
+    kind = event_type(base)
+    totals.by_type[kind] = totals.by_type.get(kind, 0) + 1
+    currency = getattr(event, "currency", None)
+    if currency is not None:
+        key = f"{kind}:{currency}"
+        totals.money[key] = totals.money.get(key, Decimal(0)) + event.total  # type: ignore[union-attr]
+    lines: list[LineItem] | list[StockLine] = event.lines
+    quantity = sum((line.quantity for line in lines), Decimal(0))
+    totals.quantity[kind] = totals.quantity.get(kind, Decimal(0)) + quantity
+
+
+def merge(into: DayTotals, other: DayTotals) -> None:
+    """Add ``other`` (the same day) into ``into``."""
+    into.first_seq = min(into.first_seq, other.first_seq)
+    into.last_seq = max(into.last_seq, other.last_seq)
+    into.records += other.records
+    for kind, count in other.by_type.items():
+        into.by_type[kind] = into.by_type.get(kind, 0) + count
+    for key, amount in other.money.items():
+        into.money[key] = into.money.get(key, Decimal(0)) + amount
+    for kind, qty in other.quantity.items():
+        into.quantity[kind] = into.quantity.get(kind, Decimal(0)) + qty
+
+
+def difference(store: DayTotals, central: DayTotals | None) -> dict[str, Any]:
+    """What the store has that central does not (store minus central), only what differs:
+    ``{}`` when the day matches. Decimals as strings."""
+    other = central or DayTotals(business_day=store.business_day, first_seq=0, last_seq=0)
+    diff: dict[str, Any] = {}
+    if store.records != other.records:
+        diff["records"] = store.records - other.records
+    for name, mine, theirs in (
+        ("by_type", store.by_type, other.by_type),
+        ("money", store.money, other.money),
+        ("quantity", store.quantity, other.quantity),
+    ):
+        keys = set(mine) | set(theirs)
+        zero: Any = 0 if name == "by_type" else Decimal(0)
+        part = {
+            k: mine.get(k, zero) - theirs.get(k, zero)
+            for k in sorted(keys)
+            if mine.get(k, zero) != theirs.get(k, zero)
+        }
+        if part:
+            diff[name] = {k: v if isinstance(v, int) else str(v) for k, v in part.items()}
+    return diff
+
+
+_encoder = msgspec.msgpack.Encoder(decimal_format="string")
+_decoder = msgspec.msgpack.Decoder(DayTotals)
+
+
+def encode_totals(totals: DayTotals) -> bytes:
+    """Day totals as msgpack bytes (for SQLite)."""
+    return _encoder.encode(totals)
+
+
+def decode_totals(data: bytes) -> DayTotals:
+    return _decoder.decode(data)

@@ -1,0 +1,57 @@
+"""Checkpoints at the agent: per-day totals kept with each commit, only PubAcked seqs judged."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+from agent.outbox import Outbox
+from protocol.events import LineItem, Return
+from tests.agent.conftest import T0, sale, sales
+
+
+def _return(event_id: str, day: dt.date) -> Return:
+    line = LineItem(
+        sku="4011", quantity=Decimal("0.42"), unit_price=Decimal("1"), amount=Decimal("0.42")
+    )
+    return Return(
+        event_id=event_id, occurred_at=T0, business_day=day, currency="EUR",
+        total=Decimal("0.42"), lines=[line],
+    )  # fmt: skip
+
+
+async def test_day_totals_are_kept_with_each_commit_and_survive_a_reopen(outbox: Outbox) -> None:
+    """Records of two business days, duplicates among them, give each day its exact counts,
+    money per type and currency, quantities and seqs, read back after the outbox reopens."""
+    day2 = dt.date(2026, 11, 23)
+    await outbox.append(sales("a", 3))
+    await outbox.append([sale("a-1"), _return("r-1", day2), sale("b-1")])
+    await outbox.close()
+    reopened = Outbox(outbox.data_dir, store_id="S001", max_buffer_bytes=1 << 30, retention_days=7)
+    await reopened.open()
+    try:
+        acked, last, days = await reopened.read_days(7)
+    finally:
+        await reopened.close()
+    first, second = days
+    assert (T0.date(), 1, 5, 4) == (
+        first.business_day, first.first_seq, first.last_seq, first.records
+    )  # fmt: skip
+    assert {"sale": 4} == first.by_type
+    assert {"sale:USD": Decimal("2.36")} == first.money
+    assert {"sale": Decimal("4")} == first.quantity
+    assert (day2, 4, 4, {"return:EUR": Decimal("0.42")}) == (
+        second.business_day, second.first_seq, second.last_seq, second.money
+    )  # fmt: skip
+    assert (0, 5) == (acked, last)
+
+
+async def test_acked_through_stops_below_the_first_unsent_record(outbox: Outbox) -> None:
+    """Only records below the first one without a PubAck count as acknowledged."""
+    await outbox.append(sales("a", 5))
+    await outbox.mark_sent(1, 3)
+    acked, last, _days = await outbox.read_days(7)
+    assert (3, 5) == (acked, last)
+    await outbox.mark_sent(4, 5)
+    acked, _last, _days = await outbox.read_days(7)
+    assert 5 == acked
