@@ -373,6 +373,33 @@ def resync(
         )
 
 
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint sent as JSON.")
+def reconcile(config: Path, as_json: bool) -> None:
+    """Send HQ a checkpoint now (per business day: counts, money, seqs), through the running
+    agent; HQ compares it with what it delivered (`storelink-central reconcile status`)."""
+    cfg = _load(config)
+    answer = _http(cfg, "POST", "/v1/reconcile", b"{}")
+    if answer is None:
+        raise click.ClickException(
+            f"no agent answers at {_base_url(cfg)}: checkpoints are sent by the running agent"
+        )
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    click.echo(
+        f"checkpoint sent: epoch {answer['epoch']}, acknowledged by HQ's stream through seq "
+        f"{answer['acked_through']} of {answer['last_seq']}"
+    )
+    for day in answer["days"]:
+        money = " ".join(f"{k}={v}" for k, v in sorted(day["money"].items())) or "-"
+        click.echo(
+            f"  {day['business_day']}  {day['records']} records (seqs {day['first_seq']}.."
+            f"{day['last_seq']})  {money}"
+        )
+
+
 async def _nats_problem(cfg: AgentConfig) -> str | None:
     """None when NATS accepts this agent's connection, else why not (one line)."""
     import nats

@@ -33,7 +33,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from central import dlq
+from central import dlq, reconcile
 from central.config import CentralConfig
 from central.control import GapResyncer
 from central.errors import (
@@ -46,6 +46,7 @@ from central.errors import (
 from central.holds import Holds, Undecodable
 from central.inventory import Inventory
 from central.ledger import Deliveries, KeyLedger
+from central.reconcile import Reconciler
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
 from central.state import StateStore, Unit
@@ -141,6 +142,7 @@ class Consumer:
             state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
         )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
+        self.reconciler = Reconciler()
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.holds = Holds(
@@ -204,6 +206,9 @@ class Consumer:
                 # can also time out the first message of a fetch: it is not lost, it waits
                 # in the subscription's queue for the next fetch.
                 self.consuming.set()
+                # Nothing left in the stream for us: what a checkpoint says central lacks
+                # cannot still be on its way (central/reconcile.py).
+                await self.judge_checkpoints()
                 self.resyncer.poke(self.state.gaps())
                 await self._between_units()
                 continue
@@ -239,6 +244,35 @@ class Consumer:
                 dt.datetime.fromtimestamp(expires - self.holds.max_age, dt.UTC).isoformat(),
                 dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
             )
+
+    async def judge_checkpoints(self) -> None:
+        """Judge the stores' latest checkpoints against central's ledger; a range a store has
+        PubAcks for and central's mark has not reached is staged as seen, so the gap handling
+        asks the store to re-send it. Called between units, where no unit has a mark staged."""
+        pending = self.reconciler.take_pending()
+        if not pending:
+            return
+        now = time.time()
+        unit = Unit()
+        verdicts: list[reconcile.DayVerdict] = []
+        for checkpoint in pending:
+            delivered, skips = await self.state.run_reconcile(
+                reconcile.read_delivered,
+                checkpoint.store_id,
+                checkpoint.epoch,
+                [day.business_day for day in checkpoint.days],
+            )
+            found = self.reconciler.judge(
+                checkpoint, delivered, skips, self.state.marks(), self.state.gaps()
+            )
+            verdicts += found
+            if any(v.state == reconcile.MISSING for v in found):
+                self.sequencer.see(
+                    checkpoint.store_id, checkpoint.epoch, checkpoint.acked_through, unit, now
+                )
+                self.reconciler.stats.resyncs += 1
+        await self.state.commit(unit)
+        await self.state.run_reconcile(reconcile.write_verdicts, verdicts, now)
 
     async def apply_skips(self) -> None:
         """Apply every gap skip operators recorded (`storelink-central gaps skip`)."""
@@ -362,6 +396,7 @@ class Consumer:
                 continue
             self.duplicates += decision.duplicates
             deliveries.append((batch, decision.records))
+            reconcile.stage(unit, store_id, batch.epoch, decision.records)
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
         for batch, records in await self.ledger.screen(deliveries, unit):
             await self.inventory.prepare(batch.store_id, records, unit)

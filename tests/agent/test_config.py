@@ -38,6 +38,8 @@ SHARED_KEYS = {
     "poslog.timezone",
     "poslog.currency",
     "poslog.weight_unit",
+    "reconcile.interval",
+    "reconcile.days",
 }
 
 

@@ -1,0 +1,119 @@
+"""Reconciliation with real processes: a batch lost after its PubAck from a store that then goes
+quiet is found by the store's checkpoint and healed; a clean day reconciles to the cent."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import nats
+import pytest
+
+from agent.simulator import Till
+from central.broker import EmbeddedBroker
+from central.demo import Pipeline
+from protocol.events import EventBase
+from protocol.subjects import EVENTS_STREAM
+from tests.chaos.harness import (
+    FileSinkBooked,
+    Ledger,
+    agent_pending,
+    all_booked,
+    assert_promise,
+    eventually,
+    ring,
+)
+
+pytestmark = pytest.mark.slow
+
+# Checkpoints every second, gaps asked for at once: the test waits on neither default.
+AGENT = {"reconcile": {"interval": 1.0}}
+CENTRAL = {"consumer": {"gap_hold_seconds": 0.2}}
+
+
+def reconcile_days(p: Pipeline, *args: str) -> list[dict[str, Any]]:
+    """``storelink-central reconcile status --json`` for the pipeline's central."""
+    out = subprocess.run(
+        [sys.executable, "-m", "central", "reconcile", "status", "--json",
+         "--data-dir", str(p.central_dir), *args],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    days: list[dict[str, Any]] = json.loads(out.stdout)["days"]
+    return days
+
+
+def money(events: list[Any]) -> dict[str, str]:
+    """Totals per "<type>:<currency>" of the sales, returns and post-voids among ``events``."""
+    sums: dict[str, Decimal] = {}
+    for event in events:
+        base: EventBase = event
+        if hasattr(event, "currency"):
+            key = f"{type(base).__struct_config__.tag}:{event.currency}"
+            sums[key] = sums.get(key, Decimal(0)) + event.total
+    return {k: str(v) for k, v in sums.items()}
+
+
+def all_reconciled(p: Pipeline) -> Callable[[], bool]:
+    def check() -> bool:
+        days = reconcile_days(p, "--store", "S1")
+        return bool(days) and all(d["state"] == "reconciled" for d in days)
+
+    return check
+
+
+async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_healed(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Central is stopped; the store's last batch is PubAcked and then deleted from the
+    stream, and the store sends nothing more: central's marks cannot see the loss, the
+    store's checkpoint does (missing), a resync heals it, every event is booked once and the
+    day is reconciled with the store's money totals."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
+    await p.start()
+    await p.central.stop()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=40).events(300))
+    for i in range(0, 300, 100):
+        await ring(p.agent_url("S1"), "S1", events[i : i + 100], ledger, batch_size=100)
+        await eventually(lambda: agent_pending(p) == 0, 30, "published")
+    nc = await nats.connect(broker.url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(EVENTS_STREAM)
+        assert 3 == info.state.messages
+        await js.delete_msg(EVENTS_STREAM, info.state.last_seq)  # the last batch: 201..300
+    finally:
+        await nc.close()
+    await p.central.start()
+    await eventually(all_booked(ledger, booked), 60, "the lost batch re-sent and booked")
+    assert_promise(ledger, booked)
+    await eventually(all_reconciled(p), 60, "the day reconciled")
+    assert "RECONCILE MISSING" in p.central.tail(400)
+    [day] = reconcile_days(p, "--store", "S1")
+    assert money(events) == day["store"]["money"]
+    assert day["store"]["money"] == day["central"]["money"]
+    assert (300, 300) == (day["store"]["records"], day["central"]["records"])
+
+
+async def test_a_clean_day_is_reconciled_with_matching_money(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Nothing lost: the day the store rang is reconciled, both sides' counts and money per
+    type and currency equal to what the till sent, and no difference."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=41).events(120))
+    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=40)
+    await eventually(all_booked(ledger, booked), 60, "booked")
+    await eventually(all_reconciled(p), 60, "the day reconciled")
+    [day] = reconcile_days(p, "--store", "S1")
+    assert money(events) == day["store"]["money"] == day["central"]["money"]
+    assert ({}, 120) == (day["difference"], day["central"]["records"])
+    assert "RECONCILE MISSING" not in p.central.tail(400)
