@@ -7,6 +7,10 @@ which seq everything has had its PubAck (``acked_through``: below the first unse
 central judges only days wholly at or below it, so a checkpoint never races the records it
 describes.
 
+Per workstation and business day the totals also keep the transaction numbers seen; a hole
+(transactions 1, 2, 4: 3 never arrived) is reported in the checkpoint once the transaction
+after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md).
+
 ``Checkpointer`` publishes one on the store's checkpoint subject every ``reconcile.interval``
 seconds, when a business day closes (the first record of a later day was committed), and when
 asked (``POST /v1/reconcile``, ``storelink-agent reconcile``). It is published directly, not
@@ -28,7 +32,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from nats.aio.client import Client as NatsClient
 
 from protocol import migrations
-from protocol.checkpoint import DayTotals, add, decode_totals, encode_totals, merge
+from protocol.checkpoint import (
+    DayTotals,
+    TillHole,
+    add,
+    decode_totals,
+    encode_totals,
+    merge,
+    till_holes,
+)
 from protocol.events import Event
 from protocol.subjects import checkpoint_subject
 from protocol.timefmt import utc
@@ -46,12 +58,12 @@ MIGRATION: migrations.Migration = (
 )
 
 
-def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]]) -> None:
-    """Fold newly committed ``(seq, event)`` into ``day_totals``, inside the caller's
-    transaction (the outbox's writer, before its COMMIT)."""
+def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], now: float) -> None:
+    """Fold newly committed ``(seq, event)`` (arrived at ``now``) into ``day_totals``, inside
+    the caller's transaction (the outbox's writer, before its COMMIT)."""
     staged: dict[dt.date, DayTotals] = {}
     for seq, event in records:
-        add(staged, seq, event)
+        add(staged, seq, event, till_at=now)
     for day, totals in staged.items():
         row = conn.execute(
             "SELECT totals FROM day_totals WHERE business_day = ?", (day.isoformat(),)
@@ -99,12 +111,14 @@ class Checkpointer:
         epoch: Callable[[], str],
         read: Callable[[], Awaitable[tuple[int, int, list[DayTotals]]]],
         interval: float,
+        till_grace: float,
     ) -> None:
         self.store_id = store_id
         self.subject = checkpoint_subject(store_id)
         self._epoch = epoch
         self._read = read
         self.interval = interval
+        self.till_grace = till_grace
         self._nc: NatsClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -113,6 +127,8 @@ class Checkpointer:
         self.sent = 0
         self.failed = 0
         self.last: Checkpoint | None = None
+        self.holes = 0  # till holes in the last checkpoint taken
+        self.last_holes: list[TillHole] = []
         self.last_sent_at: float | None = None
 
     def start(self, nc: NatsClient) -> None:
@@ -136,15 +152,20 @@ class Checkpointer:
     async def take(self, reason: str = "asked") -> Checkpoint:
         """The checkpoint as of now."""
         acked, last, days = await self._read()
-        return Checkpoint(
+        now = time.time()
+        checkpoint = Checkpoint(
             store_id=self.store_id,
             epoch=self._epoch(),
-            taken_at=utc(time.time()) or dt.datetime.now(dt.UTC),
+            taken_at=utc(now) or dt.datetime.now(dt.UTC),
             acked_through=acked,
             last_seq=last,
             days=days,
             reason=reason,
+            till_holes=[h for day in days for h in till_holes(day, now, self.till_grace)],
         )
+        self.holes = len(checkpoint.till_holes)
+        self.last_holes = checkpoint.till_holes
+        return checkpoint
 
     async def send(self, reason: str = "asked") -> Checkpoint:
         """Take a checkpoint and publish it; raises when not connected to HQ."""

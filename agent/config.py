@@ -41,6 +41,7 @@ DEFAULT_MAX_BUFFER_BYTES = 1024 * 1024 * 1024
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_RECONCILE_INTERVAL = 300.0
 DEFAULT_RECONCILE_DAYS = 7
+DEFAULT_TILL_GRACE = 900.0
 
 TOKEN_ENV = "STORELINK_AGENT_TOKEN"
 
@@ -208,6 +209,14 @@ class ReconcileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         int,
         msgspec.Meta(ge=1, le=60, description="Most recent business days each checkpoint reports."),
     ] = DEFAULT_RECONCILE_DAYS
+    till_grace: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="Seconds a hole in a workstation's transaction numbers may last "
+            "(the later transaction here, the earlier not) before it is reported.",
+        ),
+    ] = DEFAULT_TILL_GRACE
 
 
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

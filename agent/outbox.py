@@ -957,7 +957,7 @@ class Outbox:
                 if rows:
                     self._insert(conn, rows)
                 if counted:
-                    checkpoint.record_days(conn, counted)
+                    checkpoint.record_days(conn, counted, now)
                 if sent_changed:
                     oldest = conn.execute(
                         "SELECT received_at FROM records "

@@ -28,6 +28,7 @@ from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
 from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
+from protocol.checkpoint import TillHole
 from protocol.connection import CredentialsError, connect_options, redact_url
 from protocol.events import Event
 from protocol.logformat import add_secret
@@ -59,6 +60,10 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     forwarder: ForwarderStatistics | None = None
     poslog: dict[str, Any] | None = None
     refused_by_hq: int = 0  # events HQ refused for good, held flagged in the outbox
+    # Reconciliation (agent/checkpoint.py): till holes in the last checkpoint, and them.
+    till_holes: int = 0
+    till_hole_list: list[TillHole] = []
+    checkpoints_sent: int = 0
 
 
 def status_report(
@@ -68,6 +73,7 @@ def status_report(
     *,
     running: bool,
     poslog: dict[str, Any] | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> StatusReport:
     """Combine the parts' statistics into the status document."""
     return StatusReport(
@@ -88,6 +94,9 @@ def status_report(
         forwarder=forwarder,
         poslog=poslog,
         refused_by_hq=outbox.refused,
+        till_holes=checkpoints.holes if checkpoints else 0,
+        till_hole_list=list(checkpoints.last_holes) if checkpoints else [],
+        checkpoints_sent=checkpoints.sent if checkpoints else 0,
     )
 
 
@@ -199,6 +208,7 @@ class AgentService:
             epoch=lambda: self.outbox.epoch,
             read=lambda: self.outbox.read_days(cfg.reconcile.days),
             interval=cfg.reconcile.interval,
+            till_grace=cfg.reconcile.till_grace,
         )
         self.forwarder.add_connect_hook(self._start_checkpoints)
         self.outbox.add_listener(self._day_seen)
@@ -334,6 +344,7 @@ class AgentService:
             self.forwarder.statistics(),
             running=self._running,
             poslog=poslog,
+            checkpoints=self.checkpoints,
         )
 
     def agent_status(self) -> AgentStatus:
@@ -349,6 +360,7 @@ class AgentService:
             buffer_bytes=stats.buffer_bytes,
             max_buffer_bytes=stats.max_buffer_bytes,
             version=__version__,
+            till_holes=self.checkpoints.holes,
         )
 
 

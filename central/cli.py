@@ -752,6 +752,12 @@ def reconcile_status(data_dir: Path, store_id: str | None, day: str | None, as_j
             click.echo(f"      difference (store - central): {json.dumps(d['difference'])}")
         if d["detail"]:
             click.echo(f"      {d['detail']}")
+        for hole in d["till_holes"]:
+            click.echo(
+                f"      TILL HOLE workstation {hole['workstation_id']}: transactions "
+                f"{hole['from_txn']}..{hole['to_txn']} never reached the agent "
+                f"(the next one arrived {_ago(hole['since'])})"
+            )
 
 
 @gaps.command("skip")

@@ -187,6 +187,13 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
             for state, n in sorted((s.get("reconcile") or {}).items())
         ],
     )
+    out.add(
+        "store_till_holes",
+        "gauge",
+        "Holes in the store's workstations' transaction numbers (a till transaction that never "
+        "reached the agent), as its last checkpoint reported them.",
+        per_store("till_holes"),
+    )
     ledger = status.get("ledger") or {}
     out.add(
         "ledger_pruned_total",

@@ -22,6 +22,10 @@ Each day of the checkpoint gets a state (docs/reconciliation.md):
   the difference is that decision, shown with it, not an error;
 - ``mismatch`` (red): the totals differ and nothing explains it, or the store answered that it
   can no longer re-send what is missing (the gap is unrecoverable).
+
+The checkpoint's till holes (transaction numbers of a workstation that never reached the
+agent) are kept with their day and shown beside its state: they are the POS's side, not a
+difference between store and HQ.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from protocol.checkpoint import (
     DayTotals,
+    TillHole,
     add,
     decode_totals,
     difference,
@@ -72,7 +77,7 @@ MIGRATION: Migration = (
             store_id TEXT NOT NULL, epoch TEXT NOT NULL, business_day TEXT NOT NULL,
             state TEXT NOT NULL, since REAL NOT NULL, checked_at REAL NOT NULL,
             store_totals TEXT NOT NULL, central_totals TEXT NOT NULL,
-            difference TEXT NOT NULL, detail TEXT NOT NULL,
+            difference TEXT NOT NULL, detail TEXT NOT NULL, till_holes TEXT NOT NULL,
             PRIMARY KEY (store_id, epoch, business_day))""",
     ),
 )
@@ -127,6 +132,7 @@ class DayVerdict:
     central: DayTotals | None
     difference: dict[str, Any]
     detail: str
+    till_holes: list[TillHole] = field(default_factory=list)
 
 
 def judge_day(
@@ -204,11 +210,12 @@ def write_verdicts(conn: sqlite3.Connection, verdicts: list[DayVerdict], now: fl
             ).fetchone()
             since = row[1] if row is not None and row[0] == v.state else now
             conn.execute(
-                "INSERT OR REPLACE INTO reconcile_days VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO reconcile_days VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     *key, v.state, since, now,
                     json.dumps(_plain(v.store)), json.dumps(_plain(v.central)),
                     json.dumps(v.difference), v.detail,
+                    json.dumps(msgspec.to_builtins(v.till_holes)),
                 ),
             )  # fmt: skip
         conn.execute("COMMIT")
@@ -267,6 +274,9 @@ class Reconciler:
         gaps: dict[Key, Gap],
     ) -> list[DayVerdict]:
         key = (checkpoint.store_id, checkpoint.epoch)
+        holes: dict[dt.date, list[TillHole]] = {}
+        for hole in checkpoint.till_holes:
+            holes.setdefault(hole.business_day, []).append(hole)
         verdicts = [
             judge_day(
                 day,
@@ -280,8 +290,15 @@ class Reconciler:
             )
             for day in checkpoint.days
         ]
+        verdicts = [replace(v, till_holes=holes.get(v.business_day, [])) for v in verdicts]
         self.stats.judged += 1
         for v in verdicts:
+            for hole in v.till_holes:
+                log.warning(
+                    "TILL HOLE: store %s business day %s workstation %s: transactions %d..%d "
+                    "never reached the agent",
+                    v.store_id, v.business_day, hole.workstation_id, hole.from_txn, hole.to_txn,
+                )  # fmt: skip
             if v.state in (MISSING, MISMATCH):
                 log.warning(
                     "RECONCILE %s: store %s business day %s (epoch %s): %s; difference %s",
@@ -291,14 +308,18 @@ class Reconciler:
         return verdicts
 
 
-async def read_counts(conn: Any) -> dict[str, dict[str, int]]:
-    """Per store, days per state (latest judgement), on ``read_status``'s connection."""
+async def read_counts(conn: Any) -> dict[str, tuple[dict[str, int], int]]:
+    """Per store, (days per state, till holes) as last judged, on ``read_status``'s
+    connection."""
     rows = await conn.execute_fetchall(
-        "SELECT store_id, state, count(*) FROM reconcile_days GROUP BY store_id, state"
+        "SELECT store_id, state, count(*), sum(json_array_length(till_holes)) "
+        "FROM reconcile_days GROUP BY store_id, state"
     )
-    counts: dict[str, dict[str, int]] = {}
-    for store_id, state, n in rows:
-        counts.setdefault(store_id, dict.fromkeys(STATES, 0))[state] = n
+    counts: dict[str, tuple[dict[str, int], int]] = {}
+    for store_id, state, n, holes in rows:
+        states, held = counts.get(store_id, (dict.fromkeys(STATES, 0), 0))
+        states[state] = n
+        counts[store_id] = (states, held + int(holes or 0))
     return counts
 
 
@@ -308,7 +329,7 @@ def read_days(
     """Every judged day (worst state first), for ``reconcile status``."""
     sql = (
         "SELECT store_id, epoch, business_day, state, since, checked_at, store_totals, "
-        "central_totals, difference, detail FROM reconcile_days WHERE 1=1"
+        "central_totals, difference, detail, till_holes FROM reconcile_days WHERE 1=1"
     )
     args: list[str] = []
     if store_id is not None:
@@ -334,6 +355,7 @@ def read_days(
             "central": json.loads(r[7]),
             "difference": json.loads(r[8]),
             "detail": r[9],
+            "till_holes": json.loads(r[10]),
         }
         for r in sorted(rows, key=order)
     ]

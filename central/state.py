@@ -825,7 +825,8 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 "inventory_unmatched_voids": stock_flags.get(store_id, (0, 0))[0],
                 "inventory_flags": stock_flags.get(store_id, (0, 0))[1],
                 # Business days per reconciliation state (central/reconcile.py).
-                "reconcile": days.get(store_id, dict.fromkeys(reconcile.STATES, 0)),
+                "reconcile": days.get(store_id, (dict.fromkeys(reconcile.STATES, 0), 0))[0],
+                "till_holes": days.get(store_id, ({}, 0))[1],
             }
         )
     return result

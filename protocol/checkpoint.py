@@ -4,6 +4,9 @@ Both sides fold records into the same ``DayTotals`` with ``add``, so a checkpoin
 totals) and central's ledger compare field by field (``difference``). Money and quantities are
 exact decimals. Pure logic: no I/O.
 
+Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
+transaction that never reached it shows as a hole (``till_holes``); central does not.
+
 The business day of an event is its ``business_day`` when the POS sends one, else the date of
 ``occurred_at`` in the event's own UTC offset (the till's local date).
 """
@@ -11,6 +14,7 @@ The business day of an event is its ``business_day`` when the POS sends one, els
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from decimal import Decimal
 from typing import Any
 
@@ -32,6 +36,20 @@ class DayTotals(msgspec.Struct, kw_only=True):
     money: dict[str, Decimal] = msgspec.field(default_factory=dict)
     # "<type>" -> sum of line quantities (stock adjustments: signed deltas)
     quantity: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    # Till-level completeness (agent side only): per workstation, the numeric transaction ids
+    # seen as sorted runs ``(first, last, since)``; ``since``: when ``first`` arrived (Unix).
+    tills: dict[str, list[tuple[int, int, float]]] = msgspec.field(default_factory=dict)
+
+
+class TillHole(msgspec.Struct, frozen=True, kw_only=True):
+    """Transaction numbers of one workstation and day that never reached the agent, while a
+    later one did (``since``: when the transaction after the hole arrived, Unix time)."""
+
+    business_day: dt.date
+    workstation_id: str
+    from_txn: int
+    to_txn: int
+    since: float
 
 
 def business_day_of(event: EventBase) -> dt.date:
@@ -39,8 +57,11 @@ def business_day_of(event: EventBase) -> dt.date:
     return event.business_day or event.occurred_at.date()
 
 
-def add(days: dict[dt.date, DayTotals], seq: int, event: Event) -> None:
-    """Fold one record into ``days`` (records of one epoch, any order)."""
+def add(
+    days: dict[dt.date, DayTotals], seq: int, event: Event, *, till_at: float | None = None
+) -> None:
+    """Fold one record into ``days`` (records of one epoch, any order); with ``till_at`` (when
+    it arrived) its workstation's transaction number too."""
     base: EventBase = event
     day = business_day_of(base)
     totals = days.get(day)
@@ -58,6 +79,41 @@ def add(days: dict[dt.date, DayTotals], seq: int, event: Event) -> None:
     lines: list[LineItem] | list[StockLine] = event.lines
     quantity = sum((line.quantity for line in lines), Decimal(0))
     totals.quantity[kind] = totals.quantity.get(kind, Decimal(0)) + quantity
+    txn = base.transaction_id
+    if till_at is not None and base.workstation_id and txn and txn.isdigit():
+        runs = totals.tills.setdefault(base.workstation_id, [])
+        totals.tills[base.workstation_id] = _add_run(runs, (int(txn), int(txn), till_at))
+
+
+def _add_run(
+    runs: list[tuple[int, int, float]], new: tuple[int, int, float]
+) -> list[tuple[int, int, float]]:
+    """``runs`` with ``new`` joined in: sorted, adjacent or overlapping runs merged (a merged
+    run keeps the ``since`` of its lower part)."""
+    merged: list[tuple[int, int, float]] = []
+    for run in sorted([*runs, new]):
+        if merged and run[0] <= merged[-1][1] + 1:
+            low = merged[-1]
+            merged[-1] = (low[0], max(low[1], run[1]), low[2])
+        else:
+            merged.append(run)
+    return merged
+
+
+def till_holes(totals: DayTotals, now: float, grace: float) -> list[TillHole]:
+    """Holes between a workstation's runs whose later transaction arrived ``grace`` seconds
+    ago or more (a transaction may still be on its way for a while: POSLog files settle)."""
+    holes = []
+    for workstation, runs in sorted(totals.tills.items()):
+        for low, high in itertools.pairwise(runs):
+            if now - high[2] >= grace:
+                holes.append(
+                    TillHole(
+                        business_day=totals.business_day, workstation_id=workstation,
+                        from_txn=low[1] + 1, to_txn=high[0] - 1, since=high[2],
+                    )
+                )  # fmt: skip
+    return holes
 
 
 def merge(into: DayTotals, other: DayTotals) -> None:
@@ -71,6 +127,11 @@ def merge(into: DayTotals, other: DayTotals) -> None:
         into.money[key] = into.money.get(key, Decimal(0)) + amount
     for kind, qty in other.quantity.items():
         into.quantity[kind] = into.quantity.get(kind, Decimal(0)) + qty
+    for workstation, runs in other.tills.items():
+        held = into.tills.get(workstation, [])
+        for run in runs:
+            held = _add_run(held, run)
+        into.tills[workstation] = held
 
 
 def difference(store: DayTotals, central: DayTotals | None) -> dict[str, Any]:

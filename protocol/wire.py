@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from protocol.checkpoint import DayTotals
+from protocol.checkpoint import DayTotals, TillHole
 from protocol.events import Event, EventBase, decode_checked, event_type
 from protocol.subjects import StoreId
 
@@ -97,6 +97,7 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag_f
     buffer_bytes: int
     max_buffer_bytes: int
     version: str = ""
+    till_holes: int = 0  # holes in workstations' transaction numbers, as last checkpointed
 
 
 class ResyncReply(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_field="reply"):
@@ -139,6 +140,8 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
     last_seq: int
     days: list[DayTotals]
     reason: str = "timer"  # timer | day_closed | asked
+    # Transaction numbers of a workstation missing while later ones arrived, past the grace.
+    till_holes: list[TillHole] = []
     v: int = WIRE_VERSION
 
 

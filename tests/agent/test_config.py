@@ -40,6 +40,7 @@ SHARED_KEYS = {
     "poslog.weight_unit",
     "reconcile.interval",
     "reconcile.days",
+    "reconcile.till_grace",
 }
 
 

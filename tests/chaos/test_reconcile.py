@@ -3,6 +3,7 @@ quiet is found by the store's checkpoint and healed; a clean day reconciles to t
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -16,12 +17,13 @@ import pytest
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
-from protocol.events import EventBase
+from protocol.events import EventBase, LineItem, Sale
 from protocol.subjects import EVENTS_STREAM
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
     agent_pending,
+    agent_status,
     all_booked,
     assert_promise,
     eventually,
@@ -117,3 +119,38 @@ async def test_a_clean_day_is_reconciled_with_matching_money(
     assert money(events) == day["store"]["money"] == day["central"]["money"]
     assert ({}, 120) == (day["difference"], day["central"]["records"])
     assert "RECONCILE MISSING" not in p.central.tail(400)
+
+
+def till_sale(txn: int) -> Sale:
+    """A sale of workstation 7 with transaction number ``txn``."""
+    line = LineItem(sku="4011", quantity=Decimal(1), unit_price=Decimal(2), amount=Decimal(2))
+    return Sale(
+        event_id=f"ws7-{txn}", occurred_at=dt.datetime(2026, 12, 5, 9, txn, tzinfo=dt.UTC),
+        workstation_id="7", business_day=dt.date(2026, 12, 5), transaction_id=str(txn),
+        currency="EUR", total=Decimal(2), lines=[line],
+    )  # fmt: skip
+
+
+async def test_a_till_hole_shows_in_status(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Transactions 1, 2 and 4 of one workstation reach the agent, 3 never does: the hole
+    3..3 is in the agent's status and in central's reconcile status beside the day, which
+    itself reconciles (the store and HQ agree on what the store took)."""
+    settings = {"reconcile": {"interval": 1.0, "till_grace": 0.0}}
+    p = make_pipeline(nats_url=broker.url, agent_settings=settings, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    await ring(p.agent_url("S1"), "S1", [till_sale(n) for n in (1, 2, 4)], ledger)
+    await eventually(all_booked(ledger, booked), 60, "booked")
+
+    def holes() -> list[dict[str, Any]]:
+        days = reconcile_days(p, "--store", "S1", "--day", "2026-12-05")
+        return days[0]["till_holes"] if days and days[0]["state"] == "reconciled" else []
+
+    await eventually(lambda: bool(holes()), 60, "the till hole reported")
+    [hole] = holes()
+    assert ("7", 3, 3) == (hole["workstation_id"], hole["from_txn"], hole["to_txn"])
+    assert 1 == agent_status(p)["till_holes"]
+    assert "TILL HOLE" in p.central.tail(400)
