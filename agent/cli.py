@@ -400,6 +400,34 @@ def reconcile(config: Path, as_json: bool) -> None:
         )
 
 
+@cli.command()
+@config_option
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace(config: Path, event_id: str, as_json: bool) -> None:
+    """Where is this event at the store: its seq, when it arrived, whether HQ's stream
+    acknowledged it (through the running agent)."""
+    from urllib.parse import quote
+
+    cfg = _load(config)
+    answer = _http(cfg, "GET", "/v1/trace/" + quote(event_id, safe=""))
+    if answer is None:
+        raise click.ClickException(f"no agent answers at {_base_url(cfg)}")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    if not answer["found"]:
+        click.echo(f"{event_id}: UNKNOWN here (never accepted, or pruned after its retention)")
+    elif answer["refused_reason"]:
+        click.echo(f"{event_id}: seq {answer['seq']}, REFUSED by HQ: {answer['refused_reason']}")
+    elif answer["sent_at"]:
+        click.echo(f"{event_id}: seq {answer['seq']}, SENT (acknowledged {answer['sent_at']})")
+    else:
+        click.echo(
+            f"{event_id}: seq {answer['seq']}, NOT SENT yet (arrived {answer['received_at']})"
+        )
+
+
 async def _nats_problem(cfg: AgentConfig) -> str | None:
     """None when NATS accepts this agent's connection, else why not (one line)."""
     import nats

@@ -35,6 +35,7 @@ from protocol.wire import (
     ResyncReply,
     ResyncRequest,
     StatusRequest,
+    TraceRequest,
     decode_control_request,
     encode,
 )
@@ -110,10 +111,12 @@ class Control:
                 return self._status()
             if isinstance(request, ResyncRequest):
                 return await self._resync(request)
+            if isinstance(request, TraceRequest):
+                return await self.outbox.trace(request.event_id)
         except AgentError as exc:
             self.errors += 1
             return ControlError(error=str(exc))
-        self.errors += 1  # pragma: no cover - decode_control_request knows only the two above
+        self.errors += 1  # pragma: no cover - decode_control_request knows only these
         return ControlError(error=f"unsupported control request {type(request).__name__}")
 
     async def _resync(self, request: ResyncRequest) -> ResyncReply:

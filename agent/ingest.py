@@ -128,6 +128,7 @@ class Ingest:
         status: Callable[[], object],
         convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
         checkpoint: Callable[[], Awaitable[object]] | None = None,
+        trace: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.sink = sink
         self.store_id = store_id
@@ -140,6 +141,7 @@ class Ingest:
         self._status = status
         self._convert_poslog = convert_poslog
         self._checkpoint = checkpoint
+        self._trace = trace
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self._requests = 0
@@ -151,6 +153,7 @@ class Ingest:
         self.app.router.add_post("/v1/poslog", self._post_poslog)
         self.app.router.add_post("/v1/resync", self._post_resync)
         self.app.router.add_post("/v1/reconcile", self._post_reconcile)
+        self.app.router.add_get("/v1/trace/{event_id}", self._get_trace)
         self.app.router.add_get("/v1/status", self._get_status)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -437,6 +440,15 @@ class Ingest:
         except ConnectionError as exc:
             return self._refuse(_error(503, "hq_unreachable", message=str(exc)))
         return _ok(200, sent)
+
+    async def _get_trace(self, request: web.Request) -> web.Response:
+        """What the outbox holds of one event_id (``storelink-agent trace``)."""
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if self._trace is None:
+            return self._refuse(_error(404, "not_found", message="no trace here"))
+        return _ok(200, await self._trace(request.match_info["event_id"]))
 
     async def _get_status(self, request: web.Request) -> web.Response:
         if self._token:

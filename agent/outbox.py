@@ -67,7 +67,7 @@ from protocol.checkpoint import DayTotals, business_day_of
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import Event
 from protocol.timefmt import utc
-from protocol.wire import Record, encode_record
+from protocol.wire import EventTrace, Record, encode_record
 
 log = logging.getLogger(__name__)
 
@@ -729,6 +729,28 @@ class Outbox:
             raise OutboxClosed()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, checkpoint.read_days, self._rconn, days)
+
+    async def trace(self, event_id: str) -> EventTrace:
+        """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._trace_sync, event_id)
+
+    def _trace_sync(self, event_id: str) -> EventTrace:
+        assert self._rconn is not None
+        acked, _last, _days = checkpoint.read_days(self._rconn, 0)
+        row = self._rconn.execute(
+            "SELECT seq, received_at, sent_at, refused_reason FROM records WHERE event_id = ?",
+            (event_id,),
+        ).fetchone()
+        if row is None:
+            return EventTrace(event_id=event_id, found=False, epoch=self.epoch, acked_through=acked)
+        return EventTrace(
+            event_id=event_id, found=True, epoch=self.epoch, seq=row[0],
+            received_at=utc(row[1]), sent_at=utc(row[2]), refused_reason=row[3],
+            acked_through=acked,
+        )  # fmt: skip
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) whenever records become unsent, so the forwarder

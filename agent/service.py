@@ -223,6 +223,7 @@ class AgentService:
             status=self.status,
             convert_poslog=_poslog_converter(cfg),
             checkpoint=self.checkpoints.send,
+            trace=self.outbox.trace,
         )
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []

@@ -724,6 +724,39 @@ def _money(totals: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted((totals.get("money") or {}).items())) or "-"
 
 
+@cli.command("trace")
+@click.argument("store_id")
+@click.argument("event_id")
+@data_dir_option
+@nats_url_option
+@creds_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace_command(
+    store_id: str,
+    event_id: str,
+    data_dir: Path,
+    nats_urls: tuple[str, ...],
+    creds: str,
+    as_json: bool,
+) -> None:
+    """Where is this event: delivered (key, day, sinks), dead-lettered, behind a gap, in the
+    stream, still at the store (its seq), or unknown."""
+    from central.trace import trace
+
+    running = _running_status(data_dir) or {}
+    sinks = [s.get("sink", "") for s in running.get("sinks") or []]
+    try:
+        found = _with_nats(
+            data_dir, nats_urls, creds, lambda nc: trace(nc, data_dir, store_id, event_id, sinks)
+        )
+    except sqlite3.Error as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"{found['key']}: {found['state'].upper()}  {found['detail']}")
+
+
 @reconcile_group.command("status")
 @data_dir_option
 @click.option("--store", "store_id", help="Only this store.")

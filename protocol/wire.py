@@ -81,7 +81,13 @@ class ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag
     epoch: str | None = None
 
 
-ControlRequest = StatusRequest | ResyncRequest
+class TraceRequest(msgspec.Struct, frozen=True, kw_only=True, tag="trace", tag_field="op"):
+    """Ask an agent what it knows of one event (``storelink-central trace``)."""
+
+    event_id: str
+
+
+ControlRequest = StatusRequest | ResyncRequest | TraceRequest
 
 
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag_field="reply"):
@@ -120,7 +126,23 @@ class ControlError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_f
     error: str
 
 
-ControlReply = AgentStatus | ResyncReply | ControlError
+class EventTrace(msgspec.Struct, frozen=True, kw_only=True, tag="trace", tag_field="reply"):
+    """What an agent knows of one event: its seq, when it arrived, whether JetStream
+    acknowledged it (``sent_at``; None: not yet, or marked for re-sending), whether HQ refused
+    it for good, and how far everything is acknowledged. ``found`` False: never accepted here
+    (or pruned after its retention)."""
+
+    event_id: str
+    found: bool
+    epoch: str
+    seq: int | None = None
+    received_at: dt.datetime | None = None
+    sent_at: dt.datetime | None = None
+    refused_reason: str | None = None
+    acked_through: int = 0
+
+
+ControlReply = AgentStatus | ResyncReply | ControlError | EventTrace
 
 
 # --- checkpoint (agent -> central, on the store's checkpoint subject) ----------------------

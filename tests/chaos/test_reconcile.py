@@ -48,6 +48,21 @@ def reconcile_days(p: Pipeline, *args: str) -> list[dict[str, Any]]:
     return days
 
 
+def cli_json(p: Pipeline, module: str, *args: str) -> dict[str, Any]:
+    """``python -m <module> <args> --json``, its output decoded."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args, "--json"], check=True, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    found: dict[str, Any] = json.loads(out.stdout)
+    return found
+
+
+def central_trace(p: Pipeline, event_id: str) -> dict[str, Any]:
+    """``storelink-central trace S1 EVENT_ID --json`` against the pipeline's central."""
+    return cli_json(p, "central", "trace", "S1", event_id, "--data-dir", str(p.central_dir))
+
+
 def money(events: list[Any]) -> dict[str, str]:
     """Totals per "<type>:<currency>" of the sales, returns and post-voids among ``events``."""
     sums: dict[str, Decimal] = {}
@@ -119,6 +134,27 @@ async def test_a_clean_day_is_reconciled_with_matching_money(
     assert money(events) == day["store"]["money"] == day["central"]["money"]
     assert ({}, 120) == (day["difference"], day["central"]["records"])
     assert "RECONCILE MISSING" not in p.central.tail(400)
+
+
+async def test_trace_finds_an_event_delivered_or_nowhere(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """`trace` on both sides: a delivered event is delivered under its key at HQ and sent
+    with its seq at the store; an event_id nobody took is unknown on both."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=42).events(20))
+    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=20)
+    await eventually(all_booked(ledger, booked), 60, "booked")
+    event_id = events[5].event_id
+    hq = central_trace(p, event_id)
+    assert ("delivered", f"S1:{event_id}", 6) == (hq["state"], hq["key"], hq["agent"]["seq"])
+    store = cli_json(p, "agent", "trace", event_id, "--config", str(p.agent_config("S1")))
+    assert (True, 6) == (store["found"], store["seq"])
+    assert store["sent_at"] is not None
+    assert "unknown" == central_trace(p, "never-rung")["state"]
 
 
 def till_sale(txn: int) -> Sale:
