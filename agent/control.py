@@ -1,8 +1,9 @@
 """Control: HQ asks a store over NATS request/reply on ``storelink.control.<store_id>``.
 
-``status`` answers with the agent's ``AgentStatus``; ``resync(from_seq, to_seq)`` marks that
-range unsent again (the forwarder rewinds and re-sends it) and answers how many records were
-marked, the lowest seq still held and the agent's epoch. A resync that names another epoch
+``status`` answers with the agent's ``AgentStatus``; ``trace(event_id)`` with what the outbox
+holds of that event (``EventTrace``); ``resync(from_seq, to_seq)`` marks that range unsent
+again (the forwarder rewinds and re-sends it) and answers how many records were marked, the
+lowest seq still held and the agent's epoch. A resync that names another epoch
 (HQ still waits for a gap of this store's previous machine) marks nothing: the reply says the
 range is ``unavailable``, so HQ stops asking instead of receiving this epoch's records again
 and again. So does a range retention has pruned entirely. Anything else, including bytes that

@@ -82,6 +82,22 @@ def all_reconciled(p: Pipeline) -> Callable[[], bool]:
     return check
 
 
+async def rung(
+    make_pipeline: Callable[..., Pipeline],
+    broker: EmbeddedBroker,
+    events: list[Any],
+    agent: dict[str, dict[str, object]] = AGENT,
+) -> Pipeline:
+    """A running pipeline whose store S1 rang ``events`` and had every one booked."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=agent, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=40)
+    await eventually(all_booked(ledger, booked), 60, "booked")
+    return p
+
+
 async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_healed(
     make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
 ) -> None:
@@ -122,13 +138,8 @@ async def test_a_clean_day_is_reconciled_with_matching_money(
 ) -> None:
     """Nothing lost: the day the store rang is reconciled, both sides' counts and money per
     type and currency equal to what the till sent, and no difference."""
-    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
-    await p.start()
-    booked = FileSinkBooked(p.sink_path)
-    ledger = Ledger()
     events = list(Till(store_id="S1", seed=41).events(120))
-    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=40)
-    await eventually(all_booked(ledger, booked), 60, "booked")
+    p = await rung(make_pipeline, broker, events)
     await eventually(all_reconciled(p), 60, "the day reconciled")
     [day] = reconcile_days(p, "--store", "S1")
     assert money(events) == day["store"]["money"] == day["central"]["money"]
@@ -141,13 +152,8 @@ async def test_trace_finds_an_event_delivered_or_nowhere(
 ) -> None:
     """`trace` on both sides: a delivered event is delivered under its key at HQ and sent
     with its seq at the store; an event_id nobody took is unknown on both."""
-    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
-    await p.start()
-    booked = FileSinkBooked(p.sink_path)
-    ledger = Ledger()
     events = list(Till(store_id="S1", seed=42).events(20))
-    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=20)
-    await eventually(all_booked(ledger, booked), 60, "booked")
+    p = await rung(make_pipeline, broker, events)
     event_id = events[5].event_id
     hq = central_trace(p, event_id)
     assert ("delivered", f"S1:{event_id}", 6) == (hq["state"], hq["key"], hq["agent"]["seq"])
@@ -155,6 +161,8 @@ async def test_trace_finds_an_event_delivered_or_nowhere(
     assert (True, 6) == (store["found"], store["seq"])
     assert store["sent_at"] is not None
     assert "unknown" == central_trace(p, "never-rung")["state"]
+    nowhere = cli_json(p, "agent", "trace", "never-rung", "--config", str(p.agent_config("S1")))
+    assert False is nowhere["found"]
 
 
 def till_sale(txn: int) -> Sale:
@@ -174,12 +182,7 @@ async def test_a_till_hole_shows_in_status(
     3..3 is in the agent's status and in central's reconcile status beside the day, which
     itself reconciles (the store and HQ agree on what the store took)."""
     settings = {"reconcile": {"interval": 1.0, "till_grace": 0.0}}
-    p = make_pipeline(nats_url=broker.url, agent_settings=settings, central_settings=CENTRAL)
-    await p.start()
-    booked = FileSinkBooked(p.sink_path)
-    ledger = Ledger()
-    await ring(p.agent_url("S1"), "S1", [till_sale(n) for n in (1, 2, 4)], ledger)
-    await eventually(all_booked(ledger, booked), 60, "booked")
+    p = await rung(make_pipeline, broker, [till_sale(n) for n in (1, 2, 4)], settings)
 
     def holes() -> list[dict[str, Any]]:
         days = reconcile_days(p, "--store", "S1", "--day", "2026-12-05")
