@@ -164,7 +164,9 @@ def judge_day(
                 f"seqs {gap.from_seq}..{gap.lost_through} lost: the store can no longer re-send "
                 f"them ({gap.lost_reason}); `gaps skip` records the decision",
             )
-        return verdict(MISSING, f"central's mark is at {hwm}: asked for {hwm + 1}..{acked_through}")
+        return verdict(
+            MISSING, f"central's mark is at {hwm}: {hwm + 1}..{acked_through} asked for again"
+        )
     if not diff:
         return verdict(RECONCILED, "")
     covering = [
