@@ -91,3 +91,22 @@ async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
         s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money
     )  # fmt: skip
     assert {} == s2
+
+
+def test_a_mismatched_day_is_red_in_status_and_a_missing_one_amber() -> None:
+    """`status` flags a store with a mismatched day MISMATCH (alert), one with a missing day
+    MISSING (warn)."""
+    from central.estate import problems, state_of
+
+    def store(**days: int) -> dict[str, object]:
+        return {
+            "agent": {"reachable": True}, "gaps": [], "gap": None, "held": {}, "dlq": 0,
+            "lag_seconds": 0.0, "reconcile": {**dict.fromkeys(reconcile.STATES, 0), **days},
+        }  # fmt: skip
+
+    flagged = []
+    for days in ({"mismatch": 1, "missing": 1}, {"missing": 2}, {"reconciled": 5}):
+        s = store(**days)
+        s["problems"] = problems(s, lag_alert=900)
+        flagged.append((s["problems"], state_of(s, lag_warn=300)))
+    assert [(["mismatch"], "alert"), (["missing"], "warn"), ([], "ok")] == flagged
