@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -61,6 +62,13 @@ def cli_json(p: Pipeline, module: str, *args: str) -> dict[str, Any]:
 def central_trace(p: Pipeline, event_id: str) -> dict[str, Any]:
     """``storelink-central trace S1 EVENT_ID --json`` against the pipeline's central."""
     return cli_json(p, "central", "trace", "S1", event_id, "--data-dir", str(p.central_dir))
+
+
+def metrics(base_url: str) -> str:
+    """The text of ``base_url``/metrics."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=3) as resp:
+        text: str = resp.read().decode()
+        return text
 
 
 def money(events: list[Any]) -> dict[str, str]:
@@ -145,6 +153,8 @@ async def test_a_clean_day_is_reconciled_with_matching_money(
     assert money(events) == day["store"]["money"] == day["central"]["money"]
     assert ({}, 120) == (day["difference"], day["central"]["records"])
     assert "RECONCILE MISSING" not in p.central.tail(400)
+    sent = cli_json(p, "agent", "reconcile", "--config", str(p.agent_config("S1")))
+    assert (120, "asked") == (sent["acked_through"], sent["reason"])
 
 
 async def test_trace_finds_an_event_delivered_or_nowhere(
@@ -193,3 +203,7 @@ async def test_a_till_hole_shows_in_status(
     assert ("7", 3, 3) == (hole["workstation_id"], hole["from_txn"], hole["to_txn"])
     assert 1 == agent_status(p)["till_holes"]
     assert "TILL HOLE" in p.central.tail(400)
+    assert "storelink_agent_till_holes 1" in metrics(p.agent_url("S1"))
+    central = metrics(f"http://127.0.0.1:{p.central_http_port}")
+    assert 'storelink_central_store_till_holes{store="S1"} 1' in central
+    assert 'storelink_central_store_reconcile_days{store="S1",state="reconciled"} 1' in central
