@@ -48,6 +48,8 @@ from protocol.wire import Checkpoint, encode
 
 log = logging.getLogger(__name__)
 
+DAY_CLOSED_RETRY = 1.0  # seconds between checkpoints while a closed day awaits its PubAcks
+
 # The outbox's migration step for the per-day totals.
 MIGRATION: migrations.Migration = (
     "0003_day_totals",
@@ -179,16 +181,25 @@ class Checkpointer:
         return checkpoint
 
     async def _run(self) -> None:
+        wait = self.interval
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await asyncio.wait_for(self._wake.wait(), wait)
             self._wake.clear()
             reason, self._reason = self._reason, "timer"
+            wait = self.interval
             try:
-                await self.send(reason)
+                sent = await self.send(reason)
             except Exception as exc:  # HQ away or the link dropped: the next one reports it
                 self.failed += 1
                 log.debug("checkpoint not sent: %r", exc)
+                continue
+            if reason == "day_closed" and any(
+                day.last_seq > sent.acked_through for day in sent.days[:-1]
+            ):
+                # The closed day's last records are still on their way: say it again once
+                # they have their PubAcks, so HQ can judge the closed day whole.
+                self._reason, wait = "day_closed", min(self.interval, DAY_CLOSED_RETRY)
 
     async def close(self) -> None:
         if self._task is not None:

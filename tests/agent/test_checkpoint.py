@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from decimal import Decimal
+from pathlib import Path
 
+import aiohttp
+import nats
+
+from agent.config import config_from_dict
 from agent.outbox import Outbox
+from agent.service import AgentService
+from central.broker import EmbeddedBroker, free_port
 from protocol.events import LineItem, Return
-from tests.agent.conftest import T0, sale, sales
+from protocol.subjects import checkpoint_subject
+from protocol.wire import Checkpoint, decode_checkpoint, encode_json
+from tests.agent.conftest import STORE, T0, sale, sales
+from tests.agent.test_forwarder import make_stream
 
 
 def _return(event_id: str, day: dt.date) -> Return:
@@ -55,3 +66,43 @@ async def test_acked_through_stops_below_the_first_unsent_record(outbox: Outbox)
     await outbox.mark_sent(4, 5)
     acked, _last, _days = await outbox.read_days(7)
     assert 5 == acked
+
+
+async def test_a_day_closing_sends_a_checkpoint_without_waiting_for_the_timer(
+    nats_server: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """With the timer at an hour, the first record of the next business day sends a
+    checkpoint at once; it reports both days, all acknowledged."""
+    nc, _js = await make_stream(nats_server.url)
+    got: asyncio.Queue[Checkpoint] = asyncio.Queue()
+
+    async def on_checkpoint(msg: nats.aio.msg.Msg) -> None:
+        await got.put(decode_checkpoint(msg.data))
+
+    await nc.subscribe(checkpoint_subject(STORE), cb=on_checkpoint)
+    cfg = config_from_dict(
+        {
+            "store_id": STORE, "data_dir": str(tmp_path / "agent"),
+            "ingest": {"listen": f"127.0.0.1:{free_port()}"},
+            "nats": {"urls": [nats_server.url]}, "reconcile": {"interval": 3600},
+        }
+    )  # fmt: skip
+    agent = AgentService(cfg)
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for event in (sale("d1"), _return("d2", dt.date(2026, 11, 23))):
+                async with http.post(
+                    agent.ingest.url + "/v1/events",
+                    data=encode_json(event),
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    assert 202 == resp.status
+        checkpoint = await asyncio.wait_for(got.get(), 30)
+        while checkpoint.days[0].last_seq > checkpoint.acked_through:  # ahead of its PubAck
+            checkpoint = await asyncio.wait_for(got.get(), 30)
+    finally:
+        await agent.stop()
+        await nc.close()
+    assert "day_closed" == checkpoint.reason
+    assert [T0.date(), dt.date(2026, 11, 23)] == [d.business_day for d in checkpoint.days]
