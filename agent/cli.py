@@ -272,6 +272,12 @@ def _print_status(report: dict[str, Any]) -> None:
             "its NATS): held in the outbox, not sent; see docs/operations.md, 'Records HQ "
             "refused'"
         )
+    for hole in report.get("till_hole_list") or []:
+        click.echo(
+            f"TILL HOLE     {hole['business_day']} workstation {hole['workstation_id']}: "
+            f"transactions {hole['from_txn']}..{hole['to_txn']} never reached the agent; see "
+            "docs/reconciliation.md"
+        )
     if forwarder.get("denied"):
         click.echo(
             f"DENIED        NATS refuses this store: {forwarder['denied']}; nats.credentials are "
