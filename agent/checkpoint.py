@@ -37,8 +37,7 @@ from protocol.checkpoint import (
     TillHole,
     add,
     decode_totals,
-    encode_totals,
-    merge,
+    store_merged,
     till_holes,
 )
 from protocol.events import Event
@@ -67,18 +66,7 @@ def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], 
     for seq, event in records:
         add(staged, seq, event, till_at=now)
     for day, totals in staged.items():
-        row = conn.execute(
-            "SELECT totals FROM day_totals WHERE business_day = ?", (day.isoformat(),)
-        ).fetchone()
-        if row is not None:
-            held = decode_totals(row[0])
-            merge(held, totals)
-            totals = held
-        conn.execute(
-            "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
-            "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals",
-            (day.isoformat(), encode_totals(totals)),
-        )
+        store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
 
 
 def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTotals]]:

@@ -46,8 +46,7 @@ from protocol.checkpoint import (
     add,
     decode_totals,
     difference,
-    encode_totals,
-    merge,
+    store_merged,
 )
 from protocol.migrations import Migration
 from protocol.subjects import store_from_checkpoint_subject
@@ -96,21 +95,8 @@ def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
     """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction)."""
     for (store_id, epoch), days in staged.items():
         for day, totals in days.items():
-            key = (store_id, epoch, day.isoformat())
-            row = conn.execute(
-                "SELECT totals FROM reconcile_delivered "
-                "WHERE store_id = ? AND epoch = ? AND business_day = ?",
-                key,
-            ).fetchone()
-            if row is not None:
-                held = decode_totals(row[0])
-                merge(held, totals)
-                totals = held
-            conn.execute(
-                "INSERT INTO reconcile_delivered VALUES (?, ?, ?, ?) ON CONFLICT "
-                "(store_id, epoch, business_day) DO UPDATE SET totals = excluded.totals",
-                (*key, encode_totals(totals)),
-            )
+            key = {"store_id": store_id, "epoch": epoch, "business_day": day.isoformat()}
+            store_merged(conn, "reconcile_delivered", key, totals)
 
 
 def _plain(totals: DayTotals | None) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+from collections.abc import Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -156,6 +157,31 @@ def difference(store: DayTotals, central: DayTotals | None) -> dict[str, Any]:
         if part:
             diff[name] = {k: v if isinstance(v, int) else str(v) for k, v in part.items()}
     return diff
+
+
+class Connection(Protocol):
+    """What ``store_merged`` needs of a connection: ``sqlite3.Connection`` has it."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+
+def store_merged(conn: Connection, table: str, key: dict[str, str], totals: DayTotals) -> None:
+    """Add ``totals`` into the row of ``table`` named by ``key`` (columns -> values; the row
+    keeps msgpack ``totals`` in a ``totals`` column), or insert it. Runs inside the caller's
+    transaction, on a connection it opened (as protocol/migrations.py does): both sides keep
+    their day totals this way (agent/checkpoint.py, central/reconcile.py)."""
+    where = " AND ".join(f"{column} = ?" for column in key)
+    row = conn.execute(f"SELECT totals FROM {table} WHERE {where}", list(key.values())).fetchone()
+    if row is not None:
+        held = decode_totals(row[0])
+        merge(held, totals)
+        totals = held
+    columns = ", ".join(key)
+    conn.execute(
+        f"INSERT INTO {table} ({columns}, totals) VALUES ({', '.join('?' * (len(key) + 1))}) "
+        f"ON CONFLICT ({columns}) DO UPDATE SET totals = excluded.totals",
+        [*key.values(), encode_totals(totals)],
+    )
 
 
 _encoder = msgspec.msgpack.Encoder(decimal_format="string")
