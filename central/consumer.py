@@ -269,14 +269,14 @@ class Consumer:
         unit = Unit()
         verdicts: list[reconcile.DayVerdict] = []
         for checkpoint in pending:
-            delivered, skips = await self.state.run_reconcile(
+            delivered, skips, ledger_from = await self.state.run_reconcile(
                 reconcile.read_delivered,
                 checkpoint.store_id,
                 checkpoint.epoch,
                 [day.business_day for day in checkpoint.days],
             )
             found = self.reconciler.judge(
-                checkpoint, delivered, skips, self.state.marks(), self.state.gaps()
+                checkpoint, delivered, skips, self.state.marks(), self.state.gaps(), ledger_from
             )
             verdicts += found
             key = (checkpoint.store_id, checkpoint.epoch)

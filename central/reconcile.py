@@ -58,11 +58,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
+UNTRACKED = "untracked"
 MISSING = "missing"
 RECONCILED = "reconciled"
 SKIPPED = "skipped"
 MISMATCH = "mismatch"
-STATES = (MISMATCH, MISSING, SKIPPED, PENDING, RECONCILED)  # worst first
+STATES = (MISMATCH, MISSING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
 
 MIGRATION: Migration = (
     "0007_reconcile",
@@ -71,6 +72,11 @@ MIGRATION: Migration = (
         """CREATE TABLE reconcile_delivered (
             store_id TEXT NOT NULL, epoch TEXT NOT NULL, business_day TEXT NOT NULL,
             totals BLOB NOT NULL, PRIMARY KEY (store_id, epoch, business_day))""",
+        # Per store and epoch, the first seq the ledger counted: records below it were delivered
+        # before it existed (an upgrade), so their days cannot be judged.
+        """CREATE TABLE reconcile_epochs (
+            store_id TEXT NOT NULL, epoch TEXT NOT NULL, from_seq INTEGER NOT NULL,
+            PRIMARY KEY (store_id, epoch))""",
         # The last judgement of each day: state, both sides' totals (JSON), the difference.
         """CREATE TABLE reconcile_days (
             store_id TEXT NOT NULL, epoch TEXT NOT NULL, business_day TEXT NOT NULL,
@@ -94,6 +100,11 @@ def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> N
 def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
     """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction)."""
     for (store_id, epoch), days in staged.items():
+        if days:  # units come in seq order per store: the first one starts the ledger
+            conn.execute(
+                "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",
+                (store_id, epoch, min(t.first_seq for t in days.values())),
+            )
         for day, totals in days.items():
             key = {"store_id": store_id, "epoch": epoch, "business_day": day.isoformat()}
             store_merged(conn, "reconcile_delivered", key, totals)
@@ -128,6 +139,7 @@ def judge_day(
     store_id: str,
     epoch: str,
     acked_through: int,
+    ledger_from: int | None = None,
     mark: Mark | None,
     gap: Gap | None,
     skips: list[tuple[int, int, int]],
@@ -141,6 +153,19 @@ def judge_day(
 
     if day.last_seq > acked_through:
         return verdict(PENDING, f"store: seqs up to {day.last_seq} not all acknowledged yet")
+    start = ledger_from if ledger_from is not None else hwm + 1
+    if day.first_seq < start:
+        return verdict(
+            UNTRACKED,
+            f"central's ledger of this epoch starts at seq {start}: the day began before it "
+            "(an upgrade); not judged",
+        )
+    if central is not None and central.first_seq < day.first_seq:
+        return verdict(
+            UNTRACKED,
+            f"the store's totals of the day start at seq {day.first_seq}, central's at "
+            f"{central.first_seq} (the agent counted from its upgrade); not judged",
+        )
     if central is not None and central.last_seq > day.last_seq:
         return verdict(PENDING, "central has newer records of the day than this checkpoint")
     if hwm < day.last_seq:
@@ -166,8 +191,9 @@ def judge_day(
 
 def read_delivered(
     conn: sqlite3.Connection, store_id: str, epoch: str, days: list[dt.date]
-) -> tuple[dict[dt.date, DayTotals], list[tuple[int, int, int]]]:
-    """Central's ledger of those days, and the epoch's applied gap skips."""
+) -> tuple[dict[dt.date, DayTotals], list[tuple[int, int, int]], int | None]:
+    """Central's ledger of those days, the epoch's applied gap skips, and the first seq the
+    ledger counted in the epoch (None: none yet)."""
     found: dict[dt.date, DayTotals] = {}
     for day in days:
         row = conn.execute(
@@ -182,7 +208,11 @@ def read_delivered(
         "WHERE store_id = ? AND epoch = ? AND applied_at IS NOT NULL",
         (store_id, epoch),
     ).fetchall()
-    return found, [(int(a), int(b), int(c)) for a, b, c in skips]
+    start = conn.execute(
+        "SELECT from_seq FROM reconcile_epochs WHERE store_id = ? AND epoch = ?",
+        (store_id, epoch),
+    ).fetchone()
+    return found, [(int(a), int(b), int(c)) for a, b, c in skips], start[0] if start else None
 
 
 def write_verdicts(conn: sqlite3.Connection, verdicts: list[DayVerdict], now: float) -> None:
@@ -260,6 +290,7 @@ class Reconciler:
         skips: list[tuple[int, int, int]],
         marks: dict[Key, Mark],
         gaps: dict[Key, Gap],
+        ledger_from: int | None = None,
     ) -> list[DayVerdict]:
         key = (checkpoint.store_id, checkpoint.epoch)
         holes: dict[dt.date, list[TillHole]] = {}
@@ -275,6 +306,7 @@ class Reconciler:
                 mark=marks.get(key),
                 gap=gaps.get(key),
                 skips=skips,
+                ledger_from=ledger_from,
             )
             for day in checkpoint.days
         ]

@@ -33,9 +33,10 @@ def judge(
     hwm: int,
     gap: Gap | None = None,
     skips: list[tuple[int, int, int]] | None = None,
+    ledger_from: int | None = 1,
 ) -> str:
     verdict = reconcile.judge_day(
-        store, central, store_id="S1", epoch=EPOCH, acked_through=acked,
+        store, central, store_id="S1", epoch=EPOCH, acked_through=acked, ledger_from=ledger_from,
         mark=Mark(store_id="S1", epoch=EPOCH, hwm=hwm), gap=gap, skips=skips or [],
     )  # fmt: skip
     return verdict.state
@@ -54,6 +55,18 @@ def test_each_state_of_a_day() -> None:
     lost = Gap("S1", EPOCH, 9, 10, since=0.0, lost_through=10, lost_reason="pruned")
     assert "mismatch" == judge(store, totals(8, "20.00"), acked=10, hwm=8, gap=lost)
     assert "mismatch" == judge(store, totals(10, "24.00"), acked=10, hwm=10)
+
+
+def test_days_begun_before_a_ledger_existed_are_not_judged() -> None:
+    """After an upgrade, a day whose first records central delivered before its ledger
+    existed, or one the agent began counting late, is untracked, not a mismatch."""
+    store = totals(10, "25.00")
+    late_central = totals(6, "15.00", first_seq=5)
+    assert "untracked" == judge(store, late_central, acked=10, hwm=10, ledger_from=5)
+    assert "untracked" == judge(store, None, acked=10, hwm=10, ledger_from=None)
+    late_store = totals(6, "15.00", first_seq=5)
+    assert "untracked" == judge(late_store, store, acked=10, hwm=10, ledger_from=1)
+    assert "missing" == judge(store, None, acked=10, hwm=0, ledger_from=None)
 
 
 def sale_record(seq: int) -> Record:
@@ -83,14 +96,14 @@ async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
     again = SqliteState(tmp_path)
     await again.open()
     try:
-        s1, _ = await again.run_reconcile(reconcile.read_delivered, "S1", EPOCH, [DAY])
-        s2, _ = await again.run_reconcile(reconcile.read_delivered, "S2", EPOCH, [DAY])
+        s1, _, from1 = await again.run_reconcile(reconcile.read_delivered, "S1", EPOCH, [DAY])
+        s2, _, from2 = await again.run_reconcile(reconcile.read_delivered, "S2", EPOCH, [DAY])
     finally:
         await again.close()
     assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}) == (
         s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money
     )  # fmt: skip
-    assert {} == s2
+    assert ({}, 1, None) == (s2, from1, from2)
 
 
 def test_a_mismatched_day_is_red_in_status_and_a_missing_one_amber() -> None:
