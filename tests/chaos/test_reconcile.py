@@ -12,23 +12,22 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
-import nats
 import pytest
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
 from protocol.events import EventBase, LineItem, Sale
-from protocol.subjects import EVENTS_STREAM
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
-    agent_pending,
     agent_status,
     all_booked,
     assert_promise,
+    delete_batch,
     eventually,
     ring,
+    ring_published,
 )
 
 pytestmark = pytest.mark.slow
@@ -119,17 +118,8 @@ async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_heal
     booked = FileSinkBooked(p.sink_path)
     ledger = Ledger()
     events = list(Till(store_id="S1", seed=40).events(300))
-    for i in range(0, 300, 100):
-        await ring(p.agent_url("S1"), "S1", events[i : i + 100], ledger, batch_size=100)
-        await eventually(lambda: agent_pending(p) == 0, 30, "published")
-    nc = await nats.connect(broker.url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(EVENTS_STREAM)
-        assert 3 == info.state.messages
-        await js.delete_msg(EVENTS_STREAM, info.state.last_seq)  # the last batch: 201..300
-    finally:
-        await nc.close()
+    await ring_published(p, "S1", events, ledger, 100)
+    await delete_batch(broker.url, -1, 3)  # the last batch: 201..300
     await p.central.start()
     await eventually(all_booked(ledger, booked), 60, "the lost batch re-sent and booked")
     assert_promise(ledger, booked)
