@@ -272,6 +272,12 @@ def _print_status(report: dict[str, Any]) -> None:
             "its NATS): held in the outbox, not sent; see docs/operations.md, 'Records HQ "
             "refused'"
         )
+    for hole in report.get("till_hole_list") or []:
+        click.echo(
+            f"TILL HOLE     {hole['business_day']} workstation {hole['workstation_id']}: "
+            f"transactions {hole['from_txn']}..{hole['to_txn']} never reached the agent; see "
+            "docs/reconciliation.md"
+        )
     if forwarder.get("denied"):
         click.echo(
             f"DENIED        NATS refuses this store: {forwarder['denied']}; nats.credentials are "
@@ -370,6 +376,61 @@ def resync(
         click.echo(
             f"note: seqs below {first_available} are no longer held (retention); the POS must "
             "re-send those events itself."
+        )
+
+
+@cli.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint sent as JSON.")
+def reconcile(config: Path, as_json: bool) -> None:
+    """Send HQ a checkpoint now (per business day: counts, money, seqs), through the running
+    agent; HQ compares it with what it delivered (`storelink-central reconcile status`)."""
+    cfg = _load(config)
+    answer = _http(cfg, "POST", "/v1/reconcile", b"{}")
+    if answer is None:
+        raise click.ClickException(
+            f"no agent answers at {_base_url(cfg)}: checkpoints are sent by the running agent"
+        )
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    click.echo(
+        f"checkpoint sent: epoch {answer['epoch']}, acknowledged by HQ's stream through seq "
+        f"{answer['acked_through']} of {answer['last_seq']}"
+    )
+    for day in answer["days"]:
+        money = " ".join(f"{k}={v}" for k, v in sorted(day["money"].items())) or "-"
+        click.echo(
+            f"  {day['business_day']}  {day['records']} records (seqs {day['first_seq']}.."
+            f"{day['last_seq']})  {money}"
+        )
+
+
+@cli.command()
+@config_option
+@click.argument("event_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace(config: Path, event_id: str, as_json: bool) -> None:
+    """Where is this event at the store: its seq, when it arrived, whether HQ's stream
+    acknowledged it (through the running agent)."""
+    from urllib.parse import quote
+
+    cfg = _load(config)
+    answer = _http(cfg, "GET", "/v1/trace/" + quote(event_id, safe=""))
+    if answer is None:
+        raise click.ClickException(f"no agent answers at {_base_url(cfg)}")
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    if not answer["found"]:
+        click.echo(f"{event_id}: UNKNOWN here (never accepted, or pruned after its retention)")
+    elif answer["refused_reason"]:
+        click.echo(f"{event_id}: seq {answer['seq']}, REFUSED by HQ: {answer['refused_reason']}")
+    elif answer["sent_at"]:
+        click.echo(f"{event_id}: seq {answer['seq']}, SENT (acknowledged {answer['sent_at']})")
+    else:
+        click.echo(
+            f"{event_id}: seq {answer['seq']}, NOT SENT yet (arrived {answer['received_at']})"
         )
 
 

@@ -39,6 +39,9 @@ DEFAULT_PUBLISH_TIMEOUT = 5.0
 DEFAULT_RETENTION_DAYS = 7.0
 DEFAULT_MAX_BUFFER_BYTES = 1024 * 1024 * 1024
 DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_RECONCILE_INTERVAL = 300.0
+DEFAULT_RECONCILE_DAYS = 7
+DEFAULT_TILL_GRACE = 900.0
 
 TOKEN_ENV = "STORELINK_AGENT_TOKEN"
 
@@ -191,6 +194,31 @@ class PoslogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return dt.UTC if self.timezone == "UTC" else zoneinfo.ZoneInfo(self.timezone)
 
 
+class ReconcileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Checkpoints: what the store took per business day, sent to HQ to reconcile."""
+
+    interval: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="Seconds between checkpoints (one is also sent when a business day "
+            "closes, and on `storelink-agent reconcile`).",
+        ),
+    ] = DEFAULT_RECONCILE_INTERVAL
+    days: Annotated[
+        int,
+        msgspec.Meta(ge=1, le=60, description="Most recent business days each checkpoint reports."),
+    ] = DEFAULT_RECONCILE_DAYS
+    till_grace: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="Seconds a hole in a workstation's transaction numbers may last "
+            "(the later transaction here, the earlier not) before it is reported.",
+        ),
+    ] = DEFAULT_TILL_GRACE
+
+
 class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Everything storelink-agent needs to run one store."""
 
@@ -208,6 +236,7 @@ class AgentConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     forwarder: ForwarderConfig = msgspec.field(default_factory=ForwarderConfig)
     outbox: OutboxConfig = msgspec.field(default_factory=OutboxConfig)
     poslog: PoslogConfig = msgspec.field(default_factory=PoslogConfig)
+    reconcile: ReconcileConfig = msgspec.field(default_factory=ReconcileConfig)
 
     @property
     def data_path(self) -> Path:

@@ -1,8 +1,9 @@
 """Control: HQ asks a store over NATS request/reply on ``storelink.control.<store_id>``.
 
-``status`` answers with the agent's ``AgentStatus``; ``resync(from_seq, to_seq)`` marks that
-range unsent again (the forwarder rewinds and re-sends it) and answers how many records were
-marked, the lowest seq still held and the agent's epoch. A resync that names another epoch
+``status`` answers with the agent's ``AgentStatus``; ``trace(event_id)`` with what the outbox
+holds of that event (``EventTrace``); ``resync(from_seq, to_seq)`` marks that range unsent
+again (the forwarder rewinds and re-sends it) and answers how many records were marked, the
+lowest seq still held and the agent's epoch. A resync that names another epoch
 (HQ still waits for a gap of this store's previous machine) marks nothing: the reply says the
 range is ``unavailable``, so HQ stops asking instead of receiving this epoch's records again
 and again. So does a range retention has pruned entirely. Anything else, including bytes that
@@ -35,6 +36,7 @@ from protocol.wire import (
     ResyncReply,
     ResyncRequest,
     StatusRequest,
+    TraceRequest,
     decode_control_request,
     encode,
 )
@@ -110,10 +112,12 @@ class Control:
                 return self._status()
             if isinstance(request, ResyncRequest):
                 return await self._resync(request)
+            if isinstance(request, TraceRequest):
+                return await self.outbox.trace(request.event_id)
         except AgentError as exc:
             self.errors += 1
             return ControlError(error=str(exc))
-        self.errors += 1  # pragma: no cover - decode_control_request knows only the two above
+        self.errors += 1  # pragma: no cover - decode_control_request knows only these
         return ControlError(error=f"unsupported control request {type(request).__name__}")
 
     async def _resync(self, request: ResyncRequest) -> ResyncReply:

@@ -127,6 +127,8 @@ class Ingest:
         max_requests_in_flight: int = DEFAULT_MAX_REQUESTS_IN_FLIGHT,
         status: Callable[[], object],
         convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
+        checkpoint: Callable[[], Awaitable[object]] | None = None,
+        trace: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self.sink = sink
         self.store_id = store_id
@@ -138,6 +140,8 @@ class Ingest:
         self._in_flight = 0
         self._status = status
         self._convert_poslog = convert_poslog
+        self._checkpoint = checkpoint
+        self._trace = trace
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self._requests = 0
@@ -148,6 +152,8 @@ class Ingest:
         self.app.router.add_post("/v1/events", self._post_events)
         self.app.router.add_post("/v1/poslog", self._post_poslog)
         self.app.router.add_post("/v1/resync", self._post_resync)
+        self.app.router.add_post("/v1/reconcile", self._post_reconcile)
+        self.app.router.add_get("/v1/trace/{event_id}", self._get_trace)
         self.app.router.add_get("/v1/status", self._get_status)
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/metrics", self._metrics)
@@ -421,6 +427,28 @@ class Ingest:
             return self._refuse(_error(400, "bad_request", message=str(exc)))
         log.info("resync requested over HTTP (%s): %d records marked", ask, marked.marked)
         return _ok(200, marked)
+
+    async def _post_reconcile(self, request: web.Request) -> web.Response:
+        """Send a checkpoint to HQ now; answer it (503 when HQ is not connected)."""
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if self._checkpoint is None:
+            return self._refuse(_error(404, "not_found", message="no checkpoints here"))
+        try:
+            sent = await self._checkpoint()
+        except ConnectionError as exc:
+            return self._refuse(_error(503, "hq_unreachable", message=str(exc)))
+        return _ok(200, sent)
+
+    async def _get_trace(self, request: web.Request) -> web.Response:
+        """What the outbox holds of one event_id (``storelink-agent trace``)."""
+        refused = self._gate(request)
+        if refused is not None:
+            return refused
+        if self._trace is None:
+            return self._refuse(_error(404, "not_found", message="no trace here"))
+        return _ok(200, await self._trace(request.match_info["event_id"]))
 
     async def _get_status(self, request: web.Request) -> web.Response:
         if self._token:

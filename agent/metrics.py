@@ -125,6 +125,13 @@ def render_agent_metrics(status: Mapping[str, Any], ingest: Mapping[str, Any], n
         "Events HQ refused for good, held flagged in the outbox: an operator must act.",
         status.get("refused_by_hq", 0),
     )
+    out.add(
+        "till_holes",
+        "gauge",
+        "Holes in workstations' transaction numbers past reconcile.till_grace, as of the last "
+        "checkpoint.",
+        status.get("till_holes", 0),
+    )
     out.add("reconnects_total", "counter", "Reconnections to NATS.", forwarder.get("reconnects", 0))
     out.add("http_requests_total", "counter", "Ingest requests received.", ingest["requests"])
     out.add(

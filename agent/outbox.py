@@ -49,6 +49,7 @@ from typing import IO, Any
 
 import msgspec
 
+from agent import checkpoint
 from agent.errors import (
     BufferFull,
     DamagedOutbox,
@@ -62,10 +63,11 @@ from agent.errors import (
     StoreMismatch,
 )
 from protocol import migrations
+from protocol.checkpoint import DayTotals, business_day_of
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import Event
 from protocol.timefmt import utc
-from protocol.wire import Record, encode_record
+from protocol.wire import EventTrace, Record, encode_record
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +124,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
             "CREATE INDEX records_refused ON records(seq) WHERE refused_at IS NOT NULL",
         ),
     ),
+    # Per business day totals, updated with each commit (agent/checkpoint.py).
+    checkpoint.MIGRATION,
 )
 
 
@@ -172,6 +176,16 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
+
+
+def _new_records(job: _Append, result: AppendResult) -> list[tuple[int, Event]]:
+    """The ``(seq, event)`` an accepted append added (not its duplicates)."""
+    assert result.first_seq is not None
+    new: dict[int, Event] = {}
+    for seq, event in zip(result.seqs, job.events, strict=True):
+        if seq >= result.first_seq and seq not in new:
+            new[seq] = event
+    return list(new.items())
 
 
 @functools.lru_cache(maxsize=INSERT_CHUNK)
@@ -536,6 +550,9 @@ class Outbox:
         self._snapshot: OutboxStatistics | None = None
         self._closed = False
         self._opened = False
+        # The latest business day of a committed record (set by the writer): a later one
+        # closes a day and sends a checkpoint (agent/checkpoint.py).
+        self.newest_day: dt.date | None = None
 
     # -- lifecycle --
 
@@ -705,6 +722,35 @@ class Outbox:
             raise OutboxClosed()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, self._first_seq_held_sync)
+
+    async def read_days(self, days: int) -> tuple[int, int, list[DayTotals]]:
+        """``(acked_through, last_seq, the most recent days' totals)`` for a checkpoint."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, checkpoint.read_days, self._rconn, days)
+
+    async def trace(self, event_id: str) -> EventTrace:
+        """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._reader, self._trace_sync, event_id)
+
+    def _trace_sync(self, event_id: str) -> EventTrace:
+        assert self._rconn is not None
+        acked, _last, _days = checkpoint.read_days(self._rconn, 0)
+        row = self._rconn.execute(
+            "SELECT seq, received_at, sent_at, refused_reason FROM records WHERE event_id = ?",
+            (event_id,),
+        ).fetchone()
+        if row is None:
+            return EventTrace(event_id=event_id, found=False, epoch=self.epoch, acked_through=acked)
+        return EventTrace(
+            event_id=event_id, found=True, epoch=self.epoch, seq=row[0],
+            received_at=utc(row[1]), sent_at=utc(row[2]), refused_reason=row[3],
+            acked_through=acked,
+        )  # fmt: skip
 
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` (on the event loop) whenever records become unsent, so the forwarder
@@ -879,6 +925,7 @@ class Outbox:
                 appends = [j for j in jobs if isinstance(j, _Append)]
                 known = self._lookup(conn, appends) if appends else {}
                 rows: list[_Row] = []
+                counted: list[tuple[int, Event]] = []  # new records, for the day totals
                 sent_changed = False
                 for job in jobs:
                     if isinstance(job, _Append):
@@ -890,6 +937,7 @@ class Outbox:
                             pending_results.append((job, result, None))
                             if result.accepted:
                                 outcome.appended = True
+                                counted += _new_records(job, result)
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(conn, rows)
@@ -930,6 +978,8 @@ class Outbox:
                         pending_results.append((job, None, None))
                 if rows:
                     self._insert(conn, rows)
+                if counted:
+                    checkpoint.record_days(conn, counted, now)
                 if sent_changed:
                     oldest = conn.execute(
                         "SELECT received_at FROM records "
@@ -953,6 +1003,10 @@ class Outbox:
                 if job.future is not None:
                     outcome.results.append((job.future, None, error))
             return outcome
+        if counted:
+            newest = max(business_day_of(e) for _s, e in counted)
+            if self.newest_day is None or newest > self.newest_day:
+                self.newest_day = newest
         state.transactions += 1
         state.appends += sum(
             1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None

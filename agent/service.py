@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 
+from agent.checkpoint import Checkpointer
 from agent.config import AgentConfig, check_listen_allowed, parse_listen
 from agent.control import Control
 from agent.errors import AgentError, PoslogRejected
@@ -27,6 +28,7 @@ from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
 from agent.systemd import notify_ready, notify_stopping
 from protocol import __version__
+from protocol.checkpoint import TillHole
 from protocol.connection import CredentialsError, connect_options, redact_url
 from protocol.events import Event
 from protocol.logformat import add_secret
@@ -58,6 +60,10 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     forwarder: ForwarderStatistics | None = None
     poslog: dict[str, Any] | None = None
     refused_by_hq: int = 0  # events HQ refused for good, held flagged in the outbox
+    # Reconciliation (agent/checkpoint.py): till holes in the last checkpoint, and them.
+    till_holes: int = 0
+    till_hole_list: list[TillHole] = []
+    checkpoints_sent: int = 0
 
 
 def status_report(
@@ -67,6 +73,7 @@ def status_report(
     *,
     running: bool,
     poslog: dict[str, Any] | None = None,
+    checkpoints: Checkpointer | None = None,
 ) -> StatusReport:
     """Combine the parts' statistics into the status document."""
     return StatusReport(
@@ -87,6 +94,9 @@ def status_report(
         forwarder=forwarder,
         poslog=poslog,
         refused_by_hq=outbox.refused,
+        till_holes=checkpoints.holes if checkpoints else 0,
+        till_hole_list=list(checkpoints.last_holes) if checkpoints else [],
+        checkpoints_sent=checkpoints.sent if checkpoints else 0,
     )
 
 
@@ -193,6 +203,15 @@ class AgentService:
         )
         self.control = Control(self.outbox, store_id=cfg.store_id, status=self.agent_status)
         self.forwarder.add_connect_hook(self.control.attach)
+        self.checkpoints = Checkpointer(
+            store_id=cfg.store_id,
+            epoch=lambda: self.outbox.epoch,
+            read=lambda: self.outbox.read_days(cfg.reconcile.days),
+            interval=cfg.reconcile.interval,
+            till_grace=cfg.reconcile.till_grace,
+        )
+        self.forwarder.add_connect_hook(self._start_checkpoints)
+        self.outbox.add_listener(self._day_seen)
         self.ingest = Ingest(
             self.outbox,
             store_id=cfg.store_id,
@@ -203,6 +222,8 @@ class AgentService:
             max_requests_in_flight=cfg.ingest.max_requests_in_flight,
             status=self.status,
             convert_poslog=_poslog_converter(cfg),
+            checkpoint=self.checkpoints.send,
+            trace=self.outbox.trace,
         )
         self._watcher: Any = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -281,6 +302,13 @@ class AgentService:
         assert self._watcher is not None
         await self._watcher.run()
 
+    async def _start_checkpoints(self, nc: Any) -> None:
+        self.checkpoints.start(nc)
+
+    def _day_seen(self) -> None:
+        if self.outbox.newest_day is not None:
+            self.checkpoints.day_seen_nowait(self.outbox.newest_day)
+
     async def stop(self) -> None:
         """503 for new requests, finish what is in flight, close the outbox."""
         self._running = False
@@ -291,6 +319,7 @@ class AgentService:
         await self.ingest.stop()  # waits for requests already committing
         await self.forwarder.stop()
         await self.control.close()
+        await self.checkpoints.close()
         timeout = self.cfg.forwarder.publish_timeout + STOP_GRACE
         for task in self._tasks:
             try:
@@ -316,6 +345,7 @@ class AgentService:
             self.forwarder.statistics(),
             running=self._running,
             poslog=poslog,
+            checkpoints=self.checkpoints,
         )
 
     def agent_status(self) -> AgentStatus:
@@ -331,6 +361,7 @@ class AgentService:
             buffer_bytes=stats.buffer_bytes,
             max_buffer_bytes=stats.max_buffer_bytes,
             version=__version__,
+            till_holes=self.checkpoints.holes,
         )
 
 

@@ -33,12 +33,14 @@ from central.broker import PID_FILENAME
 from central.errors import ConfigError
 from protocol.subjects import (
     CENTRAL_INBOX_PREFIX,
+    CHECKPOINT_WILDCARD,
     CONTROL_PREFIX,
     DLQ_PREFIX,
     EVENTS_PREFIX,
     HEARTBEAT_WILDCARD,
     OMS_PREFIX,
     OMS_STREAM,
+    checkpoint_subject,
     control_subject,
     events_subject,
     heartbeat_subject,
@@ -112,10 +114,16 @@ def ensure_central_user(data_dir: Path) -> tuple[Path, str]:
 
 
 def store_permissions(store_id: str) -> dict[str, Any]:
-    """Publish its own events and heartbeat only; subscribe its own control subject and inbox
-    only; reply to the control requests it receives."""
+    """Publish its own events, heartbeat and checkpoint only; subscribe its own control
+    subject and inbox only; reply to the control requests it receives."""
     return {
-        "publish": {"allow": [events_subject(store_id), heartbeat_subject(store_id)]},
+        "publish": {
+            "allow": [
+                events_subject(store_id),
+                heartbeat_subject(store_id),
+                checkpoint_subject(store_id),
+            ]
+        },
         "subscribe": {"allow": [control_subject(store_id), f"{inbox_prefix(store_id)}.>"]},
         "allow_responses": True,
     }
@@ -125,7 +133,7 @@ def central_permissions() -> dict[str, Any]:
     """JetStream's API and acks (streams, the pull consumer, DLQ reads), control requests to
     stores, DLQ and OMS publishes, events subjects (`dlq replay` re-publishes a dead-lettered
     batch where it came from); it subscribes only on its own inbox (so it cannot listen in on
-    a store's replies) and the stores' heartbeats."""
+    a store's replies), the stores' heartbeats and their checkpoints."""
     return {
         "publish": {
             "allow": [
@@ -137,7 +145,9 @@ def central_permissions() -> dict[str, Any]:
                 f"{OMS_PREFIX}.>",
             ]
         },
-        "subscribe": {"allow": [f"{CENTRAL_INBOX_PREFIX}.>", HEARTBEAT_WILDCARD]},
+        "subscribe": {
+            "allow": [f"{CENTRAL_INBOX_PREFIX}.>", HEARTBEAT_WILDCARD, CHECKPOINT_WILDCARD]
+        },
     }
 
 

@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -27,7 +28,7 @@ from central.dlq import DeadLetter
 from central.errors import AgentUnreachable, CentralError, NatsUnreachable
 from central.logs import configure_logging
 from central.service import INFO_FILENAME, read_info, run_service
-from central.state import list_stores, read_status
+from central.state import list_stores, read_reconcile, read_status
 from protocol.connection import CredentialsError, connect_options
 from protocol.errors import InvalidStoreId
 from protocol.logformat import log_options
@@ -712,6 +713,84 @@ def gaps_list(data_dir: Path, as_json: bool) -> None:
             f"  #{k['id']} {k['store_id']} epoch {k['epoch']} through {k['through_seq']} by "
             f"{k['operator']} {_ago(k['recorded_at'])}: {k['reason']!r} ({state})"
         )
+
+
+@cli.group("reconcile")
+def reconcile_group() -> None:
+    """Reconciliation: each store's checkpoints against what central delivered, per day."""
+
+
+def _money(totals: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted((totals.get("money") or {}).items())) or "-"
+
+
+@cli.command("trace")
+@click.argument("store_id")
+@click.argument("event_id")
+@data_dir_option
+@nats_url_option
+@creds_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def trace_command(
+    store_id: str,
+    event_id: str,
+    data_dir: Path,
+    nats_urls: tuple[str, ...],
+    creds: str,
+    as_json: bool,
+) -> None:
+    """Where is this event: delivered (key, day, sinks), dead-lettered, behind a gap, in the
+    stream, still at the store (its seq), or unknown."""
+    from central.trace import trace
+
+    running = _running_status(data_dir) or {}
+    sinks = [s.get("sink", "") for s in running.get("sinks") or []]
+    try:
+        found = _with_nats(
+            data_dir, nats_urls, creds, lambda nc: trace(nc, data_dir, store_id, event_id, sinks)
+        )
+    except sqlite3.Error as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    click.echo(f"{found['key']}: {found['state'].upper()}  {found['detail']}")
+
+
+@reconcile_group.command("status")
+@data_dir_option
+@click.option("--store", "store_id", help="Only this store.")
+@click.option("--day", help="Only this business day (YYYY-MM-DD).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def reconcile_status(data_dir: Path, store_id: str | None, day: str | None, as_json: bool) -> None:
+    """Each business day's state (mismatch, missing, skipped, pending, reconciled; worst
+    first), both sides' record counts and money, and the difference."""
+    try:
+        days = read_reconcile(data_dir, store_id=store_id, day=day)
+    except (CentralError, sqlite3.Error) as exc:
+        raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps({"days": days}, indent=2))
+        return
+    click.echo(f"{len(days)} business days judged")
+    for d in days:
+        central = d["central"] or {}
+        click.echo(
+            f"  {d['store_id']:<12} {d['business_day']}  {d['state'].upper():<10} "
+            f"records store {d['store'].get('records', 0)} / central {central.get('records', 0)}"
+            f"  money store {_money(d['store'])} / central {_money(central)}"
+            f"  checked {_ago(d['checked_at'])}"
+        )
+        if d["difference"]:
+            click.echo(f"      difference (store - central): {json.dumps(d['difference'])}")
+        if d["detail"]:
+            click.echo(f"      {d['detail']}")
+        for hole in d["till_holes"]:
+            click.echo(
+                f"      TILL HOLE workstation {hole['workstation_id']}: transactions "
+                f"{hole['from_txn']}..{hole['to_txn']} never reached the agent "
+                f"(the next one arrived {_ago(hole['since'])})"
+            )
 
 
 @gaps.command("skip")

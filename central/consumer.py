@@ -33,7 +33,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
-from central import dlq
+from central import dlq, reconcile
 from central.config import CentralConfig
 from central.control import GapResyncer
 from central.errors import (
@@ -46,6 +46,7 @@ from central.errors import (
 from central.holds import Holds, Undecodable
 from central.inventory import Inventory
 from central.ledger import Deliveries, KeyLedger
+from central.reconcile import Reconciler
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
 from central.state import StateStore, Unit
@@ -82,6 +83,9 @@ SINK_BACKOFF_CAP = 10.0
 UNIT_MAX_BYTES = 4 * 1024 * 1024
 SKIP_POLL_INTERVAL = 1.0  # how soon a `gaps skip` recorded by the CLI takes effect
 EXPIRY_REPORT_INTERVAL = 3600.0  # an expiring held batch is logged again every hour
+# A central that never runs out of batches to fetch still judges checkpoints this often; it
+# raises a missing range only when the mark has not moved between two such judgements.
+JUDGE_BUSY_INTERVAL = 30.0
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -141,6 +145,10 @@ class Consumer:
             state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
         )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
+        self.reconciler = Reconciler()
+        self._judged_at = 0.0
+        # (store, epoch) -> (mark, when) a busy judgement first found seqs missing at that mark
+        self._missing: dict[tuple[str, str], tuple[int, float]] = {}
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.holds = Holds(
@@ -204,6 +212,9 @@ class Consumer:
                 # can also time out the first message of a fetch: it is not lost, it waits
                 # in the subscription's queue for the next fetch.
                 self.consuming.set()
+                # Nothing left in the stream for us: what a checkpoint says central lacks
+                # cannot still be on its way (central/reconcile.py).
+                await self.judge_checkpoints()
                 self.resyncer.poke(self.state.gaps())
                 await self._between_units()
                 continue
@@ -217,6 +228,8 @@ class Consumer:
             for msg in rest:  # back with the next fetches (the sequencer copes with any order)
                 await self._settle(msg.nak())
             await self.process(unit)
+            if time.time() - self._judged_at >= JUDGE_BUSY_INTERVAL:
+                await self.judge_checkpoints(idle=False)
             self.resyncer.poke(self.state.gaps())
             await self._between_units()
 
@@ -239,6 +252,48 @@ class Consumer:
                 dt.datetime.fromtimestamp(expires - self.holds.max_age, dt.UTC).isoformat(),
                 dt.datetime.fromtimestamp(expires, dt.UTC).isoformat(),
             )
+
+    async def judge_checkpoints(self, *, idle: bool = True) -> None:
+        """Judge the stores' latest checkpoints against central's ledger; a range a store has
+        PubAcks for and central's mark has not reached is staged as seen, so the gap handling
+        asks the store to re-send it. Called between units, where no unit has a mark staged.
+
+        ``idle``: nothing was left to fetch, so what central lacks is not still in the stream.
+        When busy, the range is raised only if the mark has not moved since a judgement at
+        least JUDGE_BUSY_INTERVAL earlier found it missing (it is not merely queued)."""
+        now = time.time()
+        self._judged_at = now
+        pending = self.reconciler.take_pending()
+        if not pending:
+            return
+        unit = Unit()
+        verdicts: list[reconcile.DayVerdict] = []
+        for checkpoint in pending:
+            delivered, skips, ledger_from = await self.state.run_reconcile(
+                reconcile.read_delivered,
+                checkpoint.store_id,
+                checkpoint.epoch,
+                [day.business_day for day in checkpoint.days],
+            )
+            found = self.reconciler.judge(
+                checkpoint, delivered, skips, self.state.marks(), self.state.gaps(), ledger_from
+            )
+            verdicts += found
+            key = (checkpoint.store_id, checkpoint.epoch)
+            if not any(v.state == reconcile.MISSING for v in found):
+                self._missing.pop(key, None)
+                continue
+            hwm = self.sequencer.mark(key, unit).hwm
+            seen = self._missing.get(key)
+            if not idle and (seen is None or seen[0] != hwm or now - seen[1] < JUDGE_BUSY_INTERVAL):
+                if seen is None or seen[0] != hwm:
+                    self._missing[key] = (hwm, now)
+                continue
+            self._missing.pop(key, None)
+            self.sequencer.see(key[0], key[1], checkpoint.acked_through, unit, now)
+            self.reconciler.stats.resyncs += 1
+        await self.state.commit(unit)
+        await self.state.run_reconcile(reconcile.write_verdicts, verdicts, now)
 
     async def apply_skips(self) -> None:
         """Apply every gap skip operators recorded (`storelink-central gaps skip`)."""
@@ -362,6 +417,7 @@ class Consumer:
                 continue
             self.duplicates += decision.duplicates
             deliveries.append((batch, decision.records))
+            reconcile.stage(unit, store_id, batch.epoch, decision.records)
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
         for batch, records in await self.ledger.screen(deliveries, unit):
             await self.inventory.prepare(batch.store_id, records, unit)

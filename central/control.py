@@ -36,6 +36,7 @@ from protocol.wire import (
     ResyncReply,
     ResyncRequest,
     StatusRequest,
+    TraceRequest,
     decode_control_reply,
     encode,
 )
@@ -116,6 +117,14 @@ async def _request(nc: Any, store_id: str, payload: bytes, timeout: float) -> An
         return decode_control_reply(reply.data)
     except UNDECODABLE as exc:
         raise AgentUnreachable(store_id, f"an answer that does not decode: {exc}") from None
+
+
+async def ask_trace(
+    nc: Any, store_id: str, event_id: str, timeout: float = DEFAULT_ASK_TIMEOUT
+) -> Any:
+    """Ask one agent what it holds of ``event_id`` (an EventTrace, or a ControlError from an
+    agent that does not know the request); raises AgentUnreachable."""
+    return await _request(nc, store_id, encode(TraceRequest(event_id=event_id)), timeout)
 
 
 async def ask_one(nc: Any, store_id: str, timeout: float = DEFAULT_ASK_TIMEOUT) -> AgentReach:

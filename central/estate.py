@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 # Problems an operator must act on now (red), and those that wait or mend by themselves
 # (amber). Most urgent first: `status` prints them in this order.
-ALERT_PROBLEMS = ("unreachable", "unrecoverable", "blocked", "undecodable", "expiring", "lagging")
-WARN_PROBLEMS = ("gap", "dlq")
+ALERT_PROBLEMS = (
+    "unreachable", "unrecoverable", "blocked", "undecodable", "expiring", "lagging", "mismatch",
+)  # fmt: skip
+WARN_PROBLEMS = ("gap", "dlq", "missing")
 STATES = ("alert", "warn", "unknown", "ok")  # worst first
 RATE_WINDOW = 3600.0  # events per second are shown over the last hour (and the last minute)
 
@@ -55,6 +57,11 @@ def problems(store: Mapping[str, Any], lag_alert: float) -> list[str]:
         found.append("dlq")
     if store["lag_seconds"] is not None and store["lag_seconds"] > lag_alert:
         found.append("lagging")
+    days = store.get("reconcile") or {}  # business days per state (central/reconcile.py)
+    if days.get("mismatch"):
+        found.append("mismatch")
+    elif days.get("missing"):
+        found.append("missing")
     return found
 
 

@@ -175,6 +175,25 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "Delivered event_ids the ledger holds, all stores.",
         sum(s.get("ledger_keys") or 0 for s in stores),
     )
+    # Reconciliation (central/reconcile.py): business days per state, latest judgement.
+    out.add(
+        "store_reconcile_days",
+        "gauge",
+        "Business days of the store per reconciliation state (reconciled, pending, missing, "
+        "skipped, mismatch), as last judged against its checkpoint.",
+        [
+            ({"store": s["store_id"], "state": state}, n)
+            for s in stores
+            for state, n in sorted((s.get("reconcile") or {}).items())
+        ],
+    )
+    out.add(
+        "store_till_holes",
+        "gauge",
+        "Holes in the store's workstations' transaction numbers (a till transaction that never "
+        "reached the agent), as its last checkpoint reported them.",
+        per_store("till_holes"),
+    )
     ledger = status.get("ledger") or {}
     out.add(
         "ledger_pruned_total",

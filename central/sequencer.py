@@ -136,6 +136,14 @@ class Sequencer:
         else:
             unit.gaps[key] = open_gap.carry(from_seq=mark.hwm + 1, to_seq=mark.seen_through)
 
+    def see(self, store_id: str, epoch: str, seq: int, unit: Unit, now: float) -> None:
+        """Stage that ``seq`` exists (a store's checkpoint says it has its PubAck): beyond the
+        mark it is a gap, asked for like any other (central/reconcile.py)."""
+        key = (store_id, epoch)
+        mark = self._touch(key, unit, now)
+        mark.seen_through = max(mark.seen_through, seq)
+        self._reveal(key, mark, unit, now)
+
     def reveal_all(self, unit: Unit, now: float) -> None:
         """Stage a gap for every mark that has seen seqs beyond itself and has none (central
         restarted after releasing batches, or an operator's skip)."""

@@ -33,7 +33,7 @@ from central.sinks import make_sinks
 from central.state import SqliteState, read_status
 from central.streams import oms_stream_lag
 from protocol.connection import CredentialsError, connect_options
-from protocol.subjects import CENTRAL_INBOX_PREFIX, HEARTBEAT_WILDCARD
+from protocol.subjects import CENTRAL_INBOX_PREFIX, CHECKPOINT_WILDCARD, HEARTBEAT_WILDCARD
 from protocol.wire import ResyncReply
 
 log = logging.getLogger(__name__)
@@ -337,6 +337,7 @@ class CentralService:
                 delivered=lambda: consumer.delivered,
             )
             await self.nc.subscribe(HEARTBEAT_WILDCARD, cb=self.watch.on_heartbeat)
+            await self.nc.subscribe(CHECKPOINT_WILDCARD, cb=consumer.reconciler.on_checkpoint)
             watching = asyncio.create_task(self.watch.run(self.stop))
             log.info(
                 "central consuming from %s; status on http://%s/v1/status", urls, self.cfg.http

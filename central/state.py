@@ -9,9 +9,10 @@ Migrations are named steps recorded in the same transaction as the step.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +20,10 @@ from typing import Any, Protocol
 
 import aiosqlite
 
-from central import inventory, ledger
+from central import inventory, ledger, reconcile
 from central.errors import NotAStateDatabase, SkipRefused, StateError, StateTooNew
 from protocol import migrations
+from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 
 STATE_FILENAME = "central.db"
@@ -77,6 +79,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
     ),
     # Baselines, the journal, waiting post-voids, flags, opening balances (central/inventory.py).
     inventory.MIGRATION,
+    # Per business day ledger and the checkpoints' verdicts (central/reconcile.py).
+    reconcile.MIGRATION,
 )
 
 
@@ -181,6 +185,8 @@ class Unit:
     # records dropped as re-sent per store. Both come with marks, so empty() needs no change.
     ledger_keys: dict[str, dict[bytes, int]] = field(default_factory=dict)
     ledger_resent: dict[str, int] = field(default_factory=dict)
+    # Day totals per (store, epoch) -> business day (central/reconcile.py); come with marks.
+    reconcile: dict[tuple[str, str], dict[dt.date, DayTotals]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not (self.marks or self.gaps or self.inventory or self.sink_offsets or self.dlq)
@@ -193,6 +199,7 @@ class Unit:
         self.inventory.pop(store_id, None)
         self.ledger_keys.pop(store_id, None)
         self.ledger_resent.pop(store_id, None)
+        self.reconcile = {k: v for k, v in self.reconcile.items() if k[0] != store_id}
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,7 @@ class StateStore(Protocol):
     async def delivered_keys(self, wanted: dict[str, set[bytes]]) -> dict[str, set[bytes]]: ...
     async def ledger_stores(self) -> list[str]: ...
     async def prune_keys(self, store_id: str, part: int, before_day: int) -> int: ...
+    async def run_reconcile(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -521,6 +529,10 @@ class SqliteState:
         gone: int = await self._run_ledger(ledger.prune_slice, store_id, part, before_day)
         return gone
 
+    async def run_reconcile(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run central/reconcile.py's SQL ``fn(conn, *args)`` on this writer thread."""
+        return await self._run(fn, self._conn, *args)
+
     def _commit(self, unit: Unit) -> None:
         conn = self._conn
         assert conn is not None
@@ -558,6 +570,7 @@ class SqliteState:
                 unit.dlq.items(),
             )
             ledger.record_keys(conn, unit.ledger_keys, unit.ledger_resent)
+            reconcile.record_delivered(conn, unit.reconcile)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -718,6 +731,17 @@ def read_skip(data_dir: Path, skip_id: int) -> GapSkip | None:
         conn.close()
 
 
+def read_reconcile(
+    data_dir: Path, *, store_id: str | None = None, day: str | None = None
+) -> list[dict[str, Any]]:
+    """Every business day judged by reconciliation (worst first), central running or not."""
+    conn = open_db(data_dir)
+    try:
+        return reconcile.read_days(conn, store_id=store_id, day=day)
+    finally:
+        conn.close()
+
+
 def _gap_dict(row: Any) -> dict[str, Any]:
     gap = Gap(*row)
     return {
@@ -769,6 +793,7 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
             }
             keys = await ledger.read_counts(conn)
             stock_flags = await inventory.read_flag_counts(conn)
+            days = await reconcile.read_counts(conn)
     except sqlite3.Error as exc:
         raise StateError(f"cannot read central state {path}: {exc}") from None
     result = []
@@ -799,6 +824,9 @@ async def read_status(data_dir: Path) -> list[dict[str, Any]]:
                 # Inventory: post-voids flagged unmatched, other flags (central/inventory.py).
                 "inventory_unmatched_voids": stock_flags.get(store_id, (0, 0))[0],
                 "inventory_flags": stock_flags.get(store_id, (0, 0))[1],
+                # Business days per reconciliation state (central/reconcile.py).
+                "reconcile": days.get(store_id, (dict.fromkeys(reconcile.STATES, 0), 0))[0],
+                "till_holes": days.get(store_id, ({}, 0))[1],
             }
         )
     return result

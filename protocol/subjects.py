@@ -23,6 +23,9 @@ DLQ_PREFIX = "storelink.dlq"
 # Each agent's heartbeat: its AgentStatus every few seconds, so HQ tells an idle store (it
 # beats, sends nothing) from a cut-off one (silence).
 HEARTBEAT_PREFIX = "storelink.heartbeat"
+# Each agent's checkpoint: its per business day totals (protocol/checkpoint.py), so HQ can
+# reconcile what the store took with what HQ delivered.
+CHECKPOINT_PREFIX = "storelink.checkpoint"
 OMS_PREFIX = "oms"
 
 EVENTS_STREAM = "STORELINK_EVENTS"
@@ -33,6 +36,7 @@ CENTRAL_DURABLE = "storelink-central"
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.*"
 DLQ_WILDCARD = f"{DLQ_PREFIX}.*"
 HEARTBEAT_WILDCARD = f"{HEARTBEAT_PREFIX}.*"
+CHECKPOINT_WILDCARD = f"{CHECKPOINT_PREFIX}.*"
 OMS_WILDCARD = f"{OMS_PREFIX}.*.*"
 
 MSG_ID_HEADER = "Nats-Msg-Id"
@@ -70,6 +74,17 @@ def dlq_subject(store_id: str) -> str:
 
 def heartbeat_subject(store_id: str) -> str:
     return f"{HEARTBEAT_PREFIX}.{check_store_id(store_id)}"
+
+
+def checkpoint_subject(store_id: str) -> str:
+    return f"{CHECKPOINT_PREFIX}.{check_store_id(store_id)}"
+
+
+def store_from_checkpoint_subject(subject: str) -> str | None:
+    """The store id a checkpoint subject names, or None if the subject is not one."""
+    prefix = CHECKPOINT_PREFIX + "."
+    store_id = subject.removeprefix(prefix)
+    return store_id if subject.startswith(prefix) and _store_id_re.fullmatch(store_id) else None
 
 
 def oms_subject(event_type: str, store_id: str) -> str:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from protocol.checkpoint import DayTotals, TillHole
 from protocol.events import Event, EventBase, decode_checked, event_type
 from protocol.subjects import StoreId
 
@@ -80,7 +81,13 @@ class ResyncRequest(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag
     epoch: str | None = None
 
 
-ControlRequest = StatusRequest | ResyncRequest
+class TraceRequest(msgspec.Struct, frozen=True, kw_only=True, tag="trace", tag_field="op"):
+    """Ask an agent what it knows of one event (``storelink-central trace``)."""
+
+    event_id: str
+
+
+ControlRequest = StatusRequest | ResyncRequest | TraceRequest
 
 
 class AgentStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag_field="reply"):
@@ -96,6 +103,7 @@ class AgentStatus(msgspec.Struct, frozen=True, kw_only=True, tag="status", tag_f
     buffer_bytes: int
     max_buffer_bytes: int
     version: str = ""
+    till_holes: int = 0  # holes in workstations' transaction numbers, as last checkpointed
 
 
 class ResyncReply(msgspec.Struct, frozen=True, kw_only=True, tag="resync", tag_field="reply"):
@@ -118,7 +126,45 @@ class ControlError(msgspec.Struct, frozen=True, kw_only=True, tag="error", tag_f
     error: str
 
 
-ControlReply = AgentStatus | ResyncReply | ControlError
+class EventTrace(msgspec.Struct, frozen=True, kw_only=True, tag="trace", tag_field="reply"):
+    """What an agent knows of one event: its seq, when it arrived, whether JetStream
+    acknowledged it (``sent_at``; None: not yet, or marked for re-sending), whether HQ refused
+    it for good, and how far everything is acknowledged. ``found`` False: never accepted here
+    (or pruned after its retention)."""
+
+    event_id: str
+    found: bool
+    epoch: str
+    seq: int | None = None
+    received_at: dt.datetime | None = None
+    sent_at: dt.datetime | None = None
+    refused_reason: str | None = None
+    acked_through: int = 0
+
+
+ControlReply = AgentStatus | ResyncReply | ControlError | EventTrace
+
+
+# --- checkpoint (agent -> central, on the store's checkpoint subject) ----------------------
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """What the store took per business day (its recent days), as of one moment.
+
+    ``acked_through``: every record of ``epoch`` at or below it has had its PubAck; a day whose
+    ``last_seq`` is above it still has records on the way, and central does not judge it yet.
+    ``last_seq``: the highest seq committed when the checkpoint was taken."""
+
+    store_id: StoreId
+    epoch: Epoch
+    taken_at: dt.datetime
+    acked_through: int
+    last_seq: int
+    days: list[DayTotals]
+    reason: str = "timer"  # timer | day_closed | asked
+    # Transaction numbers of a workstation missing while later ones arrived, past the grace.
+    till_holes: list[TillHole] = []
+    v: int = WIRE_VERSION
 
 
 # --- OMS-facing record (file and webhook sinks) -------------------------------------------
@@ -164,6 +210,7 @@ _batch_decoder = msgspec.msgpack.Decoder(Batch)
 _control_request_decoder = msgspec.msgpack.Decoder(ControlRequest)
 _control_reply_decoder = msgspec.msgpack.Decoder(ControlReply)
 _oms_decoder = msgspec.json.Decoder(OmsRecord)
+_checkpoint_decoder = msgspec.msgpack.Decoder(Checkpoint)
 
 
 def encode(obj: Any) -> bytes:
@@ -231,3 +278,8 @@ def decode_control_reply(data: bytes) -> ControlReply:
 
 def decode_oms_record(data: bytes) -> OmsRecord:
     return _oms_decoder.decode(data)
+
+
+def decode_checkpoint(data: bytes) -> Checkpoint:
+    """Decode a Checkpoint; raises one of ``UNDECODABLE`` on bad input."""
+    return _checkpoint_decoder.decode(data)

@@ -57,7 +57,15 @@ def test_baselines_quick(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "module",
-    ["bench_ingest", "bench_drain", "bench_central", "bench_e2e", "bench_gap", "bench_rss"],
+    [
+        "bench_ingest",
+        "bench_drain",
+        "bench_central",
+        "bench_e2e",
+        "bench_gap",
+        "bench_rss",
+        "bench_checkpoint",
+    ],
 )
 def test_bench_quick(module: str, tmp_path: Path) -> None:
     """Each storelink bench runs with --quick and reports every figure it names."""

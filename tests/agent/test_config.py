@@ -38,6 +38,9 @@ SHARED_KEYS = {
     "poslog.timezone",
     "poslog.currency",
     "poslog.weight_unit",
+    "reconcile.interval",
+    "reconcile.days",
+    "reconcile.till_grace",
 }
 
 

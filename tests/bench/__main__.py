@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.bench import (
     bench_baselines,
     bench_central,
+    bench_checkpoint,
     bench_decode,
     bench_drain,
     bench_e2e,
@@ -33,6 +34,7 @@ BENCHES = (
     bench_central,
     bench_e2e,
     bench_gap,
+    bench_checkpoint,
     bench_rss,
 )
 

@@ -341,3 +341,32 @@ class RssSampler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+
+async def ring_published(
+    pipeline: Pipeline, store_id: str, events: Sequence[Event], ledger: Ledger, per_batch: int
+) -> None:
+    """POST ``events`` ``per_batch`` at a time, each lot published and PubAcked before the
+    next: one message per lot in STORELINK_EVENTS."""
+    for i in range(0, len(events), per_batch):
+        lot = events[i : i + per_batch]
+        await ring(pipeline.agent_url(store_id), store_id, lot, ledger, batch_size=per_batch)
+        await eventually(lambda: agent_pending(pipeline, store_id) == 0, 30, "published")
+
+
+async def delete_batch(url: str, position: int, expected: int) -> None:
+    """Delete the ``position``-th message (from 0; -1 the last) of STORELINK_EVENTS, after
+    checking it holds ``expected`` messages: a batch lost inside JetStream."""
+    import nats
+
+    from protocol.subjects import EVENTS_STREAM
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(EVENTS_STREAM)
+        assert expected == info.state.messages
+        last = info.state.last_seq if position < 0 else info.state.first_seq + position
+        await js.delete_msg(EVENTS_STREAM, last)
+    finally:
+        await nc.close()

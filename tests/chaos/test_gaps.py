@@ -6,22 +6,21 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import nats
 import pytest
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
-from protocol.subjects import EVENTS_STREAM
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
-    agent_pending,
     all_booked,
     assert_promise,
     central_status,
+    delete_batch,
     eventually,
     ring,
+    ring_published,
 )
 
 pytestmark = pytest.mark.slow
@@ -39,17 +38,8 @@ async def test_lost_batch_is_resent_without_an_operator(
     booked = FileSinkBooked(p.sink_path)
     ledger = Ledger()
     events = list(Till(store_id="S1", seed=30).events(300))
-    for i in range(0, 300, 100):  # one batch each: wait for its PubAck before the next
-        await ring(p.agent_url("S1"), "S1", events[i : i + 100], ledger, batch_size=100)
-        await eventually(lambda: agent_pending(p) == 0, 30, "published")
-    nc = await nats.connect(broker.url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(EVENTS_STREAM)
-        assert 3 == info.state.messages
-        await js.delete_msg(EVENTS_STREAM, info.state.first_seq + 1)
-    finally:
-        await nc.close()
+    await ring_published(p, "S1", events, ledger, 100)  # one batch each
+    await delete_batch(broker.url, 1, 3)
     await p.central.start()
     await eventually(all_booked(ledger, booked), 60, "gap closed, every event booked")
     assert_promise(ledger, booked)
@@ -70,16 +60,8 @@ async def test_a_gap_in_the_epoch_before_a_rebuild_is_raised_not_refilled_with_n
     booked = FileSinkBooked(p.sink_path)
     ledger = Ledger()
     events = list(Till(store_id="S1", seed=31).events(300))
-    for i in range(0, 300, 100):
-        await ring(p.agent_url("S1"), "S1", events[i : i + 100], ledger, batch_size=100)
-        await eventually(lambda: agent_pending(p) == 0, 30, "published")
-    nc = await nats.connect(broker.url)
-    try:
-        js = nc.jetstream()
-        info = await js.stream_info(EVENTS_STREAM)
-        await js.delete_msg(EVENTS_STREAM, info.state.first_seq + 1)  # seqs 101..200
-    finally:
-        await nc.close()
+    await ring_published(p, "S1", events, ledger, 100)
+    await delete_batch(broker.url, 1, 3)  # seqs 101..200
     agent = p.agents["S1"]
     assert 0 == await agent.stop()
     shutil.rmtree(p.root / "stores" / "S1" / "data")  # the machine is rebuilt

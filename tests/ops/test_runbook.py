@@ -9,7 +9,8 @@ from pathlib import Path
 from central.metrics import render_central_metrics
 
 RUNBOOK = Path(__file__).parents[2] / "docs" / "operations.md"
-FLAGS = ("unreachable", "gap", "dlq", "lagging")  # central/cli.py _problems()
+# central/estate.py problems()
+FLAGS = ("unreachable", "gap", "dlq", "lagging", "missing", "mismatch")
 
 
 def slug(heading: str) -> str:

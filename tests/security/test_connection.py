@@ -56,7 +56,8 @@ def test_authorization_lists_central_and_each_store_with_its_own_subjects() -> N
     text = render_authorization("UCENTRAL", {"S1": "US1", "S2": "US2"})
     assert text.count('"nkey"') == 3
     s1 = store_permissions("S1")
-    assert ["storelink.events.S1", "storelink.heartbeat.S1"] == s1["publish"]["allow"]
+    expected = ["storelink.events.S1", "storelink.heartbeat.S1", "storelink.checkpoint.S1"]
+    assert expected == s1["publish"]["allow"]
     assert ["storelink.control.S1", "_INBOX_S1.>"] == s1["subscribe"]["allow"]
 
 

@@ -1,0 +1,197 @@
+"""Checkpoints: what this store took per business day, sent to HQ so it can reconcile.
+
+The outbox keeps one ``day_totals`` row per business day (``protocol/checkpoint.py``'s
+``DayTotals``), updated in the same transaction that commits the records (``record_days``):
+taking a checkpoint reads those few rows, never the records. A checkpoint also says up to
+which seq everything has had its PubAck (``acked_through``: below the first unsent record);
+central judges only days wholly at or below it, so a checkpoint never races the records it
+describes.
+
+Per workstation and business day the totals also keep the transaction numbers seen; a hole
+(transactions 1, 2, 4: 3 never arrived) is reported in the checkpoint once the transaction
+after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md).
+
+``Checkpointer`` publishes one on the store's checkpoint subject every ``reconcile.interval``
+seconds, when a business day closes (the first record of a later day was committed), and when
+asked (``POST /v1/reconcile``, ``storelink-agent reconcile``). It is published directly, not
+through the outbox's batches, so it never waits behind a backlog. A core NATS publish has no
+acknowledgement: a checkpoint lost on the way is replaced by the next one, which reports the
+same days again (every checkpoint carries the ``reconcile.days`` most recent days).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from nats.aio.client import Client as NatsClient
+
+from protocol import migrations
+from protocol.checkpoint import (
+    DayTotals,
+    TillHole,
+    add,
+    decode_totals,
+    store_merged,
+    till_holes,
+)
+from protocol.events import Event
+from protocol.subjects import checkpoint_subject
+from protocol.timefmt import utc
+from protocol.wire import Checkpoint, encode
+
+log = logging.getLogger(__name__)
+
+DAY_CLOSED_RETRY = 1.0  # seconds between checkpoints while a closed day awaits its PubAcks
+
+# The outbox's migration step for the per-day totals.
+MIGRATION: migrations.Migration = (
+    "0003_day_totals",
+    (
+        """CREATE TABLE day_totals (
+            business_day TEXT PRIMARY KEY, totals BLOB NOT NULL)""",
+    ),
+)
+
+
+def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], now: float) -> None:
+    """Fold newly committed ``(seq, event)`` (arrived at ``now``) into ``day_totals``, inside
+    the caller's transaction (the outbox's writer, before its COMMIT)."""
+    staged: dict[dt.date, DayTotals] = {}
+    for seq, event in records:
+        add(staged, seq, event, till_at=now)
+    for day, totals in staged.items():
+        store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+
+
+def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTotals]]:
+    """``(acked_through, last_seq, the most recent days)`` in one read transaction, so the
+    totals and the seqs describe the same moment."""
+    conn.execute("BEGIN")
+    try:
+        rows = conn.execute(
+            "SELECT totals FROM day_totals ORDER BY business_day DESC LIMIT ?", (days,)
+        ).fetchall()
+        (first_unsent,) = conn.execute(
+            "SELECT min(seq) FROM records WHERE sent_at IS NULL AND refused_at IS NULL"
+        ).fetchone()
+        (last_seq,) = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone() or (
+            0,
+        )
+        (max_seq,) = conn.execute("SELECT max(seq) FROM records").fetchone()
+    finally:
+        conn.execute("COMMIT")
+    last = max(int(last_seq or 0), int(max_seq or 0))
+    acked = int(first_unsent) - 1 if first_unsent is not None else last
+    return acked, last, sorted((decode_totals(r[0]) for r in rows), key=lambda d: d.business_day)
+
+
+class Checkpointer:
+    """Publishes checkpoints on a timer, at a day's close and on demand."""
+
+    def __init__(
+        self,
+        *,
+        store_id: str,
+        epoch: Callable[[], str],
+        read: Callable[[], Awaitable[tuple[int, int, list[DayTotals]]]],
+        interval: float,
+        till_grace: float,
+    ) -> None:
+        self.store_id = store_id
+        self.subject = checkpoint_subject(store_id)
+        self._epoch = epoch
+        self._read = read
+        self.interval = interval
+        self.till_grace = till_grace
+        self._nc: NatsClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._reason = "timer"
+        self._newest_day: dt.date | None = None
+        self.sent = 0
+        self.failed = 0
+        self.last: Checkpoint | None = None
+        self.holes = 0  # till holes in the last checkpoint taken
+        self.last_holes: list[TillHole] = []
+        self.last_sent_at: float | None = None
+
+    def start(self, nc: NatsClient) -> None:
+        """Begin publishing on ``nc`` (once)."""
+        self._nc = nc
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="checkpoints")
+
+    def wake_nowait(self, reason: str) -> None:
+        """Send a checkpoint as soon as possible (``reason`` travels with it)."""
+        self._reason = reason
+        self._wake.set()
+
+    def day_seen_nowait(self, day: dt.date) -> None:
+        """A record of ``day`` was committed: a later day than any before closes the last."""
+        if self._newest_day is not None and day > self._newest_day:
+            self.wake_nowait("day_closed")
+        if self._newest_day is None or day > self._newest_day:
+            self._newest_day = day
+
+    async def take(self, reason: str = "asked") -> Checkpoint:
+        """The checkpoint as of now."""
+        acked, last, days = await self._read()
+        now = time.time()
+        checkpoint = Checkpoint(
+            store_id=self.store_id,
+            epoch=self._epoch(),
+            taken_at=utc(now) or dt.datetime.now(dt.UTC),
+            acked_through=acked,
+            last_seq=last,
+            days=days,
+            reason=reason,
+            till_holes=[h for day in days for h in till_holes(day, now, self.till_grace)],
+        )
+        self.holes = len(checkpoint.till_holes)
+        self.last_holes = checkpoint.till_holes
+        return checkpoint
+
+    async def send(self, reason: str = "asked") -> Checkpoint:
+        """Take a checkpoint and publish it; raises when not connected to HQ."""
+        checkpoint = await self.take(reason)
+        if self._nc is None or not self._nc.is_connected:
+            raise ConnectionError("not connected to HQ: the checkpoint goes with the next one")
+        await self._nc.publish(self.subject, encode(checkpoint))
+        self.sent += 1
+        self.last = checkpoint
+        self.last_sent_at = time.time()
+        return checkpoint
+
+    async def _run(self) -> None:
+        wait = self.interval
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self._wake.clear()
+            reason, self._reason = self._reason, "timer"
+            wait = self.interval
+            try:
+                sent = await self.send(reason)
+            except Exception as exc:  # HQ away or the link dropped: the next one reports it
+                self.failed += 1
+                log.debug("checkpoint not sent: %r", exc)
+                continue
+            if reason == "day_closed" and any(
+                day.last_seq > sent.acked_through for day in sent.days[:-1]
+            ):
+                # The closed day's last records are still on their way: say it again once
+                # they have their PubAcks, so HQ can judge the closed day whole.
+                self._reason, wait = "day_closed", min(self.interval, DAY_CLOSED_RETRY)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None

@@ -1,0 +1,381 @@
+"""Reconciliation: each store's checkpoints against what central delivered, per business day.
+
+Central keeps its own ledger per (store, epoch, business day): the same ``DayTotals`` the
+agent keeps (``protocol/checkpoint.py``), folded from every record the sequencer let through
+(delivered to the sinks, dropped by the key ledger as delivered before, or dead-lettered by
+the OMS: each is accounted for) and committed in the unit's transaction (``stage`` here,
+``record_delivered`` in ``SqliteState._commit``).
+
+A checkpoint arrives on ``storelink.checkpoint.<store>``; the consumer judges the latest one
+of each store between units (``Reconciler.judge_pending``), where no unit has a mark staged.
+Each day of the checkpoint gets a state (docs/reconciliation.md):
+
+- ``pending``: the store still has records of the day without a PubAck, or central has
+  delivered records of the day the checkpoint did not know yet: judged again next time;
+- ``missing``: the store has PubAcks for seqs central's mark has not reached, and nothing is
+  left in the stream to bring them (a batch lost inside JetStream after its PubAck, from a
+  store that then went quiet). The mark's ``seen_through`` is raised to the checkpoint's
+  ``acked_through``: the consumer's gap handling asks the store to re-send exactly
+  ``hwm + 1 .. acked_through`` and the next checkpoint finds the day whole;
+- ``reconciled``: central's mark is past the day's last seq and the totals match;
+- ``skipped``: the totals differ and an operator's recorded gap skip covers seqs of the day:
+  the difference is that decision, shown with it, not an error;
+- ``mismatch`` (red): the totals differ and nothing explains it, or the store answered that it
+  can no longer re-send what is missing (the gap is unrecoverable).
+
+The checkpoint's till holes (transaction numbers of a workstation that never reached the
+agent) are kept with their day and shown beside its state: they are the POS's side, not a
+difference between store and HQ.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from protocol.checkpoint import (
+    DayTotals,
+    TillHole,
+    add,
+    decode_totals,
+    difference,
+    store_merged,
+)
+from protocol.migrations import Migration
+from protocol.subjects import store_from_checkpoint_subject
+from protocol.wire import UNDECODABLE, Checkpoint, Record, decode_checkpoint
+
+if TYPE_CHECKING:
+    from central.state import Gap, Key, Mark, Unit
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+UNTRACKED = "untracked"
+MISSING = "missing"
+RECONCILED = "reconciled"
+SKIPPED = "skipped"
+MISMATCH = "mismatch"
+STATES = (MISMATCH, MISSING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+
+MIGRATION: Migration = (
+    "0007_reconcile",
+    (
+        # Central's ledger: what it accounted for per store, epoch and business day.
+        """CREATE TABLE reconcile_delivered (
+            store_id TEXT NOT NULL, epoch TEXT NOT NULL, business_day TEXT NOT NULL,
+            totals BLOB NOT NULL, PRIMARY KEY (store_id, epoch, business_day))""",
+        # Per store and epoch, the first seq the ledger counted: records below it were delivered
+        # before it existed (an upgrade), so their days cannot be judged.
+        """CREATE TABLE reconcile_epochs (
+            store_id TEXT NOT NULL, epoch TEXT NOT NULL, from_seq INTEGER NOT NULL,
+            PRIMARY KEY (store_id, epoch))""",
+        # The last judgement of each day: state, both sides' totals (JSON), the difference.
+        """CREATE TABLE reconcile_days (
+            store_id TEXT NOT NULL, epoch TEXT NOT NULL, business_day TEXT NOT NULL,
+            state TEXT NOT NULL, since REAL NOT NULL, checked_at REAL NOT NULL,
+            store_totals TEXT NOT NULL, central_totals TEXT NOT NULL,
+            difference TEXT NOT NULL, detail TEXT NOT NULL, till_holes TEXT NOT NULL,
+            PRIMARY KEY (store_id, epoch, business_day))""",
+    ),
+)
+
+Staged = dict[tuple[str, str], dict[dt.date, DayTotals]]  # (store, epoch) -> day -> totals
+
+
+def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
+    """Fold records the sequencer let through into the unit's staged day totals."""
+    days = unit.reconcile.setdefault((store_id, epoch), {})
+    for record in records:
+        add(days, record.seq, record.event)
+
+
+def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
+    """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction)."""
+    for (store_id, epoch), days in staged.items():
+        if days:  # units come in seq order per store: the first one starts the ledger
+            conn.execute(
+                "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",
+                (store_id, epoch, min(t.first_seq for t in days.values())),
+            )
+        for day, totals in days.items():
+            key = {"store_id": store_id, "epoch": epoch, "business_day": day.isoformat()}
+            store_merged(conn, "reconcile_delivered", key, totals)
+
+
+def _plain(totals: DayTotals | None) -> dict[str, Any]:
+    if totals is None:
+        return {}
+    result: dict[str, Any] = msgspec.to_builtins(totals)
+    return result
+
+
+@dataclass(frozen=True)
+class DayVerdict:
+    """One business day of one checkpoint, judged."""
+
+    store_id: str
+    epoch: str
+    business_day: dt.date
+    state: str
+    store: DayTotals
+    central: DayTotals | None
+    difference: dict[str, Any]
+    detail: str
+    till_holes: list[TillHole] = field(default_factory=list)
+
+
+def judge_day(
+    day: DayTotals,
+    central: DayTotals | None,
+    *,
+    store_id: str,
+    epoch: str,
+    acked_through: int,
+    ledger_from: int | None = None,
+    mark: Mark | None,
+    gap: Gap | None,
+    skips: list[tuple[int, int, int]],
+) -> DayVerdict:
+    """The state of one day (``skips``: ``(id, from_seq, through_seq)`` of the epoch)."""
+    hwm = mark.hwm if mark is not None else 0
+    diff = difference(day, central)
+
+    def verdict(state: str, detail: str) -> DayVerdict:
+        return DayVerdict(store_id, epoch, day.business_day, state, day, central, diff, detail)
+
+    if day.last_seq > acked_through:
+        return verdict(PENDING, f"store: seqs up to {day.last_seq} not all acknowledged yet")
+    start = ledger_from if ledger_from is not None else hwm + 1
+    if day.first_seq < start:
+        return verdict(
+            UNTRACKED,
+            f"central's ledger of this epoch starts at seq {start}: the day began before it "
+            "(an upgrade); not judged",
+        )
+    if central is not None and central.first_seq < day.first_seq:
+        return verdict(
+            UNTRACKED,
+            f"the store's totals of the day start at seq {day.first_seq}, central's at "
+            f"{central.first_seq} (the agent counted from its upgrade); not judged",
+        )
+    if central is not None and central.last_seq > day.last_seq:
+        return verdict(PENDING, "central has newer records of the day than this checkpoint")
+    if hwm < day.last_seq:
+        if gap is not None and gap.lost_through > 0:
+            return verdict(
+                MISMATCH,
+                f"seqs {gap.from_seq}..{gap.lost_through} lost: the store can no longer re-send "
+                f"them ({gap.lost_reason}); `gaps skip` records the decision",
+            )
+        return verdict(
+            MISSING, f"central's mark is at {hwm}: {hwm + 1}..{acked_through} asked for again"
+        )
+    if not diff:
+        return verdict(RECONCILED, "")
+    covering = [
+        s for s in skips if s[1] <= day.last_seq and s[2] >= day.first_seq
+    ]  # an operator's decision over seqs of this day
+    if covering:
+        ids = ", ".join(str(s[0]) for s in covering)
+        return verdict(SKIPPED, f"explained by gap skip decision {ids}")
+    return verdict(MISMATCH, "totals differ below central's mark; nothing explains it")
+
+
+def read_delivered(
+    conn: sqlite3.Connection, store_id: str, epoch: str, days: list[dt.date]
+) -> tuple[dict[dt.date, DayTotals], list[tuple[int, int, int]], int | None]:
+    """Central's ledger of those days, the epoch's applied gap skips, and the first seq the
+    ledger counted in the epoch (None: none yet)."""
+    found: dict[dt.date, DayTotals] = {}
+    for day in days:
+        row = conn.execute(
+            "SELECT totals FROM reconcile_delivered "
+            "WHERE store_id = ? AND epoch = ? AND business_day = ?",
+            (store_id, epoch, day.isoformat()),
+        ).fetchone()
+        if row is not None:
+            found[day] = decode_totals(row[0])
+    skips = conn.execute(
+        "SELECT id, from_seq, through_seq FROM gap_skips "
+        "WHERE store_id = ? AND epoch = ? AND applied_at IS NOT NULL",
+        (store_id, epoch),
+    ).fetchall()
+    start = conn.execute(
+        "SELECT from_seq FROM reconcile_epochs WHERE store_id = ? AND epoch = ?",
+        (store_id, epoch),
+    ).fetchone()
+    return found, [(int(a), int(b), int(c)) for a, b, c in skips], start[0] if start else None
+
+
+def write_verdicts(conn: sqlite3.Connection, verdicts: list[DayVerdict], now: float) -> None:
+    """Record each day's latest state (``since``: when it entered that state)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for v in verdicts:
+            key = (v.store_id, v.epoch, v.business_day.isoformat())
+            row = conn.execute(
+                "SELECT state, since FROM reconcile_days "
+                "WHERE store_id = ? AND epoch = ? AND business_day = ?",
+                key,
+            ).fetchone()
+            since = row[1] if row is not None and row[0] == v.state else now
+            conn.execute(
+                "INSERT OR REPLACE INTO reconcile_days VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    *key, v.state, since, now,
+                    json.dumps(_plain(v.store)), json.dumps(_plain(v.central)),
+                    json.dumps(v.difference), v.detail,
+                    json.dumps(msgspec.to_builtins(v.till_holes)),
+                ),
+            )  # fmt: skip
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+@dataclass
+class ReconcileStatistics:
+    """The reconciler's counters (this process)."""
+
+    checkpoints: int = 0
+    ignored: int = 0  # undecodable, or naming another store than its subject
+    judged: int = 0
+    resyncs: int = 0  # missing ranges handed to the gap handling
+    states: dict[str, int] = field(default_factory=dict)  # days per state, last judgement
+
+
+class Reconciler:
+    """Keeps each store's latest checkpoint and judges them between units."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Checkpoint] = {}
+        self.stats = ReconcileStatistics()
+
+    async def on_checkpoint(self, msg: Any) -> None:
+        """A store's checkpoint (NATS callback): kept until the consumer judges it."""
+        store_id = store_from_checkpoint_subject(msg.subject)
+        try:
+            checkpoint = decode_checkpoint(msg.data)
+        except UNDECODABLE as exc:
+            self.stats.ignored += 1
+            log.warning("undecodable checkpoint on %s: %s", msg.subject, exc)
+            return
+        if store_id is None or checkpoint.store_id != store_id:
+            self.stats.ignored += 1
+            log.warning(
+                "checkpoint on %s names store %s: ignored", msg.subject, checkpoint.store_id
+            )
+            return
+        self.stats.checkpoints += 1
+        self._pending[store_id] = checkpoint
+
+    def take_pending(self) -> list[Checkpoint]:
+        """The checkpoints received since the last call (the latest per store)."""
+        pending, self._pending = list(self._pending.values()), {}
+        return pending
+
+    def judge(
+        self,
+        checkpoint: Checkpoint,
+        delivered: dict[dt.date, DayTotals],
+        skips: list[tuple[int, int, int]],
+        marks: dict[Key, Mark],
+        gaps: dict[Key, Gap],
+        ledger_from: int | None = None,
+    ) -> list[DayVerdict]:
+        key = (checkpoint.store_id, checkpoint.epoch)
+        holes: dict[dt.date, list[TillHole]] = {}
+        for hole in checkpoint.till_holes:
+            holes.setdefault(hole.business_day, []).append(hole)
+        verdicts = [
+            judge_day(
+                day,
+                delivered.get(day.business_day),
+                store_id=checkpoint.store_id,
+                epoch=checkpoint.epoch,
+                acked_through=checkpoint.acked_through,
+                mark=marks.get(key),
+                gap=gaps.get(key),
+                skips=skips,
+                ledger_from=ledger_from,
+            )
+            for day in checkpoint.days
+        ]
+        verdicts = [replace(v, till_holes=holes.get(v.business_day, [])) for v in verdicts]
+        self.stats.judged += 1
+        for v in verdicts:
+            for hole in v.till_holes:
+                log.warning(
+                    "TILL HOLE: store %s business day %s workstation %s: transactions %d..%d "
+                    "never reached the agent",
+                    v.store_id, v.business_day, hole.workstation_id, hole.from_txn, hole.to_txn,
+                )  # fmt: skip
+            if v.state in (MISSING, MISMATCH):
+                log.warning(
+                    "RECONCILE %s: store %s business day %s (epoch %s): %s; difference %s",
+                    v.state.upper(), v.store_id, v.business_day, v.epoch, v.detail,
+                    json.dumps(v.difference),
+                )  # fmt: skip
+        return verdicts
+
+
+async def read_counts(conn: Any) -> dict[str, tuple[dict[str, int], int]]:
+    """Per store, (days per state, till holes) as last judged, on ``read_status``'s
+    connection."""
+    rows = await conn.execute_fetchall(
+        "SELECT store_id, state, count(*), sum(json_array_length(till_holes)) "
+        "FROM reconcile_days GROUP BY store_id, state"
+    )
+    counts: dict[str, tuple[dict[str, int], int]] = {}
+    for store_id, state, n, holes in rows:
+        states, held = counts.get(store_id, (dict.fromkeys(STATES, 0), 0))
+        states[state] = n
+        counts[store_id] = (states, held + int(holes or 0))
+    return counts
+
+
+def read_days(
+    conn: sqlite3.Connection, *, store_id: str | None = None, day: str | None = None
+) -> list[dict[str, Any]]:
+    """Every judged day (worst state first), for ``reconcile status``."""
+    sql = (
+        "SELECT store_id, epoch, business_day, state, since, checked_at, store_totals, "
+        "central_totals, difference, detail, till_holes FROM reconcile_days WHERE 1=1"
+    )
+    args: list[str] = []
+    if store_id is not None:
+        sql += " AND store_id = ?"
+        args.append(store_id)
+    if day is not None:
+        sql += " AND business_day = ?"
+        args.append(day)
+    rows = conn.execute(sql, args).fetchall()
+
+    def order(r: Any) -> tuple[int, str, str]:
+        return STATES.index(r[3]), r[0], r[2]
+
+    return [
+        {
+            "store_id": r[0],
+            "epoch": r[1],
+            "business_day": r[2],
+            "state": r[3],
+            "since": r[4],
+            "checked_at": r[5],
+            "store": json.loads(r[6]),
+            "central": json.loads(r[7]),
+            "difference": json.loads(r[8]),
+            "detail": r[9],
+            "till_holes": json.loads(r[10]),
+        }
+        for r in sorted(rows, key=order)
+    ]

@@ -1,0 +1,197 @@
+"""Per business day totals, as the agent counts what it took and central what it delivered.
+
+Both sides fold records into the same ``DayTotals`` with ``add``, so a checkpoint (the agent's
+totals) and central's ledger compare field by field (``difference``). Money and quantities are
+exact decimals. Pure logic: no I/O.
+
+Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
+transaction that never reached it shows as a hole (``till_holes``); central does not.
+
+The business day of an event is its ``business_day`` when the POS sends one, else the date of
+``occurred_at`` in the event's own UTC offset (the till's local date).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any, Protocol
+
+import msgspec
+
+from protocol.events import Event, EventBase, LineItem, StockLine, event_type
+
+
+class DayTotals(msgspec.Struct, kw_only=True):
+    """What one business day holds: counts, money per type and currency, quantities per type,
+    and the seqs of its first and last record (of one epoch)."""
+
+    business_day: dt.date
+    first_seq: int
+    last_seq: int
+    records: int = 0
+    by_type: dict[str, int] = msgspec.field(default_factory=dict)
+    # "<type>:<currency>" -> sum of totals (sale, return, post_void)
+    money: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    # "<type>" -> sum of line quantities (stock adjustments: signed deltas)
+    quantity: dict[str, Decimal] = msgspec.field(default_factory=dict)
+    # Till-level completeness (agent side only): per workstation, the numeric transaction ids
+    # seen as sorted runs ``(first, last, since)``; ``since``: when ``first`` arrived (Unix).
+    tills: dict[str, list[tuple[int, int, float]]] = msgspec.field(default_factory=dict)
+
+
+class TillHole(msgspec.Struct, frozen=True, kw_only=True):
+    """Transaction numbers of one workstation and day that never reached the agent, while a
+    later one did (``since``: when the transaction after the hole arrived, Unix time)."""
+
+    business_day: dt.date
+    workstation_id: str
+    from_txn: int
+    to_txn: int
+    since: float
+
+
+def business_day_of(event: EventBase) -> dt.date:
+    """The business day an event counts towards."""
+    return event.business_day or event.occurred_at.date()
+
+
+def add(
+    days: dict[dt.date, DayTotals], seq: int, event: Event, *, till_at: float | None = None
+) -> None:
+    """Fold one record into ``days`` (records of one epoch, any order); with ``till_at`` (when
+    it arrived) its workstation's transaction number too."""
+    base: EventBase = event
+    day = business_day_of(base)
+    totals = days.get(day)
+    if totals is None:
+        totals = days[day] = DayTotals(business_day=day, first_seq=seq, last_seq=seq)
+    totals.first_seq = min(totals.first_seq, seq)
+    totals.last_seq = max(totals.last_seq, seq)
+    totals.records += 1
+    kind = event_type(base)
+    totals.by_type[kind] = totals.by_type.get(kind, 0) + 1
+    currency = getattr(event, "currency", None)
+    if currency is not None:
+        key = f"{kind}:{currency}"
+        totals.money[key] = totals.money.get(key, Decimal(0)) + event.total  # type: ignore[union-attr]
+    lines: list[LineItem] | list[StockLine] = event.lines
+    quantity = sum((line.quantity for line in lines), Decimal(0))
+    totals.quantity[kind] = totals.quantity.get(kind, Decimal(0)) + quantity
+    txn = base.transaction_id
+    if till_at is not None and base.workstation_id and txn and txn.isdigit():
+        runs = totals.tills.setdefault(base.workstation_id, [])
+        totals.tills[base.workstation_id] = _add_run(runs, (int(txn), int(txn), till_at))
+
+
+def _add_run(
+    runs: list[tuple[int, int, float]], new: tuple[int, int, float]
+) -> list[tuple[int, int, float]]:
+    """``runs`` with ``new`` joined in: sorted, adjacent or overlapping runs merged (a merged
+    run keeps the ``since`` of its lower part)."""
+    merged: list[tuple[int, int, float]] = []
+    for run in sorted([*runs, new]):
+        if merged and run[0] <= merged[-1][1] + 1:
+            low = merged[-1]
+            merged[-1] = (low[0], max(low[1], run[1]), low[2])
+        else:
+            merged.append(run)
+    return merged
+
+
+def till_holes(totals: DayTotals, now: float, grace: float) -> list[TillHole]:
+    """Holes between a workstation's runs whose later transaction arrived ``grace`` seconds
+    ago or more (a transaction may still be on its way for a while: POSLog files settle)."""
+    holes = []
+    for workstation, runs in sorted(totals.tills.items()):
+        for low, high in itertools.pairwise(runs):
+            if now - high[2] >= grace:
+                holes.append(
+                    TillHole(
+                        business_day=totals.business_day, workstation_id=workstation,
+                        from_txn=low[1] + 1, to_txn=high[0] - 1, since=high[2],
+                    )
+                )  # fmt: skip
+    return holes
+
+
+def merge(into: DayTotals, other: DayTotals) -> None:
+    """Add ``other`` (the same day) into ``into``."""
+    into.first_seq = min(into.first_seq, other.first_seq)
+    into.last_seq = max(into.last_seq, other.last_seq)
+    into.records += other.records
+    for kind, count in other.by_type.items():
+        into.by_type[kind] = into.by_type.get(kind, 0) + count
+    for key, amount in other.money.items():
+        into.money[key] = into.money.get(key, Decimal(0)) + amount
+    for kind, qty in other.quantity.items():
+        into.quantity[kind] = into.quantity.get(kind, Decimal(0)) + qty
+    for workstation, runs in other.tills.items():
+        held = into.tills.get(workstation, [])
+        for run in runs:
+            held = _add_run(held, run)
+        into.tills[workstation] = held
+
+
+def difference(store: DayTotals, central: DayTotals | None) -> dict[str, Any]:
+    """What the store has that central does not (store minus central), only what differs:
+    ``{}`` when the day matches. Decimals as strings."""
+    other = central or DayTotals(business_day=store.business_day, first_seq=0, last_seq=0)
+    diff: dict[str, Any] = {}
+    if store.records != other.records:
+        diff["records"] = store.records - other.records
+    for name, mine, theirs in (
+        ("by_type", store.by_type, other.by_type),
+        ("money", store.money, other.money),
+        ("quantity", store.quantity, other.quantity),
+    ):
+        keys = set(mine) | set(theirs)
+        zero: Any = 0 if name == "by_type" else Decimal(0)
+        part = {
+            k: mine.get(k, zero) - theirs.get(k, zero)
+            for k in sorted(keys)
+            if mine.get(k, zero) != theirs.get(k, zero)
+        }
+        if part:
+            diff[name] = {k: v if isinstance(v, int) else str(v) for k, v in part.items()}
+    return diff
+
+
+class Connection(Protocol):
+    """What ``store_merged`` needs of a connection: ``sqlite3.Connection`` has it."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Any: ...
+
+
+def store_merged(conn: Connection, table: str, key: dict[str, str], totals: DayTotals) -> None:
+    """Add ``totals`` into the row of ``table`` named by ``key`` (columns -> values; the row
+    keeps msgpack ``totals`` in a ``totals`` column), or insert it. Runs inside the caller's
+    transaction, on a connection it opened (as protocol/migrations.py does): both sides keep
+    their day totals this way (agent/checkpoint.py, central/reconcile.py)."""
+    where = " AND ".join(f"{column} = ?" for column in key)
+    row = conn.execute(f"SELECT totals FROM {table} WHERE {where}", list(key.values())).fetchone()
+    if row is not None:
+        held = decode_totals(row[0])
+        merge(held, totals)
+        totals = held
+    columns = ", ".join(key)
+    conn.execute(
+        f"INSERT INTO {table} ({columns}, totals) VALUES ({', '.join('?' * (len(key) + 1))}) "
+        f"ON CONFLICT ({columns}) DO UPDATE SET totals = excluded.totals",
+        [*key.values(), encode_totals(totals)],
+    )
+
+
+_encoder = msgspec.msgpack.Encoder(decimal_format="string")
+_decoder = msgspec.msgpack.Decoder(DayTotals)
+
+
+def encode_totals(totals: DayTotals) -> bytes:
+    """Day totals as msgpack bytes (for SQLite)."""
+    return _encoder.encode(totals)
+
+
+def decode_totals(data: bytes) -> DayTotals:
+    return _decoder.decode(data)

@@ -1,0 +1,108 @@
+"""Checkpoints at the agent: per-day totals kept with each commit, only PubAcked seqs judged."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import nats
+
+from agent.config import config_from_dict
+from agent.outbox import Outbox
+from agent.service import AgentService
+from central.broker import EmbeddedBroker, free_port
+from protocol.events import LineItem, Return
+from protocol.subjects import checkpoint_subject
+from protocol.wire import Checkpoint, decode_checkpoint, encode_json
+from tests.agent.conftest import STORE, T0, sale, sales
+from tests.agent.test_forwarder import make_stream
+
+
+def _return(event_id: str, day: dt.date) -> Return:
+    line = LineItem(
+        sku="4011", quantity=Decimal("0.42"), unit_price=Decimal("1"), amount=Decimal("0.42")
+    )
+    return Return(
+        event_id=event_id, occurred_at=T0, business_day=day, currency="EUR",
+        total=Decimal("0.42"), lines=[line],
+    )  # fmt: skip
+
+
+async def test_day_totals_are_kept_with_each_commit_and_survive_a_reopen(outbox: Outbox) -> None:
+    """Records of two business days, duplicates among them, give each day its exact counts,
+    money per type and currency, quantities and seqs, read back after the outbox reopens."""
+    day2 = dt.date(2026, 11, 23)
+    await outbox.append(sales("a", 3))
+    await outbox.append([sale("a-1"), _return("r-1", day2), sale("b-1")])
+    await outbox.close()
+    reopened = Outbox(outbox.data_dir, store_id="S001", max_buffer_bytes=1 << 30, retention_days=7)
+    await reopened.open()
+    try:
+        acked, last, days = await reopened.read_days(7)
+    finally:
+        await reopened.close()
+    first, second = days
+    assert (T0.date(), 1, 5, 4) == (
+        first.business_day, first.first_seq, first.last_seq, first.records
+    )  # fmt: skip
+    assert {"sale": 4} == first.by_type
+    assert {"sale:USD": Decimal("2.36")} == first.money
+    assert {"sale": Decimal("4")} == first.quantity
+    assert (day2, 4, 4, {"return:EUR": Decimal("0.42")}) == (
+        second.business_day, second.first_seq, second.last_seq, second.money
+    )  # fmt: skip
+    assert (0, 5) == (acked, last)
+
+
+async def test_acked_through_stops_below_the_first_unsent_record(outbox: Outbox) -> None:
+    """Only records below the first one without a PubAck count as acknowledged."""
+    await outbox.append(sales("a", 5))
+    await outbox.mark_sent(1, 3)
+    acked, last, _days = await outbox.read_days(7)
+    assert (3, 5) == (acked, last)
+    await outbox.mark_sent(4, 5)
+    acked, _last, _days = await outbox.read_days(7)
+    assert 5 == acked
+
+
+async def test_a_day_closing_sends_a_checkpoint_without_waiting_for_the_timer(
+    nats_server: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """With the timer at an hour, the first record of the next business day sends a
+    checkpoint at once; it reports both days, all acknowledged."""
+    nc, _js = await make_stream(nats_server.url)
+    got: asyncio.Queue[Checkpoint] = asyncio.Queue()
+
+    async def on_checkpoint(msg: nats.aio.msg.Msg) -> None:
+        await got.put(decode_checkpoint(msg.data))
+
+    await nc.subscribe(checkpoint_subject(STORE), cb=on_checkpoint)
+    cfg = config_from_dict(
+        {
+            "store_id": STORE, "data_dir": str(tmp_path / "agent"),
+            "ingest": {"listen": f"127.0.0.1:{free_port()}"},
+            "nats": {"urls": [nats_server.url]}, "reconcile": {"interval": 3600},
+        }
+    )  # fmt: skip
+    agent = AgentService(cfg)
+    await agent.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for event in (sale("d1"), _return("d2", dt.date(2026, 11, 23))):
+                async with http.post(
+                    agent.ingest.url + "/v1/events",
+                    data=encode_json(event),
+                    headers={"Content-Type": "application/json"},
+                ) as resp:
+                    assert 202 == resp.status
+        checkpoint = await asyncio.wait_for(got.get(), 30)
+        while checkpoint.days[0].last_seq > checkpoint.acked_through:  # ahead of its PubAck
+            checkpoint = await asyncio.wait_for(got.get(), 30)
+    finally:
+        await agent.stop()
+        await nc.close()
+    assert "day_closed" == checkpoint.reason
+    assert [T0.date(), dt.date(2026, 11, 23)] == [d.business_day for d in checkpoint.days]

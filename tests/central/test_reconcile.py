@@ -1,0 +1,125 @@
+"""Central's reconciliation: each day's state from a checkpoint, the ledger committed with the
+unit (and dropped with a parked store's unit)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from pathlib import Path
+
+from central import reconcile
+from central.state import Gap, Mark, SqliteState, Unit
+from protocol.checkpoint import DayTotals
+from protocol.events import LineItem, Sale
+from protocol.wire import Record
+
+DAY = dt.date(2026, 12, 5)
+EPOCH = "0123456789abcdef"
+
+
+def totals(records: int, money: str, first_seq: int = 1) -> DayTotals:
+    """A day of ``records`` sales totalling ``money`` EUR, seqs from ``first_seq``."""
+    return DayTotals(
+        business_day=DAY, first_seq=first_seq, last_seq=first_seq + records - 1,
+        records=records, by_type={"sale": records}, money={"sale:EUR": Decimal(money)},
+    )  # fmt: skip
+
+
+def judge(
+    store: DayTotals,
+    central: DayTotals | None,
+    *,
+    acked: int,
+    hwm: int,
+    gap: Gap | None = None,
+    skips: list[tuple[int, int, int]] | None = None,
+    ledger_from: int | None = 1,
+) -> str:
+    verdict = reconcile.judge_day(
+        store, central, store_id="S1", epoch=EPOCH, acked_through=acked, ledger_from=ledger_from,
+        mark=Mark(store_id="S1", epoch=EPOCH, hwm=hwm), gap=gap, skips=skips or [],
+    )  # fmt: skip
+    return verdict.state
+
+
+def test_each_state_of_a_day() -> None:
+    """Match, records still on their way, central behind its PubAcks, a skip, a lost range,
+    and a difference nothing explains each get their own state."""
+    store = totals(10, "25.00")
+    assert "reconciled" == judge(store, totals(10, "25.00"), acked=10, hwm=10)
+    assert "pending" == judge(store, totals(8, "20.00"), acked=9, hwm=8)
+    assert "pending" == judge(store, totals(11, "27.50"), acked=10, hwm=11)
+    assert "missing" == judge(store, totals(8, "20.00"), acked=10, hwm=8)
+    skipped = judge(store, totals(8, "20.00"), acked=10, hwm=10, skips=[(1, 9, 10)])
+    assert "skipped" == skipped
+    lost = Gap("S1", EPOCH, 9, 10, since=0.0, lost_through=10, lost_reason="pruned")
+    assert "mismatch" == judge(store, totals(8, "20.00"), acked=10, hwm=8, gap=lost)
+    assert "mismatch" == judge(store, totals(10, "24.00"), acked=10, hwm=10)
+
+
+def test_days_begun_before_a_ledger_existed_are_not_judged() -> None:
+    """After an upgrade, a day whose first records central delivered before its ledger
+    existed, or one the agent began counting late, is untracked, not a mismatch."""
+    store = totals(10, "25.00")
+    late_central = totals(6, "15.00", first_seq=5)
+    assert "untracked" == judge(store, late_central, acked=10, hwm=10, ledger_from=5)
+    assert "untracked" == judge(store, None, acked=10, hwm=10, ledger_from=None)
+    late_store = totals(6, "15.00", first_seq=5)
+    assert "untracked" == judge(late_store, store, acked=10, hwm=10, ledger_from=1)
+    assert "missing" == judge(store, None, acked=10, hwm=0, ledger_from=None)
+
+
+def sale_record(seq: int) -> Record:
+    line = LineItem(sku="1", quantity=Decimal(1), unit_price=Decimal("2.5"), amount=Decimal("2.5"))
+    event = Sale(
+        event_id=f"e{seq}", occurred_at=dt.datetime(2026, 12, 5, 9, tzinfo=dt.UTC),
+        business_day=DAY, currency="EUR", total=Decimal("2.5"), lines=[line],
+    )  # fmt: skip
+    return Record(seq=seq, received_at=dt.datetime(2026, 12, 5, 9, tzinfo=dt.UTC), event=event)
+
+
+async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
+    tmp_path: Path,
+) -> None:
+    """Two units add up per day; a store dropped from a unit (parked) leaves no totals; what
+    was committed is read back by a new process."""
+    state = SqliteState(tmp_path)
+    await state.open()
+    for seqs in ((1, 2), (3,)):
+        unit = Unit()
+        unit.marks[("S1", EPOCH)] = Mark(store_id="S1", epoch=EPOCH, hwm=seqs[-1])
+        reconcile.stage(unit, "S1", EPOCH, [sale_record(s) for s in seqs])
+        reconcile.stage(unit, "S2", EPOCH, [sale_record(s) for s in seqs])
+        unit.drop_store("S2")
+        await state.commit(unit)
+    await state.close()
+    again = SqliteState(tmp_path)
+    await again.open()
+    try:
+        s1, _, from1 = await again.run_reconcile(reconcile.read_delivered, "S1", EPOCH, [DAY])
+        s2, _, from2 = await again.run_reconcile(reconcile.read_delivered, "S2", EPOCH, [DAY])
+    finally:
+        await again.close()
+    assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}) == (
+        s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money
+    )  # fmt: skip
+    assert ({}, 1, None) == (s2, from1, from2)
+
+
+def test_a_mismatched_day_is_red_in_status_and_a_missing_one_amber() -> None:
+    """`status` flags a store with a mismatched day MISMATCH (alert), one with a missing day
+    MISSING (warn)."""
+    from central.estate import problems, state_of
+
+    def store(**days: int) -> dict[str, object]:
+        return {
+            "agent": {"reachable": True}, "gaps": [], "gap": None, "held": {}, "dlq": 0,
+            "lag_seconds": 0.0, "reconcile": {**dict.fromkeys(reconcile.STATES, 0), **days},
+        }  # fmt: skip
+
+    flagged = []
+    for days in ({"mismatch": 1, "missing": 1}, {"missing": 2}, {"reconciled": 5}):
+        s = store(**days)
+        s["problems"] = problems(s, lag_alert=900)
+        flagged.append((s["problems"], state_of(s, lag_warn=300)))
+    assert [(["mismatch"], "alert"), (["missing"], "warn"), ([], "ok")] == flagged

@@ -1,0 +1,199 @@
+"""Reconciliation with real processes: a batch lost after its PubAck from a store that then goes
+quiet is found by the store's checkpoint and healed; a clean day reconciles to the cent."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from agent.simulator import Till
+from central.broker import EmbeddedBroker
+from central.demo import Pipeline
+from protocol.events import EventBase, LineItem, Sale
+from tests.chaos.harness import (
+    FileSinkBooked,
+    Ledger,
+    agent_status,
+    all_booked,
+    assert_promise,
+    delete_batch,
+    eventually,
+    ring,
+    ring_published,
+)
+
+pytestmark = pytest.mark.slow
+
+# Checkpoints every second, gaps asked for at once: the test waits on neither default.
+AGENT = {"reconcile": {"interval": 1.0}}
+CENTRAL = {"consumer": {"gap_hold_seconds": 0.2}}
+
+
+def reconcile_days(p: Pipeline, *args: str) -> list[dict[str, Any]]:
+    """``storelink-central reconcile status --json`` for the pipeline's central."""
+    out = subprocess.run(
+        [sys.executable, "-m", "central", "reconcile", "status", "--json",
+         "--data-dir", str(p.central_dir), *args],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    days: list[dict[str, Any]] = json.loads(out.stdout)["days"]
+    return days
+
+
+def cli_json(p: Pipeline, module: str, *args: str) -> dict[str, Any]:
+    """``python -m <module> <args> --json``, its output decoded."""
+    out = subprocess.run(
+        [sys.executable, "-m", module, *args, "--json"], check=True, capture_output=True,
+        text=True,
+    )  # fmt: skip
+    found: dict[str, Any] = json.loads(out.stdout)
+    return found
+
+
+def central_trace(p: Pipeline, event_id: str) -> dict[str, Any]:
+    """``storelink-central trace S1 EVENT_ID --json`` against the pipeline's central."""
+    return cli_json(p, "central", "trace", "S1", event_id, "--data-dir", str(p.central_dir))
+
+
+def metrics(base_url: str) -> str:
+    """The text of ``base_url``/metrics."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=3) as resp:
+        text: str = resp.read().decode()
+        return text
+
+
+def money(events: list[Any]) -> dict[str, str]:
+    """Totals per "<type>:<currency>" of the sales, returns and post-voids among ``events``."""
+    sums: dict[str, Decimal] = {}
+    for event in events:
+        base: EventBase = event
+        if hasattr(event, "currency"):
+            key = f"{type(base).__struct_config__.tag}:{event.currency}"
+            sums[key] = sums.get(key, Decimal(0)) + event.total
+    return {k: str(v) for k, v in sums.items()}
+
+
+def all_reconciled(p: Pipeline) -> Callable[[], bool]:
+    def check() -> bool:
+        days = reconcile_days(p, "--store", "S1")
+        return bool(days) and all(d["state"] == "reconciled" for d in days)
+
+    return check
+
+
+async def rung(
+    make_pipeline: Callable[..., Pipeline],
+    broker: EmbeddedBroker,
+    events: list[Any],
+    agent: dict[str, dict[str, object]] = AGENT,
+) -> Pipeline:
+    """A running pipeline whose store S1 rang ``events`` and had every one booked."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=agent, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=40)
+    await eventually(all_booked(ledger, booked), 60, "booked")
+    return p
+
+
+async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_healed(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Central is stopped; the store's last batch is PubAcked and then deleted from the
+    stream, and the store sends nothing more: central's marks cannot see the loss, the
+    store's checkpoint does (missing), a resync heals it, every event is booked once and the
+    day is reconciled with the store's money totals."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
+    await p.start()
+    await p.central.stop()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=40).events(300))
+    await ring_published(p, "S1", events, ledger, 100)
+    await delete_batch(broker.url, -1, 3)  # the last batch: 201..300
+    await p.central.start()
+    await eventually(all_booked(ledger, booked), 60, "the lost batch re-sent and booked")
+    assert_promise(ledger, booked)
+    await eventually(all_reconciled(p), 60, "the day reconciled")
+    assert "RECONCILE MISSING" in p.central.tail(400)
+    [day] = reconcile_days(p, "--store", "S1")
+    assert money(events) == day["store"]["money"]
+    assert day["store"]["money"] == day["central"]["money"]
+    assert (300, 300) == (day["store"]["records"], day["central"]["records"])
+
+
+async def test_a_clean_day_is_reconciled_with_matching_money(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Nothing lost: the day the store rang is reconciled, both sides' counts and money per
+    type and currency equal to what the till sent, and no difference."""
+    events = list(Till(store_id="S1", seed=41).events(120))
+    p = await rung(make_pipeline, broker, events)
+    await eventually(all_reconciled(p), 60, "the day reconciled")
+    [day] = reconcile_days(p, "--store", "S1")
+    assert money(events) == day["store"]["money"] == day["central"]["money"]
+    assert ({}, 120) == (day["difference"], day["central"]["records"])
+    assert "RECONCILE MISSING" not in p.central.tail(400)
+    sent = cli_json(p, "agent", "reconcile", "--config", str(p.agent_config("S1")))
+    assert (120, "asked") == (sent["acked_through"], sent["reason"])
+
+
+async def test_trace_finds_an_event_delivered_or_nowhere(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """`trace` on both sides: a delivered event is delivered under its key at HQ and sent
+    with its seq at the store; an event_id nobody took is unknown on both."""
+    events = list(Till(store_id="S1", seed=42).events(20))
+    p = await rung(make_pipeline, broker, events)
+    event_id = events[5].event_id
+    hq = central_trace(p, event_id)
+    assert ("delivered", f"S1:{event_id}", 6) == (hq["state"], hq["key"], hq["agent"]["seq"])
+    store = cli_json(p, "agent", "trace", event_id, "--config", str(p.agent_config("S1")))
+    assert (True, 6) == (store["found"], store["seq"])
+    assert store["sent_at"] is not None
+    assert "unknown" == central_trace(p, "never-rung")["state"]
+    nowhere = cli_json(p, "agent", "trace", "never-rung", "--config", str(p.agent_config("S1")))
+    assert False is nowhere["found"]
+
+
+def till_sale(txn: int) -> Sale:
+    """A sale of workstation 7 with transaction number ``txn``."""
+    line = LineItem(sku="4011", quantity=Decimal(1), unit_price=Decimal(2), amount=Decimal(2))
+    return Sale(
+        event_id=f"ws7-{txn}", occurred_at=dt.datetime(2026, 12, 5, 9, txn, tzinfo=dt.UTC),
+        workstation_id="7", business_day=dt.date(2026, 12, 5), transaction_id=str(txn),
+        currency="EUR", total=Decimal(2), lines=[line],
+    )  # fmt: skip
+
+
+async def test_a_till_hole_shows_in_status(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """Transactions 1, 2 and 4 of one workstation reach the agent, 3 never does: the hole
+    3..3 is in the agent's status and in central's reconcile status beside the day, which
+    itself reconciles (the store and HQ agree on what the store took)."""
+    settings = {"reconcile": {"interval": 1.0, "till_grace": 0.0}}
+    p = await rung(make_pipeline, broker, [till_sale(n) for n in (1, 2, 4)], settings)
+
+    def holes() -> list[dict[str, Any]]:
+        days = reconcile_days(p, "--store", "S1", "--day", "2026-12-05")
+        return days[0]["till_holes"] if days and days[0]["state"] == "reconciled" else []
+
+    await eventually(lambda: bool(holes()), 60, "the till hole reported")
+    [hole] = holes()
+    assert ("7", 3, 3) == (hole["workstation_id"], hole["from_txn"], hole["to_txn"])
+    assert 1 == agent_status(p)["till_holes"]
+    assert "TILL HOLE" in p.central.tail(400)
+    assert "storelink_agent_till_holes 1" in metrics(p.agent_url("S1"))
+    central = metrics(f"http://127.0.0.1:{p.central_http_port}")
+    assert 'storelink_central_store_till_holes{store="S1"} 1' in central
+    assert 'storelink_central_store_reconcile_days{store="S1",state="reconciled"} 1' in central
