@@ -170,6 +170,12 @@ class CentralService:
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
             "ledger": asdict(consumer.ledger.statistics()) if consumer else None,
+            "delivery_latency": {
+                "occurred_at": consumer.since_occurred.snapshot(),
+                "received_at": consumer.since_received.snapshot(),
+            }
+            if consumer
+            else None,
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
             "stores": stores,
