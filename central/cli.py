@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from central import estate
-from central.config import DEFAULT_LAG_ALERT, OPERATOR_TOKEN_ENV, load_config
+from central.config import DEFAULT_LAG_ALERT, HTTP_TOKEN_ENV, OPERATOR_TOKEN_ENV, load_config
 from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach
 from central.dlq import DeadLetter
 from central.errors import AgentUnreachable, CentralError, NatsUnreachable
@@ -172,6 +172,7 @@ def run(
         "consumer.gap_hold_seconds": gap_hold,
         # A secret: from the environment (or the config file), never a flag in `ps`.
         "dashboard.operator_token": os.environ.get(OPERATOR_TOKEN_ENV) or None,
+        "http_token": os.environ.get(HTTP_TOKEN_ENV) or None,
     }
     try:
         cfg = load_config(config, overrides)
@@ -184,10 +185,20 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
     http = read_info(data_dir).get("http")
     if not http:
         return None
+    # Central off loopback wants a token (central/http.py): the one this shell holds.
+    token = os.environ.get(HTTP_TOKEN_ENV) or os.environ.get(OPERATOR_TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{http}/v1/status", headers=headers)
     try:
-        with urllib.request.urlopen(f"http://{http}/v1/status", timeout=2) as resp:
+        with urllib.request.urlopen(request, timeout=2) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise click.ClickException(
+                f"central at {http} runs but wants a token: set ${HTTP_TOKEN_ENV}"
+            ) from None
+        return None
     except (urllib.error.URLError, OSError, ValueError):
         return None
 

@@ -27,7 +27,7 @@ from central.dashboard import Dashboard
 from central.dlq import DeadLetter, ReplayOutcome, entries, entry, replay
 from central.errors import CentralError, ConfigError, DlqError, NatsUnreachable
 from central.estate import AgentWatch, annotate, totals
-from central.http import CentralHttp
+from central.http import CentralHttp, access_tokens
 from central.inventory import read_inventory
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
@@ -129,6 +129,7 @@ class CentralService:
         self.http = CentralHttp(
             host, port, self.healthy, self.status, self.inventory,
             dashboard=Dashboard(self, cfg.dashboard),
+            tokens=access_tokens(host, cfg.http_token, cfg.dashboard.operator_token),
         )  # fmt: skip
 
     def healthy(self) -> bool:
