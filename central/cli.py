@@ -140,6 +140,12 @@ def cli() -> None:
     multiple=True,
     help="OMS sink: file:PATH, webhook:URL or nats (repeatable) [file:DATA_DIR/oms.jsonl].",
 )
+@click.option(
+    "--allow-plaintext",
+    is_flag=True,
+    help="Serve the embedded nats-server on a non-loopback --nats-listen without TLS (said "
+    "loudly in the log and status); otherwise central turns TLS on there by itself.",
+)
 @click.option("--http", help="HOST:PORT for /healthz and /v1/status [127.0.0.1:8788].")
 @click.option(
     "--duplicate-window",
@@ -154,6 +160,7 @@ def run(
     nats_urls: tuple[str, ...],
     nats_listen: str | None,
     sinks: tuple[str, ...],
+    allow_plaintext: bool,
     http: str | None,
     duplicate_window: float | None,
     gap_hold: float | None,
@@ -166,6 +173,7 @@ def run(
         "data_dir": str(data_dir.resolve()),
         "nats.urls": list(nats_urls) or None,
         "nats.listen": nats_listen,
+        "nats.allow_plaintext": allow_plaintext or None,
         "sinks": list(sinks) or None,
         "http": http,
         "stream.duplicate_window": duplicate_window,
@@ -301,7 +309,12 @@ def status(
     )  # fmt: skip
     result = {
         "central_running": running is not None,
-        "nats": {"urls": urls or [], "asked": nats_error is None, "error": nats_error},
+        "nats": {
+            "urls": urls or [],
+            "asked": nats_error is None,
+            "error": nats_error,
+            "plaintext_exposed": bool(((running or {}).get("nats") or {}).get("plaintext_exposed")),
+        },
         "totals": estate.totals(stores),
         "sinks": (running or {}).get("sinks") or [],
         "stores": stores,
@@ -320,6 +333,11 @@ def _print_status(result: dict[str, Any]) -> None:
         f"{totals['duplicates']} duplicates dropped, {totals['gaps']} open gaps, "
         f"{totals['dlq']} in DLQ"
     )
+    if result["nats"]["plaintext_exposed"]:
+        click.echo(
+            "NATS IN CLEAR TEXT: the embedded nats-server is reachable from other machines "
+            "without TLS (--allow-plaintext)"
+        )
     if result["nats"]["asked"]:
         max_lag = totals["max_lag_seconds"]
         unknown = sum(1 for s in result["stores"] if s["lag_events"] is None)

@@ -84,6 +84,14 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tls: Annotated[TlsSettings, _doc("TLS on the NATS port; see `storelink-central pki init`")] = (
         TlsSettings()
     )
+    allow_plaintext: Annotated[
+        bool,
+        _doc(
+            "serve the embedded nats-server on a non-loopback listen address without TLS "
+            "(said loudly in the log and in status); otherwise central turns TLS on by itself "
+            "there, with a private CA made on first start in DATA_DIR/pki"
+        ),
+    ] = False
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
