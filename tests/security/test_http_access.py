@@ -42,8 +42,9 @@ async def test_on_loopback_everything_answers_without_a_token(
 async def test_on_all_interfaces_a_token_is_needed(
     tmp_path: Path, nats_server: EmbeddedBroker
 ) -> None:
-    """Bound to 0.0.0.0: no token or a wrong one gets 401 everywhere but /healthz; the http
-    token (Bearer, or as a browser's Basic password) and the operator token get 200."""
+    """Bound to 0.0.0.0: no token or a wrong one gets 401 (a Basic challenge for browsers)
+    everywhere but /healthz; the http token (Bearer, or as Basic password) and the operator
+    token get 200."""
     port = free_port()
     settings = {"http": f"0.0.0.0:{port}", "http_token": TOKEN}
     async with running_harness(
@@ -57,6 +58,8 @@ async def test_on_all_interfaces_a_token_is_needed(
             "basic": await statuses(port, {"Authorization": f"Basic {basic}"}),
             "operator": await statuses(port, {"Authorization": f"Bearer {OPERATOR}"}),
         }
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/") as resp:
+            challenges = resp.headers.getall("WWW-Authenticate")
     refused = {**dict.fromkeys(GUARDED, 401), "/healthz": 200}
     allowed = dict.fromkeys((*GUARDED, "/healthz"), 200)
     assert {
@@ -66,6 +69,8 @@ async def test_on_all_interfaces_a_token_is_needed(
         "basic": allowed,
         "operator": allowed,
     } == found
+    # A browser asks a person for the token on the Basic challenge.
+    assert ['Basic realm="storelink-central"', 'Bearer realm="storelink-central"'] == challenges
 
 
 def test_on_all_interfaces_without_a_token_central_refuses_to_start(tmp_path: Path) -> None:
