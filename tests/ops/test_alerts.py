@@ -36,11 +36,11 @@ def test_promtool_unit_tests_of_the_rules_pass(promtool: str) -> None:
 
 
 def sample_names(text: str) -> set[str]:
-    """The sample names a /metrics text declares: each family's, and for a histogram its
+    """The names a /metrics text declares: each family's, and for a histogram also its
     ``_bucket``, ``_sum`` and ``_count``."""
     names = set()
     for family, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.M):
-        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        suffixes = ("", "_bucket", "_sum", "_count") if kind == "histogram" else ("",)
         names.update(family + suffix for suffix in suffixes)
     return names
 
