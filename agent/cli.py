@@ -128,14 +128,23 @@ config_option = click.option(
 )
 
 
+def run_overrides(command: Any) -> Any:
+    """``--data-dir`` and ``--listen``, which override the config for ``run``; the commands that
+    find the agent (status, resync, check-config) take them too, so they find one started
+    with them."""
+    command = click.option(
+        "--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen)."
+    )(command)
+    return click.option(
+        "--data-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Where outbox.db lives (overrides data_dir).",
+    )(command)
+
+
 @cli.command()
 @config_option
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Where outbox.db lives (overrides data_dir).",
-)
-@click.option("--listen", metavar="HOST:PORT", help="HTTP address (overrides ingest.listen).")
+@run_overrides
 @log_options
 def run(
     config: Path, data_dir: Path | None, listen: str | None, log_level: str, log_format: str
@@ -195,6 +204,7 @@ def _rates(first: dict[str, Any], second: dict[str, Any], seconds: float) -> dic
 
 @cli.command()
 @config_option
+@run_overrides
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option(
     "--sample",
@@ -203,13 +213,15 @@ def _rates(first: dict[str, Any], second: dict[str, Any], seconds: float) -> dic
     show_default=True,
     help="Seconds between two readings for the rates and drain estimate (0: skip them).",
 )
-def status(config: Path, as_json: bool, sample: float) -> None:
+def status(
+    config: Path, data_dir: Path | None, listen: str | None, as_json: bool, sample: float
+) -> None:
     """Show the agent's state; works whether or not the service runs.
 
     Asks the running agent over HTTP (twice, --sample seconds apart, for the ingest and forward
     rates and the drain estimate); when nothing answers, reads the database read-only and says
     the service is not running."""
-    cfg = _load(config)
+    cfg = _load(config, data_dir, listen)
     report: dict[str, Any] | None = _http(cfg, "GET", "/v1/status")
     if report is not None and report.get("store_id") != cfg.store_id:
         raise click.ClickException(
@@ -332,12 +344,19 @@ async def _resync_offline(
 
 @cli.command()
 @config_option
+@run_overrides
 @click.option("--from-seq", type=click.IntRange(min=1), help="Re-send from this seq.")
 @click.option("--to-seq", type=click.IntRange(min=1), help="... up to this seq (default: the end).")
 @click.option("--since", metavar="TIME", help="Re-send what arrived since TIME (ISO 8601 or 2h).")
 @click.option("--all", "everything", is_flag=True, help="Re-send everything still held.")
 def resync(
-    config: Path, from_seq: int | None, to_seq: int | None, since: str | None, everything: bool
+    config: Path,
+    data_dir: Path | None,
+    listen: str | None,
+    from_seq: int | None,
+    to_seq: int | None,
+    since: str | None,
+    everything: bool,
 ) -> None:
     """Mark events as unsent so the agent sends them to HQ again.
 
@@ -351,7 +370,7 @@ def resync(
     if to_seq is not None and from_seq is not None and to_seq < from_seq:
         raise click.UsageError("--to-seq is below --from-seq")
     when = _parse_since(since) if since is not None else None
-    cfg = _load(config)
+    cfg = _load(config, data_dir, listen)
     body: dict[str, Any] = {}
     if from_seq is not None:
         body = {"from_seq": from_seq, "to_seq": to_seq}
@@ -493,14 +512,15 @@ def _clock_problem(cfg: AgentConfig, now: dt.datetime) -> str | None:
 
 @cli.command("check-config")
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@run_overrides
 @click.option("--offline", is_flag=True, help="Skip the check that NATS at HQ answers.")
-def check_config(config: Path, offline: bool) -> None:
+def check_config(config: Path, data_dir: Path | None, listen: str | None, offline: bool) -> None:
     """Validate CONFIG and the machine it runs on: data directory writable, disk headroom for
     the buffer, credentials readable, clock sane, NATS reachable.
 
     Exits 1 naming every problem. NATS not answering is only a warning (exit 0): the agent
     buffers until HQ is reachable, and an install must not fail because the link is down."""
-    cfg = _load(config)
+    cfg = _load(config, data_dir, listen)
     problems: list[str] = []
     warnings: list[str] = []
     try:

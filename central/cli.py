@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import click
 
 from central import estate
-from central.config import DEFAULT_LAG_ALERT, OPERATOR_TOKEN_ENV, load_config
+from central.config import DEFAULT_LAG_ALERT, HTTP_TOKEN_ENV, OPERATOR_TOKEN_ENV, load_config
 from central.control import DEFAULT_ASK_TIMEOUT, DEFAULT_RESYNC_TIMEOUT, AgentReach
 from central.dlq import DeadLetter
 from central.errors import AgentUnreachable, CentralError, NatsUnreachable
@@ -141,6 +141,12 @@ def cli() -> None:
     multiple=True,
     help="OMS sink: file:PATH, webhook:URL or nats (repeatable) [file:DATA_DIR/oms.jsonl].",
 )
+@click.option(
+    "--allow-plaintext",
+    is_flag=True,
+    help="Serve the embedded nats-server on a non-loopback --nats-listen without TLS (said "
+    "loudly in the log and status); otherwise central turns TLS on there by itself.",
+)
 @click.option("--http", help="HOST:PORT for /healthz and /v1/status [127.0.0.1:8788].")
 @click.option(
     "--duplicate-window",
@@ -155,6 +161,7 @@ def run(
     nats_urls: tuple[str, ...],
     nats_listen: str | None,
     sinks: tuple[str, ...],
+    allow_plaintext: bool,
     http: str | None,
     duplicate_window: float | None,
     gap_hold: float | None,
@@ -167,12 +174,14 @@ def run(
         "data_dir": str(data_dir.resolve()),
         "nats.urls": list(nats_urls) or None,
         "nats.listen": nats_listen,
+        "nats.allow_plaintext": allow_plaintext or None,
         "sinks": list(sinks) or None,
         "http": http,
         "stream.duplicate_window": duplicate_window,
         "consumer.gap_hold_seconds": gap_hold,
         # A secret: from the environment (or the config file), never a flag in `ps`.
         "dashboard.operator_token": os.environ.get(OPERATOR_TOKEN_ENV) or None,
+        "http_token": os.environ.get(HTTP_TOKEN_ENV) or None,
     }
     try:
         cfg = load_config(config, overrides)
@@ -185,10 +194,20 @@ def _running_status(data_dir: Path) -> dict[str, Any] | None:
     http = read_info(data_dir).get("http")
     if not http:
         return None
+    # Central off loopback wants a token (central/http.py): the one this shell holds.
+    token = os.environ.get(HTTP_TOKEN_ENV) or os.environ.get(OPERATOR_TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://{http}/v1/status", headers=headers)
     try:
-        with urllib.request.urlopen(f"http://{http}/v1/status", timeout=2) as resp:
+        with urllib.request.urlopen(request, timeout=2) as resp:
             data: dict[str, Any] = json.loads(resp.read())
             return data
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            raise click.ClickException(
+                f"central at {http} runs but wants a token: set ${HTTP_TOKEN_ENV}"
+            ) from None
+        return None
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
@@ -291,7 +310,12 @@ def status(
     )  # fmt: skip
     result = {
         "central_running": running is not None,
-        "nats": {"urls": urls or [], "asked": nats_error is None, "error": nats_error},
+        "nats": {
+            "urls": urls or [],
+            "asked": nats_error is None,
+            "error": nats_error,
+            "plaintext_exposed": bool(((running or {}).get("nats") or {}).get("plaintext_exposed")),
+        },
         "totals": estate.totals(stores),
         "sinks": (running or {}).get("sinks") or [],
         "stores": stores,
@@ -310,6 +334,11 @@ def _print_status(result: dict[str, Any]) -> None:
         f"{totals['duplicates']} duplicates dropped, {totals['gaps']} open gaps, "
         f"{totals['dlq']} in DLQ"
     )
+    if result["nats"]["plaintext_exposed"]:
+        click.echo(
+            "NATS IN CLEAR TEXT: the embedded nats-server is reachable from other machines "
+            "without TLS (--allow-plaintext)"
+        )
     if result["nats"]["asked"]:
         max_lag = totals["max_lag_seconds"]
         unknown = sum(1 for s in result["stores"] if s["lag_events"] is None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look 
 DEFAULT_AGENT_POLL = 5.0
 DEFAULT_REFRESH = 5.0
 OPERATOR_TOKEN_ENV = "STORELINK_OPERATOR_TOKEN"
+HTTP_TOKEN_ENV = "STORELINK_HTTP_TOKEN"
 
 
 def _doc(text: str) -> msgspec.Meta:
@@ -82,6 +84,14 @@ class NatsSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tls: Annotated[TlsSettings, _doc("TLS on the NATS port; see `storelink-central pki init`")] = (
         TlsSettings()
     )
+    allow_plaintext: Annotated[
+        bool,
+        _doc(
+            "serve the embedded nats-server on a non-loopback listen address without TLS "
+            "(said loudly in the log and in status); otherwise central turns TLS on by itself "
+            "there, with a private CA made on first start in DATA_DIR/pki"
+        ),
+    ] = False
 
 
 class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -233,7 +243,21 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     sinks: Annotated[
         list[str], _doc("OMS sinks: file:PATH, webhook:URL, nats; default file:DATA_DIR/oms.jsonl")
     ] = []
-    http: Annotated[str, _doc("host:port of the status/health HTTP server")] = DEFAULT_HTTP_LISTEN
+    http: Annotated[
+        str,
+        _doc(
+            "host:port of the HTTP server (health, status, metrics, dashboard); on an address "
+            "other than loopback, http_token or dashboard.operator_token must be set"
+        ),
+    ] = DEFAULT_HTTP_LISTEN
+    http_token: Annotated[
+        str,
+        _doc(
+            "bearer token to read status, metrics and the dashboard (the operator token reads "
+            f"too); env {HTTP_TOKEN_ENV} overrides; empty: none needed on loopback, and central "
+            "refuses to serve another address"
+        ),
+    ] = ""
     nats: NatsSettings = NatsSettings()
     stream: StreamSettings = StreamSettings()
     consumer: ConsumerSettings = ConsumerSettings()
@@ -277,3 +301,13 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ConfigError(f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: 127.0.0.0/8, ::1, localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

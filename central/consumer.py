@@ -46,12 +46,14 @@ from central.errors import (
 from central.holds import Holds, Undecodable
 from central.inventory import Inventory
 from central.ledger import Deliveries, KeyLedger
+from central.metrics import LATENCY_BUCKETS
 from central.reconcile import Reconciler
 from central.sequencer import Behind, Deliver, Sequencer
 from central.sinks import Sink
 from central.state import StateStore, Unit
 from central.streams import ensure_consumer, ensure_streams
 from protocol.backoff import Backoff
+from protocol.exposition import Histogram
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_UNATTRIBUTED,
@@ -64,6 +66,7 @@ from protocol.wire import (
     RawBatch,
     decode_batch,
     encode_json,
+    event_key,
     oms_record,
 )
 
@@ -170,6 +173,10 @@ class Consumer:
         self.released = 0
         self.sink_failures = 0
         self.last_unit_at: float | None = None
+        # Delivery latency of every record the sinks accepted: since the event occurred (the
+        # POS's clock) and since the agent committed it (the store's clock).
+        self.since_occurred = Histogram(LATENCY_BUCKETS)
+        self.since_received = Histogram(LATENCY_BUCKETS)
 
     def statistics(self) -> ConsumerStatistics:
         return ConsumerStatistics(
@@ -419,7 +426,8 @@ class Consumer:
             deliveries.append((batch, decision.records))
             reconcile.stage(unit, store_id, batch.epoch, decision.records)
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
-        for batch, records in await self.ledger.screen(deliveries, unit):
+        screened = await self.ledger.screen(deliveries, unit)
+        for batch, records in screened:
             await self.inventory.prepare(batch.store_id, records, unit)
             for record in records:
                 out.append(oms_record(batch.store_id, batch.epoch, record))
@@ -429,6 +437,7 @@ class Consumer:
         keep_alive = asyncio.create_task(self._keep_alive(msgs))
         try:
             rejected, blocked = await self._deliver(out, unit)
+            accepted = dt.datetime.now(dt.UTC)
             if blocked:
                 out, acks = self._park(blocked, out, acks, ack_stores, held, unit, now)
                 rejected = [r for r in rejected if r.record.store_id not in blocked]
@@ -456,6 +465,7 @@ class Consumer:
             sink.committed()
         self.inventory.committed(unit)
         self.ledger.committed(unit)
+        self._observe_latency(screened, blocked, rejected, accepted)
         self._sink_backoff.reset()
         for store_id in {r.store_id for r in out} & self.holds.parked():
             parked = self.holds.unpark(store_id)
@@ -491,6 +501,27 @@ class Consumer:
                 "unit: %d batches, %d records out, %d held, %d to DLQ",
                 len(acks), len(out), len(held), len(poison) + len(rejected),
             )  # fmt: skip
+
+    def _observe_latency(
+        self,
+        screened: Deliveries,
+        blocked: dict[str, StoreBlocked],
+        rejected: list[SinkRejected],
+        accepted: dt.datetime,
+    ) -> None:
+        """Count the records the sinks took into the latency histograms (not a parked store's,
+        nor those refused for good). About 200 ns a record: datetimes are subtracted as they
+        were decoded (both UTC, msgpack timestamps), never converted to floats one by one."""
+        refused = {r.record.key for r in rejected}
+        for batch, records in screened:
+            if batch.store_id in blocked:
+                continue
+            if refused:
+                records = [
+                    r for r in records if event_key(batch.store_id, r.event.event_id) not in refused
+                ]
+            self.since_received.observe_many([accepted - r.received_at for r in records])
+            self.since_occurred.observe_many([accepted - r.event.occurred_at for r in records])
 
     @staticmethod
     async def _settle(reply: Awaitable[None]) -> None:

@@ -20,7 +20,14 @@ from typing import Any
 
 from protocol.exposition import CONTENT_TYPE, Exposition
 
-__all__ = ["CONTENT_TYPE", "render_central_metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "render_central_metrics"]
+
+# Delivery latency buckets (seconds): milliseconds when all is well, up to a day for a store
+# that was offline (its events wait at the agent and arrive late, as they should).
+LATENCY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 21600,
+    86400,
+)  # fmt: skip
 
 
 def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
@@ -134,6 +141,14 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
              if c["oldest_pending_at"] else 0)
             for c in readers
         ],
+    )  # fmt: skip
+    latency = status.get("delivery_latency") or {}
+    out.add_histogram(
+        "delivery_latency_seconds",
+        "From an event to the OMS sink accepting it: since it occurred (since=\"occurred_at\", "
+        "the POS's clock) or since its agent committed it (since=\"received_at\").",
+        [({"since": since}, latency[since]) for since in ("occurred_at", "received_at")
+         if since in latency],
     )  # fmt: skip
     stores = status.get("stores") or []
 

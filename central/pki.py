@@ -148,14 +148,7 @@ def init_pki(directory: Path, hosts: list[str], *, force: bool = False) -> PkiFi
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    files = PkiFiles(
-        ca=directory / CA_CERT,
-        ca_key=directory / CA_KEY,
-        server_cert=directory / SERVER_CERT,
-        server_key=directory / SERVER_KEY,
-        central_cert=directory / CENTRAL_CERT,
-        central_key=directory / CENTRAL_KEY,
-    )
+    files = pki_files(directory)
     if files.ca_key.exists() and not force:
         raise ConfigError(
             f"{files.ca_key} exists: a new CA would invalidate every certificate it signed; "
@@ -183,6 +176,28 @@ def init_pki(directory: Path, hosts: list[str], *, force: bool = False) -> PkiFi
     _write_key(files.central_key, central_key)
     _write_cert(files.central_cert, central_cert)
     return files
+
+
+def pki_files(directory: Path) -> PkiFiles:
+    """Where ``init_pki`` writes its files in ``directory``."""
+    return PkiFiles(
+        ca=directory / CA_CERT,
+        ca_key=directory / CA_KEY,
+        server_cert=directory / SERVER_CERT,
+        server_key=directory / SERVER_KEY,
+        central_cert=directory / CENTRAL_CERT,
+        central_key=directory / CENTRAL_KEY,
+    )
+
+
+def ensure_pki(directory: Path, hosts: list[str]) -> tuple[PkiFiles, bool]:
+    """The CA and certificates in ``directory``, made now when there is no CA there yet (central
+    on a non-loopback NATS address, first start): (files, made now). Kept across restarts, so
+    the certificates stores were given stay valid."""
+    files = pki_files(directory)
+    if files.ca_key.exists():
+        return files, False
+    return init_pki(directory, hosts), True
 
 
 def issue_client_cert(

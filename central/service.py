@@ -9,26 +9,29 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 
 from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
-from central.config import CentralConfig, parse_hostport
+from central.config import CentralConfig, TlsSettings, is_loopback, parse_hostport
 from central.consumer import Consumer
 from central.control import DEFAULT_ASK_TIMEOUT, ask_resync
 from central.dashboard import Dashboard
 from central.dlq import DeadLetter, ReplayOutcome, entries, entry, replay
 from central.errors import CentralError, ConfigError, DlqError, NatsUnreachable
 from central.estate import AgentWatch, annotate, totals
-from central.http import CentralHttp
+from central.http import CentralHttp, access_tokens
 from central.inventory import read_inventory
+from central.pki import ensure_pki
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
 from central.streams import oms_stream_lag
@@ -39,6 +42,7 @@ from protocol.wire import ResyncReply
 log = logging.getLogger(__name__)
 
 INFO_FILENAME = "central.json"
+PKI_DIRNAME = "pki"  # the private CA central makes for a non-loopback NATS address
 BROKER_CHECK_INTERVAL = 1.0
 OMS_LAG_TIMEOUT = 2.0
 
@@ -77,6 +81,39 @@ def client_options(cfg: CentralConfig) -> dict[str, Any]:
         raise ConfigError(str(exc)) from None
     options["inbox_prefix"] = CENTRAL_INBOX_PREFIX
     return options
+
+
+def secure_broker(cfg: CentralConfig) -> CentralConfig:
+    """``cfg`` with TLS on the embedded nats-server when it listens on a non-loopback address
+    without TLS configured: mutual TLS from a private CA in DATA_DIR/pki, made on first start
+    (`stores add` hands each store the CA and a client certificate). Unchanged with
+    ``nats.allow_plaintext``, on loopback, with an external NATS, or with TLS configured."""
+    nats = cfg.nats
+    host, _ = parse_hostport(nats.listen)
+    if nats.urls or nats.tls.cert or nats.allow_plaintext or is_loopback(host):
+        return cfg
+    hosts = [h for h in (host, socket.gethostname()) if h not in ("0.0.0.0", "::")]
+    if nats.advertise:
+        hosts.append(parse_hostport(nats.advertise.partition("://")[2])[0])
+    files, made = ensure_pki(cfg.data_path / PKI_DIRNAME, hosts)
+    log.warning(
+        "NATS listens on %s, reachable from other machines: TLS on (mutual), with the private "
+        "CA %s%s; `stores add` gives each store the CA and its certificate. Pass "
+        "--allow-plaintext to serve it without TLS.",
+        nats.listen, files.ca, " (made now)" if made else "",
+    )  # fmt: skip
+    tls = TlsSettings(
+        cert=str(files.server_cert), key=str(files.server_key), ca=str(files.ca), verify=True,
+        client_cert=str(files.central_cert), client_key=str(files.central_key),
+        ca_key=str(files.ca_key),
+    )  # fmt: skip
+    return msgspec.structs.replace(cfg, nats=msgspec.structs.replace(nats, tls=tls))
+
+
+def plaintext_exposed(cfg: CentralConfig) -> bool:
+    """The embedded nats-server on a non-loopback address without TLS (--allow-plaintext)."""
+    nats = cfg.nats
+    return not nats.urls and not nats.tls.cert and not is_loopback(parse_hostport(nats.listen)[0])
 
 
 def write_info(cfg: CentralConfig, http: str, monitor_url: str | None = None) -> None:
@@ -129,6 +166,7 @@ class CentralService:
         self.http = CentralHttp(
             host, port, self.healthy, self.status, self.inventory,
             dashboard=Dashboard(self, cfg.dashboard),
+            tokens=access_tokens(host, cfg.http_token, cfg.dashboard.operator_token),
         )  # fmt: skip
 
     def healthy(self) -> bool:
@@ -167,9 +205,17 @@ class CentralService:
                 "connected": bool(self.nc is not None and self.nc.is_connected),
                 "embedded": self.broker is not None,
                 "broker_restarts": self.broker_restarts,
+                "tls": bool(self.cfg.nats.tls.cert) if self.broker else None,
+                "plaintext_exposed": plaintext_exposed(self.cfg),
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
             "ledger": asdict(consumer.ledger.statistics()) if consumer else None,
+            "delivery_latency": {
+                "occurred_at": consumer.since_occurred.snapshot(),
+                "received_at": consumer.since_received.snapshot(),
+            }
+            if consumer
+            else None,
             "sinks": [asdict(s.statistics()) for s in (consumer.sinks if consumer else [])],
             "state": asdict(self.state.statistics()),
             "stores": stores,
@@ -311,6 +357,15 @@ class CentralService:
             await self.state.open()
             # /healthz answers (503) from the start, so supervisors see a central starting up.
             await self.http.start()
+            # Before central.json is written: `stores add` reads the TLS files from it.
+            self.cfg = secure_broker(self.cfg)
+            if plaintext_exposed(self.cfg):
+                log.error(
+                    "NATS IN CLEAR TEXT: the embedded nats-server listens on %s, reachable "
+                    "from other machines, without TLS (--allow-plaintext): every store's sales "
+                    "cross the network readable by anyone on the path.",
+                    self.cfg.nats.listen,
+                )
             # Recorded before connecting: `stores add` can write agent configs meanwhile.
             write_info(self.cfg, self.cfg.http)
             urls = list(self.cfg.nats.urls)

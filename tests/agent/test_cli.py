@@ -187,6 +187,61 @@ async def test_status_and_resync_through_the_running_service(
     assert 2 == agent.outbox.statistics().pending
 
 
+async def test_status_and_resync_find_an_agent_run_with_data_dir_and_listen(
+    tmp_path: Path,
+) -> None:
+    """An agent run with --data-dir and --listen other than its config's: status and resync
+    given the same overrides reach it; without them status does not find it."""
+    config = write_config(tmp_path, free_port())
+    listen = f"127.0.0.1:{free_port()}"
+    elsewhere = tmp_path / "elsewhere"
+    cfg = load_config(config)
+    agent = AgentService(
+        msgspec.structs.replace(
+            cfg,
+            data_dir=str(elsewhere),
+            ingest=msgspec.structs.replace(cfg.ingest, listen=listen),
+        )
+    )
+    await agent.start()
+    try:
+        await agent.outbox.append(sales("a", 4))
+        await agent.outbox.mark_sent(1, 4)
+        runner = CliRunner()
+        same = ["--config", str(config), "--data-dir", str(elsewhere), "--listen", listen]
+        # The commands block on HTTP to this very event loop: run them in a thread.
+        status = await asyncio.to_thread(runner.invoke, cli, ["status", *same, "--json"])
+        resync = await asyncio.to_thread(runner.invoke, cli, ["resync", *same, "--from-seq", "3"])
+        lost = await asyncio.to_thread(runner.invoke, cli, ["status", "--config", str(config)])
+    finally:
+        await agent.stop()
+    report = json.loads(status.output)
+    assert (True, 4) == (report["service_running"], report["last_seq"])
+    assert "2 events will be re-sent (by the running agent)." == resync.output.strip()
+    assert (1, True) == (lost.exit_code, "never run" in lost.output)
+
+
+def test_status_resync_and_check_config_take_run_overrides_with_the_service_down(
+    tmp_path: Path,
+) -> None:
+    """With the service down, status and resync given --data-dir read and change that
+    outbox, and check-config judges the --listen given (open without a token: refused)."""
+    config = write_config(tmp_path, free_port())
+    asyncio.run(filled_outbox(tmp_path, events=5, sent=5))
+    moved = tmp_path / "moved"
+    (tmp_path / "data").rename(moved)
+    runner = CliRunner()
+    elsewhere = ["--config", str(config), "--data-dir", str(moved)]
+    resync = runner.invoke(cli, ["resync", *elsewhere, "--all"])
+    status = runner.invoke(cli, ["status", *elsewhere, "--json"])
+    checked = runner.invoke(
+        cli, ["check-config", str(config), "--offline", "--listen", "0.0.0.0:8787"]
+    )
+    assert (0, "5 events will be re-sent") == (resync.exit_code, resync.output.split(" (")[0])
+    assert (5, 5) == (json.loads(status.output)["last_seq"], json.loads(status.output)["pending"])
+    assert (1, True) == (checked.exit_code, "0.0.0.0:8787" in checked.output)
+
+
 async def agent_command(*args: str, env: dict[str, str]) -> tuple[int, str]:
     """Run ``python -m agent ARGS`` to completion: (exit code, stdout)."""
     proc = await asyncio.create_subprocess_exec(

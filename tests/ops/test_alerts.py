@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.metrics import render_agent_metrics
 from central.metrics import render_central_metrics
+from protocol.exposition import Histogram
 
 DOCS = Path(__file__).parents[2] / "docs"
 RULES = DOCS / "alerts.yml"
@@ -34,6 +35,16 @@ def test_promtool_unit_tests_of_the_rules_pass(promtool: str) -> None:
     assert 0 == done.returncode, done.stdout + done.stderr
 
 
+def sample_names(text: str) -> set[str]:
+    """The names a /metrics text declares: each family's, and for a histogram also its
+    ``_bucket``, ``_sum`` and ``_count``."""
+    names = set()
+    for family, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.M):
+        suffixes = ("", "_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        names.update(family + suffix for suffix in suffixes)
+    return names
+
+
 def exported_metrics() -> set[str]:
     """Every metric family both /metrics pages write, from documents that have every part."""
     store = {
@@ -51,12 +62,13 @@ def exported_metrics() -> set[str]:
             "sinks": [{"sink": "webhook:x", "breaker": "open"}],
             "stores": [store],
             "oms_stream": {"max_age": 1.0, "consumers": []},
+            "delivery_latency": {"received_at": Histogram([1.0]).snapshot()},
         },
         0.0,
     )
     agent = render_agent_metrics({}, {"requests": 0, "events_accepted": 0,
                                       "events_duplicate": 0, "refused": {}}, 0.0)  # fmt: skip
-    return set(re.findall(r"^# TYPE (\S+)", central + agent, re.M))
+    return sample_names(central + agent)
 
 
 def test_every_metric_an_alert_uses_is_exported() -> None:

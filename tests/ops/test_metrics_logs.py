@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
 import socket
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +15,9 @@ from central.broker import free_port
 from central.demo import ManagedProcess, Pipeline, _python
 from protocol.logformat import configure_logging
 from tests.ops.conftest import run_cli
+from tests.ops.test_alerts import sample_names
 from tests.ops.test_central_cli import ring
+from tests.ops.test_inventory import wait_until
 
 
 def scrape(url: str) -> tuple[str, dict[str, float]]:
@@ -22,11 +26,9 @@ def scrape(url: str) -> tuple[str, dict[str, float]]:
         content_type = resp.headers["Content-Type"]
         text = resp.read().decode()
     series: dict[str, float] = {}
-    described: set[str] = set()
+    described = sample_names(text)
     for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            described.add(line.split()[2])
-        elif line and not line.startswith("#"):
+        if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             assert name.partition("{")[0] in described, f"{name} has no # TYPE line"
             series[name] = float(value)
@@ -59,6 +61,38 @@ async def test_metrics_of_central_and_agent(pipeline: Pipeline) -> None:
     }.items() <= agent.items()
     [info] = [name for name in agent if name.startswith("storelink_agent_info{")]
     assert 'store="S1"' in info
+
+
+def promtool_check_metrics(promtool: str, url: str) -> subprocess.CompletedProcess[str]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_central_metrics_pass_promtool_with_a_latency_histogram_per_event(
+    pipeline: Pipeline, promtool: str
+) -> None:
+    """Central's /metrics after deliveries passes `promtool check metrics`, and each delivered
+    event is counted once in both delivery-latency histograms (since occurred, since received)."""
+    await ring(pipeline, "S1", 12)
+    url = f"http://127.0.0.1:{pipeline.central_http_port}/metrics"
+    # The counters move just after the unit's commit, which the file sink's lines precede.
+    await wait_until(
+        lambda: scrape(url)[1].get("storelink_central_consumer_delivered_total") == 12,
+        "central counted its deliveries",
+    )
+    checked = await asyncio.to_thread(promtool_check_metrics, promtool, url)
+    series = scrape(url)[1]
+    name = "storelink_central_delivery_latency_seconds"
+    assert (0, "", "") == (checked.returncode, checked.stdout, checked.stderr)
+    assert {
+        f'{name}_count{{since="occurred_at"}}': 12,
+        f'{name}_bucket{{since="occurred_at",le="+Inf"}}': 12,
+        f'{name}_count{{since="received_at"}}': 12,
+        f'{name}_bucket{{since="received_at",le="+Inf"}}': 12,
+    }.items() <= series.items()
 
 
 def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 
-from protocol.exposition import Exposition
+from protocol.exposition import Exposition, Histogram
 
 
 def test_a_family_is_help_type_and_samples_with_labels_escaped() -> None:
@@ -38,3 +40,22 @@ def test_a_family_added_twice_is_refused() -> None:
     out.add("events_total", "counter", "Events.", 1)
     with pytest.raises(ValueError, match="storelink_x_events_total added twice"):
         out.add("events_total", "counter", "Events.", 2)
+
+
+def test_a_histogram_is_cumulative_buckets_up_to_inf_then_sum_and_count() -> None:
+    """A histogram writes one cumulative `_bucket` per bound (a value on a bound counts in it,
+    values come in any order), a `+Inf` bucket of every value, `_sum` and `_count`."""
+    latency = Histogram([1, 0.1])
+    latency.observe_many([dt.timedelta(seconds=s) for s in (2.0, 0.1, 0.05, 0.5)])
+    out = Exposition("storelink_x")
+    out.add_histogram("latency_seconds", "Latency.", [({"since": "a"}, latency.snapshot())])
+    expected = (
+        "# HELP storelink_x_latency_seconds Latency.\n"
+        "# TYPE storelink_x_latency_seconds histogram\n"
+        'storelink_x_latency_seconds_bucket{since="a",le="0.1"} 2\n'
+        'storelink_x_latency_seconds_bucket{since="a",le="1"} 3\n'
+        'storelink_x_latency_seconds_bucket{since="a",le="+Inf"} 4\n'
+        'storelink_x_latency_seconds_sum{since="a"} 2.65\n'
+        'storelink_x_latency_seconds_count{since="a"} 4\n'
+    )
+    assert expected == out.render()
