@@ -192,7 +192,7 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
     )
     # Reconciliation (central/reconcile.py): business days per state, latest judgement.
     out.add(
-        "store_reconcile_days",
+        "store_reconcile_states",
         "gauge",
         "Business days of the store per reconciliation state (reconciled, pending, missing, "
         "skipped, mismatch), as last judged against its checkpoint.",

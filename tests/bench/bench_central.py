@@ -58,10 +58,30 @@ CENTRAL_RATE = "central, JetStream → nats sink"
 PRELOAD_RATE = "preload of the events stream"
 
 
+def store_event(store_id: str, seq: int, pool: list[Event], index: dict[str, int],
+                start: dt.datetime) -> Event:  # fmt: skip
+    """The pool's event for ``seq`` as a store's own: a unique event_id, an ``occurred_at``
+    that moves forward with the seq (a till's clock does; cycling the pool's own times would
+    send every event back before the store's last count), and a post-void naming the sale it
+    voids under that sale's new id."""
+    j = seq % len(pool)
+    event = pool[j]
+    changes: dict[str, object] = {
+        "event_id": f"{store_id}-{seq:09d}",
+        "occurred_at": start + dt.timedelta(milliseconds=seq),
+    }
+    voided = getattr(event, "voided_event_id", None)
+    if voided in index and seq - (j - index[voided]) >= 1:
+        changes["voided_event_id"] = f"{store_id}-{seq - (j - index[voided]):09d}"
+    return msgspec.structs.replace(event, **changes)
+
+
 def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[bytes, str]]:
     """``events`` records of one store as (batch body, msg id), BATCH records per batch."""
     epoch = secrets.token_hex(8)
     now = dt.datetime.now(dt.UTC)
+    start = now - dt.timedelta(milliseconds=events + 1000)
+    index = {e.event_id: i for i, e in enumerate(pool)}
     out = []
     for first in range(1, events + 1, BATCH):
         last = min(first + BATCH - 1, events)
@@ -70,10 +90,7 @@ def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[b
                 Record(
                     seq=seq,
                     received_at=now,
-                    event=msgspec.structs.replace(
-                        pool[seq % len(pool)],
-                        event_id=f"{store_id}-{seq:09d}",
-                    ),
+                    event=store_event(store_id, seq, pool, index, start),
                 )
             )
             for seq in range(first, last + 1)

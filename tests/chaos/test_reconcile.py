@@ -196,4 +196,4 @@ async def test_a_till_hole_shows_in_status(
     assert "storelink_agent_till_holes 1" in metrics(p.agent_url("S1"))
     central = metrics(f"http://127.0.0.1:{p.central_http_port}")
     assert 'storelink_central_store_till_holes{store="S1"} 1' in central
-    assert 'storelink_central_store_reconcile_days{store="S1",state="reconciled"} 1' in central
+    assert 'storelink_central_store_reconcile_states{store="S1",state="reconciled"} 1' in central

@@ -74,7 +74,9 @@ async def test_undecodable_5xx_answers_do_not_stop_central(
     await wait_until(pipeline, lambda: set(keys) <= set(oms.arrivals), "every event booked")
     assert pipeline.central.proc is not None
     assert None is pipeline.central.proc.poll()
-    assert keys == [k for k in oms.arrivals if not k.endswith(":variance")]
+    # Concurrent POSTs give the events their seqs in any order: order is checked by seq.
+    assert sorted(keys) == sorted(k for k in oms.arrivals if not k.endswith(":variance"))
+    assert 0 == oms.order_violations()
 
 
 async def test_undecodable_refusal_is_dead_lettered_with_a_readable_reason(

@@ -270,14 +270,17 @@ def test_the_log_masks_secrets_whatever_logs_them() -> None:
 def test_each_side_masks_the_secrets_in_its_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The agent's log masks $STORELINK_AGENT_TOKEN; central's masks $STORELINK_WEBHOOK_SECRET
-    (and the agent's token, as it always has)."""
+    """The agent's log masks $STORELINK_AGENT_TOKEN; central's masks $STORELINK_WEBHOOK_SECRET,
+    its HTTP and operator tokens (and the agent's token, as it always has)."""
     import agent.logs
     import central.logs
 
     token, hmac_secret = "tok-" + secrets.token_urlsafe(24), "whs-" + secrets.token_urlsafe(24)
     monkeypatch.setenv("STORELINK_AGENT_TOKEN", token)
     monkeypatch.setenv("STORELINK_WEBHOOK_SECRET", hmac_secret)
+    http_token, operator = "htk-" + secrets.token_urlsafe(24), "otk-" + secrets.token_urlsafe(24)
+    monkeypatch.setenv("STORELINK_HTTP_TOKEN", http_token)
+    monkeypatch.setenv("STORELINK_OPERATOR_TOKEN", operator)
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
     out: dict[str, str] = {}
@@ -287,13 +290,17 @@ def test_each_side_masks_the_secrets_in_its_environment(
             ("central", central.logs.configure_logging),
         ):
             configure("info", "text")
-            logging.getLogger("tests.security").info("token %s secret %s", token, hmac_secret)
+            logging.getLogger("tests.security").info(
+                "token %s secret %s http %s operator %s", token, hmac_secret, http_token, operator
+            )
             out[side] = capsys.readouterr().out
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert f"token {REDACTED} secret" in out["agent"]
-    assert f"token {REDACTED} secret {REDACTED}" in out["central"]
+    assert (
+        f"token {REDACTED} secret {REDACTED} http {REDACTED} operator {REDACTED}" in out["central"]
+    )
 
 
 def test_redaction_leaves_ordinary_lines_alone() -> None:
