@@ -315,7 +315,13 @@ def render_store(doc: Doc, message: tuple[str, str] | None = None) -> str:
         + (f"<ul>{''.join(held_rows)}</ul>" if held_rows else "<p>nothing</p>")
         + f"<h2>Dead letters</h2>{dlq}"
         + (f"<h2>Gap skips (operators' decisions)</h2><ul>{''.join(skips)}</ul>" if skips else "")
-        + f'<h2>Last checkpoint</h2><p class="muted">{e(checkpoint["note"])}</p>'
+        + "<h2>Reconciliation (business days by state)</h2>"
+        + _table(
+            ("state", "days"),
+            [f"<tr><td>{e(k)}</td><td>{int(v)}</td></tr>" for k, v in checkpoint["days"].items()],
+        )
+        + f'<p class="muted">till holes reported: {checkpoint["till_holes"]}; each day: '
+        f"<code>storelink-central reconcile status --store {e(sid)}</code></p>"
         f'<p class="muted">updated {ago(now, now)}</p></div>'
     )  # fmt: skip
     body = (

@@ -28,10 +28,6 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 STORE_ID = "{store_id:[A-Za-z0-9_-]{1,32}}"
-NOT_BUILT = (
-    "not built: stores do not send checkpoints yet (reconciliation, DESIGN §4, is still to "
-    "come), so nothing is compared"
-)
 
 
 class Backend(Protocol):
@@ -119,7 +115,12 @@ class Dashboard:
             "actions": bool(self.settings.operator_token),
             "store": found[0],
             "dead_letters": dead,
-            "reconciliation": {"built": False, "checkpoint": None, "note": NOT_BUILT},
+            # Business days by reconciliation state and the till holes reported
+            # (docs/reconciliation.md); `storelink-central reconcile status` has each day.
+            "reconciliation": {
+                "days": found[0].get("reconcile") or {},
+                "till_holes": found[0].get("till_holes") or 0,
+            },
         }
 
     # --- pages ---------------------------------------------------------------------------

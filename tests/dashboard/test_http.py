@@ -86,15 +86,18 @@ async def test_the_filter_narrows_the_list(central: Harness, http: aiohttp.Clien
 
 
 async def test_a_store_page_and_its_json(central: Harness, http: aiohttp.ClientSession) -> None:
-    """/stores/S2 shows its gap, its dead letters (none) and says reconciliation is not built;
-    /stores/S2.json has the same; an unknown store is 404."""
+    """/stores/S2 shows its gap, its dead letters (none) and its business days by
+    reconciliation state; /stores/S2.json has the same; an unknown store is 404."""
     await two_stores_one_with_a_gap(central)
     doc = await get_json(http, f"{base(central)}/stores/S2.json")
     assert [(3, 4)] == [(g["from_seq"], g["to_seq"]) for g in doc["store"]["gaps"]]
-    assert ([], False) == (doc["dead_letters"], doc["reconciliation"]["built"])
+    assert [] == doc["dead_letters"]
+    assert {"reconciled", "pending", "missing", "skipped", "mismatch"} <= set(
+        doc["reconciliation"]["days"]
+    )
     async with http.get(f"{base(central)}/stores/S2") as resp:
         html = await resp.text()
-    assert all(w in html for w in ("3..4", "Dead letters", "not built"))
+    assert all(w in html for w in ("3..4", "Dead letters", "Reconciliation", "reconciled"))
     async with http.get(f"{base(central)}/stores/NOPE") as resp:
         assert 404 == resp.status
 
