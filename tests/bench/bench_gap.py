@@ -23,18 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import nats
-from aiohttp import web
 
 from agent.simulator import Till
-from central.broker import free_port
 from protocol.subjects import MSG_ID_HEADER, batch_msg_id, events_subject
 from protocol.wire import Record, encode_raw_batch, encode_record, event_key
+from tests.bench.bench_e2e import RecordingOms
 from tests.bench.harness import (
     CentralProcess,
     Options,
@@ -58,38 +56,6 @@ GAP_BATCH = 500
 EPOCH = "be0c4000000000aa"
 P99_NO_GAP = "others' end to end p99, no gap"
 P99_GAP = "others' end to end p99, one store 200,000 behind a gap"
-
-
-class RecordingOms:
-    """A webhook OMS that answers 200 at once and remembers when each key first arrived."""
-
-    def __init__(self) -> None:
-        self.arrived: dict[str, float] = {}
-        self.port = free_port()
-        self._runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/oms"
-
-    async def _post(self, request: web.Request) -> web.Response:
-        now = time.time()
-        body = json.loads(await request.read())
-        for record in body if isinstance(body, list) else [body]:
-            if not record.get("derived"):
-                self.arrived.setdefault(str(record["key"]), now)
-        return web.Response(status=200)
-
-    async def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_post("/oms", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def store_batches(store_id: str, count: int, first_seq: int, per_batch: int) -> list[

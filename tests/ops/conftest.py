@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from central.demo import Pipeline
+from tests.central.oms import ScriptedOms
 
 CLI_TIMEOUT = 60.0
 
@@ -63,3 +65,25 @@ async def pipeline2(tmp_path: Path) -> AsyncIterator[Pipeline]:
     """Central (embedded NATS, file sink) and agents for S1 and S2, started; stopped after."""
     async for p in _running(tmp_path, ("S1", "S2")):
         yield p
+
+
+WAIT = 60.0
+
+
+@pytest.fixture
+async def oms() -> AsyncIterator[ScriptedOms]:
+    """A scripted webhook OMS on loopback (tests/central/oms.py)."""
+    async with ScriptedOms() as server:
+        yield server
+
+
+async def wait_until(pipeline: Pipeline, check: Callable[[], bool], what: str) -> None:
+    """Wait for ``check``; fail at once, with central's log, if central exits meanwhile."""
+    deadline = time.monotonic() + WAIT
+    while not check():
+        proc = pipeline.central.proc
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"central exited ({proc.returncode}): {pipeline.central.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"not {what} in {WAIT:.0f}s: {pipeline.central.tail()}")
+        await asyncio.sleep(0.1)

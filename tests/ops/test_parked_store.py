@@ -3,11 +3,9 @@ agents, delivering to a webhook OMS on loopback that keeps failing on one record
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +15,7 @@ from agent.simulator import Till, post_events
 from central.demo import Pipeline
 from protocol.wire import event_key
 from tests.central.oms import Answer, ScriptedOms
-from tests.ops.conftest import central
-
-WAIT = 60.0
-
-
-@pytest.fixture
-async def oms() -> AsyncIterator[ScriptedOms]:
-    async with ScriptedOms() as server:
-        yield server
+from tests.ops.conftest import central, wait_until
 
 
 @pytest.fixture
@@ -42,17 +32,6 @@ async def pipeline(tmp_path: Path, oms: ScriptedOms) -> AsyncIterator[Pipeline]:
         yield p
     finally:
         await p.stop()
-
-
-async def wait_until(pipeline: Pipeline, check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not check():
-        proc = pipeline.central.proc
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"central exited ({proc.returncode}): {pipeline.central.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} in {WAIT:.0f}s: {pipeline.central.tail()}")
-        await asyncio.sleep(0.1)
 
 
 def live_status(pipeline: Pipeline) -> dict[str, Any]:

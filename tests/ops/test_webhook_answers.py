@@ -3,10 +3,9 @@ on loopback that answers bytes which are not UTF-8."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,9 @@ from agent.simulator import Till, post_events
 from central.demo import Pipeline
 from protocol.wire import event_key
 from tests.central.oms import Answer, ScriptedOms
-from tests.ops.conftest import central
+from tests.ops.conftest import WAIT, central, wait_until
 
-WAIT = 60.0
 NOT_UTF8 = b"\xff\xfe"
-
-
-@pytest.fixture
-async def oms() -> AsyncIterator[ScriptedOms]:
-    async with ScriptedOms() as server:
-        yield server
 
 
 @pytest.fixture
@@ -36,18 +28,6 @@ async def pipeline(tmp_path: Path, oms: ScriptedOms) -> AsyncIterator[Pipeline]:
         yield p
     finally:
         await p.stop()
-
-
-async def wait_until(pipeline: Pipeline, check: Callable[[], bool], what: str) -> None:
-    """Wait for ``check``; fail at once, with central's log, if central exits meanwhile."""
-    deadline = time.monotonic() + WAIT
-    while not check():
-        proc = pipeline.central.proc
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"central exited ({proc.returncode}): {pipeline.central.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"not {what} in {WAIT:.0f}s: {pipeline.central.tail()}")
-        await asyncio.sleep(0.1)
 
 
 async def dead_letters(pipeline: Pipeline, count: int) -> list[dict[str, object]]:
