@@ -90,6 +90,9 @@ class Holds:
         self.alert_fraction = alert_fraction
         self._stores: dict[str, StoreHolds] = {}
         self._park_backoff = Backoff(PARK_BASE, PARK_CAP, jitter=False)
+        # Kept beside the per-store records: the consumer asks for it twice per unit, and a
+        # scan of every store ever held would be work on the hot path.
+        self._parked: frozenset[str] = frozenset()
 
     def _store(self, store_id: str) -> StoreHolds:
         return self._stores.setdefault(store_id, StoreHolds())
@@ -146,6 +149,7 @@ class Holds:
         store = self._store(store_id)
         old = store.parked
         failures = old.failures + 1 if old is not None else 1
+        self._parked = self._parked | {store_id}
         store.parked = Parked(
             key=key,
             reason=reason,
@@ -161,6 +165,7 @@ class Holds:
         if store is None or store.parked is None:
             return None
         parked, store.parked = store.parked, None
+        self._parked = self._parked - {store_id}
         return parked
 
     def parked_wait(self, store_id: str, now: float) -> float | None:
@@ -172,7 +177,8 @@ class Holds:
         return max(0.1, store.parked.next_try_at - now)
 
     def parked(self) -> frozenset[str]:
-        return frozenset(s for s, store in self._stores.items() if store.parked is not None)
+        """The stores parked now."""
+        return self._parked
 
     def undecodable(self, store_id: str) -> Undecodable | None:
         store = self._stores.get(store_id)

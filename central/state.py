@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -151,18 +151,7 @@ class GapSkip:
     outcome: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "store_id": self.store_id,
-            "epoch": self.epoch,
-            "from_seq": self.from_seq,
-            "through_seq": self.through_seq,
-            "reason": self.reason,
-            "operator": self.operator,
-            "recorded_at": self.recorded_at,
-            "applied_at": self.applied_at,
-            "outcome": self.outcome,
-        }
+        return asdict(self)
 
 
 MARK_COLUMNS = "store_id, epoch, hwm, delivered, duplicates, first_seen, last_seen, seen_through"
@@ -453,7 +442,7 @@ class SqliteState:
         key = (skip.store_id, skip.epoch)
         mark = self._marks.get(key) or Mark(store_id=skip.store_id, epoch=skip.epoch)
         gap = self._gaps.get(key)
-        new_mark = Mark(**{**mark.__dict__, "hwm": max(mark.hwm, skip.through_seq)})
+        new_mark = replace(mark, hwm=max(mark.hwm, skip.through_seq))
         new_gap: Gap | None = gap
         now = time.time()
         if skip.through_seq <= mark.hwm:
