@@ -4,13 +4,18 @@ status, metrics and the dashboard need a bearer token, or central refuses to sta
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
+import os
+import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from central.broker import EmbeddedBroker, free_port
+from central.config import HTTP_TOKEN_ENV, OPERATOR_TOKEN_ENV
 from central.errors import ConfigError
 from central.service import CentralService
 from tests.central.conftest import central_config, running_harness
@@ -78,3 +83,38 @@ def test_on_all_interfaces_without_a_token_central_refuses_to_start(tmp_path: Pa
     cfg = central_config(tmp_path, "nats://127.0.0.1:1", http=f"0.0.0.0:{free_port()}")
     with pytest.raises(ConfigError, match="no token is set: set http_token"):
         CentralService(cfg)
+
+
+async def _status_cli(data_dir: Path, env: dict[str, str]) -> tuple[int, str, str]:
+    """`storelink-central status --no-agents --json` as an operator's shell runs it."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "central", "status", "--data-dir", str(data_dir), "--no-agents",
+        "--json", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_status_cli_against_a_token_protected_central(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """`storelink-central status` asks the running central's /v1/status for what only the
+    running process knows (sinks, held batches): bound to 0.0.0.0, without the token in the
+    shell it says which variable to set and fails; with $STORELINK_HTTP_TOKEN (or the operator
+    token) it shows central as running."""
+    port = free_port()
+    settings = {"http": f"0.0.0.0:{port}", "http_token": TOKEN}
+    env = {k: v for k, v in os.environ.items() if k not in (HTTP_TOKEN_ENV, OPERATOR_TOKEN_ENV)}
+    async with running_harness(
+        tmp_path, nats_server.url, **settings, **{"dashboard.operator_token": OPERATOR}
+    ) as h:
+        data_dir = h.service.cfg.data_path
+        code, _, err = await _status_cli(data_dir, env)
+        refused = (code, f"wants a token: set ${HTTP_TOKEN_ENV}" in err)
+        outcomes = {}
+        for name, value in ((HTTP_TOKEN_ENV, TOKEN), (OPERATOR_TOKEN_ENV, OPERATOR)):
+            code, out, err = await _status_cli(data_dir, {**env, name: value})
+            outcomes[name] = (code, json.loads(out)["central_running"] if code == 0 else err)
+    assert (1, True) == refused
+    assert {HTTP_TOKEN_ENV: (0, True), OPERATOR_TOKEN_ENV: (0, True)} == outcomes
