@@ -83,6 +83,25 @@ def client_options(cfg: CentralConfig) -> dict[str, Any]:
     return options
 
 
+def machine_addresses() -> list[str]:
+    """This machine's non-loopback addresses that other machines reach it by: the source
+    address the kernel picks toward a documentation-only address (a UDP ``connect`` sends
+    nothing), per family, and what the host name resolves to."""
+    found: list[str] = []
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                found.append(str(s.getsockname()[0]))
+        except OSError:  # no route in that family
+            pass
+    try:
+        found += [str(a[4][0]) for a in socket.getaddrinfo(socket.gethostname(), None)]
+    except OSError:
+        pass
+    return [a for a in dict.fromkeys(found) if not is_loopback(a)]
+
+
 def secure_broker(cfg: CentralConfig) -> CentralConfig:
     """``cfg`` with TLS on the embedded nats-server when it listens on a non-loopback address
     without TLS configured: mutual TLS from a private CA in DATA_DIR/pki, made on first start
@@ -93,6 +112,8 @@ def secure_broker(cfg: CentralConfig) -> CentralConfig:
     if nats.urls or nats.tls.cert or nats.allow_plaintext or is_loopback(host):
         return cfg
     hosts = [h for h in (host, socket.gethostname()) if h not in ("0.0.0.0", "::")]
+    if host in ("0.0.0.0", "::"):
+        hosts += machine_addresses()  # what a store dials when given this machine's address
     if nats.advertise:
         hosts.append(parse_hostport(nats.advertise.partition("://")[2])[0])
     files, made = ensure_pki(cfg.data_path / PKI_DIRNAME, hosts)

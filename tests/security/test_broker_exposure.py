@@ -97,8 +97,8 @@ async def test_allow_plaintext_serves_without_tls_and_says_so(tmp_path: Path) ->
 def test_the_private_ca_names_the_hosts_agents_use_and_is_kept_across_restarts(
     tmp_path: Path,
 ) -> None:
-    """On 0.0.0.0 the server certificate names the machine, nats.advertise's host, localhost
-    and 127.0.0.1; a second start finds the CA and keeps it (stores' certificates stay good)."""
+    """On 0.0.0.0 the server certificate names the machine (its name and its LAN address),
+    nats.advertise's host, localhost and 127.0.0.1; a second start finds the CA and keeps it (stores' certificates stay good)."""
     cfg = central_config(
         tmp_path, "", **{"nats.urls": [], "nats.listen": "0.0.0.0:4222",
                          "nats.advertise": "tls://hq.example:4222"},
@@ -111,4 +111,10 @@ def test_the_private_ca_names_the_hosts_agents_use_and_is_kept_across_restarts(
     dns = set(names.get_values_for_type(x509.DNSName))
     ips = {str(ip) for ip in names.get_values_for_type(x509.IPAddress)}
     assert {socket.gethostname(), "hq.example", "localhost"} <= dns and "127.0.0.1" in ips
+    # The LAN address a store is given when it dials by address: the one this machine sends
+    # from (here the test network's 192.0.2.x).
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))
+        lan = probe.getsockname()[0]
+    assert lan in ips
     assert (True, first, ca) == (first.verify, again, Path(again.ca).read_bytes())
