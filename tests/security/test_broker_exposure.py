@@ -98,7 +98,8 @@ def test_the_private_ca_names_the_hosts_agents_use_and_is_kept_across_restarts(
     tmp_path: Path,
 ) -> None:
     """On 0.0.0.0 the server certificate names the machine (its name and its LAN address),
-    nats.advertise's host, localhost and 127.0.0.1; a second start finds the CA and keeps it (stores' certificates stay good)."""
+    nats.advertise's host, localhost and 127.0.0.1; a second start finds the CA and keeps it
+    (stores' certificates stay good)."""
     cfg = central_config(
         tmp_path, "", **{"nats.urls": [], "nats.listen": "0.0.0.0:4222",
                          "nats.advertise": "tls://hq.example:4222"},
