@@ -366,6 +366,17 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
             if s["lag_seconds"] is not None
         ],
     )
+    out.add(
+        "store_delivery_eta_seconds",
+        "gauge",
+        "Seconds until central has delivered the store's lag at its delivery rate over the "
+        "last 5 minutes; absent when it has no lag, or delivered nothing of it lately.",
+        [
+            ({"store": s["store_id"]}, s["delivery_eta_seconds"])
+            for s in stores
+            if s.get("delivery_eta_seconds") is not None
+        ],
+    )
     reported = [s for s in stores if s.get("reported")]
     out.add(
         "store_pending_events",
