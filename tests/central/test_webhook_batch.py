@@ -160,3 +160,21 @@ def test_batch_size_and_concurrency_below_one_are_refused(field_name: str, tmp_p
     config.write_text(f"[webhook]\n{field_name} = 0\n")
     with pytest.raises(ConfigError, match=field_name):
         load_config(config, {})
+
+
+async def test_finding_one_refused_record_costs_two_requests_per_halving(
+    counting: CountingOms,
+) -> None:
+    """One refused record in a batch of 8: the batch, then both halves at each of the 3
+    halvings (1 + 2 x log2 8 = 7 requests); the 7 others delivered in order."""
+    records = store_records("S1", 8)
+    counting.answers[records[5].key] = Answer(422, b"unknown sku")
+    sink = sink_on(counting, per_batch=True, batch_size=8)
+    await sink.start(None)
+    try:
+        rejected = await sink.deliver(records)
+    finally:
+        await sink.close()
+    assert [records[5].key] == [r.record.key for r in rejected]
+    assert [8, 4, 4, 2, 1, 1, 2] == counting.sizes
+    assert [r.key for r in records if r is not records[5]] == counting.arrivals
