@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 from typing import Any
 
 import msgspec
@@ -35,9 +35,11 @@ ALERT_PROBLEMS = (
 WARN_PROBLEMS = ("gap", "dlq", "missing")
 STATES = ("alert", "warn", "unknown", "ok")  # worst first
 RATE_WINDOW = 3600.0  # events per second are shown over the last hour (and the last minute)
-# A store's delivery ETA goes by its rate over the last 5 minutes: long enough to span several
-# units of work (central commits a store's deliveries a unit at a time, and a unit delivered
-# per event into a slow OMS can take minutes), short enough to follow a change of pace.
+# A store's delivery ETA goes by its rate since its backlog began, over at most the last 5
+# minutes: long enough to span several units of work (central commits a store's deliveries a
+# unit at a time, and a unit delivered per event into a slow OMS can take minutes), short
+# enough to follow a change of pace. Time without a backlog is left out (an idle store
+# delivers nothing because it has nothing, and would make the ETA of its next backlog long).
 ETA_WINDOW = 300.0
 
 
@@ -194,14 +196,19 @@ class DeliveryRate:
 
 class StoreRates:
     """Each store's delivered counter, sampled at every round of asking: its delivery rate
-    over the last ``window`` seconds (a moving average), for its ETA."""
+    since its backlog began, over at most the last ``window`` seconds (a moving average), for
+    its ETA."""
 
     def __init__(self, window: float = ETA_WINDOW) -> None:
         self.window = window
         self._rates: dict[str, DeliveryRate] = {}
 
-    def note(self, now: float, delivered: Mapping[str, int]) -> None:
+    def note(self, now: float, delivered: Mapping[str, int], caught_up: Set[str]) -> None:
+        """``delivered``: each store's counter now; ``caught_up``: the stores seen without a
+        lag now, whose rate starts again from this sample."""
         for store_id, count in delivered.items():
+            if store_id in caught_up:
+                self._rates[store_id] = DeliveryRate(self.window)
             self._rates.setdefault(store_id, DeliveryRate(self.window)).note(now, count)
 
     def per_second(self, now: float) -> dict[str, float | None]:
@@ -269,11 +276,18 @@ class AgentWatch:
         from central.dlq import dead_letter_counts
 
         rows = list(await self._stores())
-        self.store_rates.note(time.time(), {s["store_id"]: s["delivered"] for s in rows})
         ids = [s["store_id"] for s in rows]
         asked_at = time.time()
         for reach in (await ask_status(self.nc, ids, self.timeout)).values():
             self.heard(reach, asked_at)
+        caught_up = set()
+        for s in rows:
+            events, _ = lag(
+                self.reach.get(s["store_id"]), s["epoch"], s["hwm"], s["last_seen"], asked_at
+            )
+            if events == 0:
+                caught_up.add(s["store_id"])
+        self.store_rates.note(asked_at, {s["store_id"]: s["delivered"] for s in rows}, caught_up)
         try:
             self.dlq_live = await dead_letter_counts(self.nc)
         except CentralError as exc:
