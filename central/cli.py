@@ -271,8 +271,9 @@ def status(
     lag_alert: float,
     no_agents: bool,
 ) -> None:
-    """One line per store: last seen, lag (events, seconds), hwm, open gap, DLQ count, agent
-    reachable; totals at the top.
+    """One line per store: last seen, lag (events, seconds; with the delivery ETA while it has
+    a lag and central delivers it), hwm, open gap, DLQ count, agent reachable; totals at the
+    top.
 
     Reads the state database read-only, so it works whether or not central runs. Each store's
     agent is asked over its control subject, all at once, each with --timeout. Flags per store:
@@ -301,12 +302,14 @@ def status(
             reach, dlq_live, nats_error = asyncio.run(
                 _ask_agents(urls, _nats_options(data_dir, creds), ids, timeout)
             )
-    live = {s["store_id"]: s.get("held") for s in (running or {}).get("stores") or []}
+    live = {s["store_id"]: s for s in (running or {}).get("stores") or []}
     for s in stores:
-        s["held"] = live.get(s["store_id"])
+        s["held"] = live.get(s["store_id"], {}).get("held")
+    # Delivery rates are the running central's (it samples them); the lag is ours, just asked.
+    rates = {sid: s.get("delivery_rate") for sid, s in live.items()}
     estate.annotate(
         stores, reach, time.time(), lag_warn=lag_alert, lag_alert=lag_alert,
-        not_asked=nats_error, dlq_live=dlq_live,
+        not_asked=nats_error, dlq_live=dlq_live, rates=rates,
     )  # fmt: skip
     result = {
         "central_running": running is not None,
@@ -381,6 +384,8 @@ def _print_status(result: dict[str, Any]) -> None:
             seconds = s["lag_seconds"]
             behind = "?" if seconds is None else duration(seconds, compact=True)
             lag_text = f"lag {s['lag_events']} ev {behind}"
+            if s["delivery_eta_seconds"] is not None:
+                lag_text += f" eta {duration(s['delivery_eta_seconds'], compact=True)}"
         flags = ",".join(s["problems"]).upper() or ("OK" if agent["reachable"] else "-")
         click.echo(
             f"  {s['store_id']:<12} {flags:<16} hwm {s['hwm']:>8} "

@@ -25,6 +25,7 @@ DEFAULT_EXPIRY_ALERT_FRACTION = 0.5
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 DEFAULT_WEBHOOK_ATTEMPTS = 5
 DEFAULT_WEBHOOK_CONCURRENCY = 16
+DEFAULT_WEBHOOK_BATCH_SIZE = 500  # one agent batch: 20 ms of OMS time spread over 500 records
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
 DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
@@ -161,9 +162,28 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         DEFAULT_WEBHOOK_ATTEMPTS
     )
     per_batch: Annotated[
-        bool, _doc("POST a JSON array per store and unit instead of per event")
+        bool,
+        _doc(
+            "POST JSON arrays of up to batch_size records of one store instead of one record "
+            "per request (the OMS must accept arrays; docs/oms.md)"
+        ),
     ] = False
-    concurrency: Annotated[int, _doc("stores delivered concurrently")] = DEFAULT_WEBHOOK_CONCURRENCY
+    batch_size: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="with per_batch, the most records in one POST (a store's records in a "
+            "unit of work go in POSTs of this many, in order)",
+        ),
+    ] = DEFAULT_WEBHOOK_BATCH_SIZE
+    concurrency: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="requests in flight to the OMS at once, each of another store (a "
+            "store's own requests go one after the other, in order)",
+        ),
+    ] = DEFAULT_WEBHOOK_CONCURRENCY
     breaker_threshold: Annotated[int, _doc("consecutive failures that open the breaker")] = (
         DEFAULT_BREAKER_THRESHOLD
     )

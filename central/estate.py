@@ -3,8 +3,9 @@ last said, its lag, what needs a look (``problems``), a state (ok, warn, alert) 
 
 ``storelink-central status`` asks the agents itself and annotates with ``annotate``; the running
 central keeps an ``AgentWatch`` (it asks every agent every few seconds, and hears their
-heartbeats) and a ``DeliveryRate`` (a ring of the consumer's delivered counter), and its status
-document, ``/metrics`` and the dashboard show the same annotation.
+heartbeats), a ``DeliveryRate`` (a ring of the consumer's delivered counter) and ``StoreRates``
+(each store's delivered counter, for its delivery ETA), and its status document, ``/metrics``
+and the dashboard show the same annotation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Set
 from typing import Any
 
 import msgspec
@@ -34,6 +35,12 @@ ALERT_PROBLEMS = (
 WARN_PROBLEMS = ("gap", "dlq", "missing")
 STATES = ("alert", "warn", "unknown", "ok")  # worst first
 RATE_WINDOW = 3600.0  # events per second are shown over the last hour (and the last minute)
+# A store's delivery ETA goes by its rate since its backlog began, over at most the last 5
+# minutes: long enough to span several units of work (central commits a store's deliveries a
+# unit at a time, and a unit delivered per event into a slow OMS can take minutes), short
+# enough to follow a change of pace. Time without a backlog is left out (an idle store
+# delivers nothing because it has nothing, and would make the ETA of its next backlog long).
+ETA_WINDOW = 300.0
 
 
 def problems(store: Mapping[str, Any], lag_alert: float) -> list[str]:
@@ -88,12 +95,14 @@ def annotate(
     dlq_live: Mapping[str, int] | None = None,
     heard_at: Mapping[str, float] | None = None,
     reported: Mapping[str, tuple[float, AgentStatus]] | None = None,
+    rates: Mapping[str, float | None] | None = None,
 ) -> None:
     """Add to each row of ``read_status``: ``agent`` (what it said, or why nothing:
     ``not_asked``), ``lag_events``/``lag_seconds``, ``last_heard`` (when its agent last
     answered or sent a heartbeat), ``reported`` (its last status report and when: pending
-    at the store as last reported, even while it does not answer), ``problems`` and
-    ``state``. ``dlq_live``: the DLQ stream's
+    at the store as last reported, even while it does not answer), ``delivery_rate`` and
+    ``delivery_eta_seconds`` (``rates``: each store's, from the running central's
+    ``StoreRates``), ``problems`` and ``state``. ``dlq_live``: the DLQ stream's
     counts, the truth when NATS could be asked (replay and drop remove from it)."""
     for s in stores:
         if dlq_live is not None:
@@ -108,8 +117,19 @@ def annotate(
         s["last_heard"] = (heard_at or {}).get(s["store_id"])
         last = (reported or {}).get(s["store_id"])
         s["reported"] = {"at": last[0], **msgspec.to_builtins(last[1])} if last else None
+        s["delivery_rate"] = (rates or {}).get(s["store_id"])
+        s["delivery_eta_seconds"] = delivery_eta(s["lag_events"], s["delivery_rate"])
         s["problems"] = problems(s, lag_alert)
         s["state"] = state_of(s, lag_warn)
+
+
+def delivery_eta(lag_events: int | None, rate: float | None) -> float | None:
+    """Seconds until central has delivered the store's lag at its recent delivery rate; None
+    when there is nothing to deliver (an idle store), when its agent did not say how far
+    behind it is, or when nothing of it was delivered lately (no rate to go by)."""
+    if not lag_events or not rate:
+        return None
+    return lag_events / rate
 
 
 def totals(stores: list[dict[str, Any]]) -> dict[str, Any]:
@@ -174,24 +194,47 @@ class DeliveryRate:
         }
 
 
+class StoreRates:
+    """Each store's delivered counter, sampled at every round of asking: its delivery rate
+    since its backlog began, over at most the last ``window`` seconds (a moving average), for
+    its ETA."""
+
+    def __init__(self, window: float = ETA_WINDOW) -> None:
+        self.window = window
+        self._rates: dict[str, DeliveryRate] = {}
+
+    def note(self, now: float, delivered: Mapping[str, int], caught_up: Set[str]) -> None:
+        """``delivered``: each store's counter now; ``caught_up``: the stores seen without a
+        lag now, whose rate starts again from this sample."""
+        for store_id, count in delivered.items():
+            if store_id in caught_up:
+                self._rates[store_id] = DeliveryRate(self.window)
+            self._rates.setdefault(store_id, DeliveryRate(self.window)).note(now, count)
+
+    def per_second(self, now: float) -> dict[str, float | None]:
+        """Events per second for each store sampled (None before two samples)."""
+        return {sid: rate.per_second(now, self.window) for sid, rate in self._rates.items()}
+
+
 class AgentWatch:
     """The running central's knowledge of every store's agent: it asks them all every
     ``interval`` seconds (the control subject's ``status``, as `storelink-central status`
     does, all at once) and takes each answer, or the failure to answer, as the latest word.
     Between rounds each agent's heartbeat (``on_heartbeat``) is its latest word too. The live
-    DLQ counts and a sample of the delivery rate are taken in the same beat as the asking."""
+    DLQ counts and a sample of the delivery rates (all stores', each store's) are taken in the
+    same beat as the asking."""
 
     def __init__(
         self,
         nc: Any,
-        store_ids: Callable[[], Awaitable[Iterable[str]]],
+        stores: Callable[[], Awaitable[Iterable[Mapping[str, Any]]]],
         *,
         interval: float,
         timeout: float,
         delivered: Callable[[], int] | None = None,
     ) -> None:
         self.nc = nc
-        self._store_ids = store_ids
+        self._stores = stores  # read_status rows: store_id, delivered
         self.interval = interval
         self.timeout = timeout
         self._delivered = delivered
@@ -200,6 +243,7 @@ class AgentWatch:
         self.reported: dict[str, tuple[float, AgentStatus]] = {}  # its last status, and when
         self.dlq_live: dict[str, int] | None = None
         self.rate = DeliveryRate()
+        self.store_rates = StoreRates()
         self.polls = 0
         self.heartbeats = 0
         self.polled = asyncio.Event()  # set after the first round of asking
@@ -231,10 +275,19 @@ class AgentWatch:
     async def poll_once(self) -> None:
         from central.dlq import dead_letter_counts
 
-        ids = list(await self._store_ids())
+        rows = list(await self._stores())
+        ids = [s["store_id"] for s in rows]
         asked_at = time.time()
         for reach in (await ask_status(self.nc, ids, self.timeout)).values():
             self.heard(reach, asked_at)
+        caught_up = set()
+        for s in rows:
+            events, _ = lag(
+                self.reach.get(s["store_id"]), s["epoch"], s["hwm"], s["last_seen"], asked_at
+            )
+            if events == 0:
+                caught_up.add(s["store_id"])
+        self.store_rates.note(asked_at, {s["store_id"]: s["delivered"] for s in rows}, caught_up)
         try:
             self.dlq_live = await dead_letter_counts(self.nc)
         except CentralError as exc:

@@ -155,6 +155,10 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
     def per_store(key: str) -> list[tuple[Mapping[str, str], float]]:
         return [({"store": s["store_id"]}, float(s.get(key) or 0)) for s in stores]
 
+    def known(key: str) -> list[tuple[Mapping[str, str], float]]:
+        """Only the stores whose ``key`` is known (not None): an unknown figure is absent."""
+        return [({"store": s["store_id"]}, s[key]) for s in stores if s.get(key) is not None]
+
     out.add("stores", "gauge", "Stores central knows (provisioned or seen).", len(stores))
     out.add(
         "store_hwm",
@@ -348,23 +352,26 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
         "When the store's agent last answered or sent a heartbeat (Unix time); 0 never.",
         per_store("last_heard"),
     )
-    lagged = [s for s in stores if s.get("lag_events") is not None]
     out.add(
         "store_lag_events",
         "gauge",
         "Events the store's agent committed that central has not delivered (as it last said).",
-        [({"store": s["store_id"]}, s["lag_events"]) for s in lagged],
+        known("lag_events"),
     )
     out.add(
         "store_lag_seconds",
         "gauge",
         "How far behind central is for the store: the age of the oldest event the agent has not "
         "had acknowledged, or since its last batch when central is the one behind.",
-        [
-            ({"store": s["store_id"]}, s["lag_seconds"])
-            for s in lagged
-            if s["lag_seconds"] is not None
-        ],
+        known("lag_seconds"),  # known only with lag_events (central/control.py lag)
+    )
+    out.add(
+        "store_delivery_eta_seconds",
+        "gauge",
+        "Seconds until central has delivered the store's lag at its delivery rate since its "
+        "backlog began (at most the last 5 minutes); absent when it has no lag, or delivered "
+        "nothing of it lately.",
+        known("delivery_eta_seconds"),
     )
     reported = [s for s in stores if s.get("reported")]
     out.add(

@@ -217,6 +217,7 @@ class CentralService:
             dlq_live=watch.dlq_live if watch else None,
             heard_at=watch.heard_at if watch else None,
             reported=watch.reported if watch else None,
+            rates=watch.store_rates.per_second(now) if watch else None,
         )
         return {
             "central_running": True,
@@ -273,8 +274,8 @@ class CentralService:
         [outcome] = await replay(nc, [dead], self.cfg.data_path, self.cfg, [])
         return outcome
 
-    async def _store_ids(self) -> list[str]:
-        return [s["store_id"] for s in await read_status(self.cfg.data_path)]
+    async def _stores(self) -> list[dict[str, Any]]:
+        return await read_status(self.cfg.data_path)
 
     async def _oms_stream(self) -> dict[str, Any] | None:
         """With the nats sink: how far the OMS's consumers are behind (``oms_stream_lag``);
@@ -407,7 +408,7 @@ class CentralService:
             consumer = self.consumer
             self.watch = AgentWatch(
                 self.nc,
-                self._store_ids,
+                self._stores,
                 interval=self.cfg.dashboard.agent_poll_seconds,
                 timeout=DEFAULT_ASK_TIMEOUT,
                 delivered=lambda: consumer.delivered,

@@ -63,6 +63,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_central",
         "bench_e2e",
         "bench_gap",
+        "bench_webhook",
         "bench_rss",
         "bench_checkpoint",
     ],

@@ -23,6 +23,7 @@ from tests.bench import (
     bench_gap,
     bench_ingest,
     bench_rss,
+    bench_webhook,
 )
 from tests.bench.harness import Options, Table, machine, run_loop
 
@@ -34,6 +35,7 @@ BENCHES = (
     bench_central,
     bench_e2e,
     bench_gap,
+    bench_webhook,
     bench_checkpoint,
     bench_rss,
 )

@@ -44,13 +44,18 @@ async def agent(pipeline: Pipeline, store_id: str, *args: str) -> subprocess.Com
     )
 
 
-async def _running(root: Path, store_ids: tuple[str, ...]) -> AsyncIterator[Pipeline]:
-    p = Pipeline(root=root, store_ids=store_ids)
+async def started(p: Pipeline) -> AsyncIterator[Pipeline]:
+    """``p`` started, for a fixture to yield (``async for p in started(...)``); stopped after."""
     try:
         await p.start()
         yield p
     finally:
         await p.stop()
+
+
+async def _running(root: Path, store_ids: tuple[str, ...]) -> AsyncIterator[Pipeline]:
+    async for p in started(Pipeline(root=root, store_ids=store_ids)):
+        yield p
 
 
 @pytest.fixture
