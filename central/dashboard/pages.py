@@ -85,7 +85,9 @@ def _lag(store: Doc) -> str:
         return '<span class="muted">?</span>'
     seconds = store["lag_seconds"]
     behind = "?" if seconds is None else duration(seconds)
-    return f"{store['lag_events']:,} ev · {e(behind)}"
+    eta = store.get("delivery_eta_seconds")
+    due = "" if eta is None else f" · delivered in ~{e(duration(eta))}"
+    return f"{store['lag_events']:,} ev · {e(behind)}{due}"
 
 
 def _pending(store: Doc, now: float) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,7 @@ async def test_a_backlog_behind_a_slow_oms_shows_a_falling_eta_an_idle_store_non
     cli = json.loads(done.stdout)
     text = await central(pipeline, "status")
     gauges = [line for line in metrics(pipeline) if "store_delivery_eta_seconds{" in line]
+    dashboard = _page(pipeline, "/")
     assert not s1_keys <= set(slow_oms.arrivals), "S1 was delivered before status was asked"
     assert store(cli, "S1")["delivery_eta_seconds"] > 0
     assert store(cli, "S2")["delivery_eta_seconds"] is None
@@ -104,6 +106,13 @@ async def test_a_backlog_behind_a_slow_oms_shows_a_falling_eta_an_idle_store_non
     assert ['storelink_central_store_delivery_eta_seconds{store="S1"}'] == [
         line.split()[0] for line in gauges
     ]
+    # The dashboard's lag cell says when the backlog will be in, for S1 only.
+    rows = {
+        row.split('data-store="', 1)[1].split('"', 1)[0]: row
+        for row in dashboard.split("<tr ")[1:]
+        if 'data-store="' in row
+    }
+    assert {"S1": True, "S2": False} == {k: "delivered in ~" in v for k, v in rows.items()}
 
     slow_oms.delay = 0.0
     await wait_until(pipeline, lambda: s1_keys <= set(slow_oms.arrivals), "S1 delivered")
@@ -113,6 +122,12 @@ async def test_a_backlog_behind_a_slow_oms_shows_a_falling_eta_an_idle_store_non
         "S1's lag seen at 0",
     )
     assert store(live_status(pipeline), "S1")["delivery_eta_seconds"] is None
+
+
+def _page(pipeline: Pipeline, path: str) -> str:
+    url = f"http://127.0.0.1:{pipeline.central_http_port}{path}"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return str(resp.read().decode())
 
 
 def test_eta_is_the_lag_over_the_stores_recent_rate_else_none() -> None:
