@@ -296,8 +296,13 @@ def encode_packed_batch(
     compressed with ``codec``."""
     return _msgpack_encoder.encode(
         PackedBatch(
-            store_id=store_id, epoch=epoch, first_seq=first_seq, last_seq=last_seq, records=[],
-            codec=codec, packed=pack_records(codec, records),
+            store_id=store_id,
+            epoch=epoch,
+            first_seq=first_seq,
+            last_seq=last_seq,
+            records=[],
+            codec=codec,
+            packed=pack_records(codec, records),
         )  # fmt: skip
     )
 
@@ -339,6 +344,7 @@ def _record_events(records: list[Record]) -> list[EventBase]:
 
 
 # --- packed records (wire version 2) ------------------------------------------------------
+
 
 @functools.cache
 def _zstd() -> tuple[Any, Any]:
