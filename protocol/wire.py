@@ -294,17 +294,12 @@ def encode_packed_batch(
 ) -> bytes:
     """A packed Batch message (wire version 2): the envelope readable as is, the records
     compressed with ``codec``."""
-    return _msgpack_encoder.encode(
-        PackedBatch(
-            store_id=store_id,
-            epoch=epoch,
-            first_seq=first_seq,
-            last_seq=last_seq,
-            records=[],
-            codec=codec,
-            packed=pack_records(codec, records),
-        )  # fmt: skip
-    )
+    packed = pack_records(codec, records)
+    batch = PackedBatch(
+        store_id=store_id, epoch=epoch, first_seq=first_seq, last_seq=last_seq, records=[],
+        codec=codec, packed=packed,
+    )  # fmt: skip
+    return _msgpack_encoder.encode(batch)
 
 
 # What msgspec raises for input it cannot decode: DecodeError (a ValidationError is one) and,
