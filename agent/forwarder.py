@@ -11,6 +11,11 @@ unacknowledged batch and re-sends from there after a capped, jittered backoff. B
 it may have landed as well; central drops what it already has by seq, and JetStream drops
 exact re-sends within its duplicate window.
 
+With ``compression`` set (zstd or zlib), each batch is packed (wire v2, protocol/wire.py):
+the envelope stays as is and the records travel compressed. Batches are still cut by their
+records' unpacked bytes, so central's cap on unpacking (its max_payload) is never reached by
+an agent's batch. Off by default: central must be upgraded first (docs/protocol.md).
+
 Batching is adaptive: with nothing in flight a batch goes out at once (lowest latency); while
 batches are in flight, a partial batch lingers up to ``linger_ms`` to fill up (throughput).
 
@@ -70,7 +75,7 @@ from protocol.subjects import (
     inbox_prefix,
 )
 from protocol.timefmt import utc
-from protocol.wire import UNDECODABLE, encode_raw_batch
+from protocol.wire import CODECS, UNDECODABLE, encode_packed_batch, encode_raw_batch
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +214,7 @@ class Forwarder:
         linger_ms: int = 5,
         inflight: int = 8,
         publish_timeout: float = 5.0,
+        compression: str = "none",
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
@@ -226,6 +232,9 @@ class Forwarder:
         self.linger = linger_ms / 1000.0
         self.inflight = inflight
         self.publish_timeout = publish_timeout
+        if compression != "none" and compression not in CODECS:
+            raise ValueError(f"unknown compression {compression!r}: none, {', '.join(CODECS)}")
+        self.compression = compression
         self.name = name or f"storelink-agent {store_id}"
         self._sleep = sleep
         self._clock = clock
@@ -516,13 +525,22 @@ class Forwarder:
                 await self._wait_wake(self.linger)
                 continue
             lingered = False
-            if not await self._publish(nc, run):
+            if not await self._publish(nc, run, limit_bytes):
                 return
 
-    async def _publish(self, nc: NatsClient, run: UnsentRun) -> bool:
-        payload = encode_raw_batch(
-            self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, run.payloads
-        )
+    async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
+        epoch = self.outbox.epoch
+        if self.compression != "none" and run.size <= limit_bytes:
+            # Packed: central unpacks at most its max_payload, so only a run that fits it
+            # unpacked is packed; a larger (single) record goes plain, and is set aside when
+            # the server refuses it, as without packing.
+            payload = encode_packed_batch(
+                self.compression, self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
+            )
+        else:
+            payload = encode_raw_batch(
+                self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
+            )
         msg_id = batch_msg_id(
             self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, self._resends
         )
