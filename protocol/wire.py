@@ -385,12 +385,13 @@ def _unzstd(packed: bytes, max_bytes: int) -> bytes:
     try:
         # The frame header's content size, checked before anything is allocated for it
         # (zstandard allocates what the header says and ignores max_output_size then).
-        # pack_records always writes it; a frame without it is refused (bounded output and
-        # "truncated" could not be told apart then).
         size = zstandard.frame_content_size(packed)
     except zstandard.ZstdError as exc:
-        reason = f"corrupt, or a frame that does not say its content size: {exc}"
-        raise UnreadablePacked(codec="zstd", reason=reason) from None
+        raise UnreadablePacked(codec="zstd", reason=f"corrupt: {exc}") from None
+    if size < 0:  # zstandard says -1 for "unknown" (not its CONTENTSIZE_UNKNOWN)
+        # pack_records always writes it; without it, bounded output could not tell "too
+        # large" from "truncated", so such a frame is refused outright.
+        raise UnreadablePacked(codec="zstd", reason="a frame that does not say its content size")
     if size > max_bytes:
         raise _over("zstd", str(size), max_bytes)
     try:
