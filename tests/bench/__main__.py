@@ -23,6 +23,7 @@ from tests.bench import (
     bench_gap,
     bench_ingest,
     bench_rss,
+    bench_wan,
 )
 from tests.bench.harness import Options, Table, machine, run_loop
 
@@ -36,6 +37,7 @@ BENCHES = (
     bench_gap,
     bench_checkpoint,
     bench_rss,
+    bench_wan,
 )
 
 
