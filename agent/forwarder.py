@@ -6,6 +6,10 @@ message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``
 batches awaiting their PubAck. Only the acknowledged *prefix* of the window is marked sent,
 and that through the outbox's single writer, so the forwarder never blocks ingest.
 
+A PubAck timeout is ``publish_timeout`` without any PubAck coming back (from the head
+batch's publish, or from the last PubAck of any batch, whichever is later): on a slow link a
+window's bytes take longer than that to go through, and that is progress, not a failure.
+
 On any failure (PubAck timeout, API error, lost connection) it rewinds to the first
 unacknowledged batch and re-sends from there after a capped, jittered backoff. Batches after
 it may have landed as well; central drops what it already has by seq, and JetStream drops
@@ -154,6 +158,8 @@ class _Acks:
         self._prefix = ""
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
         self._tokens = itertools.count(1)
+        # When any PubAck last came back, even for a batch given up on: the link is alive.
+        self.last_reply = 0.0
 
     async def start(self, nc: NatsClient) -> None:
         # Under the store's inbox prefix: its permissions let it subscribe there only.
@@ -169,6 +175,7 @@ class _Acks:
         return self._prefix + token, future
 
     async def _on_reply(self, msg: Msg) -> None:
+        self.last_reply = time.monotonic()
         future = self._futures.get(msg.subject[len(self._prefix) :])
         if future is None or future.done():
             return  # a PubAck for a batch given up on (timed out, rewound)
@@ -483,7 +490,12 @@ class Forwarder:
                 if not self._settle():
                     await self._back_off()
                 continue
-            remaining = head.deadline - time.monotonic()
+            # On a slow link (2 Mbit/s) a full window takes longer than publish_timeout to go
+            # through: PubAcks still coming back (for any batch) mean it is moving, so the head
+            # times out only after publish_timeout without any. Re-sending then would queue
+            # another window behind the first and never catch up.
+            deadline = max(head.deadline, self._acks.last_reply + self.publish_timeout)
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._fail(f"no PubAck within {self.publish_timeout:g} s")
                 await self._back_off()
