@@ -137,7 +137,11 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ] = DEFAULT_INFLIGHT
     publish_timeout: Annotated[
         float,
-        msgspec.Meta(gt=0, description="Seconds to wait for a PubAck before re-sending."),
+        msgspec.Meta(
+            gt=0,
+            description="Seconds without any PubAck before the unacknowledged batches are "
+            "re-sent (PubAcks still arriving on a slow link are progress).",
+        ),
     ] = DEFAULT_PUBLISH_TIMEOUT
     compression: Annotated[
         Literal["none", "zstd", "zlib"],
