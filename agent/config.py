@@ -39,7 +39,8 @@ DEFAULT_PUBLISH_TIMEOUT = 5.0
 # Off until operators have upgraded central: a central older than wire v2 cannot read packed
 # batches (it holds them as undecodable and the store waits), and an agent cannot ask central
 # what it reads before it sends. docs/protocol.md, "Packed batches".
-DEFAULT_COMPRESSION = "none"
+Compression = Literal["none", "zstd", "zlib"]
+DEFAULT_COMPRESSION: Compression = "none"
 DEFAULT_RETENTION_DAYS = 7.0
 DEFAULT_MAX_BUFFER_BYTES = 1024 * 1024 * 1024
 DEFAULT_POLL_INTERVAL = 1.0
@@ -144,7 +145,7 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ),
     ] = DEFAULT_PUBLISH_TIMEOUT
     compression: Annotated[
-        Literal["none", "zstd", "zlib"],
+        Compression,
         msgspec.Meta(
             description="Pack batches on the wire: zstd (~9x smaller on till records, about "
             "1 us of CPU per event) or zlib (~7x, ~2 us). Only once central is upgraded to a "
