@@ -84,7 +84,8 @@ class _Link:
     )
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
-    # Per direction: when the paced link is free to send its next slice (loop time).
+    # Per direction: when the paced link finished its last slice with more queued behind it
+    # (loop time); 0.0: the link is idle.
     free_at: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def kick(self) -> None:
@@ -278,16 +279,14 @@ class ChaosProxy:
                         data = data[:step]
                     else:
                         queue.popleft()
-                    # The slice takes len/rate on the wire, right after the one before it, and
-                    # arrives when it is all through. A link idle for longer than a slice saves
-                    # no credit up; a busy one does not drift by the loop's wake-up lag.
-                    now = loop.time()
-                    start = link.free_at[direction]
-                    if now - start > 1 / PACE_SLICES_PER_S:
-                        start = now
-                    free_at = start + len(data) / rate
-                    link.free_at[direction] = free_at
+                    # The slice takes len/rate on the wire and arrives when it is all through.
+                    # While the queue stays full, each slice starts where the one before it
+                    # ended (so the loop's wake-up lag, large on a loaded machine, does not
+                    # slow the link down); a link that went idle starts afresh, no credit.
+                    busy_since = link.free_at[direction]
+                    free_at = (busy_since or loop.time()) + len(data) / rate
                     await asyncio.sleep(free_at - loop.time())
+                    link.free_at[direction] = free_at if queue else 0.0
                 dst.write(data)
                 self._bytes[direction] += len(data)
                 await dst.drain()
