@@ -91,16 +91,11 @@ class RawBatch(msgspec.Struct, frozen=True, kw_only=True):
     v: int = WIRE_VERSION
 
 
-class PackedBatch(msgspec.Struct, frozen=True, kw_only=True):
+class PackedBatch(RawBatch, frozen=True, kw_only=True):
     """The agent's packed Batch (wire version 2): ``records`` stays in the envelope, empty, so
     a central older than version 2 decodes the envelope and holds the batch as undecodable
     (``records`` must not be empty) instead of dead-lettering it."""
 
-    store_id: str
-    epoch: str
-    first_seq: int
-    last_seq: int
-    records: list[msgspec.Raw]
     v: int = PACKED_WIRE_VERSION
     codec: str
     packed: bytes
