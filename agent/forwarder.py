@@ -6,10 +6,19 @@ message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``
 batches awaiting their PubAck. Only the acknowledged *prefix* of the window is marked sent,
 and that through the outbox's single writer, so the forwarder never blocks ingest.
 
+A PubAck timeout is ``publish_timeout`` without any PubAck coming back (from the head
+batch's publish, or from the last PubAck of any batch, whichever is later): on a slow link a
+window's bytes take longer than that to go through, and that is progress, not a failure.
+
 On any failure (PubAck timeout, API error, lost connection) it rewinds to the first
 unacknowledged batch and re-sends from there after a capped, jittered backoff. Batches after
 it may have landed as well; central drops what it already has by seq, and JetStream drops
 exact re-sends within its duplicate window.
+
+With ``compression`` set (zstd or zlib), each batch is packed (wire v2, protocol/wire.py):
+the envelope stays as is and the records travel compressed. Batches are still cut by their
+records' unpacked bytes, so central's cap on unpacking (its max_payload) is never reached by
+an agent's batch. Off by default: central must be upgraded first (docs/protocol.md).
 
 Batching is adaptive: with nothing in flight a batch goes out at once (lowest latency); while
 batches are in flight, a partial batch lingers up to ``linger_ms`` to fill up (throughput).
@@ -70,7 +79,7 @@ from protocol.subjects import (
     inbox_prefix,
 )
 from protocol.timefmt import utc
-from protocol.wire import UNDECODABLE, encode_raw_batch
+from protocol.wire import CODECS, UNDECODABLE, encode_packed_batch, encode_raw_batch
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +158,8 @@ class _Acks:
         self._prefix = ""
         self._futures: dict[str, asyncio.Future[PubAck]] = {}
         self._tokens = itertools.count(1)
+        # When any PubAck last came back, even for a batch given up on: the link is alive.
+        self.last_reply = 0.0
 
     async def start(self, nc: NatsClient) -> None:
         # Under the store's inbox prefix: its permissions let it subscribe there only.
@@ -164,6 +175,7 @@ class _Acks:
         return self._prefix + token, future
 
     async def _on_reply(self, msg: Msg) -> None:
+        self.last_reply = time.monotonic()
         future = self._futures.get(msg.subject[len(self._prefix) :])
         if future is None or future.done():
             return  # a PubAck for a batch given up on (timed out, rewound)
@@ -209,6 +221,7 @@ class Forwarder:
         linger_ms: int = 5,
         inflight: int = 8,
         publish_timeout: float = 5.0,
+        compression: str = "none",
         sleep: Sleep = asyncio.sleep,
         rand: Callable[[], float] = random.random,
         clock: Callable[[], float] = time.time,
@@ -226,6 +239,9 @@ class Forwarder:
         self.linger = linger_ms / 1000.0
         self.inflight = inflight
         self.publish_timeout = publish_timeout
+        if compression != "none" and compression not in CODECS:
+            raise ValueError(f"unknown compression {compression!r}: none, {', '.join(CODECS)}")
+        self.compression = compression
         self.name = name or f"storelink-agent {store_id}"
         self._sleep = sleep
         self._clock = clock
@@ -474,7 +490,12 @@ class Forwarder:
                 if not self._settle():
                     await self._back_off()
                 continue
-            remaining = head.deadline - time.monotonic()
+            # On a slow link (2 Mbit/s) a full window takes longer than publish_timeout to go
+            # through: PubAcks still coming back (for any batch) mean it is moving, so the head
+            # times out only after publish_timeout without any. Re-sending then would queue
+            # another window behind the first and never catch up.
+            deadline = max(head.deadline, self._acks.last_reply + self.publish_timeout)
+            remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._fail(f"no PubAck within {self.publish_timeout:g} s")
                 await self._back_off()
@@ -516,13 +537,22 @@ class Forwarder:
                 await self._wait_wake(self.linger)
                 continue
             lingered = False
-            if not await self._publish(nc, run):
+            if not await self._publish(nc, run, limit_bytes):
                 return
 
-    async def _publish(self, nc: NatsClient, run: UnsentRun) -> bool:
-        payload = encode_raw_batch(
-            self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, run.payloads
-        )
+    async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
+        epoch = self.outbox.epoch
+        if self.compression != "none" and run.size <= limit_bytes:
+            # Packed: central unpacks at most its max_payload, so only a run that fits it
+            # unpacked is packed; a larger (single) record goes plain, and is set aside when
+            # the server refuses it, as without packing.
+            payload = encode_packed_batch(
+                self.compression, self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
+            )
+        else:
+            payload = encode_raw_batch(
+                self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
+            )
         msg_id = batch_msg_id(
             self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, self._resends
         )

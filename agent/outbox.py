@@ -1122,17 +1122,12 @@ class Outbox:
     def _mark_sent(
         self, conn: sqlite3.Connection, job: _MarkSent, state: _State, now: float
     ) -> None:
-        (count,) = conn.execute(
-            "SELECT count(*) FROM records "
+        # One statement: the rows it changed are the ones that were pending.
+        count = conn.execute(
+            "UPDATE records SET sent_at = ? "
             "WHERE sent_at IS NULL AND refused_at IS NULL AND seq BETWEEN ? AND ?",
-            (job.first_seq, job.last_seq),
-        ).fetchone()
-        if count:
-            conn.execute(
-                "UPDATE records SET sent_at = ? "
-                "WHERE sent_at IS NULL AND refused_at IS NULL AND seq BETWEEN ? AND ?",
-                (now, job.first_seq, job.last_seq),
-            )
+            (now, job.first_seq, job.last_seq),
+        ).rowcount
         state.pending -= count
         state.last_ack_at = now
         conn.execute(

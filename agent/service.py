@@ -200,6 +200,7 @@ class AgentService:
             linger_ms=cfg.forwarder.linger_ms,
             inflight=cfg.forwarder.inflight,
             publish_timeout=cfg.forwarder.publish_timeout,
+            compression=cfg.forwarder.compression,
         )
         self.control = Control(self.outbox, store_id=cfg.store_id, status=self.agent_status)
         self.forwarder.add_connect_hook(self.control.attach)

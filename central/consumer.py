@@ -359,7 +359,8 @@ class Consumer:
                 reason = f"store mismatch: subject names {store_id}, body names {envelope.store_id}"
                 poison.append((msg, store_id, reason))
                 continue
-            count = len(envelope.records)
+            # A packed batch (wire v2) carries no records in the envelope: its seqs say how many.
+            count = len(envelope.records) or max(0, envelope.last_seq - envelope.first_seq + 1)
             if self.sequencer.drop_if_duplicate(
                 store_id, envelope.epoch, envelope.last_seq, count, unit, now
             ):
@@ -391,7 +392,8 @@ class Consumer:
                     held.append((msg, delay))
                 continue
             try:
-                batch = decode_batch(msg.data)
+                # Packed records unpack to at most what an agent may put in one batch.
+                batch = decode_batch(msg.data, max_unpacked=self.nc.max_payload)
             except UNDECODABLE as exc:
                 found = Undecodable(
                     epoch=envelope.epoch, first_seq=envelope.first_seq,

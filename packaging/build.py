@@ -73,7 +73,10 @@ AGENT_ONLY_EXCLUDES = (
     "uvloop._testbase",  # uvloop's own test helpers (they import unittest)
     "brotli",
     "brotlicffi",
-    "zstandard",
+    # zstandard packs batches (forwarder.compression): its C backend only, not the cffi one
+    # (a second 12 MB copy of libzstd).
+    "zstandard.backend_cffi",
+    "zstandard._cffi",
     "backports.zstd",
     "compression.zstd",
     "_lzma",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 
 class ProtocolError(Exception):
     """Base of everything the protocol package raises: the input is wrong, do not retry."""
@@ -39,3 +41,13 @@ class DatabaseTooNew(SchemaError):
             "the database was migrated by a newer binary (schema steps this one does not know: "
             f"{', '.join(unknown_migrations)})"
         )
+
+
+class UnreadablePacked(ProtocolError, msgspec.DecodeError):
+    """A batch's packed (compressed) records cannot be read: unknown codec, corrupt, or larger
+    than the receiver allows once decompressed. One of ``protocol.wire.UNDECODABLE``."""
+
+    def __init__(self, *, codec: str, reason: str) -> None:
+        self.codec = codec
+        self.reason = reason
+        super().__init__(f"packed records ({codec!r}) unreadable: {reason}")

@@ -31,6 +31,7 @@ SHARED_KEYS = {
     "forwarder.linger_ms",
     "forwarder.inflight",
     "forwarder.publish_timeout",
+    "forwarder.compression",
     "outbox.retention_days",
     "outbox.max_buffer_bytes",
     "poslog.drop_dir",

@@ -23,6 +23,7 @@ from tests.bench import (
     bench_gap,
     bench_ingest,
     bench_rss,
+    bench_wan,
     bench_webhook,
 )
 from tests.bench.harness import Options, Table, machine, run_loop
@@ -38,6 +39,7 @@ BENCHES = (
     bench_webhook,
     bench_checkpoint,
     bench_rss,
+    bench_wan,
 )
 
 

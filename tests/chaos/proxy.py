@@ -13,6 +13,10 @@ Modes (switch at any time; every open connection follows at once):
   are reset on accept.
 - ``latency(ms)``: on top of the mode, every chunk waits ``ms`` in each direction (a delay
   line, not a throughput limit).
+- ``bandwidth(bytes_per_s)``: on top of mode and latency, each direction passes at most that
+  many bytes per second (in slices of 1/100 s each, delivered once "through the wire"); the
+  proxy still reads as fast as the sender writes, so queued bytes wait here as they would in
+  a router's queue and the sender's socket buffers.
 - ``flap(period_s)``: alternate reset and pass every ``period_s`` until ``stop_flapping()``.
 """
 
@@ -27,6 +31,7 @@ import struct
 from dataclasses import dataclass, field
 
 CHUNK = 65536
+PACE_SLICES_PER_S = 100  # a paced direction writes bandwidth/100 bytes at a time
 
 
 class Mode(enum.StrEnum):
@@ -45,6 +50,7 @@ class ProxyStatistics:
 
     mode: str
     latency_ms: float
+    bandwidth: float | None  # bytes/s per direction, None: unlimited
     flapping: bool
     connections: int  # accepted, all modes
     refused: int  # reset on accept
@@ -78,6 +84,9 @@ class _Link:
     )
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
+    # Per direction: when the paced link finished its last slice with more queued behind it
+    # (loop time); 0.0: the link is idle.
+    free_at: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def kick(self) -> None:
         for event in self.kicks:
@@ -99,6 +108,7 @@ class ChaosProxy:
         self.port = port
         self.mode = Mode.PASS
         self._latency = 0.0
+        self._bandwidth: float | None = None
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
         self._flapper: asyncio.Task[None] | None = None
@@ -142,6 +152,14 @@ class ChaosProxy:
         """Delay every chunk by ``ms`` in each direction (0 turns it off)."""
         self._latency = ms / 1000.0
 
+    def bandwidth(self, bytes_per_s: float | None) -> None:
+        """Pass at most ``bytes_per_s`` in each direction (None turns the limit off)."""
+        if bytes_per_s is not None and bytes_per_s <= 0:
+            raise ValueError(f"bandwidth must be positive, not {bytes_per_s}")
+        self._bandwidth = bytes_per_s
+        for link in list(self._links):
+            link.kick()
+
     def flap(self, period_s: float) -> None:
         """Alternate reset and pass every ``period_s`` seconds, starting with a reset."""
         if self._flapper is not None:
@@ -170,6 +188,7 @@ class ChaosProxy:
         return ProxyStatistics(
             mode=str(self.mode),
             latency_ms=self._latency * 1000,
+            bandwidth=self._bandwidth,
             flapping=self._flapper is not None,
             connections=self._connections,
             refused=self._refused,
@@ -250,7 +269,24 @@ class ChaosProxy:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(kick.wait(), delay)
                     continue
-                queue.popleft()
+                rate = self._bandwidth
+                if rate is None:
+                    queue.popleft()
+                else:
+                    step = max(1, int(rate / PACE_SLICES_PER_S))
+                    if len(data) > step:  # a slice now, the rest when the link is free again
+                        queue[0] = (due, data[step:])
+                        data = data[:step]
+                    else:
+                        queue.popleft()
+                    # The slice takes len/rate on the wire and arrives when it is all through.
+                    # While the queue stays full, each slice starts where the one before it
+                    # ended (so the loop's wake-up lag, large on a loaded machine, does not
+                    # slow the link down); a link that went idle starts afresh, no credit.
+                    busy_since = link.free_at[direction]
+                    free_at = (busy_since or loop.time()) + len(data) / rate
+                    await asyncio.sleep(free_at - loop.time())
+                    link.free_at[direction] = free_at if queue else 0.0
                 dst.write(data)
                 self._bytes[direction] += len(data)
                 await dst.drain()

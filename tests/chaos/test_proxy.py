@@ -176,3 +176,31 @@ async def test_flap_alternates_reset_and_pass(proxy: ChaosProxy, echo: EchoServe
     assert b"steady" == await asyncio.wait_for(reader.readexactly(6), 5)
     assert "pass" == proxy.statistics().mode
     writer.close()
+
+
+async def test_bandwidth_paces_each_direction(proxy: ChaosProxy, echo: EchoServer) -> None:
+    """bandwidth(B) passes N bytes in no less than N/B seconds per direction, every byte intact
+    and in order, and counts what it passed."""
+    rate = 200_000  # bytes/s
+    payload = bytes(range(256)) * 400  # 102,400 bytes: at least 0.512 s through the link
+    reader, writer = await connect(proxy)
+    proxy.bandwidth(rate)
+    started = time.monotonic()
+    writer.write(payload)
+    echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+    elapsed = time.monotonic() - started
+    assert payload == echoed
+    assert len(payload) / rate <= elapsed
+    stats = proxy.statistics()
+    assert (rate, len(payload), len(payload)) == (stats.bandwidth, stats.bytes_up, stats.bytes_down)
+    proxy.bandwidth(None)  # unlimited again: the link still works
+    writer.write(b"fast")
+    assert b"fast" == await asyncio.wait_for(reader.readexactly(4), 5)
+    writer.close()
+
+
+def test_bandwidth_must_be_positive(proxy: ChaosProxy) -> None:
+    """A zero or negative bandwidth is refused, and the proxy keeps its setting."""
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        proxy.bandwidth(0)
+    assert proxy.statistics().bandwidth is None
