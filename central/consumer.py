@@ -86,9 +86,6 @@ SINK_BACKOFF_CAP = 10.0
 UNIT_MAX_BYTES = 4 * 1024 * 1024
 SKIP_POLL_INTERVAL = 1.0  # how soon a `gaps skip` recorded by the CLI takes effect
 EXPIRY_REPORT_INTERVAL = 3600.0  # an expiring held batch is logged again every hour
-# A central that never runs out of batches to fetch still judges checkpoints this often; it
-# raises a missing range only when the mark has not moved between two such judgements.
-JUDGE_BUSY_INTERVAL = 30.0
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -148,7 +145,7 @@ class Consumer:
             state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
         )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
-        self.reconciler = Reconciler()
+        self.reconciler = Reconciler(cfg.reconcile.retention_days)
         self._judged_at = 0.0
         # (store, epoch) -> (mark, when) a busy judgement first found seqs missing at that mark
         self._missing: dict[tuple[str, str], tuple[int, float]] = {}
@@ -235,7 +232,8 @@ class Consumer:
             for msg in rest:  # back with the next fetches (the sequencer copes with any order)
                 await self._settle(msg.nak())
             await self.process(unit)
-            if time.time() - self._judged_at >= JUDGE_BUSY_INTERVAL:
+            # A central that never runs out of batches still judges checkpoints this often.
+            if time.time() - self._judged_at >= self.cfg.reconcile.busy_interval:
                 await self.judge_checkpoints(idle=False)
             self.resyncer.poke(self.state.gaps())
             await self._between_units()
@@ -267,7 +265,7 @@ class Consumer:
 
         ``idle``: nothing was left to fetch, so what central lacks is not still in the stream.
         When busy, the range is raised only if the mark has not moved since a judgement at
-        least JUDGE_BUSY_INTERVAL earlier found it missing (it is not merely queued)."""
+        least ``reconcile.busy_interval`` earlier found it missing (it is not merely queued)."""
         now = time.time()
         self._judged_at = now
         pending = self.reconciler.take_pending()
@@ -292,7 +290,8 @@ class Consumer:
                 continue
             hwm = self.sequencer.mark(key, unit).hwm
             seen = self._missing.get(key)
-            if not idle and (seen is None or seen[0] != hwm or now - seen[1] < JUDGE_BUSY_INTERVAL):
+            busy = self.cfg.reconcile.busy_interval
+            if not idle and (seen is None or seen[0] != hwm or now - seen[1] < busy):
                 if seen is None or seen[0] != hwm:
                     self._missing[key] = (hwm, now)
                 continue

@@ -30,16 +30,21 @@ difference between store and HQ.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from central.config import DEFAULT_RECONCILE_RETENTION_DAYS
+from central.errors import StateError
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
@@ -53,7 +58,7 @@ from protocol.subjects import store_from_checkpoint_subject
 from protocol.wire import UNDECODABLE, Checkpoint, Record, decode_checkpoint
 
 if TYPE_CHECKING:
-    from central.state import Gap, Key, Mark, Unit
+    from central.state import Gap, Key, Mark, StateStore, Unit
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,7 @@ RECONCILED = "reconciled"
 SKIPPED = "skipped"
 MISMATCH = "mismatch"
 STATES = (MISMATCH, MISSING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+PRUNE_INTERVAL = 3600.0  # seconds between sweeps: days expire by the day, like the key ledger
 
 MIGRATION: Migration = (
     "0007_reconcile",
@@ -242,6 +248,31 @@ def write_verdicts(conn: sqlite3.Connection, verdicts: list[DayVerdict], now: fl
         raise
 
 
+def prune(conn: sqlite3.Connection, before: dt.date) -> int:
+    """Delete the ledger rows and verdicts of business days before ``before``, and the epochs
+    left without either, in one transaction; how many rows went."""
+    day = before.isoformat()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        gone = conn.execute("DELETE FROM reconcile_days WHERE business_day < ?", (day,)).rowcount
+        gone += conn.execute(
+            "DELETE FROM reconcile_delivered WHERE business_day < ?", (day,)
+        ).rowcount
+        # An epoch keeps its first counted seq while any of its days is held: a store that
+        # rings again in it after every day expired starts its ledger afresh (INSERT OR IGNORE).
+        gone += conn.execute(
+            "DELETE FROM reconcile_epochs AS e WHERE NOT EXISTS (SELECT 1 FROM "
+            "reconcile_delivered AS d WHERE d.store_id = e.store_id AND d.epoch = e.epoch) "
+            "AND NOT EXISTS (SELECT 1 FROM reconcile_days AS v "
+            "WHERE v.store_id = e.store_id AND v.epoch = e.epoch)"
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(gone)
+
+
 @dataclass
 class ReconcileStatistics:
     """The reconciler's counters (this process)."""
@@ -251,14 +282,47 @@ class ReconcileStatistics:
     judged: int = 0
     resyncs: int = 0  # missing ranges handed to the gap handling
     states: dict[str, int] = field(default_factory=dict)  # days per state, last judgement
+    pruned: int = 0  # ledger rows, verdicts and epochs of days past the retention deleted
 
 
 class Reconciler:
     """Keeps each store's latest checkpoint and judges them between units."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        retention_days: int = DEFAULT_RECONCILE_RETENTION_DAYS,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._pending: dict[str, Checkpoint] = {}
         self.stats = ReconcileStatistics()
+        self.retention_days = retention_days
+        self._clock = clock
+
+    def oldest_day(self) -> dt.date:
+        """The oldest business day kept (and judged): older ones are pruned."""
+        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+        return today - dt.timedelta(days=self.retention_days)
+
+    async def prune(self, state: StateStore) -> int:
+        """Delete what is kept of business days before ``oldest_day``; how many rows went."""
+        before = self.oldest_day()
+        gone: int = await state.run_reconcile(prune, before)
+        self.stats.pruned += gone
+        if gone:
+            log.info("reconcile: pruned %d rows of business days before %s", gone, before)
+        return gone
+
+    async def run_pruning(self, state: StateStore, stop: asyncio.Event) -> None:
+        """Sweep now and every PRUNE_INTERVAL until ``stop``; a failed sweep is logged and
+        tried again at the next interval (the tables only grow meanwhile)."""
+        while not stop.is_set():
+            try:
+                await self.prune(state)
+            except (StateError, sqlite3.Error) as exc:
+                log.error("reconcile: pruning failed (%s); retrying in %.0fs", exc, PRUNE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
 
     async def on_checkpoint(self, msg: Any) -> None:
         """A store's checkpoint (NATS callback): kept until the consumer judges it."""
@@ -293,6 +357,7 @@ class Reconciler:
         ledger_from: int | None = None,
     ) -> list[DayVerdict]:
         key = (checkpoint.store_id, checkpoint.epoch)
+        oldest = self.oldest_day()  # older days are pruned here: never judged against nothing
         holes: dict[dt.date, list[TillHole]] = {}
         for hole in checkpoint.till_holes:
             holes.setdefault(hole.business_day, []).append(hole)
@@ -309,6 +374,7 @@ class Reconciler:
                 ledger_from=ledger_from,
             )
             for day in checkpoint.days
+            if day.business_day >= oldest
         ]
         verdicts = [replace(v, till_holes=holes.get(v.business_day, [])) for v in verdicts]
         self.stats.judged += 1

@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from central import reconcile
 from central.state import Gap, Mark, SqliteState, Unit
 from protocol.checkpoint import DayTotals
 from protocol.events import LineItem, Sale
-from protocol.wire import Record
+from protocol.wire import Checkpoint, Record
 
 DAY = dt.date(2026, 12, 5)
 EPOCH = "0123456789abcdef"
@@ -123,3 +126,60 @@ def test_a_mismatched_day_is_red_in_status_and_a_missing_one_amber() -> None:
         s["problems"] = problems(s, lag_alert=900)
         flagged.append((s["problems"], state_of(s, lag_warn=300)))
     assert [(["mismatch"], "alert"), (["missing"], "warn"), ([], "ok")] == flagged
+
+
+class Clock:
+    """A settable clock (Unix seconds)."""
+
+    def __init__(self, day: dt.date) -> None:
+        self.now = dt.datetime.combine(day, dt.time(12), dt.UTC).timestamp()
+
+
+async def test_days_past_the_retention_are_pruned_with_their_verdicts_and_epochs(
+    tmp_path: Path,
+) -> None:
+    """A business day leaves central's ledger, its verdict and (when it was the epoch's last)
+    its epoch once it is older than reconcile.retention_days; a younger day stays whole, and
+    a checkpoint's day past the retention is not judged (it would be judged against nothing)."""
+    state = SqliteState(tmp_path)
+    await state.open()
+    try:
+        old, young = "0000000000000old", "00000000000young"
+        for epoch, day in ((old, DAY), (young, DAY + dt.timedelta(days=1))):
+            unit = Unit()
+            unit.marks[("S1", epoch)] = Mark(store_id="S1", epoch=epoch, hwm=1)
+            record = sale_record(1)
+            event = msgspec.structs.replace(record.event, business_day=day)
+            reconcile.stage(unit, "S1", epoch, [msgspec.structs.replace(record, event=event)])
+            await state.commit(unit)
+            verdict = reconcile.DayVerdict("S1", epoch, day, "reconciled", totals(1, "2.5"),
+                                           None, {}, "")  # fmt: skip
+            await state.run_reconcile(reconcile.write_verdicts, [verdict], 0.0)
+        clock = Clock(DAY + dt.timedelta(days=35))
+        reconciler = reconcile.Reconciler(35, clock=lambda: clock.now)
+        kept_on_last_day = await reconciler.prune(state)
+        clock.now += 86400
+        gone = await reconciler.prune(state)
+
+        def rows(conn: Any) -> list[tuple[str, int]]:
+            return [
+                (table, conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("reconcile_delivered", "reconcile_days", "reconcile_epochs")
+            ]
+
+        left = await state.run_reconcile(rows)
+        epochs = await state.run_reconcile(
+            lambda conn: [r[0] for r in conn.execute("SELECT epoch FROM reconcile_epochs")]
+        )
+    finally:
+        await state.close()
+    assert (0, 3) == (kept_on_last_day, gone)
+    assert [("reconcile_delivered", 1), ("reconcile_days", 1), ("reconcile_epochs", 1)] == left
+    assert [young] == epochs
+    checkpoint = Checkpoint(
+        store_id="S1", epoch=young, taken_at=dt.datetime.now(dt.UTC), acked_through=2,
+        last_seq=2, days=[totals(1, "2.5"), totals(1, "2.5", first_seq=2)],
+    )  # fmt: skip
+    checkpoint.days[1].business_day = DAY + dt.timedelta(days=1)
+    verdicts = reconciler.judge(checkpoint, {}, [], {}, {}, 1)
+    assert [DAY + dt.timedelta(days=1)] == [v.business_day for v in verdicts]
