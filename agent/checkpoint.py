@@ -36,6 +36,7 @@ from protocol.checkpoint import (
     DayTotals,
     TillHole,
     add,
+    add_till,
     decode_totals,
     store_merged,
     till_holes,
@@ -65,6 +66,19 @@ def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], 
     staged: dict[dt.date, DayTotals] = {}
     for seq, event in records:
         add(staged, seq, event, till_at=now)
+    for day, totals in staged.items():
+        store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+
+
+def record_tills(
+    conn: sqlite3.Connection, numbers: Sequence[tuple[dt.date, str, int]], now: float
+) -> None:
+    """Fold till numbers used without a record (``(business day, workstation, number)``:
+    POSLog control transactions, agent/poslog.py) into ``day_totals``, inside the caller's
+    transaction: seen, so a till whose only missing numbers are those has no holes."""
+    staged: dict[dt.date, DayTotals] = {}
+    for day, workstation, txn in numbers:
+        add_till(staged, day, workstation, txn, now)
     for day, totals in staged.items():
         store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
 

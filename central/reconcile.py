@@ -157,6 +157,8 @@ def judge_day(
     def verdict(state: str, detail: str) -> DayVerdict:
         return DayVerdict(store_id, epoch, day.business_day, state, day, central, diff, detail)
 
+    if not day.records and (central is None or not central.records):
+        return verdict(RECONCILED, "no records: till numbers of control transactions only")
     if day.last_seq > acked_through:
         return verdict(PENDING, f"store: seqs up to {day.last_seq} not all acknowledged yet")
     start = ledger_from if ledger_from is not None else hwm + 1

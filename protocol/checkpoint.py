@@ -86,6 +86,19 @@ def add(
         totals.tills[base.workstation_id] = _add_run(runs, (int(txn), int(txn), till_at))
 
 
+def add_till(
+    days: dict[dt.date, DayTotals], day: dt.date, workstation_id: str, txn: int, at: float
+) -> None:
+    """Record that a workstation used transaction number ``txn`` on ``day`` without booking a
+    record (a control transaction: sign-on, no-sale, a till loan): seen, so never a hole. A
+    day that holds only such numbers has no records and no seqs (``first_seq`` 0)."""
+    totals = days.get(day)
+    if totals is None:
+        totals = days[day] = DayTotals(business_day=day, first_seq=0, last_seq=0)
+    runs = totals.tills.setdefault(workstation_id, [])
+    totals.tills[workstation_id] = _add_run(runs, (txn, txn, at))
+
+
 def _add_run(
     runs: list[tuple[int, int, float]], new: tuple[int, int, float]
 ) -> list[tuple[int, int, float]]:
@@ -118,9 +131,13 @@ def till_holes(totals: DayTotals, now: float, grace: float) -> list[TillHole]:
 
 
 def merge(into: DayTotals, other: DayTotals) -> None:
-    """Add ``other`` (the same day) into ``into``."""
-    into.first_seq = min(into.first_seq, other.first_seq)
-    into.last_seq = max(into.last_seq, other.last_seq)
+    """Add ``other`` (the same day) into ``into``; a side without records (till numbers only)
+    leaves the seqs to the other."""
+    if not into.records:
+        into.first_seq, into.last_seq = other.first_seq, other.last_seq
+    elif other.records:
+        into.first_seq = min(into.first_seq, other.first_seq)
+        into.last_seq = max(into.last_seq, other.last_seq)
     into.records += other.records
     for kind, count in other.by_type.items():
         into.by_type[kind] = into.by_type.get(kind, 0) + count

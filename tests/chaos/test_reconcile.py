@@ -10,10 +10,13 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
+from agent.poslog import convert_poslog
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
@@ -197,3 +200,52 @@ async def test_a_till_hole_shows_in_status(
     central = metrics(f"http://127.0.0.1:{p.central_http_port}")
     assert 'storelink_central_store_till_holes{store="S1"} 1' in central
     assert 'storelink_central_store_reconcile_states{store="S1",state="reconciled"} 1' in central
+
+
+SAMPLES = Path(__file__).parents[3] / "shared" / "poslog"
+
+
+async def test_poslog_control_transactions_are_seen_numbers_not_till_holes(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """The real NCR ACS exports (ControlTransactions: sign-on/off, till loans) reach a running
+    agent through its drop folder and POST /v1/poslog: their SequenceNumbers count as seen
+    without an event, so workstation 34's 99..105 is one run though 103 and 104 are control
+    transactions, workstation 5 (control transactions only, nothing booked) has 61..67, and
+    no till has a hole, at the agent or at HQ."""
+    drop_dir = tmp_path / "drop"
+    settings = {
+        "reconcile": {"interval": 1.0, "till_grace": 0.0},
+        "poslog": {"drop_dir": str(drop_dir)},
+    }
+    # The samples' business days are in 2017: past the default retention, central would
+    # neither keep nor judge them.
+    central = {**CENTRAL, "reconcile": {"retention_days": 20_000}}
+    p = make_pipeline(nats_url=broker.url, agent_settings=settings, central_settings=central)
+    await p.start()
+    full, small = (SAMPLES / "ncr-acs-full.xml").read_bytes(), (SAMPLES / "ncr-acs-small.xml")
+    drop_dir.mkdir(exist_ok=True)
+    (drop_dir / ".full.xml").write_bytes(full)
+    (drop_dir / ".full.xml").rename(drop_dir / "full.xml")
+    async with aiohttp.ClientSession() as http:
+        url = p.agent_url("S1") + "/v1/poslog"
+        headers = {"Content-Type": "application/xml"}
+        async with http.post(url, data=small.read_bytes(), headers=headers) as resp:
+            assert 202 == resp.status
+    events = {e.event_id for doc in (full, small.read_bytes())
+              for e in convert_poslog(doc, store_id="S1")}  # fmt: skip
+    await p.wait_delivered(len(events))
+    await eventually(all_reconciled(p), 60, "both business days reconciled")
+    sent = cli_json(p, "agent", "reconcile", "--config", str(p.agent_config("S1")))
+    tills = {
+        (day["business_day"], ws): [run[:2] for run in runs]
+        for day in sent["days"]
+        for ws, runs in day["tills"].items()
+    }
+    assert [[99, 105]] == tills[("2017-10-01", "34")]
+    assert [[61, 67]] == tills[("2017-10-01", "5")]
+    assert [[160, 161]] == tills[("2017-09-30", "34")]
+    assert (0, []) == (agent_status(p)["till_holes"], agent_status(p)["till_hole_list"])
+    days = reconcile_days(p, "--store", "S1")
+    assert [[], []] == [d["till_holes"] for d in days]
+    assert not any(e.startswith("poslog:S1:5:") for e in events)  # nothing booked for ws 5
