@@ -58,6 +58,7 @@ from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_UNATTRIBUTED,
     EVENTS_STREAM,
+    events_subject,
     store_from_events_subject,
 )
 from protocol.wire import (
@@ -147,8 +148,6 @@ class Consumer:
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
         self.reconciler = Reconciler(cfg.reconcile.retention_days)
         self._judged_at = 0.0
-        # (store, epoch) -> (mark, when) a busy judgement first found seqs missing at that mark
-        self._missing: dict[tuple[str, str], tuple[int, float]] = {}
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.holds = Holds(
@@ -264,8 +263,9 @@ class Consumer:
         asks the store to re-send it. Called between units, where no unit has a mark staged.
 
         ``idle``: nothing was left to fetch, so what central lacks is not still in the stream.
-        When busy, the range is raised only if the mark has not moved since a judgement at
-        least ``reconcile.busy_interval`` earlier found it missing (it is not merely queued)."""
+        When busy (every ``reconcile.busy_interval``), the range is raised only when the stream
+        holds nothing of that store central has not fetched: its batches are not merely queued
+        behind other stores' (``_store_drained``)."""
         now = time.time()
         self._judged_at = now
         pending = self.reconciler.take_pending()
@@ -286,20 +286,39 @@ class Consumer:
             verdicts += found
             key = (checkpoint.store_id, checkpoint.epoch)
             if not any(v.state == reconcile.MISSING for v in found):
-                self._missing.pop(key, None)
+                continue
+            if not idle and not await self._store_drained(checkpoint.store_id):
                 continue
             hwm = self.sequencer.mark(key, unit).hwm
-            seen = self._missing.get(key)
-            busy = self.cfg.reconcile.busy_interval
-            if not idle and (seen is None or seen[0] != hwm or now - seen[1] < busy):
-                if seen is None or seen[0] != hwm:
-                    self._missing[key] = (hwm, now)
-                continue
-            self._missing.pop(key, None)
             self.sequencer.see(key[0], key[1], checkpoint.acked_through, unit, now)
             self.reconciler.stats.resyncs += 1
+            log.warning(
+                "RECONCILE RESYNC: store %s epoch %s: seqs %d..%d asked for again (%s)",
+                key[0], key[1], hwm + 1, checkpoint.acked_through,
+                "idle: nothing left in the stream" if idle
+                else "busy: nothing of the store left in the stream",
+            )  # fmt: skip
         await self.state.commit(unit)
         await self.state.run_reconcile(reconcile.write_verdicts, verdicts, now)
+
+    async def _store_drained(self, store_id: str) -> bool:
+        """The stream holds nothing of ``store_id`` central has not fetched: its last message
+        there is at or below the last one delivered to the consumer (or it has none). Not the
+        ack floor: one batch held behind another store's gap would hold that back for all.
+        False when JetStream cannot say: the next judgement asks again."""
+        try:
+            last = await self.js.get_last_msg(EVENTS_STREAM, events_subject(store_id))
+        except nats.js.errors.NotFoundError:
+            return True
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            log.debug("reconcile: cannot read store %s's last message: %r", store_id, exc)
+            return False
+        try:
+            info = await self._sub.consumer_info()
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            log.debug("reconcile: cannot read the consumer's ack floor: %r", exc)
+            return False
+        return int(last.seq or 0) <= int(info.delivered.stream_seq)
 
     async def apply_skips(self) -> None:
         """Apply every gap skip operators recorded (`storelink-central gaps skip`)."""

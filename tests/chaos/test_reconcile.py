@@ -3,6 +3,8 @@ quiet is found by the store's checkpoint and healed; a clean day reconciles to t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import subprocess
@@ -24,6 +26,7 @@ from protocol.events import EventBase, LineItem, Sale
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
+    agent_pending,
     agent_status,
     all_booked,
     assert_promise,
@@ -32,6 +35,7 @@ from tests.chaos.harness import (
     ring,
     ring_published,
 )
+from tests.chaos.oms import RecordingOms
 
 pytestmark = pytest.mark.slow
 
@@ -132,6 +136,54 @@ async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_heal
     assert money(events) == day["store"]["money"]
     assert day["store"]["money"] == day["central"]["money"]
     assert (300, 300) == (day["store"]["records"], day["central"]["records"])
+
+
+@pytest.mark.timeout(300)
+async def test_a_lost_batch_is_healed_while_central_never_runs_out_of_batches(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker, oms: RecordingOms
+) -> None:
+    """Store S1's last batch is lost after its PubAck and S1 goes quiet, while store S2 keeps
+    central busy (a backlog behind a slow OMS, and a till that keeps ringing): central never
+    finds its stream empty, so it judges S1's checkpoints on the busy path
+    (reconcile.busy_interval), raises the range once S1's mark has stood still that long,
+    and S1's re-sent batch is booked while S2's traffic flows; every event of both stores is
+    booked once."""
+    agent = {**AGENT, "forwarder": {"batch_max_records": 100}}
+    central = {**CENTRAL, "reconcile": {"busy_interval": 1.0}, "consumer": {
+        "gap_hold_seconds": 0.2, "fetch_batch": 1}}  # fmt: skip
+    p = make_pipeline(nats_url=broker.url, agent_settings=agent, central_settings=central,
+                      store_ids=("S1", "S2"), sinks=[f"webhook:{oms.url}"])  # fmt: skip
+    await p.start()
+    await p.central.stop()
+    ledger = Ledger()  # both stores: the promise is checked over every booking
+    await ring_published(p, "S1", list(Till(store_id="S1", seed=43).events(300)), ledger, 100)
+    await delete_batch(broker.url, -1, 3)  # S1's 201..300, PubAcked
+    # S2's backlog: 30 batches of 100, one per unit, behind an OMS that takes 5 ms a request
+    # (a store's records go in order): at least 15 s of units whatever the machine's speed.
+    oms.slow(0.005)
+    backlog = list(Till(store_id="S2", seed=44).events(3000))
+    await ring(p.agent_url("S2"), "S2", backlog, ledger, batch_size=100)
+    await eventually(lambda: agent_pending(p, "S2") == 0, 60, "S2's backlog published")
+    await p.central.start()
+    live = list(Till(store_id="S2", seed=45, run_id="live").events(4000))
+    till = asyncio.create_task(ring(p.agent_url("S2"), "S2", live, ledger, batch_size=5,
+                                    concurrency=1, rate=20.0))  # fmt: skip
+    try:
+        s1_booked = lambda: {k for k in ledger.accepted if k.startswith("S1:")} <= oms.effect_keys()  # noqa: E731
+        await eventually(s1_booked, 150, "S1's lost batch re-sent and booked")
+        await eventually(all_reconciled(p), 60, "S1's day reconciled")
+        assert not till.done()  # S2's till was still ringing
+    finally:
+        till.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await till
+    log = p.central.tail(3000)
+    assert "seqs 201..300 asked for again (busy: nothing of the store left" in log
+    assert "RECONCILE RESYNC: store S2" not in log  # S2's batches were queued, not lost
+    assert "idle: nothing left in the stream" not in log
+    oms.recover()
+    await eventually(all_booked(ledger, oms), 120, "S2's events booked")
+    assert_promise(ledger, oms)
 
 
 async def test_a_clean_day_is_reconciled_with_matching_money(
