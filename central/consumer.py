@@ -35,8 +35,10 @@ from nats.aio.msg import Msg
 
 from central import dlq, reconcile
 from central.config import CentralConfig
-from central.control import GapResyncer
+from central.control import GAP_RESYNC_TIMEOUT, GapResyncer, ask_resync
 from central.errors import (
+    AgentUnreachable,
+    ControlRefused,
     DeadLetterUnpublished,
     SinkRejected,
     SinkUnavailable,
@@ -146,7 +148,10 @@ class Consumer:
             state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
         )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
-        self.reconciler = Reconciler(cfg.reconcile.retention_days)
+        self.reconciler = Reconciler(
+            cfg.reconcile.retention_days, ledger_days=cfg.ledger.retention_days
+        )
+        self._asking: set[asyncio.Task[None]] = set()  # repairs' resync requests in flight
         self._judged_at = 0.0
         self._sub: Any = None
         self._stop = asyncio.Event()
@@ -300,6 +305,35 @@ class Consumer:
             )  # fmt: skip
         await self.state.commit(unit)
         await self.state.run_reconcile(reconcile.write_verdicts, verdicts, now)
+        for repair in self.reconciler.repairs.update(verdicts, now):
+            task = asyncio.create_task(self._ask_repair(repair))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+
+    async def _ask_repair(self, repair: reconcile.Repair) -> None:
+        """Ask the store to re-send a repair's ranges (below the mark: the gap handling never
+        asks for those); an answer that it no longer holds them makes the day a mismatch."""
+        for first, last in repair.ranges:
+            try:
+                reply = await ask_resync(
+                    self.nc, repair.store_id, first, last, epoch=repair.epoch,
+                    reason=f"reconcile: heal business day {repair.business_day} below the mark",
+                    timeout=GAP_RESYNC_TIMEOUT,
+                )  # fmt: skip
+            except (AgentUnreachable, ControlRefused) as exc:
+                log.warning("reconcile: could not ask store %s to re-send %d..%d: %s",
+                            repair.store_id, first, last, exc)  # fmt: skip
+                return
+            held = reply.first_available_seq
+            if (
+                reply.unavailable
+                or reply.epoch not in (None, repair.epoch)
+                or (held is not None and held > first)
+            ):
+                repair.lost = (
+                    f"the store no longer holds seqs {first}..{min(last, (held or first) - 1)}"
+                )
+                return
 
     async def _store_drained(self, store_id: str) -> bool:
         """The stream holds nothing of ``store_id`` central has not fetched: its last message
@@ -330,6 +364,61 @@ class Consumer:
                 skip.operator, skip.id, skip.store_id, skip.epoch, skip.through_seq, outcome,
                 skip.reason,
             )  # fmt: skip
+
+    def _repairs_below_mark(
+        self,
+        msg: Msg,
+        store_id: str,
+        envelope: RawBatch,
+        unit: Unit,
+        deliveries: Deliveries,
+        repaired: set[int],
+    ) -> bool:
+        """A re-sent batch wholly at or below the mark that holds records of an open repair
+        (central/reconcile.py): those records go to the key ledger's screen like new ones,
+        out of seq order, and are counted into the day; the rest stay duplicates. False: not
+        such a batch, the usual path decides."""
+        repairs = self.reconciler.repairs
+        key = (store_id, envelope.epoch)
+        mark = self.sequencer.mark(key, unit)
+        if envelope.last_seq > mark.hwm or not repairs.wants(
+            store_id, envelope.epoch, envelope.first_seq, envelope.last_seq
+        ):
+            return False
+        try:
+            batch = decode_batch(msg.data)
+        except UNDECODABLE:
+            return False
+        records = repairs.take(store_id, batch.epoch, batch.records)
+        if not records:
+            return False
+        self.batches += 1
+        self.duplicates += len(batch.records) - len(records)
+        mark.delivered += len(records)  # the ledger's screen takes back what it drops
+        unit.marks[key] = mark
+        reconcile.stage(unit, store_id, batch.epoch, records)
+        deliveries.append((batch, records))
+        repaired.add(id(batch))
+        return True
+
+    def _count_healed(self, screened: Deliveries, repaired: set[int], unit: Unit) -> int:
+        """Records of repairs the key ledger let through, counted into their day's ``healed``
+        and logged (HEALED BELOW MARK)."""
+        if not repaired:
+            return 0
+        healed = 0
+        for batch, records in screened:
+            if id(batch) not in repaired:
+                continue
+            healed += len(records)
+            reconcile.note_healed(unit, batch.store_id, batch.epoch, records)
+            log.warning(
+                "HEALED BELOW MARK: store %s epoch %s: %d records (seqs %d..%d) the mark had "
+                "passed without accounting for them, let through (their event_ids are not in "
+                "the key ledger; out of seq order)",
+                batch.store_id, batch.epoch, len(records), records[0].seq, records[-1].seq,
+            )  # fmt: skip
+        return healed
 
     def _fetch_size(self) -> int:
         """fetch_batch, or fewer when the last fetch's batches were big."""
@@ -362,6 +451,7 @@ class Consumer:
         released: list[Msg] = []  # over a store's cap of held batches: asked for again later
         poison: list[tuple[Msg, str, str]] = []  # (msg, store token, reason)
         deliveries: Deliveries = []
+        repaired: set[int] = set()  # id() of the batches let through below the mark to repair
         for msg in msgs:
             store_id = store_from_events_subject(msg.subject)
             try:
@@ -378,6 +468,10 @@ class Consumer:
                 poison.append((msg, store_id, reason))
                 continue
             count = len(envelope.records)
+            if self._repairs_below_mark(msg, store_id, envelope, unit, deliveries, repaired):
+                acks.append(msg)
+                ack_stores.append(store_id)
+                continue
             if self.sequencer.drop_if_duplicate(
                 store_id, envelope.epoch, envelope.last_seq, count, unit, now
             ):
@@ -445,6 +539,7 @@ class Consumer:
             reconcile.stage(unit, store_id, batch.epoch, decision.records)
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
         screened = await self.ledger.screen(deliveries, unit)
+        healed = self._count_healed(screened, repaired, unit)
         for batch, records in screened:
             await self.inventory.prepare(batch.store_id, records, unit)
             for record in records:
@@ -483,6 +578,7 @@ class Consumer:
             sink.committed()
         self.inventory.committed(unit)
         self.ledger.committed(unit)
+        self.reconciler.stats.healed += healed
         self._observe_latency(screened, blocked, rejected, accepted)
         self._sink_backoff.reset()
         for store_id in {r.store_id for r in out} & self.holds.parked():
@@ -626,6 +722,8 @@ class Consumer:
         await self._pause(delay)
 
     async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
         await self.resyncer.close()
         for sink in self.sinks:
             await sink.close()

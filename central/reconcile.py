@@ -43,15 +43,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from central.config import DEFAULT_RECONCILE_RETENTION_DAYS
+from central.config import DEFAULT_LEDGER_RETENTION_DAYS, DEFAULT_RECONCILE_RETENTION_DAYS
 from central.errors import StateError
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
     add,
+    add_seq,
+    business_day_of,
     decode_totals,
     difference,
     store_merged,
+    unaccounted,
 )
 from protocol.migrations import Migration
 from protocol.subjects import store_from_checkpoint_subject
@@ -65,10 +68,12 @@ log = logging.getLogger(__name__)
 PENDING = "pending"
 UNTRACKED = "untracked"
 MISSING = "missing"
+HEALING = "healing"
 RECONCILED = "reconciled"
 SKIPPED = "skipped"
 MISMATCH = "mismatch"
-STATES = (MISMATCH, MISSING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+STATES = (MISMATCH, MISSING, HEALING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+REPAIR_ASK_INTERVAL = 30.0  # a range below the mark is asked for again at most this often
 PRUNE_INTERVAL = 3600.0  # seconds between sweeps: days expire by the day, like the key ledger
 
 MIGRATION: Migration = (
@@ -100,7 +105,17 @@ def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> N
     """Fold records the sequencer let through into the unit's staged day totals."""
     days = unit.reconcile.setdefault((store_id, epoch), {})
     for record in records:
-        add(days, record.seq, record.event)
+        add_seq(add(days, record.seq, record.event), record.seq)
+
+
+def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
+    """Count records a repair let through below the mark into their staged day's ``healed``
+    (they were staged with ``stage`` already)."""
+    days = unit.reconcile.get((store_id, epoch), {})
+    for record in records:
+        totals = days.get(business_day_of(record.event))
+        if totals is not None:
+            totals.healed += 1
 
 
 def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
@@ -136,6 +151,8 @@ class DayVerdict:
     difference: dict[str, Any]
     detail: str
     till_holes: list[TillHole] = field(default_factory=list)
+    # HEALING: the seqs below central's mark it never accounted for, asked for again
+    repair: list[tuple[int, int]] = field(default_factory=list)
 
 
 def judge_day(
@@ -149,13 +166,19 @@ def judge_day(
     mark: Mark | None,
     gap: Gap | None,
     skips: list[tuple[int, int, int]],
+    healable: bool = True,
 ) -> DayVerdict:
-    """The state of one day (``skips``: ``(id, from_seq, through_seq)`` of the epoch)."""
+    """The state of one day (``skips``: ``(id, from_seq, through_seq)`` of the epoch;
+    ``healable``: the key ledger still holds what was delivered on the day, so a difference
+    below the mark may be repaired)."""
     hwm = mark.hwm if mark is not None else 0
     diff = difference(day, central)
 
-    def verdict(state: str, detail: str) -> DayVerdict:
-        return DayVerdict(store_id, epoch, day.business_day, state, day, central, diff, detail)
+    def verdict(state: str, detail: str, repair: list[tuple[int, int]] | None = None) -> DayVerdict:
+        return DayVerdict(
+            store_id, epoch, day.business_day, state, day, central, diff, detail,
+            repair=repair or [],
+        )  # fmt: skip
 
     if not day.records and (central is None or not central.records):
         return verdict(RECONCILED, "no records: till numbers of control transactions only")
@@ -187,13 +210,35 @@ def judge_day(
             MISSING, f"central's mark is at {hwm}: {hwm + 1}..{acked_through} asked for again"
         )
     if not diff:
-        return verdict(RECONCILED, "")
+        healed = central.healed if central is not None else 0
+        return verdict(
+            RECONCILED, f"{healed} records healed below central's mark" if healed else ""
+        )
     covering = [
         s for s in skips if s[1] <= day.last_seq and s[2] >= day.first_seq
     ]  # an operator's decision over seqs of this day
     if covering:
         ids = ", ".join(str(s[0]) for s in covering)
         return verdict(SKIPPED, f"explained by gap skip decision {ids}")
+    if central is not None and central.seqs and day.records > central.records:
+        # Seqs central's mark passed without accounting for them (delivered, dropped by the
+        # key ledger or dead-lettered): the store re-sends them, and central lets through
+        # below its mark those whose event_id the key ledger does not hold.
+        repair = unaccounted(day.first_seq, day.last_seq, central.seqs)
+        if repair and not healable:
+            return verdict(
+                MISMATCH,
+                "totals differ below central's mark and the key ledger no longer covers the "
+                "day (ledger.retention_days): not repaired automatically",
+            )
+        if repair:
+            runs = ", ".join(f"{a}..{b}" for a, b in repair)
+            return verdict(
+                HEALING,
+                f"seqs {runs} passed by central's mark, never accounted for: asked for again, "
+                "let through if the key ledger does not hold their event_id",
+                repair,
+            )
     return verdict(MISMATCH, "totals differ below central's mark; nothing explains it")
 
 
@@ -276,6 +321,80 @@ def prune(conn: sqlite3.Connection, before: dt.date) -> int:
 
 
 @dataclass
+class Repair:
+    """Seqs below a store's mark asked for again to heal one business day (HEALING)."""
+
+    store_id: str
+    epoch: str
+    business_day: dt.date
+    ranges: list[tuple[int, int]]
+    asked_at: float = 0.0
+    taken: set[int] = field(default_factory=set)  # seqs let through since the last judgement
+    lost: str = ""  # the store answered it no longer holds them
+
+
+class Repairs:
+    """The open repairs below the mark, per (store, epoch) and business day.
+
+    A judgement that finds a day HEALING opens (or refreshes) its repair with the ranges it
+    found from the committed ledger, so a unit that failed after taking records gives them
+    back; the consumer lets a re-sent batch through below the mark only for records of an open
+    repair's day and ranges (``take``), each seq once until the next judgement."""
+
+    def __init__(self) -> None:
+        self._open: dict[Key, dict[dt.date, Repair]] = {}
+
+    def update(self, verdicts: list[DayVerdict], now: float) -> list[Repair]:
+        """Open, refresh or close repairs from a checkpoint's verdicts; those to ask the store
+        for now (new, or not asked for REPAIR_ASK_INTERVAL)."""
+        ask: list[Repair] = []
+        for v in verdicts:
+            days = self._open.setdefault((v.store_id, v.epoch), {})
+            repair = days.get(v.business_day)
+            if v.state != HEALING:
+                if repair is None or not (v.state == MISMATCH and repair.lost):
+                    days.pop(v.business_day, None)  # healed, or judged otherwise
+                continue  # a lost one stays, so the store is not asked again and again
+            if repair is None:
+                repair = days[v.business_day] = Repair(v.store_id, v.epoch, v.business_day, [])
+            repair.ranges, repair.taken = list(v.repair), set()
+            if not repair.lost and now - repair.asked_at >= REPAIR_ASK_INTERVAL:
+                repair.asked_at = now
+                ask.append(repair)
+        self._open = {k: d for k, d in self._open.items() if d}
+        return ask
+
+    def lost(self, store_id: str, epoch: str, day: dt.date) -> str:
+        repair = self._open.get((store_id, epoch), {}).get(day)
+        return repair.lost if repair is not None else ""
+
+    def wants(self, store_id: str, epoch: str, first_seq: int, last_seq: int) -> bool:
+        """Whether a batch of these seqs may hold records of an open repair."""
+        return any(
+            a <= last_seq and b >= first_seq
+            for repair in self._open.get((store_id, epoch), {}).values()
+            for a, b in repair.ranges
+        )
+
+    def take(self, store_id: str, epoch: str, records: Iterable[Record]) -> list[Record]:
+        """The records of an open repair (its day, its ranges, not taken since the last
+        judgement), now taken."""
+        days = self._open.get((store_id, epoch), {})
+        found: list[Record] = []
+        for record in records:
+            repair = days.get(business_day_of(record.event))
+            if repair is None or record.seq in repair.taken:
+                continue
+            if any(a <= record.seq <= b for a, b in repair.ranges):
+                repair.taken.add(record.seq)
+                found.append(record)
+        return found
+
+    def open_count(self) -> int:
+        return sum(len(days) for days in self._open.values())
+
+
+@dataclass
 class ReconcileStatistics:
     """The reconciler's counters (this process)."""
 
@@ -285,6 +404,7 @@ class ReconcileStatistics:
     resyncs: int = 0  # missing ranges handed to the gap handling
     states: dict[str, int] = field(default_factory=dict)  # days per state, last judgement
     pruned: int = 0  # ledger rows, verdicts and epochs of days past the retention deleted
+    healed: int = 0  # records let through below a mark by a repair (not in the key ledger)
 
 
 class Reconciler:
@@ -294,11 +414,14 @@ class Reconciler:
         self,
         retention_days: int = DEFAULT_RECONCILE_RETENTION_DAYS,
         *,
+        ledger_days: int = DEFAULT_LEDGER_RETENTION_DAYS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._pending: dict[str, Checkpoint] = {}
         self.stats = ReconcileStatistics()
         self.retention_days = retention_days
+        self.ledger_days = ledger_days  # the key ledger's retention: below it, no repair
+        self.repairs = Repairs()
         self._clock = clock
 
     def oldest_day(self) -> dt.date:
@@ -360,6 +483,10 @@ class Reconciler:
     ) -> list[DayVerdict]:
         key = (checkpoint.store_id, checkpoint.epoch)
         oldest = self.oldest_day()  # older days are pruned here: never judged against nothing
+        # A day is repaired below the mark only while the key ledger holds every key
+        # delivered since it began (keys expire ledger_days after their delivery day).
+        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+        healable_from = today - dt.timedelta(days=self.ledger_days - 1)
         holes: dict[dt.date, list[TillHole]] = {}
         for hole in checkpoint.till_holes:
             holes.setdefault(hole.business_day, []).append(hole)
@@ -374,11 +501,16 @@ class Reconciler:
                 gap=gaps.get(key),
                 skips=skips,
                 ledger_from=ledger_from,
+                healable=day.business_day >= healable_from,
             )
             for day in checkpoint.days
             if day.business_day >= oldest
         ]
         verdicts = [replace(v, till_holes=holes.get(v.business_day, [])) for v in verdicts]
+        for i, v in enumerate(verdicts):
+            lost = self.repairs.lost(v.store_id, v.epoch, v.business_day)
+            if v.state == HEALING and lost:
+                verdicts[i] = replace(v, state=MISMATCH, detail=f"{v.detail}; {lost}", repair=[])
         self.stats.judged += 1
         for v in verdicts:
             for hole in v.till_holes:
@@ -387,7 +519,7 @@ class Reconciler:
                     "never reached the agent",
                     v.store_id, v.business_day, hole.workstation_id, hole.from_txn, hole.to_txn,
                 )  # fmt: skip
-            if v.state in (MISSING, MISMATCH):
+            if v.state in (MISSING, MISMATCH, HEALING):
                 log.warning(
                     "RECONCILE %s: store %s business day %s (epoch %s): %s; difference %s",
                     v.state.upper(), v.store_id, v.business_day, v.epoch, v.detail,

@@ -40,6 +40,12 @@ class DayTotals(msgspec.Struct, kw_only=True):
     # Till-level completeness (agent side only): per workstation, the numeric transaction ids
     # seen as sorted runs ``(first, last, since)``; ``since``: when ``first`` arrived (Unix).
     tills: dict[str, list[tuple[int, int, float]]] = msgspec.field(default_factory=dict)
+    # Central side only: the seqs it accounted for, as sorted runs ``(first, last)`` (empty
+    # in a ledger row from before they were kept), so a difference below its mark narrows to
+    # the seqs it passed without accounting for them; and how many of the day's records were
+    # let through below the mark by such a repair (central/reconcile.py).
+    seqs: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    healed: int = 0
 
 
 class TillHole(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,9 +66,9 @@ def business_day_of(event: EventBase) -> dt.date:
 
 def add(
     days: dict[dt.date, DayTotals], seq: int, event: Event, *, till_at: float | None = None
-) -> None:
+) -> DayTotals:
     """Fold one record into ``days`` (records of one epoch, any order); with ``till_at`` (when
-    it arrived) its workstation's transaction number too."""
+    it arrived) its workstation's transaction number too. Returns the day it went to."""
     base: EventBase = event
     day = business_day_of(base)
     totals = days.get(day)
@@ -84,6 +90,47 @@ def add(
     if till_at is not None and base.workstation_id and txn and txn.isdigit():
         runs = totals.tills.setdefault(base.workstation_id, [])
         totals.tills[base.workstation_id] = _add_run(runs, (int(txn), int(txn), till_at))
+    return totals
+
+
+def add_seq(totals: DayTotals, seq: int) -> None:
+    """Count ``seq`` into the day's runs of accounted seqs (central): a seq right after the
+    last run extends it (the common case, records come in seq order), any other is merged."""
+    runs = totals.seqs
+    if runs and runs[-1][1] + 1 == seq:
+        runs[-1] = (runs[-1][0], seq)
+    elif not runs or runs[-1][1] < seq:
+        runs.append((seq, seq))
+    else:
+        totals.seqs = merge_runs(runs, [(seq, seq)])
+
+
+def merge_runs(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Two lists of ``(first, last)`` runs as one: sorted, adjacent or overlapping joined."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted([*a, *b]):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def unaccounted(first: int, last: int, *covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of ``first..last`` that none of the ``covered`` runs holds."""
+    holes: list[tuple[int, int]] = []
+    at = first
+    for low, high in merge_runs([], [r for runs in covered for r in runs]):
+        if high < at:
+            continue
+        if low > last:
+            break
+        if low > at:
+            holes.append((at, low - 1))
+        at = max(at, high + 1)
+    if at <= last:
+        holes.append((at, last))
+    return holes
 
 
 def add_till(
@@ -145,6 +192,9 @@ def merge(into: DayTotals, other: DayTotals) -> None:
         into.money[key] = into.money.get(key, Decimal(0)) + amount
     for kind, qty in other.quantity.items():
         into.quantity[kind] = into.quantity.get(kind, Decimal(0)) + qty
+    if other.seqs:
+        into.seqs = merge_runs(into.seqs, other.seqs)
+    into.healed += other.healed
     for workstation, runs in other.tills.items():
         held = into.tills.get(workstation, [])
         for run in runs:

@@ -183,3 +183,47 @@ async def test_days_past_the_retention_are_pruned_with_their_verdicts_and_epochs
     checkpoint.days[1].business_day = DAY + dt.timedelta(days=1)
     verdicts = reconciler.judge(checkpoint, {}, [], {}, {}, 1)
     assert [DAY + dt.timedelta(days=1)] == [v.business_day for v in verdicts]
+
+
+def test_a_difference_below_the_mark_narrows_to_the_seqs_central_never_accounted_for() -> None:
+    """Below the mark, a day whose ledger accounts for seqs 1..6 and 9..10 of the store's
+    1..10 is healing 7..8; not when the key ledger no longer covers the day, nor from a ledger
+    row that kept no seqs (it cannot be narrowed): those stay mismatches."""
+    central = totals(8, "20.00")
+    central.seqs = [(1, 6), (9, 10)]
+    verdict = reconcile.judge_day(
+        totals(10, "25.00"), central, store_id="S1", epoch=EPOCH, acked_through=10,
+        ledger_from=1, mark=Mark(store_id="S1", epoch=EPOCH, hwm=10), gap=None, skips=[],
+    )  # fmt: skip
+    assert ("healing", [(7, 8)]) == (verdict.state, verdict.repair)
+    old = reconcile.judge_day(
+        totals(10, "25.00"), central, store_id="S1", epoch=EPOCH, acked_through=10,
+        ledger_from=1, mark=Mark(store_id="S1", epoch=EPOCH, hwm=10), gap=None, skips=[],
+        healable=False,
+    )  # fmt: skip
+    assert "mismatch" == old.state
+    assert "mismatch" == judge(totals(10, "25.00"), totals(8, "20.00"), acked=10, hwm=10)
+
+
+def test_a_repair_takes_each_record_of_its_day_and_ranges_once_per_judgement() -> None:
+    """A re-sent batch gives the repair only its day's records in its ranges, each seq once
+    until the next judgement refreshes the repair from the committed ledger."""
+    repairs = reconcile.Repairs()
+    verdict = reconcile.DayVerdict("S1", EPOCH, DAY, "healing", totals(10, "25.00"), None, {},
+                                   "", repair=[(7, 8)])  # fmt: skip
+    assert 1 == len(repairs.update([verdict], now=100.0))
+    other_day = sale_record(9)
+    other_day = msgspec.structs.replace(
+        other_day, seq=7,
+        event=msgspec.structs.replace(other_day.event, business_day=DAY - dt.timedelta(days=1)),
+    )  # fmt: skip
+    batch = [sale_record(6), other_day, sale_record(8)]
+    assert (True, False) == (repairs.wants("S1", EPOCH, 6, 8), repairs.wants("S1", EPOCH, 9, 9))
+    assert [8] == [r.seq for r in repairs.take("S1", EPOCH, batch)]
+    assert [] == repairs.take("S1", EPOCH, batch)
+    assert [] == repairs.update([verdict], now=110.0)  # refreshed, not asked again yet
+    assert [8] == [r.seq for r in repairs.take("S1", EPOCH, batch)]
+    healed = reconcile.DayVerdict("S1", EPOCH, DAY, "reconciled", totals(10, "25.00"), None,
+                                  {}, "")  # fmt: skip
+    repairs.update([healed], now=120.0)
+    assert (0, False) == (repairs.open_count(), repairs.wants("S1", EPOCH, 6, 8))
