@@ -302,13 +302,17 @@ async def test_a_clean_day_is_reconciled_with_matching_money(
 async def test_trace_finds_an_event_delivered_or_nowhere(
     make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
 ) -> None:
-    """`trace` on both sides: a delivered event is delivered under its key at HQ and sent
-    with its seq at the store; an event_id nobody took is unknown on both."""
+    """`trace` on both sides: a delivered event is delivered under its key at HQ, between the
+    store's PubAck and the end of its delivery day, and sent with its seq at the store; an
+    event_id nobody took is unknown on both."""
     events = list(Till(store_id="S1", seed=42).events(20))
     p = await rung(make_pipeline, broker, events)
     event_id = events[5].event_id
     hq = central_trace(p, event_id)
     assert ("delivered", f"S1:{event_id}", 6) == (hq["state"], hq["key"], hq["agent"]["seq"])
+    start, end = (dt.datetime.fromisoformat(t) for t in hq["delivered_between"])
+    pubacked = dt.datetime.fromisoformat(hq["agent"]["sent_at"])
+    assert (pubacked, dt.time(23, 59, 59, 999999)) == (start, end.time())  # after its PubAck
     store = cli_json(p, "agent", "trace", event_id, "--config", str(p.agent_config("S1")))
     assert (True, 6) == (store["found"], store["seq"])
     assert store["sent_at"] is not None
