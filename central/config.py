@@ -195,9 +195,9 @@ class ReconcileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
         msgspec.Meta(
             gt=0,
             description="seconds between judgements of the stores' checkpoints on a central "
-            "that never runs out of batches to fetch (an idle one judges at once); a range a "
-            "checkpoint says is missing is asked for only when the store's mark has not moved "
-            "over this long",
+            "that never runs out of batches to fetch (an idle one judges whenever the stream "
+            "is empty); a range a checkpoint says is missing is then asked for only when the "
+            "stream holds nothing of that store central has not fetched",
         ),
     ] = DEFAULT_RECONCILE_BUSY_INTERVAL
     retention_days: Annotated[
