@@ -202,6 +202,22 @@ def move_mark(p: Pipeline, store_id: str, hwm: int) -> None:
         conn.close()
 
 
+async def first_half_booked(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker, *, seed: int
+) -> tuple[Pipeline, FileSinkBooked, Ledger, list[Any]]:
+    """A pipeline whose store S1 rang 200 till events, the first 100 (one batch) booked, and
+    whose central is then stopped."""
+    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=seed).events(200))
+    await ring_published(p, "S1", events[:100], ledger, 100)
+    await eventually(all_booked(ledger, booked), 60, "the first batch booked")
+    await p.central.stop()
+    return p, booked, ledger, events
+
+
 async def test_a_difference_below_the_mark_is_healed_through_the_key_ledger(
     make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
 ) -> None:
@@ -210,14 +226,7 @@ async def test_a_difference_below_the_mark_is_healed_through_the_key_ledger(
     seqs it accounted for to 101..200 (healing), the store re-sends them, central lets them
     through below its mark because the key ledger holds none of their event_ids, and the day
     is reconciled with the healed count; every event is booked once."""
-    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
-    await p.start()
-    booked = FileSinkBooked(p.sink_path)
-    ledger = Ledger()
-    events = list(Till(store_id="S1", seed=46).events(200))
-    await ring_published(p, "S1", events[:100], ledger, 100)
-    await eventually(all_booked(ledger, booked), 60, "the first batch booked")
-    await p.central.stop()
+    p, booked, ledger, events = await first_half_booked(make_pipeline, broker, seed=46)
     await ring_published(p, "S1", events[100:], ledger, 100)
     await delete_batch(broker.url, -1, 2)  # 101..200, PubAcked
     move_mark(p, "S1", 200)
@@ -244,14 +253,7 @@ async def test_a_difference_below_the_mark_redelivers_nothing_the_key_ledger_hol
     accounted): the store re-sends them for the repair, every one's event_id is in the key
     ledger, so nothing is booked twice; they are counted as accounted for, and the day is
     reconciled with nothing healed."""
-    p = make_pipeline(nats_url=broker.url, agent_settings=AGENT, central_settings=CENTRAL)
-    await p.start()
-    booked = FileSinkBooked(p.sink_path)
-    ledger = Ledger()
-    events = list(Till(store_id="S1", seed=47).events(200))
-    await ring_published(p, "S1", events[:100], ledger, 100)
-    await eventually(all_booked(ledger, booked), 60, "the first batch booked")
-    await p.central.stop()
+    p, booked, ledger, events = await first_half_booked(make_pipeline, broker, seed=47)
     conn = sqlite3.connect(p.central_dir / STATE_FILENAME)
     try:
         with conn:  # the day's ledger as it stood after 1..100: 101..200 not accounted
