@@ -49,7 +49,7 @@ from protocol.checkpoint import (
     DayTotals,
     TillHole,
     add,
-    add_seq,
+    add_seqs,
     business_day_of,
     decode_totals,
     difference,
@@ -104,8 +104,18 @@ Staged = dict[tuple[str, str], dict[dt.date, DayTotals]]  # (store, epoch) -> da
 def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
     """Fold records the sequencer let through into the unit's staged day totals."""
     days = unit.reconcile.setdefault((store_id, epoch), {})
+    current: DayTotals | None = None  # the day of the run of seqs being followed
+    start = prev = 0
     for record in records:
-        add_seq(add(days, record.seq, record.event), record.seq)
+        seq = record.seq
+        totals = add(days, seq, record.event)
+        if totals is not current or seq != prev + 1:
+            if current is not None:
+                add_seqs(current, start, prev)
+            current, start = totals, seq
+        prev = seq
+    if current is not None:  # a run per day and batch, not a call per record
+        add_seqs(current, start, prev)
 
 
 def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:

@@ -93,16 +93,17 @@ def add(
     return totals
 
 
-def add_seq(totals: DayTotals, seq: int) -> None:
-    """Count ``seq`` into the day's runs of accounted seqs (central): a seq right after the
-    last run extends it (the common case, records come in seq order), any other is merged."""
+def add_seqs(totals: DayTotals, first: int, last: int) -> None:
+    """Count seqs ``first..last`` into the day's runs of accounted seqs (central): a run right
+    after the last one extends it (the common case, records come in seq order), any other is
+    merged in."""
     runs = totals.seqs
-    if runs and runs[-1][1] + 1 == seq:
-        runs[-1] = (runs[-1][0], seq)
-    elif not runs or runs[-1][1] < seq:
-        runs.append((seq, seq))
+    if runs and runs[-1][1] + 1 == first:
+        runs[-1] = (runs[-1][0], last)
+    elif not runs or runs[-1][1] < first:
+        runs.append((first, last))
     else:
-        totals.seqs = merge_runs(runs, [(seq, seq)])
+        totals.seqs = merge_runs(runs, [(first, last)])
 
 
 def merge_runs(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -84,8 +84,8 @@ def sale_record(seq: int) -> Record:
 async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
     tmp_path: Path,
 ) -> None:
-    """Two units add up per day; a store dropped from a unit (parked) leaves no totals; what
-    was committed is read back by a new process."""
+    """Two units add up per day (their seqs as one run); a store dropped from a unit (parked)
+    leaves no totals; what was committed is read back by a new process."""
     state = SqliteState(tmp_path)
     await state.open()
     for seqs in ((1, 2), (3,)):
@@ -103,8 +103,8 @@ async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
         s2, _, from2 = await again.run_reconcile(reconcile.read_delivered, "S2", EPOCH, [DAY])
     finally:
         await again.close()
-    assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}) == (
-        s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money
+    assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}, [(1, 3)]) == (
+        s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money, s1[DAY].seqs
     )  # fmt: skip
     assert ({}, 1, None) == (s2, from1, from2)
 
