@@ -379,11 +379,11 @@ class Consumer:
         out of seq order, and are counted into the day; the rest stay duplicates. False: not
         such a batch, the usual path decides."""
         repairs = self.reconciler.repairs
+        if not repairs.wants(store_id, envelope.epoch, envelope.first_seq, envelope.last_seq):
+            return False  # the hot path: no open repair (one dict lookup)
         key = (store_id, envelope.epoch)
         mark = self.sequencer.mark(key, unit)
-        if envelope.last_seq > mark.hwm or not repairs.wants(
-            store_id, envelope.epoch, envelope.first_seq, envelope.last_seq
-        ):
+        if envelope.last_seq > mark.hwm:
             return False
         try:
             batch = decode_batch(msg.data)
