@@ -350,7 +350,7 @@ class Consumer:
         try:
             info = await self._sub.consumer_info()
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
-            log.debug("reconcile: cannot read the consumer's ack floor: %r", exc)
+            log.debug("reconcile: cannot read the consumer's delivered seq: %r", exc)
             return False
         return int(last.seq or 0) <= int(info.delivered.stream_seq)
 
@@ -471,6 +471,7 @@ class Consumer:
             if self._repairs_below_mark(msg, store_id, envelope, unit, deliveries, repaired):
                 acks.append(msg)
                 ack_stores.append(store_id)
+                self.holds.settled(store_id, _stream_seq(msg))
                 continue
             if self.sequencer.drop_if_duplicate(
                 store_id, envelope.epoch, envelope.last_seq, count, unit, now
