@@ -7,7 +7,7 @@ the OMS: each is accounted for) and committed in the unit's transaction (``stage
 ``record_delivered`` in ``SqliteState._commit``).
 
 A checkpoint arrives on ``storelink.checkpoint.<store>``; the consumer judges the latest one
-of each store between units (``Reconciler.judge_pending``), where no unit has a mark staged.
+of each store between units (``Consumer.judge_checkpoints``), where no unit has a mark staged.
 Each day of the checkpoint gets a state (docs/reconciliation.md):
 
 - ``pending``: the store still has records of the day without a PubAck, or central has
@@ -20,8 +20,15 @@ Each day of the checkpoint gets a state (docs/reconciliation.md):
 - ``reconciled``: central's mark is past the day's last seq and the totals match;
 - ``skipped``: the totals differ and an operator's recorded gap skip covers seqs of the day:
   the difference is that decision, shown with it, not an error;
-- ``mismatch`` (red): the totals differ and nothing explains it, or the store answered that it
-  can no longer re-send what is missing (the gap is unrecoverable).
+- ``healing``: the totals differ below central's mark and its seq runs narrow the difference
+  to seqs the mark passed without accounting for them: the consumer asks the store to re-send
+  them and lets each through below the mark only if the key ledger does not hold its event_id
+  (``Repairs``; out of seq order), counting it as ``healed`` in the day;
+- ``mismatch`` (red): the totals differ and nothing explains or heals it, or the store
+  answered that it can no longer re-send what is missing (the gap is unrecoverable).
+
+Days older than ``reconcile.retention_days`` are pruned hourly (``Reconciler.run_pruning``)
+and not judged.
 
 The checkpoint's till holes (transaction numbers of a workstation that never reached the
 agent) are kept with their day and shown beside its state: they are the POS's side, not a
