@@ -9,7 +9,9 @@ describes.
 
 Per workstation and business day the totals also keep the transaction numbers seen; a hole
 (transactions 1, 2, 4: 3 never arrived) is reported in the checkpoint once the transaction
-after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md).
+after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md). Numbers a
+till used for transactions that book nothing (POSLog control transactions) are recorded as
+seen by ``record_tills``, so they are never holes.
 
 ``Checkpointer`` publishes one on the store's checkpoint subject every ``reconcile.interval``
 seconds, when a business day closes (the first record of a later day was committed), and when

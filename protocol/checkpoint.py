@@ -5,7 +5,9 @@ totals) and central's ledger compare field by field (``difference``). Money and 
 exact decimals. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
-transaction that never reached it shows as a hole (``till_holes``); central does not.
+transaction that never reached it shows as a hole (``till_holes``); central does not. Central
+keeps the seqs it accounted for, as runs (``seqs``), so a difference below its mark narrows to
+the seqs it never accounted for (``unaccounted``); the agent does not.
 
 The business day of an event is its ``business_day`` when the POS sends one, else the date of
 ``occurred_at`` in the event's own UTC offset (the till's local date).
