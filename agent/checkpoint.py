@@ -9,7 +9,9 @@ describes.
 
 Per workstation and business day the totals also keep the transaction numbers seen; a hole
 (transactions 1, 2, 4: 3 never arrived) is reported in the checkpoint once the transaction
-after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md).
+after it has been here ``reconcile.till_grace`` seconds (docs/reconciliation.md). Numbers a
+till used for transactions that book nothing (POSLog control transactions) are recorded as
+seen by ``record_tills``, so they are never holes.
 
 ``Checkpointer`` publishes one on the store's checkpoint subject every ``reconcile.interval``
 seconds, when a business day closes (the first record of a later day was committed), and when
@@ -36,6 +38,7 @@ from protocol.checkpoint import (
     DayTotals,
     TillHole,
     add,
+    add_till,
     decode_totals,
     store_merged,
     till_holes,
@@ -65,6 +68,19 @@ def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], 
     staged: dict[dt.date, DayTotals] = {}
     for seq, event in records:
         add(staged, seq, event, till_at=now)
+    for day, totals in staged.items():
+        store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+
+
+def record_tills(
+    conn: sqlite3.Connection, numbers: Sequence[tuple[dt.date, str, int]], now: float
+) -> None:
+    """Fold till numbers used without a record (``(business day, workstation, number)``:
+    POSLog control transactions, agent/poslog.py) into ``day_totals``, inside the caller's
+    transaction: seen, so a till whose only missing numbers are those has no holes."""
+    staged: dict[dt.date, DayTotals] = {}
+    for day, workstation, txn in numbers:
+        add_till(staged, day, workstation, txn, now)
     for day, totals in staged.items():
         store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
 

@@ -26,6 +26,7 @@ from agent.poslog import (
     DEFAULT_WEIGHT_UNIT,
     Conversion,
     PoslogError,
+    TillNumber,
     parse_poslog,
 )
 from protocol.events import Event
@@ -83,6 +84,7 @@ class PoslogWatcher:
         settle_seconds: float = DEFAULT_SETTLE_SECONDS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
         clock: Callable[[], float] = time.time,
+        note_tills: Callable[[list[TillNumber]], Awaitable[None]] | None = None,
     ) -> None:
         self.drop_dir = Path(drop_dir)
         self.store_id = store_id
@@ -93,6 +95,7 @@ class PoslogWatcher:
         self.settle_seconds = settle_seconds
         self.max_file_bytes = max_file_bytes
         self._submit = submit
+        self._note_tills = note_tills  # till numbers of control transactions (Outbox.note_tills)
         self._clock = clock
         self._seen: dict[str, _Seen] = {}
         self._files_done = 0
@@ -200,6 +203,13 @@ class PoslogWatcher:
                 # Buffer full, shutting down, disk trouble: nothing of the file was stored.
                 self._submit_failures += 1
                 self._note(f"{path.name}: not stored yet, will retry: {exc}", warning=True)
+                return None
+        if conversion.till_numbers and self._note_tills is not None:
+            try:
+                await self._note_tills(conversion.till_numbers)
+            except Exception as exc:  # as a failed submit: the next scan notes them again
+                self._submit_failures += 1
+                self._note(f"{path.name}: till numbers not stored yet: {exc}", warning=True)
                 return None
         self._transactions_skipped += conversion.skipped
         self._events_submitted += len(conversion.events)

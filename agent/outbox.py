@@ -243,6 +243,11 @@ class _SetMeta(_Job):
     value: str
 
 
+@dataclass(eq=False)
+class _NoteTills(_Job):
+    numbers: Sequence[tuple[dt.date, str, int]]
+
+
 @dataclass
 class _State:
     """What the writer knows about the file; copied, changed and swapped in after COMMIT, so a
@@ -644,6 +649,12 @@ class Outbox:
         self._enqueue(_MarkSent(future, first_seq, last_seq))
         return future
 
+    async def note_tills(self, numbers: Sequence[tuple[dt.date, str, int]]) -> None:
+        """Record till numbers used without an event ``(business day, workstation, number)``
+        in the day totals (agent/checkpoint.py): seen, never a till hole; once committed."""
+        if numbers:
+            await self._submit(_NoteTills(self._new_future(), numbers))
+
     async def mark_sent(self, first_seq: int, last_seq: int) -> None:
         await self.mark_sent_nowait(first_seq, last_seq)
 
@@ -968,6 +979,9 @@ class Outbox:
                             rows = []
                         self._mark_refused(conn, job, state, now)
                         sent_changed = True
+                        pending_results.append((job, None, None))
+                    elif isinstance(job, _NoteTills):
+                        checkpoint.record_tills(conn, job.numbers, now)
                         pending_results.append((job, None, None))
                     elif isinstance(job, _SetMeta):
                         conn.execute(

@@ -100,6 +100,9 @@ class PoslogError(AgentError):
         super().__init__(reason)
 
 
+TillNumber = tuple[dt.date, str, int]  # (business day, workstation, transaction number)
+
+
 class Conversion(msgspec.Struct, frozen=True, kw_only=True):
     """What one POSLog document turned into."""
 
@@ -108,6 +111,10 @@ class Conversion(msgspec.Struct, frozen=True, kw_only=True):
     # Transactions that give no event: sign-on, no-sale, training, cancelled, every line
     # voided, or a repeat of a transaction earlier in the document (the first one counts).
     skipped: int
+    # Their till numbers (business day, WorkstationID, SequenceNumber), where they have
+    # numeric ones: the till used the number, so the agent records it as seen without
+    # booking anything (``Outbox.note_tills``); otherwise it would show as a till hole.
+    till_numbers: list[TillNumber] = msgspec.field(default_factory=list)
 
 
 # --- namespace-agnostic element access ----------------------------------------------------
@@ -270,6 +277,7 @@ def parse_poslog(
     events: list[Event] = []
     first_seen: dict[str, Event] = {}
     skipped = 0
+    numbers: list[TillNumber] = []
     store_numbers: set[str] = set()
     for index, tx in enumerate(transactions, 1):
         store_number = _text(tx, "RetailStoreID") or _text(_child(tx, "BusinessUnit"), "UnitID")
@@ -292,6 +300,9 @@ def parse_poslog(
             events.extend(fresh)
         else:
             skipped += 1
+            number = _till_number(tx, options) if not converted else None
+            if number is not None:
+                numbers.append(number)
     if len(store_numbers) > 1:
         # An agent speaks for one store; a file from several (an HQ export) would book every
         # store's sales to this one.
@@ -299,7 +310,37 @@ def parse_poslog(
             f"the file holds transactions of several stores (RetailStoreID "
             f"{', '.join(sorted(store_numbers))}); one agent accepts one store's transactions"
         )
-    return Conversion(events=events, transactions=len(transactions), skipped=skipped)
+    return Conversion(
+        events=events, transactions=len(transactions), skipped=skipped, till_numbers=numbers
+    )
+
+
+def _till_number(tx: ET.Element, options: _Options) -> TillNumber | None:
+    """The till number a transaction that gives no event used (a ControlTransaction: sign-on,
+    no-sale, loan, pick-up; a training, cancelled or suspended one), or None when it has no
+    WorkstationID, no numeric SequenceNumber or no day. Lenient: such a transaction never
+    rejects a file, so a time that does not parse only means its number is not counted."""
+    workstation = _short_id(_text(tx, "WorkstationID"))
+    sequence = _text(tx, "SequenceNumber") or _text(tx, "TransactionID")
+    if workstation is None or sequence is None or not (sequence.isascii() and sequence.isdigit()):
+        return None
+    day = _business_day(tx)
+    if day is not None:
+        try:
+            return dt.date.fromisoformat(day), workstation, int(sequence)
+        except ValueError:
+            return None
+    for name in ("EndDateTime", "BeginDateTime"):
+        stamp = _text(tx, name)
+        if stamp is None:
+            continue
+        try:
+            occurred = dt.datetime.fromisoformat(stamp)
+        except ValueError:
+            return None
+        local = occurred if occurred.tzinfo is not None else occurred.replace(tzinfo=options.tz)
+        return local.date(), workstation, int(sequence)
+    return None
 
 
 def convert_poslog(

@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +101,14 @@ def status_report(
 
 
 def _poslog_converter(
-    cfg: AgentConfig,
+    cfg: AgentConfig, note_tills: Callable[[list[Any]], Awaitable[None]]
 ) -> Callable[[bytes], Coroutine[Any, Any, list[Event]]] | None:
-    """``POST /v1/poslog``'s converter, or None when agent.poslog is not part of this build."""
+    """``POST /v1/poslog``'s converter, or None when agent.poslog is not part of this build.
+    The till numbers of control transactions go to ``note_tills`` (seen, not booked)."""
     try:
         from agent.poslog import (  # type: ignore[import-not-found,unused-ignore]
             PoslogError,
-            convert_poslog,
+            parse_poslog,
         )
     except ImportError:
         return None
@@ -117,8 +118,8 @@ def _poslog_converter(
     async def convert(data: bytes) -> list[Event]:
         try:
             # XML parsing is CPU work: keep it off the event loop so ingest stays responsive.
-            events: list[Event] = await asyncio.to_thread(
-                convert_poslog,
+            conversion = await asyncio.to_thread(
+                parse_poslog,
                 data,
                 store_id=cfg.store_id,
                 tz=tz,
@@ -127,6 +128,8 @@ def _poslog_converter(
             )
         except PoslogError as exc:
             raise PoslogRejected(str(getattr(exc, "reason", exc))) from exc
+        await note_tills(conversion.till_numbers)
+        events: list[Event] = conversion.events
         return events
 
     return convert
@@ -222,7 +225,7 @@ class AgentService:
             max_request_bytes=cfg.ingest.max_request_bytes,
             max_requests_in_flight=cfg.ingest.max_requests_in_flight,
             status=self.status,
-            convert_poslog=_poslog_converter(cfg),
+            convert_poslog=_poslog_converter(cfg, self.outbox.note_tills),
             checkpoint=self.checkpoints.send,
             trace=self.outbox.trace,
         )
@@ -281,6 +284,7 @@ class AgentService:
             poslog.zone(),
             currency=poslog.currency,
             weight_unit=poslog.weight_unit,
+            note_tills=self.outbox.note_tills,
         )
         self._spawn(self._watch(), "poslog-watcher")
         log.info("watching %s for POSLog files", drop_dir)

@@ -797,8 +797,8 @@ def trace_command(
 @click.option("--day", help="Only this business day (YYYY-MM-DD).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def reconcile_status(data_dir: Path, store_id: str | None, day: str | None, as_json: bool) -> None:
-    """Each business day's state (mismatch, missing, skipped, pending, reconciled; worst
-    first), both sides' record counts and money, and the difference."""
+    """Each business day's state (mismatch, missing, healing, skipped, pending, untracked,
+    reconciled; worst first), both sides' record counts and money, and the difference."""
     try:
         days = read_reconcile(data_dir, store_id=store_id, day=day)
     except (CentralError, sqlite3.Error) as exc:

@@ -29,6 +29,8 @@ DEFAULT_WEBHOOK_BATCH_SIZE = 500  # one agent batch: 20 ms of OMS time spread ov
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
 DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
+DEFAULT_RECONCILE_BUSY_INTERVAL = 30.0  # a central that never runs out of batches judges this often
+DEFAULT_RECONCILE_RETENTION_DAYS = 35  # as long as the key ledger: a verdict outlives no key
 DEFAULT_INVENTORY_WINDOW_HOURS = 72.0  # an end-of-day file, a till offline over a weekend
 DEFAULT_VOID_WAIT_SECONDS = 3600.0
 WEBHOOK_SECRET_ENV = "STORELINK_WEBHOOK_SECRET"
@@ -205,6 +207,29 @@ class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ] = DEFAULT_LEDGER_RETENTION_DAYS
 
 
+class ReconcileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Reconciliation of the stores' checkpoints (docs/reconciliation.md)."""
+
+    busy_interval: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="seconds between judgements of the stores' checkpoints on a central "
+            "that never runs out of batches to fetch (an idle one judges whenever the stream "
+            "is empty); a range a checkpoint says is missing is then asked for only when the "
+            "stream holds nothing of that store central has not fetched",
+        ),
+    ] = DEFAULT_RECONCILE_BUSY_INTERVAL
+    retention_days: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            description="business days older than this many days leave central's reconcile "
+            "ledger and verdicts (pruned hourly); keep it at least ledger.retention_days",
+        ),
+    ] = DEFAULT_RECONCILE_RETENTION_DAYS
+
+
 class InventorySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The on-hand projection (docs/inventory.md)."""
 
@@ -283,6 +308,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     consumer: ConsumerSettings = ConsumerSettings()
     webhook: WebhookSettings = WebhookSettings()
     ledger: LedgerSettings = LedgerSettings()
+    reconcile: ReconcileSettings = ReconcileSettings()
     inventory: InventorySettings = InventorySettings()
     dashboard: DashboardSettings = DashboardSettings()
 

@@ -35,8 +35,10 @@ from nats.aio.msg import Msg
 
 from central import dlq, reconcile
 from central.config import CentralConfig
-from central.control import GapResyncer
+from central.control import GAP_RESYNC_TIMEOUT, GapResyncer, ask_resync
 from central.errors import (
+    AgentUnreachable,
+    ControlRefused,
     DeadLetterUnpublished,
     SinkRejected,
     SinkUnavailable,
@@ -58,6 +60,7 @@ from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_UNATTRIBUTED,
     EVENTS_STREAM,
+    events_subject,
     store_from_events_subject,
 )
 from protocol.wire import (
@@ -86,9 +89,6 @@ SINK_BACKOFF_CAP = 10.0
 UNIT_MAX_BYTES = 4 * 1024 * 1024
 SKIP_POLL_INTERVAL = 1.0  # how soon a `gaps skip` recorded by the CLI takes effect
 EXPIRY_REPORT_INTERVAL = 3600.0  # an expiring held batch is logged again every hour
-# A central that never runs out of batches to fetch still judges checkpoints this often; it
-# raises a missing range only when the mark has not moved between two such judgements.
-JUDGE_BUSY_INTERVAL = 30.0
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -148,10 +148,11 @@ class Consumer:
             state, cfg.inventory.window_hours, cfg.inventory.void_wait_seconds
         )
         self.ledger = KeyLedger(state, cfg.ledger.retention_days)
-        self.reconciler = Reconciler()
+        self.reconciler = Reconciler(
+            cfg.reconcile.retention_days, ledger_days=cfg.ledger.retention_days
+        )
+        self._asking: set[asyncio.Task[None]] = set()  # repairs' resync requests in flight
         self._judged_at = 0.0
-        # (store, epoch) -> (mark, when) a busy judgement first found seqs missing at that mark
-        self._missing: dict[tuple[str, str], tuple[int, float]] = {}
         self._sub: Any = None
         self._stop = asyncio.Event()
         self.holds = Holds(
@@ -235,7 +236,8 @@ class Consumer:
             for msg in rest:  # back with the next fetches (the sequencer copes with any order)
                 await self._settle(msg.nak())
             await self.process(unit)
-            if time.time() - self._judged_at >= JUDGE_BUSY_INTERVAL:
+            # A central that never runs out of batches still judges checkpoints this often.
+            if time.time() - self._judged_at >= self.cfg.reconcile.busy_interval:
                 await self.judge_checkpoints(idle=False)
             self.resyncer.poke(self.state.gaps())
             await self._between_units()
@@ -266,8 +268,9 @@ class Consumer:
         asks the store to re-send it. Called between units, where no unit has a mark staged.
 
         ``idle``: nothing was left to fetch, so what central lacks is not still in the stream.
-        When busy, the range is raised only if the mark has not moved since a judgement at
-        least JUDGE_BUSY_INTERVAL earlier found it missing (it is not merely queued)."""
+        When busy (every ``reconcile.busy_interval``), the range is raised only when the stream
+        holds nothing of that store central has not fetched: its batches are not merely queued
+        behind other stores' (``_store_drained``)."""
         now = time.time()
         self._judged_at = now
         pending = self.reconciler.take_pending()
@@ -288,19 +291,68 @@ class Consumer:
             verdicts += found
             key = (checkpoint.store_id, checkpoint.epoch)
             if not any(v.state == reconcile.MISSING for v in found):
-                self._missing.pop(key, None)
+                continue
+            if not idle and not await self._store_drained(checkpoint.store_id):
                 continue
             hwm = self.sequencer.mark(key, unit).hwm
-            seen = self._missing.get(key)
-            if not idle and (seen is None or seen[0] != hwm or now - seen[1] < JUDGE_BUSY_INTERVAL):
-                if seen is None or seen[0] != hwm:
-                    self._missing[key] = (hwm, now)
-                continue
-            self._missing.pop(key, None)
             self.sequencer.see(key[0], key[1], checkpoint.acked_through, unit, now)
             self.reconciler.stats.resyncs += 1
+            log.warning(
+                "RECONCILE RESYNC: store %s epoch %s: seqs %d..%d asked for again (%s)",
+                key[0], key[1], hwm + 1, checkpoint.acked_through,
+                "idle: nothing left in the stream" if idle
+                else "busy: nothing of the store left in the stream",
+            )  # fmt: skip
         await self.state.commit(unit)
         await self.state.run_reconcile(reconcile.write_verdicts, verdicts, now)
+        for repair in self.reconciler.repairs.update(verdicts, now):
+            task = asyncio.create_task(self._ask_repair(repair))
+            self._asking.add(task)
+            task.add_done_callback(self._asking.discard)
+
+    async def _ask_repair(self, repair: reconcile.Repair) -> None:
+        """Ask the store to re-send a repair's ranges (below the mark: the gap handling never
+        asks for those); an answer that it no longer holds them makes the day a mismatch."""
+        for first, last in repair.ranges:
+            try:
+                reply = await ask_resync(
+                    self.nc, repair.store_id, first, last, epoch=repair.epoch,
+                    reason=f"reconcile: heal business day {repair.business_day} below the mark",
+                    timeout=GAP_RESYNC_TIMEOUT,
+                )  # fmt: skip
+            except (AgentUnreachable, ControlRefused) as exc:
+                log.warning("reconcile: could not ask store %s to re-send %d..%d: %s",
+                            repair.store_id, first, last, exc)  # fmt: skip
+                return
+            held = reply.first_available_seq
+            if (
+                reply.unavailable
+                or reply.epoch not in (None, repair.epoch)
+                or (held is not None and held > first)
+            ):
+                repair.lost = (
+                    f"the store no longer holds seqs {first}..{min(last, (held or first) - 1)}"
+                )
+                return
+
+    async def _store_drained(self, store_id: str) -> bool:
+        """The stream holds nothing of ``store_id`` central has not fetched: its last message
+        there is at or below the last one delivered to the consumer (or it has none). Not the
+        ack floor: one batch held behind another store's gap would hold that back for all.
+        False when JetStream cannot say: the next judgement asks again."""
+        try:
+            last = await self.js.get_last_msg(EVENTS_STREAM, events_subject(store_id))
+        except nats.js.errors.NotFoundError:
+            return True
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            log.debug("reconcile: cannot read store %s's last message: %r", store_id, exc)
+            return False
+        try:
+            info = await self._sub.consumer_info()
+        except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:
+            log.debug("reconcile: cannot read the consumer's delivered seq: %r", exc)
+            return False
+        return int(last.seq or 0) <= int(info.delivered.stream_seq)
 
     async def apply_skips(self) -> None:
         """Apply every gap skip operators recorded (`storelink-central gaps skip`)."""
@@ -312,6 +364,61 @@ class Consumer:
                 skip.operator, skip.id, skip.store_id, skip.epoch, skip.through_seq, outcome,
                 skip.reason,
             )  # fmt: skip
+
+    def _repairs_below_mark(
+        self,
+        msg: Msg,
+        store_id: str,
+        envelope: RawBatch,
+        unit: Unit,
+        deliveries: Deliveries,
+        repaired: set[int],
+    ) -> bool:
+        """A re-sent batch wholly at or below the mark that holds records of an open repair
+        (central/reconcile.py): those records go to the key ledger's screen like new ones,
+        out of seq order, and are counted into the day; the rest stay duplicates. False: not
+        such a batch, the usual path decides."""
+        repairs = self.reconciler.repairs
+        if not repairs.wants(store_id, envelope.epoch, envelope.first_seq, envelope.last_seq):
+            return False  # the hot path: no open repair (one dict lookup)
+        key = (store_id, envelope.epoch)
+        mark = self.sequencer.mark(key, unit)
+        if envelope.last_seq > mark.hwm:
+            return False
+        try:
+            batch = decode_batch(msg.data, max_unpacked=self.nc.max_payload)
+        except UNDECODABLE:
+            return False
+        records = repairs.take(store_id, batch.epoch, batch.records)
+        if not records:
+            return False
+        self.batches += 1
+        self.duplicates += len(batch.records) - len(records)
+        mark.delivered += len(records)  # the ledger's screen takes back what it drops
+        unit.marks[key] = mark
+        reconcile.stage(unit, store_id, batch.epoch, records)
+        deliveries.append((batch, records))
+        repaired.add(id(batch))
+        return True
+
+    def _count_healed(self, screened: Deliveries, repaired: set[int], unit: Unit) -> int:
+        """Records of repairs the key ledger let through, counted into their day's ``healed``
+        and logged (HEALED BELOW MARK)."""
+        if not repaired:
+            return 0
+        healed = 0
+        for batch, records in screened:
+            if id(batch) not in repaired:
+                continue
+            healed += len(records)
+            reconcile.note_healed(unit, batch.store_id, batch.epoch, records)
+            log.warning(
+                "HEALED BELOW MARK: store %s epoch %s: %d records (seqs %d..%d) the mark had "
+                "passed without accounting for them, let through (their event_ids are not in "
+                "the key ledger; out of seq order)",
+                batch.store_id, batch.epoch, len(records), records[0].seq, records[-1].seq,
+            )  # fmt: skip
+        return healed
 
     def _fetch_size(self) -> int:
         """fetch_batch, or fewer when the last fetch's batches were big."""
@@ -344,6 +451,7 @@ class Consumer:
         released: list[Msg] = []  # over a store's cap of held batches: asked for again later
         poison: list[tuple[Msg, str, str]] = []  # (msg, store token, reason)
         deliveries: Deliveries = []
+        repaired: set[int] = set()  # id() of the batches let through below the mark to repair
         for msg in msgs:
             store_id = store_from_events_subject(msg.subject)
             try:
@@ -361,6 +469,11 @@ class Consumer:
                 continue
             # A packed batch (wire v2) carries no records in the envelope: its seqs say how many.
             count = len(envelope.records) or max(0, envelope.last_seq - envelope.first_seq + 1)
+            if self._repairs_below_mark(msg, store_id, envelope, unit, deliveries, repaired):
+                acks.append(msg)
+                ack_stores.append(store_id)
+                self.holds.settled(store_id, _stream_seq(msg))
+                continue
             if self.sequencer.drop_if_duplicate(
                 store_id, envelope.epoch, envelope.last_seq, count, unit, now
             ):
@@ -429,6 +542,7 @@ class Consumer:
             reconcile.stage(unit, store_id, batch.epoch, decision.records)
         # Key ledger (guarantee 7): one lookup for the unit drops event_ids delivered before.
         screened = await self.ledger.screen(deliveries, unit)
+        healed = self._count_healed(screened, repaired, unit)
         for batch, records in screened:
             await self.inventory.prepare(batch.store_id, records, unit)
             for record in records:
@@ -467,6 +581,7 @@ class Consumer:
             sink.committed()
         self.inventory.committed(unit)
         self.ledger.committed(unit)
+        self.reconciler.stats.healed += healed
         self._observe_latency(screened, blocked, rejected, accepted)
         self._sink_backoff.reset()
         for store_id in {r.store_id for r in out} & self.holds.parked():
@@ -610,6 +725,8 @@ class Consumer:
         await self._pause(delay)
 
     async def close(self) -> None:
+        for task in list(self._asking):
+            task.cancel()
         await self.resyncer.close()
         for sink in self.sinks:
             await sink.close()

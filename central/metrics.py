@@ -198,8 +198,8 @@ def render_central_metrics(status: Mapping[str, Any], now: float) -> str:
     out.add(
         "store_reconcile_states",
         "gauge",
-        "Business days of the store per reconciliation state (reconciled, pending, missing, "
-        "skipped, mismatch), as last judged against its checkpoint.",
+        "Business days of the store per reconciliation state (reconciled, untracked, pending, "
+        "skipped, healing, missing, mismatch), as last judged against its checkpoint.",
         [
             ({"store": s["store_id"], "state": state}, n)
             for s in stores

@@ -7,7 +7,7 @@ the OMS: each is accounted for) and committed in the unit's transaction (``stage
 ``record_delivered`` in ``SqliteState._commit``).
 
 A checkpoint arrives on ``storelink.checkpoint.<store>``; the consumer judges the latest one
-of each store between units (``Reconciler.judge_pending``), where no unit has a mark staged.
+of each store between units (``Consumer.judge_checkpoints``), where no unit has a mark staged.
 Each day of the checkpoint gets a state (docs/reconciliation.md):
 
 - ``pending``: the store still has records of the day without a PubAck, or central has
@@ -20,8 +20,15 @@ Each day of the checkpoint gets a state (docs/reconciliation.md):
 - ``reconciled``: central's mark is past the day's last seq and the totals match;
 - ``skipped``: the totals differ and an operator's recorded gap skip covers seqs of the day:
   the difference is that decision, shown with it, not an error;
-- ``mismatch`` (red): the totals differ and nothing explains it, or the store answered that it
-  can no longer re-send what is missing (the gap is unrecoverable).
+- ``healing``: the totals differ below central's mark and its seq runs narrow the difference
+  to seqs the mark passed without accounting for them: the consumer asks the store to re-send
+  them and lets each through below the mark only if the key ledger does not hold its event_id
+  (``Repairs``; out of seq order), counting it as ``healed`` in the day;
+- ``mismatch`` (red): the totals differ and nothing explains or heals it, or the store
+  answered that it can no longer re-send what is missing (the gap is unrecoverable).
+
+Days older than ``reconcile.retention_days`` are pruned hourly (``Reconciler.run_pruning``)
+and not judged.
 
 The checkpoint's till holes (transaction numbers of a workstation that never reached the
 agent) are kept with their day and shown beside its state: they are the POS's side, not a
@@ -30,40 +37,51 @@ difference between store and HQ.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from central.config import DEFAULT_LEDGER_RETENTION_DAYS, DEFAULT_RECONCILE_RETENTION_DAYS
+from central.errors import StateError
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
     add,
+    add_seqs,
+    business_day_of,
     decode_totals,
     difference,
     store_merged,
+    unaccounted,
 )
 from protocol.migrations import Migration
 from protocol.subjects import store_from_checkpoint_subject
 from protocol.wire import UNDECODABLE, Checkpoint, Record, decode_checkpoint
 
 if TYPE_CHECKING:
-    from central.state import Gap, Key, Mark, Unit
+    from central.state import Gap, Key, Mark, StateStore, Unit
 
 log = logging.getLogger(__name__)
 
 PENDING = "pending"
 UNTRACKED = "untracked"
 MISSING = "missing"
+HEALING = "healing"
 RECONCILED = "reconciled"
 SKIPPED = "skipped"
 MISMATCH = "mismatch"
-STATES = (MISMATCH, MISSING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+STATES = (MISMATCH, MISSING, HEALING, SKIPPED, PENDING, UNTRACKED, RECONCILED)  # worst first
+REPAIR_ASK_INTERVAL = 30.0  # a range below the mark is asked for again at most this often
+PRUNE_INTERVAL = 3600.0  # seconds between sweeps: days expire by the day, like the key ledger
 
 MIGRATION: Migration = (
     "0007_reconcile",
@@ -93,8 +111,28 @@ Staged = dict[tuple[str, str], dict[dt.date, DayTotals]]  # (store, epoch) -> da
 def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
     """Fold records the sequencer let through into the unit's staged day totals."""
     days = unit.reconcile.setdefault((store_id, epoch), {})
+    current: DayTotals | None = None  # the day of the run of seqs being followed
+    start = prev = 0
     for record in records:
-        add(days, record.seq, record.event)
+        seq = record.seq
+        totals = add(days, seq, record.event)
+        if totals is not current or seq != prev + 1:
+            if current is not None:
+                add_seqs(current, start, prev)
+            current, start = totals, seq
+        prev = seq
+    if current is not None:  # a run per day and batch, not a call per record
+        add_seqs(current, start, prev)
+
+
+def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
+    """Count records a repair let through below the mark into their staged day's ``healed``
+    (they were staged with ``stage`` already)."""
+    days = unit.reconcile.get((store_id, epoch), {})
+    for record in records:
+        totals = days.get(business_day_of(record.event))
+        if totals is not None:
+            totals.healed += 1
 
 
 def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
@@ -130,6 +168,8 @@ class DayVerdict:
     difference: dict[str, Any]
     detail: str
     till_holes: list[TillHole] = field(default_factory=list)
+    # HEALING: the seqs below central's mark it never accounted for, asked for again
+    repair: list[tuple[int, int]] = field(default_factory=list)
 
 
 def judge_day(
@@ -143,14 +183,22 @@ def judge_day(
     mark: Mark | None,
     gap: Gap | None,
     skips: list[tuple[int, int, int]],
+    healable: bool = True,
 ) -> DayVerdict:
-    """The state of one day (``skips``: ``(id, from_seq, through_seq)`` of the epoch)."""
+    """The state of one day (``skips``: ``(id, from_seq, through_seq)`` of the epoch;
+    ``healable``: the key ledger still holds what was delivered on the day, so a difference
+    below the mark may be repaired)."""
     hwm = mark.hwm if mark is not None else 0
     diff = difference(day, central)
 
-    def verdict(state: str, detail: str) -> DayVerdict:
-        return DayVerdict(store_id, epoch, day.business_day, state, day, central, diff, detail)
+    def verdict(state: str, detail: str, repair: list[tuple[int, int]] | None = None) -> DayVerdict:
+        return DayVerdict(
+            store_id, epoch, day.business_day, state, day, central, diff, detail,
+            repair=repair or [],
+        )  # fmt: skip
 
+    if not day.records and (central is None or not central.records):
+        return verdict(RECONCILED, "no records: till numbers of control transactions only")
     if day.last_seq > acked_through:
         return verdict(PENDING, f"store: seqs up to {day.last_seq} not all acknowledged yet")
     start = ledger_from if ledger_from is not None else hwm + 1
@@ -179,13 +227,35 @@ def judge_day(
             MISSING, f"central's mark is at {hwm}: {hwm + 1}..{acked_through} asked for again"
         )
     if not diff:
-        return verdict(RECONCILED, "")
+        healed = central.healed if central is not None else 0
+        return verdict(
+            RECONCILED, f"{healed} records healed below central's mark" if healed else ""
+        )
     covering = [
         s for s in skips if s[1] <= day.last_seq and s[2] >= day.first_seq
     ]  # an operator's decision over seqs of this day
     if covering:
         ids = ", ".join(str(s[0]) for s in covering)
         return verdict(SKIPPED, f"explained by gap skip decision {ids}")
+    if central is not None and central.seqs and day.records > central.records:
+        # Seqs central's mark passed without accounting for them (delivered, dropped by the
+        # key ledger or dead-lettered): the store re-sends them, and central lets through
+        # below its mark those whose event_id the key ledger does not hold.
+        repair = unaccounted(day.first_seq, day.last_seq, central.seqs)
+        if repair and not healable:
+            return verdict(
+                MISMATCH,
+                "totals differ below central's mark and the key ledger no longer covers the "
+                "day (ledger.retention_days): not repaired automatically",
+            )
+        if repair:
+            runs = ", ".join(f"{a}..{b}" for a, b in repair)
+            return verdict(
+                HEALING,
+                f"seqs {runs} passed by central's mark, never accounted for: asked for again, "
+                "let through if the key ledger does not hold their event_id",
+                repair,
+            )
     return verdict(MISMATCH, "totals differ below central's mark; nothing explains it")
 
 
@@ -242,6 +312,105 @@ def write_verdicts(conn: sqlite3.Connection, verdicts: list[DayVerdict], now: fl
         raise
 
 
+def prune(conn: sqlite3.Connection, before: dt.date) -> int:
+    """Delete the ledger rows and verdicts of business days before ``before``, and the epochs
+    left without either, in one transaction; how many rows went."""
+    day = before.isoformat()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        gone = conn.execute("DELETE FROM reconcile_days WHERE business_day < ?", (day,)).rowcount
+        gone += conn.execute(
+            "DELETE FROM reconcile_delivered WHERE business_day < ?", (day,)
+        ).rowcount
+        # An epoch keeps its first counted seq while any of its days is held: a store that
+        # rings again in it after every day expired starts its ledger afresh (INSERT OR IGNORE).
+        gone += conn.execute(
+            "DELETE FROM reconcile_epochs AS e WHERE NOT EXISTS (SELECT 1 FROM "
+            "reconcile_delivered AS d WHERE d.store_id = e.store_id AND d.epoch = e.epoch) "
+            "AND NOT EXISTS (SELECT 1 FROM reconcile_days AS v "
+            "WHERE v.store_id = e.store_id AND v.epoch = e.epoch)"
+        ).rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(gone)
+
+
+@dataclass
+class Repair:
+    """Seqs below a store's mark asked for again to heal one business day (HEALING)."""
+
+    store_id: str
+    epoch: str
+    business_day: dt.date
+    ranges: list[tuple[int, int]]
+    asked_at: float = 0.0
+    taken: set[int] = field(default_factory=set)  # seqs let through since the last judgement
+    lost: str = ""  # the store answered it no longer holds them
+
+
+class Repairs:
+    """The open repairs below the mark, per (store, epoch) and business day.
+
+    A judgement that finds a day HEALING opens (or refreshes) its repair with the ranges it
+    found from the committed ledger, so a unit that failed after taking records gives them
+    back; the consumer lets a re-sent batch through below the mark only for records of an open
+    repair's day and ranges (``take``), each seq once until the next judgement."""
+
+    def __init__(self) -> None:
+        self._open: dict[Key, dict[dt.date, Repair]] = {}
+
+    def update(self, verdicts: list[DayVerdict], now: float) -> list[Repair]:
+        """Open, refresh or close repairs from a checkpoint's verdicts; those to ask the store
+        for now (new, or not asked for REPAIR_ASK_INTERVAL)."""
+        ask: list[Repair] = []
+        for v in verdicts:
+            days = self._open.setdefault((v.store_id, v.epoch), {})
+            repair = days.get(v.business_day)
+            if v.state != HEALING:
+                if repair is None or not (v.state == MISMATCH and repair.lost):
+                    days.pop(v.business_day, None)  # healed, or judged otherwise
+                continue  # a lost one stays, so the store is not asked again and again
+            if repair is None:
+                repair = days[v.business_day] = Repair(v.store_id, v.epoch, v.business_day, [])
+            repair.ranges, repair.taken = list(v.repair), set()
+            if not repair.lost and now - repair.asked_at >= REPAIR_ASK_INTERVAL:
+                repair.asked_at = now
+                ask.append(repair)
+        self._open = {k: d for k, d in self._open.items() if d}
+        return ask
+
+    def lost(self, store_id: str, epoch: str, day: dt.date) -> str:
+        repair = self._open.get((store_id, epoch), {}).get(day)
+        return repair.lost if repair is not None else ""
+
+    def wants(self, store_id: str, epoch: str, first_seq: int, last_seq: int) -> bool:
+        """Whether a batch of these seqs may hold records of an open repair."""
+        return any(
+            a <= last_seq and b >= first_seq
+            for repair in self._open.get((store_id, epoch), {}).values()
+            for a, b in repair.ranges
+        )
+
+    def take(self, store_id: str, epoch: str, records: Iterable[Record]) -> list[Record]:
+        """The records of an open repair (its day, its ranges, not taken since the last
+        judgement), now taken."""
+        days = self._open.get((store_id, epoch), {})
+        found: list[Record] = []
+        for record in records:
+            repair = days.get(business_day_of(record.event))
+            if repair is None or record.seq in repair.taken:
+                continue
+            if any(a <= record.seq <= b for a, b in repair.ranges):
+                repair.taken.add(record.seq)
+                found.append(record)
+        return found
+
+    def open_count(self) -> int:
+        return sum(len(days) for days in self._open.values())
+
+
 @dataclass
 class ReconcileStatistics:
     """The reconciler's counters (this process)."""
@@ -251,14 +420,51 @@ class ReconcileStatistics:
     judged: int = 0
     resyncs: int = 0  # missing ranges handed to the gap handling
     states: dict[str, int] = field(default_factory=dict)  # days per state, last judgement
+    pruned: int = 0  # ledger rows, verdicts and epochs of days past the retention deleted
+    healed: int = 0  # records let through below a mark by a repair (not in the key ledger)
 
 
 class Reconciler:
     """Keeps each store's latest checkpoint and judges them between units."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        retention_days: int = DEFAULT_RECONCILE_RETENTION_DAYS,
+        *,
+        ledger_days: int = DEFAULT_LEDGER_RETENTION_DAYS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._pending: dict[str, Checkpoint] = {}
         self.stats = ReconcileStatistics()
+        self.retention_days = retention_days
+        self.ledger_days = ledger_days  # the key ledger's retention: below it, no repair
+        self.repairs = Repairs()
+        self._clock = clock
+
+    def oldest_day(self) -> dt.date:
+        """The oldest business day kept (and judged): older ones are pruned."""
+        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+        return today - dt.timedelta(days=self.retention_days)
+
+    async def prune(self, state: StateStore) -> int:
+        """Delete what is kept of business days before ``oldest_day``; how many rows went."""
+        before = self.oldest_day()
+        gone: int = await state.run_reconcile(prune, before)
+        self.stats.pruned += gone
+        if gone:
+            log.info("reconcile: pruned %d rows of business days before %s", gone, before)
+        return gone
+
+    async def run_pruning(self, state: StateStore, stop: asyncio.Event) -> None:
+        """Sweep now and every PRUNE_INTERVAL until ``stop``; a failed sweep is logged and
+        tried again at the next interval (the tables only grow meanwhile)."""
+        while not stop.is_set():
+            try:
+                await self.prune(state)
+            except (StateError, sqlite3.Error) as exc:
+                log.error("reconcile: pruning failed (%s); retrying in %.0fs", exc, PRUNE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PRUNE_INTERVAL)
 
     async def on_checkpoint(self, msg: Any) -> None:
         """A store's checkpoint (NATS callback): kept until the consumer judges it."""
@@ -293,6 +499,11 @@ class Reconciler:
         ledger_from: int | None = None,
     ) -> list[DayVerdict]:
         key = (checkpoint.store_id, checkpoint.epoch)
+        oldest = self.oldest_day()  # older days are pruned here: never judged against nothing
+        # A day is repaired below the mark only while the key ledger holds every key
+        # delivered since it began (keys expire ledger_days after their delivery day).
+        today = dt.datetime.fromtimestamp(self._clock(), dt.UTC).date()
+        healable_from = today - dt.timedelta(days=self.ledger_days - 1)
         holes: dict[dt.date, list[TillHole]] = {}
         for hole in checkpoint.till_holes:
             holes.setdefault(hole.business_day, []).append(hole)
@@ -307,10 +518,16 @@ class Reconciler:
                 gap=gaps.get(key),
                 skips=skips,
                 ledger_from=ledger_from,
+                healable=day.business_day >= healable_from,
             )
             for day in checkpoint.days
+            if day.business_day >= oldest
         ]
         verdicts = [replace(v, till_holes=holes.get(v.business_day, [])) for v in verdicts]
+        for i, v in enumerate(verdicts):
+            lost = self.repairs.lost(v.store_id, v.epoch, v.business_day)
+            if v.state == HEALING and lost:
+                verdicts[i] = replace(v, state=MISMATCH, detail=f"{v.detail}; {lost}", repair=[])
         self.stats.judged += 1
         for v in verdicts:
             for hole in v.till_holes:
@@ -319,7 +536,7 @@ class Reconciler:
                     "never reached the agent",
                     v.store_id, v.business_day, hole.workstation_id, hole.from_txn, hole.to_txn,
                 )  # fmt: skip
-            if v.state in (MISSING, MISMATCH):
+            if v.state in (MISSING, MISMATCH, HEALING):
                 log.warning(
                     "RECONCILE %s: store %s business day %s (epoch %s): %s; difference %s",
                     v.state.upper(), v.store_id, v.business_day, v.epoch, v.detail,

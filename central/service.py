@@ -374,6 +374,7 @@ class CentralService:
         self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
         pruning: asyncio.Task[None] | None = None  # the key ledger's expiry sweeps
+        pruning_days: asyncio.Task[None] | None = None  # the reconcile ledger's (by day)
         watching: asyncio.Task[None] | None = None  # the agent watch (estate, dashboard)
         try:
             await self.state.open()
@@ -405,6 +406,9 @@ class CentralService:
             )
             await self.consumer.setup()
             pruning = asyncio.create_task(self.consumer.ledger.run_pruning(self.stop))
+            pruning_days = asyncio.create_task(
+                self.consumer.reconciler.run_pruning(self.state, self.stop)
+            )
             consumer = self.consumer
             self.watch = AgentWatch(
                 self.nc,
@@ -423,8 +427,9 @@ class CentralService:
         finally:
             if supervisor is not None:
                 supervisor.cancel()
-            if pruning is not None:
-                pruning.cancel()
+            for sweep in (pruning, pruning_days):
+                if sweep is not None:
+                    sweep.cancel()
             if watching is not None:
                 watching.cancel()
             await self.http.close()

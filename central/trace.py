@@ -3,7 +3,8 @@
 Put together from what each part knows, first answer that holds wins:
 
 - ``delivered``: the key ledger holds the event_id's hash (``central/ledger.py``): delivered
-  to every configured sink under the key ``store:event_id``, on the (UTC) day shown;
+  to every configured sink under the key ``store:event_id``, on the (UTC) day shown, after
+  the store's PubAck when the agent says when that was (``delivered_between``);
 - ``dead_lettered``: a dead letter of the store names it (``central/dlq.py``), with its reason;
 - from the store's agent (a ``trace`` control request: its seq, whether JetStream
   acknowledged it), against central's marks for that epoch: ``skipped`` (an operator's gap
@@ -61,6 +62,18 @@ def _central_view(
     return (row[0] if row else None), marks, gaps, skips
 
 
+def delivered_between(day: dt.date, sent_at: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
+    """When a delivery on the UTC ``day`` happened, as closely as central knows: from the
+    store's PubAck (``sent_at``: it cannot have been delivered before JetStream had it), when
+    that fell on the day, to the day's end. The key ledger keeps the day only (its rows stay
+    small, docs/reconciliation.md)."""
+    start = dt.datetime.combine(day, dt.time(0), dt.UTC)
+    end = start + dt.timedelta(days=1) - dt.timedelta(microseconds=1)
+    if sent_at is not None and start <= sent_at <= end:
+        start = sent_at.astimezone(dt.UTC)
+    return start, end
+
+
 async def trace(
     nc: Any, data_dir: Path, store_id: str, event_id: str, sinks: list[str]
 ) -> dict[str, Any]:
@@ -84,8 +97,15 @@ async def trace(
         result["agent"] = {"error": exc.reason}
     if day is not None:
         when = dt.date(1970, 1, 1) + dt.timedelta(days=day)
-        result.update(state="delivered", delivered_on=when.isoformat(), sinks=sinks)
-        result["detail"] = f"delivered on {when} (UTC) under key {result['key']}"
+        start, end = delivered_between(when, agent.sent_at if agent is not None else None)
+        result.update(
+            state="delivered", delivered_on=when.isoformat(), sinks=sinks,
+            delivered_between=[start.isoformat(), end.isoformat()],
+        )  # fmt: skip
+        result["detail"] = (
+            f"delivered on {when} (UTC), between {start:%H:%M:%S} and {end:%H:%M:%S}, under "
+            f"key {result['key']}"
+        )
         return result
     letters = [
         e.summary() for e in await dlq.entries(nc, store_id) if event_id.encode() in e.payload

@@ -5,7 +5,9 @@ totals) and central's ledger compare field by field (``difference``). Money and 
 exact decimals. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
-transaction that never reached it shows as a hole (``till_holes``); central does not.
+transaction that never reached it shows as a hole (``till_holes``); central does not. Central
+keeps the seqs it accounted for, as runs (``seqs``), so a difference below its mark narrows to
+the seqs it never accounted for (``unaccounted``); the agent does not.
 
 The business day of an event is its ``business_day`` when the POS sends one, else the date of
 ``occurred_at`` in the event's own UTC offset (the till's local date).
@@ -40,6 +42,12 @@ class DayTotals(msgspec.Struct, kw_only=True):
     # Till-level completeness (agent side only): per workstation, the numeric transaction ids
     # seen as sorted runs ``(first, last, since)``; ``since``: when ``first`` arrived (Unix).
     tills: dict[str, list[tuple[int, int, float]]] = msgspec.field(default_factory=dict)
+    # Central side only: the seqs it accounted for, as sorted runs ``(first, last)`` (empty
+    # in a ledger row from before they were kept), so a difference below its mark narrows to
+    # the seqs it passed without accounting for them; and how many of the day's records were
+    # let through below the mark by such a repair (central/reconcile.py).
+    seqs: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    healed: int = 0
 
 
 class TillHole(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,9 +68,9 @@ def business_day_of(event: EventBase) -> dt.date:
 
 def add(
     days: dict[dt.date, DayTotals], seq: int, event: Event, *, till_at: float | None = None
-) -> None:
+) -> DayTotals:
     """Fold one record into ``days`` (records of one epoch, any order); with ``till_at`` (when
-    it arrived) its workstation's transaction number too."""
+    it arrived) its workstation's transaction number too. Returns the day it went to."""
     base: EventBase = event
     day = business_day_of(base)
     totals = days.get(day)
@@ -84,6 +92,61 @@ def add(
     if till_at is not None and base.workstation_id and txn and txn.isdigit():
         runs = totals.tills.setdefault(base.workstation_id, [])
         totals.tills[base.workstation_id] = _add_run(runs, (int(txn), int(txn), till_at))
+    return totals
+
+
+def add_seqs(totals: DayTotals, first: int, last: int) -> None:
+    """Count seqs ``first..last`` into the day's runs of accounted seqs (central): a run right
+    after the last one extends it (the common case, records come in seq order), any other is
+    merged in."""
+    runs = totals.seqs
+    if runs and runs[-1][1] + 1 == first:
+        runs[-1] = (runs[-1][0], last)
+    elif not runs or runs[-1][1] < first:
+        runs.append((first, last))
+    else:
+        totals.seqs = merge_runs(runs, [(first, last)])
+
+
+def merge_runs(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Two lists of ``(first, last)`` runs as one: sorted, adjacent or overlapping joined."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted([*a, *b]):
+        if merged and low <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], high))
+        else:
+            merged.append((low, high))
+    return merged
+
+
+def unaccounted(first: int, last: int, *covered: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The runs of ``first..last`` that none of the ``covered`` runs holds."""
+    holes: list[tuple[int, int]] = []
+    at = first
+    for low, high in merge_runs([], [r for runs in covered for r in runs]):
+        if high < at:
+            continue
+        if low > last:
+            break
+        if low > at:
+            holes.append((at, low - 1))
+        at = max(at, high + 1)
+    if at <= last:
+        holes.append((at, last))
+    return holes
+
+
+def add_till(
+    days: dict[dt.date, DayTotals], day: dt.date, workstation_id: str, txn: int, at: float
+) -> None:
+    """Record that a workstation used transaction number ``txn`` on ``day`` without booking a
+    record (a control transaction: sign-on, no-sale, a till loan): seen, so never a hole. A
+    day that holds only such numbers has no records and no seqs (``first_seq`` 0)."""
+    totals = days.get(day)
+    if totals is None:
+        totals = days[day] = DayTotals(business_day=day, first_seq=0, last_seq=0)
+    runs = totals.tills.setdefault(workstation_id, [])
+    totals.tills[workstation_id] = _add_run(runs, (txn, txn, at))
 
 
 def _add_run(
@@ -118,9 +181,13 @@ def till_holes(totals: DayTotals, now: float, grace: float) -> list[TillHole]:
 
 
 def merge(into: DayTotals, other: DayTotals) -> None:
-    """Add ``other`` (the same day) into ``into``."""
-    into.first_seq = min(into.first_seq, other.first_seq)
-    into.last_seq = max(into.last_seq, other.last_seq)
+    """Add ``other`` (the same day) into ``into``; a side without records (till numbers only)
+    leaves the seqs to the other."""
+    if not into.records:
+        into.first_seq, into.last_seq = other.first_seq, other.last_seq
+    elif other.records:
+        into.first_seq = min(into.first_seq, other.first_seq)
+        into.last_seq = max(into.last_seq, other.last_seq)
     into.records += other.records
     for kind, count in other.by_type.items():
         into.by_type[kind] = into.by_type.get(kind, 0) + count
@@ -128,6 +195,9 @@ def merge(into: DayTotals, other: DayTotals) -> None:
         into.money[key] = into.money.get(key, Decimal(0)) + amount
     for kind, qty in other.quantity.items():
         into.quantity[kind] = into.quantity.get(kind, Decimal(0)) + qty
+    if other.seqs:
+        into.seqs = merge_runs(into.seqs, other.seqs)
+    into.healed += other.healed
     for workstation, runs in other.tills.items():
         held = into.tills.get(workstation, [])
         for run in runs:

@@ -8,12 +8,14 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import nats
 
 from agent.config import config_from_dict
 from agent.outbox import Outbox
 from agent.service import AgentService
 from central.broker import EmbeddedBroker, free_port
+from protocol.checkpoint import till_holes
 from protocol.events import LineItem, Return
 from protocol.subjects import checkpoint_subject
 from protocol.wire import Checkpoint, decode_checkpoint, encode_json
@@ -55,6 +57,27 @@ async def test_day_totals_are_kept_with_each_commit_and_survive_a_reopen(outbox:
         second.business_day, second.first_seq, second.last_seq, second.money
     )  # fmt: skip
     assert (0, 5) == (acked, last)
+
+
+async def test_till_numbers_without_events_are_seen_and_leave_the_seqs_to_records(
+    outbox: Outbox,
+) -> None:
+    """Till numbers noted without an event (control transactions) before and after a day's
+    records join the workstation's runs, so 1..4 has no hole; the day's seqs and counts are the
+    records' alone, and a day of such numbers only has no records and no seqs."""
+    other = dt.date(2026, 11, 20)
+    await outbox.note_tills([(T0.date(), "7", 2), (other, "7", 9)])
+    first = msgspec.structs.replace(sale("t-1"), workstation_id="7", transaction_id="1")
+    await outbox.append([first, sale("plain")])
+    await outbox.note_tills([(T0.date(), "7", 3)])
+    fourth = msgspec.structs.replace(sale("t-4"), workstation_id="7", transaction_id="4")
+    await outbox.append([fourth])
+    _acked, _last, (quiet, day) = await outbox.read_days(7)
+    assert [(1, 4)] == [run[:2] for run in day.tills["7"]]
+    assert (1, 3, 3, []) == (day.first_seq, day.last_seq, day.records, till_holes(day, 1e12, 0))
+    assert (other, 0, 0, [(9, 9)]) == (
+        quiet.business_day, quiet.records, quiet.first_seq, [r[:2] for r in quiet.tills["7"]]
+    )  # fmt: skip
 
 
 async def test_acked_through_stops_below_the_first_unsent_record(outbox: Outbox) -> None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 from central import reconcile
 from central.state import Gap, Mark, SqliteState, Unit
 from protocol.checkpoint import DayTotals
 from protocol.events import LineItem, Sale
-from protocol.wire import Record
+from protocol.wire import Checkpoint, Record
 
 DAY = dt.date(2026, 12, 5)
 EPOCH = "0123456789abcdef"
@@ -81,8 +84,8 @@ def sale_record(seq: int) -> Record:
 async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
     tmp_path: Path,
 ) -> None:
-    """Two units add up per day; a store dropped from a unit (parked) leaves no totals; what
-    was committed is read back by a new process."""
+    """Two units add up per day (their seqs as one run); a store dropped from a unit (parked)
+    leaves no totals; what was committed is read back by a new process."""
     state = SqliteState(tmp_path)
     await state.open()
     for seqs in ((1, 2), (3,)):
@@ -100,8 +103,8 @@ async def test_the_ledger_is_committed_with_the_unit_and_dropped_with_its_store(
         s2, _, from2 = await again.run_reconcile(reconcile.read_delivered, "S2", EPOCH, [DAY])
     finally:
         await again.close()
-    assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}) == (
-        s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money
+    assert (1, 3, 3, {"sale:EUR": Decimal("7.5")}, [(1, 3)]) == (
+        s1[DAY].first_seq, s1[DAY].last_seq, s1[DAY].records, s1[DAY].money, s1[DAY].seqs
     )  # fmt: skip
     assert ({}, 1, None) == (s2, from1, from2)
 
@@ -123,3 +126,104 @@ def test_a_mismatched_day_is_red_in_status_and_a_missing_one_amber() -> None:
         s["problems"] = problems(s, lag_alert=900)
         flagged.append((s["problems"], state_of(s, lag_warn=300)))
     assert [(["mismatch"], "alert"), (["missing"], "warn"), ([], "ok")] == flagged
+
+
+class Clock:
+    """A settable clock (Unix seconds)."""
+
+    def __init__(self, day: dt.date) -> None:
+        self.now = dt.datetime.combine(day, dt.time(12), dt.UTC).timestamp()
+
+
+async def test_days_past_the_retention_are_pruned_with_their_verdicts_and_epochs(
+    tmp_path: Path,
+) -> None:
+    """A business day leaves central's ledger, its verdict and (when it was the epoch's last)
+    its epoch once it is older than reconcile.retention_days; a younger day stays whole, and
+    a checkpoint's day past the retention is not judged (it would be judged against nothing)."""
+    state = SqliteState(tmp_path)
+    await state.open()
+    try:
+        old, young = "0000000000000old", "00000000000young"
+        for epoch, day in ((old, DAY), (young, DAY + dt.timedelta(days=1))):
+            unit = Unit()
+            unit.marks[("S1", epoch)] = Mark(store_id="S1", epoch=epoch, hwm=1)
+            record = sale_record(1)
+            event = msgspec.structs.replace(record.event, business_day=day)
+            reconcile.stage(unit, "S1", epoch, [msgspec.structs.replace(record, event=event)])
+            await state.commit(unit)
+            verdict = reconcile.DayVerdict("S1", epoch, day, "reconciled", totals(1, "2.5"),
+                                           None, {}, "")  # fmt: skip
+            await state.run_reconcile(reconcile.write_verdicts, [verdict], 0.0)
+        clock = Clock(DAY + dt.timedelta(days=35))
+        reconciler = reconcile.Reconciler(35, clock=lambda: clock.now)
+        kept_on_last_day = await reconciler.prune(state)
+        clock.now += 86400
+        gone = await reconciler.prune(state)
+
+        def rows(conn: Any) -> list[tuple[str, int]]:
+            return [
+                (table, conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+                for table in ("reconcile_delivered", "reconcile_days", "reconcile_epochs")
+            ]
+
+        left = await state.run_reconcile(rows)
+        epochs = await state.run_reconcile(
+            lambda conn: [r[0] for r in conn.execute("SELECT epoch FROM reconcile_epochs")]
+        )
+    finally:
+        await state.close()
+    assert (0, 3) == (kept_on_last_day, gone)
+    assert [("reconcile_delivered", 1), ("reconcile_days", 1), ("reconcile_epochs", 1)] == left
+    assert [young] == epochs
+    checkpoint = Checkpoint(
+        store_id="S1", epoch=young, taken_at=dt.datetime.now(dt.UTC), acked_through=2,
+        last_seq=2, days=[totals(1, "2.5"), totals(1, "2.5", first_seq=2)],
+    )  # fmt: skip
+    checkpoint.days[1].business_day = DAY + dt.timedelta(days=1)
+    verdicts = reconciler.judge(checkpoint, {}, [], {}, {}, 1)
+    assert [DAY + dt.timedelta(days=1)] == [v.business_day for v in verdicts]
+
+
+def test_a_difference_below_the_mark_narrows_to_the_seqs_central_never_accounted_for() -> None:
+    """Below the mark, a day whose ledger accounts for seqs 1..6 and 9..10 of the store's
+    1..10 is healing 7..8; not when the key ledger no longer covers the day, nor from a ledger
+    row that kept no seqs (it cannot be narrowed): those stay mismatches."""
+    central = totals(8, "20.00")
+    central.seqs = [(1, 6), (9, 10)]
+    verdict = reconcile.judge_day(
+        totals(10, "25.00"), central, store_id="S1", epoch=EPOCH, acked_through=10,
+        ledger_from=1, mark=Mark(store_id="S1", epoch=EPOCH, hwm=10), gap=None, skips=[],
+    )  # fmt: skip
+    assert ("healing", [(7, 8)]) == (verdict.state, verdict.repair)
+    old = reconcile.judge_day(
+        totals(10, "25.00"), central, store_id="S1", epoch=EPOCH, acked_through=10,
+        ledger_from=1, mark=Mark(store_id="S1", epoch=EPOCH, hwm=10), gap=None, skips=[],
+        healable=False,
+    )  # fmt: skip
+    assert "mismatch" == old.state
+    assert "mismatch" == judge(totals(10, "25.00"), totals(8, "20.00"), acked=10, hwm=10)
+
+
+def test_a_repair_takes_each_record_of_its_day_and_ranges_once_per_judgement() -> None:
+    """A re-sent batch gives the repair only its day's records in its ranges, each seq once
+    until the next judgement refreshes the repair from the committed ledger."""
+    repairs = reconcile.Repairs()
+    verdict = reconcile.DayVerdict("S1", EPOCH, DAY, "healing", totals(10, "25.00"), None, {},
+                                   "", repair=[(7, 8)])  # fmt: skip
+    assert 1 == len(repairs.update([verdict], now=100.0))
+    other_day = sale_record(9)
+    other_day = msgspec.structs.replace(
+        other_day, seq=7,
+        event=msgspec.structs.replace(other_day.event, business_day=DAY - dt.timedelta(days=1)),
+    )  # fmt: skip
+    batch = [sale_record(6), other_day, sale_record(8)]
+    assert (True, False) == (repairs.wants("S1", EPOCH, 6, 8), repairs.wants("S1", EPOCH, 9, 9))
+    assert [8] == [r.seq for r in repairs.take("S1", EPOCH, batch)]
+    assert [] == repairs.take("S1", EPOCH, batch)
+    assert [] == repairs.update([verdict], now=110.0)  # refreshed, not asked again yet
+    assert [8] == [r.seq for r in repairs.take("S1", EPOCH, batch)]
+    healed = reconcile.DayVerdict("S1", EPOCH, DAY, "reconciled", totals(10, "25.00"), None,
+                                  {}, "")  # fmt: skip
+    repairs.update([healed], now=120.0)
+    assert (0, False) == (repairs.open_count(), repairs.wants("S1", EPOCH, 6, 8))
