@@ -56,6 +56,7 @@ from tests.bench.harness import (
 BATCH = 500
 CENTRAL_RATE = "central, JetStream → nats sink"
 PRELOAD_RATE = "preload of the events stream"
+PRELOAD_WINDOW = 200
 
 
 def store_event(store_id: str, seq: int, pool: list[Event], index: dict[str, int],
@@ -110,7 +111,9 @@ async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig
         await ensure_streams(js, root_cfg, oms=True)
         start = time.perf_counter()
         futures = []
-        # Interleaved across stores, as many agents publishing at once would be.
+        # Interleaved across stores, as many agents publishing at once would be; at most
+        # PRELOAD_WINDOW batches awaiting their PubAck (with all 2,000 in flight a busy
+        # server answered "too many requests" and the preload never finished).
         for i in range(max(len(b) for b in batches.values())):
             for store_id, store in batches.items():
                 if i < len(store):
@@ -120,6 +123,9 @@ async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig
                             events_subject(store_id), body, headers={MSG_ID_HEADER: msg_id}
                         )
                     )
+                    if len(futures) >= PRELOAD_WINDOW:
+                        await asyncio.gather(*futures)
+                        futures = []
         await asyncio.gather(*futures)
         return stores * per_store / (time.perf_counter() - start)
     finally:
