@@ -117,7 +117,8 @@ async def fleet_run(
         AgentProcess(root / f"fleet-{n:02d}", nats_url, store_id=f"F{n:02d}") for n in range(stores)
     ]
     try:
-        await asyncio.gather(*(a.start() for a in agents))
+        # Twenty Python processes starting at once on a busy 2-core machine: 30 s is too short.
+        await asyncio.gather(*(a.start(timeout=300) for a in agents))
         await asyncio.gather(*(post(a, 20, "warm", a.root / "warm.jsonl") for a in agents))
 
         async def warm() -> bool:
