@@ -244,7 +244,9 @@ class Consumer:
 
     async def _between_units(self) -> None:
         """Operators' recorded gap skips are applied here, where no unit has a mark staged
-        (every SKIP_POLL_INTERVAL); batches held near the stream's max_age are reported."""
+        (every SKIP_POLL_INTERVAL); batches held near the stream's max_age are reported; the
+        key ledger merges its recent keys."""
+        await self.ledger.between_units()  # the key ledger's recent tier, once it is large
         now = time.time()
         if now - self._skips_at < SKIP_POLL_INTERVAL:
             return

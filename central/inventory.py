@@ -213,6 +213,18 @@ class _Store:
     waiting: dict[str, dict[str, WaitingVoid]]  # voided_event_id -> void event_id -> void
 
 
+def _staged(unit: Unit, store_id: str) -> Staged:
+    """The unit's staged changes to the store, created on first use (not ``setdefault``:
+    building an unused ``Staged`` for every record cost ~5% of central's CPU)."""
+    stage = unit.inventory.get(store_id)
+    if stage is None:
+        stage = unit.inventory[store_id] = Staged()
+    return stage
+
+
+_SIGNS = {d: Decimal(d) for d in (-1, 0, 1)}
+
+
 def _stock_deltas(event: Sale | Return | PostVoid | StockAdjustment) -> Deltas:
     """What ``event`` moves as written, per SKU (first-seen order); non-stock lines left out."""
     found: dict[str, Decimal] = {}
@@ -220,7 +232,7 @@ def _stock_deltas(event: Sale | Return | PostVoid | StockAdjustment) -> Deltas:
         for stock in event.lines:
             found[stock.sku] = found.get(stock.sku, _ZERO) + stock.quantity
     else:
-        sign = Decimal(event.stock_direction)
+        sign = _SIGNS[event.stock_direction]
         for line in event.lines:
             if line.stock:
                 found[line.sku] = found.get(line.sku, _ZERO) + sign * line.quantity
@@ -264,7 +276,7 @@ class Inventory:
         """Load the store and read the journal rows ``records`` need (the sales their
         post-voids name, what happened after their counts); before ``apply``."""
         await self._load(store_id)
-        stage = unit.inventory.setdefault(store_id, Staged())
+        stage = _staged(unit, store_id)
         named = [
             r.event.voided_event_id
             for r in records
@@ -314,7 +326,7 @@ class Inventory:
         """Stage the record's effect on stock; return a derived ``count_variance`` record, if
         any. ``prepare`` must have been awaited for the record's batch first."""
         event = record.event
-        stage = unit.inventory.setdefault(store_id, Staged())
+        stage = _staged(unit, store_id)
         received = record.received_at.timestamp()
         self._received[store_id] = max(self._received.get(store_id, received), received)
         at = event.occurred_at.timestamp()
@@ -371,7 +383,10 @@ class Inventory:
         return stage.moves.get(event_id) or stage.fetched.get(event_id)
 
     def _waiting_for(self, store_id: str, event_id: str, stage: Staged) -> list[WaitingVoid]:
-        found = dict(self._stores[store_id].waiting.get(event_id, {}))
+        committed = self._stores[store_id].waiting.get(event_id)
+        if not committed and not stage.waiting:
+            return []  # the common case, once per sale: nothing waits for it
+        found = dict(committed or {})
         for void_id, void in stage.waiting.items():
             if void is None:
                 found.pop(void_id, None)

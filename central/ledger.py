@@ -4,20 +4,34 @@ The marks drop what a store sends twice under the same (epoch, seq). They cannot
 sent again under a new seq: the agent pruned it after delivery and the POS re-sent it, or the
 store machine was rebuilt (new epoch) and the day was re-exported. The ledger can: per store it
 keeps an 8-byte BLAKE2b hash of every delivered ``event_id`` with its delivery day (UTC), in
-``central.db`` table ``key_ledger`` (WITHOUT ROWID, primary key (store_id, hash)).
+``central.db``, in two tiers:
+
+- ``key_ledger`` (WITHOUT ROWID, primary key (store_id, hash)): every key but the latest;
+- ``key_ledger_recent`` (a plain rowid table, appended to): the keys of the latest units, also
+  held in memory by the state (``RecentKeys``, loaded when it opens).
+
+A unit's keys are appended to ``key_ledger_recent`` in its own transaction; between units,
+once ``MERGE_KEYS`` keys are held (and before every prune sweep), they move into ``key_ledger``
+in one transaction, sorted. Why: keys are hashes, so inserting a unit's keys straight into the
+hash-keyed table dirtied about one page per key in every unit's commit (the largest part of
+central's commit, growing with the table: docs/benchmarks.md); appended, a unit writes a few
+pages, and a sorted merge of many keys writes each page of the big table once.
 
 - Before records go to the inventory and the sinks, the consumer asks the ledger once per unit
   (one query per store on the state's writer thread) which of the unit's event_ids were
   delivered before, and drops those; keys staged earlier in the same unit count too.
 - The keys of what is delivered are written in the unit's own transaction (``Unit.ledger_keys``,
-  ``SqliteState._commit``): a crash never records a key whose delivery was not committed, nor
-  commits a delivery without its key.
+  ``SqliteState._commit``, into ``key_ledger_recent``): a crash never records a key whose
+  delivery was not committed, nor commits a delivery without its key. The in-memory copy of
+  the recent tier moves only after the commit, and is read back from the table on start.
 - A dropped record still moves the mark (the sequencer advanced it): it is delivered in effect.
   It is counted per store (``resent``) and not in the mark's ``delivered``.
 - Derived records (count variances) are not ledgered: they follow from their count, which is.
 - Bounded: a key expires ``ledger.retention_days`` after its delivery day. Expired keys are
-  pruned by a background sweep, a sixteenth of a store's hash range per transaction, between
-  units on the same writer thread (never inside a unit's critical section).
+  pruned by a background sweep (which first merges the recent tier), a sixteenth of a store's
+  hash range per transaction, between units on the same writer thread (never inside a unit's
+  critical section). The recent tier holds at most ``MERGE_KEYS`` keys (~7 MB in memory) or
+  an hour's worth, whichever is fewer.
 
 8 bytes keep a row small (~24 bytes on disk with its store id and day). The price is a false match:
 with n keys of a store in the ledger, a new event is taken for a re-send with probability
@@ -51,6 +65,7 @@ HASH_BYTES = 8
 PRUNE_INTERVAL = 3600.0  # seconds between sweeps: keys expire by the day
 PRUNE_SLICES = 16  # transactions per store and sweep (by the hash's first 4 bits)
 LOOKUP_CHUNK = 500  # hashes per lookup statement (a fixed size keeps the statement cached)
+MERGE_KEYS = 100_000  # recent keys held (table and memory) before they move into key_ledger
 
 MIGRATION: Migration = (
     "0004_key_ledger",
@@ -62,6 +77,16 @@ MIGRATION: Migration = (
         # and records dropped as re-sent.
         """CREATE TABLE key_ledger_stores (
             store_id TEXT PRIMARY KEY, keys INTEGER NOT NULL, resent INTEGER NOT NULL)""",
+    ),
+)
+
+# The recent tier (see the module's docstring): appended in each unit's transaction, emptied
+# into key_ledger by ``merge_recent``.
+RECENT_MIGRATION: Migration = (
+    "0008_key_ledger_recent",
+    (
+        """CREATE TABLE key_ledger_recent (
+            store_id TEXT NOT NULL, hash BLOB NOT NULL, day INTEGER NOT NULL)""",
     ),
 )
 
@@ -79,13 +104,75 @@ def day_number(ts: float) -> int:
 Deliveries = list[tuple[Batch, Sequence[Record]]]
 
 
+class RecentKeys:
+    """The keys in ``key_ledger_recent``, in memory: store -> hashes. The state changes it only
+    after a commit (``add``) or a merge (``clear``), on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, set[bytes]] = {}
+        self.count = 0
+
+    def add(self, keys: Mapping[str, Mapping[bytes, int]]) -> None:
+        for store_id, hashes in keys.items():
+            held = self.stores.setdefault(store_id, set())
+            before = len(held)
+            held.update(hashes)
+            self.count += len(held) - before
+
+    def clear(self) -> None:
+        self.stores = {}
+        self.count = 0
+
+    def split(
+        self, wanted: Mapping[str, Collection[bytes]]
+    ) -> tuple[dict[str, set[bytes]], dict[str, set[bytes]]]:
+        """``wanted`` (store -> hashes) as (those held here, the rest: to look up in SQL)."""
+        found: dict[str, set[bytes]] = {}
+        rest: dict[str, set[bytes]] = {}
+        for store_id, hashes in wanted.items():
+            held = self.stores.get(store_id)
+            hits = held.intersection(hashes) if held else set()
+            if hits:
+                found[store_id] = hits
+            others = set(hashes) - hits if hits else set(hashes)
+            if others:
+                rest[store_id] = others
+        return found, rest
+
+
 # --- SQL, on the state's writer thread (SqliteState calls these with its connection) -------
+
+
+def load_recent(conn: sqlite3.Connection) -> RecentKeys:
+    """The recent tier as committed (when the state opens)."""
+    recent = RecentKeys()
+    for store_id, h in conn.execute("SELECT store_id, hash FROM key_ledger_recent"):
+        recent.stores.setdefault(store_id, set()).add(h)
+        recent.count += 1
+    return recent
+
+
+def merge_recent(conn: sqlite3.Connection) -> int:
+    """Move every recent key into ``key_ledger``, sorted, in one transaction; how many."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(
+            "INSERT OR IGNORE INTO key_ledger SELECT store_id, hash, day FROM key_ledger_recent "
+            "ORDER BY store_id, hash"
+        )
+        moved = conn.execute("DELETE FROM key_ledger_recent").rowcount
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return int(moved)
 
 
 def find_delivered(
     conn: sqlite3.Connection, wanted: Mapping[str, Collection[bytes]]
 ) -> dict[str, set[bytes]]:
-    """Of ``wanted`` (store -> hashes), those in the ledger."""
+    """Of ``wanted`` (store -> hashes), those in ``key_ledger`` (the recent tier is looked up
+    in memory: ``RecentKeys.split``)."""
     sql = (
         "SELECT hash FROM key_ledger WHERE store_id = ? AND hash IN "
         f"({', '.join('?' * LOOKUP_CHUNK)})"
@@ -106,15 +193,16 @@ def find_delivered(
 def record_keys(
     conn: sqlite3.Connection, keys: Mapping[str, Mapping[bytes, int]], resent: Mapping[str, int]
 ) -> None:
-    """Write a unit's keys (store -> hash -> day) and re-send counts, inside the caller's
-    transaction."""
+    """Append a unit's keys (store -> hash -> day) to the recent tier and count them and the
+    re-sends, inside the caller's transaction. The keys are new: ``KeyLedger.screen`` dropped
+    every one either tier holds."""
     counts: dict[str, int] = {}
     for store_id, hashes in keys.items():
-        cur = conn.executemany(
-            "INSERT OR IGNORE INTO key_ledger VALUES (?, ?, ?)",
-            [(store_id, h, day) for h, day in sorted(hashes.items())],
+        conn.executemany(
+            "INSERT INTO key_ledger_recent VALUES (?, ?, ?)",
+            [(store_id, h, day) for h, day in hashes.items()],
         )
-        counts[store_id] = cur.rowcount
+        counts[store_id] = len(hashes)
     conn.executemany(
         "INSERT INTO key_ledger_stores VALUES (?, ?, ?) ON CONFLICT (store_id) "
         "DO UPDATE SET keys = keys + excluded.keys, resent = resent + excluded.resent",
@@ -232,9 +320,16 @@ class KeyLedger:
         """Count the unit's drops (after the state commit)."""
         self.resent += sum(unit.ledger_resent.values())
 
+    async def between_units(self) -> None:
+        """Merge the recent tier into the indexed table once it holds MERGE_KEYS keys (called
+        between units: no unit has keys staged)."""
+        if self._state.recent_keys() >= MERGE_KEYS:
+            await self._state.merge_keys()
+
     async def prune(self) -> int:
-        """One sweep: delete every key older than the retention, a slice per transaction;
-        how many went."""
+        """One sweep: merge the recent tier, then delete every key older than the retention,
+        a slice per transaction; how many went."""
+        await self._state.merge_keys()
         before_day = day_number(self._clock()) - self.retention_days
         gone = 0
         for store_id in await self._state.ledger_stores():

@@ -81,6 +81,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
     inventory.MIGRATION,
     # Per business day ledger and the checkpoints' verdicts (central/reconcile.py).
     reconcile.MIGRATION,
+    # The key ledger's recent tier (central/ledger.py).
+    ledger.RECENT_MIGRATION,
 )
 
 
@@ -237,6 +239,8 @@ class StateStore(Protocol):
     async def delivered_keys(self, wanted: dict[str, set[bytes]]) -> dict[str, set[bytes]]: ...
     async def ledger_stores(self) -> list[str]: ...
     async def prune_keys(self, store_id: str, part: int, before_day: int) -> int: ...
+    def recent_keys(self) -> int: ...
+    async def merge_keys(self) -> int: ...
     async def run_reconcile(self, fn: Callable[..., Any], *args: Any) -> Any: ...
 
 
@@ -295,6 +299,7 @@ class SqliteState:
         self._marks: dict[Key, Mark] = {}
         self._gaps: dict[Key, Gap] = {}
         self._offsets: dict[str, int] = {}
+        self._recent = ledger.RecentKeys()  # the key ledger's recent tier, as committed
         self.commits = 0
         self._last_commit_seconds = 0.0
 
@@ -321,6 +326,7 @@ class SqliteState:
         for row in self._conn.execute(f"SELECT {GAP_COLUMNS} FROM gaps"):
             self._gaps[(row[0], row[1])] = Gap(*row)
         self._offsets = dict(self._conn.execute("SELECT sink, offset FROM sink_offsets"))
+        self._recent = ledger.load_recent(self._conn)
 
     async def close(self) -> None:
         if self._conn is not None:
@@ -403,6 +409,7 @@ class SqliteState:
             else:
                 self._gaps[key] = gap
         self._offsets.update(unit.sink_offsets)
+        self._recent.add(unit.ledger_keys)
         self.commits += 1
 
     async def note_lost(self, gap: Gap) -> None:
@@ -507,8 +514,22 @@ class SqliteState:
             raise StateError(f"key ledger in {self.data_dir / STATE_FILENAME}: {exc}") from exc
 
     async def delivered_keys(self, wanted: dict[str, set[bytes]]) -> dict[str, set[bytes]]:
-        found: dict[str, set[bytes]] = await self._run_ledger(ledger.find_delivered, wanted)
+        found, rest = self._recent.split(wanted)
+        if rest:
+            more: dict[str, set[bytes]] = await self._run_ledger(ledger.find_delivered, rest)
+            for store_id, hashes in more.items():
+                found.setdefault(store_id, set()).update(hashes)
         return found
+
+    def recent_keys(self) -> int:
+        return self._recent.count
+
+    async def merge_keys(self) -> int:
+        if not self._recent.count:
+            return 0
+        moved: int = await self._run_ledger(ledger.merge_recent)
+        self._recent.clear()
+        return moved
 
     async def ledger_stores(self) -> list[str]:
         stores: list[str] = await self._run_ledger(ledger.ledger_stores)

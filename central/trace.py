@@ -40,8 +40,9 @@ def _central_view(
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         row = conn.execute(
-            "SELECT day FROM key_ledger WHERE store_id = ? AND hash = ?",
-            (store_id, key_hash(event_id)),
+            "SELECT day FROM key_ledger WHERE store_id = ? AND hash = ? UNION ALL "
+            "SELECT day FROM key_ledger_recent WHERE store_id = ? AND hash = ?",
+            (store_id, key_hash(event_id)) * 2,
         ).fetchone()
         marks = {
             r[0]: (r[1], r[2])

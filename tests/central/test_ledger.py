@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from central import ledger as ledger_module
 from central.errors import StateError
 from central.ledger import KeyLedger, day_number
 from central.sequencer import Deliver, Sequencer
@@ -103,9 +104,54 @@ async def test_a_failed_commit_records_no_key(tmp_path: Path) -> None:
     kept = await screen(state, ledger, [batch("b" * 16, ["e1", "e2"])], Unit())
     await state.close()
     conn = sqlite3.connect(tmp_path / STATE_FILENAME)
-    rows = conn.execute("SELECT count(*) FROM key_ledger").fetchone()
+    rows = conn.execute(
+        "SELECT (SELECT count(*) FROM key_ledger) + (SELECT count(*) FROM key_ledger_recent)"
+    ).fetchone()
     conn.close()
     assert ([["e1", "e2"]], (0,)) == (kept, rows)
+
+
+def tiers(path: Path) -> tuple[int, int]:
+    """Keys in (key_ledger, key_ledger_recent)."""
+    conn = sqlite3.connect(path / STATE_FILENAME)
+    try:
+        rows = [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+                for t in ("key_ledger", "key_ledger_recent")]  # fmt: skip
+    finally:
+        conn.close()
+    return rows[0], rows[1]
+
+
+async def test_recent_keys_survive_a_restart_and_merge_into_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A unit's keys go to the recent tier with its commit and are known from there, also to
+    a new process; between units, once MERGE_KEYS are held, they move into key_ledger in one
+    transaction and stay known (and counted) there."""
+    monkeypatch.setattr(ledger_module, "MERGE_KEYS", 3)
+    state = SqliteState(tmp_path)
+    await state.open()
+    ledger = KeyLedger(state)
+    unit = Unit()
+    await screen(state, ledger, [batch("a" * 16, ["e1", "e2"])], unit)
+    await state.commit(unit)
+    await ledger.between_units()  # 2 held: under the threshold, nothing moves
+    after_first = tiers(tmp_path)
+    await state.close()
+
+    again = SqliteState(tmp_path)
+    await again.open()
+    ledger = KeyLedger(again)
+    unit = Unit()
+    kept = await screen(again, ledger, [batch("b" * 16, ["e1", "e3"])], unit)
+    await again.commit(unit)
+    await ledger.between_units()  # 3 held: merged
+    after_merge = tiers(tmp_path)
+    resent = await screen(again, ledger, [batch("c" * 16, ["e2", "e3", "e4"])], Unit())
+    await again.close()
+    stores = await read_status(tmp_path)
+    assert ((0, 2), [["e3"]], (3, 0)) == (after_first, kept, after_merge)
+    assert ([["e4"]], [3]) == (resent, [s["ledger_keys"] for s in stores])
 
 
 async def test_keys_expire_after_the_retention(tmp_path: Path) -> None:

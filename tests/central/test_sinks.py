@@ -183,8 +183,9 @@ def test_breaker_half_opens_after_cooldown() -> None:
 
 
 async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: EmbeddedBroker) -> None:
-    """The nats sink puts each record on oms.<type>.<store> with its key as Nats-Msg-Id, so a
-    redelivered unit is deduplicated by the OMS stream."""
+    """The nats sink puts each record on oms.<type>.<store> with its key as Nats-Msg-Id (and
+    the OMS stream as the one expected), so a redelivered unit is deduplicated by the OMS
+    stream."""
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
@@ -200,6 +201,11 @@ async def test_nats_sink_publishes_with_keys(tmp_path: Path, nats_server: Embedd
     assert 5 == info.state.messages
     assert f"oms.{records[0].type}.S1" == first.subject
     assert records[0].key == json.loads(first.data or b"{}")["key"]
+    headers = first.headers or {}
+    assert (records[0].key, OMS_STREAM) == (
+        headers.get("Nats-Msg-Id"),
+        headers.get("Nats-Expected-Stream"),
+    )
 
 
 async def test_nats_sink_without_oms_stream_is_unavailable(nats_server: EmbeddedBroker) -> None:

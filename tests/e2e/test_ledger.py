@@ -55,9 +55,14 @@ def cli_status(pipeline: Pipeline) -> dict[str, Any]:
     return data
 
 
-async def test_rebuilt_store_resending_a_day_delivers_nothing_new(tmp_path: Path) -> None:
+@pytest.mark.parametrize("central_killed", [False, True], ids=["central-running", "central-killed"])
+async def test_rebuilt_store_resending_a_day_delivers_nothing_new(
+    tmp_path: Path, central_killed: bool
+) -> None:
     """A store whose outbox is rebuilt (new epoch) and whose POS re-sends the whole day adds
-    no OMS record and no inventory change; central counts the re-sends."""
+    no OMS record and no inventory change; central counts the re-sends. Also when central was
+    killed (SIGKILL) and restarted in between: the day's keys are then in the ledger's recent
+    tier, which central reads back from its database."""
     pipeline = Pipeline(root=tmp_path, store_ids=("S1",))
     try:
         await pipeline.start()
@@ -68,6 +73,9 @@ async def test_rebuilt_store_resending_a_day_delivers_nothing_new(tmp_path: Path
         await wait_committed(pipeline, "S1", old_epoch, 300)
         sink_before, stock_before = pipeline.delivered(), inventory(pipeline)
 
+        if central_killed:
+            pipeline.central.kill()
+            await pipeline.central.start()
         agent = pipeline.agents["S1"]
         assert 0 == await agent.stop()
         for path in (pipeline.root / "stores" / "S1" / "data").glob("outbox.db*"):
