@@ -162,6 +162,23 @@ class NatsCluster:
             self._write_auth(node)
             node.reload()
 
+    async def deploy_authorization(self, text: str, timeout: float = READY_TIMEOUT) -> None:
+        """``set_authorization`` and wait until every running node has reloaded it (its
+        ``/varz`` config_load_time moved), as an operator checks before telling a store."""
+        before = [self.monitor(node, "varz").get("config_load_time") for node in self.nodes]
+        self.set_authorization(text)
+        deadline = time.monotonic() + timeout
+        for node, loaded in zip(self.nodes, before, strict=True):
+            if not node.running():
+                continue  # it reads the new file when it starts
+            while (await asyncio.to_thread(self.monitor, node, "varz")).get("config_load_time") in (
+                loaded,
+                None,
+            ):
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{node.url} did not reload within {timeout:.0f}s")
+                await asyncio.sleep(0.02)
+
     async def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL if one will not go)."""
         await asyncio.gather(*(node.stop() for node in self.nodes))
