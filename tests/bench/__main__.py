@@ -20,6 +20,7 @@ from tests.bench import (
     bench_decode,
     bench_drain,
     bench_e2e,
+    bench_fleet,
     bench_gap,
     bench_ingest,
     bench_rss,
@@ -36,6 +37,7 @@ BENCHES = (
     bench_gap,
     bench_checkpoint,
     bench_rss,
+    bench_fleet,
 )
 
 
