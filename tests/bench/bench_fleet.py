@@ -63,6 +63,8 @@ from tests.bench.harness import (
     Table,
     baseline,
     nats_broker,
+    options_from,
+    options_parser,
     percentile,
     python_module,
     run_loop,
@@ -514,10 +516,7 @@ async def run(opts: Options) -> Table:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--json", type=Path, help="append results as JSON lines to this file")
-    parser.add_argument("--workdir", type=Path, help="keep temporary files under this directory")
+    parser = options_parser(__doc__ or "")
     parser.add_argument("--stores", type=int, help="stores [1000; --quick 20]")
     parser.add_argument("--workers", type=int, default=1, help="central processes [1]")
     parser.add_argument(
@@ -525,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--cluster", action="store_true", help="a 3-node NATS cluster")
     ns = parser.parse_args(argv)
-    opts = Options(quick=ns.quick, json=ns.json, workdir=ns.workdir)
+    opts = options_from(ns)
     table: Table = run_loop(run_fleet(opts, fleet_for(opts, ns)))
     table.print()
     return 0
