@@ -338,6 +338,9 @@ async def ring(
             stdout=asyncio.subprocess.PIPE,
             stderr=log,
         )
+    assert proc.stdout is not None
+    if await proc.stdout.readline() != b"ringing\n":  # SIGTERM now stops it cleanly
+        raise RuntimeError(f"ringing did not start; see {root / (name + '.log')}")
     return proc, stamps
 
 

@@ -14,7 +14,8 @@ stops them cleanly.
 ``ring`` POSTs single events to every store listed in LIST (``STORE_ID URL`` a line), each
 store at ``R`` events/s on its own keep-alive connection, in order, with random phases so the
 fleet does not ring in lockstep, for ``S`` seconds or until SIGTERM. It
-writes ``[key, accepted_unix_time]`` per accepted event to OUT and prints a JSON report.
+writes ``[key, accepted_unix_time]`` per accepted event to OUT; it prints ``ringing`` once
+SIGTERM is handled, and a JSON report at the end.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ async def ring(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    print("ringing", flush=True)  # SIGTERM is ours from now on (the bench waits for this)
     accepted: list[tuple[str, float]] = []
     counts = {"accepted": 0, "duplicates": 0, "errors": 0, "gave_up": 0}
     until = time.monotonic() + seconds
