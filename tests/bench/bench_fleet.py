@@ -35,9 +35,7 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,7 +72,7 @@ from tests.bench.harness import (
     workdir,
     write_agent_config,
 )
-from tests.clusterkit import NatsCluster
+from tests.clusterkit import NatsCluster, unclaimed_ports
 
 RATE_PER_STORE = 0.5  # one event every 2 s
 AGENTS_PER_HOST = 200
@@ -175,31 +173,11 @@ class Store:
         return f"http://127.0.0.1:{self.port}"
 
 
-def listen_ports(count: int) -> list[int]:
-    """``count`` distinct ports free now, below the kernel's ephemeral range: free_port()'s come
-    from that range, where a thousand agents' own outgoing connections would take some of them
-    before their agent binds."""
-    low, _ = (int(p) for p in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    ports: list[int] = []
-    candidate = random.randrange(10_000, max(10_001, low - count * 2))
-    while len(ports) < count:
-        if candidate >= low:
-            raise RuntimeError(f"not {count} free ports below {low}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", candidate))
-                ports.append(candidate)
-            except OSError:
-                pass
-        candidate += 1
-    return ports
-
-
 def provision(root: Path, central_dir: Path, count: int, urls: list[str]) -> list[Store]:
     """``count`` stores as `stores add` makes them (an NKEY user each, recorded in central.db),
     with an agent.toml each; the authorization file for the NATS server(s) is written last."""
     stores = []
-    for i, port in enumerate(listen_ports(count)):
+    for i, port in enumerate(unclaimed_ports(count)):
         store_id = f"F{i:04d}"
         seed, public = new_user_seed()
         add_store(central_dir, store_id, nkey=public)
