@@ -154,6 +154,11 @@ def cli() -> None:
     help="Seconds JetStream deduplicates batch ids (central's marks dedup forever) [120].",
 )
 @click.option("--gap-hold", type=float, help="Seconds a gap waits before a resync request [2].")
+@click.option(
+    "--replicas",
+    type=click.IntRange(0, 5),
+    help="Stream replicas; 0: 3 on a cluster, 1 on a single server [0].",
+)
 @log_options
 def run(
     data_dir: Path,
@@ -165,6 +170,7 @@ def run(
     http: str | None,
     duplicate_window: float | None,
     gap_hold: float | None,
+    replicas: int | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -179,6 +185,7 @@ def run(
         "http": http,
         "stream.duplicate_window": duplicate_window,
         "consumer.gap_hold_seconds": gap_hold,
+        "stream.replicas": replicas,
         # A secret: from the environment (or the config file), never a flag in `ps`.
         "dashboard.operator_token": os.environ.get(OPERATOR_TOKEN_ENV) or None,
         "http_token": os.environ.get(HTTP_TOKEN_ENV) or None,
@@ -515,17 +522,25 @@ def stores() -> None:
     required=True,
     help="Directory to write the store's agent.toml into.",
 )
-@click.option("--nats-url", help="NATS URL the agent should use [recorded by central run].")
+@click.option(
+    "--nats-url",
+    "nats_urls",
+    multiple=True,
+    help="NATS URL the agent should use (repeatable: a cluster's nodes) [recorded by central run].",
+)
 @click.option("--force", is_flag=True, help="Rewrite the config of an existing store.")
-def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, force: bool) -> None:
+def stores_add(
+    store_id: str, data_dir: Path, out: Path, nats_urls: tuple[str, ...], force: bool
+) -> None:
     """Provision STORE_ID: a new NATS user (NKEY) allowed only the store's own subjects, and a
     ready-to-run agent directory OUT (agent.toml, store.nk, TLS files). With the embedded
-    nats-server the user is live at once; for an external cluster the user entry to apply is
-    printed. --force issues new credentials (rotation): the old ones stop working."""
+    nats-server the user is live at once; for an existing cluster the generated authorization
+    file is rewritten and the steps to deploy it to every node are printed. --force issues new
+    credentials (rotation): the old ones stop working."""
     from central.provision import provision_store
 
     try:
-        done = provision_store(data_dir, store_id, out, nats_url=nats_url, force=force)
+        done = provision_store(data_dir, store_id, out, nats_url=nats_urls or None, force=force)
     except CentralError as exc:
         raise _fail(exc) from None
     click.echo(f"store {store_id} provisioned; agent config written to {done.config}")
@@ -536,21 +551,53 @@ def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, f
     _say_authorization(done.authorization, f"store {store_id} may connect")
 
 
+def _say_cluster_steps(auth: Any, what: str) -> None:
+    """What an operator does on an existing cluster after the authorization changed."""
+    click.echo(
+        f"the complete NATS authorization (central, every store, every OMS reader) is written "
+        f"to {auth.path}; on every node of the cluster:\n"
+        f"  1. copy it over the file that node's config includes "
+        f'(e.g. `include "storelink-auth.conf"`, mode 0600),\n'
+        f"  2. reload that node: nats-server --signal reload=<its pid>  (or kill -HUP <its pid>)\n"
+        f"{what} once every node has reloaded"
+    )
+
+
 def _say_authorization(auth: Any, what: str) -> None:
     if auth.embedded:
         if auth.reloaded:
             click.echo(f"embedded nats-server reloaded: {what} now")
-        else:
-            click.echo(
-                f"central's nats-server is not running here (or cannot be signalled, as on "
-                f"Windows): {what} once central (re)starts"
-            )
-    elif auth.fragment:
+            return
         click.echo(
-            "NATS is an external cluster: add this user to the `users` list of its "
-            "authorization and reload it (`nats-server --signal reload`):"
+            f"central's nats-server is not running here (or cannot be signalled, as on "
+            f"Windows): {what} once central (re)starts"
         )
-        click.echo(auth.fragment)
+        if not auth.known and auth.path is not None:
+            click.echo(
+                "(central has not run with this --data-dir yet; if it is to use an "
+                "existing NATS cluster:)"
+            )
+            _say_cluster_steps(auth, what)
+    elif auth.path is not None:
+        _say_cluster_steps(auth, what)
+        if auth.fragment:
+            click.echo(
+                "or, if you keep the cluster's authorization yourself, add this user to its "
+                "`users` list and reload every node:"
+            )
+            click.echo(auth.fragment)
+
+
+def _say_revocation(auth: Any, what: str) -> None:
+    if auth.embedded:
+        _say_authorization(auth, what)
+        return
+    _say_cluster_steps(auth, what)
+    if auth.fragment:
+        click.echo(
+            f"or, if you keep the cluster's authorization yourself, remove the user with nkey "
+            f"{auth.fragment} from it and reload every node"
+        )
 
 
 @stores.command("list")
@@ -575,16 +622,6 @@ def stores_remove(store_id: str, data_dir: Path) -> None:
         raise _fail(exc) from None
     click.echo(f"store {store_id} removed")
     _say_revocation(auth, f"store {store_id} is cut off")
-
-
-def _say_revocation(auth: Any, what: str) -> None:
-    if auth.embedded:
-        _say_authorization(auth, what)
-    elif auth.fragment:
-        click.echo(
-            f"NATS is an external cluster: remove the user with nkey {auth.fragment} from its "
-            "authorization and reload it (`nats-server --signal reload`)"
-        )
 
 
 @stores.command("authorization")

@@ -5,6 +5,13 @@ Only the settings central cares about are compared and changed (``STREAM_FIELDS`
 ``CONSUMER_FIELDS``); anything else an operator tuned stays. What JetStream cannot change in
 place (storage, retention) is a ``DriftError`` that says how to fix it.
 
+Replicas: ``stream.replicas`` 0 (the default) is resolved once connected (``replicas_for``): 3
+when the server central reached says it is part of a cluster (its INFO names one), else 1. An
+existing stream with another replica count is scaled in place (JetStream moves the data; the
+durable consumer has no replica count of its own and follows its stream). A cluster that cannot
+place that many replicas (fewer JetStream nodes up than asked) refuses: central stops with the
+server's reason and what to set instead, rather than run with less redundancy than configured.
+
 Every stream discards *new* messages when full: a limit an operator sets (``max_bytes``,
 ``max_msgs``) then refuses the next publish (an agent keeps its batch and retries; central
 retries the unit) instead of silently dropping the oldest batches, which may not have been
@@ -17,10 +24,13 @@ show it coming).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import (
     AckPolicy,
@@ -33,7 +43,7 @@ from nats.js.api import (
 )
 
 from central.config import CentralConfig
-from central.errors import DriftError
+from central.errors import ConfigError, DriftError
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_STREAM,
@@ -45,11 +55,53 @@ from protocol.subjects import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MSG_SIZE = 8 * 1024 * 1024
 # Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
 # store with a long backlog behind a gap must not use up the whole consumer for every store.
 MAX_ACK_PENDING = 20_000
+# Replicas on a cluster when stream.replicas is 0: survives one node of three (R3 is what
+# JetStream's own docs recommend; R5 costs two more copies of every batch for a second loss).
+CLUSTER_REPLICAS = 3
+
+
+def replicas_for(configured: int, server_info: dict[str, Any]) -> int:
+    """The stream replica count: ``configured``, or when it is 0 (automatic) CLUSTER_REPLICAS
+    if the server's INFO names a cluster, else 1."""
+    if configured:
+        return configured
+    return CLUSTER_REPLICAS if server_info.get("cluster") else 1
+
+
+# At start, a JetStream API call may go unanswered while a node is down and its streams (or the
+# meta group) elect new leaders: seconds, more on a loaded machine. Retried this long.
+SETUP_PATIENCE = 120.0
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+async def patiently(what: str, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+    """``call(*args, **kw)``, retried with a growing pause while it fails as it does during a
+    cluster's leader election (no answer, no responders, 503); the last failure after
+    SETUP_PATIENCE."""
+    deadline = time.monotonic() + SETUP_PATIENCE
+    pause = 0.5
+    while True:
+        try:
+            return await call(*args, **kw)
+        except TRANSIENT as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning(
+                "%s: %s: %s (a NATS node down, a leader being elected?); retrying in %.1f s",
+                what, type(exc).__name__, exc, pause,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
@@ -63,7 +115,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             max_age=cfg.stream.max_age_days * 86400,
             max_bytes=cfg.stream.max_bytes,
             duplicate_window=cfg.stream.duplicate_window,
-            num_replicas=cfg.stream.replicas,
+            num_replicas=cfg.stream.replicas or None,  # 0: the server's default
             max_msg_size=MAX_MSG_SIZE,
             discard=DiscardPolicy.NEW,
         ),
@@ -72,7 +124,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             subjects=[DLQ_WILDCARD],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
-            num_replicas=cfg.stream.replicas,
+            num_replicas=cfg.stream.replicas or None,  # 0: the server's default
             discard=DiscardPolicy.NEW,
         ),
     ]
@@ -85,7 +137,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 retention=RetentionPolicy.LIMITS,
                 max_age=cfg.stream.max_age_days * 86400,
                 duplicate_window=cfg.stream.duplicate_window,
-                num_replicas=cfg.stream.replicas,
+                num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 discard=DiscardPolicy.NEW,
             )
         )
@@ -126,20 +178,36 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
     for want in wanted_streams(cfg, oms=oms):
         assert want.name is not None
         try:
-            info = await js.stream_info(want.name)
+            info = await patiently(f"stream {want.name}", js.stream_info, want.name)
         except nats.js.errors.NotFoundError:
-            await js.add_stream(want)
-            log.info("created stream %s", want.name)
+            try:
+                await patiently(f"creating {want.name}", js.add_stream, want)
+            except nats.js.errors.APIError as exc:
+                raise ConfigError(
+                    f"cannot create stream {want.name} with {want.num_replicas or 1} "
+                    f"replica(s): {exc.description or exc}; with a cluster, bring its "
+                    "JetStream nodes up or set stream.replicas to what it can hold"
+                ) from None
+            log.info("created stream %s (%s replica(s))", want.name, want.num_replicas or 1)
             continue
         drift = differences(info.config, want, STREAM_FIELDS)
         if not drift:
             continue
         changes = {name: wanted for name, (_, wanted) in drift.items()}
         try:
-            await js.update_stream(info.config.evolve(**changes))
+            config = info.config.evolve(**changes)
+            await patiently(f"updating {want.name}", js.update_stream, config)
         except nats.js.errors.APIError as exc:
             log.error("stream %s drifted and cannot be updated: %s", want.name, exc)
-            raise DriftError("stream", want.name, drift) from None
+            remedy = ""
+            if "num_replicas" in drift:
+                remedy = (
+                    f"set stream.replicas to what the cluster can hold (it has "
+                    f"{info.config.num_replicas}), or bring its JetStream nodes up, and start again"
+                )
+            raise DriftError(
+                "stream", want.name, drift, reason=exc.description or str(exc), remedy=remedy
+            ) from None
         log.warning("stream %s drifted (%s); updated", want.name, drift)
 
 
@@ -159,9 +227,11 @@ async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
     """Create the durable pull consumer, or bring an existing one in line (idempotent)."""
     want = consumer_config(cfg)
     try:
-        info = await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+        info = await patiently(
+            f"consumer {CENTRAL_DURABLE}", js.consumer_info, EVENTS_STREAM, CENTRAL_DURABLE
+        )
     except nats.js.errors.NotFoundError:
-        await js.add_consumer(EVENTS_STREAM, config=want)
+        await patiently("creating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
         log.info("created consumer %s on %s", CENTRAL_DURABLE, EVENTS_STREAM)
         return
     drift = differences(info.config, want, CONSUMER_FIELDS)
@@ -169,7 +239,7 @@ async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
         return
     try:
         # A create with the same name and a changed config is an update (nats-server ≥ 2.10).
-        await js.add_consumer(EVENTS_STREAM, config=want)
+        await patiently("updating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
     except nats.js.errors.APIError as exc:
         log.error("consumer %s drifted and cannot be updated: %s", CENTRAL_DURABLE, exc)
         raise DriftError("consumer", CENTRAL_DURABLE, drift) from None

@@ -67,6 +67,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_rss",
         "bench_checkpoint",
         "bench_wan",
+        "bench_fleet",
     ],
 )
 def test_bench_quick(module: str, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from tests.bench import (
     bench_decode,
     bench_drain,
     bench_e2e,
+    bench_fleet,
     bench_gap,
     bench_ingest,
     bench_rss,
@@ -40,6 +41,7 @@ BENCHES = (
     bench_checkpoint,
     bench_rss,
     bench_wan,
+    bench_fleet,
 )
 
 
