@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from agent.http import HttpServer, Request, Response
 from agent.ingest import Ingest
 from agent.outbox import Outbox
 from central.broker import free_port
@@ -251,6 +252,29 @@ async def test_stop_waits_for_a_request_being_answered(ingest: Ingest, tmp_path:
     writer.close()
     assert (202, b"") == (answer.status, rest)
     assert ["s1"] == stored(tmp_path)
+
+
+async def test_idle_keep_alive_connections_are_closed_by_the_sweep() -> None:
+    """A connection idle for a whole sweep interval is closed; the server keeps serving."""
+
+    async def hello(request: Request) -> Response:
+        return Response(200, b'{"hello":1}')
+
+    server = HttpServer(hello, max_body=1024, keepalive_sweep=0.05)
+    port = await server.start("127.0.0.1", 0, backlog=8)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await read_answer(reader)
+        rest = await reader.read()  # returns when the sweep closes the connection
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        again = await read_answer(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+    assert (200, b"", 200) == (answer.status, rest, again.status)
 
 
 def test_the_running_agent_never_imports_aiohttp(tmp_path: Path) -> None:
