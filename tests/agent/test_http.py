@@ -9,7 +9,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,8 @@ import pytest
 
 from agent.http import HttpServer, Request, Response
 from agent.ingest import Ingest
-from agent.outbox import Outbox
 from central.broker import free_port
-from tests.agent.conftest import STORE, body, sale, sales
+from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
 
 TOKEN = "s3cret"
 
@@ -35,25 +33,9 @@ class Answer:
 
 
 @pytest.fixture
-async def ingest(tmp_path: Path) -> AsyncIterator[Ingest]:
-    """An outbox and an Ingest on a free 127.0.0.1 port (token required, 4 KiB body limit)."""
-    outbox = Outbox(tmp_path / "data", store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
-    await outbox.open()
-    server = Ingest(
-        outbox,
-        store_id=STORE,
-        host="127.0.0.1",
-        port=0,
-        token=TOKEN,
-        max_request_bytes=4096,
-        status=outbox.statistics,
-    )
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-        await outbox.close()
+async def ingest(make_ingest: MakeIngest) -> Ingest:
+    """An Ingest on a free 127.0.0.1 port (token required, 4 KiB body limit)."""
+    return await make_ingest(token=TOKEN, max_request_bytes=4096)
 
 
 def stored(tmp_path: Path) -> list[str]:
