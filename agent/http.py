@@ -131,8 +131,10 @@ class Request:
         """The whole body, or None when it grew past the server's limit (``too_large`` says
         how far). ConnectionResetError if the client went away before sending it all."""
         if not self.complete and self.too_large is None:
-            self.reading = True
             conn = self._conn
+            if conn.lost:
+                raise ConnectionResetError("the client closed the connection")
+            self.reading = True
             if self.headers.get("expect", "").lower() == "100-continue" and self._size == 0:
                 conn.write(_CONTINUE)
             conn.resume()
@@ -318,6 +320,10 @@ class _Connection(asyncio.Protocol):
         self._cancel_timer()
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
+
+    @property
+    def lost(self) -> bool:
+        return self._closed
 
     @property
     def idle(self) -> bool:

@@ -203,6 +203,22 @@ async def test_a_declared_length_over_the_limit_is_413_before_the_body(
     assert [] == stored(tmp_path)
 
 
+async def test_a_client_gone_mid_body_stores_nothing(ingest: Ingest, tmp_path: Path) -> None:
+    """A connection closed before its body is complete stores nothing; others are served."""
+    data = body(sale("cut"))
+    reader, writer = await connect(ingest)
+    writer.write(post(data)[:-10])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    reader, writer = await connect(ingest)
+    writer.write(post(body(sale("whole"))))
+    answer = await read_answer(reader)
+    writer.close()
+    assert 202 == answer.status
+    assert ["whole"] == stored(tmp_path)
+
+
 async def test_head_404_and_405(ingest: Ingest) -> None:
     """HEAD answers a GET route's headers without its body; an unknown path is a JSON 404, a
     known path with the wrong method a JSON 405 with Allow."""
