@@ -13,8 +13,8 @@ What is accepted (docs/integration-pos.md says it to POS vendors):
   (the ``100 Continue`` is sent when the handler starts reading the body, so a refusal that
   needs no body, 401 or 503 busy, is sent instead of it).
 - A malformed request (httptools refuses it) is answered ``400 bad_request`` naming what the
-  parser found, and the connection is closed. An upgrade (websocket, h2c) is refused the same
-  way.
+  parser found, and the connection is closed. A request asking for an upgrade (websocket,
+  h2c) is answered as plain HTTP, without the upgrade, and the connection is then closed.
 - A body over the handler's limit: the handler answers (413); the server then reads and
   discards what the client still sends, for at most ``LINGER`` seconds, and closes, so the
   client reads the answer instead of a reset connection.
@@ -247,7 +247,7 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail("connection upgrades (websocket, h2c) are not served here")
+            self._no_upgrade()
         except httptools.HttpParserError as exc:
             if self._discarding:
                 self.close()
@@ -385,6 +385,18 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _no_upgrade(self) -> None:
+        """A request asking to upgrade (websocket, h2c) was parsed: it is answered as plain
+        HTTP (RFC 9110 7.8 lets a server ignore Upgrade), then the connection is closed (the
+        parser stops at an upgrade, so nothing after it can be read)."""
+        self._discarding = True
+        self.pause()
+        last = self._queue[-1] if self._queue else self._current
+        if last is None:
+            self.close()
+        else:
+            last.keep_alive = False
 
     def _fail(self, message: str) -> None:
         """A request the parser refused: answer 400 after the requests before it, then close."""

@@ -167,6 +167,18 @@ async def test_a_bad_request_after_a_good_one_is_answered_after_it(
     assert ["ok"] == stored(tmp_path)
 
 
+async def test_an_upgrade_is_answered_as_plain_http_then_closed(ingest: Ingest) -> None:
+    """A request asking for a websocket gets its ordinary answer, once, and then EOF."""
+    reader, writer = await connect(ingest)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    answer = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (200, "close", b"") == (answer.status, answer.headers.get("connection"), rest)
+
+
 async def test_a_post_without_a_length_is_411(ingest: Ingest, tmp_path: Path) -> None:
     """An events POST with neither Content-Length nor chunked is 411 length_required."""
     reader, writer = await connect(ingest)
