@@ -1,8 +1,9 @@
-"""The HTTP API a POS talks to: ``POST /v1/events`` and friends (aiohttp).
+"""The HTTP API a POS talks to: ``POST /v1/events`` and friends (served by agent/http.py).
 
 A request is all-or-nothing and answered only after its events are committed to the outbox
 (``synchronous=FULL``): ``202`` means durable. Every refusal is specific and writes nothing:
-401 token, 415 content type, 413 size, 400 unparsable, 422 invalid (index, path, message),
+401 token, 415 content type, 411 no length, 413 size, 400 unparsable, 422 invalid (index,
+path, message),
 507 buffer full or disk full (with Retry-After), 503 shutting down or busy (with
 Retry-After). An event_id already held is not stored again: the answer carries the original
 seq, so a POS can retry blindly.
@@ -24,9 +25,9 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import unquote
 
 import msgspec
-from aiohttp import web
 
 from agent.config import DEFAULT_MAX_REQUESTS_IN_FLIGHT
 from agent.errors import (
@@ -38,6 +39,7 @@ from agent.errors import (
     PoslogRejected,
     RecordTooLarge,
 )
+from agent.http import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, UnsentMarked
@@ -99,17 +101,16 @@ class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 def _error(
     status: int, error: str, headers: dict[str, str] | None = None, **fields: Any
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=_json.encode({"error": error, **fields}),
-        content_type="application/json",
-        headers=headers,
-    )
+) -> Response:
+    return Response(status, _json.encode({"error": error, **fields}), headers=headers)
 
 
-def _ok(status: int, payload: object) -> web.Response:
-    return web.Response(status=status, body=_json.encode(payload), content_type="application/json")
+def _ok(status: int, payload: object) -> Response:
+    return Response(status, _json.encode(payload))
+
+
+Route = Callable[[Request], Awaitable[Response]]
+TRACE_PREFIX = "/v1/trace/"
 
 
 class Ingest:
@@ -143,41 +144,39 @@ class Ingest:
         self._checkpoint = checkpoint
         self._trace = trace
         self._stopping = False
-        self._runner: web.AppRunner | None = None
+        self._server: HttpServer | None = None
         self._requests = 0
         self._accepted = 0
         self._duplicates = 0
         self._refused: dict[int, int] = {}
-        self.app = web.Application(client_max_size=max_request_bytes)
-        self.app.router.add_post("/v1/events", self._post_events)
-        self.app.router.add_post("/v1/poslog", self._post_poslog)
-        self.app.router.add_post("/v1/resync", self._post_resync)
-        self.app.router.add_post("/v1/reconcile", self._post_reconcile)
-        self.app.router.add_get("/v1/trace/{event_id}", self._get_trace)
-        self.app.router.add_get("/v1/status", self._get_status)
-        self.app.router.add_get("/healthz", self._healthz)
-        self.app.router.add_get("/metrics", self._metrics)
+        # (method, path) -> handler; a GET route answers HEAD too. /v1/trace/<event_id> is
+        # matched by its prefix in _route.
+        self._routes: dict[tuple[str, str], Route] = {
+            ("POST", "/v1/events"): self._post_events,
+            ("POST", "/v1/poslog"): self._post_poslog,
+            ("POST", "/v1/resync"): self._post_resync,
+            ("POST", "/v1/reconcile"): self._post_reconcile,
+            ("GET", "/v1/status"): self._get_status,
+            ("GET", "/healthz"): self._healthz,
+            ("GET", "/metrics"): self._metrics,
+        }
+        self._paths = {path for _, path in self._routes}
 
     # -- lifecycle --
 
     async def start(self) -> None:
         """Bind and serve. The port is known once this returns (``port=0`` picks one)."""
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=BACKLOG)
+        server = HttpServer(self._route, max_body=self.max_request_bytes)
         try:
-            await site.start()
+            port = await server.start(self.host, self.port, backlog=BACKLOG)
         except OSError as exc:
-            await runner.cleanup()
             raise AgentError(
                 f"cannot listen on {self.host}:{self.port}: {exc.strerror or exc}; is another "
                 "agent running, or use --listen with a free port"
             ) from None
-        self._runner = runner
+        self._server = server
         if self.port == 0:
-            self.port = int(runner.addresses[0][1])
+            self.port = port
         log.info("ingest listening on http://%s:%d", self.host, self.port)
 
     def begin_shutdown(self) -> None:
@@ -186,9 +185,9 @@ class Ingest:
 
     async def stop(self) -> None:
         self._stopping = True
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(SHUTDOWN_TIMEOUT)
 
     @property
     def url(self) -> str:
@@ -205,13 +204,37 @@ class Ingest:
             stopping=self._stopping,
         )
 
-    # -- shared checks --
+    # -- routing and shared checks --
 
-    def _refuse(self, response: web.Response) -> web.Response:
+    async def _route(self, request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        handler = self._routes.get((method, request.path))
+        if handler is not None:
+            return await handler(request)
+        path = request.path
+        if path.startswith(TRACE_PREFIX):
+            event_id = path[len(TRACE_PREFIX) :]
+            if event_id and "/" not in event_id:
+                if method != "GET":
+                    return _error(405, "method_not_allowed", {"Allow": "GET, HEAD"})
+                return await self._get_trace(request, unquote(event_id))
+        if path in self._paths:
+            allowed = sorted(m for m, p in self._routes if p == path)
+            if "GET" in allowed:
+                allowed.append("HEAD")
+            return _error(
+                405,
+                "method_not_allowed",
+                {"Allow": ", ".join(allowed)},
+                message=f"{request.method} {path}: use {' or '.join(allowed)}",
+            )
+        return _error(404, "not_found", message=f"no route {path}")
+
+    def _refuse(self, response: Response) -> Response:
         self._refused[response.status] = self._refused.get(response.status, 0) + 1
         return response
 
-    def _gate(self, request: web.Request) -> web.Response | None:
+    def _gate(self, request: Request) -> Response | None:
         """503 while stopping, 401 on a bad token; None when the request may go on."""
         if self._stopping or not self.sink.is_open:
             return self._refuse(
@@ -223,7 +246,7 @@ class Ingest:
                 )
             )
         if self._token:
-            header = request.headers.get("Authorization", "")
+            header = request.headers.get("authorization", "")
             scheme, _, supplied = header.partition(" ")
             # compare_digest: the time taken must not tell an attacker how much of it matched.
             if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -240,8 +263,8 @@ class Ingest:
         return None
 
     async def _bounded(
-        self, request: web.Request, handle: Callable[[web.Request], Awaitable[web.Response]]
-    ) -> web.Response:
+        self, request: Request, handle: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         """Run ``handle`` unless the gate refuses or ``max_requests_in_flight`` requests are
         already being read or stored (then 503 at once, before the body is read)."""
         self._requests += 1
@@ -264,26 +287,27 @@ class Ingest:
         finally:
             self._in_flight -= 1
 
-    async def _read_body(self, request: web.Request) -> bytes | web.Response:
-        """The body, or a 413 response: checked against Content-Length first, then while reading
-        (a chunked or lying client cannot make us buffer more than the limit)."""
-        limit = self.max_request_bytes
+    async def _read_body(self, request: Request, *, required: bool = False) -> bytes | Response:
+        """The body, or a refusal: 411 when ``required`` and the client framed no body (neither
+        Content-Length nor chunked), 413 by Content-Length before reading, or while reading (a
+        chunked or lying client cannot make us buffer more than the limit)."""
+        if required and not request.has_body:
+            return self._refuse(
+                _error(
+                    411,
+                    "length_required",
+                    message="send the body with a Content-Length header (or chunked)",
+                )
+            )
         declared = request.content_length
-        if declared is not None and declared > limit:
+        if declared is not None and declared > self.max_request_bytes:
             return self._refuse(self._too_large(declared))
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                break
-            size += len(chunk)
-            if size > limit:
-                return self._refuse(self._too_large(size))
-            chunks.append(chunk)
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        body = await request.read()
+        if body is None:
+            return self._refuse(self._too_large(request.too_large or 0))
+        return body
 
-    def _too_large(self, size: int) -> web.Response:
+    def _too_large(self, size: int) -> Response:
         return _error(
             413,
             "too_large",
@@ -291,7 +315,7 @@ class Ingest:
             "limit (ingest.max_request_bytes): send fewer events per request",
         )
 
-    async def _store(self, events: list[Event]) -> web.Response:
+    async def _store(self, events: list[Event]) -> Response:
         try:
             result = await self.sink.append(events)
         except BufferFull as exc:
@@ -324,10 +348,10 @@ class Ingest:
 
     # -- handlers --
 
-    async def _post_events(self, request: web.Request) -> web.Response:
+    async def _post_events(self, request: Request) -> Response:
         return await self._bounded(request, self._events)
 
-    async def _events(self, request: web.Request) -> web.Response:
+    async def _events(self, request: Request) -> Response:
         content_type = request.content_type
         if content_type in JSON_TYPES:
             msgpack = False
@@ -342,8 +366,8 @@ class Ingest:
                     "application/msgpack",
                 )
             )
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
+        body = await self._read_body(request, required=True)
+        if isinstance(body, Response):
             return body
         try:
             if len(body) > DECODE_IN_THREAD_BYTES:
@@ -364,10 +388,10 @@ class Ingest:
             return self._refuse(_error(422, "invalid_events", errors=errors))
         return await self._store(events)
 
-    async def _post_poslog(self, request: web.Request) -> web.Response:
+    async def _post_poslog(self, request: Request) -> Response:
         return await self._bounded(request, self._poslog)
 
-    async def _poslog(self, request: web.Request) -> web.Response:
+    async def _poslog(self, request: Request) -> Response:
         if request.content_type not in XML_TYPES:
             return self._refuse(
                 _error(
@@ -380,8 +404,8 @@ class Ingest:
             return self._refuse(
                 _error(501, "poslog_unavailable", message="this agent build has no POSLog support")
             )
-        body = await self._read_body(request)
-        if isinstance(body, web.Response):
+        body = await self._read_body(request, required=True)
+        if isinstance(body, Response):
             return body
         try:
             events = await self._convert_poslog(body)
@@ -393,12 +417,12 @@ class Ingest:
             return _ok(200, empty)
         return await self._store(events)
 
-    async def _post_resync(self, request: web.Request) -> web.Response:
+    async def _post_resync(self, request: Request) -> Response:
         refused = self._gate(request)
         if refused is not None:
             return refused
         body = await self._read_body(request)
-        if isinstance(body, web.Response):
+        if isinstance(body, Response):
             return body
         try:
             ask = msgspec.json.decode(body or b"{}", type=ResyncBody)
@@ -428,7 +452,7 @@ class Ingest:
         log.info("resync requested over HTTP (%s): %d records marked", ask, marked.marked)
         return _ok(200, marked)
 
-    async def _post_reconcile(self, request: web.Request) -> web.Response:
+    async def _post_reconcile(self, request: Request) -> Response:
         """Send a checkpoint to HQ now; answer it (503 when HQ is not connected)."""
         refused = self._gate(request)
         if refused is not None:
@@ -441,30 +465,30 @@ class Ingest:
             return self._refuse(_error(503, "hq_unreachable", message=str(exc)))
         return _ok(200, sent)
 
-    async def _get_trace(self, request: web.Request) -> web.Response:
+    async def _get_trace(self, request: Request, event_id: str) -> Response:
         """What the outbox holds of one event_id (``storelink-agent trace``)."""
         refused = self._gate(request)
         if refused is not None:
             return refused
         if self._trace is None:
             return self._refuse(_error(404, "not_found", message="no trace here"))
-        return _ok(200, await self._trace(request.match_info["event_id"]))
+        return _ok(200, await self._trace(event_id))
 
-    async def _get_status(self, request: web.Request) -> web.Response:
+    async def _get_status(self, request: Request) -> Response:
         if self._token:
             refused = self._gate(request)
             if refused is not None and refused.status == 401:
                 return refused
         return _ok(200, self._status())
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: Request) -> Response:
         if not self.sink.is_open:
             return _error(503, "not_ready")
         return _ok(200, {"ok": True, "stopping": self._stopping})
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    async def _metrics(self, request: Request) -> Response:
         status = msgspec.to_builtins(self._status())
         ingest = msgspec.to_builtins(self.statistics())
         assert isinstance(status, dict) and isinstance(ingest, dict)
         text = render_agent_metrics(status, ingest, time.time())
-        return web.Response(body=text.encode(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+        return Response(200, text.encode(), METRICS_CONTENT_TYPE)

@@ -37,6 +37,25 @@ from protocol.wire import AgentStatus
 log = logging.getLogger(__name__)
 
 STOP_GRACE = 2.0  # seconds beyond publish_timeout to wait for the forwarder to finish
+IDLE_TRIM_INTERVAL = 1.0  # seconds the outbox must be still before freed memory is returned
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc ``malloc_trim``; nothing elsewhere).
+
+    After a burst of requests the allocator keeps what it freed (request bodies, SQLite's
+    scratch): 3-4 MiB of the agent's resident memory after 50,000 events (docs/benchmarks.md).
+    ctypes is imported here, the first time, not at start (~0.3 MiB).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl): nothing to call
+        return
+    trim(0)
 
 
 class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -248,6 +267,7 @@ class AgentService:
         await self.outbox.open()
         try:
             self._spawn(self.forwarder.run(), "forwarder")
+            self._spawn(self._trim_when_idle(), "idle-trim")
             if self.cfg.poslog.drop_dir:
                 self._start_watcher()
             await self.ingest.start()
@@ -303,6 +323,20 @@ class AgentService:
             self.failure = exc
             self.failed.set()
 
+    async def _trim_when_idle(self) -> None:
+        """Once the outbox has been still for a whole interval after some work, hand the
+        memory that work freed back to the OS (once per burst, not every interval)."""
+        seen = self.outbox.statistics().transactions
+        busy = False
+        while True:
+            await asyncio.sleep(IDLE_TRIM_INTERVAL)
+            now = self.outbox.statistics().transactions
+            if now != seen:
+                seen, busy = now, True
+            elif busy:
+                busy = False
+                release_free_memory()
+
     async def _watch(self) -> None:
         assert self._watcher is not None
         await self._watcher.run()
@@ -319,7 +353,7 @@ class AgentService:
         self._running = False
         self.ingest.begin_shutdown()
         for task in self._tasks:
-            if task.get_name() == "poslog-watcher":
+            if task.get_name() in ("poslog-watcher", "idle-trim"):
                 task.cancel()
         await self.ingest.stop()  # waits for requests already committing
         await self.forwarder.stop()

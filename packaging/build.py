@@ -65,10 +65,18 @@ STDLIB_EXCLUDES = (
     "venv",
     "test",
 )
-# The store side needs none of HQ's code, and none of the compression codecs aiohttp can use
-# but the agent never enables.
+# The store side needs none of HQ's code. Nor aiohttp: the agent serves HTTP with httptools
+# (agent/http.py) and hides aiohttp from nats-py (agent/__init__.py), whose websocket
+# transport it never uses; with its dependencies and the compression codecs it can use.
 AGENT_ONLY_EXCLUDES = (
     "central",
+    "aiohttp",
+    "aiohappyeyeballs",
+    "aiosignal",
+    "frozenlist",
+    "multidict",
+    "propcache",
+    "yarl",
     "agent.simulator",  # the demo's till; the service never imports it
     "uvloop._testbase",  # uvloop's own test helpers (they import unittest)
     "brotli",

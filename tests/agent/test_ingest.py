@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,51 +17,9 @@ from agent.ingest import Ingest
 from agent.outbox import AppendResult, Outbox, UnsentMarked
 from protocol.events import Event
 from protocol.wire import encode
-from tests.agent.conftest import STORE, body, sale, sales
+from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
 
-MakeIngest = Callable[..., Awaitable[Ingest]]
 JSON = {"Content-Type": "application/json"}
-
-
-@pytest.fixture
-async def make_ingest(tmp_path: Path) -> AsyncIterator[MakeIngest]:
-    """Start an outbox and an Ingest on a free 127.0.0.1 port; both are closed after the test."""
-    started: list[tuple[Ingest, Outbox]] = []
-
-    async def make(
-        *,
-        token: str = "",
-        max_request_bytes: int = 1 << 20,
-        max_buffer_bytes: int = 1 << 30,
-        max_requests_in_flight: int = 64,
-        convert_poslog: Callable[[bytes], Awaitable[list[Event]]] | None = None,
-    ) -> Ingest:
-        outbox = Outbox(
-            tmp_path / "data",
-            store_id=STORE,
-            max_buffer_bytes=max_buffer_bytes,
-            retention_days=7,
-        )
-        await outbox.open()
-        ingest = Ingest(
-            outbox,
-            store_id=STORE,
-            host="127.0.0.1",
-            port=0,
-            token=token,
-            max_request_bytes=max_request_bytes,
-            max_requests_in_flight=max_requests_in_flight,
-            status=outbox.statistics,
-            convert_poslog=convert_poslog,
-        )
-        await ingest.start()
-        started.append((ingest, outbox))
-        return ingest
-
-    yield make
-    for ingest, outbox in started:
-        await ingest.stop()
-        await outbox.close()
 
 
 @pytest.fixture

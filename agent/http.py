@@ -1,0 +1,481 @@
+"""The agent's HTTP/1.1 server: ``httptools`` parses, an ``asyncio.Protocol`` serves.
+
+The agent serves a handful of routes to POS systems on the store's LAN; aiohttp did it before,
+at ~12 MiB of resident memory (its imports) and a good share of the CPU per request
+(docs/benchmarks.md). This is the part of a server the agent needs and nothing more; the
+parsing is httptools' (llhttp, the parser uvicorn uses), never ours.
+
+What is accepted (docs/integration-pos.md says it to POS vendors):
+
+- HTTP/1.0 and HTTP/1.1; keep-alive (1.1's default, 1.0 with ``Connection: keep-alive``;
+  an idle connection is closed after 60-120 s); pipelined requests, answered in order.
+- Bodies with ``Content-Length`` or ``Transfer-Encoding: chunked``; ``Expect: 100-continue``
+  (the ``100 Continue`` is sent when the handler starts reading the body, so a refusal that
+  needs no body, 401 or 503 busy, is sent instead of it).
+- A malformed request (httptools refuses it) is answered ``400 bad_request`` naming what the
+  parser found, and the connection is closed. A request asking for an upgrade (websocket,
+  h2c) is answered as plain HTTP, without the upgrade, and the connection is then closed.
+- A body over the handler's limit: the handler answers (413); the server then reads and
+  discards what the client still sends, for at most ``LINGER`` seconds, and closes, so the
+  client reads the answer instead of a reset connection.
+
+Memory per connection is bounded: at most ``READ_AHEAD`` bytes of a body are buffered before
+the handler asks for it (reading pauses until then), and a body being read stops being kept
+once it is over the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import http
+import logging
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import httptools
+
+log = logging.getLogger(__name__)
+
+READ_AHEAD = 64 * 1024  # body bytes buffered before the handler reads (then reading pauses)
+# An idle keep-alive connection is closed after 60-120 s: a sweep every KEEPALIVE_SWEEP
+# seconds closes those that were idle since the previous sweep (one timer for the server
+# instead of one per answer, which cost ~4 % of the CPU of single-event POSTs).
+KEEPALIVE_SWEEP = 60.0
+LINGER = 2.0  # seconds spent discarding the rest of a body that was refused before reading it
+PIPELINE_DEPTH = 16  # requests parsed ahead of the one being answered before reading pauses
+DEFAULT_CONTENT_TYPE = "application/octet-stream"  # RFC 9110 8.3: what no Content-Type means
+
+_REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Response:
+    """An answer: status, body and headers (Content-Length is added when it is written)."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or {}
+
+
+class Request:
+    """One request: its head is complete; ``await read()`` gives the body. ``headers`` has
+    lower-case names (a repeated header is joined with ", ")."""
+
+    __slots__ = (
+        "_conn",
+        "_parts",
+        "_size",
+        "_waiter",
+        "complete",
+        "content_length",
+        "error",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "query",
+        "reading",
+        "too_large",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        target: bytes,
+        headers: dict[str, str],
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        path, _, query = target.partition(b"?")
+        self.path = path.decode("latin-1")  # still percent-encoded: routes split it first
+        self.query = query.decode("latin-1")
+        self.headers = headers
+        self.keep_alive = keep_alive
+        length = headers.get("content-length")
+        self.content_length = int(length) if length is not None else None  # llhttp checked it
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.complete = False
+        self.reading = False
+        self.too_large: int | None = None  # bytes seen when the body passed the limit
+        self.error: str | None = None  # set on the stand-in for a request the parser refused
+
+    @property
+    def content_type(self) -> str:
+        """The media type, lower case, without parameters (``charset``)."""
+        value = self.headers.get("content-type")
+        if value is None:
+            return DEFAULT_CONTENT_TYPE
+        return value.partition(";")[0].strip().lower()
+
+    @property
+    def has_body(self) -> bool:
+        """Whether the client framed a body (a length, or chunked)."""
+        return self.content_length is not None or "transfer-encoding" in self.headers
+
+    async def read(self) -> bytes | None:
+        """The whole body, or None when it grew past the server's limit (``too_large`` says
+        how far). ConnectionResetError if the client went away before sending it all."""
+        if not self.complete and self.too_large is None:
+            conn = self._conn
+            if conn.lost:
+                raise ConnectionResetError("the client closed the connection")
+            self.reading = True
+            if self.headers.get("expect", "").lower() == "100-continue" and self._size == 0:
+                conn.write(_CONTINUE)
+            conn.resume()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self.too_large is not None:
+            return None
+        parts = self._parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    # -- fed by the connection --
+
+    def _body(self, chunk: bytes, limit: int) -> None:
+        self._size += len(chunk)
+        if self.too_large is not None:
+            return
+        if self._size > limit:
+            self.too_large = self._size
+            self._parts.clear()
+            self._wake()
+        else:
+            self._parts.append(chunk)
+            if not self.reading and self._size > READ_AHEAD:
+                self._conn.pause()
+
+    def _done(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _lost(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(ConnectionResetError("the client closed the connection"))
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
+    """The response's bytes on the wire."""
+    body = response.body
+    lines = [
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+        % (
+            response.status,
+            _REASONS.get(response.status, b"Unknown"),
+            response.content_type.encode("latin-1"),
+            len(body),
+        )
+    ]
+    for name, value in response.headers.items():
+        lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+    if close:
+        lines.append(b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    if not head_only:
+        lines.append(body)
+    return b"".join(lines)
+
+
+def _bad_request(message: str) -> Response:
+    body = b'{"error":"bad_request","message":"%s"}' % message.replace('"', "'").encode()
+    return Response(400, body)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: feeds httptools, runs one request at a time, answers in order."""
+
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
+        self._loop = asyncio.get_running_loop()
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._parsing: Request | None = None  # the request whose head/body is being parsed
+        self._current: Request | None = None  # the request being answered
+        self._queue: collections.deque[Request] = collections.deque()
+        self._paused = False
+        self._discarding = False
+        self._timer: asyncio.TimerHandle | None = None  # the linger after a refused body
+        self._closed = False
+        self.active = True  # data arrived since the last keep-alive sweep
+
+    # -- asyncio.Protocol --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._server._connections.add(self)
+        self._idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._server._connections.discard(self)
+        self._cancel_timer()
+        for request in (self._current, self._parsing, *self._queue):
+            if request is not None:
+                request._lost()
+        self._server._changed()
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._no_upgrade()
+        except httptools.HttpParserError as exc:
+            if self._discarding:
+                self.close()
+            else:
+                self._fail(f"malformed HTTP request: {exc}")
+
+    # -- httptools callbacks --
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = {}
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        previous = self._headers.get(key)
+        self._headers[key] = text if previous is None else f"{previous}, {text}"
+
+    def on_headers_complete(self) -> None:
+        if self._discarding:
+            return
+        request = Request(
+            self,
+            self._parser.get_method().decode("latin-1"),
+            self._url,
+            self._headers,
+            self._parser.should_keep_alive(),
+        )
+        self._parsing = request
+        if self._current is None:
+            self._start(request)
+        else:
+            self._queue.append(request)
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing._body(body, self._server.max_body)
+
+    def on_message_complete(self) -> None:
+        if self._discarding:
+            self.close()
+            return
+        request, self._parsing = self._parsing, None
+        if request is None:
+            return
+        request._done()
+        if len(self._queue) >= PIPELINE_DEPTH:
+            self.pause()
+
+    # -- flow --
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def pause(self) -> None:
+        if not self._paused and self._transport is not None and not self._closed:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._paused and self._transport is not None and not self._closed:
+            self._paused = False
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    @property
+    def lost(self) -> bool:
+        return self._closed
+
+    @property
+    def idle(self) -> bool:
+        return self._current is None and not self._queue
+
+    def _start(self, request: Request) -> None:
+        self._current = request
+        self._loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        if request.error is not None:
+            self._answer(request, _bad_request(request.error))
+            return
+        try:
+            response = await self._server.handler(request)
+        except ConnectionResetError:
+            self.close()
+            self._finished()
+            return
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            response = Response(500, b'{"error":"internal_error"}')
+        self._answer(request, response)
+
+    def _answer(self, request: Request, response: Response) -> None:
+        unread = not request.complete
+        keep = request.keep_alive and not unread and not self._server.closing
+        self.write(encode_response(response, head_only=request.method == "HEAD", close=not keep))
+        if keep:
+            self._finished()
+            if self._current is None:
+                self._idle()
+            return
+        if unread and not self._closed:
+            # The client may still be sending the body we refused: closing with unread data
+            # would reset the connection and lose the answer. Read and drop it for a while.
+            self._discarding = True
+            self._parsing = None
+            self._queue.clear()
+            self.resume()
+            self._timer = self._loop.call_later(LINGER, self.close)
+        else:
+            self.close()
+        self._finished()
+
+    def _finished(self) -> None:
+        self._current = None
+        if self._queue and not self._closed:
+            self._start(self._queue.popleft())
+        if len(self._queue) < PIPELINE_DEPTH and not self._discarding:
+            self.resume()
+        self._server._changed()
+
+    def _idle(self) -> None:
+        if self._server.closing:
+            self.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _no_upgrade(self) -> None:
+        """A request asking to upgrade (websocket, h2c) was parsed: it is answered as plain
+        HTTP (RFC 9110 7.8 lets a server ignore Upgrade), then the connection is closed (the
+        parser stops at an upgrade, so nothing after it can be read)."""
+        self._discarding = True
+        self.pause()
+        last = self._queue[-1] if self._queue else self._current
+        if last is None:
+            self.close()
+        else:
+            last.keep_alive = False
+
+    def _fail(self, message: str) -> None:
+        """A request the parser refused: answer 400 after the requests before it, then close."""
+        self._parsing = None
+        self._discarding = True
+        self.pause()
+        if self._current is None:
+            self.write(encode_response(_bad_request(message), close=True))
+            self.close()
+        else:
+            failure = Request(self, "GET", b"", {}, keep_alive=False)
+            failure.complete = True
+            failure.error = message
+            self._queue.clear()
+            self._queue.append(failure)
+
+
+class HttpServer:
+    """Serves ``handler`` on a TCP port. ``await start()``, then ``await stop()``."""
+
+    def __init__(
+        self, handler: Handler, *, max_body: int, keepalive_sweep: float = KEEPALIVE_SWEEP
+    ) -> None:
+        self.max_body = max_body
+        self.keepalive_sweep = keepalive_sweep
+        self.closing = False
+        self._server: asyncio.Server | None = None
+        self._connections: set[_Connection] = set()
+        self._quiet: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.handler = handler
+
+    async def start(self, host: str, port: int, *, backlog: int) -> int:
+        """Listen; returns the port (useful with ``port=0``). OSError when it cannot bind."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), host, port, backlog=backlog, reuse_address=True
+        )
+        self._sweeper = loop.call_later(self.keepalive_sweep, self._sweep)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def _sweep(self) -> None:
+        """Close keep-alive connections idle since the previous sweep."""
+        for conn in list(self._connections):
+            if conn.idle and not conn.active:
+                conn.close()
+            conn.active = False
+        self._sweeper = asyncio.get_running_loop().call_later(self.keepalive_sweep, self._sweep)
+
+    async def stop(self, timeout: float) -> None:
+        """Stop listening, close idle connections, give requests being answered ``timeout``
+        seconds to finish (their connections close after the answer), then close the rest."""
+        self.closing = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for conn in list(self._connections):
+            if conn.idle:
+                conn.close()
+        self._quiet = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._wait_quiet(), timeout)
+        except TimeoutError:
+            log.warning("%d HTTP connections still busy after %.0fs: closing them",
+                        len(self._connections), timeout)  # fmt: skip
+        for conn in list(self._connections):
+            conn.close()
+        await asyncio.sleep(0)  # let the transports run their connection_lost
+        await server.wait_closed()
+
+    async def _wait_quiet(self) -> None:
+        assert self._quiet is not None
+        while any(not conn.idle for conn in self._connections):
+            self._quiet.clear()
+            await self._quiet.wait()
+
+    def _changed(self) -> None:
+        if self._quiet is not None:
+            self._quiet.set()

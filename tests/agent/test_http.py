@@ -1,0 +1,322 @@
+"""The agent's HTTP layer (agent/http.py) on a real loopback port, spoken to byte by byte:
+keep-alive, pipelining, chunked bodies, Expect: 100-continue, and the specific refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.http import HttpServer, Request, Response
+from agent.ingest import Ingest
+from central.broker import free_port
+from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
+
+TOKEN = "s3cret"
+
+
+class Answer:
+    def __init__(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.data = data
+
+    def json(self) -> Any:
+        return json.loads(self.data)
+
+
+@pytest.fixture
+async def ingest(make_ingest: MakeIngest) -> Ingest:
+    """An Ingest on a free 127.0.0.1 port (token required, 4 KiB body limit)."""
+    return await make_ingest(token=TOKEN, max_request_bytes=4096)
+
+
+def stored(tmp_path: Path) -> list[str]:
+    with sqlite3.connect(tmp_path / "data" / "outbox.db") as conn:
+        return [row[0] for row in conn.execute("SELECT event_id FROM records ORDER BY seq")]
+
+
+def post(data: bytes, *, path: str = "/v1/events", extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{extra}\r\n"
+    ).encode() + data
+
+
+async def read_answer(reader: asyncio.StreamReader, *, head_only: bool = False) -> Answer:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    length = 0 if head_only else int(headers.get("content-length", "0"))
+    return Answer(status, headers, await reader.readexactly(length))
+
+
+async def connect(ingest: Ingest) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", ingest.port)
+
+
+async def test_keep_alive_and_pipelined_requests_are_answered_in_order(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """Three requests written at once on one connection get three answers in order, and the
+    connection stays open for a fourth."""
+    reader, writer = await connect(ingest)
+    health = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(post(body(sale("p1"))) + post(body(*sales("q", 2))) + health)
+    answers = [await read_answer(reader) for _ in range(3)]
+    writer.write(post(body(sale("p4"))))
+    fourth = await read_answer(reader)
+    writer.close()
+    assert [(202, [1]), (202, [2, 3]), (200, None), (202, [4])] == [
+        (a.status, a.json().get("seqs")) for a in (*answers, fourth)
+    ]
+    assert ["p1", "q-0", "q-1", "p4"] == stored(tmp_path)
+
+
+async def test_a_chunked_body_is_accepted(ingest: Ingest, tmp_path: Path) -> None:
+    """Transfer-Encoding: chunked bodies are read whole and stored like any other."""
+    data = body(*sales("c", 3))
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(data[i : i + 100]), data[i : i + 100])
+        for i in range(0, len(data), 100)
+    )
+    reader, writer = await connect(ingest)
+    writer.write(
+        (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    answer = await read_answer(reader)
+    writer.close()
+    assert (202, [1, 2, 3]) == (answer.status, answer.json()["seqs"])
+    assert ["c-0", "c-1", "c-2"] == stored(tmp_path)
+
+
+async def test_expect_100_continue_is_answered_before_the_body(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """A client that waits for 100 Continue gets it, then sends the body and gets its 202."""
+    data = body(sale("e1"))
+    reader, writer = await connect(ingest)
+    writer.write(post(data, extra="Expect: 100-continue\r\n")[: -len(data)])
+    interim = await reader.readuntil(b"\r\n\r\n")
+    writer.write(data)
+    answer = await read_answer(reader)
+    writer.close()
+    assert b"HTTP/1.1 100 Continue\r\n\r\n" == interim
+    assert 202 == answer.status
+    assert ["e1"] == stored(tmp_path)
+
+
+async def test_a_refusal_that_needs_no_body_is_sent_instead_of_100_continue(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """With a wrong token the answer is 401 at once (no 100 Continue; the body never sent)."""
+    data = body(sale("e2"))
+    head = post(data, extra="Expect: 100-continue\r\n")[: -len(data)]
+    reader, writer = await connect(ingest)
+    writer.write(head.replace(TOKEN.encode(), b"wrong!"))
+    answer = await read_answer(reader)
+    writer.close()
+    assert (401, "unauthorized", "close") == (
+        answer.status,
+        answer.json()["error"],
+        answer.headers.get("connection"),
+    )
+    assert [] == stored(tmp_path)
+
+
+async def test_a_malformed_request_is_400_and_the_connection_closes(ingest: Ingest) -> None:
+    """Bytes that are not HTTP get 400 bad_request naming the parser's complaint; then EOF."""
+    reader, writer = await connect(ingest)
+    writer.write(b"HELLO THERE\r\n\r\n")
+    answer = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (400, "bad_request") == (answer.status, answer.json()["error"])
+    assert answer.json()["message"].startswith("malformed HTTP request:")
+    assert b"" == rest
+
+
+async def test_a_bad_request_after_a_good_one_is_answered_after_it(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """Pipelined: the good request is answered and stored, then the 400, then EOF."""
+    reader, writer = await connect(ingest)
+    writer.write(post(body(sale("ok"))) + b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+    first = await read_answer(reader)
+    second = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (202, 400, b"") == (first.status, second.status, rest)
+    assert ["ok"] == stored(tmp_path)
+
+
+async def test_an_upgrade_is_answered_as_plain_http_then_closed(ingest: Ingest) -> None:
+    """A request asking for a websocket gets its ordinary answer, once, and then EOF."""
+    reader, writer = await connect(ingest)
+    writer.write(
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    answer = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (200, "close", b"") == (answer.status, answer.headers.get("connection"), rest)
+
+
+async def test_a_post_without_a_length_is_411(ingest: Ingest, tmp_path: Path) -> None:
+    """An events POST with neither Content-Length nor chunked is 411 length_required."""
+    reader, writer = await connect(ingest)
+    writer.write(
+        (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\n\r\n"
+        ).encode()
+    )
+    answer = await read_answer(reader)
+    writer.close()
+    assert (411, "length_required") == (answer.status, answer.json()["error"])
+    assert [] == stored(tmp_path)
+
+
+async def test_a_declared_length_over_the_limit_is_413_before_the_body(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """Content-Length above max_request_bytes: 413 without waiting for the body, then the
+    server drops what is sent after it and closes."""
+    reader, writer = await connect(ingest)
+    head = post(b"x" * 100_000)
+    writer.write(head[: head.index(b"\r\n\r\n") + 4])
+    answer = await read_answer(reader)
+    writer.write(b"x" * 100_000)
+    rest = await reader.read()
+    writer.close()
+    assert (413, "too_large", "close") == (
+        answer.status,
+        answer.json()["error"],
+        answer.headers.get("connection"),
+    )
+    assert b"" == rest
+    assert [] == stored(tmp_path)
+
+
+async def test_a_client_gone_mid_body_stores_nothing(ingest: Ingest, tmp_path: Path) -> None:
+    """A connection closed before its body is complete stores nothing; others are served."""
+    data = body(sale("cut"))
+    reader, writer = await connect(ingest)
+    writer.write(post(data)[:-10])
+    await writer.drain()
+    writer.close()
+    await writer.wait_closed()
+    reader, writer = await connect(ingest)
+    writer.write(post(body(sale("whole"))))
+    answer = await read_answer(reader)
+    writer.close()
+    assert 202 == answer.status
+    assert ["whole"] == stored(tmp_path)
+
+
+async def test_head_404_and_405(ingest: Ingest) -> None:
+    """HEAD answers a GET route's headers without its body; an unknown path is a JSON 404, a
+    known path with the wrong method a JSON 405 with Allow."""
+    reader, writer = await connect(ingest)
+    writer.write(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await read_answer(reader, head_only=True)
+    writer.write(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+    missing = await read_answer(reader)
+    writer.write(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+    wrong = await read_answer(reader)
+    writer.close()
+    assert (200, "28") == (head.status, head.headers["content-length"])
+    assert (404, "not_found") == (missing.status, missing.json()["error"])
+    assert (405, "method_not_allowed", "POST") == (
+        wrong.status,
+        wrong.json()["error"],
+        wrong.headers["allow"],
+    )
+
+
+async def test_stop_waits_for_a_request_being_answered(ingest: Ingest, tmp_path: Path) -> None:
+    """stop() while a body is still arriving: a request already answered is durable; the idle
+    keep-alive connection is closed."""
+    reader, writer = await connect(ingest)
+    writer.write(post(body(sale("s1"))))
+    answer = await read_answer(reader)
+    await ingest.stop()
+    rest = await reader.read()
+    writer.close()
+    assert (202, b"") == (answer.status, rest)
+    assert ["s1"] == stored(tmp_path)
+
+
+async def test_idle_keep_alive_connections_are_closed_by_the_sweep() -> None:
+    """A connection idle for a whole sweep interval is closed; the server keeps serving."""
+
+    async def hello(request: Request) -> Response:
+        return Response(200, b'{"hello":1}')
+
+    server = HttpServer(hello, max_body=1024, keepalive_sweep=0.05)
+    port = await server.start("127.0.0.1", 0, backlog=8)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = await read_answer(reader)
+        rest = await reader.read()  # returns when the sweep closes the connection
+        writer.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        again = await read_answer(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+    assert (200, b"", 200) == (answer.status, rest, again.status)
+
+
+def test_the_running_agent_never_imports_aiohttp(tmp_path: Path) -> None:
+    """A started agent service (outbox, forwarder, ingest) has no aiohttp in sys.modules:
+    nats-py would import it for its websocket transport (~12 MiB resident)."""
+    (tmp_path / "agent.toml").write_text(
+        f'store_id = "{STORE}"\ndata_dir = "{tmp_path / "data"}"\n'
+        f'[ingest]\nlisten = "127.0.0.1:{free_port()}"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
+    )
+    script = (
+        "import asyncio, json, sys\n"
+        "from pathlib import Path\n"
+        "from agent.config import load_config\n"
+        "from agent.service import AgentService\n"
+        "async def main():\n"
+        f"    service = AgentService(load_config(Path({str(tmp_path / 'agent.toml')!r})))\n"
+        "    await service.start()\n"
+        "    await asyncio.sleep(0.2)\n"
+        "    loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'aiohttp', 'yarl', 'multidict', 'aiosignal', 'frozenlist', 'aiohappyeyeballs'})\n"
+        "    await service.stop()\n"
+        "    print(json.dumps(['started', loaded]))\n"
+        "asyncio.run(main())\n"
+    )
+    root = str(Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": root},
+        cwd=root,
+    )
+    assert 0 == done.returncode, done.stderr
+    assert ["started", []] == json.loads(done.stdout.splitlines()[-1])
