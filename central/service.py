@@ -22,6 +22,7 @@ import nats.js.errors
 
 from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
+from central.cluster import ClusterWorker, refuse_file_sink
 from central.config import CentralConfig, TlsSettings, is_loopback, parse_hostport
 from central.consumer import Consumer
 from central.control import DEFAULT_ASK_TIMEOUT, ask_resync
@@ -157,6 +158,7 @@ class CentralService:
         self.broker: EmbeddedBroker | None = None
         self.state = SqliteState(cfg.data_path)
         self.consumer: Consumer | None = None
+        self.cluster: ClusterWorker | None = None  # clustered mode (cluster.partitions > 0)
         self.nc: Any = None
         self.stop = asyncio.Event()
         self.started_at = time.time()
@@ -170,13 +172,12 @@ class CentralService:
         )  # fmt: skip
 
     def healthy(self) -> bool:
-        """Consuming: the consumer fetched at least once and NATS is connected."""
-        return bool(
-            self.consumer is not None
-            and self.consumer.consuming.is_set()
-            and self.nc is not None
-            and self.nc.is_connected
+        """Consuming: the consumer fetched at least once (clustered: the worker holds its
+        leases) and NATS is connected."""
+        working = (self.consumer is not None and self.consumer.consuming.is_set()) or (
+            self.cluster is not None and self.cluster.running.is_set()
         )
+        return bool(working and self.nc is not None and self.nc.is_connected)
 
     async def status(self) -> dict[str, Any]:
         consumer = self.consumer
@@ -184,6 +185,8 @@ class CentralService:
         holds = consumer.holds.snapshot(time.time()) if consumer else {}
         for store in stores:
             store["held"] = holds.get(store["store_id"])
+        if self.cluster is not None:  # every worker's stores, from their summaries
+            stores = self.cluster.stores(stores)
         now = time.time()
         watch = self.watch
         annotate(
@@ -209,6 +212,7 @@ class CentralService:
                 "plaintext_exposed": plaintext_exposed(self.cfg),
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
+            "cluster": asdict(self.cluster.statistics()) if self.cluster else None,
             "ledger": asdict(consumer.ledger.statistics()) if consumer else None,
             "delivery_latency": {
                 "occurred_at": consumer.since_occurred.snapshot(),
@@ -348,7 +352,33 @@ class CentralService:
             return None
         return connecting.result()
 
+    async def _run_worker(self, js: Any) -> None:
+        """Clustered mode: this process is one worker; it runs the partitions it holds."""
+        nc = self.nc
+        cluster = ClusterWorker(self.cfg, nc, js, lambda: make_sinks(self.cfg, nc))
+        self.cluster = cluster
+        await cluster.setup()
+        self.watch = AgentWatch(
+            nc,
+            self._store_ids,
+            interval=self.cfg.dashboard.agent_poll_seconds,
+            timeout=DEFAULT_ASK_TIMEOUT,
+            delivered=cluster.delivered,
+        )
+        await nc.subscribe(HEARTBEAT_WILDCARD, cb=self.watch.on_heartbeat)
+        await nc.subscribe(CHECKPOINT_WILDCARD, cb=cluster.on_checkpoint)
+        watching = asyncio.create_task(self.watch.run(self.stop))
+        log.info(
+            "central worker %s of %d partitions; status on http://%s/v1/status",
+            cluster.worker_id, self.cfg.cluster.partitions, self.cfg.http,
+        )  # fmt: skip
+        try:
+            await cluster.run(self.stop)
+        finally:
+            watching.cancel()
+
     async def run(self) -> None:
+        refuse_file_sink(self.cfg)
         self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
         pruning: asyncio.Task[None] | None = None  # the key ledger's expiry sweeps
@@ -378,6 +408,9 @@ class CentralService:
             if self.nc is None:
                 return
             js = self.nc.jetstream(timeout=10)
+            if self.cfg.cluster.enabled:
+                await self._run_worker(js)
+                return
             self.consumer = Consumer(
                 self.cfg, self.nc, js, self.state, make_sinks(self.cfg, self.nc)
             )
