@@ -154,6 +154,11 @@ def cli() -> None:
     help="Seconds JetStream deduplicates batch ids (central's marks dedup forever) [120].",
 )
 @click.option("--gap-hold", type=float, help="Seconds a gap waits before a resync request [2].")
+@click.option(
+    "--replicas",
+    type=click.IntRange(0, 5),
+    help="Stream replicas; 0: 3 on a cluster, 1 on a single server [0].",
+)
 @log_options
 def run(
     data_dir: Path,
@@ -165,6 +170,7 @@ def run(
     http: str | None,
     duplicate_window: float | None,
     gap_hold: float | None,
+    replicas: int | None,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -179,6 +185,7 @@ def run(
         "http": http,
         "stream.duplicate_window": duplicate_window,
         "consumer.gap_hold_seconds": gap_hold,
+        "stream.replicas": replicas,
         # A secret: from the environment (or the config file), never a flag in `ps`.
         "dashboard.operator_token": os.environ.get(OPERATOR_TOKEN_ENV) or None,
         "http_token": os.environ.get(HTTP_TOKEN_ENV) or None,
@@ -510,9 +517,16 @@ def stores() -> None:
     required=True,
     help="Directory to write the store's agent.toml into.",
 )
-@click.option("--nats-url", help="NATS URL the agent should use [recorded by central run].")
+@click.option(
+    "--nats-url",
+    "nats_urls",
+    multiple=True,
+    help="NATS URL the agent should use (repeatable: a cluster's nodes) [recorded by central run].",
+)
 @click.option("--force", is_flag=True, help="Rewrite the config of an existing store.")
-def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, force: bool) -> None:
+def stores_add(
+    store_id: str, data_dir: Path, out: Path, nats_urls: tuple[str, ...], force: bool
+) -> None:
     """Provision STORE_ID: a new NATS user (NKEY) allowed only the store's own subjects, and a
     ready-to-run agent directory OUT (agent.toml, store.nk, TLS files). With the embedded
     nats-server the user is live at once; for an external cluster the user entry to apply is
@@ -520,7 +534,7 @@ def stores_add(store_id: str, data_dir: Path, out: Path, nats_url: str | None, f
     from central.provision import provision_store
 
     try:
-        done = provision_store(data_dir, store_id, out, nats_url=nats_url, force=force)
+        done = provision_store(data_dir, store_id, out, nats_url=nats_urls or None, force=force)
     except CentralError as exc:
         raise _fail(exc) from None
     click.echo(f"store {store_id} provisioned; agent config written to {done.config}")

@@ -218,7 +218,7 @@ class ClusterWorker:
     async def _bucket(self, name: str, ttl: float | None) -> Any:
         config = KeyValueConfig(
             bucket=name, history=1, ttl=ttl, storage=StorageType.FILE,
-            replicas=self.cfg.stream.replicas,
+            replicas=self.cfg.stream.replicas or 1,
         )  # fmt: skip
         try:
             return await self.js.key_value(name)

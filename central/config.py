@@ -115,7 +115,18 @@ class StreamSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     duplicate_window: Annotated[
         float, _doc("seconds JetStream deduplicates Nats-Msg-Id; our marks dedup forever")
     ] = DEFAULT_DUPLICATE_WINDOW
-    replicas: Annotated[int, _doc("stream replicas (1 for the embedded server)")] = 1
+    replicas: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=5,
+            description=(
+                "stream replicas; 0: automatic, 3 when the NATS server central connects to is "
+                "part of a cluster, 1 on a single server (the embedded one). Existing streams "
+                "are scaled to it at start (consumers follow their stream)"
+            ),
+        ),
+    ] = 0
 
 
 class ConsumerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -167,16 +167,30 @@ class SinkRejected(CentralError):
 class DriftError(ConfigError):
     """A JetStream object exists with settings central cannot bring in line by itself."""
 
-    def __init__(self, kind: str, name: str, differences: dict[str, tuple[object, object]]) -> None:
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        differences: dict[str, tuple[object, object]],
+        *,
+        reason: str = "",
+        remedy: str = "",
+    ) -> None:
         self.kind = kind
         self.name = name
         self.differences = differences
+        self.reason = reason
         shown = ", ".join(
             f"{k}: has {have!r}, want {want!r}" for k, (have, want) in differences.items()
         )
+        said = f" (the server says: {reason})" if reason else ""
         super().__init__(
-            f"{kind} {name} exists with other settings ({shown}) and cannot be updated in place; "
-            f"fix it with the nats CLI (or delete it: central recreates it) and start again"
+            f"{kind} {name} exists with other settings ({shown}) and cannot be updated in "
+            f"place{said}; "
+            + (
+                remedy
+                or "fix it with the nats CLI (or delete it: central recreates it) and start again"
+            )
         )
 
 

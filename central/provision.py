@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,11 +60,13 @@ class Provisioned:
     authorization: Authorization
 
 
-def agent_urls_for(info: dict[str, Any], nats_url: str | None) -> list[str]:
-    """--nats-url, else what the central recorded in central.json (``info``), else the local
-    default."""
+def agent_urls_for(info: dict[str, Any], nats_url: str | Sequence[str] | None) -> list[str]:
+    """--nats-url (one or several: a cluster's nodes), else what the central recorded in
+    central.json (``info``), else the local default."""
+    if isinstance(nats_url, str):
+        nats_url = [nats_url]
     if nats_url:
-        return [nats_url]
+        return list(nats_url)
     recorded = info.get("nats_urls")
     if isinstance(recorded, list) and recorded:
         return [str(u) for u in recorded]
@@ -126,7 +129,12 @@ def _tls_files(info: dict[str, Any], store_id: str, out_dir: Path) -> dict[str, 
 
 
 def provision_store(
-    data_dir: Path, store_id: str, out_dir: Path, *, nats_url: str | None, force: bool
+    data_dir: Path,
+    store_id: str,
+    out_dir: Path,
+    *,
+    nats_url: str | Sequence[str] | None,
+    force: bool,
 ) -> Provisioned:
     """Record ``store_id`` with a new NATS user and write ``out_dir``: agent.toml, store.nk
     (the user's seed, 0600) and, when central uses TLS, the CA and client certificate."""

@@ -35,7 +35,7 @@ from central.inventory import read_inventory
 from central.pki import ensure_pki
 from central.sinks import make_sinks
 from central.state import SqliteState, read_status
-from central.streams import oms_stream_lag
+from central.streams import oms_stream_lag, replicas_for
 from protocol.connection import CredentialsError, connect_options
 from protocol.subjects import CENTRAL_INBOX_PREFIX, CHECKPOINT_WILDCARD, HEARTBEAT_WILDCARD
 from protocol.wire import ResyncReply
@@ -210,6 +210,7 @@ class CentralService:
                 "broker_restarts": self.broker_restarts,
                 "tls": bool(self.cfg.nats.tls.cert) if self.broker else None,
                 "plaintext_exposed": plaintext_exposed(self.cfg),
+                "replicas": self.cfg.stream.replicas,  # resolved once connected (0 before)
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
             "cluster": asdict(self.cluster.statistics()) if self.cluster else None,
@@ -407,6 +408,11 @@ class CentralService:
             self.nc = await self._connect(urls)
             if self.nc is None:
                 return
+            # stream.replicas 0: 3 on a cluster, 1 on one server (its INFO says which).
+            replicas = replicas_for(self.cfg.stream.replicas, self.nc._server_info)
+            self.cfg = msgspec.structs.replace(
+                self.cfg, stream=msgspec.structs.replace(self.cfg.stream, replicas=replicas)
+            )
             js = self.nc.jetstream(timeout=10)
             if self.cfg.cluster.enabled:
                 await self._run_worker(js)

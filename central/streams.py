@@ -5,6 +5,13 @@ Only the settings central cares about are compared and changed (``STREAM_FIELDS`
 ``CONSUMER_FIELDS``); anything else an operator tuned stays. What JetStream cannot change in
 place (storage, retention) is a ``DriftError`` that says how to fix it.
 
+Replicas: ``stream.replicas`` 0 (the default) is resolved once connected (``replicas_for``): 3
+when the server central reached says it is part of a cluster (its INFO names one), else 1. An
+existing stream with another replica count is scaled in place (JetStream moves the data; the
+durable consumer has no replica count of its own and follows its stream). A cluster that cannot
+place that many replicas (fewer JetStream nodes up than asked) refuses: central stops with the
+server's reason and what to set instead, rather than run with less redundancy than configured.
+
 Every stream discards *new* messages when full: a limit an operator sets (``max_bytes``,
 ``max_msgs``) then refuses the next publish (an agent keeps its batch and retries; central
 retries the unit) instead of silently dropping the oldest batches, which may not have been
@@ -34,7 +41,7 @@ from nats.js.api import (
 )
 
 from central.config import CentralConfig
-from central.errors import DriftError, RepartitionRefused
+from central.errors import ConfigError, DriftError, RepartitionRefused
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_STREAM,
@@ -54,6 +61,17 @@ MAX_MSG_SIZE = 8 * 1024 * 1024
 # Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
 # store with a long backlog behind a gap must not use up the whole consumer for every store.
 MAX_ACK_PENDING = 20_000
+# Replicas on a cluster when stream.replicas is 0: survives one node of three (R3 is what
+# JetStream's own docs recommend; R5 costs two more copies of every batch for a second loss).
+CLUSTER_REPLICAS = 3
+
+
+def replicas_for(configured: int, server_info: dict[str, Any]) -> int:
+    """The stream replica count: ``configured``, or when it is 0 (automatic) CLUSTER_REPLICAS
+    if the server's INFO names a cluster, else 1."""
+    if configured:
+        return configured
+    return CLUSTER_REPLICAS if server_info.get("cluster") else 1
 
 
 def events_transform(cfg: CentralConfig) -> SubjectTransform | None:
@@ -79,7 +97,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             max_age=cfg.stream.max_age_days * 86400,
             max_bytes=cfg.stream.max_bytes,
             duplicate_window=cfg.stream.duplicate_window,
-            num_replicas=cfg.stream.replicas,
+            num_replicas=cfg.stream.replicas or None,  # 0: the server's default
             max_msg_size=MAX_MSG_SIZE,
             discard=DiscardPolicy.NEW,
             subject_transform=events_transform(cfg),
@@ -89,7 +107,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             subjects=[DLQ_WILDCARD],
             storage=StorageType.FILE,
             retention=RetentionPolicy.LIMITS,
-            num_replicas=cfg.stream.replicas,
+            num_replicas=cfg.stream.replicas or None,  # 0: the server's default
             discard=DiscardPolicy.NEW,
         ),
     ]
@@ -103,7 +121,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.LIMITS,
                 duplicate_window=cfg.stream.duplicate_window,  # the server's default (no ids)
-                num_replicas=cfg.stream.replicas,
+                num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 max_msg_size=MAX_MSG_SIZE,
                 discard=DiscardPolicy.NEW,
             )
@@ -117,7 +135,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 retention=RetentionPolicy.LIMITS,
                 max_age=cfg.stream.max_age_days * 86400,
                 duplicate_window=cfg.stream.duplicate_window,
-                num_replicas=cfg.stream.replicas,
+                num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 discard=DiscardPolicy.NEW,
             )
         )
@@ -160,8 +178,15 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
         try:
             info = await js.stream_info(want.name)
         except nats.js.errors.NotFoundError:
-            await js.add_stream(want)
-            log.info("created stream %s", want.name)
+            try:
+                await js.add_stream(want)
+            except nats.js.errors.APIError as exc:
+                raise ConfigError(
+                    f"cannot create stream {want.name} with {want.num_replicas or 1} "
+                    f"replica(s): {exc.description or exc}; with a cluster, bring its "
+                    "JetStream nodes up or set stream.replicas to what it can hold"
+                ) from None
+            log.info("created stream %s (%s replica(s))", want.name, want.num_replicas or 1)
             continue
         if want.name == EVENTS_STREAM:
             have_tr, want_tr = info.config.subject_transform, want.subject_transform
@@ -175,7 +200,15 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
             await js.update_stream(info.config.evolve(**changes))
         except nats.js.errors.APIError as exc:
             log.error("stream %s drifted and cannot be updated: %s", want.name, exc)
-            raise DriftError("stream", want.name, drift) from None
+            remedy = ""
+            if "num_replicas" in drift:
+                remedy = (
+                    f"set stream.replicas to what the cluster can hold (it has "
+                    f"{info.config.num_replicas}), or bring its JetStream nodes up, and start again"
+                )
+            raise DriftError(
+                "stream", want.name, drift, reason=exc.description or str(exc), remedy=remedy
+            ) from None
         log.warning("stream %s drifted (%s); updated", want.name, drift)
 
 
