@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 SUMMARY_PREFIX = "s."
 RESTART_BASE = 0.5
 RESTART_CAP = 5.0
+SETUP_ATTEMPTS = 6
 KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
 
 
@@ -228,6 +229,18 @@ class ClusterWorker:
     async def setup(self) -> None:
         """The streams (agents can publish before any partition runs), the buckets, and this
         worker's registration."""
+        for attempt in range(1, SETUP_ATTEMPTS + 1):
+            try:
+                await self._setup_once()
+                return
+            except (nats.errors.TimeoutError, TimeoutError):
+                # A cluster busy electing (a node just died, workers starting together) may
+                # answer a stream creation late; every step is idempotent, so ask again.
+                if attempt == SETUP_ATTEMPTS:
+                    raise
+                log.warning("cluster set-up timed out (attempt %d); trying again", attempt)
+
+    async def _setup_once(self) -> None:
         oms = any(s.partition(":")[0] == "nats" for s in self.cfg.effective_sinks())
         await ensure_streams(self.js, self.cfg, oms=oms)
         ttl = self.settings.lease_seconds
