@@ -46,7 +46,7 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from central.config import CentralConfig
 from central.consumer import Consumer
-from central.errors import CentralError, ConfigError, PartitionFenced, SinkRejected
+from central.errors import CentralError, ConfigError, LeaseLapsed, PartitionFenced, SinkRejected
 from central.sinks import Sink, SinkStatistics
 from central.state import read_status
 from central.statelog import LogStatistics, PartitionState
@@ -107,7 +107,7 @@ class FencedSink:
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
     ) -> list[SinkRejected]:
         if not self._valid():
-            raise PartitionFenced(self._partition, "lease lost before delivering")
+            raise LeaseLapsed(self._partition, "lease not renewed in time: not delivering")
         return await self._sink.deliver(records, probe=probe)
 
     async def start(self, saved_offset: int | None) -> None:
@@ -141,6 +141,7 @@ class Partition:
     consumer: Consumer | None = None
     state: PartitionState | None = None
     fenced: bool = False
+    retry_at: float = 0.0  # monotonic: when a stopped (not fenced) partition starts again
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,9 @@ class ClusterWorker:
         leases back (so another worker takes them at once, not after the TTL)."""
         summaries = asyncio.create_task(self._publish_summaries(stop))
         watcher = asyncio.create_task(self._watch_summaries(stop))
+        # Renewals run on their own: a partition stopping (its unit finishing) never delays
+        # the other partitions' renewals.
+        renewing = asyncio.create_task(self._renew_loop(stop))
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.settle_seconds)
@@ -282,12 +286,12 @@ class ClusterWorker:
         finally:
             summaries.cancel()
             watcher.cancel()
+            renewing.cancel()
             for number in list(self.owned):
                 await self._release(number)
 
     async def _round(self) -> None:
         await self._register()
-        await self._renew()
         self.workers = await self._live_workers()
         mine = {
             k
@@ -304,10 +308,18 @@ class ClusterWorker:
             await self._claim(number)
         for part in list(self.owned.values()):
             if part.task is not None and part.task.done():
-                await self._reap(part)
+                self._reap(part)
+
+    async def _renew_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self._renew()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.settings.renew_seconds)
 
     async def _renew(self) -> None:
         for part in list(self.owned.values()):
+            if self.owned.get(part.number) is not part:
+                continue  # released or fenced meanwhile
             try:
                 part.revision = await self._leases.update(
                     f"p{part.number}", self.worker_id.encode(), last=part.revision
@@ -354,20 +366,29 @@ class ClusterWorker:
             with contextlib.suppress(*KV_ERRORS):
                 await self._leases.delete(f"p{number}", last=part.revision)
 
-    async def _reap(self, part: Partition) -> None:
-        """A partition whose task ended by itself: fenced (drop it) or failed (run it again
-        while the lease is ours; its state reopens from the log)."""
+    def _reap(self, part: Partition) -> None:
+        """A partition whose task ended by itself: fenced (drop it), or stopped for a lapsed
+        lease or a failure (start it again, after a pause, while the lease is ours: its state
+        reopens from the log). Never waits: renewals and the other partitions go on."""
         assert part.task is not None
         exc = part.task.exception()
-        if isinstance(exc, PartitionFenced) or part.fenced:
+        if part.fenced or (isinstance(exc, PartitionFenced) and not isinstance(exc, LeaseLapsed)):
             log.error("partition %d fenced: %s", part.number, exc)
             part.fenced = True
             self.fenced += 1
             self.owned.pop(part.number, None)
             return
-        delay = self._restart.next()
-        log.error("partition %d stopped (%r); starting it again in %.1fs", part.number, exc, delay)
-        await asyncio.sleep(delay)
+        now = time.monotonic()
+        if not part.retry_at:
+            part.retry_at = now + self._restart.next()
+            log.error(
+                "partition %d stopped (%r); starting it again in %.1fs",
+                part.number, exc, part.retry_at - now,
+            )  # fmt: skip
+            return
+        if now < part.retry_at or not self.valid(part.number)():
+            return
+        part.retry_at = 0.0
         part.stop = asyncio.Event()
         part.task = asyncio.create_task(self._run_partition(part))
 

@@ -244,3 +244,8 @@ class RepartitionRefused(ConfigError):
             "partition's state log holds its stores' marks and ledgers); keep the number, or "
             "follow docs/scaling.md 'Changing the number of partitions'"
         )
+
+
+class LeaseLapsed(PartitionFenced):
+    """This worker could not renew its lease in time (NATS unreachable, the process stalled):
+    it stops acting for the partition until a renewal succeeds, or another worker has it."""

@@ -38,7 +38,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from central.errors import PartitionFenced, StateError
+from central.errors import LeaseLapsed, PartitionFenced, StateError
 from central.state import STATE_FILENAME, SqliteState, open_db
 from protocol.subjects import EXPECTED_LAST_SUBJECT_SEQ_HEADER, STATE_STREAM, state_subject
 
@@ -265,7 +265,7 @@ class PartitionState(SqliteState):
 
     async def _append_async(self, ops: list[Op], *, claim: bool = False) -> int:
         if not claim and not self._valid():
-            raise PartitionFenced(self.partition, "this worker's lease is no longer valid")
+            raise LeaseLapsed(self.partition, "lease not renewed in time: not appending")
         entry = Entry(worker=self._worker_id, ops=ops, claim=claim, at=time.time())
         try:
             ack = await self._js.publish(

@@ -65,6 +65,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_gap",
         "bench_rss",
         "bench_checkpoint",
+        "bench_workers",
     ],
 )
 def test_bench_quick(module: str, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from tests.bench import (
     bench_gap,
     bench_ingest,
     bench_rss,
+    bench_workers,
 )
 from tests.bench.harness import Options, Table, machine, run_loop
 
@@ -35,6 +36,7 @@ BENCHES = (
     bench_e2e,
     bench_gap,
     bench_checkpoint,
+    bench_workers,
     bench_rss,
 )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from typing import Any
 
 import nats
 import nats.js.errors
@@ -25,6 +26,7 @@ import nats.js.errors
 from central.config import CentralConfig, ClusterSettings
 from central.streams import ensure_streams
 from protocol.subjects import (
+    CENTRAL_DURABLE,
     EVENTS_STREAM,
     MSG_ID_HEADER,
     events_subject,
@@ -34,6 +36,7 @@ from protocol.subjects import (
 from tests.bench.bench_baselines import RECORD_POOL
 from tests.bench.bench_central import oms_messages, store_batches
 from tests.bench.harness import (
+    CentralProcess,
     Options,
     Row,
     Table,
@@ -48,6 +51,7 @@ from tests.bench.harness import (
 from tests.cluster.workers import Worker
 
 PARTITIONS = 4
+SINGLE = "central, single mode (no cluster), JetStream → nats sink"
 ONE_WORKER = "central, 1 clustered worker, JetStream → nats sink"
 TWO_WORKERS = "central, 2 clustered workers, JetStream → nats sink"
 
@@ -136,13 +140,55 @@ async def drain_rate(opts: Options, workers: int, stores: list[str], per_store: 
     return total / (done - first)
 
 
+async def single_rate(opts: Options, stores: list[str], per_store: int) -> float:
+    """Events/s for central in single mode (one consumer, state in one file, no state log):
+    what the clustered mode's bookkeeping costs a worker."""
+    async with workdir(opts, "single") as root, nats_broker(root / "nats") as broker:
+        await preload(broker.url, CentralConfig(data_dir=str(root)), stores, per_store)
+        central = CentralProcess(root / "central", broker.url, sinks=("nats",))
+        nc = await nats.connect(broker.url)
+        try:
+            js = nc.jetstream()
+
+            async def info() -> Any:
+                try:
+                    return await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
+                except nats.js.errors.NotFoundError:
+                    return None
+
+            async def fetched() -> bool:
+                found = await info()
+                return bool(found is not None and found.delivered.stream_seq)
+
+            async def acked() -> bool:
+                found = await info()
+                return bool(
+                    found is not None and not found.num_pending and not found.num_ack_pending
+                )
+
+            await central.start_nowait()
+            first = await wait_for(fetched, 120, interval=0.005, what="first fetch")
+            done = await wait_for(acked, 900, interval=0.05, what="all acknowledged")
+        finally:
+            await nc.close()
+            await central.stop()
+    return len(stores) * per_store / (done - first)
+
+
 async def run(opts: Options) -> Table:
     table = Table("workers", opts)
     stores = even_stores(size(opts, 20, 4), PARTITIONS)
     per_store = size(opts, 20_000, 1000)
     note = f"{len(stores)} stores x {per_store:,}, {PARTITIONS} partitions"
+    single = await single_rate(opts, stores, per_store)
+    table.add(Row(SINGLE, single, "events/s", note=f"{len(stores)} stores x {per_store:,}"))
     one = await drain_rate(opts, 1, stores, per_store)
-    table.add(Row(ONE_WORKER, one, "events/s", note=note))
+    table.add(
+        Row(
+            ONE_WORKER, one, "events/s", baseline=SINGLE, baseline_value=single,
+            note=f"{note}; state log appended per unit",
+        )
+    )  # fmt: skip
     two = await drain_rate(opts, 2, stores, per_store)
     table.add(
         Row(

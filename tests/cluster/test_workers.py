@@ -24,6 +24,7 @@ from central.streams import ensure_streams
 from protocol.subjects import (
     EVENTS_STREAM,
     MSG_ID_HEADER,
+    STATE_STREAM,
     batch_msg_id,
     events_subject,
     partition_of,
@@ -240,7 +241,18 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         await workers[0].process.start(60)
         results = await asyncio.gather(*ringing)
         await eventually(lambda: len(watch.keys()) >= total, 180, "every event delivered")
-        fenced = [writers_after_claims(await state_log(observer.jetstream(), p)) for p in range(8)]
+
+        def shown(worker: Worker) -> dict[str, int]:
+            return {s["store_id"]: s["hwm"] for s in worker.status_nowait().get("stores", [])}
+
+        # Either worker's status shows every store, as its partition's owner last wrote it.
+        full = dict.fromkeys(stores, per_store)
+        for worker in workers:
+            await eventually(lambda w=worker: full == shown(w), 60, "every store in status")
+        js = observer.jetstream()
+        fenced = [writers_after_claims(await state_log(js, p)) for p in range(8)]
+        log_bytes = (await js.stream_info(STATE_STREAM)).state.bytes
+        logs = (workers[1].status_nowait().get("cluster") or {}).get("logs", [])
     finally:
         await observer.close()
         for agent in pipeline.agents.values():
@@ -258,7 +270,12 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         )
         assert list(range(1, per_store + 1)) == watch.first_seqs(store_id)
     assert [[]] * 8 == fenced
+    replayed = [
+        (log["partition"], log["replayed"], round(log["replay_seconds"], 2)) for log in logs
+    ]
     print(
         f"\nworkers: w1 held partitions {taken} when killed; w2 owned all 8 after "
-        f"{takeover:.1f}s; {watch.redelivered()} of {total} records delivered again"
+        f"{takeover:.1f}s; {watch.redelivered()} of {total} records delivered again; "
+        f"state log {log_bytes / total:.0f} bytes per record; w2's replays "
+        f"(partition, entries, s): {replayed}"
     )
