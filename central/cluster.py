@@ -18,9 +18,10 @@ Who processes what is decided in two JetStream key-value buckets, by revision:
 
 Fencing: a worker counts its lease valid only for ``lease_seconds / 2`` after its last
 successful renewal, while the key lives ``lease_seconds`` after it; nothing is delivered or
-appended without a valid lease (``FencedSink``, ``PartitionState``). The state log's
-expected-sequence check is the hard fence: a new owner's claim makes a former owner's next
-append fail, and that worker stops the partition.
+appended without a valid lease (``FencedSink``, ``PartitionState``): a late one is waited for
+(the next renewal, by revision, proves nobody took it), a lost one stops the partition. The
+state log's expected-sequence check is the hard fence: a new owner's claim makes a former
+owner's next append fail, and that worker stops the partition.
 
 Status across workers: each worker writes its stores' status rows to ``storelink_stores``
 (key ``s.<store>``) every ``summary_seconds``; every worker watches that bucket, so any
@@ -36,8 +37,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
@@ -96,7 +97,7 @@ def owner_of(partition: int, workers: Sequence[str]) -> str | None:
 class FencedSink:
     """A sink that delivers only while its worker's lease on the partition is valid."""
 
-    def __init__(self, sink: Sink, partition: int, valid: Callable[[], bool]) -> None:
+    def __init__(self, sink: Sink, partition: int, valid: Callable[[], Awaitable[bool]]) -> None:
         self._sink = sink
         self._partition = partition
         self._valid = valid
@@ -106,7 +107,7 @@ class FencedSink:
     async def deliver(
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
     ) -> list[SinkRejected]:
-        if not self._valid():
+        if not await self._valid():
             raise LeaseLapsed(self._partition, "lease not renewed in time: not delivering")
         return await self._sink.deliver(records, probe=probe)
 
@@ -137,6 +138,7 @@ class Partition:
     revision: int
     renewed_at: float  # monotonic time of the last successful create/renew
     stop: asyncio.Event
+    renewed: asyncio.Event = field(default_factory=asyncio.Event)  # set at each renewal
     task: asyncio.Task[None] | None = None
     consumer: Consumer | None = None
     state: PartitionState | None = None
@@ -206,7 +208,8 @@ class ClusterWorker:
         return self._delivered_before + sum(c.delivered for c in self.consumers())
 
     def valid(self, number: int) -> Callable[[], bool]:
-        """Whether this worker may still act for ``number``: half the lease after renewal."""
+        """Whether this worker may act for ``number`` now: within half the lease after its
+        last renewal (the key itself lives a whole lease after it)."""
         margin = self.settings.lease_seconds / 2
 
         def check() -> bool:
@@ -216,6 +219,26 @@ class ClusterWorker:
             )
 
         return check
+
+    def holding(self, number: int) -> Callable[[], Awaitable[bool]]:
+        """``valid``, but when the lease is merely late (a busy event loop delayed its
+        renewal) wait for the next renewal, up to one lease: True once renewed (nobody can
+        have taken it meanwhile: the renewal is by revision), False when fenced or gone."""
+        check = self.valid(number)
+
+        async def wait() -> bool:
+            deadline = time.monotonic() + self.settings.lease_seconds
+            while not check():
+                part = self.owned.get(number)
+                left = deadline - time.monotonic()
+                if part is None or part.fenced or left <= 0:
+                    return False
+                part.renewed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(part.renewed.wait(), min(left, 1.0))
+            return True
+
+        return wait
 
     async def _bucket(self, name: str, ttl: float | None) -> Any:
         config = KeyValueConfig(
@@ -333,6 +356,7 @@ class ClusterWorker:
                 log.warning("partition %d: lease not renewed (%s)", part.number, exc)
                 continue
             part.renewed_at = time.monotonic()
+            part.renewed.set()
 
     async def _claim(self, number: int) -> None:
         try:
@@ -395,7 +419,7 @@ class ClusterWorker:
     async def _run_partition(self, part: Partition) -> None:
         """Catch up the partition's state from its log, claim it, and consume its events until
         stopped or fenced."""
-        valid = self.valid(part.number)
+        valid = self.holding(part.number)
         state = PartitionState(self.cfg.data_path, part.number, self.js, self.worker_id, valid)
         part.state = state
         consumer: Consumer | None = None

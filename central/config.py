@@ -35,7 +35,9 @@ DEFAULT_LAG_WARN = 300.0  # seconds: amber
 DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look (red)
 DEFAULT_AGENT_POLL = 5.0
 DEFAULT_REFRESH = 5.0
-DEFAULT_LEASE_SECONDS = 4.0  # a dead worker's partitions are taken over after about this long
+# A dead worker's partitions are taken over after about this long. A worker acts on its lease
+# for half of it after a renewal: a unit that keeps the event loop busy longer makes it wait.
+DEFAULT_LEASE_SECONDS = 6.0
 DEFAULT_RENEW_SECONDS = 1.0
 DEFAULT_SETTLE_SECONDS = 2.0
 DEFAULT_SUMMARY_SECONDS = 2.0

@@ -29,7 +29,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -180,7 +180,7 @@ class LogStatistics:
 class PartitionState(SqliteState):
     """``SqliteState`` of one partition (``DATA_DIR/partitions/p<k>/central.db``), written
     through its state log. ``open`` catches the file up with the log and claims the partition;
-    ``valid()`` (the lease, from central/cluster.py) is asked before every append."""
+    ``valid()`` (the lease, from central/cluster.py) is awaited before every append."""
 
     def __init__(
         self,
@@ -188,7 +188,7 @@ class PartitionState(SqliteState):
         partition: int,
         js: Any,
         worker_id: str,
-        valid: Callable[[], bool] = lambda: True,
+        valid: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         super().__init__(partition_dir(data_dir, partition))
         self.partition = partition
@@ -264,7 +264,7 @@ class PartitionState(SqliteState):
             self.replayed += 1
 
     async def _append_async(self, ops: list[Op], *, claim: bool = False) -> int:
-        if not claim and not self._valid():
+        if not claim and self._valid is not None and not await self._valid():
             raise LeaseLapsed(self.partition, "lease not renewed in time: not appending")
         entry = Entry(worker=self._worker_id, ops=ops, claim=claim, at=time.time())
         try:

@@ -16,7 +16,6 @@ least 1.7 times one.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from typing import Any
 
@@ -24,17 +23,13 @@ import nats
 import nats.js.errors
 
 from central.config import CentralConfig, ClusterSettings
-from central.streams import ensure_streams
 from protocol.subjects import (
     CENTRAL_DURABLE,
     EVENTS_STREAM,
-    MSG_ID_HEADER,
-    events_subject,
     partition_durable,
     partition_of,
 )
-from tests.bench.bench_baselines import RECORD_POOL
-from tests.bench.bench_central import oms_messages, store_batches
+from tests.bench.bench_central import oms_messages, preload
 from tests.bench.harness import (
     CentralProcess,
     Options,
@@ -43,7 +38,6 @@ from tests.bench.harness import (
     at_least,
     bench_main,
     nats_broker,
-    sample_events,
     size,
     wait_for,
     workdir,
@@ -70,36 +64,13 @@ def even_stores(count: int, partitions: int) -> list[str]:
     raise AssertionError("unreachable")
 
 
-async def preload(url: str, cfg: CentralConfig, stores: list[str], per_store: int) -> None:
-    """The streams as central creates them, then every store's batches, interleaved."""
-    pool = sample_events(RECORD_POOL)
-    batches = {s: store_batches(s, per_store, pool) for s in stores}
-    nc = await nats.connect(url)
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, cfg, oms=True)
-        futures = []
-        for i in range(max(len(b) for b in batches.values())):
-            for store_id, store in batches.items():
-                if i < len(store):
-                    body, msg_id = store[i]
-                    futures.append(
-                        await js.publish_async(
-                            events_subject(store_id), body, headers={MSG_ID_HEADER: msg_id}
-                        )
-                    )
-        await asyncio.gather(*futures)
-    finally:
-        await nc.close()
-
-
 async def drain_rate(opts: Options, workers: int, stores: list[str], per_store: int) -> float:
     """Events/s for ``workers`` workers draining a preloaded stream."""
     async with workdir(opts, f"workers{workers}") as root, nats_broker(root / "nats") as broker:
         cfg = CentralConfig(
             data_dir=str(root), sinks=["nats"], cluster=ClusterSettings(partitions=PARTITIONS)
         )
-        await preload(broker.url, cfg, stores, per_store)
+        await preload(broker.url, len(stores), per_store, cfg, stores)
         procs = [
             Worker(root, f"w{i + 1}", [broker.url], partitions=PARTITIONS) for i in range(workers)
         ]
@@ -144,7 +115,7 @@ async def single_rate(opts: Options, stores: list[str], per_store: int) -> float
     """Events/s for central in single mode (one consumer, state in one file, no state log):
     what the clustered mode's bookkeeping costs a worker."""
     async with workdir(opts, "single") as root, nats_broker(root / "nats") as broker:
-        await preload(broker.url, CentralConfig(data_dir=str(root)), stores, per_store)
+        await preload(broker.url, len(stores), per_store, CentralConfig(data_dir=str(root)), stores)
         central = CentralProcess(root / "central", broker.url, sinks=("nats",))
         nc = await nats.connect(broker.url)
         try:
