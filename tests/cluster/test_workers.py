@@ -5,8 +5,11 @@ log (fencing), takeover after kill -9 with per-store order and once-per-key in e
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -249,6 +252,12 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         full = dict.fromkeys(stores, per_store)
         for worker in workers:
             await eventually(lambda w=worker: full == shown(w), 60, "every store in status")
+        cli = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "central", "status", "--json", "--no-agents",
+             "--data-dir", str(workers[1].data_dir)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
         js = observer.jetstream()
         fenced = [writers_after_claims(await state_log(js, p)) for p in range(8)]
         log_bytes = (await js.stream_info(STATE_STREAM)).state.bytes
@@ -270,6 +279,7 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         )
         assert list(range(1, per_store + 1)) == watch.first_seqs(store_id)
     assert [[]] * 8 == fenced
+    assert full == {s["store_id"]: s["hwm"] for s in json.loads(cli.stdout)["stores"]}
     replayed = [
         (log["partition"], log["replayed"], round(log["replay_seconds"], 2)) for log in logs
     ]
