@@ -17,6 +17,9 @@ least 1.7 times one.
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -64,8 +67,49 @@ def even_stores(count: int, partitions: int) -> list[str]:
     raise AssertionError("unreachable")
 
 
-async def drain_rate(opts: Options, workers: int, stores: list[str], per_store: int) -> float:
-    """Events/s for ``workers`` workers draining a preloaded stream."""
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a live process has used so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def drain_window(
+    js: Any, durables: list[str], start: Callable[[], Awaitable[None]]
+) -> tuple[float, float]:
+    """Call ``start`` (the central processes), then the monotonic times at which JetStream
+    handed out the first batch to any of ``durables`` and at which all of them had
+    acknowledged everything."""
+
+    async def infos() -> list[Any]:
+        found = []
+        for durable in durables:
+            try:
+                found.append(await js.consumer_info(EVENTS_STREAM, durable))
+            except nats.js.errors.NotFoundError:
+                found.append(None)
+        return found
+
+    async def fetched() -> bool:
+        return any(i is not None and i.delivered.stream_seq for i in await infos())
+
+    async def acked() -> bool:
+        return all(
+            i is not None and not i.num_pending and not i.num_ack_pending for i in await infos()
+        )
+
+    await start()
+    first = await wait_for(fetched, 120, interval=0.005, what="first fetch")
+    done = await wait_for(acked, 900, interval=0.05, what="all acknowledged")
+    return first, done
+
+
+async def drain_rate(
+    opts: Options, workers: int, stores: list[str], per_store: int
+) -> tuple[float, str]:
+    """Events/s for ``workers`` clustered workers draining a preloaded stream, and where the
+    CPU went (the workers', the nats-server's)."""
     async with workdir(opts, f"workers{workers}") as root, nats_broker(root / "nats") as broker:
         cfg = CentralConfig(
             data_dir=str(root), sinks=["nats"], cluster=ClusterSettings(partitions=PARTITIONS)
@@ -75,31 +119,18 @@ async def drain_rate(opts: Options, workers: int, stores: list[str], per_store: 
             Worker(root, f"w{i + 1}", [broker.url], partitions=PARTITIONS) for i in range(workers)
         ]
         nc = await nats.connect(broker.url)
-        try:
-            js = nc.jetstream()
 
-            async def infos() -> list[object]:
-                found = []
-                for p in range(PARTITIONS):
-                    try:
-                        found.append(await js.consumer_info(EVENTS_STREAM, partition_durable(p)))
-                    except nats.js.errors.NotFoundError:
-                        found.append(None)
-                return found
-
-            async def fetched() -> bool:
-                return any(i is not None and i.delivered.stream_seq for i in await infos())  # type: ignore[attr-defined]
-
-            async def acked() -> bool:
-                return all(
-                    i is not None and not i.num_pending and not i.num_ack_pending  # type: ignore[attr-defined]
-                    for i in await infos()
-                )
-
+        async def start() -> None:
             for proc in procs:
                 proc.process.start_nowait()
-            first = await wait_for(fetched, 120, interval=0.005, what="first fetch")
-            done = await wait_for(acked, 900, interval=0.05, what="all acknowledged")
+
+        try:
+            nats_cpu = cpu_seconds(broker.pid)
+            first, done = await drain_window(
+                nc.jetstream(), [partition_durable(p) for p in range(PARTITIONS)], start
+            )
+            cpu = [cpu_seconds(p.process.proc.pid if p.process.proc else None) for p in procs]
+            nats_cpu = cpu_seconds(broker.pid) - nats_cpu
         finally:
             await nc.close()
             for proc in procs:
@@ -108,7 +139,12 @@ async def drain_rate(opts: Options, workers: int, stores: list[str], per_store: 
         oms = await oms_messages(broker.url)
         if oms < total:
             raise RuntimeError(f"the OMS stream holds {oms} messages, fewer than {total}")
-    return total / (done - first)
+    workers_cpu = " + ".join(f"{c:.1f}" for c in cpu)
+    where = (
+        f"{done - first:.0f} s; CPU s: workers {workers_cpu}, nats-server {nats_cpu:.1f}; "
+        f"load avg {os.getloadavg()[0]:.1f}"
+    )
+    return total / (done - first), where
 
 
 async def single_rate(opts: Options, stores: list[str], per_store: int) -> float:
@@ -119,27 +155,9 @@ async def single_rate(opts: Options, stores: list[str], per_store: int) -> float
         central = CentralProcess(root / "central", broker.url, sinks=("nats",))
         nc = await nats.connect(broker.url)
         try:
-            js = nc.jetstream()
-
-            async def info() -> Any:
-                try:
-                    return await js.consumer_info(EVENTS_STREAM, CENTRAL_DURABLE)
-                except nats.js.errors.NotFoundError:
-                    return None
-
-            async def fetched() -> bool:
-                found = await info()
-                return bool(found is not None and found.delivered.stream_seq)
-
-            async def acked() -> bool:
-                found = await info()
-                return bool(
-                    found is not None and not found.num_pending and not found.num_ack_pending
-                )
-
-            await central.start_nowait()
-            first = await wait_for(fetched, 120, interval=0.005, what="first fetch")
-            done = await wait_for(acked, 900, interval=0.05, what="all acknowledged")
+            first, done = await drain_window(
+                nc.jetstream(), [CENTRAL_DURABLE], central.start_nowait
+            )
         finally:
             await nc.close()
             await central.stop()
@@ -153,14 +171,14 @@ async def run(opts: Options) -> Table:
     note = f"{len(stores)} stores x {per_store:,}, {PARTITIONS} partitions"
     single = await single_rate(opts, stores, per_store)
     table.add(Row(SINGLE, single, "events/s", note=f"{len(stores)} stores x {per_store:,}"))
-    one = await drain_rate(opts, 1, stores, per_store)
+    one, where = await drain_rate(opts, 1, stores, per_store)
     table.add(
         Row(
             ONE_WORKER, one, "events/s", baseline=SINGLE, baseline_value=single,
-            note=f"{note}; state log appended per unit",
+            note=f"{note}; state log appended per unit; {where}",
         )
     )  # fmt: skip
-    two = await drain_rate(opts, 2, stores, per_store)
+    two, where = await drain_rate(opts, 2, stores, per_store)
     table.add(
         Row(
             TWO_WORKERS,
@@ -169,7 +187,7 @@ async def run(opts: Options) -> Table:
             baseline=ONE_WORKER,
             baseline_value=one,
             target=at_least(1.7 * one),
-            note=f"{note}; goal: 1.7x one worker",
+            note=f"{note}; goal: 1.7x one worker; {where}",
         )
     )
     return table
