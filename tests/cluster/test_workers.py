@@ -18,8 +18,9 @@ import pytest
 
 from agent.simulator import Till, post_events
 from central.broker import EmbeddedBroker
+from central.cluster import refuse_file_sink
 from central.config import CentralConfig, ClusterSettings
-from central.errors import PartitionFenced, RepartitionRefused
+from central.errors import ConfigError, PartitionFenced, RepartitionRefused
 from central.sequencer import Sequencer
 from central.state import Unit
 from central.statelog import PartitionState
@@ -289,3 +290,15 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         f"state log {log_bytes / total:.0f} bytes per record; w2's replays "
         f"(partition, entries, s): {replayed}"
     )
+
+
+def test_file_sink_refused_in_clustered_mode(tmp_path: Path) -> None:
+    """Clustered mode refuses the file sink (the default one too), naming what to use."""
+    for sinks in ([], [f"file:{tmp_path / 'oms.jsonl'}"], ["nats", f"file:{tmp_path / 'x'}"]):
+        cfg = CentralConfig(
+            data_dir=str(tmp_path), sinks=sinks, cluster=ClusterSettings(partitions=2)
+        )
+        with pytest.raises(ConfigError, match="nats or webhook sink"):
+            refuse_file_sink(cfg)
+    refuse_file_sink(clustered(tmp_path, 2))  # the nats sink alone: fine
+    refuse_file_sink(CentralConfig(data_dir=str(tmp_path)))  # single mode: the file sink is fine
