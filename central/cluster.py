@@ -10,6 +10,9 @@ Who processes what is decided in two JetStream key-value buckets, by revision:
   (``lease_seconds``) removes a dead worker's key. The live workers, sorted, are the ring:
   partition ``k`` belongs to worker ``k mod len(ring)``, so partitions spread evenly and move
   when a worker joins or leaves.
+- Renewals (of both) run on the ``LeaseKeeper`` thread, with its own event loop and NATS
+  connection, so a unit that keeps the worker's event loop busy for seconds does not cost it
+  its partitions; a loop silent for ``MAIN_LOOP_GRACE`` (wedged) lets them lapse.
 - ``storelink_leases``: key ``p<k>`` names the partition's owner. A worker takes a free
   partition it should own with ``create`` (fails if someone holds it), renews it with
   ``update(last=revision)`` every ``renew_seconds``, and gives up one it should no longer own by
@@ -36,6 +39,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +74,9 @@ SUMMARY_PREFIX = "s."
 RESTART_BASE = 0.5
 RESTART_CAP = 5.0
 SETUP_ATTEMPTS = 6
+# The lease keeper renews only while the worker's event loop comes round at least this often:
+# a loop busy for seconds keeps its partitions, a wedged one loses them.
+MAIN_LOOP_GRACE = 60.0
 KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
 
 
@@ -135,8 +142,6 @@ class Partition:
     """One partition this worker holds the lease of."""
 
     number: int
-    revision: int
-    renewed_at: float  # monotonic time of the last successful create/renew
     stop: asyncio.Event
     renewed: asyncio.Event = field(default_factory=asyncio.Event)  # set at each renewal
     task: asyncio.Task[None] | None = None
@@ -160,6 +165,117 @@ class ClusterStatistics:
     logs: list[LogStatistics]
 
 
+class LeaseKeeper:
+    """Renews this worker's registration and leases from a thread of its own, with its own
+    event loop and NATS connection: a unit that keeps the main event loop busy for seconds
+    (decoding a backlog on a loaded machine) must not make a live worker lose its partitions.
+
+    The main loop claims and releases (``hold``/``drop``); the keeper renews what it holds,
+    records when each renewal succeeded (``renewed_at``) and which leases it found taken
+    (``lost``). Both sides touch these under ``lock`` only."""
+
+    def __init__(self, worker: ClusterWorker, connect: Callable[[], Awaitable[Any]] | None) -> None:
+        self._worker = worker
+        self._connect = connect
+        self.lock = threading.Lock()
+        self.revisions: dict[int, int] = {}
+        self.renewed_at: dict[int, float] = {}
+        self.lost: set[int] = set()
+        self.alive_at = time.monotonic()  # the main loop's last round
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._main_loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        self._main_loop = asyncio.get_running_loop()
+        if self._connect is None:  # in-process: renew on the main loop, with the worker's nc
+            self._task = asyncio.create_task(self._run(self._worker.nc, own=False))
+            return
+        self._thread = threading.Thread(target=self._main, name="lease-keeper", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def hold(self, number: int, revision: int) -> None:
+        with self.lock:
+            self.revisions[number] = revision
+            self.renewed_at[number] = time.monotonic()
+            self.lost.discard(number)
+
+    def drop(self, number: int) -> int | None:
+        """Stop renewing ``number``; its last revision (for the delete)."""
+        with self.lock:
+            self.renewed_at.pop(number, None)
+            self.lost.discard(number)
+            return self.revisions.pop(number, None)
+
+    def _main(self) -> None:
+        assert self._connect is not None
+        connect = self._connect
+
+        async def main() -> None:
+            await self._run(await connect(), own=True)
+
+        try:
+            asyncio.run(main())
+        except Exception:
+            log.exception("LEASE KEEPER FAILED: this worker's leases will lapse")
+
+    async def _run(self, nc: Any, *, own: bool) -> None:
+        worker = self._worker
+        try:
+            js = nc.jetstream(timeout=max(2.0, worker.settings.renew_seconds))
+            leases = await js.key_value(LEASES_BUCKET)
+            registry = await js.key_value(WORKERS_BUCKET)
+            while not self._stop.is_set():
+                with contextlib.suppress(*KV_ERRORS):
+                    await registry.put(worker.worker_id, json.dumps({"at": time.time()}).encode())
+                with self.lock:
+                    held = dict(self.revisions)
+                if time.monotonic() - self.alive_at > MAIN_LOOP_GRACE:
+                    # The worker's event loop has not come round for that long: wedged, not
+                    # busy. Let its leases lapse so the partitions move to a live worker.
+                    log.error("worker's event loop silent for %.0fs: leases left to lapse",
+                              time.monotonic() - self.alive_at)  # fmt: skip
+                    held = {}
+                for number, revision in held.items():
+                    await self._renew(leases, number, revision)
+                await asyncio.sleep(worker.settings.renew_seconds)
+        finally:
+            if own:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+
+    async def _renew(self, leases: Any, number: int, revision: int) -> None:
+        worker = self._worker
+        try:
+            new = await leases.update(f"p{number}", worker.worker_id.encode(), last=revision)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            with self.lock:
+                if self.revisions.get(number) == revision:  # not released meanwhile
+                    self.lost.add(number)
+            return
+        except KV_ERRORS as exc:
+            # NATS unreachable: the lease runs out by itself; valid() stops the work first.
+            log.warning("partition %d: lease not renewed (%s)", number, exc)
+            return
+        with self.lock:
+            if self.revisions.get(number) != revision:
+                return  # released meanwhile
+            self.revisions[number] = new
+            self.renewed_at[number] = time.monotonic()
+        if self._main_loop is not None:
+            self._main_loop.call_soon_threadsafe(worker.on_renewed, number)
+
+
 class ClusterWorker:
     """One worker: registration, leases, a Consumer per owned partition, status summaries."""
 
@@ -169,7 +285,10 @@ class ClusterWorker:
         nc: Any,
         js: Any,
         make_sinks: Callable[[], list[Sink]],
+        connect: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
+        """``connect`` opens the lease keeper's own NATS connection (None: ``nc`` itself, for
+        a worker run in-process)."""
         refuse_file_sink(cfg)
         self.cfg = cfg
         self.settings = cfg.cluster
@@ -187,6 +306,7 @@ class ClusterWorker:
         self._registry: Any = None
         self._stores: Any = None
         self._restart = Backoff(RESTART_BASE, RESTART_CAP, jitter=False)
+        self.keeper = LeaseKeeper(self, connect)
         self._delivered_before = 0  # records delivered by partitions this worker stopped
 
     def statistics(self) -> ClusterStatistics:
@@ -214,11 +334,22 @@ class ClusterWorker:
 
         def check() -> bool:
             part = self.owned.get(number)
+            with self.keeper.lock:
+                renewed_at = self.keeper.renewed_at.get(number)
             return bool(
-                part is not None and not part.fenced and time.monotonic() - part.renewed_at < margin
+                part is not None
+                and not part.fenced
+                and renewed_at is not None
+                and time.monotonic() - renewed_at < margin
             )
 
         return check
+
+    def on_renewed(self, number: int) -> None:
+        """The keeper renewed ``number`` (called on the main loop)."""
+        part = self.owned.get(number)
+        if part is not None:
+            part.renewed.set()
 
     def holding(self, number: int) -> Callable[[], Awaitable[bool]]:
         """``valid``, but when the lease is merely late (a busy event loop delayed its
@@ -290,9 +421,7 @@ class ClusterWorker:
         leases back (so another worker takes them at once, not after the TTL)."""
         summaries = asyncio.create_task(self._publish_summaries(stop))
         watcher = asyncio.create_task(self._watch_summaries(stop))
-        # Renewals run on their own: a partition stopping (its unit finishing) never delays
-        # the other partitions' renewals.
-        renewing = asyncio.create_task(self._renew_loop(stop))
+        self.keeper.start()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.settings.settle_seconds)
@@ -309,12 +438,12 @@ class ClusterWorker:
         finally:
             summaries.cancel()
             watcher.cancel()
-            renewing.cancel()
             for number in list(self.owned):
                 await self._release(number)
+            await self.keeper.stop()
 
     async def _round(self) -> None:
-        await self._register()
+        self.keeper.alive_at = time.monotonic()
         self.workers = await self._live_workers()
         mine = {
             k
@@ -329,42 +458,23 @@ class ClusterWorker:
             self.released += 1
         for number in sorted(mine - set(self.owned)):
             await self._claim(number)
+        with self.keeper.lock:
+            lost = set(self.keeper.lost)
+        for number in sorted(lost & set(self.owned)):
+            log.error("partition %d: lease taken by another worker; stopping it", number)
+            await self._fence(self.owned[number])
         for part in list(self.owned.values()):
             if part.task is not None and part.task.done():
                 self._reap(part)
-
-    async def _renew_loop(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            await self._renew()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.settings.renew_seconds)
-
-    async def _renew(self) -> None:
-        for part in list(self.owned.values()):
-            if self.owned.get(part.number) is not part:
-                continue  # released or fenced meanwhile
-            try:
-                part.revision = await self._leases.update(
-                    f"p{part.number}", self.worker_id.encode(), last=part.revision
-                )
-            except nats.js.errors.KeyWrongLastSequenceError:
-                log.error("partition %d: lease taken by another worker; stopping it", part.number)
-                await self._fence(part)
-                continue
-            except KV_ERRORS as exc:
-                # NATS unreachable: the lease runs out by itself; valid() stops the work first.
-                log.warning("partition %d: lease not renewed (%s)", part.number, exc)
-                continue
-            part.renewed_at = time.monotonic()
-            part.renewed.set()
 
     async def _claim(self, number: int) -> None:
         try:
             revision = await self._leases.create(f"p{number}", self.worker_id.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
             return  # still held (its owner is releasing it, or its lease has not run out)
-        part = Partition(number, revision, time.monotonic(), asyncio.Event())
+        part = Partition(number, asyncio.Event())
         self.owned[number] = part
+        self.keeper.hold(number, revision)
         self.takeovers += 1
         part.task = asyncio.create_task(self._run_partition(part))
 
@@ -377,6 +487,7 @@ class ClusterWorker:
     async def _fence(self, part: Partition) -> None:
         part.fenced = True
         self.fenced += 1
+        self.keeper.drop(part.number)
         await self._stop_partition(part)
         self.owned.pop(part.number, None)
 
@@ -386,9 +497,10 @@ class ClusterWorker:
             return
         await self._stop_partition(part)
         self.owned.pop(number, None)
-        if not part.fenced:
+        revision = self.keeper.drop(number)
+        if not part.fenced and revision is not None:
             with contextlib.suppress(*KV_ERRORS):
-                await self._leases.delete(f"p{number}", last=part.revision)
+                await self._leases.delete(f"p{number}", last=revision)
 
     def _reap(self, part: Partition) -> None:
         """A partition whose task ended by itself: fenced (drop it), or stopped for a lapsed
@@ -400,6 +512,7 @@ class ClusterWorker:
             log.error("partition %d fenced: %s", part.number, exc)
             part.fenced = True
             self.fenced += 1
+            self.keeper.drop(part.number)
             self.owned.pop(part.number, None)
             return
         now = time.monotonic()

@@ -353,10 +353,21 @@ class CentralService:
             return None
         return connecting.result()
 
-    async def _run_worker(self, js: Any) -> None:
+    async def _run_worker(self, js: Any, urls: list[str]) -> None:
         """Clustered mode: this process is one worker; it runs the partitions it holds."""
         nc = self.nc
-        cluster = ClusterWorker(self.cfg, nc, js, lambda: make_sinks(self.cfg, nc))
+        options = client_options(self.cfg)
+
+        async def lease_connection() -> Any:
+            # The lease keeper's own connection, on its own thread (central/cluster.py).
+            return await nats.connect(
+                urls, name="storelink-central-leases", max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, ping_interval=5, connect_timeout=2, **options,
+            )  # fmt: skip
+
+        cluster = ClusterWorker(
+            self.cfg, nc, js, lambda: make_sinks(self.cfg, nc), lease_connection
+        )
         self.cluster = cluster
         await cluster.setup()
         self.watch = AgentWatch(
@@ -415,7 +426,7 @@ class CentralService:
             )
             js = self.nc.jetstream(timeout=10)
             if self.cfg.cluster.enabled:
-                await self._run_worker(js)
+                await self._run_worker(js, urls)
                 return
             self.consumer = Consumer(
                 self.cfg, self.nc, js, self.state, make_sinks(self.cfg, self.nc)
