@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -241,7 +242,16 @@ async def test_workers_survive_a_node_and_a_worker_killed(
             lambda: sorted(workers[1].owned_nowait()) == list(range(8)), 60, "w2 takes over"
         )
         takeover = time.monotonic() - killed_at
-        took = (workers[1].status_nowait().get("cluster") or {}).get("logs", [])
+
+        def took() -> list[dict[str, Any]]:
+            logs = (workers[1].status_nowait().get("cluster") or {}).get("logs", [])
+            return [log for log in logs if log["partition"] in taken and log["replayed"]]
+
+        # w2 never had w1's partitions: it replays their whole logs before it claims them.
+        await eventually(lambda: len(took()) == len(taken), 60, "w2 replayed w1's partitions")
+        replayed = [
+            (log["partition"], log["replayed"], round(log["replay_seconds"], 2)) for log in took()
+        ]
         await nats_cluster.restart(0)
         await workers[0].process.start(60)
         results = await asyncio.gather(*ringing)
@@ -281,11 +291,6 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         assert list(range(1, per_store + 1)) == watch.first_seqs(store_id)
     assert [[]] * 8 == fenced
     assert full == {s["store_id"]: s["hwm"] for s in json.loads(cli.stdout)["stores"]}
-    replayed = [
-        (log["partition"], log["replayed"], round(log["replay_seconds"], 2))
-        for log in took
-        if log["partition"] in taken
-    ]
     print(
         f"\nworkers: w1 held partitions {taken} when killed; w2 owned all 8 after "
         f"{takeover:.1f}s; {watch.redelivered()} of {total} records delivered again; "
