@@ -12,12 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats.js.errors
 
 from central.broker import free_port
 from central.demo import ManagedProcess
-from central.statelog import Entry
+from central.statelog import Entry, decode_entry
 from protocol.subjects import STATE_STREAM, state_subject
 
 
@@ -120,9 +119,6 @@ class OmsWatch:
         return seqs
 
 
-_decode_entry = msgspec.msgpack.Decoder(Entry).decode
-
-
 async def state_log(js: Any, partition: int) -> list[Entry]:
     """A partition's state log, in order."""
     entries = []
@@ -134,7 +130,7 @@ async def state_log(js: Any, partition: int) -> list[Entry]:
             )
         except nats.js.errors.NotFoundError:
             return entries
-        entries.append(_decode_entry(msg.data or b""))
+        entries.append(decode_entry(msg.data or b""))
         seq = int(msg.seq)
 
 
