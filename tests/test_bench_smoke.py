@@ -66,6 +66,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_rss",
         "bench_checkpoint",
         "bench_workers",
+        "bench_fleet",
     ],
 )
 def test_bench_quick(module: str, tmp_path: Path) -> None:

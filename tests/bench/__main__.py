@@ -20,6 +20,7 @@ from tests.bench import (
     bench_decode,
     bench_drain,
     bench_e2e,
+    bench_fleet,
     bench_gap,
     bench_ingest,
     bench_rss,
@@ -38,6 +39,7 @@ BENCHES = (
     bench_checkpoint,
     bench_workers,
     bench_rss,
+    bench_fleet,
 )
 
 

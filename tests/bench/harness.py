@@ -48,13 +48,21 @@ class Options:
     workdir: Path | None = None  # keep temp files here instead of a fresh temp dir
 
 
-def parse_options(description: str, argv: Sequence[str] | None = None) -> Options:
+def options_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with every bench's options; a bench with more adds them to it."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--json", type=Path, help="append results as JSON lines to this file")
     parser.add_argument("--workdir", type=Path, help="keep temporary files under this directory")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def options_from(ns: argparse.Namespace) -> Options:
     return Options(quick=ns.quick, json=ns.json, workdir=ns.workdir)
+
+
+def parse_options(description: str, argv: Sequence[str] | None = None) -> Options:
+    return options_from(options_parser(description).parse_args(argv))
 
 
 def size(opts: Options, full: int, quick: int) -> int:

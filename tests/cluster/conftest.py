@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.clusterkit import NatsCluster
+from tests.security import conftest as security_fixtures
 
 
 @pytest.fixture
@@ -19,3 +20,7 @@ async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
         yield cluster
     finally:
         await cluster.stop()
+
+
+# Refused logins' sockets are collected after each test that asks (tests/security/conftest.py).
+collect_refused_sockets = security_fixtures.collect_refused_sockets

@@ -208,3 +208,21 @@ async def test_automatic_replicas_follow_what_the_server_is(
         finally:
             await nc.close()
     assert [(3, 2), (1, 2)] == found
+
+
+async def test_central_restarts_with_a_node_down(
+    on_cluster: tuple[NatsCluster, Pipeline],
+) -> None:
+    """Central stopped, a node killed, central started again: its streams exist (no placement
+    needed), it starts on the two nodes left and delivers what the stores ring meanwhile."""
+    cluster, pipeline = on_cluster
+    events = list(Till(store_id="S1", seed=11).events(300))
+    first = await post_events(pipeline.agent_url("S1"), events[:100], batch_size=5)
+    await pipeline.wait_delivered(100)
+    await pipeline.central.stop()
+    cluster.kill(0)
+    await pipeline.central.start(timeout=60)
+    rest = await post_events(pipeline.agent_url("S1"), events[100:], batch_size=5)
+    assert (300, 0) == (first.accepted + rest.accepted, first.refused + rest.refused)
+    delivered = await pipeline.wait_delivered(300, timeout=90)
+    assert_exactly_once_in_order(delivered, [e.event_id for e in events], "S1")
