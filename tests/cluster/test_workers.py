@@ -235,6 +235,8 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         await eventually(
             lambda: len(watch.keys()) >= total * 2 // 5, 120, "two fifths, node 0 down"
         )
+        # Killed while it holds partitions (after the node kill it may be reclaiming some).
+        await eventually(lambda: bool(workers[0].owned_nowait()), 60, "w1 holds partitions")
         taken = workers[0].owned_nowait()
         workers[0].process.kill()
         killed_at = time.monotonic()
