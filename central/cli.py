@@ -291,6 +291,10 @@ def status(
     except CentralError as exc:
         raise _fail(exc) from None
     running = _running_status(data_dir)
+    if running is not None and running.get("cluster"):
+        # Clustered mode: every worker's stores as the running worker gathers them (this data
+        # dir's own file holds none of the partitions' state: docs/scaling.md).
+        stores = [dict(s) for s in running.get("stores") or []]
     if store_filter:
         stores = [s for s in stores if s["store_id"] == store_filter]
         if not stores:

@@ -38,6 +38,12 @@ DEFAULT_LAG_WARN = 300.0  # seconds: amber
 DEFAULT_LAG_ALERT = 900.0  # seconds: a store 15 minutes behind is worth a look (red)
 DEFAULT_AGENT_POLL = 5.0
 DEFAULT_REFRESH = 5.0
+# A dead worker's partitions are taken over after about this long. A worker acts on its lease
+# for half of it after a renewal: a unit that keeps the event loop busy longer makes it wait.
+DEFAULT_LEASE_SECONDS = 6.0
+DEFAULT_RENEW_SECONDS = 1.0
+DEFAULT_SETTLE_SECONDS = 2.0
+DEFAULT_SUMMARY_SECONDS = 2.0
 OPERATOR_TOKEN_ENV = "STORELINK_OPERATOR_TOKEN"
 HTTP_TOKEN_ENV = "STORELINK_HTTP_TOKEN"
 
@@ -292,6 +298,56 @@ class DashboardSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ] = ""
 
 
+class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Several central workers on one NATS (docs/scaling.md). Off (partitions = 0): one worker,
+    state in DATA_DIR/central.db, exactly as without this section."""
+
+    partitions: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=1024,
+            description="stores are split into this many partitions, each processed by one "
+            "worker at a time; 0: clustered mode off. Fixed per deployment: central refuses "
+            "to start when the stream was set up with another number (docs/scaling.md)",
+        ),
+    ] = 0
+    worker_id: Annotated[
+        str,
+        msgspec.Meta(
+            pattern=r"^[A-Za-z0-9_-]{0,64}$",
+            description="this worker's name among the workers (empty: host name and pid)",
+        ),
+    ] = ""
+    lease_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            gt=0,
+            description="a partition's lease expires this long after its owner's last renewal: "
+            "another worker takes the partition over then",
+        ),
+    ] = DEFAULT_LEASE_SECONDS
+    renew_seconds: Annotated[
+        float, msgspec.Meta(gt=0, description="how often a worker renews its leases")
+    ] = DEFAULT_RENEW_SECONDS
+    settle_seconds: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="a starting worker waits this long to see the others before it claims "
+            "partitions (so workers started together share them from the start)",
+        ),
+    ] = DEFAULT_SETTLE_SECONDS
+    summary_seconds: Annotated[
+        float,
+        msgspec.Meta(gt=0, description="how often a worker publishes its stores' status summaries"),
+    ] = DEFAULT_SUMMARY_SECONDS
+
+    @property
+    def enabled(self) -> bool:
+        return self.partitions > 0
+
+
 class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """storelink-central's configuration."""
 
@@ -322,6 +378,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     reconcile: ReconcileSettings = ReconcileSettings()
     inventory: InventorySettings = InventorySettings()
     dashboard: DashboardSettings = DashboardSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @property
     def data_path(self) -> Path:

@@ -60,7 +60,7 @@ from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_UNATTRIBUTED,
     EVENTS_STREAM,
-    events_subject,
+    EVENTS_WILDCARD,
     store_from_events_subject,
 )
 from protocol.wire import (
@@ -136,9 +136,20 @@ class Consumer:
     """Pulls batches and runs units of work until stopped."""
 
     def __init__(
-        self, cfg: CentralConfig, nc: Any, js: Any, state: StateStore, sinks: Sequence[Sink]
+        self,
+        cfg: CentralConfig,
+        nc: Any,
+        js: Any,
+        state: StateStore,
+        sinks: Sequence[Sink],
+        *,
+        durable: str = CENTRAL_DURABLE,
+        filter_subject: str = EVENTS_WILDCARD,
     ) -> None:
         self.cfg = cfg
+        # Clustered mode: one partition's durable consumer and stored subjects.
+        self.durable = durable
+        self.filter_subject = filter_subject
         self.nc = nc
         self.js = js
         self.state = state
@@ -206,8 +217,8 @@ class Consumer:
         await ensure_streams(self.js, self.cfg, oms=any(s.name == "nats" for s in self.sinks))
         for sink in self.sinks:
             await sink.start(self.state.sink_offset(sink.name))
-        await ensure_consumer(self.js, self.cfg)
-        self._sub = await self.js.pull_subscribe_bind(durable=CENTRAL_DURABLE, stream=EVENTS_STREAM)
+        await ensure_consumer(self.js, self.cfg, self.durable, self.filter_subject)
+        self._sub = await self.js.pull_subscribe_bind(durable=self.durable, stream=EVENTS_STREAM)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run units until ``stop`` is set; the unit in flight is finished first."""
@@ -343,7 +354,10 @@ class Consumer:
         ack floor: one batch held behind another store's gap would hold that back for all.
         False when JetStream cannot say: the next judgement asks again."""
         try:
-            last = await self.js.get_last_msg(EVENTS_STREAM, events_subject(store_id))
+            # The subject the stream stores the store's batches under: its own, or with its
+            # partition appended in clustered mode (the filter's wildcard is the store token).
+            stored = self.filter_subject.replace("*", store_id, 1)
+            last = await self.js.get_last_msg(EVENTS_STREAM, stored)
         except nats.js.errors.NotFoundError:
             return True
         except (nats.errors.Error, nats.js.errors.Error, OSError) as exc:

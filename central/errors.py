@@ -1,11 +1,13 @@
 """Every error central raises, in one tree arranged by what the caller should do about it.
 
-- **Fix and start again**: ``ConfigError`` (and ``DriftError``, ``StoreExists``),
+- **Fix and start again**: ``ConfigError`` (and ``DriftError``, ``RepartitionRefused``,
+  ``StoreExists``),
   ``BrokerError``, ``StateError``.
 - **Retry later, nothing is wrong with the request**: ``SinkUnavailable`` (the unit is retried),
   ``NatsUnreachable``, ``AgentUnreachable`` (the CLI exits 3), ``DeadLetterUnpublished``.
 - **Refused for good, say why**: ``SinkRejected`` (the record goes to the DLQ),
   ``ControlRefused``, ``DlqError``/``ReplayFailed`` (the dead letter stays), ``ProcessError``.
+- **Stop that part, another worker carries on**: ``PartitionFenced``.
 
 ``central/cli.py`` alone turns these into click errors.
 """
@@ -217,3 +219,33 @@ class StateTooNew(StateError):
             "run the newer version again (an older one must not write into a schema it does not "
             "know)"
         )
+
+
+class PartitionFenced(CentralError):
+    """Another worker took this partition over (its state log moved on without us, or our
+    lease is gone): this worker stops processing the partition at once and commits nothing
+    more to it. Not a fault: the partition's new owner carries on."""
+
+    def __init__(self, partition: int, reason: str) -> None:
+        self.partition = partition
+        self.reason = reason
+        super().__init__(f"partition {partition} fenced: {reason}")
+
+
+class RepartitionRefused(ConfigError):
+    """The events stream is partitioned otherwise than ``cluster.partitions`` says."""
+
+    def __init__(self, have: str, want: str) -> None:
+        self.have = have
+        self.want = want
+        super().__init__(
+            f"the events stream is set up as {have} and the configuration asks for {want}: "
+            "central does not change the partitioning of a running deployment (each "
+            "partition's state log holds its stores' marks and ledgers); keep the number, or "
+            "follow docs/scaling.md 'Changing the number of partitions'"
+        )
+
+
+class LeaseLapsed(PartitionFenced):
+    """This worker could not renew its lease in time (NATS unreachable, the process stalled):
+    it stops acting for the partition until a renewal succeeds, or another worker has it."""

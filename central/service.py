@@ -22,6 +22,7 @@ import nats.js.errors
 
 from central.auth import AUTH_CONF_FILENAME, central_seed_path, write_auth_conf
 from central.broker import BrokerConfig, EmbeddedBroker
+from central.cluster import ClusterWorker, refuse_file_sink
 from central.config import CentralConfig, TlsSettings, is_loopback, parse_hostport
 from central.consumer import Consumer
 from central.control import DEFAULT_ASK_TIMEOUT, ask_resync
@@ -178,6 +179,7 @@ class CentralService:
         self.broker: EmbeddedBroker | None = None
         self.state = SqliteState(cfg.data_path)
         self.consumer: Consumer | None = None
+        self.cluster: ClusterWorker | None = None  # clustered mode (cluster.partitions > 0)
         self.nc: Any = None
         self.stop = asyncio.Event()
         self.started_at = time.time()
@@ -191,13 +193,12 @@ class CentralService:
         )  # fmt: skip
 
     def healthy(self) -> bool:
-        """Consuming: the consumer fetched at least once and NATS is connected."""
-        return bool(
-            self.consumer is not None
-            and self.consumer.consuming.is_set()
-            and self.nc is not None
-            and self.nc.is_connected
+        """Consuming: the consumer fetched at least once (clustered: the worker holds its
+        leases) and NATS is connected."""
+        working = (self.consumer is not None and self.consumer.consuming.is_set()) or (
+            self.cluster is not None and self.cluster.running.is_set()
         )
+        return bool(working and self.nc is not None and self.nc.is_connected)
 
     async def status(self) -> dict[str, Any]:
         consumer = self.consumer
@@ -205,6 +206,8 @@ class CentralService:
         holds = consumer.holds.snapshot(time.time()) if consumer else {}
         for store in stores:
             store["held"] = holds.get(store["store_id"])
+        if self.cluster is not None:  # every worker's stores, from their summaries
+            stores = self.cluster.stores(stores)
         now = time.time()
         watch = self.watch
         annotate(
@@ -232,6 +235,7 @@ class CentralService:
                 "replicas": self.cfg.stream.replicas,  # resolved once connected (0 before)
             },
             "consumer": asdict(consumer.statistics()) if consumer else None,
+            "cluster": asdict(self.cluster.statistics()) if self.cluster else None,
             "ledger": asdict(consumer.ledger.statistics()) if consumer else None,
             "delivery_latency": {
                 "occurred_at": consumer.since_occurred.snapshot(),
@@ -371,7 +375,48 @@ class CentralService:
             return None
         return connecting.result()
 
+    async def _run_worker(self, js: Any, urls: list[str]) -> None:
+        """Clustered mode: this process is one worker; it runs the partitions it holds."""
+        nc = self.nc
+        options = client_options(self.cfg)
+
+        async def lease_connection() -> Any:
+            # The lease keeper's own connection, on its own thread (central/cluster.py).
+            return await nats.connect(
+                urls, name="storelink-central-leases", max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, ping_interval=5, connect_timeout=2, **options,
+            )  # fmt: skip
+
+        cluster = ClusterWorker(
+            self.cfg, nc, js, lambda: make_sinks(self.cfg, nc), lease_connection
+        )
+        self.cluster = cluster
+        await cluster.setup()
+
+        async def every_store() -> list[dict[str, Any]]:  # every worker's, as status shows
+            return cluster.stores(await self._stores())
+
+        self.watch = AgentWatch(
+            nc,
+            every_store,
+            interval=self.cfg.dashboard.agent_poll_seconds,
+            timeout=DEFAULT_ASK_TIMEOUT,
+            delivered=cluster.delivered,
+        )
+        await nc.subscribe(HEARTBEAT_WILDCARD, cb=self.watch.on_heartbeat)
+        await nc.subscribe(CHECKPOINT_WILDCARD, cb=cluster.on_checkpoint)
+        watching = asyncio.create_task(self.watch.run(self.stop))
+        log.info(
+            "central worker %s of %d partitions; status on http://%s/v1/status",
+            cluster.worker_id, self.cfg.cluster.partitions, self.cfg.http,
+        )  # fmt: skip
+        try:
+            await cluster.run(self.stop)
+        finally:
+            watching.cancel()
+
     async def run(self) -> None:
+        refuse_file_sink(self.cfg)
         self.cfg.data_path.mkdir(mode=0o700, parents=True, exist_ok=True)
         supervisor: asyncio.Task[None] | None = None
         pruning: asyncio.Task[None] | None = None  # the key ledger's expiry sweeps
@@ -407,6 +452,9 @@ class CentralService:
                 self.cfg, stream=msgspec.structs.replace(self.cfg.stream, replicas=replicas)
             )
             js = self.nc.jetstream(timeout=10)
+            if self.cfg.cluster.enabled:
+                await self._run_worker(js, urls)
+                return
             self.consumer = Consumer(
                 self.cfg, self.nc, js, self.state, make_sinks(self.cfg, self.nc)
             )

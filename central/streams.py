@@ -40,10 +40,11 @@ from nats.js.api import (
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    SubjectTransform,
 )
 
 from central.config import CentralConfig
-from central.errors import ConfigError, DriftError
+from central.errors import ConfigError, DriftError, RepartitionRefused
 from protocol.subjects import (
     CENTRAL_DURABLE,
     DLQ_STREAM,
@@ -52,6 +53,9 @@ from protocol.subjects import (
     EVENTS_WILDCARD,
     OMS_STREAM,
     OMS_WILDCARD,
+    STATE_STREAM,
+    STATE_WILDCARD,
+    partition_transform,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,18 @@ def replicas_for(configured: int, server_info: dict[str, Any]) -> int:
     if configured:
         return configured
     return CLUSTER_REPLICAS if server_info.get("cluster") else 1
+
+
+def events_transform(cfg: CentralConfig) -> SubjectTransform | None:
+    """Clustered mode: the events stream appends each store's partition to its subject."""
+    if not cfg.cluster.enabled:
+        return None
+    src, dest = partition_transform(cfg.cluster.partitions)
+    return SubjectTransform(src=src, dest=dest)
+
+
+def _transform_text(transform: SubjectTransform | None) -> str:
+    return f"{transform.src} -> {transform.dest}" if transform else "not partitioned"
 
 
 # At start, a JetStream API call may go unanswered while a node is down and its streams (or the
@@ -118,6 +134,7 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             num_replicas=cfg.stream.replicas or None,  # 0: the server's default
             max_msg_size=MAX_MSG_SIZE,
             discard=DiscardPolicy.NEW,
+            subject_transform=events_transform(cfg),
         ),
         StreamConfig(
             name=DLQ_STREAM,
@@ -128,6 +145,21 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
             discard=DiscardPolicy.NEW,
         ),
     ]
+    if cfg.cluster.enabled:
+        # Each partition's state log (central/statelog.py): never expires, never discards
+        # (a refused append stops the unit, which is retried).
+        wanted.append(
+            StreamConfig(
+                name=STATE_STREAM,
+                subjects=[STATE_WILDCARD],
+                storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS,
+                duplicate_window=cfg.stream.duplicate_window,  # the server's default (no ids)
+                num_replicas=cfg.stream.replicas or None,  # 0: the server's default
+                max_msg_size=MAX_MSG_SIZE,
+                discard=DiscardPolicy.NEW,
+            )
+        )
     if oms:
         wanted.append(
             StreamConfig(
@@ -190,6 +222,10 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
                 ) from None
             log.info("created stream %s (%s replica(s))", want.name, want.num_replicas or 1)
             continue
+        if want.name == EVENTS_STREAM:
+            have_tr, want_tr = info.config.subject_transform, want.subject_transform
+            if _transform_text(have_tr) != _transform_text(want_tr):
+                raise RepartitionRefused(_transform_text(have_tr), _transform_text(want_tr))
         drift = differences(info.config, want, STREAM_FIELDS)
         if not drift:
             continue
@@ -211,28 +247,34 @@ async def ensure_streams(js: Any, cfg: CentralConfig, *, oms: bool) -> None:
         log.warning("stream %s drifted (%s); updated", want.name, drift)
 
 
-def consumer_config(cfg: CentralConfig) -> ConsumerConfig:
+def consumer_config(
+    cfg: CentralConfig, durable: str = CENTRAL_DURABLE, filter_subject: str = EVENTS_WILDCARD
+) -> ConsumerConfig:
     return ConsumerConfig(
-        durable_name=CENTRAL_DURABLE,
+        durable_name=durable,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         ack_wait=cfg.consumer.ack_wait,
         max_deliver=-1,  # never give up: poison is routed to our DLQ by us, with a reason
         max_ack_pending=max(MAX_ACK_PENDING, cfg.consumer.fetch_batch * 8),
-        filter_subject=EVENTS_WILDCARD,
+        filter_subject=filter_subject,
     )
 
 
-async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
-    """Create the durable pull consumer, or bring an existing one in line (idempotent)."""
-    want = consumer_config(cfg)
+async def ensure_consumer(
+    js: Any,
+    cfg: CentralConfig,
+    durable: str = CENTRAL_DURABLE,
+    filter_subject: str = EVENTS_WILDCARD,
+) -> None:
+    """Create the durable pull consumer (in clustered mode: one partition's), or bring an
+    existing one in line (idempotent)."""
+    want = consumer_config(cfg, durable, filter_subject)
     try:
-        info = await patiently(
-            f"consumer {CENTRAL_DURABLE}", js.consumer_info, EVENTS_STREAM, CENTRAL_DURABLE
-        )
+        info = await patiently(f"consumer {durable}", js.consumer_info, EVENTS_STREAM, durable)
     except nats.js.errors.NotFoundError:
         await patiently("creating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
-        log.info("created consumer %s on %s", CENTRAL_DURABLE, EVENTS_STREAM)
+        log.info("created consumer %s on %s", durable, EVENTS_STREAM)
         return
     drift = differences(info.config, want, CONSUMER_FIELDS)
     if not drift:
@@ -241,9 +283,9 @@ async def ensure_consumer(js: Any, cfg: CentralConfig) -> None:
         # A create with the same name and a changed config is an update (nats-server ≥ 2.10).
         await patiently("updating the consumer", js.add_consumer, EVENTS_STREAM, config=want)
     except nats.js.errors.APIError as exc:
-        log.error("consumer %s drifted and cannot be updated: %s", CENTRAL_DURABLE, exc)
-        raise DriftError("consumer", CENTRAL_DURABLE, drift) from None
-    log.warning("consumer %s drifted (%s); updated", CENTRAL_DURABLE, drift)
+        log.error("consumer %s drifted and cannot be updated: %s", durable, exc)
+        raise DriftError("consumer", durable, drift) from None
+    log.warning("consumer %s drifted (%s); updated", durable, drift)
 
 
 async def oms_stream_lag(js: Any) -> dict[str, Any]:

@@ -27,19 +27,30 @@ HEARTBEAT_PREFIX = "storelink.heartbeat"
 # reconcile what the store took with what HQ delivered.
 CHECKPOINT_PREFIX = "storelink.checkpoint"
 OMS_PREFIX = "oms"
+# Clustered mode (central/statelog.py): each partition's state log, one subject per partition.
+STATE_PREFIX = "storelink.state"
 
 EVENTS_STREAM = "STORELINK_EVENTS"
 DLQ_STREAM = "STORELINK_DLQ"
 OMS_STREAM = "STORELINK_OMS"
 CENTRAL_DURABLE = "storelink-central"
+STATE_STREAM = "STORELINK_STATE"
+# Clustered mode's key-value buckets (central/cluster.py): who owns which partition, which
+# workers are alive, and every store's status summary as its partition's owner last wrote it.
+LEASES_BUCKET = "storelink_leases"
+WORKERS_BUCKET = "storelink_workers"
+SUMMARIES_BUCKET = "storelink_stores"
 
 EVENTS_WILDCARD = f"{EVENTS_PREFIX}.*"
 DLQ_WILDCARD = f"{DLQ_PREFIX}.*"
 HEARTBEAT_WILDCARD = f"{HEARTBEAT_PREFIX}.*"
 CHECKPOINT_WILDCARD = f"{CHECKPOINT_PREFIX}.*"
 OMS_WILDCARD = f"{OMS_PREFIX}.*.*"
+STATE_WILDCARD = f"{STATE_PREFIX}.*"
 
 MSG_ID_HEADER = "Nats-Msg-Id"
+# JetStream refuses a publish unless the subject's last message has this sequence (0: none).
+EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
 
 # A dead letter's headers: why, what it is (``batch`` or ``record``), when, and for a batch
 # where it came from (its events subject and its sequence in STORELINK_EVENTS).
@@ -102,12 +113,49 @@ def inbox_prefix(store_id: str) -> str:
 
 
 def store_from_events_subject(subject: str) -> str | None:
-    """The store id an events subject names, or None if the subject is not one."""
+    """The store id an events subject names, or None if the subject is not one.
+
+    In clustered mode the stream stores ``storelink.events.<store>.<partition>`` (its subject
+    transform appends the partition): the store token stays where it was."""
     prefix = EVENTS_PREFIX + "."
     if not subject.startswith(prefix):
         return None
-    store_id = subject[len(prefix) :]
+    store_id, dot, partition = subject[len(prefix) :].partition(".")
+    if dot and not partition.isdigit():
+        return None
     return store_id if _store_id_re.fullmatch(store_id) else None
+
+
+# --- clustered mode: stores partitioned across workers ------------------------------------
+
+
+def partition_transform(partitions: int) -> tuple[str, str]:
+    """The events stream's subject transform (source, destination) into ``partitions``
+    partitions: the server appends ``partition(N, store)`` to every stored subject."""
+    return EVENTS_WILDCARD, f"{EVENTS_PREFIX}.{{{{wildcard(1)}}}}.{{{{partition({partitions},1)}}}}"
+
+
+def partition_filter(partition: int) -> str:
+    """The stored subjects of one partition (what its consumer filters on)."""
+    return f"{EVENTS_PREFIX}.*.{partition}"
+
+
+def partition_durable(partition: int) -> str:
+    return f"{CENTRAL_DURABLE}-p{partition}"
+
+
+def state_subject(partition: int) -> str:
+    return f"{STATE_PREFIX}.p{partition}"
+
+
+def partition_of(store_id: str, partitions: int) -> int:
+    """The partition nats-server's ``partition(N, 1)`` puts ``store_id`` in: FNV-1a (32 bit)
+    of the token, modulo N. Central needs it for what does not come through the stream (a
+    store's checkpoints)."""
+    h = 0x811C9DC5
+    for byte in store_id.encode():
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h % partitions
 
 
 def store_from_heartbeat_subject(subject: str) -> str | None:

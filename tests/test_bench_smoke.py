@@ -67,6 +67,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_rss",
         "bench_checkpoint",
         "bench_wan",
+        "bench_workers",
         "bench_fleet",
     ],
 )

@@ -26,6 +26,7 @@ from tests.bench import (
     bench_rss,
     bench_wan,
     bench_webhook,
+    bench_workers,
 )
 from tests.bench.harness import Options, Table, machine, run_loop
 
@@ -39,6 +40,7 @@ BENCHES = (
     bench_gap,
     bench_webhook,
     bench_checkpoint,
+    bench_workers,
     bench_rss,
     bench_wan,
     bench_fleet,

@@ -20,6 +20,7 @@ import datetime as dt
 import os
 import secrets
 import time
+from collections.abc import Sequence
 
 import msgspec
 import nats
@@ -103,10 +104,14 @@ def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[b
     return out
 
 
-async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig) -> float:
-    """Create the streams as central would and publish every store's batches; events/s."""
+async def preload(
+    url: str, stores: int, per_store: int, root_cfg: CentralConfig, store_ids: Sequence[str] = ()
+) -> float:
+    """Create the streams as central would and publish every store's batches; events/s.
+    The stores are ``store_ids``, else ``stores`` of them named S000, S001, …"""
     pool: list[Event] = sample_events(RECORD_POOL)
-    batches = {f"S{n:03d}": store_batches(f"S{n:03d}", per_store, pool) for n in range(stores)}
+    ids = list(store_ids) or [f"S{n:03d}" for n in range(stores)]
+    batches = {store_id: store_batches(store_id, per_store, pool) for store_id in ids}
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -129,7 +134,7 @@ async def preload(url: str, stores: int, per_store: int, root_cfg: CentralConfig
                         await asyncio.gather(*futures)
                         futures = []
         await asyncio.gather(*futures)
-        return stores * per_store / (time.perf_counter() - start)
+        return len(ids) * per_store / (time.perf_counter() - start)
     finally:
         await nc.close()
 

@@ -1,0 +1,314 @@
+"""Clustered mode's state: each partition's SQLite file is a local cache of a JetStream log.
+
+A partition's state (marks, gaps, key ledger, inventory, reconciliation ledger, sink offsets:
+everything ``SqliteState`` writes) must reach whichever worker owns the partition next, on
+whichever machine, and survive a NATS node. So every write transaction is first appended to
+the partition's *state log* (subject ``storelink.state.p<k>`` on stream ``STORELINK_STATE``,
+replicated like the events stream) and only then committed to the local file:
+
+- ``Recorder`` sits between ``SqliteState`` and its connection. It records the data-changing
+  statements of a transaction (SQL and parameters, exactly as executed) and, at ``COMMIT``,
+  appends them as one entry before letting the ``COMMIT`` through; the log sequence is written
+  in the same local transaction (``statelog_position``), so the file knows how far it is.
+- Every append carries ``Nats-Expected-Last-Subject-Sequence`` = the last entry this owner
+  wrote or read. A new owner first replays what its file lacks, then appends a *claim* entry:
+  from then on a former owner's append fails (``PartitionFenced``), its transaction rolls
+  back and nothing of its unit is acknowledged. Optimistic concurrency is the fence.
+- A unit's order is therefore: sinks accept → state log append → local COMMIT → acks. A
+  worker killed between the sinks and the append leaves its unit unacknowledged: the next
+  owner delivers it again under the same keys (re-delivered only around a takeover).
+
+Replay applies entries with the same statements, so the file of any worker that follows the
+log is the same database. The log grows with every unit; docs/scaling.md says what is not
+built (snapshots and purge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import zlib
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from central.errors import LeaseLapsed, PartitionFenced, StateError
+from central.state import STATE_FILENAME, SqliteState, open_db
+from protocol.subjects import EXPECTED_LAST_SUBJECT_SEQ_HEADER, STATE_STREAM, state_subject
+
+log = logging.getLogger(__name__)
+
+PARTITIONS_DIRNAME = "partitions"
+APPEND_TIMEOUT = 5.0
+CLAIM_ATTEMPTS = 5
+# JetStream's "wrong last sequence" API errors: another writer appended since we last did.
+WRONG_LAST_SEQUENCE = (10071, 10164)
+_WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
+
+CREATE_POSITION = """CREATE TABLE IF NOT EXISTS statelog_position (
+    id INTEGER PRIMARY KEY CHECK (id = 1), partition INTEGER NOT NULL, seq INTEGER NOT NULL)"""
+WRITE_POSITION = "INSERT OR REPLACE INTO statelog_position (id, partition, seq) VALUES (1, ?, ?)"
+
+
+class Op(msgspec.Struct, array_like=True, frozen=True):
+    """One statement as executed: ``many`` means ``params`` is the list of rows of an
+    ``executemany``."""
+
+    sql: str
+    params: Any
+    many: bool = False
+
+
+class Entry(msgspec.Struct, frozen=True, kw_only=True):
+    """One committed transaction of a partition (or an owner's claim, with no ops)."""
+
+    worker: str
+    ops: list[Op] = []
+    claim: bool = False
+    at: float = 0.0
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Entry)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """msgpack, deflated: every entry repeats its statements' SQL text, which compresses
+    several times over (level 1: the cheapest that gets most of it)."""
+    return zlib.compress(_encoder.encode(entry), 1)
+
+
+def decode_entry(data: bytes) -> Entry:
+    return _decoder.decode(zlib.decompress(data))
+
+
+def partition_dir(data_dir: Path, partition: int) -> Path:
+    return data_dir / PARTITIONS_DIRNAME / f"p{partition}"
+
+
+def _is_write(sql: str) -> bool:
+    return sql.lstrip()[:7].upper().startswith(_WRITES)
+
+
+def _rows(params: Iterable[Any]) -> list[Any]:
+    return [p if isinstance(p, dict) else list(p) for p in params]
+
+
+class Recorder:
+    """A ``sqlite3.Connection`` that appends each transaction's writes to the state log before
+    committing it. ``append(ops)`` returns the entry's log sequence (or raises: the caller's
+    ``except`` rolls the transaction back). Anything else goes straight to the connection."""
+
+    def __init__(self, conn: sqlite3.Connection, partition: int, append: Callable[..., int]):
+        self._conn = conn
+        self._partition = partition
+        self._append = append
+        self._pending: list[Op] | None = None  # inside BEGIN … COMMIT
+
+    def _flush(self, ops: list[Op]) -> None:
+        if ops:
+            seq = self._append(ops)
+            self._conn.execute(WRITE_POSITION, (self._partition, seq))
+
+    def execute(self, sql: str, params: Any = (), /) -> sqlite3.Cursor:
+        word = sql.lstrip()[:8].upper()
+        if word.startswith("BEGIN"):
+            self._pending = []
+        elif word.startswith("COMMIT"):
+            ops, self._pending = self._pending or [], None
+            self._flush(ops)
+        elif word.startswith("ROLLBACK"):
+            self._pending = None
+        elif _is_write(sql):
+            op = Op(sql, params if isinstance(params, dict) else list(params))
+            if self._pending is None:  # an autocommit write is a transaction of its own
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._conn.execute(sql, params)
+                    self._flush([op])
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                return cur
+            self._pending.append(op)
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, params: Iterable[Any], /) -> sqlite3.Cursor:
+        rows = _rows(params)
+        if _is_write(sql) and rows:
+            if self._pending is None:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    cur = self._conn.executemany(sql, rows)
+                    self._flush([Op(sql, rows, True)])
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+                return cur
+            self._pending.append(Op(sql, rows, True))
+        return self._conn.executemany(sql, rows)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+
+def apply_entry(conn: sqlite3.Connection, partition: int, seq: int, entry: Entry) -> None:
+    """Apply one log entry to a partition's file, with its position, in one transaction."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in entry.ops:
+            if op.many:
+                conn.executemany(op.sql, op.params)
+            else:
+                conn.execute(op.sql, op.params)
+        conn.execute(WRITE_POSITION, (partition, seq))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+@dataclass(frozen=True)
+class LogStatistics:
+    """A partition's state log as this worker sees it."""
+
+    partition: int
+    last_seq: int  # the last entry this owner wrote or read
+    appended: int
+    replayed: int  # entries applied from the log when this worker took the partition
+    replay_seconds: float
+
+
+class PartitionState(SqliteState):
+    """``SqliteState`` of one partition (``DATA_DIR/partitions/p<k>/central.db``), written
+    through its state log. ``open`` catches the file up with the log and claims the partition;
+    ``valid()`` (the lease, from central/cluster.py) is awaited before every append."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        partition: int,
+        js: Any,
+        worker_id: str,
+        valid: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        super().__init__(partition_dir(data_dir, partition))
+        self.partition = partition
+        self.subject = state_subject(partition)
+        self._js = js
+        self._worker_id = worker_id
+        self._valid = valid
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._raw: sqlite3.Connection | None = None
+        self.last_seq = 0
+        self.appended = 0
+        self.replayed = 0
+        self.replay_seconds = 0.0
+
+    def log_statistics(self) -> LogStatistics:
+        return LogStatistics(
+            self.partition, self.last_seq, self.appended, self.replayed, self.replay_seconds
+        )
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        raw: sqlite3.Connection = await self._run(open_db, self.data_dir)
+        self._raw = raw
+        await self._run(raw.execute, CREATE_POSITION)
+        row = await self._run(lambda: raw.execute("SELECT seq FROM statelog_position").fetchone())
+        self.last_seq = int(row[0]) if row else 0
+        for _ in range(CLAIM_ATTEMPTS):
+            await self._catch_up()
+            try:
+                await self._append_async([], claim=True)
+            except PartitionFenced:
+                continue  # a former owner appended meanwhile: read it, claim again
+            break
+        else:
+            raise PartitionFenced(self.partition, "the state log kept moving: another worker")
+        await self._run(raw.execute, WRITE_POSITION, (self.partition, self.last_seq))
+        self.replay_seconds = time.monotonic() - started
+        self._conn = cast(sqlite3.Connection, Recorder(raw, self.partition, self._append))
+        await self._run(self._load)
+        log.info(
+            "partition %d: state log at %d (%d entries replayed in %.2fs), claimed by %s",
+            self.partition, self.last_seq, self.replayed, self.replay_seconds, self._worker_id,
+        )  # fmt: skip
+
+    async def _log_end(self) -> int:
+        try:
+            msg = await self._js.get_last_msg(STATE_STREAM, self.subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq)
+
+    async def _catch_up(self) -> None:
+        """Apply the log entries after the file's position, in order."""
+        end = await self._log_end()
+        if self.last_seq > end:
+            raise StateError(
+                f"{self.data_dir / STATE_FILENAME} has applied state log entry {self.last_seq} "
+                f"of partition {self.partition} but the log ends at {end}: the stream "
+                f"{STATE_STREAM} was recreated; move this partition directory aside and start "
+                "again (the log is the truth)"
+            )
+        raw = self._raw
+        assert raw is not None
+        while self.last_seq < end:
+            msg = await self._js.get_msg(
+                STATE_STREAM, seq=self.last_seq + 1, subject=self.subject, next=True
+            )
+            seq = int(msg.seq)
+            entry = decode_entry(msg.data or b"")
+            await self._run(apply_entry, raw, self.partition, seq, entry)
+            self.last_seq = seq
+            self.replayed += 1
+
+    async def _append_async(self, ops: list[Op], *, claim: bool = False) -> int:
+        if not claim and self._valid is not None and not await self._valid():
+            raise LeaseLapsed(self.partition, "lease not renewed in time: not appending")
+        entry = Entry(worker=self._worker_id, ops=ops, claim=claim, at=time.time())
+        try:
+            ack = await self._js.publish(
+                self.subject,
+                encode_entry(entry),
+                headers={EXPECTED_LAST_SUBJECT_SEQ_HEADER: str(self.last_seq)},
+                timeout=APPEND_TIMEOUT,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in WRONG_LAST_SEQUENCE:
+                raise PartitionFenced(
+                    self.partition, f"the state log moved past {self.last_seq}: another owner"
+                ) from None
+            raise StateError(f"state log append (partition {self.partition}): {exc}") from exc
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            # Maybe stored, maybe not: the local transaction rolls back, and if the entry was
+            # stored our next append fails the sequence check and the partition is reopened
+            # (replaying it). Either way nothing is acknowledged on a guess.
+            raise StateError(f"state log append (partition {self.partition}): {exc!r}") from exc
+        self.last_seq = int(ack.seq)
+        self.appended += 1
+        return self.last_seq
+
+    def _append(self, ops: list[Op]) -> int:
+        """The writer thread's append: blocks it while the event loop publishes (the writer
+        thread is the only one that touches the file, so nothing interleaves)."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(self._append_async(ops), self._loop)
+        return future.result(APPEND_TIMEOUT * 2)
+
+    async def close(self) -> None:
+        if self._conn is None and self._raw is not None:  # opened, then failed to catch up
+            self._conn = self._raw
+        await super().close()
+        self._raw = None
