@@ -27,6 +27,15 @@ async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[
 
 
 @pytest.fixture
+async def central_unpolled(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
+    """``central`` whose agent watch asks once, at start, before any store is known: no store
+    turns unreachable while a test looks at the other states."""
+    settings = {"dashboard.agent_poll_seconds": 3600, "dashboard.operator_token": TOKEN}
+    async with running_harness(tmp_path, nats_server.url, **settings) as running:
+        yield running
+
+
+@pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
         yield session
