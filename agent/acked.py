@@ -5,8 +5,8 @@ Marking a record sent by ``UPDATE records SET sent_at`` rewrites its whole row (
 all): 5-8 µs a record, two thirds of the outbox writer's time in a backlog drain (issue 17,
 docs/benchmarks.md). So the writer records "JetStream acknowledged first..last at t" as one
 small row instead, in the same transaction discipline (durable once committed), and copies it
-into ``records.sent_at`` only later (``fold``): when nothing is pending, and before pruning,
-in bounded chunks so an append never waits long behind one.
+into ``records.sent_at`` only later (``fold``): when nothing is pending, and before pruning
+(retention, a full buffer), in bounded chunks so an append never waits long behind one.
 
 A range means exactly what the UPDATE it replaces meant: every record in it that was unsent and
 not refused when it was inserted is sent, at ``sent_at``. Until it is folded, every reader of
@@ -178,11 +178,6 @@ def fold(conn: sqlite3.Connection, limit: int = FOLD_CHUNK) -> int:
         fold_range(conn, low, high)
         done += high - low + 1
     return done
-
-
-def fold_all(conn: sqlite3.Connection) -> int:
-    """Fold every range (in the caller's transaction): before freeing room by pruning."""
-    return fold(conn, 1 << 62)
 
 
 def unsend(conn: sqlite3.Connection, low: int, high: int) -> int:

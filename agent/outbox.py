@@ -1151,16 +1151,16 @@ class Outbox:
     def _make_room(self, conn: sqlite3.Connection, state: _State, excess: int) -> None:
         """Delete sent records, oldest first, until ``excess`` bytes are freed (or none left)."""
         self._keep_last_seq(conn, state)
-        if state.unfolded:  # acknowledged records still in ranges are sent too: fold them
-            acked.fold_all(conn)
-            state.unfolded = False
         freed = 0
         while freed < excess:
+            if state.unfolded:  # records in acknowledged ranges are sent too: fold a chunk
+                acked.fold(conn)
+                state.unfolded = acked.count(conn) > 0
             sizes = conn.execute(
                 "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
                 "WHERE sent_at IS NOT NULL ORDER BY sent_at, seq LIMIT 500) RETURNING size"
             ).fetchall()
-            if not sizes:
+            if not sizes and not state.unfolded:
                 break
             got = sum(s for (s,) in sizes)
             freed += got
