@@ -4,11 +4,13 @@ records.sent_at, folded right, split by a resync, durable across kill -9, and an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import sys
 import textwrap
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent import acked
@@ -36,6 +38,22 @@ def make(data: Path, clock: Clock | None = None) -> Outbox:
     )
 
 
+@contextlib.asynccontextmanager
+async def opened(data: Path, clock: Clock | None = None) -> AsyncIterator[Outbox]:
+    box = make(data, clock)
+    await box.open()
+    try:
+        yield box
+    finally:
+        await box.close()
+
+
+async def span(box: Outbox, after_seq: int = 0) -> tuple[int, int] | None:
+    """The first and last seq of the next unsent run after ``after_seq``."""
+    run = await box.read_unsent(100_000, 1 << 30, after_seq=after_seq)
+    return None if run is None else (run.first_seq, run.last_seq)
+
+
 def raw(data: Path, sql: str, *args: object) -> list[tuple[object, ...]]:
     with sqlite3.connect(data / "outbox.db") as conn:
         return conn.execute(sql, args).fetchall()
@@ -58,9 +76,7 @@ async def test_ranges_are_sent_before_folding(tmp_path: Path) -> None:
     """With records still pending nothing is folded, yet pending, the next batch, trace and the
     checkpoint's acked_through all count the acknowledged range as sent; also after a restart."""
     data = tmp_path / "data"
-    box = make(data)
-    await box.open()
-    try:
+    async with opened(data) as box:
         events = sales("r", 10)
         await box.append(events)
         await box.mark_sent(1, 5)
@@ -68,33 +84,23 @@ async def test_ranges_are_sent_before_folding(tmp_path: Path) -> None:
         assert [(1, 5, T0)] == raw(data, "SELECT * FROM acked_ranges")
         assert all(v is None for v in sent_column(data).values())
         assert 5 == box.statistics().pending
-        run = await box.read_unsent(100, 1 << 20)
-        assert run is not None and (6, 10) == (run.first_seq, run.last_seq)
+        assert (6, 10) == await span(box)
         traced = await box.trace(events[2].event_id)
         assert traced.sent_at is not None and traced.sent_at.timestamp() == T0
         assert (await box.trace(events[7].event_id)).sent_at is None
         through, last, _days = await box.read_days(1)
         assert (5, 10) == (through, last)
-    finally:
-        await box.close()
-    reopened = make(data)
-    await reopened.open()
-    try:
+    async with opened(data) as reopened:
         assert 5 == reopened.statistics().pending
-        run = await reopened.read_unsent(100, 1 << 20)
-        assert run is not None and 6 == run.first_seq
-    finally:
-        await reopened.close()
+        assert (6, 10) == await span(reopened)
 
 
 async def test_a_run_ends_where_a_range_begins(outbox: Outbox) -> None:
     """An acknowledged range in the middle splits the unsent records into two runs."""
     await outbox.append(sales("m", 10))
     await outbox.mark_sent(4, 6)
-    first = await outbox.read_unsent(100, 1 << 20)
-    assert first is not None and (1, 3) == (first.first_seq, first.last_seq)
-    second = await outbox.read_unsent(100, 1 << 20, after_seq=3)
-    assert second is not None and (7, 10) == (second.first_seq, second.last_seq)
+    assert (1, 3) == await span(outbox)
+    assert (7, 10) == await span(outbox, 3)
     assert 7 == outbox.statistics().pending
 
 
@@ -103,9 +109,7 @@ async def test_fold_copies_each_range_sent_at_and_skips_refused(tmp_path: Path) 
     refused record stays refused and unsent, and the range rows are gone."""
     data = tmp_path / "data"
     clock = Clock()
-    box = make(data, clock)
-    await box.open()
-    try:
+    async with opened(data, clock) as box:
         await box.append(sales("f", 10))
         await box.mark_refused_nowait(2, "too large")
         await box.mark_sent(1, 4)
@@ -120,8 +124,6 @@ async def test_fold_copies_each_range_sent_at_and_skips_refused(tmp_path: Path) 
             data, "SELECT seq, refused_reason FROM records WHERE refused_at IS NOT NULL"
         )
         assert 1 == box.statistics().refused
-    finally:
-        await box.close()
 
 
 def test_fold_works_in_bounded_chunks(tmp_path: Path) -> None:
@@ -151,9 +153,7 @@ async def test_resync_splits_an_unfolded_range(tmp_path: Path) -> None:
     """Marking part of an acknowledged range unsent splits the range around it: exactly those
     records are pending again, re-sent, and traced as unsent; the rest stay sent."""
     data = tmp_path / "data"
-    box = make(data)
-    await box.open()
-    try:
+    async with opened(data) as box:
         events = sales("s", 10)
         await box.append(events)
         await box.mark_sent(1, 8)  # 9 and 10 pending: nothing is folded
@@ -162,8 +162,7 @@ async def test_resync_splits_an_unfolded_range(tmp_path: Path) -> None:
         assert 5 == box.statistics().pending
         assert [(1, 2, T0), (6, 8, T0)] == raw(data, "SELECT * FROM acked_ranges ORDER BY 1")
         assert 3 == box.take_rewind_nowait()
-        run = await box.read_unsent(100, 1 << 20)
-        assert run is not None and (3, 5) == (run.first_seq, run.last_seq)
+        assert (3, 5) == await span(box)
         assert (await box.trace(events[3].event_id)).sent_at is None
         assert (await box.trace(events[0].event_id)).sent_at is not None
         assert (2, 10) == (await box.read_days(0))[:2]
@@ -171,8 +170,6 @@ async def test_resync_splits_an_unfolded_range(tmp_path: Path) -> None:
         assert 5 == everything.marked
         assert 10 == box.statistics().pending
         assert [] == raw(data, "SELECT * FROM acked_ranges")
-    finally:
-        await box.close()
 
 
 async def test_a_second_ack_over_a_range_counts_once(outbox: Outbox) -> None:
@@ -181,8 +178,7 @@ async def test_a_second_ack_over_a_range_counts_once(outbox: Outbox) -> None:
     await outbox.mark_sent(1, 5)
     await outbox.mark_sent(3, 7)
     assert 3 == outbox.statistics().pending
-    run = await outbox.read_unsent(100, 1 << 20)
-    assert run is not None and 8 == run.first_seq
+    assert (8, 10) == await span(outbox)
 
 
 async def test_refusing_an_acknowledged_record_changes_nothing(outbox: Outbox) -> None:
@@ -229,17 +225,12 @@ async def test_kill_9_between_ack_and_fold(tmp_path: Path) -> None:
     finally:
         os.kill(child.pid, signal.SIGKILL)
         await child.wait()
-    box = make(data)
-    await box.open()
-    try:
+    async with opened(data) as box:
         assert (1000, 400) == (box.statistics().last_seq, box.statistics().pending)
-        run = await box.read_unsent(1000, 1 << 30)
-        assert run is not None and (601, 1000) == (run.first_seq, run.last_seq)
+        assert (601, 1000) == await span(box)
         await box.mark_sent(601, 1000)
         await wait_folded(data)
         assert 1000 == raw(data, "SELECT count(*) FROM records WHERE sent_at IS NOT NULL")[0][0]
-    finally:
-        await box.close()
 
 
 async def test_upgrade_from_the_schema_before_ranges(tmp_path: Path) -> None:
@@ -263,16 +254,11 @@ async def test_upgrade_from_the_schema_before_ranges(tmp_path: Path) -> None:
             (seq, event.event_id, T0, len(payload), payload, T0 if seq <= 3 else None),
         )
     conn.close()
-    box = make(data)
-    await box.open()
-    try:
+    async with opened(data) as box:
         names = [n for (n,) in raw(data, "SELECT name FROM migrations")]
         assert "0004_acked_ranges" == names[-1]
         assert 3 == box.statistics().pending
-        run = await box.read_unsent(100, 1 << 20)
-        assert run is not None and (4, 6) == (run.first_seq, run.last_seq)
+        assert (4, 6) == await span(box)
         await box.mark_sent(4, 5)
         assert 1 == box.statistics().pending
         assert (5, 6) == (await box.read_days(0))[:2]
-    finally:
-        await box.close()
