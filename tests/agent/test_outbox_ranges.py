@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent import acked
-from agent.outbox import MIGRATIONS, Outbox
+from agent.outbox import MIGRATIONS, Outbox, read_statistics_readonly
 from protocol import migrations
 from protocol.timefmt import utc
 from protocol.wire import Record, encode_record
@@ -90,6 +90,8 @@ async def test_ranges_are_sent_before_folding(tmp_path: Path) -> None:
         assert (await box.trace(events[7].event_id)).sent_at is None
         through, last, _days = await box.read_days(1)
         assert (5, 10) == (through, last)
+    # `storelink-agent status` with the service down reads the file itself.
+    assert 5 == read_statistics_readonly(data, max_buffer_bytes=1 << 30).pending
     async with opened(data) as reopened:
         assert 5 == reopened.statistics().pending
         assert (6, 10) == await span(reopened)
