@@ -1010,16 +1010,16 @@ class Outbox:
                             rows = []
                         pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
                         pending_results.append((job, pruned, None))
+                    elif isinstance(job, _Fold):
+                        acked.fold(conn)
+                        state.unfolded = acked.count(conn) > 0
+                        pending_results.append((job, None, None))
                     elif isinstance(job, _MarkRefused):
                         if rows:
                             self._insert(conn, rows)
                             rows = []
                         self._mark_refused(conn, job, state, now)
                         sent_changed = True
-                        pending_results.append((job, None, None))
-                    elif isinstance(job, _Fold):
-                        acked.fold(conn)
-                        state.unfolded = acked.count(conn) > 0
                         pending_results.append((job, None, None))
                     elif isinstance(job, _SetMeta):
                         conn.execute(
