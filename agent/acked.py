@@ -22,7 +22,7 @@ import sqlite3
 
 from protocol import migrations
 
-FOLD_CHUNK = 2_000  # seqs folded per transaction (~15 ms), so an append waits at most that
+FOLD_CHUNK = 2_000  # seqs per fold transaction (~8 ms, docs/benchmarks.md): appends wait little
 
 # The outbox's migration step for the ranges. first_seq is the rowid: ranges never overlap, so
 # the range that could cover a seq is the one with the largest first_seq at or below it.
