@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from nats.aio.client import Client as NatsClient
 
+from agent import acked
 from protocol import migrations
 from protocol.checkpoint import (
     DayTotals,
@@ -93,9 +94,7 @@ def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTo
         rows = conn.execute(
             "SELECT totals FROM day_totals ORDER BY business_day DESC LIMIT ?", (days,)
         ).fetchall()
-        (first_unsent,) = conn.execute(
-            "SELECT min(seq) FROM records WHERE sent_at IS NULL AND refused_at IS NULL"
-        ).fetchone()
+        first_unsent = acked.first_unsent(conn)  # records in acknowledged ranges are sent
         (last_seq,) = conn.execute("SELECT value FROM meta WHERE key = 'last_seq'").fetchone() or (
             0,
         )
@@ -103,8 +102,8 @@ def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTo
     finally:
         conn.execute("COMMIT")
     last = max(int(last_seq or 0), int(max_seq or 0))
-    acked = int(first_unsent) - 1 if first_unsent is not None else last
-    return acked, last, sorted((decode_totals(r[0]) for r in rows), key=lambda d: d.business_day)
+    through = first_unsent - 1 if first_unsent is not None else last
+    return through, last, sorted((decode_totals(r[0]) for r in rows), key=lambda d: d.business_day)
 
 
 class Checkpointer:

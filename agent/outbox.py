@@ -49,7 +49,7 @@ from typing import IO, Any
 
 import msgspec
 
-from agent import checkpoint
+from agent import acked, checkpoint
 from agent.errors import (
     BufferFull,
     DamagedOutbox,
@@ -126,6 +126,8 @@ MIGRATIONS: tuple[migrations.Migration, ...] = (
     ),
     # Per business day totals, updated with each commit (agent/checkpoint.py).
     checkpoint.MIGRATION,
+    # PubAcks as seq ranges, folded into records.sent_at later (agent/acked.py).
+    acked.MIGRATION,
 )
 
 
@@ -238,6 +240,11 @@ class _MarkRefused(_Job):
 
 
 @dataclass(eq=False)
+class _Fold(_Job):
+    pass
+
+
+@dataclass(eq=False)
 class _SetMeta(_Job):
     key: str
     value: str
@@ -262,6 +269,10 @@ class _State:
     appends: int = 0
     records_pruned: int = 0
     refused: int = 0
+    # No pending record has a lower seq (the first unsent search starts here, so it jumps
+    # over the acked ranges behind it only once).
+    pending_floor: int = 1
+    unfolded: bool = False  # acked_ranges has rows (agent/acked.py)
 
     def copy(self) -> _State:
         return _State(**self.__dict__)
@@ -484,10 +495,20 @@ def _init_meta(conn: sqlite3.Connection, store_id: str, path: Path) -> dict[str,
 
 
 def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
-    pending, oldest = conn.execute(
-        "SELECT count(*), min(received_at) FROM records "
-        "WHERE sent_at IS NULL AND refused_at IS NULL"
+    (pending,) = conn.execute(
+        "SELECT count(*) FROM records WHERE sent_at IS NULL AND refused_at IS NULL"
     ).fetchone()
+    # An outbox not yet migrated (read-only status of an older agent's file) has no ranges.
+    ranges = acked.has_ranges_table(conn)
+    unfolded = ranges and acked.count(conn) > 0
+    if unfolded:
+        pending -= acked.covered_pending(conn)
+    first = acked.first_unsent(conn) if ranges else None
+    if not ranges:
+        (first,) = conn.execute(
+            "SELECT min(seq) FROM records WHERE sent_at IS NULL AND refused_at IS NULL"
+        ).fetchone()
+    oldest = _received_at(conn, first)
     (refused,) = conn.execute(
         "SELECT count(*) FROM records WHERE refused_at IS NOT NULL"
     ).fetchone()
@@ -503,7 +524,16 @@ def _load_state(conn: sqlite3.Connection, meta: dict[str, str]) -> _State:
         buffer_bytes=int(total),
         oldest_pending_at=oldest,
         last_ack_at=float(last_ack) if last_ack else None,
+        pending_floor=first if first is not None else int(max_seq) + 1,
+        unfolded=unfolded,
     )
+
+
+def _received_at(conn: sqlite3.Connection, seq: int | None) -> float | None:
+    if seq is None:
+        return None
+    row = conn.execute("SELECT received_at FROM records WHERE seq = ?", (seq,)).fetchone()
+    return float(row[0]) if row else None
 
 
 def _sqlite_failure(exc: sqlite3.Error) -> OutboxError:
@@ -750,17 +780,19 @@ class Outbox:
 
     def _trace_sync(self, event_id: str) -> EventTrace:
         assert self._rconn is not None
-        acked, _last, _days = checkpoint.read_days(self._rconn, 0)
+        done, _last, _days = checkpoint.read_days(self._rconn, 0)
         row = self._rconn.execute(
-            "SELECT seq, received_at, sent_at, refused_reason FROM records WHERE event_id = ?",
+            "SELECT seq, received_at, sent_at, refused_reason, refused_at FROM records "
+            "WHERE event_id = ?",
             (event_id,),
         ).fetchone()
         if row is None:
-            return EventTrace(event_id=event_id, found=False, epoch=self.epoch, acked_through=acked)
+            return EventTrace(event_id=event_id, found=False, epoch=self.epoch, acked_through=done)
+        sent_at = acked.sent_at_of(self._rconn, row[0], row[2], refused=row[4] is not None)
         return EventTrace(
             event_id=event_id, found=True, epoch=self.epoch, seq=row[0],
-            received_at=utc(row[1]), sent_at=utc(row[2]), refused_reason=row[3],
-            acked_through=acked,
+            received_at=utc(row[1]), sent_at=utc(sent_at), refused_reason=row[3],
+            acked_through=done,
         )  # fmt: skip
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -821,13 +853,24 @@ class Outbox:
     def _read_unsent_sync(
         self, limit_records: int, limit_bytes: int, after_seq: int
     ) -> UnsentRun | None:
-        assert self._rconn is not None
+        conn = self._rconn
+        assert conn is not None
         try:
-            rows = self._rconn.execute(
-                "SELECT seq, payload FROM records "
-                "WHERE sent_at IS NULL AND refused_at IS NULL AND seq > ? ORDER BY seq LIMIT ?",
-                (after_seq, limit_records),
-            ).fetchall()
+            conn.execute("BEGIN")  # the ranges and the records as of one moment
+            try:
+                # Records in acknowledged ranges (not folded yet) are sent: skip them, and end
+                # the run where the next range begins.
+                start = acked.first_unsent(conn, after_seq + 1)
+                if start is None:
+                    return None
+                stop = acked.next_range_start(conn, start)
+                rows = conn.execute(
+                    "SELECT seq, payload FROM records WHERE sent_at IS NULL AND "
+                    "refused_at IS NULL AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
+                    (start, stop if stop is not None else 1 << 62, limit_records),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot read unsent records from {self.path}: {exc}") from None
         if not rows:
@@ -863,6 +906,8 @@ class Outbox:
         stopping = False
         while not stopping:
             timeout = max(0.0, next_prune - time.monotonic())
+            if self._state.unfolded and self._state.pending == 0:
+                timeout = 0.0  # fold when nothing is pending (after a drain), a chunk a round
             jobs: list[_Job] = []
             try:
                 item: _Job | None = self._queue.get(timeout=timeout)
@@ -879,6 +924,9 @@ class Outbox:
                     break
             if jobs:
                 self._hand_back(self._run_jobs(conn, jobs))
+            elif self._state.unfolded and self._state.pending == 0 and not stopping:
+                if self._run_group(conn, [_Fold(future=None)]).failed:
+                    time.sleep(1.0)  # logged; try again later rather than spin
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
                 if not any(isinstance(j, _Prune) for j in jobs):
@@ -973,6 +1021,10 @@ class Outbox:
                             rows = []
                         pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
                         pending_results.append((job, pruned, None))
+                    elif isinstance(job, _Fold):
+                        acked.fold(conn)
+                        state.unfolded = acked.count(conn) > 0
+                        pending_results.append((job, None, None))
                     elif isinstance(job, _MarkRefused):
                         if rows:
                             self._insert(conn, rows)
@@ -995,11 +1047,9 @@ class Outbox:
                 if counted:
                     checkpoint.record_days(conn, counted, now)
                 if sent_changed:
-                    oldest = conn.execute(
-                        "SELECT received_at FROM records "
-                        "WHERE sent_at IS NULL AND refused_at IS NULL ORDER BY seq LIMIT 1"
-                    ).fetchone()
-                    state.oldest_pending_at = oldest[0] if oldest else None
+                    first = acked.first_unsent(conn, state.pending_floor)
+                    state.pending_floor = first if first is not None else state.last_seq + 1
+                    state.oldest_pending_at = _received_at(conn, first)
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -1117,11 +1167,14 @@ class Outbox:
         self._keep_last_seq(conn, state)
         freed = 0
         while freed < excess:
+            if state.unfolded:  # records in acknowledged ranges are sent too: fold a chunk
+                acked.fold(conn)
+                state.unfolded = acked.count(conn) > 0
             sizes = conn.execute(
                 "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
                 "WHERE sent_at IS NOT NULL ORDER BY sent_at, seq LIMIT 500) RETURNING size"
             ).fetchall()
-            if not sizes:
+            if not sizes and not state.unfolded:
                 break
             got = sum(s for (s,) in sizes)
             freed += got
@@ -1136,13 +1189,11 @@ class Outbox:
     def _mark_sent(
         self, conn: sqlite3.Connection, job: _MarkSent, state: _State, now: float
     ) -> None:
-        # One statement: the rows it changed are the ones that were pending.
-        count = conn.execute(
-            "UPDATE records SET sent_at = ? "
-            "WHERE sent_at IS NULL AND refused_at IS NULL AND seq BETWEEN ? AND ?",
-            (now, job.first_seq, job.last_seq),
-        ).rowcount
+        # One small row, not an UPDATE of every record's (payload-sized) row: folded into
+        # records.sent_at later (agent/acked.py). It counts the records that were pending.
+        count = acked.add(conn, job.first_seq, job.last_seq, now)
         state.pending -= count
+        state.unfolded = state.unfolded or count > 0
         state.last_ack_at = now
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('last_ack_at', ?) "
@@ -1162,11 +1213,14 @@ class Outbox:
         high = job.to_seq if job.to_seq is not None else state.last_seq
         marked = 0
         if low <= high:
-            marked = conn.execute(
+            if state.unfolded:  # acknowledged, not folded yet: sent too
+                marked = acked.unsend(conn, low, high)
+            marked += conn.execute(
                 "UPDATE records SET sent_at = NULL "
                 "WHERE sent_at IS NOT NULL AND seq BETWEEN ? AND ?",
                 (low, high),
             ).rowcount
+            state.pending_floor = min(state.pending_floor, low)
         if low <= high and job.retry_refused:
             retried = conn.execute(
                 "UPDATE records SET refused_at = NULL, refused_reason = NULL "
@@ -1182,6 +1236,8 @@ class Outbox:
     def _mark_refused(
         self, conn: sqlite3.Connection, job: _MarkRefused, state: _State, now: float
     ) -> None:
+        if state.unfolded and acked.covering(conn, job.seq) is not None:
+            return  # acknowledged already (sent, in a range): as a sent record, not refused
         changed = conn.execute(
             "UPDATE records SET refused_at = ?, refused_reason = ? "
             "WHERE seq = ? AND sent_at IS NULL AND refused_at IS NULL",
@@ -1194,6 +1250,9 @@ class Outbox:
         self, conn: sqlite3.Connection, state: _State, now: float, *, limit: int
     ) -> int:
         self._keep_last_seq(conn, state)
+        if state.unfolded:  # only folded records are pruned: fold a chunk first
+            acked.fold(conn, limit)
+            state.unfolded = acked.count(conn) > 0
         sizes = conn.execute(
             "DELETE FROM records WHERE seq IN (SELECT seq FROM records "
             "WHERE sent_at IS NOT NULL AND sent_at < ? ORDER BY sent_at LIMIT ?) RETURNING size",
@@ -1216,7 +1275,9 @@ class Outbox:
             pruned = self._state.records_pruned - before
             if pruned:
                 log.info("outbox retention: pruned %d sent records", pruned)
-            if pruned < PRUNE_CHUNK:
+            if pruned < PRUNE_CHUNK and not self._state.unfolded:
+                return
+            if outcome.failed:
                 return
 
     def _publish_snapshot(self, state: _State) -> None:

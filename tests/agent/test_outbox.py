@@ -284,7 +284,7 @@ async def test_migrations_are_recorded(outbox: Outbox) -> None:
     """Each applied migration step is named in the migrations table."""
     with open_db(outbox.data_dir) as conn:
         names = [r[0] for r in conn.execute("SELECT name FROM migrations")]
-    assert ["0001_initial", "0002_refused", "0003_day_totals"] == names
+    assert ["0001_initial", "0002_refused", "0003_day_totals", "0004_acked_ranges"] == names
 
 
 async def test_second_agent_on_same_data_dir_is_refused(outbox: Outbox, tmp_path: Path) -> None:
