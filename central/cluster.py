@@ -55,7 +55,7 @@ from central.errors import CentralError, ConfigError, LeaseLapsed, PartitionFenc
 from central.sinks import Sink, SinkStatistics
 from central.state import read_status
 from central.statelog import LogStatistics, PartitionState
-from central.streams import ensure_streams
+from central.streams import DECISIONS_BUCKET, ensure_streams
 from protocol.backoff import Backoff
 from protocol.subjects import (
     LEASES_BUCKET,
@@ -402,6 +402,7 @@ class ClusterWorker:
         self._leases = await self._bucket(LEASES_BUCKET, ttl)
         self._registry = await self._bucket(WORKERS_BUCKET, ttl)
         self._stores = await self._bucket(SUMMARIES_BUCKET, None)
+        await self._bucket(DECISIONS_BUCKET, None)  # what came of operators' decisions
         await self._register()
 
     async def _register(self) -> None:

@@ -26,12 +26,14 @@ built (snapshots and purge).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sqlite3
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, cast
 
@@ -39,8 +41,10 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from central.errors import LeaseLapsed, PartitionFenced, StateError
-from central.state import STATE_FILENAME, SqliteState, open_db
+from central import inventory
+from central.errors import CentralError, LeaseLapsed, PartitionFenced, StateError
+from central.state import STATE_FILENAME, GapSkip, SqliteState, insert_skip, open_db
+from central.streams import DECISIONS_BUCKET, DECISIONS_STREAM, decision_subject
 from protocol.subjects import EXPECTED_LAST_SUBJECT_SEQ_HEADER, STATE_STREAM, state_subject
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,13 @@ _WRITES = ("INSERT", "UPDATE", "DELETE", "REPLACE")
 CREATE_POSITION = """CREATE TABLE IF NOT EXISTS statelog_position (
     id INTEGER PRIMARY KEY CHECK (id = 1), partition INTEGER NOT NULL, seq INTEGER NOT NULL)"""
 WRITE_POSITION = "INSERT OR REPLACE INTO statelog_position (id, partition, seq) VALUES (1, ?, ?)"
+# Operators' decisions this partition recorded (from DECISIONS_STREAM, at ``seq``), with the
+# row they became (``local_id`` in gap_skips or inventory_imports) or why they were refused.
+CREATE_DECISIONS = """CREATE TABLE IF NOT EXISTS cluster_decisions (
+    seq INTEGER PRIMARY KEY, id TEXT NOT NULL, kind TEXT NOT NULL, store_id TEXT NOT NULL,
+    operator TEXT NOT NULL, recorded_at REAL NOT NULL, local_id INTEGER, refused TEXT)"""
+SKIP = "gap_skip"
+IMPORT = "inventory_import"
 
 
 class Op(msgspec.Struct, array_like=True, frozen=True):
@@ -75,8 +86,27 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's decision for a store, published by the CLI in clustered mode for the
+    store's partition owner: ``gap_skip`` (epoch, through_seq, reason) or ``inventory_import``
+    (balances as exact decimal strings, as_of, source)."""
+
+    id: str
+    kind: str
+    store_id: str
+    operator: str
+    at: float
+    reason: str = ""
+    epoch: str = ""
+    through_seq: int = 0
+    balances: dict[str, str] = {}
+    as_of: float = 0.0
+    source: str = ""
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Entry)
+decision_decoder = msgspec.msgpack.Decoder(Decision)
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -213,6 +243,9 @@ class PartitionState(SqliteState):
         self.appended = 0
         self.replayed = 0
         self.replay_seconds = 0.0
+        self._decision_seq = 0  # the last decision (DECISIONS_STREAM seq) recorded
+        self._decisions: dict[tuple[str, int], str] = {}  # (kind, local id) -> decision id
+        self._outcomes: Any = None
 
     def log_statistics(self) -> LogStatistics:
         return LogStatistics(
@@ -225,6 +258,7 @@ class PartitionState(SqliteState):
         raw: sqlite3.Connection = await self._run(open_db, self.data_dir)
         self._raw = raw
         await self._run(raw.execute, CREATE_POSITION)
+        await self._run(raw.execute, CREATE_DECISIONS)
         row = await self._run(lambda: raw.execute("SELECT seq FROM statelog_position").fetchone())
         self.last_seq = int(row[0]) if row else 0
         for _ in range(CLAIM_ATTEMPTS):
@@ -240,6 +274,7 @@ class PartitionState(SqliteState):
         self.replay_seconds = time.monotonic() - started
         self._conn = cast(sqlite3.Connection, Recorder(raw, self.partition, self._append))
         await self._run(self._load)
+        await self._run(self._load_decisions)
         log.info(
             "partition %d: state log at %d (%d entries replayed in %.2fs), claimed by %s",
             self.partition, self.last_seq, self.replayed, self.replay_seconds, self._worker_id,
@@ -306,6 +341,124 @@ class PartitionState(SqliteState):
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(self._append_async(ops), self._loop)
         return future.result(APPEND_TIMEOUT * 2)
+
+    # --- operators' decisions (clustered mode): the CLI publishes, the owner records --------
+
+    def _load_decisions(self) -> None:
+        assert self._conn is not None
+        rows = self._conn.execute("SELECT seq, id, kind, local_id FROM cluster_decisions")
+        for seq, decision_id, kind, local_id in rows:
+            self._decision_seq = max(self._decision_seq, int(seq))
+            if local_id is not None:
+                self._decisions[(kind, int(local_id))] = decision_id
+
+    async def ingest_decisions(self) -> None:
+        """Record, through the state log, the decisions published for this partition since the
+        last one it recorded (between two units: the consumer asks for pending skips and
+        imports). A decision its checks refuse is recorded as refused, with the reason."""
+        subject = decision_subject(self.partition)
+        try:
+            last = await self._js.get_last_msg(DECISIONS_STREAM, subject)
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+            log.warning("partition %d: decisions not read (%r); next time", self.partition, exc)
+            return
+        while self._decision_seq < int(last.seq):
+            msg = await self._js.get_msg(
+                DECISIONS_STREAM, seq=self._decision_seq + 1, subject=subject, next=True
+            )
+            try:
+                decision = decision_decoder.decode(msg.data or b"")
+            except msgspec.DecodeError as exc:
+                decision = Decision(id=f"seq-{msg.seq}", kind="?", store_id="?", operator="?",
+                                    at=time.time(), reason=f"undecodable: {exc}")  # fmt: skip
+            local_id, refused = await self._run(self._record_decision, int(msg.seq), decision)
+            self._decision_seq = int(msg.seq)
+            if refused is not None:
+                log.error(
+                    "DECISION REFUSED (%s by %s, store %s): %s",
+                    decision.kind, decision.operator, decision.store_id, refused,
+                )  # fmt: skip
+                await self._report(decision.id, "refused", refused, None)
+            else:
+                assert local_id is not None
+                self._decisions[(decision.kind, local_id)] = decision.id
+                await self._report(decision.id, "recorded", "recorded; applied next", local_id)
+
+    def _record_decision(self, seq: int, d: Decision) -> tuple[int | None, str | None]:
+        """One transaction (one state log entry): the decision's row, and the gap skip or
+        opening balance it makes, or why not."""
+        conn = self._conn
+        assert conn is not None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            local_id: int | None = None
+            refused: str | None = None
+            try:
+                if d.kind == SKIP:
+                    if not d.reason.strip():
+                        raise StateError("a skip needs a reason: it is kept for audit")
+                    skip = insert_skip(conn, d.store_id, d.epoch, d.through_seq, d.reason,
+                                       d.operator)  # fmt: skip
+                    local_id = skip.id
+                elif d.kind == IMPORT:
+                    balances = {sku: Decimal(v) for sku, v in d.balances.items()}
+                    opening = inventory.insert_import(
+                        conn, d.store_id, balances, d.as_of, d.source, d.operator
+                    )
+                    local_id = opening.id
+                else:
+                    refused = f"unknown decision kind {d.kind!r} ({d.reason})"
+            except (CentralError, ArithmeticError) as exc:
+                refused = str(exc)
+            conn.execute(
+                "INSERT INTO cluster_decisions (seq, id, kind, store_id, operator, recorded_at, "
+                "local_id, refused) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seq, d.id, d.kind, d.store_id, d.operator, time.time(), local_id, refused),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return local_id, refused
+
+    async def _report(
+        self, decision_id: str, state: str, outcome: str, local_id: int | None
+    ) -> None:
+        """What came of a decision, for the CLI that published it (best effort: the decision
+        itself is in the partition's state, shown by status and `gaps list`)."""
+        value = {"state": state, "outcome": outcome, "partition": self.partition,
+                 "worker": self._worker_id, "local_id": local_id, "at": time.time()}  # fmt: skip
+        try:
+            if self._outcomes is None:
+                self._outcomes = await self._js.key_value(DECISIONS_BUCKET)
+            await self._outcomes.put(decision_id, json.dumps(value).encode())
+        except (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError) as exc:
+            log.warning("decision %s: outcome not reported (%r)", decision_id, exc)
+
+    async def pending_skips(self) -> list[GapSkip]:
+        await self.ingest_decisions()
+        return await super().pending_skips()
+
+    async def apply_skip(self, skip: GapSkip) -> str:
+        outcome = await super().apply_skip(skip)
+        decision_id = self._decisions.pop((SKIP, skip.id), None)
+        if decision_id is not None:
+            await self._report(decision_id, "applied", outcome, skip.id)
+        return outcome
+
+    async def pending_imports(self) -> list[inventory.OpeningBalance]:
+        await self.ingest_decisions()
+        return await super().pending_imports()
+
+    async def apply_import(
+        self, import_id: int, store_id: str, skus: Mapping[str, inventory.SkuStock], outcome: str
+    ) -> None:
+        await super().apply_import(import_id, store_id, skus, outcome)
+        decision_id = self._decisions.pop((IMPORT, import_id), None)
+        if decision_id is not None:
+            await self._report(decision_id, "applied", outcome, import_id)
 
     async def close(self) -> None:
         if self._conn is None and self._raw is not None:  # opened, then failed to catch up
