@@ -69,6 +69,8 @@ DECISIONS_STREAM = "STORELINK_DECISIONS"
 DECISIONS_PREFIX = "storelink.decision"
 DECISIONS_WILDCARD = f"{DECISIONS_PREFIX}.*"
 DECISIONS_BUCKET = "storelink_decisions"
+# Snapshots of each partition's state file (central/statelog.py), object ``p<k>-<log seq>``.
+SNAPSHOTS_BUCKET = "STORELINK_SNAPSHOTS"
 
 
 def decision_subject(partition: int) -> str:
