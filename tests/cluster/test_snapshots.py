@@ -19,9 +19,10 @@ from central.statelog import PartitionState, partition_dir
 from central.streams import SNAPSHOTS_BUCKET, ensure_streams
 from protocol.subjects import STATE_STREAM, state_subject
 from tests.central.conftest import EPOCH
+from tests.chaos.harness import eventually
 from tests.cluster import snapshot_kill
-from tests.cluster.test_workers import clustered
-from tests.cluster.workers import commit_sales, dump, state_log
+from tests.cluster.test_workers import clustered, publish_batches
+from tests.cluster.workers import OmsWatch, Worker, commit_sales, dump, state_log
 
 
 async def snapshot_store(js: object, tmp_path: Path) -> None:
@@ -29,6 +30,11 @@ async def snapshot_store(js: object, tmp_path: Path) -> None:
     worker = ClusterWorker(clustered(tmp_path, 4), None, js, list)
     await ensure_streams(js, worker.cfg, oms=False)
     await worker._object_store(SNAPSHOTS_BUCKET)
+
+
+def ledger_keys(tables: dict[str, list[str]]) -> set[str]:
+    """The key ledger's keys, whichever tier holds them (each row's store and key hash)."""
+    return {row.rsplit(",", 1)[0] for t in ("key_ledger", "key_ledger_recent") for row in tables[t]}
 
 
 def run_doomed_owner(url: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -119,3 +125,69 @@ async def test_kill_during_a_snapshot_leaves_the_previous_one(
     assert first == fresh.restored_from
     assert snapshot_kill.MORE // 10 == fresh.replayed
     assert dump(partition_dir(doomed, snapshot_kill.PARTITION)) == dump(fresh.data_dir)
+
+
+@pytest.mark.slow
+async def test_a_worker_snapshots_and_a_fresh_worker_takes_over_from_it(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A worker process snapshotting every few entries (cluster.snapshot_entries) purges its
+    partitions' logs; stopped, its partitions go to a worker with an empty data dir, which
+    restores the snapshots and delivers the stores' next events in order, each once."""
+    url = nats_server.url
+    every = "snapshot_entries = 3\n"
+    w1 = Worker(tmp_path, "w1", [url], partitions=2, extra=every)
+    w2 = Worker(tmp_path, "w2", [url], partitions=2, extra=every)
+    w3 = Worker(tmp_path, "w3", [url], partitions=2, extra=every)
+    stores = [f"S{i}" for i in range(6)]
+    watch = OmsWatch()
+    nc = await nats.connect(url)
+    try:
+        await nc.subscribe("oms.>", cb=watch.on_msg)
+        js = nc.jetstream()
+        await w1.process.start()
+        await eventually(lambda: [0, 1] == w1.owned_nowait(), 30, "w1 owns both partitions")
+        sent = 0
+        for first in range(1, 41, 5):
+            sent += await publish_batches(js, stores, first, 5)
+            await eventually(lambda n=sent: len(watch.keys()) >= n, 30, "delivered")  # type: ignore[misc]
+
+        def snapshotted(worker: Worker) -> dict[int, int]:
+            logs = (worker.status_nowait().get("cluster") or {}).get("logs") or []
+            return {g["partition"]: g["snapshot_seq"] for g in logs if g["snapshots"]}
+
+        def restored(worker: Worker) -> list[int]:
+            logs = (worker.status_nowait().get("cluster") or {}).get("logs") or []
+            return [g["partition"] for g in logs if g["restored_from"]]
+
+        await eventually(lambda: len(snapshotted(w1)) == 2, 30, "both partitions snapshotted")
+        await w1.process.stop()
+        await w2.process.start()
+        await eventually(lambda: [0, 1] == w2.owned_nowait(), 30, "w2 owns both partitions")
+        sent += await publish_batches(js, stores, 41, 10)
+        await eventually(lambda: len(watch.keys()) >= sent, 30, "w2 delivers")
+        logs = (w2.status_nowait().get("cluster") or {}).get("logs") or []
+        firsts = [await first_entry_seq(js, p) for p in (0, 1)]
+        await w2.process.stop()
+        # A third worker, empty too, from w2's snapshots: w2's state, row for row.
+        await w3.process.start()
+        await eventually(lambda: len(snapshotted(w3) or restored(w3)) == 2, 30, "w3 restored")
+        await w3.process.stop()
+    finally:
+        await nc.close()
+        for worker in (w3, w2, w1):
+            await worker.process.stop()
+    assert 2 == len(logs) and all(g["restored_from"] > 0 for g in logs)
+    for p in (0, 1):
+        # The key ledger's two tiers may be merged by either (a write of its own): the keys
+        # are the state; every other table row for row.
+        was, now = dump(partition_dir(w2.data_dir, p)), dump(partition_dir(w3.data_dir, p))
+        assert ledger_keys(was) == ledger_keys(now) and len(ledger_keys(was)) >= 50
+        tiers = ("key_ledger", "key_ledger_recent")
+        assert {t: r for t, r in was.items() if t not in tiers} == {
+            t: r for t, r in now.items() if t not in tiers
+        }
+    assert all(f > 1 for f in firsts)  # purged below the snapshots
+    for store_id in stores:
+        assert list(range(1, 51)) == watch.first_seqs(store_id)
+    assert 0 == watch.redelivered()

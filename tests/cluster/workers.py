@@ -19,6 +19,7 @@ import nats.js.errors
 from agent.simulator import Till
 from central.broker import free_port
 from central.demo import ManagedProcess
+from central.ledger import day_number, key_hash
 from central.sequencer import Sequencer
 from central.state import STATE_FILENAME, Unit
 from central.statelog import Entry, decode_entry
@@ -156,7 +157,7 @@ def writers_after_claims(entries: Sequence[Entry]) -> list[str]:
 
 async def commit_sales(state: Any, store_id: str, first: int, count: int, unit: int = 10) -> None:
     """Commit ``count`` sales of ``store_id`` from seq ``first`` through ``state``, ``unit`` per
-    unit of work, as the consumer would (marks, key ledger, inventory: every table it writes)."""
+    unit of work: the marks and the key ledger's rows the consumer's unit would write."""
     events = list(Till(store_id=store_id, seed=3).events(first + count - 1))
     for lo in range(first, first + count, unit):
         hi = min(lo + unit, first + count)
@@ -164,6 +165,8 @@ async def commit_sales(state: Any, store_id: str, first: int, count: int, unit: 
         sequencer = Sequencer(state.marks(), state.gaps())
         records = make_records(events[lo - 1 : hi - 1], lo)
         sequencer.classify(decode_batch(batch_bytes(store_id, records)), work, time.time())
+        today = day_number(time.time())  # the key ledger's rows, as the ledger stages them
+        work.ledger_keys[store_id] = {key_hash(e.event_id): today for e in events[lo - 1 : hi - 1]}
         await state.commit(work)
 
 
