@@ -19,8 +19,12 @@ replicated like the events stream) and only then committed to the local file:
   owner delivers it again under the same keys (re-delivered only around a takeover).
 
 Replay applies entries with the same statements, so the file of any worker that follows the
-log is the same database. The log grows with every unit; docs/scaling.md says what is not
-built (snapshots and purge).
+log is the same database. The log would grow with every unit: the owner snapshots the file
+(``VACUUM INTO``, at the log position it records) into the object store ``STORELINK_SNAPSHOTS``
+and purges the log below that position (``PartitionState.snapshot``); a new owner behind the
+latest snapshot restores it and replays the tail. Operators' decisions in clustered mode
+(``gaps skip``, ``inventory import``) arrive on ``STORELINK_DECISIONS`` and are recorded here,
+through the log (``PartitionState.ingest_decisions``).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ async def run(opts: Options) -> Table:
     table.add(
         Row(
             RESTORE, restore, "s", baseline=REPLAY, baseline_value=replay,
-            note=f"snapshot {snapshot_bytes:,} B deflated (file and WAL {file_bytes:,} B), tail {tail}",
+            note=f"snapshot {snapshot_bytes:,} B deflated (file+WAL {file_bytes:,} B), tail {tail}",
         )
     )  # fmt: skip
     table.add(Row(SNAPSHOT, snapshot, "s", baseline=REPLAY, baseline_value=replay, note=note))
