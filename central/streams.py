@@ -170,32 +170,23 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
         ),
     ]
     if cfg.cluster.enabled:
-        # Each partition's state log (central/statelog.py): never expires, never discards
-        # (a refused append stops the unit, which is retried).
-        wanted.append(
+        # Each partition's state log (central/statelog.py), and operators' decisions for the
+        # partitions' owners (kept for audit): never expire, never discard (a refused append
+        # stops the unit, which is retried; a refused decision fails the CLI, which says so).
+        wanted.extend(
             StreamConfig(
-                name=STATE_STREAM,
-                subjects=[STATE_WILDCARD],
+                name=name,
+                subjects=[subjects],
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.LIMITS,
-                duplicate_window=cfg.stream.duplicate_window,  # the server's default (no ids)
+                duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 max_msg_size=MAX_MSG_SIZE,
                 discard=DiscardPolicy.NEW,
             )
-        )
-        # Operators' decisions: kept (audit) and never discarded; a partition's owner reads
-        # its subject from where its state says it has recorded up to.
-        wanted.append(
-            StreamConfig(
-                name=DECISIONS_STREAM,
-                subjects=[DECISIONS_WILDCARD],
-                storage=StorageType.FILE,
-                retention=RetentionPolicy.LIMITS,
-                duplicate_window=cfg.stream.duplicate_window,  # the CLI's retries: one decision
-                num_replicas=cfg.stream.replicas or None,  # 0: the server's default
-                max_msg_size=MAX_MSG_SIZE,
-                discard=DiscardPolicy.NEW,
+            for name, subjects in (
+                (STATE_STREAM, STATE_WILDCARD),
+                (DECISIONS_STREAM, DECISIONS_WILDCARD),
             )
         )
     if oms:
