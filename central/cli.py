@@ -15,11 +15,15 @@ import sqlite3
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import msgspec
+import nats.errors
+import nats.js.errors
 
 from central import estate
 from central.config import DEFAULT_LAG_ALERT, HTTP_TOKEN_ENV, OPERATOR_TOKEN_ENV, load_config
@@ -757,19 +761,23 @@ def _gap_line(store_id: str, gap: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def gaps_list(data_dir: Path, as_json: bool) -> None:
     """Every open gap (all epochs), whether the store can still re-send it, and the skips
-    operators recorded."""
-    try:
-        stores = asyncio.run(read_status(data_dir))
-    except CentralError as exc:
-        raise _fail(exc) from None
+    operators recorded. In clustered mode (DATA_DIR a running worker's): every worker's
+    stores, from the status summaries."""
     running = _running_status(data_dir) or {}
+    if running.get("cluster"):
+        stores = list(running.get("stores") or [])
+    else:
+        try:
+            stores = asyncio.run(read_status(data_dir))
+        except CentralError as exc:
+            raise _fail(exc) from None
     held = {s["store_id"]: s.get("held") for s in running.get("stores") or []}
     found = [
         {"store_id": s["store_id"], **g, "held": held.get(s["store_id"])}
         for s in stores
-        for g in s["gaps"]
+        for g in s.get("gaps") or []
     ]
-    skips = [k for s in stores for k in s["skips"]]
+    skips = [k for s in stores for k in s.get("skips") or []]
     if as_json:
         click.echo(json.dumps({"gaps": found, "skips": skips}, indent=2))
         return
@@ -882,6 +890,8 @@ def reconcile_status(data_dir: Path, store_id: str | None, day: str | None, as_j
 @click.option("--by", "operator", help="Who decides [the user running the command].")
 @wait_option
 @data_dir_option
+@nats_url_option
+@creds_option
 def gaps_skip(
     store_id: str,
     epoch: str,
@@ -890,17 +900,36 @@ def gaps_skip(
     operator: str | None,
     wait: float,
     data_dir: Path,
+    nats_urls: tuple[str, ...],
+    creds: str,
 ) -> None:
     """Record the decision to give up on STORE_ID's missing seqs up to --through (they are
     never delivered by storelink), so the store's later events flow again, in order.
 
     The decision (when, who, why) is kept in central's state, shown by `gaps list` and
-    `status`, and logged by central when it applies it."""
+    `status`, and logged by central when it applies it. In clustered mode (--nats-url, or the
+    external NATS central.json records, with a partitioned events stream) it is published to
+    the worker that owns the store's partition, which records it through the partition's
+    state log."""
     from central.state import read_skip, record_skip
+    from central.statelog import SKIP, Decision
 
     who = operator or _operator()
     try:
         check_store_id(store_id)
+    except InvalidStoreId as exc:
+        raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
+    partitions = _clustered(data_dir, nats_urls, creds)
+    if partitions:
+        if not reason.strip():
+            raise click.BadParameter("give the reason: it is kept for audit", param_hint="--reason")
+        decision = Decision(
+            id=uuid.uuid4().hex, kind=SKIP, store_id=store_id, operator=who, at=time.time(),
+            reason=reason, epoch=epoch, through_seq=through_seq,
+        )  # fmt: skip
+        _decide(data_dir, nats_urls, creds, partitions, decision, wait)
+        return
+    try:
         skip = record_skip(data_dir, store_id, epoch, through_seq, reason, who)
     except InvalidStoreId as exc:
         raise click.BadParameter(str(exc), param_hint="STORE_ID") from None
@@ -916,6 +945,86 @@ def gaps_skip(
         "not applied yet: central applies it within a second while it runs, or when it "
         "starts (`storelink-central gaps list` shows it as PENDING until then)",
     )
+
+
+def _clustered(data_dir: Path, nats_urls: tuple[str, ...], creds: str) -> int:
+    """The number of partitions when the central behind ``data_dir``/--nats-url runs in
+    clustered mode (its events stream is partitioned), else 0: a decision is then recorded in
+    ``data_dir`` as in single mode. Asked of NATS only when --nats-url is given or central.json
+    records an external NATS (an embedded broker is single mode)."""
+    info = read_info(data_dir)
+    if not nats_urls and (not info or info.get("embedded", True)):
+        return 0
+    from central.streams import partitions_of
+    from protocol.subjects import EVENTS_STREAM
+
+    async def ask(nc: Any) -> int:
+        try:
+            stream = await nc.jetstream().stream_info(EVENTS_STREAM)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return partitions_of(stream.config.subject_transform)
+
+    return _with_nats(data_dir, nats_urls, creds, ask)
+
+
+def _decide(
+    data_dir: Path, nats_urls: tuple[str, ...], creds: str, partitions: int,
+    decision: Any, wait: float,
+) -> None:  # fmt: skip
+    """Clustered mode: publish ``decision`` for its store's partition (the owner records it
+    through the partition's state log between two units) and wait up to ``wait`` seconds for
+    what came of it. A refusal by the owner's checks fails the command (exit 1)."""
+    from central.statelog import Decision
+    from central.streams import DECISIONS_BUCKET, decision_subject
+    from protocol.subjects import MSG_ID_HEADER, partition_of
+
+    assert isinstance(decision, Decision)
+    partition = partition_of(decision.store_id, partitions)
+
+    async def publish(nc: Any) -> dict[str, Any] | None:
+        js = nc.jetstream(timeout=5.0)
+        try:
+            await js.publish(
+                decision_subject(partition), msgspec.msgpack.encode(decision),
+                headers={MSG_ID_HEADER: decision.id},
+            )  # fmt: skip
+        except nats.errors.NoRespondersError:
+            raise CentralError(
+                "no stream for operators' decisions on this NATS: start the clustered workers "
+                "with this version of storelink-central first; nothing was recorded"
+            ) from None
+        click.echo(
+            f"published decision {decision.id} for partition {partition} (store "
+            f"{decision.store_id}); its owner records it between two units"
+        )
+        deadline = time.monotonic() + wait
+        outcome: dict[str, Any] | None = None
+        while True:
+            try:
+                entry = await (await js.key_value(DECISIONS_BUCKET)).get(decision.id)
+                outcome = json.loads(entry.value or b"{}")
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError):
+                pass
+            if outcome and outcome.get("state") in ("applied", "refused"):
+                return outcome
+            if time.monotonic() >= deadline:
+                return outcome
+            await asyncio.sleep(0.2)
+
+    outcome = _with_nats(data_dir, nats_urls, creds, publish)
+    if outcome is None or outcome.get("state") not in ("applied", "refused"):
+        said = "recorded by its owner" if outcome else "not yet recorded by a worker"
+        click.echo(
+            f"{said}, not applied yet: the partition's owner applies it between two units (a "
+            "partition with no live worker: when one takes it over); `storelink-central gaps "
+            "list` / `inventory show` on a running worker show it"
+        )
+        return
+    where = f"partition {outcome['partition']} on worker {outcome['worker']}"
+    if outcome["state"] == "refused":
+        raise click.ClickException(f"refused by {where}: {outcome['outcome']}; nothing was changed")
+    click.echo(f"applied by {where}: {outcome['outcome']}")
 
 
 def _wait_applied(wait: float, read: Callable[[], Any], not_yet: str) -> None:
@@ -1155,9 +1264,11 @@ def _as_of(value: str | None) -> float:
 @click.option("--by", "operator", help="Who imports [the user running the command].")
 @wait_option
 @data_dir_option
+@nats_url_option
+@creds_option
 def inventory_import(
     store_id: str, file: Path, as_of: str | None, operator: str | None, wait: float,
-    data_dir: Path,
+    data_dir: Path, nats_urls: tuple[str, ...], creds: str,
 ) -> None:  # fmt: skip
     """Take STORE_ID's opening balance from FILE, a CSV with the header `sku,on_hand` (exact
     decimals), as each listed SKU's baseline.
@@ -1179,6 +1290,19 @@ def inventory_import(
         raise click.ClickException(f"cannot read {file}: {exc}; nothing was imported") from None
     try:
         balances = parse_balances(text, str(file))
+    except CentralError as exc:
+        raise _fail(exc) from None
+    partitions = _clustered(data_dir, nats_urls, creds)
+    if partitions:
+        from central.statelog import IMPORT, Decision
+
+        decision = Decision(
+            id=uuid.uuid4().hex, kind=IMPORT, store_id=store_id, operator=who, at=time.time(),
+            balances={sku: str(v) for sku, v in balances.items()}, as_of=when, source=str(file),
+        )  # fmt: skip
+        _decide(data_dir, nats_urls, creds, partitions, decision, wait)
+        return
+    try:
         opening = record_import(data_dir, store_id, balances, when, str(file), who)
     except CentralError as exc:
         raise _fail(exc) from None

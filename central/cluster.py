@@ -47,7 +47,7 @@ from typing import Any
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 
 from central.config import CentralConfig
 from central.consumer import Consumer
@@ -55,7 +55,7 @@ from central.errors import CentralError, ConfigError, LeaseLapsed, PartitionFenc
 from central.sinks import Sink, SinkStatistics
 from central.state import read_status
 from central.statelog import LogStatistics, PartitionState
-from central.streams import ensure_streams
+from central.streams import DECISIONS_BUCKET, SNAPSHOTS_BUCKET, ensure_streams
 from protocol.backoff import Backoff
 from protocol.subjects import (
     LEASES_BUCKET,
@@ -77,6 +77,7 @@ SETUP_ATTEMPTS = 6
 # The lease keeper renews only while the worker's event loop comes round at least this often:
 # a loop busy for seconds keeps its partitions, a wedged one loses them.
 MAIN_LOOP_GRACE = 60.0
+SNAPSHOT_POLL_SECONDS = 1.0
 KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, OSError, TimeoutError)
 
 
@@ -381,6 +382,15 @@ class ClusterWorker:
         except nats.js.errors.BucketNotFoundError:
             return await self.js.create_key_value(config)
 
+    async def _object_store(self, name: str) -> Any:
+        config = ObjectStoreConfig(
+            bucket=name, storage=StorageType.FILE, replicas=self.cfg.stream.replicas or 1
+        )
+        try:
+            return await self.js.object_store(name)
+        except nats.js.errors.BucketNotFoundError:
+            return await self.js.create_object_store(name, config=config)
+
     async def setup(self) -> None:
         """The streams (agents can publish before any partition runs), the buckets, and this
         worker's registration."""
@@ -402,6 +412,8 @@ class ClusterWorker:
         self._leases = await self._bucket(LEASES_BUCKET, ttl)
         self._registry = await self._bucket(WORKERS_BUCKET, ttl)
         self._stores = await self._bucket(SUMMARIES_BUCKET, None)
+        await self._bucket(DECISIONS_BUCKET, None)  # what came of operators' decisions
+        await self._object_store(SNAPSHOTS_BUCKET)
         await self._register()
 
     async def _register(self) -> None:
@@ -537,6 +549,7 @@ class ClusterWorker:
         part.state = state
         consumer: Consumer | None = None
         pruning: asyncio.Task[None] | None = None
+        snapshots: asyncio.Task[None] | None = None
         try:
             await state.open()
             sinks: list[Sink] = [FencedSink(s, part.number, valid) for s in self.make_sinks()]
@@ -548,12 +561,17 @@ class ClusterWorker:
             await consumer.setup()
             part.consumer = consumer
             pruning = asyncio.create_task(consumer.ledger.run_pruning(part.stop))
+            snapshots = asyncio.create_task(self._snapshots(state, part.stop))
             self._restart.reset()
             log.info("partition %d: %s consuming", part.number, self.worker_id)
             await consumer.run(part.stop)
         finally:
             if pruning is not None:
                 pruning.cancel()
+            if snapshots is not None:
+                snapshots.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await snapshots
             if consumer is not None:
                 self._delivered_before += consumer.delivered
                 part.consumer = None
@@ -561,6 +579,21 @@ class ClusterWorker:
                     await consumer.close()
             with contextlib.suppress(Exception):
                 await state.close()
+
+    async def _snapshots(self, state: PartitionState, stop: asyncio.Event) -> None:
+        """Snapshot the partition's state file and purge its log when ``cluster.snapshot_entries``
+        entries or ``snapshot_minutes`` have passed (central/statelog.py)."""
+        entries, minutes = self.settings.snapshot_entries, self.settings.snapshot_minutes
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), SNAPSHOT_POLL_SECONDS)
+            if stop.is_set() or not state.snapshot_due(entries, minutes):
+                continue
+            try:
+                await state.snapshot()
+            except (CentralError, *KV_ERRORS) as exc:
+                # The log stays whole until a snapshot succeeds: nothing is lost, it only grows.
+                log.warning("partition %d: snapshot failed (%r); next time", state.partition, exc)
 
     # --- checkpoints and status across workers ------------------------------------------------
 

@@ -44,6 +44,10 @@ DEFAULT_LEASE_SECONDS = 6.0
 DEFAULT_RENEW_SECONDS = 1.0
 DEFAULT_SETTLE_SECONDS = 2.0
 DEFAULT_SUMMARY_SECONDS = 2.0
+# A partition's state log is snapshotted (and purged up to the snapshot) after this many
+# entries, or after this many minutes if it has any new entry (docs/scaling.md).
+DEFAULT_SNAPSHOT_ENTRIES = 20_000
+DEFAULT_SNAPSHOT_MINUTES = 60.0
 OPERATOR_TOKEN_ENV = "STORELINK_OPERATOR_TOKEN"
 HTTP_TOKEN_ENV = "STORELINK_HTTP_TOKEN"
 
@@ -342,6 +346,23 @@ class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         float,
         msgspec.Meta(gt=0, description="how often a worker publishes its stores' status summaries"),
     ] = DEFAULT_SUMMARY_SECONDS
+    snapshot_entries: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            description="a partition's owner snapshots its state file into the object store "
+            "STORELINK_SNAPSHOTS and purges the state log up to it after this many new log "
+            "entries; 0: never by count",
+        ),
+    ] = DEFAULT_SNAPSHOT_ENTRIES
+    snapshot_minutes: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            description="… or this long after the last snapshot, when the log has new entries; "
+            "0: never by time",
+        ),
+    ] = DEFAULT_SNAPSHOT_MINUTES
 
     @property
     def enabled(self) -> bool:

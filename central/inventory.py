@@ -802,18 +802,27 @@ def record_import(
 
     conn = open_db(data_dir)
     try:
-        now = time.time()
-        text = _encode(dict(balances)).decode()
-        cur = conn.execute(
-            "INSERT INTO inventory_imports (store_id, as_of, source, operator, balances, "
-            "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (store_id, as_of, source, operator, text, now),
-        )
-        assert cur.lastrowid is not None
-        return OpeningBalance(cur.lastrowid, store_id, as_of, source, operator, dict(balances),
-                              now)  # fmt: skip
+        return insert_import(conn, store_id, balances, as_of, source, operator)
     finally:
         conn.close()
+
+
+def insert_import(
+    conn: sqlite3.Connection, store_id: str, balances: Mapping[str, Decimal], as_of: float,
+    source: str, operator: str,
+) -> OpeningBalance:  # fmt: skip
+    """``record_import``'s insert on a given connection (clustered mode: a partition's, so it
+    goes through the state log)."""
+    now = time.time()
+    text = _encode(dict(balances)).decode()
+    cur = conn.execute(
+        "INSERT INTO inventory_imports (store_id, as_of, source, operator, balances, "
+        "recorded_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (store_id, as_of, source, operator, text, now),
+    )
+    assert cur.lastrowid is not None
+    return OpeningBalance(cur.lastrowid, store_id, as_of, source, operator, dict(balances),
+                          now)  # fmt: skip
 
 
 def read_import(data_dir: Path, import_id: int) -> OpeningBalance | None:

@@ -692,43 +692,49 @@ def record_skip(
     try:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            row = conn.execute(
-                "SELECT from_seq, to_seq FROM gaps WHERE store_id = ? AND epoch = ?",
-                (store_id, epoch),
-            ).fetchone()
-            if row is None:
-                raise SkipRefused(
-                    store_id, epoch, "no open gap (see `storelink-central gaps list`)"
-                )
-            from_seq, to_seq = row
-            if not from_seq <= through_seq <= to_seq:
-                raise SkipRefused(
-                    store_id, epoch,
-                    f"--through {through_seq} is outside the gap {from_seq}..{to_seq} (beyond "
-                    f"{to_seq} are records central holds and will deliver)",
-                )  # fmt: skip
-            pending = conn.execute(
-                "SELECT id FROM gap_skips WHERE store_id = ? AND epoch = ? AND applied_at IS NULL",
-                (store_id, epoch),
-            ).fetchone()
-            if pending is not None:
-                raise SkipRefused(
-                    store_id, epoch, f"skip {pending[0]} is recorded and not applied yet"
-                )
-            now = time.time()
-            cur = conn.execute(
-                "INSERT INTO gap_skips (store_id, epoch, from_seq, through_seq, reason, operator, "
-                "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (store_id, epoch, from_seq, through_seq, reason, operator, now),
-            )
+            skip = insert_skip(conn, store_id, epoch, through_seq, reason, operator)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        assert cur.lastrowid is not None
-        return GapSkip(cur.lastrowid, store_id, epoch, from_seq, through_seq, reason, operator, now)
+        return skip
     finally:
         conn.close()
+
+
+def insert_skip(
+    conn: sqlite3.Connection, store_id: str, epoch: str, through_seq: int, reason: str,
+    operator: str,
+) -> GapSkip:  # fmt: skip
+    """``record_skip``'s checks and insert, inside the caller's transaction (clustered mode
+    runs it on a partition's connection, so it goes through the state log)."""
+    row = conn.execute(
+        "SELECT from_seq, to_seq FROM gaps WHERE store_id = ? AND epoch = ?",
+        (store_id, epoch),
+    ).fetchone()
+    if row is None:
+        raise SkipRefused(store_id, epoch, "no open gap (see `storelink-central gaps list`)")
+    from_seq, to_seq = row
+    if not from_seq <= through_seq <= to_seq:
+        raise SkipRefused(
+            store_id, epoch,
+            f"--through {through_seq} is outside the gap {from_seq}..{to_seq} (beyond "
+            f"{to_seq} are records central holds and will deliver)",
+        )  # fmt: skip
+    pending = conn.execute(
+        "SELECT id FROM gap_skips WHERE store_id = ? AND epoch = ? AND applied_at IS NULL",
+        (store_id, epoch),
+    ).fetchone()
+    if pending is not None:
+        raise SkipRefused(store_id, epoch, f"skip {pending[0]} is recorded and not applied yet")
+    now = time.time()
+    cur = conn.execute(
+        "INSERT INTO gap_skips (store_id, epoch, from_seq, through_seq, reason, operator, "
+        "recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (store_id, epoch, from_seq, through_seq, reason, operator, now),
+    )
+    assert cur.lastrowid is not None
+    return GapSkip(cur.lastrowid, store_id, epoch, from_seq, through_seq, reason, operator, now)
 
 
 def read_skip(data_dir: Path, skip_id: int) -> GapSkip | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -60,6 +61,29 @@ from protocol.subjects import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# Clustered mode's operators' decisions (`gaps skip`, `inventory import`): the CLI publishes
+# each to its store's partition subject; the partition's owner records it through the state log
+# between two units and writes what came of it to DECISIONS_BUCKET under the decision's id.
+DECISIONS_STREAM = "STORELINK_DECISIONS"
+DECISIONS_PREFIX = "storelink.decision"
+DECISIONS_WILDCARD = f"{DECISIONS_PREFIX}.*"
+DECISIONS_BUCKET = "storelink_decisions"
+# Snapshots of each partition's state file (central/statelog.py), object ``p<k>-<log seq>``.
+SNAPSHOTS_BUCKET = "STORELINK_SNAPSHOTS"
+
+
+def decision_subject(partition: int) -> str:
+    return f"{DECISIONS_PREFIX}.p{partition}"
+
+
+def partitions_of(transform: Any) -> int:
+    """The number of partitions an events stream's subject transform makes (0: none)."""
+    if transform is None:
+        return 0
+    found = re.search(r"partition\((\d+)", transform.dest or "")
+    return int(found.group(1)) if found else 0
+
 
 MAX_MSG_SIZE = 8 * 1024 * 1024
 # Batches held behind a gap stay pending (NAKed with a delay) and count against this limit; a
@@ -146,18 +170,23 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
         ),
     ]
     if cfg.cluster.enabled:
-        # Each partition's state log (central/statelog.py): never expires, never discards
-        # (a refused append stops the unit, which is retried).
-        wanted.append(
+        # Each partition's state log (central/statelog.py), and operators' decisions for the
+        # partitions' owners (kept for audit): never expire, never discard (a refused append
+        # stops the unit, which is retried; a refused decision fails the CLI, which says so).
+        wanted.extend(
             StreamConfig(
-                name=STATE_STREAM,
-                subjects=[STATE_WILDCARD],
+                name=name,
+                subjects=[subjects],
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.LIMITS,
-                duplicate_window=cfg.stream.duplicate_window,  # the server's default (no ids)
+                duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 max_msg_size=MAX_MSG_SIZE,
                 discard=DiscardPolicy.NEW,
+            )
+            for name, subjects in (
+                (STATE_STREAM, STATE_WILDCARD),
+                (DECISIONS_STREAM, DECISIONS_WILDCARD),
             )
         )
     if oms:

@@ -68,6 +68,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
         "bench_checkpoint",
         "bench_wan",
         "bench_workers",
+        "bench_snapshots",
         "bench_fleet",
     ],
 )

@@ -4,7 +4,9 @@ their configs, what the OMS saw (every publish, duplicates included), and the st
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
@@ -14,10 +16,16 @@ from typing import Any
 
 import nats.js.errors
 
+from agent.simulator import Till
 from central.broker import free_port
 from central.demo import ManagedProcess
+from central.ledger import day_number, key_hash
+from central.sequencer import Sequencer
+from central.state import STATE_FILENAME, Unit
 from central.statelog import Entry, decode_entry
 from protocol.subjects import STATE_STREAM, state_subject
+from protocol.wire import decode_batch
+from tests.central.conftest import batch_bytes, make_records
 
 
 def worker_config(
@@ -145,3 +153,33 @@ def writers_after_claims(entries: Sequence[Entry]) -> list[str]:
         elif entry.worker != owner:
             stray.append(f"{entry.worker}@{i}")
     return stray
+
+
+async def commit_sales(state: Any, store_id: str, first: int, count: int, unit: int = 10) -> None:
+    """Commit ``count`` sales of ``store_id`` from seq ``first`` through ``state``, ``unit`` per
+    unit of work: the marks and the key ledger's rows the consumer's unit would write."""
+    events = list(Till(store_id=store_id, seed=3).events(first + count - 1))
+    for lo in range(first, first + count, unit):
+        hi = min(lo + unit, first + count)
+        work = Unit()
+        sequencer = Sequencer(state.marks(), state.gaps())
+        records = make_records(events[lo - 1 : hi - 1], lo)
+        sequencer.classify(decode_batch(batch_bytes(store_id, records)), work, time.time())
+        today = day_number(time.time())  # the key ledger's rows, as the ledger stages them
+        work.ledger_keys[store_id] = {key_hash(e.event_id): today for e in events[lo - 1 : hi - 1]}
+        await state.commit(work)
+
+
+def dump(data_dir: Path) -> dict[str, list[Any]]:
+    """Every table of a partition's file, sorted rows, but its log position (which says where
+    a worker stands, not what the state is)."""
+    conn = sqlite3.connect(f"file:{data_dir / STATE_FILENAME}?mode=ro", uri=True)
+    try:
+        tables = [
+            r[0]
+            for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            if r[0] != "statelog_position"
+        ]
+        return {t: sorted(map(repr, conn.execute(f"SELECT * FROM {t}"))) for t in tables}
+    finally:
+        conn.close()
