@@ -31,6 +31,11 @@ from typing import Any
 
 from central.broker import PID_FILENAME
 from central.errors import ConfigError
+from central.streams import (
+    DECISIONS_BUCKET,
+    DECISIONS_WILDCARD,
+    SNAPSHOTS_BUCKET,
+)
 from protocol.subjects import (
     CENTRAL_INBOX_PREFIX,
     CHECKPOINT_WILDCARD,
@@ -38,8 +43,12 @@ from protocol.subjects import (
     DLQ_PREFIX,
     EVENTS_PREFIX,
     HEARTBEAT_WILDCARD,
+    LEASES_BUCKET,
     OMS_PREFIX,
     OMS_STREAM,
+    STATE_WILDCARD,
+    SUMMARIES_BUCKET,
+    WORKERS_BUCKET,
     checkpoint_subject,
     control_subject,
     events_subject,
@@ -54,6 +63,9 @@ CENTRAL_SEED_FILENAME = "central.nk"
 STORE_SEED_FILENAME = "store.nk"
 AUTH_CONF_FILENAME = "auth.conf"
 RELOAD_TIMEOUT = 5.0
+
+
+CLUSTER_BUCKETS = (LEASES_BUCKET, WORKERS_BUCKET, SUMMARIES_BUCKET, DECISIONS_BUCKET)
 
 
 def new_user_seed() -> tuple[bytes, str]:
@@ -132,7 +144,8 @@ def store_permissions(store_id: str) -> dict[str, Any]:
 def central_permissions() -> dict[str, Any]:
     """JetStream's API and acks (streams, the pull consumer, DLQ reads), control requests to
     stores, DLQ and OMS publishes, events subjects (`dlq replay` re-publishes a dead-lettered
-    batch where it came from); it subscribes only on its own inbox (so it cannot listen in on
+    batch where it came from), and clustered mode's state logs, decisions, buckets and
+    snapshots; it subscribes only on its own inbox (so it cannot listen in on
     a store's replies), the stores' heartbeats and their checkpoints."""
     return {
         "publish": {
@@ -143,6 +156,13 @@ def central_permissions() -> dict[str, Any]:
                 f"{EVENTS_PREFIX}.*",
                 f"{DLQ_PREFIX}.*",
                 f"{OMS_PREFIX}.>",
+                # Clustered mode (docs/scaling.md): the partitions' state logs, operators'
+                # decisions, the key-value buckets (leases, workers, store summaries, decisions'
+                # outcomes) and the snapshots' object store.
+                STATE_WILDCARD,
+                DECISIONS_WILDCARD,
+                *(f"$KV.{bucket}.>" for bucket in CLUSTER_BUCKETS),
+                f"$O.{SNAPSHOTS_BUCKET}.>",
             ]
         },
         "subscribe": {

@@ -16,12 +16,20 @@ import nats.errors
 import pytest
 
 from agent.simulator import Till, post_events
-from central.auth import AUTH_CONF_FILENAME, STORE_SEED_FILENAME, new_user_seed
+from central.auth import (
+    AUTH_CONF_FILENAME,
+    CENTRAL_SEED_FILENAME,
+    CREDENTIALS_DIRNAME,
+    STORE_SEED_FILENAME,
+    new_user_seed,
+)
 from central.demo import Pipeline
 from protocol.connection import connect_options
 from protocol.subjects import EVENTS_STREAM, MSG_ID_HEADER, events_subject, inbox_prefix
 from tests.central.conftest import batch_bytes, make_records
+from tests.chaos.harness import eventually
 from tests.cluster.test_central_cluster import cluster_pipeline
+from tests.cluster.workers import Worker
 from tests.clusterkit import NatsCluster
 from tests.e2e.conftest import assert_exactly_once_in_order
 from tests.security.test_auth import Errors, wait_until
@@ -147,3 +155,66 @@ async def test_every_node_enforces_per_store_permissions(tmp_path: Path) -> None
         if pipeline is not None:
             await pipeline.stop()
         await cluster.stop()
+
+
+def read_logs(workers_dir: Path, nodes: list[Path]) -> str:
+    """The workers' logs and the nodes'."""
+    paths = [*workers_dir.glob("*.log"), *nodes]
+    return "".join(p.read_text(errors="replace") for p in paths)
+
+
+async def test_clustered_workers_run_under_the_generated_authorization(tmp_path: Path) -> None:
+    """Two partition workers with central's credentials on a 3-node cluster enforcing the
+    file `stores add` wrote: they share the partitions (leases, worker registry), take S1's
+    events through the state log, publish store summaries and snapshots, and no node logs a
+    permissions violation for central's user."""
+    central_dir = tmp_path / "p" / "central"
+    cluster = NatsCluster(tmp_path / "cluster", authorization="")
+    stores_add(central_dir, "S1", tmp_path / "p" / "stores" / "S1", cluster.urls)
+    cluster.authorization = (central_dir / "nats" / AUTH_CONF_FILENAME).read_text()
+    seed = central_dir / CREDENTIALS_DIRNAME / CENTRAL_SEED_FILENAME
+    credentials = f'credentials = "{seed}"\n'
+    workers = [
+        Worker(tmp_path, w, cluster.urls, partitions=2, nats_extra=credentials,
+               extra="snapshot_entries = 3\n")
+        for w in ("w1", "w2")
+    ]  # fmt: skip
+    try:
+        await cluster.start()
+        for worker in workers:
+            worker.process.start_nowait()
+        for worker in workers:
+            await worker.process.wait_healthy(60)
+        await eventually(
+            lambda: sorted(workers[0].owned_nowait() + workers[1].owned_nowait()) == [0, 1],
+            60,
+            "the two workers share the 2 partitions",
+        )
+        errors = Errors()
+        creds = tmp_path / "p" / "stores" / "S1" / STORE_SEED_FILENAME
+        nc = await connect_as(cluster.urls[0], "S1", creds, errors)
+        try:
+            js = nc.jetstream(timeout=5.0)
+            records = make_records(list(Till(store_id="S1", seed=5).events(30)))
+            for first in range(0, 30, 5):
+                chunk = records[first : first + 5]
+                headers = {MSG_ID_HEADER: f"S1:auth:{chunk[0].seq}"}
+                await js.publish(events_subject("S1"), batch_bytes("S1", chunk), headers=headers)
+        finally:
+            await nc.close()
+
+        def delivered() -> dict[str, int]:
+            return {
+                s["store_id"]: s["hwm"]
+                for w in workers
+                for s in w.status_nowait().get("stores", [])
+                if s.get("hwm")
+            }
+
+        await eventually(lambda: {"S1": 30} == delivered(), 60, "S1's 30 events delivered")
+    finally:
+        for worker in workers:
+            await worker.process.stop()
+        await cluster.stop()
+    logs = read_logs(tmp_path, [node.log_path for node in cluster.nodes])
+    assert "permissions violation" not in logs.lower()

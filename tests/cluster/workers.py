@@ -36,6 +36,7 @@ def worker_config(
     http_port: int,
     partitions: int,
     extra: str = "",
+    nats_extra: str = "",
 ) -> Path:
     """A worker's central.toml: the nats sink, the cluster section, short waits for tests."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -44,7 +45,7 @@ def worker_config(
         f'data_dir = "{data_dir}"\n'
         'sinks = ["nats"]\n'
         f'http = "127.0.0.1:{http_port}"\n'
-        f"[nats]\nurls = {json.dumps(list(urls))}\n"
+        f"[nats]\nurls = {json.dumps(list(urls))}\n{nats_extra}"
         "[consumer]\nack_wait = 3.0\ngap_hold_seconds = 1.0\n"
         f'[cluster]\npartitions = {partitions}\nworker_id = "{worker_id}"\n'
         "settle_seconds = 1.0\n" + extra
@@ -61,6 +62,7 @@ class Worker:
     urls: Sequence[str]
     partitions: int
     extra: str = ""
+    nats_extra: str = ""  # lines of its [nats] section (credentials)
     http_port: int = field(default_factory=free_port)
     process: ManagedProcess = field(init=False)
 
@@ -68,7 +70,7 @@ class Worker:
         self.data_dir = self.root / self.worker_id
         config = worker_config(
             self.data_dir, self.urls, worker_id=self.worker_id, http_port=self.http_port,
-            partitions=self.partitions, extra=self.extra,
+            partitions=self.partitions, extra=self.extra, nats_extra=self.nats_extra,
         )  # fmt: skip
         args = [
             sys.executable, "-m", "central", "run", "--config", str(config),
