@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,12 +18,16 @@ from tests.central.conftest import Harness, running_harness
 TOKEN = "op-secret-token"
 
 
+def _dashboard_central(tmp_path: Path, url: str, poll_seconds: float) -> Any:
+    settings = {"dashboard.agent_poll_seconds": poll_seconds, "dashboard.operator_token": TOKEN}
+    return running_harness(tmp_path, url, **settings)
+
+
 @pytest.fixture
 async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
     """Central consuming from the test's nats-server, its agent watch asking every 0.2 s,
     actions allowed with ``TOKEN``."""
-    settings = {"dashboard.agent_poll_seconds": 0.2, "dashboard.operator_token": TOKEN}
-    async with running_harness(tmp_path, nats_server.url, **settings) as running:
+    async with _dashboard_central(tmp_path, nats_server.url, 0.2) as running:
         yield running
 
 
@@ -30,8 +35,7 @@ async def central(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[
 async def central_unpolled(tmp_path: Path, nats_server: EmbeddedBroker) -> AsyncIterator[Harness]:
     """``central`` whose agent watch asks once, at start, before any store is known: no store
     turns unreachable while a test looks at the other states."""
-    settings = {"dashboard.agent_poll_seconds": 3600, "dashboard.operator_token": TOKEN}
-    async with running_harness(tmp_path, nats_server.url, **settings) as running:
+    async with _dashboard_central(tmp_path, nats_server.url, 3600) as running:
         yield running
 
 
