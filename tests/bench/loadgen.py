@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import msgspec
 
+from protocol.events import Event, PostVoid
 from protocol.wire import encode_json
 from tests.bench.harness import percentile, run_loop, sample_events
 
@@ -35,16 +38,44 @@ def build_bodies(
     events: int, batch: int, run_id: str, store_id: str
 ) -> list[tuple[bytes, list[str]]]:
     """``(body, event_ids)`` per request."""
-    pool = sample_events(min(events, POOL), store_id=store_id, run_id=run_id)
+    copies = Copies(sample_events(min(events, POOL), store_id=store_id, run_id=run_id), run_id)
     bodies = []
     for first in range(0, events, batch):
-        chunk = [
-            msgspec.structs.replace(pool[i % len(pool)], event_id=f"{run_id}-{i:09d}")
-            for i in range(first, min(first + batch, events))
-        ]
+        chunk = [copies[i] for i in range(first, min(first + batch, events))]
         ids = [e.event_id for e in chunk]
         bodies.append((encode_json(chunk if batch > 1 else chunk[0]), ids))
     return bodies
+
+
+class Copies:
+    """The events of a run, copied from a pool of simulated ones as a till would ring them.
+
+    Copy ``i`` is the pool's event ``i % len(pool)`` with a fresh event_id. Each pass over the
+    pool is later than the one before by the pool's span plus a second (a till's clock moves
+    forward: a copy stamped with its original's time would be a stock count older than all that
+    was booked before it, which makes central's inventory read the whole journal for it), and a
+    post-void names its sale's copy in the same pass, not the pool's original id, which no copy
+    carries."""
+
+    def __init__(self, pool: list[Event], run_id: str) -> None:
+        self.pool = pool
+        self.run_id = run_id
+        times = [e.occurred_at for e in pool]
+        self.step = max(times) - min(times) + dt.timedelta(seconds=1)
+        self.index = {e.event_id: n for n, e in enumerate(pool)}
+
+    def __getitem__(self, i: int) -> Event:
+        size = len(self.pool)
+        cycle, j = divmod(i, size)
+        event = self.pool[j]
+        changes: dict[str, Any] = {"event_id": f"{self.run_id}-{i:09d}"}
+        if cycle:
+            changes["occurred_at"] = event.occurred_at + self.step * cycle
+        if isinstance(event, PostVoid) and event.voided_event_id is not None:
+            n = self.index.get(event.voided_event_id)
+            if n is not None:
+                changes["voided_event_id"] = f"{self.run_id}-{cycle * size + n:09d}"
+        return msgspec.structs.replace(event, **changes)
 
 
 @dataclass
