@@ -63,7 +63,7 @@ from agent.errors import (
     StoreMismatch,
 )
 from protocol import migrations
-from protocol.checkpoint import DayTotals, business_day_of
+from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import Event
 from protocol.timefmt import utc
@@ -180,14 +180,17 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
 
 
-def _new_records(job: _Append, result: AppendResult) -> list[tuple[int, Event]]:
-    """The ``(seq, event)`` an accepted append added (not its duplicates)."""
+def _new_events(job: _Append, result: AppendResult) -> Sequence[Event]:
+    """The events an accepted append added (not its duplicates), in seq order: their seqs run
+    from ``result.first_seq`` without a gap."""
+    if not result.duplicates:
+        return job.events  # the common case: every event new, nothing to pick
     assert result.first_seq is not None
     new: dict[int, Event] = {}
     for seq, event in zip(result.seqs, job.events, strict=True):
         if seq >= result.first_seq and seq not in new:
             new[seq] = event
-    return list(new.items())
+    return list(new.values())
 
 
 @functools.lru_cache(maxsize=INSERT_CHUNK)
@@ -984,7 +987,9 @@ class Outbox:
                 appends = [j for j in jobs if isinstance(j, _Append)]
                 known = self._lookup(conn, appends) if appends else {}
                 rows: list[_Row] = []
-                counted: list[tuple[int, Event]] = []  # new records, for the day totals
+                # New records for the day totals: (first seq, events with consecutive seqs).
+                counted: list[tuple[int, Sequence[Event]]] = []
+                newest: dt.date | None = None
                 sent_changed = False
                 for job in jobs:
                     if isinstance(job, _Append):
@@ -996,7 +1001,8 @@ class Outbox:
                             pending_results.append((job, result, None))
                             if result.accepted:
                                 outcome.appended = True
-                                counted += _new_records(job, result)
+                                assert result.first_seq is not None
+                                counted.append((result.first_seq, _new_events(job, result)))
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(conn, rows)
@@ -1045,7 +1051,7 @@ class Outbox:
                 if rows:
                     self._insert(conn, rows)
                 if counted:
-                    checkpoint.record_days(conn, counted, now)
+                    newest = checkpoint.record_days(conn, counted, now)
                 if sent_changed:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1
@@ -1067,10 +1073,8 @@ class Outbox:
                 if job.future is not None:
                     outcome.results.append((job.future, None, error))
             return outcome
-        if counted:
-            newest = max(business_day_of(e) for _s, e in counted)
-            if self.newest_day is None or newest > self.newest_day:
-                self.newest_day = newest
+        if newest is not None and (self.newest_day is None or newest > self.newest_day):
+            self.newest_day = newest
         state.transactions += 1
         state.appends += sum(
             1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None

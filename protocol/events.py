@@ -427,9 +427,10 @@ StockLines = Annotated[list[StockLine], msgspec.Meta(min_length=1, max_length=10
 # gc=False on every event Struct: the cyclic garbage collector does not track them. A body of
 # 500 events made ~3,500 tracked objects, so decoding one set off several collections, each
 # walking everything still alive (the request's events too): ~40 % of decode's CPU while the
-# events are kept, as ingest keeps them until its commit (docs/benchmarks.md). Frozen, holding only strings, decimals, dates
-# and lists of such Structs, an event can never be part of a reference cycle, which is when
-# msgspec says gc=False is safe; the lists inside are still tracked by Python.
+# events are kept, as ingest keeps them until its commit (docs/benchmarks.md). Frozen, and
+# holding only strings, decimals, dates and lists of such Structs, an event can never be part
+# of a reference cycle, which is when msgspec says gc=False is safe; the lists inside are
+# still tracked by Python.
 class EventBase(
     msgspec.Struct,
     frozen=True,
