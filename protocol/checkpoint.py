@@ -247,16 +247,23 @@ def _add_run(
     runs: list[tuple[int, int, float]], new: tuple[int, int, float]
 ) -> list[tuple[int, int, float]]:
     """``runs`` with ``new`` joined in: sorted, adjacent or overlapping runs merged (a merged
-    run keeps the ``since`` of its lower part)."""
+    run keeps the ``since`` of its lower part: when its first number first arrived)."""
     return _merge_till_runs(runs, [new])
+
+
+def _first_then_since(run: tuple[int, int, float]) -> tuple[int, float]:
+    return run[0], run[2]
 
 
 def _merge_till_runs(
     runs: list[tuple[int, int, float]], new: list[tuple[int, int, float]]
 ) -> list[tuple[int, int, float]]:
-    """``runs`` and ``new`` as one list of runs (see ``_add_run``)."""
+    """``runs`` and ``new`` as one list of runs (see ``_add_run``). Of parts that start at the
+    same number the earliest ``since`` is kept (a number seen again does not make its run
+    newer), so the result does not depend on the order numbers arrive in: merging a batch's
+    numbers at once (``add_run``) is the same as one by one (``add``)."""
     merged: list[tuple[int, int, float]] = []
-    for run in sorted([*runs, *new]):
+    for run in sorted([*runs, *new], key=_first_then_since):
         if merged and run[0] <= merged[-1][1] + 1:
             low = merged[-1]
             merged[-1] = (low[0], max(low[1], run[1]), low[2])
