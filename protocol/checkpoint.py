@@ -1,7 +1,8 @@
 """Per business day totals, as the agent counts what it took and central what it delivered.
 
-Both sides fold records into the same ``DayTotals`` with ``add``, so a checkpoint (the agent's
-totals) and central's ledger compare field by field (``difference``). Money and quantities are
+Both sides fold records into the same ``DayTotals`` (``add`` a record at a time, ``add_run`` a
+commit's records at once, with the same result), so a checkpoint (the agent's totals) and
+central's ledger compare field by field (``difference``). Money and quantities are
 exact decimals. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
