@@ -38,7 +38,7 @@ from protocol import migrations
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
-    add,
+    add_run,
     add_till,
     decode_totals,
     store_merged,
@@ -63,14 +63,19 @@ MIGRATION: migrations.Migration = (
 )
 
 
-def record_days(conn: sqlite3.Connection, records: Sequence[tuple[int, Event]], now: float) -> None:
-    """Fold newly committed ``(seq, event)`` (arrived at ``now``) into ``day_totals``, inside
-    the caller's transaction (the outbox's writer, before its COMMIT)."""
+def record_days(
+    conn: sqlite3.Connection, runs: Sequence[tuple[int, Sequence[Event]]], now: float
+) -> dt.date | None:
+    """Fold newly committed records (arrived at ``now``) into ``day_totals``, inside the
+    caller's transaction (the outbox's writer, before its COMMIT). ``runs``: ``(first_seq,
+    events)``, the events' seqs consecutive from ``first_seq``. Returns the latest business
+    day among them (None when there are none)."""
     staged: dict[dt.date, DayTotals] = {}
-    for seq, event in records:
-        add(staged, seq, event, till_at=now)
+    for first_seq, events in runs:
+        add_run(staged, first_seq, events, till_at=now)
     for day, totals in staged.items():
         store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+    return max(staged, default=None)
 
 
 def record_tills(

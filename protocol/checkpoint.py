@@ -1,7 +1,8 @@
 """Per business day totals, as the agent counts what it took and central what it delivered.
 
-Both sides fold records into the same ``DayTotals`` with ``add``, so a checkpoint (the agent's
-totals) and central's ledger compare field by field (``difference``). Money and quantities are
+Both sides fold records into the same ``DayTotals`` (``add`` a record at a time, ``add_run`` a
+commit's records at once, with the same result), so a checkpoint (the agent's totals) and
+central's ledger compare field by field (``difference``). Money and quantities are
 exact decimals. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import operator
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Protocol
@@ -95,6 +97,99 @@ def add(
     return totals
 
 
+_lines = operator.attrgetter("lines")
+_quantity = operator.attrgetter("quantity")
+_total = operator.attrgetter("total")
+_currency = operator.attrgetter("currency")
+_KINDS: dict[type, str] = {}  # event class -> its wire tag, learned on first sight
+
+
+def add_run(
+    days: dict[dt.date, DayTotals],
+    first_seq: int,
+    events: Sequence[Event],
+    *,
+    till_at: float | None = None,
+) -> None:
+    """Fold the records ``first_seq``, ``first_seq + 1``, ... (``events``, in seq order) into
+    ``days``: the same totals as ``add`` record by record, folded per business day and type.
+
+    ``add`` costs ~4 µs per record in Python (a ``Decimal`` sum per event, a dict update per
+    field); the agent folds every committed record, so here each record costs one grouping
+    step, and the sums run over whole groups in ``sum`` and ``map`` (C). Till numbers are
+    merged into a workstation's runs once per batch, not once per record.
+    """
+    groups: dict[tuple[dt.date, type], list[Event]] = {}
+    spans: dict[dt.date, list[int]] = {}  # day -> [first seq, last seq]
+    seq = first_seq
+    for event in events:
+        day = event.business_day or event.occurred_at.date()
+        key = (day, type(event))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [event]
+            span = spans.get(day)
+            if span is None:
+                spans[day] = [seq, seq]
+            else:
+                span[1] = seq
+        else:
+            group.append(event)
+            spans[day][1] = seq
+        seq += 1
+    for day, (low, high) in spans.items():
+        totals = days.get(day)
+        if totals is None:
+            days[day] = DayTotals(business_day=day, first_seq=low, last_seq=high)
+        else:
+            totals.first_seq = min(totals.first_seq, low)
+            totals.last_seq = max(totals.last_seq, high)
+    for (day, cls), group in groups.items():
+        totals = days[day]
+        kind = _KINDS.get(cls)
+        if kind is None:
+            kind = _KINDS[cls] = event_type(group[0])
+        count = len(group)
+        totals.records += count
+        totals.by_type[kind] = totals.by_type.get(kind, 0) + count
+        if hasattr(group[0], "currency"):
+            _add_money(totals.money, kind, group)
+        lines = itertools.chain.from_iterable(map(_lines, group))
+        quantity = sum(map(_quantity, lines), Decimal(0))
+        totals.quantity[kind] = totals.quantity.get(kind, Decimal(0)) + quantity
+        if till_at is not None:
+            _add_tills(totals, group, till_at)
+
+
+def _add_money(money: dict[str, Decimal], kind: str, group: list[Any]) -> None:
+    """Add the totals of ``group`` (sales, returns or post-voids) per currency."""
+    currencies = set(map(_currency, group))
+    for currency in currencies:
+        of = group if len(currencies) == 1 else [e for e in group if e.currency == currency]
+        key = f"{kind}:{currency}"
+        money[key] = money.get(key, Decimal(0)) + sum(map(_total, of), Decimal(0))
+
+
+def _add_tills(totals: DayTotals, group: list[Event], at: float) -> None:
+    """Merge the numeric transaction ids of ``group`` into their workstations' runs."""
+    seen: dict[str, set[int]] = {}
+    for event in group:
+        workstation, txn = event.workstation_id, event.transaction_id
+        if workstation and txn and txn.isdigit():
+            numbers = seen.get(workstation)
+            if numbers is None:
+                numbers = seen[workstation] = set()
+            numbers.add(int(txn))
+    for workstation, numbers in seen.items():
+        new: list[tuple[int, int, float]] = []
+        for number in sorted(numbers):
+            if new and new[-1][1] + 1 == number:
+                new[-1] = (new[-1][0], number, at)
+            else:
+                new.append((number, number, at))
+        totals.tills[workstation] = _merge_till_runs(totals.tills.get(workstation, []), new)
+
+
 def add_seqs(totals: DayTotals, first: int, last: int) -> None:
     """Count seqs ``first..last`` into the day's runs of accounted seqs (central): a run right
     after the last one extends it (the common case, records come in seq order), any other is
@@ -153,9 +248,23 @@ def _add_run(
     runs: list[tuple[int, int, float]], new: tuple[int, int, float]
 ) -> list[tuple[int, int, float]]:
     """``runs`` with ``new`` joined in: sorted, adjacent or overlapping runs merged (a merged
-    run keeps the ``since`` of its lower part)."""
+    run keeps the ``since`` of its lower part: when its first number first arrived)."""
+    return _merge_till_runs(runs, [new])
+
+
+def _first_then_since(run: tuple[int, int, float]) -> tuple[int, float]:
+    return run[0], run[2]
+
+
+def _merge_till_runs(
+    runs: list[tuple[int, int, float]], new: list[tuple[int, int, float]]
+) -> list[tuple[int, int, float]]:
+    """``runs`` and ``new`` as one list of runs (see ``_add_run``). Of parts that start at the
+    same number the earliest ``since`` is kept (a number seen again does not make its run
+    newer), so the result does not depend on the order numbers arrive in: merging a batch's
+    numbers at once (``add_run``) is the same as one by one (``add``)."""
     merged: list[tuple[int, int, float]] = []
-    for run in sorted([*runs, new]):
+    for run in sorted([*runs, *new], key=_first_then_since):
         if merged and run[0] <= merged[-1][1] + 1:
             low = merged[-1]
             merged[-1] = (low[0], max(low[1], run[1]), low[2])

@@ -5,8 +5,20 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
-from protocol.checkpoint import DayTotals, TillHole, add, difference, merge, till_holes
-from protocol.events import LineItem, Sale
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.checkpoint import DayTotals, TillHole, add, add_run, difference, merge, till_holes
+from protocol.events import (
+    Event,
+    LineItem,
+    PostVoid,
+    Return,
+    Sale,
+    StockAdjustment,
+    StockCount,
+    StockLine,
+)
 
 DAY = dt.date(2026, 12, 5)
 
@@ -64,3 +76,73 @@ def test_difference_names_only_what_differs() -> None:
         "quantity": {"sale": "0.42"},
     } == difference(store[DAY], central[DAY])
     assert {} == difference(store[DAY], store[DAY])
+
+
+def _event(kind: int, n: int, day: int, ws: str | None, txn: str | None, cur: str) -> Event:
+    """One event of each type by ``kind``, its money and quantities from ``n``."""
+    head = {
+        "event_id": f"e{n}", "occurred_at": dt.datetime(2026, 12, 1 + day, 23, tzinfo=dt.UTC),
+        "workstation_id": ws, "transaction_id": txn,
+        "business_day": None if day == 2 else DAY + dt.timedelta(days=day),
+    }  # fmt: skip
+    amount = Decimal(n) / 100
+    if kind >= 3:
+        stock = [
+            StockLine(sku="1", quantity=Decimal(n % 7) / 10),
+            StockLine(sku="2", quantity=amount),
+        ]
+        if kind == 3:
+            return StockAdjustment(**head, lines=stock, reason="damaged")
+        return StockCount(**head, lines=stock)
+    line = LineItem(sku="1", quantity=amount + 1, unit_price=amount, amount=amount)
+    cls = (Sale, Return, PostVoid)[kind]
+    extra = {"voided_transaction_id": "1"} if cls is PostVoid else {}
+    return cls(**head, currency=cur, total=amount, lines=[line, line], **extra)
+
+
+_events = st.lists(
+    st.builds(
+        _event,
+        st.integers(0, 4),
+        st.integers(1, 10_000),
+        st.integers(0, 2),
+        st.sampled_from([None, "1", "2"]),
+        st.sampled_from([None, "A7", *map(str, range(1, 12))]),
+        st.sampled_from(["EUR", "USD"]),
+    ),
+    max_size=40,
+)
+
+
+@given(before=_events, run=_events, first=st.integers(1, 50))
+@settings(max_examples=200, deadline=None)
+def test_a_run_folds_to_the_same_totals_as_record_by_record(
+    before: list[Event], run: list[Event], first: int
+) -> None:
+    """add_run (the agent's fold per batch) gives exactly what add gives record by record:
+    counts, seqs, money, quantities and till runs, into days that already hold records."""
+    one_by_one: dict[dt.date, DayTotals] = {}
+    batched: dict[dt.date, DayTotals] = {}
+    for n, event in enumerate(before, start=1):
+        add(one_by_one, n, event, till_at=10.0)
+        add(batched, n, event, till_at=10.0)
+    start = len(before) + first
+    for n, event in enumerate(run, start=start):
+        add(one_by_one, n, event, till_at=20.0)
+    add_run(batched, start, run, till_at=20.0)
+    assert one_by_one == batched
+
+
+def test_a_transaction_number_seen_again_keeps_its_runs_since() -> None:
+    """Transactions 5 and 6 arrive at 100, 5 again at 900 (a POS retry under a new event_id):
+    the run still dates from 100, so the hole before it is reported after the grace from 100;
+    the same whatever order 5, 6 and the retry arrive in."""
+    for order in ((5, 6, 5), (6, 5, 5), (5, 5, 6)):
+        days: dict[dt.date, DayTotals] = {}
+        add(days, 1, sale(1), till_at=50.0)
+        for n, txn in enumerate(order, start=2):
+            add(days, n, sale(txn), till_at=100.0 if n < 4 else 900.0)
+        expected = [
+            TillHole(business_day=DAY, workstation_id="7", from_txn=2, to_txn=4, since=100.0)
+        ]
+        assert expected == till_holes(days[DAY], now=160.0, grace=60)

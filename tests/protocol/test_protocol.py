@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from decimal import Decimal
 from pathlib import Path
 
@@ -210,3 +211,12 @@ def test_resync_messages_stay_compatible_both_ways() -> None:
     )
     assert (0, 1) == (read_by_old.marked, read_by_old.first_available_seq)
     assert 3 == read_by_old_agent.from_seq
+
+
+def test_decoded_events_are_not_tracked_by_the_cyclic_gc() -> None:
+    """Events and their lines and tenders are left out of the cyclic GC (gc=False): a body of
+    500 events must not set off collections that walk everything alive (docs/benchmarks.md)."""
+    events = decode_pos_events(encode_json(EVENTS))
+    structs = [s for e in events for s in (e, *e.lines, *getattr(e, "tenders", ()))]
+    assert len(EVENTS) == len(events)
+    assert [] == [s for s in structs if gc.is_tracked(s)]
