@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,10 +47,21 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PUBLISH_TIMEOUT = 10.0
 DEFAULT_ATOMIC_BATCH = 1000  # JetStream's most messages per atomic batch
-# Atomic batches of one sink in flight at once (each of another store). The server holds at
-# most 50 open batches per stream and drops what comes beyond (that batch's commit answers
+# Atomic batches in flight at once per connection (each of another store). The server holds
+# at most 50 open batches per stream and drops what comes beyond (that batch's commit answers
 # "incomplete", and it is sent again per record): 8 leaves room for six workers on one stream.
+# A worker's partitions each have their own sink on one connection: they share the slots.
 ATOMIC_IN_FLIGHT = 8
+_slots: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _batch_slots(nc: Any) -> asyncio.Semaphore:
+    slots = _slots.get(nc)
+    if slots is None:
+        slots = _slots[nc] = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+    return slots
+
+
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 STATUS_HEADER = "Status"
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
@@ -301,13 +313,13 @@ class NatsSink(Sink):
         return unit.rejected
 
     async def _deliver_atomic(self, records: Sequence[OmsRecord]) -> dict[int, str]:
-        """Each store's records as atomic batches, one store's after the other, several
-        stores' at once; the records refused for good, by index."""
+        """Each store's records as atomic batches, one batch of a store after the other,
+        several stores' at once; the records refused for good, by index."""
         runs: dict[str, list[int]] = {}
         for i, r in enumerate(records):
             runs.setdefault(r.store_id, []).append(i)
         rejected: dict[int, str] = {}
-        slots = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+        slots = _batch_slots(self.nc)
         try:
             async with asyncio.TaskGroup() as tasks:
                 for run in runs.values():
