@@ -13,13 +13,13 @@ rest of the unit is delivered: retrying the same bytes could only fail again. Ev
 refusal (no stream, timeouts, a lost connection) fails the unit as ``SinkUnavailable``.
 
 Atomic batches (JetStream ADR-50, nats-server >= 2.12, ``allow_atomic`` on the stream): a
-store's records of a unit go as batches of up to ``atomic_batch`` messages, each message the
-same as above plus the batch headers, and only the last one asks for a PubAck: one PubAck per
-batch instead of one per record, which was the largest part of the sink's cost in central
-(nats-py parsing and dispatching a ``Msg`` per PubAck). JetStream stores a batch whole or not
-at all. A store has one batch in flight at a time, so a batch that fails is sent again one
-record at a time (the per-record path: each record deduplicated, a record too large rejected
-alone) before the store's next batch: the store's order holds whatever failed. Batches fail
+unit goes as batches of up to ``atomic_batch`` messages, each message the same as above plus
+the batch headers, and only the last one asks for a PubAck: one PubAck per batch instead of
+one per record, which was the largest part of the sink's cost in central (nats-py parsing and
+dispatching a ``Msg`` per PubAck). JetStream stores a batch whole or not at all. A store has
+records in one batch in flight at a time, so a batch that fails is sent again one record at
+a time (the per-record path: each record deduplicated, a record too large rejected alone)
+before any later record of its stores: each store's order holds whatever failed. Batches fail
 whole for a key already in the dedup window (a unit that had partly landed before: a
 timeout, a restart, another worker's unit), a record too large, a full stream, or a stream
 that stopped allowing them; all of these are then settled per record, as before.
@@ -313,31 +313,49 @@ class NatsSink(Sink):
         return unit.rejected
 
     async def _deliver_atomic(self, records: Sequence[OmsRecord]) -> dict[int, str]:
-        """Each store's records as atomic batches, one batch of a store after the other,
-        several stores' at once; the records refused for good, by index."""
+        """The unit as atomic batches; the records refused for good, by index.
+
+        Every commit costs JetStream a write to disk before its PubAck (it does not take
+        atomic batches into a stream with asynchronous persistence), so batches are as full
+        as they can be: stores' records together, a store's whole in one batch where it fits.
+        Batches that share no store are in flight together; the batches of a store with more
+        records than a batch holds go one after the other (a lane), so that a refused batch
+        is settled record by record before any later record of its stores is sent."""
+        size = self.atomic_batch
         runs: dict[str, list[int]] = {}
         for i, r in enumerate(records):
             runs.setdefault(r.store_id, []).append(i)
+        lanes: list[list[list[int]]] = []
+        shared: list[int] = []
+        for run in runs.values():
+            if len(run) > size:
+                lanes.append([run[first : first + size] for first in range(0, len(run), size)])
+                continue
+            if len(shared) + len(run) > size:
+                lanes.append([shared])
+                shared = []
+            shared.extend(run)
+        if shared:
+            lanes.append([shared])
         rejected: dict[int, str] = {}
         slots = _batch_slots(self.nc)
         try:
             async with asyncio.TaskGroup() as tasks:
-                for run in runs.values():
-                    tasks.create_task(self._deliver_run(records, run, slots, rejected))
+                for lane in lanes:
+                    tasks.create_task(self._deliver_lane(records, lane, slots, rejected))
         except ExceptionGroup as group:
             raise group.exceptions[0] from None
         return rejected
 
-    async def _deliver_run(
+    async def _deliver_lane(
         self,
         records: Sequence[OmsRecord],
-        run: list[int],
+        lane: list[list[int]],
         slots: asyncio.Semaphore,
         rejected: dict[int, str],
     ) -> None:
-        """One store's records (``run``: their indexes, in order): a batch at a time."""
-        for first in range(0, len(run), self.atomic_batch):
-            chunk = run[first : first + self.atomic_batch]
+        """Batches (lists of indexes into ``records``) one after the other."""
+        for chunk in lane:
             if self.atomic and self.nc.is_connected:
                 async with slots:
                     why = await self._send_batch(records, chunk, rejected)
@@ -345,9 +363,9 @@ class NatsSink(Sink):
                     continue
                 self.batches_resent += 1
                 log.info(
-                    "nats sink: an atomic batch of %d records of store %s was not stored (%s); "
-                    "sending them one at a time",
-                    len(chunk), records[chunk[0]].store_id, why,
+                    "nats sink: an atomic batch of %d records was not stored (%s); sending "
+                    "them one at a time",
+                    len(chunk), why,
                 )  # fmt: skip
             refused = await self._deliver_each([records[i] for i in chunk])
             for j, reason in refused.items():

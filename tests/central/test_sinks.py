@@ -445,3 +445,25 @@ async def test_nats_sink_stream_that_stops_allowing_atomic_batches(
     assert (True, False) == (started_atomic, sink.atomic)
     assert (0, 1) == (sink.batches, sink.batches_resent)
     assert [r.key for r in records] == keys
+
+
+async def test_nats_sink_small_stores_share_atomic_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """Stores with few records each share batches (every commit costs JetStream a disk
+    write), a store's records whole in one batch: 25 stores of 60 records are 2 batches, and
+    every store's records land once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc)
+    await sink.start(None)
+    stores = {f"S{n}": store_records(f"S{n}", 60, seed=n) for n in range(25)}
+    unit = [r for i in range(60) for records in stores.values() for r in records[i : i + 1]]
+    rejected = await sink.deliver(unit)
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert ([], 2, 1500) == (rejected, sink.batches, len(keys))
+    for store_id, records in stores.items():
+        assert [r.key for r in records] == of_store(keys, store_id)
