@@ -467,3 +467,25 @@ async def test_nats_sink_small_stores_share_atomic_batches(
     assert ([], 2, 1500) == (rejected, sink.batches, len(keys))
     for store_id, records in stores.items():
         assert [r.key for r in records] == of_store(keys, store_id)
+
+
+async def test_nats_sink_atomic_batches_without_a_stream_are_unavailable(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """The OMS stream gone after the sink chose atomic batches: the batches' commits find no
+    responders, are sent again per record, and the unit fails as SinkUnavailable (retried
+    later), never taken as delivered."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    await js.delete_stream(OMS_STREAM)
+    unit = store_records("S1", 1200) + store_records("S2", 30, seed=6)
+    with pytest.raises(SinkUnavailable, match="no responders"):
+        await sink.deliver(unit)
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert (True, 0, 0) == (sink.atomic, sink.batches, stats.records)
+    assert sink.batches_resent >= 1
