@@ -26,6 +26,8 @@ DEFAULT_WEBHOOK_TIMEOUT = 10.0
 DEFAULT_WEBHOOK_ATTEMPTS = 5
 DEFAULT_WEBHOOK_CONCURRENCY = 16
 DEFAULT_WEBHOOK_BATCH_SIZE = 500  # one agent batch: 20 ms of OMS time spread over 500 records
+# Records per JetStream atomic batch from the nats sink: the server's own limit (ADR-50).
+DEFAULT_NATS_ATOMIC_BATCH = 1000
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
 DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
@@ -215,6 +217,21 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     )
 
 
+class NatsSinkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The nats OMS sink (docs/oms.md)."""
+
+    atomic_batch: Annotated[
+        int,
+        msgspec.Meta(
+            ge=0,
+            le=DEFAULT_NATS_ATOMIC_BATCH,
+            description="publish a store's records as JetStream atomic batches of up to this "
+            "many (one PubAck each) when STORELINK_OMS allows them; 0: one PubAck per record. "
+            "Still one message per record either way",
+        ),
+    ] = DEFAULT_NATS_ATOMIC_BATCH
+
+
 class LedgerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The key ledger: delivered event_ids per store, so a re-sent one is dropped."""
 
@@ -395,6 +412,7 @@ class CentralConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     stream: StreamSettings = StreamSettings()
     consumer: ConsumerSettings = ConsumerSettings()
     webhook: WebhookSettings = WebhookSettings()
+    nats_sink: NatsSinkSettings = NatsSinkSettings()
     ledger: LedgerSettings = LedgerSettings()
     reconcile: ReconcileSettings = ReconcileSettings()
     inventory: InventorySettings = InventorySettings()

@@ -200,6 +200,8 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 duplicate_window=cfg.stream.duplicate_window,
                 num_replicas=cfg.stream.replicas or None,  # 0: the server's default
                 discard=DiscardPolicy.NEW,
+                # The nats sink's atomic batches, one PubAck per batch (central/sinks/nats.py).
+                allow_atomic=True,
             )
         )
     return wanted
@@ -223,7 +225,7 @@ def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[
 
 STREAM_FIELDS = (
     "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
-    "num_replicas", "max_msg_size", "discard",
+    "num_replicas", "max_msg_size", "discard", "allow_atomic",
 )  # fmt: skip
 CONSUMER_FIELDS = (
     "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",

@@ -85,7 +85,7 @@ def make_sinks(cfg: CentralConfig, nc: Any) -> list[Sink]:
         elif kind == "webhook" and arg:
             sinks.append(WebhookSink(arg, cfg.webhook))
         elif kind == "nats":
-            sinks.append(NatsSink(nc))
+            sinks.append(NatsSink(nc, atomic_batch=cfg.nats_sink.atomic_batch))
         else:
             raise ConfigError(f"unknown sink {spec!r}: use file:PATH, webhook:URL or nats")
     return sinks

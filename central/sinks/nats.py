@@ -11,12 +11,26 @@ A record JetStream can never take (larger than the server's ``max_payload`` or t
 stream's ``max_msg_size``) is a ``SinkRejected`` with the reason, bound for the DLQ, and the
 rest of the unit is delivered: retrying the same bytes could only fail again. Every other
 refusal (no stream, timeouts, a lost connection) fails the unit as ``SinkUnavailable``.
+
+Atomic batches (JetStream ADR-50, nats-server >= 2.12, ``allow_atomic`` on the stream): a
+unit goes as batches of up to ``atomic_batch`` messages, each message the same as above plus
+the batch headers, and only the last one asks for a PubAck: one PubAck per batch instead of
+one per record, which was the largest part of the sink's cost in central (nats-py parsing and
+dispatching a ``Msg`` per PubAck). JetStream stores a batch whole or not at all. A store has
+records in one batch in flight at a time, so a batch that fails is sent again one record at
+a time (the per-record path: each record deduplicated, a record too large rejected alone)
+before any later record of its stores: each store's order holds whatever failed. Batches fail
+whole for a key already in the dedup window (a unit that had partly landed before: a
+timeout, a restart, another worker's unit), a record too large, a full stream, or a stream
+that stopped allowing them; all of these are then settled per record, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,11 +43,31 @@ from central.sinks import Sink, SinkStatistics
 from protocol.subjects import MSG_ID_HEADER, OMS_STREAM, oms_subject
 from protocol.wire import UNDECODABLE, OmsRecord, encode_json
 
+log = logging.getLogger(__name__)
+
 DEFAULT_PUBLISH_TIMEOUT = 10.0
+DEFAULT_ATOMIC_BATCH = 1000  # JetStream's most messages per atomic batch
+# Atomic batches in flight at once per connection (each of another store). The server holds
+# at most 50 open batches per stream and drops what comes beyond (that batch's commit answers
+# "incomplete", and it is sent again per record): 8 leaves room for six workers on one stream.
+# A worker's partitions each have their own sink on one connection: they share the slots.
+ATOMIC_IN_FLIGHT = 8
+_slots: weakref.WeakKeyDictionary[Any, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def _batch_slots(nc: Any) -> asyncio.Semaphore:
+    slots = _slots.get(nc)
+    if slots is None:
+        slots = _slots[nc] = asyncio.Semaphore(ATOMIC_IN_FLIGHT)
+    return slots
+
+
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 STATUS_HEADER = "Status"
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
 JS_MESSAGE_TOO_LARGE = 10054
+# "atomic publish is disabled": the stream was changed under us; per record from then on.
+JS_ATOMIC_DISABLED = 10174
 TOO_LARGE_STATUS = 413  # what a SinkRejected for a record too large for NATS carries
 
 
@@ -44,6 +78,19 @@ class _PubAck(msgspec.Struct):
 
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
+
+
+class _BatchAck(msgspec.Struct):
+    """The PubAck of an atomic batch's commit: the batch's id and how many messages it stored."""
+
+    stream: str = ""
+    seq: int = 0
+    batch: str = ""
+    count: int = 0
+    error: dict[str, Any] | None = None
+
+
+_decode_batch_ack = msgspec.json.Decoder(_BatchAck).decode
 
 
 # The per-event publish, without nats-py's ``publish``: building the header block from a dict
@@ -70,6 +117,31 @@ def _hpub(subject: bytes, reply: str, key: str, payload: bytes) -> bytes:
     )  # fmt: skip
 
 
+# An atomic batch's messages: the per-record headers, then the batch's. Only the commit (the
+# last message) has a reply subject.
+_BATCH_HEAD = f"NATS/1.0\r\n{MSG_ID_HEADER}: ".encode()
+_BATCH_MID = f"\r\n{EXPECTED_STREAM_HEADER}: {OMS_STREAM}\r\nNats-Batch-Id: ".encode()
+_BATCH_SEQUENCE = b"\r\nNats-Batch-Sequence: "
+_BATCH_COMMIT = b"\r\nNats-Batch-Commit: 1"
+
+
+def _batch_pub(subject: bytes, key: bytes, batch: bytes, seq: int, payload: bytes) -> bytes:
+    header = b"%s%s%s%s%s%d\r\n\r\n" % (_BATCH_HEAD, key, _BATCH_MID, batch, _BATCH_SEQUENCE, seq)
+    return b"HPUB %s %d %d\r\n%s%s\r\n" % (
+        subject, len(header), len(header) + len(payload), header, payload,
+    )  # fmt: skip
+
+
+def _batch_commit(subject: bytes, reply: bytes, key: bytes, batch: bytes, seq: int,
+                  payload: bytes) -> bytes:  # fmt: skip
+    header = b"%s%s%s%s%s%d%s\r\n\r\n" % (
+        _BATCH_HEAD, key, _BATCH_MID, batch, _BATCH_SEQUENCE, seq, _BATCH_COMMIT,
+    )  # fmt: skip
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject, reply, len(header), len(header) + len(payload), header, payload,
+    )  # fmt: skip
+
+
 def _raw_sender(nc: Any) -> Any:
     """A coroutine function queuing one protocol command as ``nc.publish`` does, or None when
     this nats-py does not have the internals it needs."""
@@ -88,7 +160,7 @@ def _raw_sender(nc: Any) -> Any:
 
 
 class _Unit:
-    """PubAcks awaited for one ``deliver`` call."""
+    """PubAcks awaited for records published one by one (a unit, or a batch sent again)."""
 
     def __init__(self, expected: int) -> None:
         self.expected = expected
@@ -109,27 +181,67 @@ class NatsSink(Sink):
 
     name = "nats"
 
-    def __init__(self, nc: Any, *, timeout: float = DEFAULT_PUBLISH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        nc: Any,
+        *,
+        timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        atomic_batch: int = DEFAULT_ATOMIC_BATCH,
+    ) -> None:
         self.nc = nc
         self.timeout = timeout
+        self.atomic_batch = atomic_batch
         self.records = 0
+        self.batches = 0  # atomic batches JetStream stored
+        self.batches_resent = 0  # atomic batches refused and sent again one record at a time
+        self.atomic = False  # decided in start(): does STORELINK_OMS take atomic batches?
         self._prefix = ""
+        self._batch_prefix = b""
         self._sub: Any = None
         self._units = itertools.count(1)
-        self._current: tuple[str, _Unit] | None = None
+        self._batch_numbers = itertools.count(1)
+        self._events: dict[str, _Unit] = {}  # token -> records published one by one
+        self._batches: dict[str, asyncio.Future[Msg]] = {}  # commit's reply -> its PubAck
+        self._acked = 0  # records acknowledged in the current deliver (for a timeout's message)
         self._subjects: dict[tuple[str, str], bytes] = {}
 
     async def start(self, saved_offset: int | None) -> None:
         self._prefix = self.nc.new_inbox() + "."
+        # The inbox's unique part names this sink's batches (ids are unique per stream while
+        # open; at most 64 characters).
+        self._batch_prefix = self._prefix.split(".")[-2].encode()
         self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
+        self.atomic = await self._stream_takes_atomic_batches()
+
+    async def _stream_takes_atomic_batches(self) -> bool:
+        if not self.atomic_batch or _raw_sender(self.nc) is None:
+            return False
+        try:
+            info = await self.nc.jetstream().stream_info(OMS_STREAM)
+        except Exception as exc:  # no stream yet, no right to look: one PubAck per record
+            log.info("nats sink: %s not readable (%s); one PubAck per record", OMS_STREAM, exc)
+            return False
+        if not info.config.allow_atomic:
+            log.info(
+                "nats sink: %s does not allow atomic batches (set by central on streams it "
+                "creates; nats-server >= 2.12); one PubAck per record",
+                OMS_STREAM,
+            )
+            return False
+        return True
 
     async def _on_ack(self, msg: Msg) -> None:
-        current = self._current
-        if current is None:
+        subject = msg.subject
+        commit = self._batches.pop(subject, None)
+        if commit is not None:
+            if not commit.done():
+                commit.set_result(msg)
             return
-        token, unit = current
-        if not msg.subject.startswith(token, len(self._prefix)):
-            return  # a late PubAck of an earlier unit
+        start = len(self._prefix)
+        end = subject.find("_", start) + 1
+        unit = self._events.get(subject[start:end]) if end else None
+        if unit is None:
+            return  # a late PubAck of an earlier unit (timed out) or batch
         if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
             unit.error = f"no stream takes {OMS_STREAM} subjects (no responders)"
         else:
@@ -140,8 +252,9 @@ class NatsSink(Sink):
             else:
                 if ack.error is None:
                     unit.acked += 1
+                    self._acked += 1
                 elif ack.error.get("err_code") == JS_MESSAGE_TOO_LARGE:
-                    index = int(msg.subject[len(self._prefix) + len(token) :])
+                    index = int(subject[end:])
                     description = ack.error.get("description", ack.error)
                     unit.rejected[index] = f"JetStream refused it for good: {description}"
                 else:
@@ -155,6 +268,9 @@ class NatsSink(Sink):
             subject = oms_subject(event_type, store_id).encode()
             self._subjects[(event_type, store_id)] = subject
         return subject
+
+    def _too_large(self) -> str:
+        return f"larger than the NATS server's max_payload of {self.nc.max_payload} bytes"
 
     async def _publish_all(self, records: Sequence[OmsRecord], token: str, unit: _Unit) -> None:
         reply = self._prefix + token
@@ -177,38 +293,159 @@ class NatsSink(Sink):
                         headers={MSG_ID_HEADER: key, EXPECTED_STREAM_HEADER: OMS_STREAM},
                     )
             except nats.errors.MaxPayloadError:
-                unit.rejected[i] = (
-                    f"larger than the NATS server's max_payload of {self.nc.max_payload} bytes"
-                )
+                unit.rejected[i] = self._too_large()
             if unit.error is not None:
                 break
         if unit.answered < unit.expected:
             await unit.done.wait()
+
+    async def _deliver_each(self, records: Sequence[OmsRecord]) -> dict[int, str]:
+        """One message and one PubAck per record; the records refused for good, by index."""
+        token = f"u{next(self._units)}_"  # the "_" ends it: u1_ is no prefix of u10_
+        unit = _Unit(len(records))
+        self._events[token] = unit
+        try:
+            await self._publish_all(records, token, unit)
+        finally:
+            del self._events[token]
+        if unit.error is not None:
+            raise SinkUnavailable(self.name, unit.error)
+        return unit.rejected
+
+    async def _deliver_atomic(self, records: Sequence[OmsRecord]) -> dict[int, str]:
+        """The unit as atomic batches; the records refused for good, by index.
+
+        Every commit costs JetStream a write to disk before its PubAck (it does not take
+        atomic batches into a stream with asynchronous persistence), so batches are as full
+        as they can be: stores' records together, a store's whole in one batch where it fits.
+        Batches that share no store are in flight together; the batches of a store with more
+        records than a batch holds go one after the other (a lane), so that a refused batch
+        is settled record by record before any later record of its stores is sent."""
+        size = self.atomic_batch
+        runs: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            runs.setdefault(r.store_id, []).append(i)
+        lanes: list[list[list[int]]] = []
+        shared: list[int] = []
+        for run in runs.values():
+            if len(run) > size:
+                lanes.append([run[first : first + size] for first in range(0, len(run), size)])
+                continue
+            if len(shared) + len(run) > size:
+                lanes.append([shared])
+                shared = []
+            shared.extend(run)
+        if shared:
+            lanes.append([shared])
+        rejected: dict[int, str] = {}
+        slots = _batch_slots(self.nc)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                for lane in lanes:
+                    tasks.create_task(self._deliver_lane(records, lane, slots, rejected))
+        except ExceptionGroup as group:
+            raise group.exceptions[0] from None
+        return rejected
+
+    async def _deliver_lane(
+        self,
+        records: Sequence[OmsRecord],
+        lane: list[list[int]],
+        slots: asyncio.Semaphore,
+        rejected: dict[int, str],
+    ) -> None:
+        """Batches (lists of indexes into ``records``) one after the other."""
+        for chunk in lane:
+            if self.atomic and self.nc.is_connected:
+                async with slots:
+                    why = await self._send_batch(records, chunk, rejected)
+                if why is None:
+                    continue
+                self.batches_resent += 1
+                log.info(
+                    "nats sink: an atomic batch of %d records was not stored (%s); sending "
+                    "them one at a time",
+                    len(chunk), why,
+                )  # fmt: skip
+            refused = await self._deliver_each([records[i] for i in chunk])
+            for j, reason in refused.items():
+                rejected[chunk[j]] = reason
+
+    async def _send_batch(
+        self, records: Sequence[OmsRecord], chunk: list[int], rejected: dict[int, str]
+    ) -> str | None:
+        """Publish ``records[chunk]`` as one atomic batch: None once JetStream stored it
+        whole, else why not (nothing of it was stored)."""
+        number = next(self._batch_numbers)
+        batch_id = b"%s%d" % (self._batch_prefix, number)
+        reply = f"{self._prefix}b{number}"
+        max_payload = self.nc.max_payload
+        messages: list[bytes] = []
+        last: tuple[bytes, bytes, bytes] | None = None
+        for i in chunk:
+            r = records[i]
+            if not _plain_header(r.key):
+                return "a key with characters sent only one record at a time"
+            payload = encode_json(r)
+            if len(payload) > max_payload:
+                rejected[i] = self._too_large()
+                continue
+            if last is not None:
+                messages.append(_batch_pub(*last[:2], batch_id, len(messages) + 1, last[2]))
+            last = (self._subject(r.type, r.store_id), r.key.encode(), payload)
+        if last is None:
+            return None  # every record was too large: nothing to send
+        count = len(messages) + 1
+        subject, key, payload = last
+        messages.append(_batch_commit(subject, reply.encode(), key, batch_id, count, payload))
+        raw = _raw_sender(self.nc)
+        assert raw is not None  # atomic is only chosen when it is there
+        answer = asyncio.get_running_loop().create_future()
+        self._batches[reply] = answer
+        try:
+            await raw(b"".join(messages))
+            msg = await answer
+        finally:
+            self._batches.pop(reply, None)
+        if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
+            return f"no stream takes {OMS_STREAM} subjects (no responders)"
+        try:
+            ack = _decode_batch_ack(msg.data)
+        except UNDECODABLE:
+            return f"unreadable PubAck: {msg.data[:200]!r}"
+        if ack.error is not None:
+            if ack.error.get("err_code") == JS_ATOMIC_DISABLED and self.atomic:
+                self.atomic = False
+                log.warning("nats sink: %s no longer takes atomic batches", OMS_STREAM)
+            return f"JetStream refused the batch: {ack.error.get('description', ack.error)}"
+        if ack.count != count:
+            return f"JetStream stored {ack.count} of the batch's {count} messages"
+        self._acked += count
+        self.batches += 1
+        return None
 
     async def deliver(
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
     ) -> list[SinkRejected]:
         if not records:
             return []
-        token = f"u{next(self._units)}_"  # the "_" ends it: u1_ is no prefix of u10_
-        unit = _Unit(len(records))
-        self._current = (token, unit)
+        self._acked = 0
+        deliver = self._deliver_atomic if self.atomic else self._deliver_each
         try:
-            await asyncio.wait_for(self._publish_all(records, token, unit), self.timeout)
+            rejected = await asyncio.wait_for(deliver(records), self.timeout)
         except TimeoutError:
             raise SinkUnavailable(
-                self.name, f"{unit.acked} of {len(records)} PubAcks in {self.timeout:.0f}s"
+                self.name,
+                f"{self._acked} of {len(records)} records acknowledged in {self.timeout:.0f}s",
             ) from None
+        except SinkUnavailable:
+            raise
         except Exception as exc:  # disconnected with a full buffer, closed, ...
             raise SinkUnavailable(self.name, f"{type(exc).__name__}: {exc}") from None
-        finally:
-            self._current = None
-        if unit.error is not None:
-            raise SinkUnavailable(self.name, unit.error)
-        self.records += len(records) - len(unit.rejected)
+        self.records += len(records) - len(rejected)
         return [
             SinkRejected(records[i], TOO_LARGE_STATUS, reason)
-            for i, reason in sorted(unit.rejected.items())
+            for i, reason in sorted(rejected.items())
         ]
 
     async def close(self) -> None:

@@ -9,6 +9,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -282,31 +283,122 @@ async def test_poison_event_goes_to_dlq_and_the_store_flows_on(
     assert f"S1:{events[7].event_id}" == json.loads(entry.payload)["key"]
 
 
-async def test_nats_sink_refusal_for_size_is_a_rejection(nats_server: EmbeddedBroker) -> None:
-    """A record the OMS stream refuses for good (larger than its max_msg_size) is a
-    SinkRejected with JetStream's reason, bound for the DLQ; the other records of the unit
-    are delivered."""
+def store_records(store_id: str, count: int, seed: int = 5) -> list[OmsRecord]:
+    records = make_records(list(Till(store_id=store_id, seed=seed).events(count)))
+    return [oms_record(store_id, EPOCH, r) for r in records]
+
+
+async def stored_keys(js: Any) -> list[str]:
+    """The OMS stream's messages' Nats-Msg-Id, in stream order."""
+    info = await js.stream_info(OMS_STREAM)
+    keys = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        msg = await js.get_msg(OMS_STREAM, seq)
+        keys.append((msg.headers or {}).get("Nats-Msg-Id", ""))
+    return keys
+
+
+def of_store(keys: list[str], store_id: str) -> list[str]:
+    return [k for k in keys if k.startswith(f"{store_id}:")]
+
+
+async def test_nats_sink_atomic_batches_land_each_record_once_in_order(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """On the OMS stream central creates, a unit goes as atomic batches of at most 1000 of one
+    store's records: every record is one message with its key as Nats-Msg-Id and the expected
+    stream, in each store's order, and a redelivered unit adds nothing."""
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048)
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc)
+    await sink.start(None)
+    s1, s2 = store_records("S1", 2100), store_records("S2", 150, seed=6)
+    unit = [r for pair in zip(s1, s2, strict=False) for r in pair] + s1[150:]
+    rejected = await sink.deliver(unit)
+    batches = sink.batches
+    await sink.deliver(unit)  # redelivered: every batch refused as duplicate, then per record
+    keys = await stored_keys(js)
+    last = await js.get_msg(OMS_STREAM, len(keys))
+    await sink.close()
+    await nc.close()
+    assert ([], True) == (rejected, sink.atomic)
+    assert 4 == batches  # S1: 1000 + 1000 + 100, S2: 150
+    assert [r.key for r in s1] == of_store(keys, "S1")
+    assert [r.key for r in s2] == of_store(keys, "S2")
+    assert 2250 == len(keys)
+    headers = last.headers or {}
+    assert (last.subject, json.loads(last.data or b"{}")["key"]) == (
+        f"oms.{s1[-1].type}.S1",
+        headers.get("Nats-Msg-Id"),
+    )
+    assert OMS_STREAM == headers.get("Nats-Expected-Stream")
+    assert ("100", "1") == (headers.get("Nats-Batch-Sequence"), headers.get("Nats-Batch-Commit"))
+
+
+async def test_nats_sink_unit_that_partly_landed_is_resent_per_record(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A unit whose first records are already in the OMS stream (an earlier attempt that timed
+    out, a restart): the batch holding them is refused whole by JetStream (duplicate msg id) and
+    sent again one record at a time, so each key is stored once and the store's order holds;
+    the next batch goes atomically again."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    records = store_records("S1", 1500)
+    earlier = NatsSink(nc, atomic_batch=0)  # the earlier attempt landed 600, one by one
+    await earlier.start(None)
+    await earlier.deliver(records[:600])
+    await earlier.close()
+    sink = NatsSink(nc)
+    await sink.start(None)
+    rejected = await sink.deliver(records)
+    keys = await stored_keys(js)
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert [] == rejected
+    assert (1, 1) == (sink.batches_resent, sink.batches)
+    assert [r.key for r in records] == keys
+    assert 1500 == stats.records
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
+async def test_nats_sink_refusal_for_size_is_a_rejection(
+    nats_server: EmbeddedBroker, atomic: bool
+) -> None:
+    """A record the OMS stream refuses for good (larger than its max_msg_size) is a
+    SinkRejected with JetStream's reason, bound for the DLQ; the other records of the unit
+    are delivered, in order (in an atomic batch, the batch is refused whole and sent again one
+    record at a time)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(
+        name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, allow_atomic=atomic
+    )
     sink = NatsSink(nc, timeout=5)
     await sink.start(None)
     records = oms_records(4)
     big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
     big = msgspec.structs.replace(big, seq=99, key="S1:big")
     rejected = await sink.deliver([records[0], big, *records[1:]])
-    info = await js.stream_info(OMS_STREAM)
+    keys = await stored_keys(js)
     stats = sink.statistics()
     await sink.close()
     await nc.close()
     assert ["S1:big"] == [r.record.key for r in rejected]
     assert "maximum" in rejected[0].reason
-    assert (4, 4) == (info.state.messages, stats.records)
+    assert ([r.key for r in records], 4) == (keys, stats.records)
+    assert (atomic, int(atomic)) == (sink.atomic, sink.batches_resent)
 
 
-async def test_nats_sink_record_above_max_payload_is_a_rejection(tmp_path: Path) -> None:
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
+async def test_nats_sink_record_above_max_payload_is_a_rejection(
+    tmp_path: Path, atomic: bool
+) -> None:
     """A record larger than the NATS server's max_payload is a SinkRejected naming the limit;
-    the rest of the unit is delivered."""
+    the rest of the unit is delivered (in an atomic batch without it)."""
     broker = EmbeddedBroker(
         BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=4096)
     )
@@ -314,17 +406,86 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(tmp_path: Path)
     nc = await nats.connect(broker.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD])
+        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_atomic=atomic)
         sink = NatsSink(nc, timeout=5)
         await sink.start(None)
         records = oms_records(2)
         big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
         rejected = await sink.deliver([records[0], big, records[1]])
-        info = await js.stream_info(OMS_STREAM)
+        keys = await stored_keys(js)
         await sink.close()
     finally:
         await nc.close()
         await broker.stop()
     assert [big.key] == [r.record.key for r in rejected]
     assert "max_payload of 4096" in rejected[0].reason
-    assert 2 == info.state.messages
+    assert [r.key for r in records] == keys
+    assert (int(atomic), 0) == (sink.batches, sink.batches_resent)
+
+
+async def test_nats_sink_stream_that_stops_allowing_atomic_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A stream changed to refuse atomic batches after the sink started: the refused batch is
+    sent again one record at a time and the sink stays per record from then on."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    started_atomic = sink.atomic
+    info = await js.stream_info(OMS_STREAM)
+    await js.update_stream(info.config.evolve(allow_atomic=False))
+    records = store_records("S1", 30)
+    await sink.deliver(records[:20])
+    await sink.deliver(records[20:])
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert (True, False) == (started_atomic, sink.atomic)
+    assert (0, 1) == (sink.batches, sink.batches_resent)
+    assert [r.key for r in records] == keys
+
+
+async def test_nats_sink_small_stores_share_atomic_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """Stores with few records each share batches (every commit costs JetStream a disk
+    write), a store's records whole in one batch: 25 stores of 60 records are 2 batches, and
+    every store's records land once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc)
+    await sink.start(None)
+    stores = {f"S{n}": store_records(f"S{n}", 60, seed=n) for n in range(25)}
+    unit = [r for i in range(60) for records in stores.values() for r in records[i : i + 1]]
+    rejected = await sink.deliver(unit)
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert ([], 2, 1500) == (rejected, sink.batches, len(keys))
+    for store_id, records in stores.items():
+        assert [r.key for r in records] == of_store(keys, store_id)
+
+
+async def test_nats_sink_atomic_batches_without_a_stream_are_unavailable(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """The OMS stream gone after the sink chose atomic batches: the batches' commits find no
+    responders, are sent again per record, and the unit fails as SinkUnavailable (retried
+    later), never taken as delivered."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    await js.delete_stream(OMS_STREAM)
+    unit = store_records("S1", 1200) + store_records("S2", 30, seed=6)
+    with pytest.raises(SinkUnavailable, match="no responders"):
+        await sink.deliver(unit)
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert (True, 0, 0) == (sink.atomic, sink.batches, stats.records)
+    assert sink.batches_resent >= 1

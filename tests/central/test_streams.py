@@ -76,6 +76,32 @@ async def test_existing_discard_old_stream_is_updated_in_place(
     assert (DiscardPolicy.NEW, 1) == (info.config.discard, info.state.messages)
 
 
+async def test_existing_oms_stream_is_given_atomic_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """An STORELINK_OMS made before atomic batches (or by hand, without allow_atomic) is
+    changed in place to allow them, its messages kept; a new one is created with them."""
+    cfg = central_config(tmp_path, nats_server.url)
+    [want] = [s for s in wanted_streams(cfg, oms=True) if s.name == OMS_STREAM]
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(want.evolve(allow_atomic=None))
+    await js.publish("oms.sale.S1", b"kept")
+    before = await js.stream_info(OMS_STREAM)
+    await ensure_streams(js, cfg, oms=True)
+    after = await js.stream_info(OMS_STREAM)
+    await js.delete_stream(OMS_STREAM)
+    await ensure_streams(js, cfg, oms=True)
+    created = await js.stream_info(OMS_STREAM)
+    await nc.close()
+    assert (None, True, 1) == (
+        before.config.allow_atomic,
+        after.config.allow_atomic,
+        after.state.messages,
+    )
+    assert True is created.config.allow_atomic
+
+
 async def test_oms_consumer_lag_is_in_status_and_metrics(
     tmp_path: Path, nats_server: EmbeddedBroker
 ) -> None:

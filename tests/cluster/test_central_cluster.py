@@ -19,9 +19,19 @@ from nats.js.api import StreamConfig
 from agent.simulator import Till, post_events
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
-from central.errors import ProcessError
-from central.streams import replicas_for
-from protocol.subjects import CENTRAL_DURABLE, DLQ_STREAM, DLQ_WILDCARD, EVENTS_STREAM, dlq_subject
+from central.errors import ProcessError, SinkUnavailable
+from central.sinks.nats import NatsSink
+from central.streams import ensure_streams, replicas_for
+from protocol.subjects import (
+    CENTRAL_DURABLE,
+    DLQ_STREAM,
+    DLQ_WILDCARD,
+    EVENTS_STREAM,
+    OMS_STREAM,
+    dlq_subject,
+)
+from tests.central.conftest import central_config
+from tests.central.test_sinks import store_records, stored_keys
 from tests.chaos.harness import central_status, eventually
 from tests.clusterkit import NatsCluster
 from tests.e2e.conftest import assert_exactly_once_in_order
@@ -226,3 +236,40 @@ async def test_central_restarts_with_a_node_down(
     assert (300, 0) == (first.accepted + rest.accepted, first.refused + rest.refused)
     delivered = await pipeline.wait_delivered(300, timeout=90)
     assert_exactly_once_in_order(delivered, [e.event_id for e in events], "S1")
+
+
+async def test_nats_sink_atomic_batches_on_three_replicas(
+    tmp_path: Path, nats_cluster: NatsCluster
+) -> None:
+    """On a 3-node cluster STORELINK_OMS has 3 replicas and allows atomic batches: the nats
+    sink's batches land each record once, in order, also when the stream's leader is killed
+    -9 before the next unit (retried on SinkUnavailable, as the consumer does, until a new
+    leader takes it)."""
+    cfg = central_config(tmp_path, nats_cluster.urls[0], **{"stream.replicas": 3})
+    nc = await nats.connect(servers=nats_cluster.urls)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, cfg, oms=True)
+        sink = NatsSink(nc, timeout=5)
+        await sink.start(None)
+        records = store_records("S1", 1600)
+        await sink.deliver(records[:1200])
+        leader = await stream_leader(nats_cluster, OMS_STREAM)
+        nats_cluster.kill(nats_cluster.node_names.index(leader))
+        refused = 0
+        while True:  # as the consumer retries a unit, without its backoff
+            try:
+                await sink.deliver(records[1200:])
+                break
+            except SinkUnavailable:
+                refused += 1
+                assert refused < 30, "no new stream leader took the unit"
+                await asyncio.sleep(0.5)
+        info = await js.stream_info(OMS_STREAM)
+        keys = await stored_keys(js)
+        await sink.close()
+    finally:
+        await nc.close()
+    assert (3, True, True) == (info.config.num_replicas, info.config.allow_atomic, sink.atomic)
+    assert [r.key for r in records] == keys
+    assert sink.batches >= 3
