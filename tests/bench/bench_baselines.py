@@ -3,8 +3,8 @@ machine, so every storelink figure can be shown against one measured in the same
 
     .venv/bin/python -m tests.bench.bench_baselines [--quick] [--json results.jsonl]
 
-1. SQLite inserts (WAL, synchronous=FULL, ~200-byte blobs): 1,000 rows per transaction, and
-   one commit per row.
+1. SQLite inserts (WAL, synchronous=FULL, ~200-byte blobs, a unique index on an event id as
+   idempotency needs, DESIGN §6): 1,000 rows per transaction, and one commit per row.
 2. JetStream publish with nats-py: ``js.publish`` per event awaiting each ack, ``publish_async``
    per event, and 100 events per message.
 3. A naive forwarder: an SQLite outbox drained one event at a time (publish, await the ack,
@@ -71,8 +71,16 @@ def _open_sqlite(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, payload BLOB NOT NULL)")
+    conn.execute(
+        "CREATE TABLE records (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL UNIQUE,"
+        " payload BLOB NOT NULL)"
+    )
     return conn
+
+
+def _event_id(seq: int) -> str:
+    """An id shaped like the load generator's (``<run id>-<9 digits>``)."""
+    return f"lg1733500000000-{seq:09d}"
 
 
 def _sqlite_batched_sync(path: Path, rows: int) -> float:
@@ -82,8 +90,11 @@ def _sqlite_batched_sync(path: Path, rows: int) -> float:
     for first in range(1, rows + 1, ROWS_PER_TXN):
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany(
-            "INSERT INTO records (seq, payload) VALUES (?, ?)",
-            ((seq, blob) for seq in range(first, min(first + ROWS_PER_TXN, rows + 1))),
+            "INSERT INTO records (seq, event_id, payload) VALUES (?, ?, ?)",
+            (
+                (seq, _event_id(seq), blob)
+                for seq in range(first, min(first + ROWS_PER_TXN, rows + 1))
+            ),
         )
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
@@ -97,7 +108,10 @@ def _sqlite_per_row_sync(path: Path, rows: int) -> float:
     start = time.perf_counter()
     for seq in range(1, rows + 1):
         conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO records (seq, payload) VALUES (?, ?)", (seq, blob))
+        conn.execute(
+            "INSERT INTO records (seq, event_id, payload) VALUES (?, ?, ?)",
+            (seq, _event_id(seq), blob),
+        )
         conn.execute("COMMIT")
     elapsed = time.perf_counter() - start
     conn.close()
@@ -106,13 +120,13 @@ def _sqlite_per_row_sync(path: Path, rows: int) -> float:
 
 async def measure_sqlite_batched(root: Path, rows: int) -> list[Row]:
     rate = await asyncio.to_thread(_sqlite_batched_sync, root / "batched.db", rows)
-    note = f"WAL, synchronous=FULL, {BLOB_BYTES}-byte blobs, {rows:,} rows"
+    note = f"WAL, synchronous=FULL, unique event_id, {BLOB_BYTES}-byte blobs, {rows:,} rows"
     return [Row(SQLITE_BATCHED, rate, "rows/s", note=note)]
 
 
 async def measure_sqlite_per_row(root: Path, rows: int) -> list[Row]:
     rate = await asyncio.to_thread(_sqlite_per_row_sync, root / "per_row.db", rows)
-    note = f"WAL, synchronous=FULL, {BLOB_BYTES}-byte blobs, {rows:,} rows"
+    note = f"WAL, synchronous=FULL, unique event_id, {BLOB_BYTES}-byte blobs, {rows:,} rows"
     return [Row(SQLITE_PER_ROW, rate, "rows/s", note=note)]
 
 
