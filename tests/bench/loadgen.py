@@ -4,11 +4,17 @@ the agent's (the benches start it with ``harness.run_loadgen``).
     python -m tests.bench.loadgen --url http://127.0.0.1:8787 --events 100000 --batch 1 \\
         --concurrency 32 [--rate 500] [--timestamps accepted.jsonl]
 
-Bodies are built before the clock starts (simulated till events, each with a unique
-event_id). Each connection is a plain HTTP/1.1 keep-alive stream on asyncio (uvloop): a
-general-purpose client (aiohttp) costs more CPU per request than the agent does, and would
-measure itself. Prints one JSON report on stdout: counts by status, seconds, events/s and
-request latency percentiles (ms, from writing the request to reading the whole answer).
+Whole requests are built before the clock starts (simulated till events, each with a unique
+event_id). Each connection is a plain HTTP/1.1 keep-alive connection with one request in
+flight, served by callbacks of an ``asyncio.Protocol`` on uvloop: an answer is parsed in
+``data_received`` and the next request written from there, one ``write`` per request and no
+coroutine, task or stream reader per request. The generator shares the 2 cores with the agent,
+so what it costs per request is taken from the agent: ~10 µs of CPU per request this way, ~24
+µs with asyncio streams, which could not send 20,000 requests/s even to a server answering
+without work (docs/benchmarks.md); a general-purpose client (aiohttp) costs more still.
+Prints one JSON report on stdout: counts by status, seconds, events/s, request latency
+percentiles (ms, from writing the request to reading the whole answer) and the generator's own
+CPU per request (``loadgen_cpu_us_per_request``).
 ``--timestamps`` writes ``[event_id, accepted_unix_time]`` per accepted event for end-to-end
 latency.
 """
@@ -22,7 +28,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import msgspec
@@ -122,6 +128,134 @@ class Connection:
             self.writer = None
 
 
+class _Answer(msgspec.Struct):
+    """The two counts of a 200/202 answer the report needs (the rest is skipped by msgspec)."""
+
+    accepted: int
+    duplicates: int
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
+class _Run:
+    """What the connections of one run share: the requests, the next one to send, the report."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        bodies: list[tuple[bytes, list[str]]],
+        head: bytes,
+        interval: float,
+        keep_timestamps: bool,
+    ) -> None:
+        self.host, self.port = host, port
+        # Whole requests (head and body) built before the clock starts.
+        self.requests = [head + b"%d\r\n\r\n%s" % (len(b), b) for b, _ in bodies]
+        self.ids = [ids for _, ids in bodies]
+        self.next = 0
+        self.interval = interval
+        self.keep_timestamps = keep_timestamps
+        self.report = Report()
+        self.start = 0.0
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection, one request in flight, as callbacks on the loop.
+
+    No coroutine, StreamReader or task per request: an answer is parsed where it arrives
+    (``data_received``) and the next request is written from there. With the stream API this
+    process could not send 20,000 requests/s to a server that answers without doing anything
+    (docs/benchmarks.md), so the bench measured the generator."""
+
+    def __init__(self, run: _Run, done: asyncio.Future[None]) -> None:
+        self.run = run
+        self.done = done
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.index = -1  # the request in flight, -1: none
+        self.sent_at = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.send_next()
+
+    def send_next(self) -> None:
+        run = self.run
+        index = run.next
+        if index >= len(run.requests):
+            self.index = -1
+            if self.transport is not None:
+                self.transport.close()
+            return
+        run.next = index + 1
+        if run.interval:
+            delay = run.start + index * run.interval - time.perf_counter()
+            if delay > 0:
+                self.index = index
+                self.loop.call_later(delay, self.write, index)
+                return
+        self.write(index)
+
+    def write(self, index: int) -> None:
+        assert self.transport is not None
+        self.index = index
+        self.sent_at = time.perf_counter()
+        self.transport.write(self.run.requests[index])
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            self.buffer = buffer
+            return
+        head = buffer[:end]
+        length = 0
+        at = head.lower().find(b"content-length:")
+        if at >= 0:
+            line_end = head.find(b"\r\n", at)
+            length = int(head[at + 15 : line_end if line_end >= 0 else end])
+        if len(buffer) < end + 4 + length:
+            self.buffer = buffer
+            return
+        self.buffer = b""  # one request in flight: nothing can follow its answer
+        done = time.perf_counter()
+        status = int(head[9:12])
+        run, report = self.run, self.run.report
+        report.requests += 1
+        report.statuses[status] = report.statuses.get(status, 0) + 1
+        if status in (200, 202):
+            answer = _decode_answer(buffer[end + 4 : end + 4 + length])
+            report.accepted += answer.accepted
+            report.duplicates += answer.duplicates
+            report.latencies_ms.append((done - self.sent_at) * 1000)
+            if run.keep_timestamps:
+                wall = time.time()
+                report.accepted_at.extend((event_id, wall) for event_id in run.ids[self.index])
+        self.send_next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.index >= 0:  # the server closed with a request unanswered: count it, go on
+            self.run.report.errors += 1
+            self.index = -1
+            self.loop.create_task(_connect(self.run, self.done))
+        elif not self.done.done():
+            self.done.set_result(None)
+
+
+async def _connect(run: _Run, done: asyncio.Future[None]) -> None:
+    try:
+        await asyncio.get_running_loop().create_connection(
+            lambda: _Client(run, done), run.host, run.port
+        )
+    except OSError:
+        run.report.errors += 1
+        if not done.done():
+            done.set_result(None)
+
+
 async def fire(
     url: str,
     bodies: list[tuple[bytes, list[str]]],
@@ -130,49 +264,20 @@ async def fire(
     batch: int,
     token: str,
     keep_timestamps: bool,
-) -> tuple[Report, float]:
+) -> tuple[Report, float, float]:
+    """Send every body; returns the report, the seconds it took and this process's CPU
+    seconds over that time."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    report = Report()
-    interval = batch / rate if rate > 0 else 0.0
-    next_index = 0
-    start = time.perf_counter()
-
-    async def worker() -> None:
-        nonlocal next_index
-        conn = Connection(host, port, "/v1/events", token)
-        try:
-            while next_index < len(bodies):
-                index = next_index
-                next_index += 1
-                if interval:
-                    delay = start + index * interval - time.perf_counter()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                body, ids = bodies[index]
-                t0 = time.perf_counter()
-                try:
-                    status, payload = await conn.post(body)
-                except (OSError, asyncio.IncompleteReadError, ValueError):
-                    report.errors += 1
-                    conn.close()
-                    continue
-                done = time.perf_counter()
-                report.requests += 1
-                report.statuses[status] = report.statuses.get(status, 0) + 1
-                if status in (200, 202):
-                    answer = json.loads(payload)
-                    report.accepted += int(answer["accepted"])
-                    report.duplicates += int(answer["duplicates"])
-                    report.latencies_ms.append((done - t0) * 1000)
-                    if keep_timestamps:
-                        wall = time.time()
-                        report.accepted_at.extend((event_id, wall) for event_id in ids)
-        finally:
-            conn.close()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return report, time.perf_counter() - start
+    head = Connection(host, port, "/v1/events", token).head
+    run = _Run(host, port, bodies, head, batch / rate if rate > 0 else 0.0, keep_timestamps)
+    loop = asyncio.get_running_loop()
+    dones = [loop.create_future() for _ in range(concurrency)]
+    cpu = time.process_time()
+    run.start = time.perf_counter()
+    await asyncio.gather(*(_connect(run, done) for done in dones))
+    await asyncio.gather(*dones)
+    return run.report, time.perf_counter() - run.start, time.process_time() - cpu
 
 
 def write_timestamps(path: str, accepted_at: list[tuple[str, float]]) -> None:
@@ -183,7 +288,7 @@ def write_timestamps(path: str, accepted_at: list[tuple[str, float]]) -> None:
 
 async def main_async(ns: argparse.Namespace) -> dict[str, object]:
     bodies = build_bodies(ns.events, ns.batch, ns.run_id, ns.store)
-    report, seconds = await fire(
+    report, seconds, cpu = await fire(
         ns.url, bodies, ns.concurrency, ns.rate, ns.batch, ns.token, ns.timestamps is not None
     )
     if ns.timestamps is not None:
@@ -204,6 +309,8 @@ async def main_async(ns: argparse.Namespace) -> dict[str, object]:
         "p90_ms": percentile(lat, 90),
         "p99_ms": percentile(lat, 99),
         "max_ms": max(lat) if lat else None,
+        # This process's CPU per request sent: what the generator costs (it shares the cores).
+        "loadgen_cpu_us_per_request": cpu / report.requests * 1e6 if report.requests else None,
     }
 
 
