@@ -673,6 +673,14 @@ class Outbox:
         result: AppendResult = await self._submit(_Append(self._new_future(), events))
         return result
 
+    def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[AppendResult]:
+        """Queue ``events`` (all or none); the future resolves once they are committed, as
+        ``append``'s. For callers that answer from a callback instead of awaiting in a task
+        (the single-event route, agent/ingest.py). OutboxClosed at once when closed."""
+        future = self._new_future()
+        self._enqueue(_Append(future, events))
+        return future
+
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Queue "JetStream acknowledged first..last"; the future resolves after commit."""
         future = self._new_future()

@@ -258,6 +258,9 @@ class HeldSink:
         await self.release.wait()
         return AppendResult(accepted=len(events), duplicates=0, first_seq=1, last_seq=1, seqs=[1])
 
+    def append_nowait(self, events: list[Event]) -> asyncio.Future[AppendResult]:
+        return asyncio.ensure_future(self.append(events))
+
     async def mark_unsent(
         self,
         from_seq: int | None = None,

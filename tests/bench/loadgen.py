@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime as dt
 import json
 import sys
@@ -148,9 +149,11 @@ class _Run:
         bodies: list[tuple[bytes, list[str]]],
         head: bytes,
         interval: float,
+        depth: int,
         keep_timestamps: bool,
     ) -> None:
         self.host, self.port = host, port
+        self.depth = depth
         # Whole requests (head and body) built before the clock starts.
         self.requests = [head + b"%d\r\n\r\n%s" % (len(b), b) for b, _ in bodies]
         self.ids = [ids for _, ids in bodies]
@@ -162,12 +165,14 @@ class _Run:
 
 
 class _Client(asyncio.Protocol):
-    """One keep-alive connection, one request in flight, as callbacks on the loop.
+    """One keep-alive connection with up to ``depth`` requests in flight, as callbacks on the
+    loop.
 
-    No coroutine, StreamReader or task per request: an answer is parsed where it arrives
-    (``data_received``) and the next request is written from there. With the stream API this
-    process could not send 20,000 requests/s to a server that answers without doing anything
-    (docs/benchmarks.md), so the bench measured the generator."""
+    No coroutine, StreamReader or task per request: answers are parsed where they arrive
+    (``data_received``), and the requests that take their places are written from there, all
+    in one ``write``. With the stream API this process could not send 20,000 requests/s to a
+    server that answers without doing anything (docs/benchmarks.md), so the bench measured
+    the generator."""
 
     def __init__(self, run: _Run, done: asyncio.Future[None]) -> None:
         self.run = run
@@ -175,71 +180,83 @@ class _Client(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
-        self.index = -1  # the request in flight, -1: none
-        self.sent_at = 0.0
+        self.inflight: collections.deque[tuple[int, float]] = collections.deque()  # (index, sent)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.send_next()
+        self.send_more()
 
-    def send_next(self) -> None:
-        run = self.run
-        index = run.next
-        if index >= len(run.requests):
-            self.index = -1
-            if self.transport is not None:
-                self.transport.close()
-            return
-        run.next = index + 1
-        if run.interval:
-            delay = run.start + index * run.interval - time.perf_counter()
-            if delay > 0:
-                self.index = index
-                self.loop.call_later(delay, self.write, index)
-                return
-        self.write(index)
+    def send_more(self) -> None:
+        run, inflight = self.run, self.inflight
+        if run.interval:  # paced: one request at a time, each at its scheduled moment
+            if not inflight and run.next < len(run.requests):
+                index = run.next
+                run.next += 1
+                delay = run.start + index * run.interval - time.perf_counter()
+                inflight.append((index, 0.0))
+                if delay > 0:
+                    self.loop.call_later(delay, self.write_paced, index)
+                else:
+                    self.write_paced(index)
+        else:
+            chunk: list[bytes] = []
+            now = time.perf_counter()
+            while len(inflight) < run.depth and run.next < len(run.requests):
+                index = run.next
+                run.next += 1
+                inflight.append((index, now))
+                chunk.append(run.requests[index])
+            if chunk:
+                assert self.transport is not None
+                self.transport.write(chunk[0] if len(chunk) == 1 else b"".join(chunk))
+        if not inflight and self.transport is not None:
+            self.transport.close()
 
-    def write(self, index: int) -> None:
+    def write_paced(self, index: int) -> None:
         assert self.transport is not None
-        self.index = index
-        self.sent_at = time.perf_counter()
+        self.inflight[0] = (index, time.perf_counter())
         self.transport.write(self.run.requests[index])
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
-        end = buffer.find(b"\r\n\r\n")
-        if end < 0:
-            self.buffer = buffer
-            return
-        head = buffer[:end]
-        length = 0
-        at = head.lower().find(b"content-length:")
-        if at >= 0:
-            line_end = head.find(b"\r\n", at)
-            length = int(head[at + 15 : line_end if line_end >= 0 else end])
-        if len(buffer) < end + 4 + length:
-            self.buffer = buffer
-            return
-        self.buffer = b""  # one request in flight: nothing can follow its answer
-        done = time.perf_counter()
-        status = int(head[9:12])
         run, report = self.run, self.run.report
-        report.requests += 1
-        report.statuses[status] = report.statuses.get(status, 0) + 1
-        if status in (200, 202):
-            answer = _decode_answer(buffer[end + 4 : end + 4 + length])
-            report.accepted += answer.accepted
-            report.duplicates += answer.duplicates
-            report.latencies_ms.append((done - self.sent_at) * 1000)
-            if run.keep_timestamps:
-                wall = time.time()
-                report.accepted_at.extend((event_id, wall) for event_id in run.ids[self.index])
-        self.send_next()
+        answered = False
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = buffer[:end]
+            length = 0
+            at = head.lower().find(b"content-length:")
+            if at >= 0:
+                line_end = head.find(b"\r\n", at)
+                length = int(head[at + 15 : line_end if line_end >= 0 else end])
+            if len(buffer) < end + 4 + length:
+                break
+            payload = buffer[end + 4 : end + 4 + length]
+            buffer = buffer[end + 4 + length :]
+            done = time.perf_counter()
+            index, sent_at = self.inflight.popleft()
+            answered = True
+            status = int(head[9:12])
+            report.requests += 1
+            report.statuses[status] = report.statuses.get(status, 0) + 1
+            if status in (200, 202):
+                answer = _decode_answer(payload)
+                report.accepted += answer.accepted
+                report.duplicates += answer.duplicates
+                report.latencies_ms.append((done - sent_at) * 1000)
+                if run.keep_timestamps:
+                    wall = time.time()
+                    report.accepted_at.extend((event_id, wall) for event_id in run.ids[index])
+        self.buffer = buffer
+        if answered:
+            self.send_more()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.index >= 0:  # the server closed with a request unanswered: count it, go on
-            self.run.report.errors += 1
-            self.index = -1
+        if self.inflight:  # the server closed with requests unanswered: count them, go on
+            self.run.report.errors += len(self.inflight)
+            self.inflight.clear()
             self.loop.create_task(_connect(self.run, self.done))
         elif not self.done.done():
             self.done.set_result(None)
@@ -264,13 +281,15 @@ async def fire(
     batch: int,
     token: str,
     keep_timestamps: bool,
+    depth: int = 1,
 ) -> tuple[Report, float, float]:
     """Send every body; returns the report, the seconds it took and this process's CPU
     seconds over that time."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     head = Connection(host, port, "/v1/events", token).head
-    run = _Run(host, port, bodies, head, batch / rate if rate > 0 else 0.0, keep_timestamps)
+    interval = batch / rate if rate > 0 else 0.0
+    run = _Run(host, port, bodies, head, interval, depth, keep_timestamps)
     loop = asyncio.get_running_loop()
     dones = [loop.create_future() for _ in range(concurrency)]
     cpu = time.process_time()
@@ -289,7 +308,14 @@ def write_timestamps(path: str, accepted_at: list[tuple[str, float]]) -> None:
 async def main_async(ns: argparse.Namespace) -> dict[str, object]:
     bodies = build_bodies(ns.events, ns.batch, ns.run_id, ns.store)
     report, seconds, cpu = await fire(
-        ns.url, bodies, ns.concurrency, ns.rate, ns.batch, ns.token, ns.timestamps is not None
+        ns.url,
+        bodies,
+        ns.concurrency,
+        ns.rate,
+        ns.batch,
+        ns.token,
+        ns.timestamps is not None,
+        ns.pipeline,
     )
     if ns.timestamps is not None:
         write_timestamps(ns.timestamps, report.accepted_at)
@@ -298,6 +324,7 @@ async def main_async(ns: argparse.Namespace) -> dict[str, object]:
         "events": ns.events,
         "batch": ns.batch,
         "concurrency": ns.concurrency,
+        "pipeline": ns.pipeline,
         "requests": report.requests,
         "statuses": report.statuses,
         "errors": report.errors,
@@ -321,11 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1, help="events per request")
     parser.add_argument("--concurrency", type=int, default=32, help="connections")
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0: as fast as it goes")
+    parser.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        help="requests in flight per connection, written together (not with --rate)",
+    )
     parser.add_argument("--run-id", default=f"lg{int(time.time() * 1000)}")
     parser.add_argument("--store", default="B1")
     parser.add_argument("--token", default="")
     parser.add_argument("--timestamps", help="write [event_id, accepted_at] JSON lines here")
     ns = parser.parse_args(argv)
+    if ns.pipeline < 1 or (ns.pipeline > 1 and ns.rate > 0):
+        parser.error("--pipeline is a number from 1, and only 1 with --rate")
     result = run_loop(main_async(ns))
     json.dump(result, sys.stdout)
     return 0
