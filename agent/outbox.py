@@ -255,6 +255,12 @@ class _NoteTills(_Job):
     numbers: Sequence[tuple[dt.date, str, int]]
 
 
+@dataclass(eq=False)
+class _ShrinkMemory(_Job):
+    """Not a change to the file: the writer frees its connection's page cache (outside any
+    transaction) when it reaches this job."""
+
+
 @dataclass
 class _State:
     """What the writer knows about the file; copied, changed and swapped in after COMMIT, so a
@@ -779,6 +785,16 @@ class Outbox:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, checkpoint.read_days, self._rconn, days)
 
+    async def shrink_memory(self) -> None:
+        """Free both connections' SQLite page caches (``PRAGMA shrink_memory``): 2 MiB each
+        when full, kept for as long as the connection is open. For when the agent has gone
+        idle after a load (agent/service.py); the caches fill again with the next work."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        await self._submit(_ShrinkMemory(self._new_future()))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._reader, self._rconn.execute, "PRAGMA shrink_memory")
+
     async def trace(self, event_id: str) -> EventTrace:
         """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
         if self._closed or self._rconn is None:
@@ -930,8 +946,13 @@ class Outbox:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
+            if shrink:
+                jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
             if jobs:
                 self._hand_back(self._run_jobs(conn, jobs))
+            if shrink:
+                self._hand_back(self._shrink_memory(conn, shrink))
             elif self._state.unfolded and self._state.pending == 0 and not stopping:
                 if self._run_group(conn, [_Fold(future=None)]).failed:
                     time.sleep(1.0)  # logged; try again later rather than spin
@@ -954,6 +975,16 @@ class Outbox:
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _shrink_memory(self, conn: sqlite3.Connection, jobs: list[_ShrinkMemory]) -> _Outcome:
+        outcome = _Outcome()
+        error: BaseException | None = None
+        try:
+            conn.execute("PRAGMA shrink_memory")
+        except sqlite3.Error as exc:
+            error = _sqlite_failure(exc)
+        outcome.results += [(job.future, None, error) for job in jobs if job.future is not None]
+        return outcome
 
     def _hand_back(self, outcome: _Outcome) -> None:
         """Resolve a group's futures on the event loop: one wakeup per group, not per caller."""
