@@ -377,6 +377,39 @@ async def test_close_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
         assert 50 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
 
 
+async def test_append_nowait_resolves_after_commit_and_refuses_when_closed(
+    tmp_path: Path,
+) -> None:
+    """append_nowait's future gives the same result as append, once the rows are committed;
+    after close it raises OutboxClosed at once instead of handing back a future."""
+    box = make(tmp_path)
+    await box.open()
+    future = box.append_nowait(sales("n", 2))
+    result = await future
+    await box.close()
+    with pytest.raises(OutboxClosed):
+        box.append_nowait([sale("late")])
+    with open_db(tmp_path / "data") as conn:
+        rows = conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
+    assert ([1, 2], [(1, "n-0"), (2, "n-1")]) == (result.seqs, rows)
+
+
+async def test_shrink_memory_between_loads_keeps_both_connections_working(
+    outbox: Outbox,
+) -> None:
+    """After the page caches are freed, appends commit and the reader reads them as before;
+    after close it raises OutboxClosed."""
+    await outbox.append(sales("a", 3))
+    await outbox.shrink_memory()
+    await outbox.append(sales("b", 2))
+    run = await outbox.read_unsent(100, 1 << 20)
+    await outbox.close()
+    with pytest.raises(OutboxClosed):
+        await outbox.shrink_memory()
+    assert run is not None
+    assert (1, 5) == (run.first_seq, run.last_seq)
+
+
 class Unencodable:
     """Quacks like an event (has an event_id) but cannot be encoded: a poisoned request."""
 
