@@ -137,6 +137,8 @@ class Request:
     async def read(self) -> bytes | None:
         """The whole body, or None when it grew past the server's limit (``too_large`` says
         how far). ConnectionResetError if the client went away before sending it all."""
+        if self.response is not None:  # answered 400 by the connection: the body broke off
+            raise ConnectionResetError("the request's body could not be parsed")
         if not self.complete and self.too_large is None:
             conn = self._conn
             if conn.lost:

@@ -107,6 +107,29 @@ async def test_a_chunked_body_is_accepted(ingest: Ingest, tmp_path: Path) -> Non
     assert ["c-0", "c-1", "c-2"] == stored(tmp_path)
 
 
+async def test_a_chunked_body_that_breaks_off_is_400_and_stores_nothing(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """A chunked body whose framing turns invalid after a good chunk is answered 400
+    bad_request (not stored in part), then the connection closes."""
+    data = body(sale("half"))
+    reader, writer = await connect(ingest)
+    writer.write(
+        (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + b"%x\r\n%s\r\n" % (10, data[:10])
+    )
+    await writer.drain()
+    writer.write(b"zz\r\n" + data[10:] + b"\r\n0\r\n\r\n")
+    answer = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (400, "bad_request", b"") == (answer.status, answer.json()["error"], rest)
+    assert [] == stored(tmp_path)
+
+
 async def test_expect_100_continue_is_answered_before_the_body(
     ingest: Ingest, tmp_path: Path
 ) -> None:
