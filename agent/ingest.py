@@ -43,7 +43,7 @@ from agent.errors import (
 from agent.http import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
-from agent.outbox import AppendResult, UnsentMarked
+from agent.outbox import AppendCallback, AppendResult, UnsentMarked
 from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
 
 log = logging.getLogger(__name__)
@@ -69,8 +69,9 @@ class EventSink(Protocol):
 
     async def append(self, events: list[Event]) -> AppendResult: ...
 
-    def append_nowait(self, events: list[Event]) -> asyncio.Future[AppendResult]:
-        """Queue ``events``; the future resolves once they are committed (as ``append``)."""
+    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+        """Queue ``events``; ``then(result, error)`` is called once they are committed or
+        refused (as ``append`` returns or raises)."""
         ...
 
     async def mark_unsent(
@@ -395,7 +396,7 @@ class Ingest:
 
     def _quick(self, request: Request, respond: Callable[[Response], None]) -> bool:
         """``POST /v1/events`` with a small body that has all arrived, without a task: decoded
-        here, answered from the outbox's commit callback. Anything else (other routes, big
+        here, answered from the outbox's callback after the commit. Anything else (other routes, big
         bodies, bodies over the limit) goes to the handlers (False)."""
         if request.path != "/v1/events" or request.method != "POST":
             return False
@@ -414,17 +415,15 @@ class Ingest:
                 if isinstance(events, Response):
                     refused = events
                 else:
+                    then = functools.partial(self._quick_stored, events, respond)
                     try:
-                        future = self.sink.append_nowait(events)
+                        self.sink.append_nowait(events, then)
                     except AgentError as exc:
                         refused = self._store_refused(events, exc)
                         if refused is None:
                             raise
                     else:
                         self._in_flight += 1
-                        future.add_done_callback(
-                            functools.partial(self._quick_stored, events, respond)
-                        )
                         return True
         respond(refused)
         return True
@@ -433,17 +432,17 @@ class Ingest:
         self,
         events: list[Event],
         respond: Callable[[Response], None],
-        future: asyncio.Future[AppendResult],
+        result: AppendResult | None,
+        error: BaseException | None,
     ) -> None:
         self._in_flight -= 1
-        # Cancelled: the outbox never ran it (the agent is going away): as if it were closed.
-        exc = OutboxClosed() if future.cancelled() else future.exception()
-        if exc is None:
-            respond(self._stored(future.result()))
+        if error is None:
+            assert result is not None
+            respond(self._stored(result))
             return
-        refused = self._store_refused(events, exc)
+        refused = self._store_refused(events, error)
         if refused is None:
-            log.error("storing %d events failed", len(events), exc_info=exc)
+            log.error("storing %d events failed", len(events), exc_info=error)
             refused = Response(500, b'{"error":"internal_error"}')
         respond(refused)
 

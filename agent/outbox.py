@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import msgspec
 
@@ -204,9 +204,45 @@ def _lookup_sql(count: int) -> str:
 # --- jobs for the writer thread -----------------------------------------------------------
 
 
+class _Waiter(Protocol):
+    """What the writer resolves (on the loop) when a job is done: an ``asyncio.Future``, or a
+    ``_Then`` that calls back directly."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+AppendCallback = Callable[[AppendResult | None, BaseException | None], None]
+
+
+class _Then:
+    """Resolves an append by calling ``callback(result, error)`` on the loop: no future, no
+    ``call_soon`` and no loop turn per request (~3 µs each on this machine, measured alone)."""
+
+    __slots__ = ("_callback", "_done")
+
+    def __init__(self, callback: AppendCallback) -> None:
+        self._callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any, /) -> None:
+        self._done = True
+        self._callback(result, None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._done = True
+        self._callback(None, exception)
+
+
 @dataclass(eq=False)
 class _Job:
-    future: asyncio.Future[Any] | None  # None: internal work nobody waits for
+    future: _Waiter | None  # None: internal work nobody waits for
 
 
 @dataclass(eq=False)
@@ -288,9 +324,7 @@ class _State:
 class _Outcome:
     """Results of one group, handed back to the event loop in one call."""
 
-    results: list[tuple[asyncio.Future[Any], object, BaseException | None]] = field(
-        default_factory=list
-    )
+    results: list[tuple[_Waiter, object, BaseException | None]] = field(default_factory=list)
     appended: bool = False
     rewind_to: int | None = None
     failed: bool = False  # the transaction was rolled back
@@ -679,13 +713,12 @@ class Outbox:
         result: AppendResult = await self._submit(_Append(self._new_future(), events))
         return result
 
-    def append_nowait(self, events: Sequence[Event]) -> asyncio.Future[AppendResult]:
-        """Queue ``events`` (all or none); the future resolves once they are committed, as
-        ``append``'s. For callers that answer from a callback instead of awaiting in a task
-        (the single-event route, agent/ingest.py). OutboxClosed at once when closed."""
-        future = self._new_future()
-        self._enqueue(_Append(future, events))
-        return future
+    def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
+        """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
+        called on the loop with ``append``'s result or its error. For callers that answer from
+        a callback instead of awaiting in a task (the single-event route, agent/ingest.py).
+        OutboxClosed at once when closed."""
+        self._enqueue(_Append(_Then(then), events))
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Queue "JetStream acknowledged first..last"; the future resolves after commit."""
@@ -851,7 +884,7 @@ class Outbox:
         self._queue.put(job)
 
     async def _submit(self, job: _Job) -> Any:
-        assert job.future is not None
+        assert isinstance(job.future, asyncio.Future)
         self._enqueue(job)
         return await job.future
 
