@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hmac
 import logging
 import time
@@ -42,7 +43,7 @@ from agent.errors import (
 from agent.http import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
-from agent.outbox import AppendResult, UnsentMarked
+from agent.outbox import AppendCallback, AppendResult, UnsentMarked
 from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ RETRY_AFTER_BUSY = "1"
 SHUTDOWN_TIMEOUT = 5.0
 BACKLOG = 1024
 DECODE_IN_THREAD_BYTES = 64 * 1024
+# What decoding a client's body can raise for the client's fault (400 or 422).
+DECODE_ERRORS = (UnparsableBody, RecursionError, UnicodeDecodeError, InvalidEvents)
 
 _json = msgspec.json.Encoder()
 
@@ -65,6 +68,11 @@ class EventSink(Protocol):
     """Where accepted events go (the outbox; tests may give a fake)."""
 
     async def append(self, events: list[Event]) -> AppendResult: ...
+
+    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+        """Queue ``events``; ``then(result, error)`` is called once they are committed or
+        refused (as ``append`` returns or raises)."""
+        ...
 
     async def mark_unsent(
         self,
@@ -166,7 +174,7 @@ class Ingest:
 
     async def start(self) -> None:
         """Bind and serve. The port is known once this returns (``port=0`` picks one)."""
-        server = HttpServer(self._route, max_body=self.max_request_bytes)
+        server = HttpServer(self._route, max_body=self.max_request_bytes, quick=self._quick)
         try:
             port = await server.start(self.host, self.port, backlog=BACKLOG)
         except OSError as exc:
@@ -267,6 +275,17 @@ class Ingest:
     ) -> Response:
         """Run ``handle`` unless the gate refuses or ``max_requests_in_flight`` requests are
         already being read or stored (then 503 at once, before the body is read)."""
+        refused = self._admit(request)
+        if refused is not None:
+            return refused
+        self._in_flight += 1
+        try:
+            return await handle(request)
+        finally:
+            self._in_flight -= 1
+
+    def _admit(self, request: Request) -> Response | None:
+        """Count the request; a refusal (stopping, token, too many in flight) or None."""
         self._requests += 1
         refused = self._gate(request)
         if refused is not None:
@@ -281,11 +300,7 @@ class Ingest:
                     "(ingest.max_requests_in_flight): retry",
                 )
             )
-        self._in_flight += 1
-        try:
-            return await handle(request)
-        finally:
-            self._in_flight -= 1
+        return None
 
     async def _read_body(self, request: Request, *, required: bool = False) -> bytes | Response:
         """The body, or a refusal: 411 when ``required`` and the client framed no body (neither
@@ -318,21 +333,30 @@ class Ingest:
     async def _store(self, events: list[Event]) -> Response:
         try:
             result = await self.sink.append(events)
-        except BufferFull as exc:
+        except AgentError as exc:
+            refused = self._store_refused(events, exc)
+            if refused is None:
+                raise
+            return refused
+        return self._stored(result)
+
+    def _store_refused(self, events: list[Event], exc: BaseException) -> Response | None:
+        """The answer to an append the outbox refused; None when ``exc`` is not a refusal."""
+        if isinstance(exc, BufferFull):
             log.warning("refusing %d events: %s", len(events), exc)
             return self._refuse(
                 _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
-        except RecordTooLarge as exc:
+        if isinstance(exc, RecordTooLarge):
             return self._refuse(
                 _error(413, "event_too_large", message=str(exc), index=exc.index, limit=exc.limit)
             )
-        except OutboxWriteFailed as exc:
+        if isinstance(exc, OutboxWriteFailed):
             status, error = (507, "disk_full") if exc.disk_full else (503, "write_failed")
             return self._refuse(
                 _error(status, error, {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
-        except OutboxClosed:
+        if isinstance(exc, OutboxClosed):
             return self._refuse(
                 _error(
                     503,
@@ -341,6 +365,9 @@ class Ingest:
                     message="the agent is stopping; retry",
                 )
             )
+        return None
+
+    def _stored(self, result: AppendResult) -> Response:
         self._accepted += result.accepted
         self._duplicates += result.duplicates
         # Every event a duplicate: nothing new was stored, so this is a plain 200.
@@ -351,21 +378,78 @@ class Ingest:
     async def _post_events(self, request: Request) -> Response:
         return await self._bounded(request, self._events)
 
-    async def _events(self, request: Request) -> Response:
+    def _events_format(self, request: Request) -> bool | Response:
+        """Whether the body is msgpack (else JSON), or the 415 refusal."""
         content_type = request.content_type
         if content_type in JSON_TYPES:
-            msgpack = False
-        elif content_type in MSGPACK_TYPES:
-            msgpack = True
-        else:
-            return self._refuse(
-                _error(
-                    415,
-                    "unsupported_media_type",
-                    message=f"Content-Type {content_type!r}: send application/json or "
-                    "application/msgpack",
-                )
+            return False
+        if content_type in MSGPACK_TYPES:
+            return True
+        return self._refuse(
+            _error(
+                415,
+                "unsupported_media_type",
+                message=f"Content-Type {content_type!r}: send application/json or "
+                "application/msgpack",
             )
+        )
+
+    def _quick(self, request: Request, respond: Callable[[Response], None]) -> bool:
+        """``POST /v1/events`` with a small body that has all arrived, without a task: decoded
+        here, answered from the outbox's callback after the commit. Anything else (other routes, big
+        bodies, bodies over the limit) goes to the handlers (False)."""
+        if request.path != "/v1/events" or request.method != "POST":
+            return False
+        declared = request.content_length
+        if declared is None or declared > DECODE_IN_THREAD_BYTES or request.too_large:
+            return False
+        refused = self._admit(request)
+        if refused is None:
+            msgpack = self._events_format(request)
+            if isinstance(msgpack, Response):
+                refused = msgpack
+            else:
+                body = request.read_nowait()
+                assert body is not None  # declared and within the limit
+                events = self._decode(body, msgpack)
+                if isinstance(events, Response):
+                    refused = events
+                else:
+                    then = functools.partial(self._quick_stored, events, respond)
+                    try:
+                        self.sink.append_nowait(events, then)
+                    except AgentError as exc:
+                        refused = self._store_refused(events, exc)
+                        if refused is None:
+                            raise
+                    else:
+                        self._in_flight += 1
+                        return True
+        respond(refused)
+        return True
+
+    def _quick_stored(
+        self,
+        events: list[Event],
+        respond: Callable[[Response], None],
+        result: AppendResult | None,
+        error: BaseException | None,
+    ) -> None:
+        self._in_flight -= 1
+        if error is None:
+            assert result is not None
+            respond(self._stored(result))
+            return
+        refused = self._store_refused(events, error)
+        if refused is None:
+            log.error("storing %d events failed", len(events), exc_info=error)
+            refused = Response(500, b'{"error":"internal_error"}')
+        respond(refused)
+
+    async def _events(self, request: Request) -> Response:
+        msgpack = self._events_format(request)
+        if isinstance(msgpack, Response):
+            return msgpack
         body = await self._read_body(request, required=True)
         if isinstance(body, Response):
             return body
@@ -376,17 +460,25 @@ class Ingest:
                 events = await asyncio.to_thread(decode_pos_events, body, msgpack=msgpack)
             else:
                 events = decode_pos_events(body, msgpack=msgpack)
-        except UnparsableBody as exc:
-            return self._refuse(_error(400, "unparsable", message=str(exc)))
-        except (RecursionError, UnicodeDecodeError) as exc:
-            # msgspec raises these (not a DecodeError) for deeply nested bodies such as
-            # "[[[[...]]]]" and for some invalid UTF-8: the client's malformed body, not a
-            # server fault (found by tests/security/test_fuzz_ingest.py).
-            return self._refuse(_error(400, "unparsable", message=str(exc)))
-        except InvalidEvents as exc:
+        except DECODE_ERRORS as exc:
+            return self._decode_refused(exc)
+        return await self._store(events)
+
+    def _decode(self, body: bytes, msgpack: bool) -> list[Event] | Response:
+        """The body's events, or the 400/422 refusal."""
+        try:
+            return decode_pos_events(body, msgpack=msgpack)
+        except DECODE_ERRORS as exc:
+            return self._decode_refused(exc)
+
+    def _decode_refused(self, exc: Exception) -> Response:
+        if isinstance(exc, InvalidEvents):
             errors = [{"index": e.index, "path": e.path, "message": e.message} for e in exc.errors]
             return self._refuse(_error(422, "invalid_events", errors=errors))
-        return await self._store(events)
+        # msgspec raises RecursionError and UnicodeDecodeError (not a DecodeError) for deeply
+        # nested bodies such as "[[[[...]]]]" and for some invalid UTF-8: the client's
+        # malformed body, not a server fault (found by tests/security/test_fuzz_ingest.py).
+        return self._refuse(_error(400, "unparsable", message=str(exc)))
 
     async def _post_poslog(self, request: Request) -> Response:
         return await self._bounded(request, self._poslog)

@@ -46,7 +46,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import msgspec
 
@@ -208,9 +208,45 @@ def _lookup_sql(count: int) -> str:
 # --- jobs for the writer thread -----------------------------------------------------------
 
 
+class _Waiter(Protocol):
+    """What the writer resolves (on the loop) when a job is done: an ``asyncio.Future``, or a
+    ``_Then`` that calls back directly."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+AppendCallback = Callable[[AppendResult | None, BaseException | None], None]
+
+
+class _Then:
+    """Resolves an append by calling ``callback(result, error)`` on the loop: no future, no
+    ``call_soon`` and no loop turn per request (~3 µs each on this machine, measured alone)."""
+
+    __slots__ = ("_callback", "_done")
+
+    def __init__(self, callback: AppendCallback) -> None:
+        self._callback = callback
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: Any, /) -> None:
+        self._done = True
+        self._callback(result, None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._done = True
+        self._callback(None, exception)
+
+
 @dataclass(eq=False)
 class _Job:
-    future: asyncio.Future[Any] | None  # None: internal work nobody waits for
+    future: _Waiter | None  # None: internal work nobody waits for
 
 
 @dataclass(eq=False)
@@ -259,6 +295,12 @@ class _NoteTills(_Job):
     numbers: Sequence[tuple[dt.date, str, int]]
 
 
+@dataclass(eq=False)
+class _ShrinkMemory(_Job):
+    """Not a change to the file: the writer frees its connection's page cache (outside any
+    transaction) when it reaches this job."""
+
+
 @dataclass
 class _State:
     """What the writer knows about the file; copied, changed and swapped in after COMMIT, so a
@@ -286,9 +328,7 @@ class _State:
 class _Outcome:
     """Results of one group, handed back to the event loop in one call."""
 
-    results: list[tuple[asyncio.Future[Any], object, BaseException | None]] = field(
-        default_factory=list
-    )
+    results: list[tuple[_Waiter, object, BaseException | None]] = field(default_factory=list)
     appended: bool = False
     rewind_to: int | None = None
     failed: bool = False  # the transaction was rolled back
@@ -677,6 +717,13 @@ class Outbox:
         result: AppendResult = await self._submit(_Append(self._new_future(), events))
         return result
 
+    def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
+        """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
+        called on the loop with ``append``'s result or its error. For callers that answer from
+        a callback instead of awaiting in a task (the single-event route, agent/ingest.py).
+        OutboxClosed at once when closed."""
+        self._enqueue(_Append(_Then(then), events))
+
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Queue "JetStream acknowledged first..last"; the future resolves after commit."""
         future = self._new_future()
@@ -775,6 +822,16 @@ class Outbox:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._reader, checkpoint.read_days, self._rconn, days)
 
+    async def shrink_memory(self) -> None:
+        """Free both connections' SQLite page caches (``PRAGMA shrink_memory``): 2 MiB each
+        when full, kept for as long as the connection is open. For when the agent has gone
+        idle after a load (agent/service.py); the caches fill again with the next work."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        await self._submit(_ShrinkMemory(self._new_future()))
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._reader, self._rconn.execute, "PRAGMA shrink_memory")
+
     async def trace(self, event_id: str) -> EventTrace:
         """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
         if self._closed or self._rconn is None:
@@ -831,7 +888,7 @@ class Outbox:
         self._queue.put(job)
 
     async def _submit(self, job: _Job) -> Any:
-        assert job.future is not None
+        assert isinstance(job.future, asyncio.Future)
         self._enqueue(job)
         return await job.future
 
@@ -926,8 +983,13 @@ class Outbox:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
+            if shrink:
+                jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
             if jobs:
                 self._hand_back(self._run_jobs(conn, jobs))
+            if shrink:
+                self._hand_back(self._shrink_memory(conn, shrink))
             elif self._state.unfolded and self._state.pending == 0 and not stopping:
                 if self._run_group(conn, [_Fold(future=None)]).failed:
                     time.sleep(1.0)  # logged; try again later rather than spin
@@ -950,6 +1012,16 @@ class Outbox:
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _shrink_memory(self, conn: sqlite3.Connection, jobs: list[_ShrinkMemory]) -> _Outcome:
+        outcome = _Outcome()
+        error: BaseException | None = None
+        try:
+            conn.execute("PRAGMA shrink_memory")
+        except sqlite3.Error as exc:
+            error = _sqlite_failure(exc)
+        outcome.results += [(job.future, None, error) for job in jobs if job.future is not None]
+        return outcome
 
     def _hand_back(self, outcome: _Outcome) -> None:
         """Resolve a group's futures on the event loop: one wakeup per group, not per caller."""

@@ -22,7 +22,7 @@ import msgspec
 from agent.checkpoint import Checkpointer
 from agent.config import AgentConfig, check_listen_allowed, parse_listen
 from agent.control import Control
-from agent.errors import AgentError, PoslogRejected
+from agent.errors import AgentError, OutboxError, PoslogRejected
 from agent.forwarder import Forwarder, ForwarderStatistics
 from agent.ingest import Ingest
 from agent.outbox import Outbox, OutboxStatistics
@@ -335,6 +335,11 @@ class AgentService:
                 seen, busy = now, True
             elif busy:
                 busy = False
+                # SQLite's page caches first: what they free is then returned with the rest.
+                try:
+                    await self.outbox.shrink_memory()
+                except OutboxError as exc:
+                    log.warning("could not free the outbox's page caches: %s", exc)
                 release_free_memory()
 
     async def _watch(self) -> None:

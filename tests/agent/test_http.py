@@ -107,6 +107,29 @@ async def test_a_chunked_body_is_accepted(ingest: Ingest, tmp_path: Path) -> Non
     assert ["c-0", "c-1", "c-2"] == stored(tmp_path)
 
 
+async def test_a_chunked_body_that_breaks_off_is_400_and_stores_nothing(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """A chunked body whose framing turns invalid after a good chunk is answered 400
+    bad_request (not stored in part), then the connection closes."""
+    data = body(sale("half"))
+    reader, writer = await connect(ingest)
+    writer.write(
+        (
+            f"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
+        + b"%x\r\n%s\r\n" % (10, data[:10])
+    )
+    await writer.drain()
+    writer.write(b"zz\r\n" + data[10:] + b"\r\n0\r\n\r\n")
+    answer = await read_answer(reader)
+    rest = await reader.read()
+    writer.close()
+    assert (400, "bad_request", b"") == (answer.status, answer.json()["error"], rest)
+    assert [] == stored(tmp_path)
+
+
 async def test_expect_100_continue_is_answered_before_the_body(
     ingest: Ingest, tmp_path: Path
 ) -> None:
@@ -285,6 +308,82 @@ async def test_idle_keep_alive_connections_are_closed_by_the_sweep() -> None:
     finally:
         await server.stop(1.0)
     assert (200, b"", 200) == (answer.status, rest, again.status)
+
+
+class Held:
+    """A handler that answers each request with its path once ``release(path)`` is called, so
+    a test sees which requests are being served at once."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.bodies: dict[str, bytes | None] = {}
+        self.gates: dict[str, asyncio.Event] = {}
+        self.changed = asyncio.Event()
+
+    async def __call__(self, request: Request) -> Response:
+        gate = self.gates.setdefault(request.path, asyncio.Event())
+        self.started.append(request.path)
+        self.changed.set()
+        if request.method == "POST":
+            self.bodies[request.path] = await request.read()
+        await gate.wait()
+        return Response(200, request.path.encode(), "text/plain")
+
+    async def wait_started(self, count: int) -> None:
+        while len(self.started) < count:
+            self.changed.clear()
+            await self.changed.wait()
+
+    def release(self, path: str) -> None:
+        self.gates.setdefault(path, asyncio.Event()).set()
+
+
+async def test_pipelined_requests_are_served_at_once_and_answered_in_order() -> None:
+    """Three pipelined requests are all being served before any is answered (so they can share
+    a group commit); released last to first, they are still answered first to last."""
+    handler = Held()
+    server = HttpServer(handler, max_body=1024)
+    port = await server.start("127.0.0.1", 0, backlog=8)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in (1, 2, 3)))
+        await handler.wait_started(3)
+        for path in ("/3", "/2", "/1"):
+            handler.release(path)
+        answers = [await read_answer(reader) for _ in range(3)]
+        writer.close()
+    finally:
+        await server.stop(1.0)
+    assert ["/1", "/2", "/3"] == handler.started
+    assert [b"/1", b"/2", b"/3"] == [a.data for a in answers]
+
+
+async def test_100_continue_behind_an_unanswered_request_waits_for_its_answer() -> None:
+    """A pipelined request asking for 100 Continue gets it only after the answer to the request
+    before it (nothing goes out of order), then its body is read and it is answered."""
+    handler = Held()
+    server = HttpServer(handler, max_body=1024)
+    port = await server.start("127.0.0.1", 0, backlog=8)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        await handler.wait_started(2)
+        handler.release("/first")
+        first = await read_answer(reader)
+        interim = await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"hello")
+        handler.release("/second")
+        second = await read_answer(reader)
+        writer.close()
+    finally:
+        await server.stop(1.0)
+    assert (200, b"/first") == (first.status, first.data)
+    assert b"HTTP/1.1 100 Continue\r\n\r\n" == interim
+    assert (200, b"/second", b"hello") == (second.status, second.data, handler.bodies["/second"])
 
 
 def test_the_running_agent_never_imports_aiohttp(tmp_path: Path) -> None:

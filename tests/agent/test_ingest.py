@@ -14,7 +14,7 @@ import pytest
 
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
-from agent.outbox import AppendResult, Outbox, UnsentMarked
+from agent.outbox import AppendCallback, AppendResult, Outbox, UnsentMarked
 from protocol.events import Event
 from protocol.wire import encode
 from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
@@ -257,6 +257,10 @@ class HeldSink:
         self.arrived.set()
         await self.release.wait()
         return AppendResult(accepted=len(events), duplicates=0, first_seq=1, last_seq=1, seqs=[1])
+
+    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+        task = asyncio.ensure_future(self.append(events))
+        task.add_done_callback(lambda done: then(done.result(), None))
 
     async def mark_unsent(
         self,

@@ -18,7 +18,7 @@ from agent.errors import (
     RecordTooLarge,
     StoreMismatch,
 )
-from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, read_statistics_readonly
+from agent.outbox import BATCH_ENVELOPE_BYTES, AppendResult, Outbox, read_statistics_readonly
 from protocol.wire import decode_record
 from tests.agent.conftest import STORE, sale, sales
 
@@ -375,6 +375,47 @@ async def test_close_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
     assert 50 == len({r.seqs[0] for r in results})
     with open_db(tmp_path / "data") as conn:
         assert 50 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
+
+
+async def test_append_nowait_calls_back_after_commit_and_refuses_when_closed(
+    tmp_path: Path,
+) -> None:
+    """append_nowait calls back with the same result as append, once the rows are committed
+    (another connection sees them then); after close it raises OutboxClosed at once."""
+    box = make(tmp_path)
+    await box.open()
+    called: asyncio.Future[tuple[list[int], list[tuple[int, str]]]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    def then(result: AppendResult | None, error: BaseException | None) -> None:
+        assert result is not None and error is None
+        with open_db(tmp_path / "data") as conn:
+            rows = conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
+        called.set_result((result.seqs, rows))
+
+    box.append_nowait(sales("n", 2), then)
+    seqs, rows = await called
+    await box.close()
+    with pytest.raises(OutboxClosed):
+        box.append_nowait([sale("late")], then)
+    assert ([1, 2], [(1, "n-0"), (2, "n-1")]) == (seqs, rows)
+
+
+async def test_shrink_memory_between_loads_keeps_both_connections_working(
+    outbox: Outbox,
+) -> None:
+    """After the page caches are freed, appends commit and the reader reads them as before;
+    after close it raises OutboxClosed."""
+    await outbox.append(sales("a", 3))
+    await outbox.shrink_memory()
+    await outbox.append(sales("b", 2))
+    run = await outbox.read_unsent(100, 1 << 20)
+    await outbox.close()
+    with pytest.raises(OutboxClosed):
+        await outbox.shrink_memory()
+    assert run is not None
+    assert (1, 5) == (run.first_seq, run.last_seq)
 
 
 class Unencodable:
