@@ -42,7 +42,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,15 +194,41 @@ def _new_events(job: _Append, result: AppendResult) -> Sequence[Event]:
     return list(new.values())
 
 
-@functools.lru_cache(maxsize=INSERT_CHUNK)
+# Statements come in a few fixed sizes only. Every distinct SQL text is a prepared statement in
+# the connection's cache (up to ``cached_statements``), and one with 500 placeholders holds
+# ~45 KB: a statement per count of rows or ids (as there was) kept megabytes alive after a load
+# of varying batch sizes. Inserts are cut into chunks of these sizes (greedy: at most 7 + 7
+# extra statements for an awkward count); a lookup's ids are padded up to the next size with
+# its first id (a repeated value in ``IN`` matches nothing more).
+INSERT_SIZES = (INSERT_CHUNK, 8, 1)
+LOOKUP_SIZES = (1, 8, 64, LOOKUP_CHUNK)
+
+
+@functools.cache
 def _insert_sql(rows: int) -> str:
     values = ",".join(["(?,?,?,?,?)"] * rows)
     return f"INSERT INTO records (seq, event_id, received_at, size, payload) VALUES {values}"
 
 
-@functools.lru_cache(maxsize=LOOKUP_CHUNK)
+@functools.cache
 def _lookup_sql(count: int) -> str:
     return f"SELECT event_id, seq FROM records WHERE event_id IN ({','.join('?' * count)})"
+
+
+def _insert_chunks(count: int) -> Iterator[tuple[int, int]]:
+    """``(start, rows)`` chunks covering ``count`` rows, each of a size in ``INSERT_SIZES``."""
+    start = 0
+    for size in INSERT_SIZES:
+        while count - start >= size:
+            yield start, size
+            start += size
+
+
+def _lookup_padded(ids: list[str]) -> list[str]:
+    """``ids`` (1 to LOOKUP_CHUNK of them) padded with its first to the next size in
+    ``LOOKUP_SIZES``."""
+    size = next(s for s in LOOKUP_SIZES if s >= len(ids))
+    return ids + [ids[0]] * (size - len(ids))
 
 
 # --- jobs for the writer thread -----------------------------------------------------------
@@ -1163,7 +1189,7 @@ class Outbox:
         ids = list({e.event_id for job in appends for e in job.events})
         known: dict[str, int] = {}
         for i in range(0, len(ids), LOOKUP_CHUNK):
-            part = ids[i : i + LOOKUP_CHUNK]
+            part = _lookup_padded(ids[i : i + LOOKUP_CHUNK])
             known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
         return known
 
@@ -1261,9 +1287,9 @@ class Outbox:
         )
 
     def _insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
-        for i in range(0, len(rows), INSERT_CHUNK):
-            part = rows[i : i + INSERT_CHUNK]
-            conn.execute(_insert_sql(len(part)), list(itertools.chain.from_iterable(part)))
+        for start, size in _insert_chunks(len(rows)):
+            part = rows[start : start + size]
+            conn.execute(_insert_sql(size), list(itertools.chain.from_iterable(part)))
 
     @staticmethod
     def _keep_last_seq(conn: sqlite3.Connection, state: _State) -> None:

@@ -18,7 +18,17 @@ from agent.errors import (
     RecordTooLarge,
     StoreMismatch,
 )
-from agent.outbox import BATCH_ENVELOPE_BYTES, AppendResult, Outbox, read_statistics_readonly
+from agent.outbox import (
+    BATCH_ENVELOPE_BYTES,
+    INSERT_SIZES,
+    LOOKUP_CHUNK,
+    LOOKUP_SIZES,
+    AppendResult,
+    Outbox,
+    _insert_chunks,
+    _lookup_padded,
+    read_statistics_readonly,
+)
 from protocol.wire import decode_record
 from tests.agent.conftest import STORE, sale, sales
 
@@ -90,6 +100,35 @@ async def test_duplicates_report_the_original_seq(outbox: Outbox) -> None:
     )
     with open_db(outbox.data_dir) as conn:
         assert 3 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
+
+
+async def test_appends_of_every_size_use_a_few_statements(outbox: Outbox) -> None:
+    """Appends of 1 to 130 events, each with some ids already held, store every new event once
+    and find every held one, through a handful of SQL texts (every distinct text stays in the
+    connection's statement cache, and one with hundreds of placeholders weighs ~45 KB)."""
+    stored: list[str] = []
+    for size in range(1, 131):
+        held = stored[-(size // 3) :] if size >= 3 else []
+        new = [f"s{size}-{i}" for i in range(size - len(held))]
+        result = await outbox.append([sale(e) for e in held + new])
+        assert (len(new), len(held)) == (result.accepted, result.duplicates), size
+        stored += new
+    with open_db(outbox.data_dir) as conn:
+        ids = [row[0] for row in conn.execute("SELECT event_id FROM records ORDER BY seq")]
+    assert stored == ids
+    # Through a handful of SQL texts: the chunks and the padded lookups come in fixed sizes.
+    for count in range(0, 1001):
+        chunks = list(_insert_chunks(count))
+        position = 0
+        for start, rows in chunks:  # contiguous, covering every row once
+            assert start == position
+            position += rows
+        assert count == position
+        assert {rows for _, rows in chunks} <= set(INSERT_SIZES)
+    for count in range(1, LOOKUP_CHUNK + 1):
+        ids = [f"e{i}" for i in range(count)]
+        padded = _lookup_padded(ids)
+        assert len(padded) in LOOKUP_SIZES and set(padded) == set(ids)
 
 
 async def test_concurrent_appends_share_transactions(outbox: Outbox) -> None:
