@@ -591,11 +591,13 @@ def sample_records(count: int, store_id: str = "B1") -> list[bytes]:
 # --- load from a separate process ------------------------------------------------------------
 
 
-async def run_loadgen(args: Sequence[str], timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``tests.bench.loadgen`` in its own process (its CPU is not ours) and return its JSON
-    report."""
+async def run_loadgen(
+    args: Sequence[str], timeout: float = 600.0, module: str = "tests.bench.loadgen"
+) -> dict[str, Any]:
+    """Run ``module`` (``tests.bench.loadgen``, or ``tests.bench.fleetload`` for a fleet) in its
+    own process (its CPU is not ours) and return its JSON report."""
     proc = await asyncio.create_subprocess_exec(
-        *python_module("tests.bench.loadgen"),
+        *python_module(module),
         *args,
         cwd=ROOT,
         stdout=subprocess.PIPE,
