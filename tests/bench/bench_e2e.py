@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,16 @@ class FleetResult:
     stages: dict[str, list[float]]
     central_cpu: float  # seconds over the run
     agent_cpu: float  # of the first agent
+    agents_cpu: float  # of all the agents
+    broker_cpu: float  # nats-server
+    bench_cpu: float  # this process: the OMS and the stage probe
+    seconds: float  # wall time from the first request to the last event at the OMS
     events: int
+
+    def cores(self) -> float:
+        """CPU seconds per second the whole pipeline used (generator included)."""
+        cpu = self.agents_cpu + self.central_cpu + self.broker_cpu + self.bench_cpu
+        return (cpu + float(self.load["cpu_seconds"])) / self.seconds
 
 
 async def fleet_load(
@@ -237,6 +247,7 @@ async def fleet_run(
     oms: RecordingOms,
     probe: StageProbe,
     central_pid: int,
+    broker_pid: int,
     stores: int,
     rate: float,
     per_store: int,
@@ -257,7 +268,9 @@ async def fleet_run(
         await wait_for(warm, 120, what="the fleet's warm-up events at the OMS")
         oms.arrived.clear()
         probe.clear()
-        central_cpu, agent_cpu = cpu_seconds(central_pid), cpu_seconds(agents[0].pid)
+        central_cpu, broker_cpu = cpu_seconds(central_pid), cpu_seconds(broker_pid)
+        agents_cpu = [cpu_seconds(a.pid) for a in agents]
+        bench_cpu, started = time.process_time(), time.monotonic()
         stamps = root / "fleet-accepted.jsonl"
         load = await fleet_load(agents, per_store, rate / stores, "fleet", stamps)
         accepted = read_fleet_accepted(stamps)
@@ -268,14 +281,18 @@ async def fleet_run(
             return len(oms.arrived) >= len(accepted)
 
         await wait_for(arrived, 300, what="every fleet event at the OMS")
+        seconds = time.monotonic() - started
         central_cpu = cpu_seconds(central_pid) - central_cpu
-        agent_cpu = cpu_seconds(agents[0].pid) - agent_cpu
+        broker_cpu = cpu_seconds(broker_pid) - broker_cpu
+        agents_cpu = [cpu_seconds(a.pid) - cpu for a, cpu in zip(agents, agents_cpu, strict=True)]
+        bench_cpu = time.process_time() - bench_cpu
     finally:
         await asyncio.gather(*(a.stop() for a in agents))
     latencies = [(oms.arrived[key] - wall) * 1000 for key, wall in accepted.items()]
     return FleetResult(
-        latencies, load, probe.stages(accepted, oms), central_cpu, agent_cpu, len(accepted)
-    )
+        latencies, load, probe.stages(accepted, oms), central_cpu, agents_cpu[0],
+        sum(agents_cpu), broker_cpu, bench_cpu, seconds, len(accepted),
+    )  # fmt: skip
 
 
 async def run(opts: Options) -> Table:
@@ -320,8 +337,10 @@ async def run(opts: Options) -> Table:
             await agent.stop()
             oms.arrived.clear()
             stores = size(opts, FLEET_STORES, 2)
+            broker_pid = broker.pid
+            assert broker_pid is not None  # started
             fleet = await fleet_run(
-                root, broker.url, oms, probe, central.pid, stores,
+                root, broker.url, oms, probe, central.pid, broker_pid, stores,
                 size(opts, int(FLEET_RATE), 200), size(opts, 2500, 100),
             )  # fmt: skip
         finally:
@@ -380,6 +399,17 @@ async def run(opts: Options) -> Table:
     table.add(
         Row("fleet: one agent's CPU per event", fleet.agent_cpu / (fleet.events / stores) * 1e6,
             "µs", higher_is_better=False)
+    )  # fmt: skip
+    table.add(
+        Row("fleet: nats-server CPU per event", fleet.broker_cpu / fleet.events * 1e6, "µs",
+            higher_is_better=False)
+    )  # fmt: skip
+    per_event = (fleet.cores() * fleet.seconds) / fleet.events
+    table.add(
+        Row(f"fleet: cores the whole pipeline needs at {rate:,}/s", per_event * rate, "cores",
+            higher_is_better=False, target=at_most(os.cpu_count() or 1),
+            note=f"{per_event * 1e6:,.0f} µs of CPU per event in all processes (generator, "
+            f"{stores} agents, nats-server, central, OMS); this machine has {os.cpu_count()}")
     )  # fmt: skip
     return table
 
