@@ -42,6 +42,14 @@ single record still refused is set aside in the outbox, flagged with the reason,
 operator's resync offers it again. The server's ``max_payload`` learned on each connect is
 handed to the outbox, which refuses larger events at ingest from then on.
 
+A batch is queued as one HPUB command built with one ``join`` (``_hpub``), not through nats-py's
+``publish``: its ``hpub_cmd`` concatenates the command line, headers, payload and CRLF with
+``+``, copying a 230 KB batch twice into fresh allocations, ~0.5 ms per batch on this machine
+(~1 s of agent CPU in a 1M-event drain, a third of the agent's whole cost) against ~0.01 ms for
+the join. The bytes on the wire are the same. It uses nats-py's ``_send_command`` and
+``_flush_pending`` (how ``publish`` queues a command and wakes its flusher), as central's nats
+sink does; while reconnecting, or with a nats-py without them, ``publish`` is used.
+
 We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
 existing cluster, and the store's permissions already pin the subject. The first PubAck's
 stream name is logged, with a warning when it is not ``STORELINK_EVENTS``.
@@ -230,6 +238,7 @@ class Forwarder:
         self.outbox = outbox
         self.store_id = store_id
         self.subject = events_subject(store_id)
+        self._subject_bytes = self.subject.encode()
         self.urls = list(urls)
         # nats-py options from protocol.connection.connect_options: credentials file, TLS.
         self.auth = dict(auth or {})
@@ -558,7 +567,7 @@ class Forwarder:
         )
         reply, future = self._acks.expect()
         try:
-            await nc.publish(self.subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
+            await self._send(nc, payload, reply, msg_id)
         except nats.errors.MaxPayloadError:
             future.cancel()
             reason = f"{len(payload)} bytes, above HQ's NATS max_payload of {nc.max_payload} bytes"
@@ -587,6 +596,25 @@ class Forwarder:
         )
         self._cursor = run.last_seq
         return True
+
+    async def _send(self, nc: NatsClient, payload: bytes, reply: str, msg_id: str) -> None:
+        """Queue one batch with its msg id header, as ``nc.publish`` would (same bytes)."""
+        send = getattr(nc, "_send_command", None)
+        flush = getattr(nc, "_flush_pending", None)
+        queue = getattr(nc, "_flush_queue", None)
+        if (
+            send is None
+            or flush is None
+            or queue is None
+            or not nc.is_connected
+            or len(payload) > nc.max_payload
+        ):
+            # nats-py's own rules: buffering while reconnecting, MaxPayloadError.
+            await nc.publish(self.subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
+            return
+        await send(_hpub(self._subject_bytes, reply, msg_id, payload))
+        if queue.empty():
+            await flush()
 
     def _set_aside(self, seq: int, reason: str) -> None:
         """HQ refused record ``seq`` for good: flag it in the outbox and go on without it."""
@@ -698,6 +726,18 @@ class Forwarder:
                 await marking
             except Exception:  # already logged by _log_mark_failure
                 pass
+
+
+_HEADER_HEAD = f"NATS/1.0\r\n{MSG_ID_HEADER}: ".encode()
+
+
+def _hpub(subject: bytes, reply: str, msg_id: str, payload: bytes) -> bytes:
+    """The HPUB command nats-py's ``publish`` sends for one message with a Nats-Msg-Id header,
+    in one allocation."""
+    header = b"%s%s\r\n\r\n" % (_HEADER_HEAD, msg_id.encode())
+    size = len(header) + len(payload)
+    line = b"HPUB %s %s %d %d\r\n" % (subject, reply.encode(), len(header), size)
+    return b"".join((line, header, payload, b"\r\n"))
 
 
 def _log_mark_failure(future: asyncio.Future[None]) -> None:

@@ -15,12 +15,19 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.protocol.command import hpub_cmd
 
-from agent.forwarder import Forwarder, ForwarderStatistics
+from agent.forwarder import Forwarder, ForwarderStatistics, _hpub
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
-from protocol.subjects import EVENTS_STREAM, EVENTS_WILDCARD, MSG_ID_HEADER, batch_msg_id
+from protocol.subjects import (
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    MSG_ID_HEADER,
+    batch_msg_id,
+    events_subject,
+)
 from protocol.wire import Batch, decode_batch
 from tests.agent.conftest import STORE, sale, sales
 
@@ -122,6 +129,16 @@ async def test_delivers_batches_in_order_with_dedup_header(
     stats = running.forwarder.statistics()
     assert (1200, None) == (stats.records_sent, stats.last_error)
     assert 1 == len(subscriptions)  # the PubAck inbox, however many batches were published
+
+
+def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
+    """The forwarder's own HPUB (one join) is byte for byte nats-py's ``publish`` command."""
+    payload = bytes(range(256)) * 1000
+    msg_id = batch_msg_id(STORE, "0123456789abcdef", 1, 500, 0)
+    header = f"NATS/1.0\r\n{MSG_ID_HEADER}: {msg_id}\r\n\r\n".encode()
+    subject = events_subject(STORE)
+    expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), payload)
+    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload)
 
 
 async def test_wakes_on_append_and_drains_new_records(
