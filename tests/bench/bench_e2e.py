@@ -38,13 +38,13 @@ from typing import Any
 import msgspec
 import nats
 from aiohttp import web
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from central.broker import free_port
 from protocol.subjects import CENTRAL_INBOX_PREFIX, EVENTS_WILDCARD
 from protocol.wire import RawBatch
 from tests.bench.bench_baselines import JS_PUBLISH, RECORD_POOL, measure_js_publish
-from tests.bench.bench_wan import cpu_seconds
 from tests.bench.harness import (
     AgentProcess,
     CentralProcess,
@@ -55,6 +55,7 @@ from tests.bench.harness import (
     at_most,
     baseline,
     bench_main,
+    cpu_seconds,
     nats_broker,
     percentile,
     run_loadgen,
@@ -120,7 +121,7 @@ class StageProbe:
     def __init__(self) -> None:
         self.published: dict[tuple[str, int], float] = {}
         self.delivered: dict[tuple[str, int], float] = {}
-        self._nc: nats.aio.client.Client | None = None
+        self._nc: NatsClient | None = None
 
     async def start(self, url: str) -> None:
         self._nc = await nats.connect(url)
