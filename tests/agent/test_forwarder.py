@@ -160,6 +160,34 @@ async def test_wakes_on_append_and_drains_new_records(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP freezes the server; POSIX only")
+async def test_a_batch_does_not_linger_behind_one_in_flight(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """With less than half the window awaiting PubAcks, a new record goes out at once: it
+    does not wait for the batch in flight (here, a frozen server's PubAck) nor the linger."""
+    nc, _ = await make_stream(nats_server.url)
+    await nc.close()
+    running = Running(
+        forwarder_for(outbox, nats_server.url, linger_ms=600_000, inflight=8, publish_timeout=60)
+    )
+    assert nats_server.pid is not None
+    try:
+        await running.forwarder.wait_connected()
+        os.kill(nats_server.pid, signal.SIGSTOP)
+        try:
+            await outbox.append([sale("l-1")])
+            await wait_until(lambda: running.forwarder.statistics().inflight == 1, "1st batch")
+            await outbox.append([sale("l-2")])
+            await wait_until(lambda: running.forwarder.statistics().inflight == 2, "2nd batch")
+        finally:
+            os.kill(nats_server.pid, signal.SIGCONT)
+        await wait_until(lambda: outbox.statistics().pending == 0, "both acknowledged")
+    finally:
+        await running.stop()
+    assert 2 == running.forwarder.statistics().batches_sent
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP freezes the server; POSIX only")
 async def test_nothing_is_marked_sent_without_a_puback(
     nats_server: EmbeddedBroker, outbox: Outbox
 ) -> None:
