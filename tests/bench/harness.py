@@ -510,6 +510,7 @@ class CentralProcess:
     nats_url: str
     sinks: Sequence[str] = ("nats",)
     http_port: int = field(default_factory=free_port)
+    config: Path | None = None  # a central TOML (e.g. [webhook] settings)
     proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -517,6 +518,7 @@ class CentralProcess:
             *python_module("central"), "run", "--data-dir", str(self.root),
             "--nats-url", self.nats_url, "--http", f"127.0.0.1:{self.http_port}",
             *(a for sink in self.sinks for a in ("--sink", sink)),
+            *(("--config", str(self.config)) if self.config is not None else ()),
         ]  # fmt: skip
         self.proc = BenchProcess(
             "central", args, f"http://127.0.0.1:{self.http_port}/healthz", self.root / "central.log"
