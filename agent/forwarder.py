@@ -3,8 +3,11 @@
 One loop, one NATS connection. It reads runs of consecutive unsent records from the outbox
 (pre-encoded: the records are spliced into the batch, never decoded), publishes each run as one
 message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``inflight``
-batches awaiting their PubAck. Only the acknowledged *prefix* of the window is marked sent,
-and that through the outbox's single writer, so the forwarder never blocks ingest.
+batches awaiting their PubAck. While a backlog drains (full runs), the next run is read (on the
+outbox's reader thread) while this one is encoded and published; a read ahead is used only if
+the cursor is still where it began, so a rewind or a failure reads again from the cursor. Only
+the acknowledged *prefix* of the window is marked sent, and that through the outbox's single
+writer, so the forwarder never blocks ingest.
 
 A PubAck timeout is ``publish_timeout`` without any PubAck coming back (from the head
 batch's publish, or from the last PubAck of any batch, whichever is later): on a slow link a
@@ -272,6 +275,9 @@ class Forwarder:
         self._hooks: list[ConnectHook] = []
         self._window: collections.deque[_Inflight] = collections.deque()
         self._cursor = 0
+        # A read of the next run started while the last one is published: (task, the seq it
+        # reads after, the byte limit it was cut at).
+        self._ahead: tuple[asyncio.Future[UnsentRun | None], int, int] | None = None
         self._resends = 0  # resyncs served since start; part of the batch msg id
         self._link_lost = False
         self._marking: asyncio.Future[None] | None = None
@@ -334,6 +340,9 @@ class Forwarder:
         try:
             await self._forward()
         finally:
+            if self._ahead is not None:
+                self._ahead[0].cancel()
+                self._ahead = None
             await self._shutdown_connection()
 
     async def stop(self) -> None:
@@ -531,9 +540,7 @@ class Forwarder:
         lingered = False
         while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
             try:
-                run = await self.outbox.read_unsent(
-                    self.batch_max_records, limit_bytes, after_seq=self._cursor
-                )
+                run = await self._read_run(limit_bytes)
             except OutboxClosed:
                 raise
             except OutboxError as exc:  # a read hiccup must not end forwarding for good
@@ -551,8 +558,29 @@ class Forwarder:
                 await self._wait_wake(self.linger)
                 continue
             lingered = False
+            if not partial:
+                # A backlog: read the next run while this one is encoded and published.
+                self._prefetch_nowait(run.last_seq, limit_bytes)
             if not await self._publish(nc, run, limit_bytes):
                 return
+
+    async def _read_run(self, limit_bytes: int) -> UnsentRun | None:
+        """The unsent run after the cursor: the one read ahead if it starts there."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            task, after, limit = ahead
+            if after == self._cursor and limit == limit_bytes:
+                return await task
+            task.cancel()  # the cursor moved (a rewind, a failure): read again
+        return await self.outbox.read_unsent(
+            self.batch_max_records, limit_bytes, after_seq=self._cursor
+        )
+
+    def _prefetch_nowait(self, after_seq: int, limit_bytes: int) -> None:
+        read = self.outbox.read_unsent(self.batch_max_records, limit_bytes, after_seq=after_seq)
+        task = asyncio.ensure_future(read)
+        task.add_done_callback(_retrieve)
+        self._ahead = (task, after_seq, limit_bytes)
 
     async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
         epoch = self.outbox.epoch
@@ -743,6 +771,13 @@ def _hpub(subject: bytes, reply: str, msg_id: str, payload: bytes) -> bytes:
     size = len(header) + len(payload)
     line = b"HPUB %s %s %d %d\r\n" % (subject, reply.encode(), len(header), size)
     return b"".join((line, header, payload, b"\r\n"))
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    # A read ahead that is not used (or fails while stopping) is not an error of its own: the
+    # forwarder reads again from its cursor, and sees the error then.
+    if not future.cancelled():
+        future.exception()
 
 
 def _log_mark_failure(future: asyncio.Future[None]) -> None:

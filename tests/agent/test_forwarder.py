@@ -141,6 +141,30 @@ def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
     assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload)
 
 
+async def test_a_resync_during_a_drain_re_sends_everything_from_its_seq(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """A resync while a backlog drains (a run read ahead of the cursor) re-sends from the
+    resync's seq, in order, under new msg ids, and nothing is missing from the stream.
+
+    (Batches acknowledged while the resync is being committed are marked sent after it and
+    not re-sent: JetStream has just stored them.)"""
+    nc, js = await make_stream(nats_server.url)
+    await outbox.append(sales("d", 20_000))
+    running = Running(forwarder_for(outbox, nats_server.url))
+    try:
+        await wait_until(lambda: running.forwarder.statistics().records_sent >= 1000, "draining")
+        await outbox.mark_unsent(from_seq=1)
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+    resent = [r.seq for msg_id, b in batches if msg_id.endswith(":r1") for r in b.records]
+    assert (1, sorted(set(resent))) == (resent[0], resent)  # from seq 1, in order, once each
+    assert list(range(1, 20_001)) == delivered_seqs(batches)
+
+
 async def test_wakes_on_append_and_drains_new_records(
     nats_server: EmbeddedBroker, outbox: Outbox
 ) -> None:
