@@ -15,12 +15,19 @@ import nats
 import pytest
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from nats.protocol.command import hpub_cmd
 
-from agent.forwarder import Forwarder, ForwarderStatistics
+from agent.forwarder import Forwarder, ForwarderStatistics, _hpub
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
-from protocol.subjects import EVENTS_STREAM, EVENTS_WILDCARD, MSG_ID_HEADER, batch_msg_id
+from protocol.subjects import (
+    EVENTS_STREAM,
+    EVENTS_WILDCARD,
+    MSG_ID_HEADER,
+    batch_msg_id,
+    events_subject,
+)
 from protocol.wire import Batch, decode_batch
 from tests.agent.conftest import STORE, sale, sales
 
@@ -124,6 +131,40 @@ async def test_delivers_batches_in_order_with_dedup_header(
     assert 1 == len(subscriptions)  # the PubAck inbox, however many batches were published
 
 
+def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
+    """The forwarder's own HPUB (one join) is byte for byte nats-py's ``publish`` command."""
+    payload = bytes(range(256)) * 1000
+    msg_id = batch_msg_id(STORE, "0123456789abcdef", 1, 500, 0)
+    header = f"NATS/1.0\r\n{MSG_ID_HEADER}: {msg_id}\r\n\r\n".encode()
+    subject = events_subject(STORE)
+    expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), payload)
+    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload)
+
+
+async def test_a_resync_during_a_drain_re_sends_everything_from_its_seq(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """A resync while a backlog drains (a run read ahead of the cursor) re-sends from the
+    resync's seq, in order, under new msg ids, and nothing is missing from the stream.
+
+    (Batches acknowledged while the resync is being committed are marked sent after it and
+    not re-sent: JetStream has just stored them.)"""
+    nc, js = await make_stream(nats_server.url)
+    await outbox.append(sales("d", 20_000))
+    running = Running(forwarder_for(outbox, nats_server.url))
+    try:
+        await wait_until(lambda: running.forwarder.statistics().records_sent >= 1000, "draining")
+        await outbox.mark_unsent(from_seq=1)
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+    resent = [r.seq for msg_id, b in batches if msg_id.endswith(":r1") for r in b.records]
+    assert (1, sorted(set(resent))) == (resent[0], resent)  # from seq 1, in order, once each
+    assert list(range(1, 20_001)) == delivered_seqs(batches)
+
+
 async def test_wakes_on_append_and_drains_new_records(
     nats_server: EmbeddedBroker, outbox: Outbox
 ) -> None:
@@ -140,6 +181,34 @@ async def test_wakes_on_append_and_drains_new_records(
         await running.stop()
         await nc.close()
     assert list(range(1, 16)) == delivered_seqs(batches)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP freezes the server; POSIX only")
+async def test_a_batch_does_not_linger_behind_one_in_flight(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """With less than half the window awaiting PubAcks, a new record goes out at once: it
+    does not wait for the batch in flight (here, a frozen server's PubAck) nor the linger."""
+    nc, _ = await make_stream(nats_server.url)
+    await nc.close()
+    running = Running(
+        forwarder_for(outbox, nats_server.url, linger_ms=600_000, inflight=8, publish_timeout=60)
+    )
+    assert nats_server.pid is not None
+    try:
+        await running.forwarder.wait_connected()
+        os.kill(nats_server.pid, signal.SIGSTOP)
+        try:
+            await outbox.append([sale("l-1")])
+            await wait_until(lambda: running.forwarder.statistics().inflight == 1, "1st batch")
+            await outbox.append([sale("l-2")])
+            await wait_until(lambda: running.forwarder.statistics().inflight == 2, "2nd batch")
+        finally:
+            os.kill(nats_server.pid, signal.SIGCONT)
+        await wait_until(lambda: outbox.statistics().pending == 0, "both acknowledged")
+    finally:
+        await running.stop()
+    assert 2 == running.forwarder.statistics().batches_sent
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGSTOP freezes the server; POSIX only")

@@ -47,6 +47,7 @@ from tests.bench.harness import (
     at_most,
     baseline,
     bench_main,
+    cpu_seconds,
     create_streams,
     mib,
     nats_broker,
@@ -67,6 +68,8 @@ RSS_DRAIN = "agent RSS peak while draining"
 RSS_BUFFERED_IDLE = "agent RSS idle, backlog buffered"
 BUILD_RATE = "backlog build (Outbox.append)"
 FOLD_TIME = "fold of the acknowledged ranges"
+DRAIN_AGENT_CPU = "agent CPU for the drain"
+DRAIN_SERVER_CPU = "nats-server CPU for the drain"
 
 
 async def build_backlog(data_dir: Path, events: int) -> float:
@@ -145,8 +148,11 @@ async def run(opts: Options) -> Table:
                 raise RuntimeError(f"expected {events} pending, agent says {status['pending']}")
             idle_rss = rss.last
 
+            agent_cpu = cpu_seconds(agent.pid)
             await broker.start()
             back = time.monotonic()
+            assert broker.pid is not None  # started
+            broker_cpu = cpu_seconds(broker.pid)
 
             async def started() -> bool:
                 return bool((await agent.status())["pending"] < events)
@@ -156,6 +162,8 @@ async def run(opts: Options) -> Table:
 
             first = await wait_for(started, 30, interval=0.01, what="first ack")
             done = await wait_for(drained, 600, interval=0.05, what="pending == 0")
+            agent_cpu = cpu_seconds(agent.pid) - agent_cpu
+            broker_cpu = cpu_seconds(broker.pid) - broker_cpu
 
             async def folded() -> bool:
                 return ranges_left(agent.data_dir) == 0
@@ -198,6 +206,11 @@ async def run(opts: Options) -> Table:
     table.add(Row(DRAIN_RATE, events / drain, "events/s"))
     ratio = table.rows[-2].ratio  # the drain's
     table.add(Row(DRAIN_VS_NAIVE, ratio, "x", target=at_least(20)))
+    table.add(
+        Row(DRAIN_AGENT_CPU, agent_cpu, "s", higher_is_better=False,
+            note="/proc/<pid>/stat, HQ ready → pending 0")
+    )  # fmt: skip
+    table.add(Row(DRAIN_SERVER_CPU, broker_cpu, "s", higher_is_better=False))
     table.add(Row(FOLD_TIME, folded_at - done, "s", note="after pending 0, off the drain's clock"))
     table.add(
         Row(RSS_BUFFERED_IDLE, mib(idle_rss), "MiB", higher_is_better=False, note=f"{events:,}")

@@ -18,7 +18,6 @@ at the agent (``pack_records``), unpacking at central (``unpack_records``), and 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from tests.bench.harness import (
     Table,
     baseline,
     bench_main,
+    cpu_seconds,
     create_streams,
     sample_records,
     size,
@@ -55,12 +55,6 @@ EPOCH = "0123456789abcdef"
 PLAIN_DRAIN = "WAN drain rate, plain batches"
 PLAIN_BYTES = "WAN bytes per event, plain batches"
 PLAIN_CPU = "agent CPU per event while draining, plain batches"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drain(root: Path, events: int, compression: str) -> tuple[float, int, float]:

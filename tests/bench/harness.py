@@ -346,6 +346,12 @@ class RssSampler:
 MIB = 1024 * 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def mib(value: int | None) -> float | None:
     return None if value is None else value / MIB
 
@@ -504,6 +510,7 @@ class CentralProcess:
     nats_url: str
     sinks: Sequence[str] = ("nats",)
     http_port: int = field(default_factory=free_port)
+    config: Path | None = None  # a central TOML (e.g. [webhook] settings)
     proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -511,6 +518,7 @@ class CentralProcess:
             *python_module("central"), "run", "--data-dir", str(self.root),
             "--nats-url", self.nats_url, "--http", f"127.0.0.1:{self.http_port}",
             *(a for sink in self.sinks for a in ("--sink", sink)),
+            *(("--config", str(self.config)) if self.config is not None else ()),
         ]  # fmt: skip
         self.proc = BenchProcess(
             "central", args, f"http://127.0.0.1:{self.http_port}/healthz", self.root / "central.log"
@@ -591,11 +599,13 @@ def sample_records(count: int, store_id: str = "B1") -> list[bytes]:
 # --- load from a separate process ------------------------------------------------------------
 
 
-async def run_loadgen(args: Sequence[str], timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``tests.bench.loadgen`` in its own process (its CPU is not ours) and return its JSON
-    report."""
+async def run_loadgen(
+    args: Sequence[str], timeout: float = 600.0, module: str = "tests.bench.loadgen"
+) -> dict[str, Any]:
+    """Run ``module`` (``tests.bench.loadgen``, or ``tests.bench.fleetload`` for a fleet) in its
+    own process (its CPU is not ours) and return its JSON report."""
     proc = await asyncio.create_subprocess_exec(
-        *python_module("tests.bench.loadgen"),
+        *python_module(module),
         *args,
         cwd=ROOT,
         stdout=subprocess.PIPE,
