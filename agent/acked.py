@@ -5,8 +5,10 @@ Marking a record sent by ``UPDATE records SET sent_at`` rewrites its whole row (
 all): 5-8 µs a record, two thirds of the outbox writer's time in a backlog drain (issue 17,
 docs/benchmarks.md). So the writer records "JetStream acknowledged first..last at t" as one
 small row instead, in the same transaction discipline (durable once committed), and copies it
-into ``records.sent_at`` only later (``fold``): when nothing is pending, and before pruning
-(retention, a full buffer), in bounded chunks so an append never waits long behind one.
+into ``records.sent_at`` only later (``fold``): when nothing is pending and either 64 ranges
+wait (a drain's end) or the outbox has been quiet for a second (a till's trickle would
+otherwise pay a fold transaction per event), and before pruning (retention, a full buffer), in
+bounded chunks so an append never waits long behind one.
 
 A range means exactly what the UPDATE it replaces meant: every record in it that was unsent and
 not refused when it was inserted is sent, at ``sent_at``. Until it is folded, every reader of

@@ -78,6 +78,12 @@ DEFAULT_PRUNE_INTERVAL = 60.0
 PRUNE_CHUNK = 5000  # rows deleted per retention transaction, so appends are not held up
 INSERT_CHUNK = 64  # rows per multi-row INSERT (one sqlite3_step, one GIL release, per chunk)
 LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
+# Acknowledged ranges are folded into records.sent_at (agent/acked.py) when nothing is pending
+# and either this many ranges wait or the outbox has had no job for FOLD_QUIET seconds: a fold
+# is a transaction (an fsync), and folding after every PubAck of a till's trickle tripled the
+# transactions per event (append, range, fold).
+FOLD_AFTER_MARKS = 64
+FOLD_QUIET = 1.0
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PRIVATE_DIR_MODE = 0o700
@@ -345,6 +351,7 @@ class _State:
     # over the acked ranges behind it only once).
     pending_floor: int = 1
     unfolded: bool = False  # acked_ranges has rows (agent/acked.py)
+    marks_unfolded: int = 0  # ranges recorded since the table was last folded empty
 
     def copy(self) -> _State:
         return _State(**self.__dict__)
@@ -991,15 +998,23 @@ class Outbox:
         assert conn is not None and self._loop is not None
         next_prune = time.monotonic() + self.prune_interval
         stopping = False
+        last_job = time.monotonic()
         while not stopping:
-            timeout = max(0.0, next_prune - time.monotonic())
+            now = time.monotonic()
+            timeout = max(0.0, next_prune - now)
             if self._state.unfolded and self._state.pending == 0:
-                timeout = 0.0  # fold when nothing is pending (after a drain), a chunk a round
+                # Fold when nothing is pending, a chunk a round: at once after a drain (many
+                # ranges), else once the outbox has been quiet a moment, so a till's trickle
+                # (one range per event) does not pay a fold transaction per event.
+                due = self._fold_due(now, last_job)
+                timeout = 0.0 if due is None else min(timeout, due)
             jobs: list[_Job] = []
             try:
                 item: _Job | None = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = _NOTHING
+            else:
+                last_job = time.monotonic()
             while item is not _NOTHING:
                 if item is None:
                     stopping = True
@@ -1016,9 +1031,16 @@ class Outbox:
                 self._hand_back(self._run_jobs(conn, jobs))
             if shrink:
                 self._hand_back(self._shrink_memory(conn, shrink))
-            elif self._state.unfolded and self._state.pending == 0 and not stopping:
+            elif (
+                self._state.unfolded
+                and self._state.pending == 0
+                and not stopping
+                and self._fold_due(time.monotonic(), last_job) is None
+            ):
                 if self._run_group(conn, [_Fold(future=None)]).failed:
                     time.sleep(1.0)  # logged; try again later rather than spin
+            if not self._state.unfolded:
+                self._state.marks_unfolded = 0
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + self.prune_interval
                 if not any(isinstance(j, _Prune) for j in jobs):
@@ -1038,6 +1060,15 @@ class Outbox:
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _fold_due(self, now: float, last_job: float) -> float | None:
+        """None when a fold chunk is due now; else in how many seconds it will be (the quiet
+        time left). Due at once once ``FOLD_AFTER_MARKS`` ranges wait (a drain's end, a busy
+        till), else after ``FOLD_QUIET`` seconds without a job."""
+        if self._state.marks_unfolded >= FOLD_AFTER_MARKS:
+            return None
+        left = last_job + FOLD_QUIET - now
+        return None if left <= 0 else left
 
     def _shrink_memory(self, conn: sqlite3.Connection, jobs: list[_ShrinkMemory]) -> _Outcome:
         outcome = _Outcome()
@@ -1328,6 +1359,8 @@ class Outbox:
         count = acked.add(conn, job.first_seq, job.last_seq, now)
         state.pending -= count
         state.unfolded = state.unfolded or count > 0
+        if count:
+            state.marks_unfolded += 1
         state.last_ack_at = now
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('last_ack_at', ?) "

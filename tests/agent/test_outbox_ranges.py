@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from agent import acked
-from agent.outbox import MIGRATIONS, Outbox, read_statistics_readonly
+from agent.outbox import FOLD_AFTER_MARKS, MIGRATIONS, Outbox, read_statistics_readonly
 from protocol import migrations
 from protocol.timefmt import utc
 from protocol.wire import Record, encode_record
@@ -95,6 +95,28 @@ async def test_ranges_are_sent_before_folding(tmp_path: Path) -> None:
     async with opened(data) as reopened:
         assert 5 == reopened.statistics().pending
         assert (6, 10) == await span(reopened)
+
+
+async def test_a_trickle_folds_in_bulk_or_when_quiet(tmp_path: Path) -> None:
+    """A till's pace (one event, then its PubAck, then the next): each event costs its append
+    and its range, not also a fold; the ranges are folded FOLD_AFTER_MARKS at a time, and the
+    last few once the outbox has been quiet for FOLD_QUIET."""
+    data = tmp_path / "data"
+    events = FOLD_AFTER_MARKS * 2 + 5
+    async with opened(data) as box:
+        before = box.statistics().transactions
+        for i in range(events):
+            result = await box.append(sales(f"t{i}", 1))
+            assert result.first_seq is not None
+            await box.mark_sent(result.first_seq, result.first_seq)
+        # Two per event, plus the two bulk folds (and one more per pause of FOLD_QUIET, should
+        # the machine stall); a fold after every PubAck would make it three per event.
+        transactions = box.statistics().transactions - before
+        assert 2 * events + 2 <= transactions < 2.5 * events
+        assert len(raw(data, "SELECT 1 FROM acked_ranges")) <= 5
+        await wait_folded(data)  # the rest once quiet
+        assert all(v is not None for v in sent_column(data).values())
+        assert 0 == box.statistics().pending
 
 
 async def test_a_run_ends_where_a_range_begins(outbox: Outbox) -> None:
