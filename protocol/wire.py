@@ -45,7 +45,9 @@ Epoch = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16,32}$")]
 Seq = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
+# Record, Batch and OmsRecord hold events and lists of them, never a cycle: gc=False, as the
+# events' own Structs (protocol/events.py, _Part), keeps central's decode clear of the GC.
+class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An accepted event with its place in the store's sequence."""
 
     seq: Seq
@@ -53,7 +55,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     event: Event
 
 
-class Batch(msgspec.Struct, frozen=True, kw_only=True):
+class Batch(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Consecutive records of one store, as central decodes them."""
 
     store_id: StoreId
@@ -207,7 +209,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
 # --- OMS-facing record (file and webhook sinks) -------------------------------------------
 
 
-class OmsRecord(msgspec.Struct, frozen=True, kw_only=True):
+class OmsRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One delivered event as the OMS sees it; ``key`` is stable across every retry."""
 
     key: str
