@@ -374,7 +374,7 @@ class _Part(
     was half of the time central spent decoding (docs/benchmarks.md)."""
 
 
-class LineItem(_Part):
+class LineItem(_Part, frozen=True):
     """One line of a sale, return or post-void."""
 
     # Its rules (decimals, quantity > 0, sku) are checked by the event: _check_transaction.
@@ -396,7 +396,7 @@ class LineItem(_Part):
     ] = True
 
 
-class Tender(_Part):
+class Tender(_Part, frozen=True):
     """How (part of) a transaction was paid."""
 
     # Its rules are checked by the event: _check_transaction.
@@ -405,7 +405,7 @@ class Tender(_Part):
     amount: Money
 
 
-class StockLine(_Part):
+class StockLine(_Part, frozen=True):
     """A SKU and a quantity: a signed delta in an adjustment, the on-hand figure in a count."""
 
     # Its rules are checked by the event: _check_stock.
@@ -418,7 +418,7 @@ Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
 StockLines = Annotated[list[StockLine], msgspec.Meta(min_length=1, max_length=100_000)]
 
 
-class EventBase(_Part):
+class EventBase(_Part, frozen=True):
     """Fields every event carries."""
 
     event_id: EventId
