@@ -39,7 +39,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -382,8 +382,8 @@ class Inventory:
             assert isinstance(event, PostVoid)
             absorbed = self._void(store_id, event, at, stage)
         else:
-            assert not isinstance(event, StockCount | PostVoid)
-            deltas = _stock_deltas(event)
+            # Not an assert: ``StockCount | PostVoid`` builds a Union object on every call.
+            deltas = _stock_deltas(cast("Sale | Return | StockAdjustment", event))
             stage.put(Move(event.event_id, _KINDS[kind], at, deltas))
             absorbed = self._move(store_id, at, deltas, stage)
             # Post-voids that came before their sale wait for it (rare: checked cheaply).
