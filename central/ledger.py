@@ -43,7 +43,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import itertools
 import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -201,7 +200,7 @@ def record_keys(
     for store_id, hashes in keys.items():
         conn.executemany(
             "INSERT INTO key_ledger_recent VALUES (?, ?, ?)",
-            zip(itertools.repeat(store_id), hashes.keys(), hashes.values()),  # rows built in C
+            [(store_id, h, day) for h, day in hashes.items()],
         )
         counts[store_id] = len(hashes)
     conn.executemany(
