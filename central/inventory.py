@@ -32,6 +32,7 @@ import csv
 import datetime as dt
 import hashlib
 import io
+import itertools
 import logging
 import re
 import time
@@ -497,9 +498,11 @@ class Inventory:
         stage.put(Move(void_id, "post_void", at, reversal))
         return self._move(store_id, at, reversal, stage)
 
-    def _after(self, at: float, stage: Staged) -> dict[str, Decimal]:
-        """Per SKU, what the journal's events later than ``at`` moved: the rows after ``at``
-        only (``Staged.times``), not every row the unit holds."""
+    def _after(
+        self, at: float, stage: Staged, skus: Collection[str] | None = None
+    ) -> dict[str, Decimal]:
+        """Per SKU (of ``skus``; None: every SKU), what the journal's events later than ``at``
+        moved: the rows after ``at`` only (``Staged.times``), not every row the unit holds."""
         assert stage.fetched_after is not None and stage.fetched_after <= at
         moves, fetched = stage.moves, stage.fetched
         times = stage.times
@@ -507,11 +510,11 @@ class Inventory:
             rows = {**fetched, **moves}
             times = stage.times = sorted((m.at, event_id) for event_id, m in rows.items())
         total: dict[str, Decimal] = {}
-        for index in range(bisect.bisect_right(times, at, key=_at), len(times)):
-            event_id = times[index][1]
+        for _, event_id in itertools.islice(times, bisect.bisect_right(times, at, key=_at), None):
             move = moves.get(event_id) or fetched[event_id]
             for sku, delta in move.deltas:
-                total[sku] = total.get(sku, _ZERO) + delta
+                if skus is None or sku in skus:
+                    total[sku] = total.get(sku, _ZERO) + delta
         return total
 
     def _count(
@@ -527,7 +530,7 @@ class Inventory:
                 "no variance sent",
             )  # fmt: skip
             return None
-        after = self._after(at, stage)
+        after = self._after(at, stage, {line.sku for line in event.lines})
         variances = []
         superseded = []
         for line in event.lines:
