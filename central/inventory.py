@@ -266,14 +266,19 @@ def _stock_deltas(event: Sale | Return | PostVoid | StockAdjustment) -> Deltas:
         for stock in event.lines:
             found[stock.sku] = found.get(stock.sku, _ZERO) + stock.quantity
         return tuple(found.items())
-    # Negated, not multiplied by -1: the same exact Decimal, at half the cost.
-    sells = event.stock_direction < 0
-    for line in event.lines:
-        if line.stock:
-            sku, quantity = line.sku, line.quantity
-            if sells:
-                quantity = -quantity
-            found[sku] = found.get(sku, _ZERO) + quantity
+    # Subtracted, not multiplied by -1: the same exact Decimal, one operation instead of two.
+    lines = event.lines
+    if event.stock_direction < 0:
+        if len(lines) == 1:  # a quarter of sales: no dict needed
+            line = lines[0]
+            return ((line.sku, _ZERO - line.quantity),) if line.stock else ()
+        for line in lines:
+            if line.stock:
+                found[line.sku] = found.get(line.sku, _ZERO) - line.quantity
+    else:
+        for line in lines:
+            if line.stock:
+                found[line.sku] = found.get(line.sku, _ZERO) + line.quantity
     return tuple(found.items())
 
 
