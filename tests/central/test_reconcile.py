@@ -245,7 +245,9 @@ def test_staging_folds_the_same_totals_as_the_agent_record_by_record() -> None:
         events.append(msgspec.structs.replace(event, **changes))
     seqs = [*range(1, 151), *range(160, 410)]  # a gap: 151..159 never came
     now = dt.datetime.now(dt.UTC)
-    records = [Record(seq=seq, received_at=now, event=e) for seq, e in zip(seqs, events)]
+    records = [
+        Record(seq=seq, received_at=now, event=e) for seq, e in zip(seqs, events, strict=True)
+    ]
     unit = Unit()
     reconcile.stage(unit, "S1", EPOCH, records[:230])
     reconcile.stage(unit, "S1", EPOCH, records[230:])
