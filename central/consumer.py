@@ -101,8 +101,10 @@ class CollectorPause:
     them into full collections: a large share of central's CPU per event (docs/benchmarks.md,
     "Central's own CPU per event"). Nothing a unit allocates needs the collector before the
     unit ends; what other tasks allocate meanwhile is collected once it resumes, at the end
-    of the unit. Counted, so consumers sharing a process resume it only when none runs a
-    unit; never enabled if something else had disabled it."""
+    of the unit. A unit that waits long on an OMS (a sink retrying inside ``deliver``) keeps
+    it paused that long: the cycles made meanwhile (a failed try's exception and traceback,
+    a few KB each) wait for the unit's end. Counted, so consumers sharing a process resume
+    it only when none runs a unit; never enabled if something else had disabled it."""
 
     def __init__(self) -> None:
         self.running = 0
