@@ -359,7 +359,14 @@ def decode_checked(
     return decode(data)
 
 
-class _Part(
+# gc=False on every event Struct: the cyclic garbage collector does not track them. A body of
+# 500 events made ~3,500 tracked objects, so decoding one set off several collections, each
+# walking everything still alive (the request's events too): ~40 % of decode's CPU while the
+# events are kept, as ingest keeps them until its commit (docs/benchmarks.md). Frozen, and
+# holding only strings, decimals, dates and lists of such Structs, an event can never be part
+# of a reference cycle, which is when msgspec says gc=False is safe; the lists inside are
+# still tracked by Python.
+class _Struct(
     msgspec.Struct,
     frozen=True,
     kw_only=True,
@@ -367,14 +374,11 @@ class _Part(
     omit_defaults=True,
     gc=False,
 ):
-    """What every event and line is: frozen, strict on input, and left out of the cyclic GC.
-
-    Decoded events hold only strings, numbers, dates and lists of parts: no reference cycle.
-    Tracked, the collector traversed every one of them as a batch's events piled up, and that
-    was half of the time central spent decoding (docs/benchmarks.md)."""
+    """What every POS-facing Struct is: frozen, keyword-only, strict about unknown fields,
+    written without its defaults, and left out of the cyclic GC."""
 
 
-class LineItem(_Part, frozen=True):
+class LineItem(_Struct, frozen=True, kw_only=True):
     """One line of a sale, return or post-void."""
 
     # Its rules (decimals, quantity > 0, sku) are checked by the event: _check_transaction.
@@ -396,7 +400,7 @@ class LineItem(_Part, frozen=True):
     ] = True
 
 
-class Tender(_Part, frozen=True):
+class Tender(_Struct, frozen=True, kw_only=True):
     """How (part of) a transaction was paid."""
 
     # Its rules are checked by the event: _check_transaction.
@@ -405,7 +409,7 @@ class Tender(_Part, frozen=True):
     amount: Money
 
 
-class StockLine(_Part, frozen=True):
+class StockLine(_Struct, frozen=True, kw_only=True):
     """A SKU and a quantity: a signed delta in an adjustment, the on-hand figure in a count."""
 
     # Its rules are checked by the event: _check_stock.
@@ -418,7 +422,7 @@ Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
 StockLines = Annotated[list[StockLine], msgspec.Meta(min_length=1, max_length=100_000)]
 
 
-class EventBase(_Part, frozen=True):
+class EventBase(_Struct, frozen=True, kw_only=True):
     """Fields every event carries."""
 
     event_id: EventId

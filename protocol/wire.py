@@ -46,7 +46,7 @@ Seq = Annotated[int, msgspec.Meta(ge=1)]
 
 
 # Record, Batch and OmsRecord hold events and lists of them, never a cycle: gc=False, as the
-# events' own Structs (protocol/events.py, _Part), keeps central's decode clear of the GC.
+# events' own Structs (protocol/events.py, _Struct), keeps central's decode clear of the GC.
 class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An accepted event with its place in the store's sequence."""
 
