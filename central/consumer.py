@@ -22,9 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gc
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,6 +90,43 @@ SINK_BACKOFF_CAP = 10.0
 UNIT_MAX_BYTES = 4 * 1024 * 1024
 SKIP_POLL_INTERVAL = 1.0  # how soon a `gaps skip` recorded by the CLI takes effect
 EXPIRY_REPORT_INTERVAL = 3600.0  # an expiring held batch is logged again every hour
+
+
+class CollectorPause:
+    """Pauses Python's cyclic garbage collector while units run, process-wide.
+
+    A unit holds its decoded batches (a list per event's lines and tenders, staged rows:
+    hundreds of thousands of containers) until it ends, and they die by reference counting
+    then. Running, the collector traversed them again every 700 allocations and promoted
+    them into full collections: a large share of central's CPU per event (docs/benchmarks.md,
+    "Central's own CPU per event"). Nothing a unit allocates needs the collector before the
+    unit ends; what other tasks allocate meanwhile is collected once it resumes, at the end
+    of the unit. A unit that waits long on an OMS (a sink retrying inside ``deliver``) keeps
+    it paused that long: the cycles made meanwhile (a failed try's exception and traceback,
+    a few KB each) wait for the unit's end. Counted, so consumers sharing a process resume
+    it only when none runs a unit; never enabled if something else had disabled it."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        if self.running == 0 and gc.isenabled():
+            gc.disable()
+            self._paused = True
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            if self.running == 0 and self._paused:
+                self._paused = False
+                gc.enable()
+
+
+# One per process: the collector is the interpreter's.
+COLLECTOR = CollectorPause()
 
 
 def _stream_seq(msg: Msg) -> int:
@@ -457,7 +495,14 @@ class Consumer:
             await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def process(self, msgs: Sequence[Msg]) -> None:
-        """One unit of work over ``msgs`` (in stream order)."""
+        """One unit of work over ``msgs`` (in stream order), the cyclic GC paused meanwhile;
+        if a sink could not take it, the wait before the next fetch (the GC running again)."""
+        with COLLECTOR.paused():
+            delay = await self._process(msgs)
+        if delay is not None:
+            await self._pause(delay)
+
+    async def _process(self, msgs: Sequence[Msg]) -> float | None:
         unit = Unit()
         now = time.time()
         out: list[OmsRecord] = []
@@ -585,8 +630,7 @@ class Consumer:
                 unit.dlq[refused.store_id] = unit.dlq.get(refused.store_id, 0) + 1
             await self.state.commit(unit)
         except (SinkUnavailable, DeadLetterUnpublished) as exc:
-            await self._back_off(msgs, exc)
-            return
+            return await self._back_off(msgs, exc)
         except Exception:
             for sink in self.sinks:
                 await sink.rollback()
@@ -634,6 +678,7 @@ class Consumer:
                 "unit: %d batches, %d records out, %d held, %d to DLQ",
                 len(acks), len(out), len(held), len(poison) + len(rejected),
             )  # fmt: skip
+        return None
 
     def _observe_latency(
         self,
@@ -728,9 +773,9 @@ class Consumer:
                 kept.append(msg)
         return [r for r in out if r.store_id not in blocked], kept
 
-    async def _back_off(self, msgs: Sequence[Msg], exc: Exception) -> None:
+    async def _back_off(self, msgs: Sequence[Msg], exc: Exception) -> float:
         """Nothing of the unit is committed: undo what can be undone, hand the messages back
-        to JetStream with a growing delay, and wait as long before fetching again."""
+        to JetStream with a growing delay; returns it (wait as long before fetching again)."""
         for sink in self.sinks:
             await sink.rollback()
         self.sink_failures += 1
@@ -738,7 +783,7 @@ class Consumer:
         log.warning("%s; retrying the unit in %.1fs", exc, delay)
         for msg in msgs:
             await self._settle(msg.nak(delay=delay))
-        await self._pause(delay)
+        return delay
 
     async def close(self) -> None:
         for task in list(self._asking):

@@ -27,10 +27,12 @@ store) and written in the unit's transaction.
 
 from __future__ import annotations
 
+import bisect
 import csv
 import datetime as dt
 import hashlib
 import io
+import itertools
 import logging
 import re
 import time
@@ -38,7 +40,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -52,7 +54,6 @@ from protocol.events import (
     StockCount,
     StockLine,
     check_decimal,
-    event_type,
 )
 from protocol.migrations import TABLES_SQL, Migration
 from protocol.wire import OmsRecord, Record, event_key
@@ -145,9 +146,12 @@ class SkuStock:
         return self.base_at is not None and at <= self.base_at
 
 
-@dataclass(frozen=True)
-class Move:
-    """A row of the journal: a stock-moving event, when it happened and what it moved."""
+class Move(msgspec.Struct, frozen=True, gc=False):
+    """A row of the journal: a stock-moving event, when it happened and what it moved.
+
+    One per stock-moving event a unit applies: a Struct (built in C, not traced by the GC)
+    rather than a frozen dataclass, whose ``__init__`` sets each field through
+    ``object.__setattr__``."""
 
     event_id: str
     kind: str  # sale, return, post_void, stock_adjustment
@@ -205,6 +209,34 @@ class Staged:
     flags: list[Flag] = field(default_factory=list)
     fetched: dict[str, Move] = field(default_factory=dict)  # journal rows read (not written)
     fetched_after: float | None = None  # ``fetched`` holds every row later than this
+    # (at, event_id) of every row in ``fetched`` or ``moves``, sorted: a count sums only the
+    # rows after it (``Inventory._after``). None: to be built from the two at the next count.
+    times: list[tuple[float, str]] | None = None
+
+    def put(self, move: Move) -> None:
+        """Stage a journal row (new or changed), keeping ``times`` sorted."""
+        known = self.moves.get(move.event_id) or self.fetched.get(move.event_id)
+        self.moves[move.event_id] = move
+        times = self.times
+        if times is None:
+            return
+        if known is not None:
+            if known.at != move.at:
+                self.times = None  # an event_id seen again at another time: rebuild
+            return
+        entry = (move.at, move.event_id)
+        if not times or entry >= times[-1]:
+            times.append(entry)  # the common case: events come in time order
+        else:
+            bisect.insort(times, entry)
+
+    def fetch(self, move: Move) -> None:
+        """A journal row read from the state (a row staged in this unit stays as staged)."""
+        if move.event_id in self.fetched:
+            return
+        self.fetched[move.event_id] = move
+        if self.times is not None and move.event_id not in self.moves:
+            bisect.insort(self.times, (move.at, move.event_id))
 
 
 @dataclass
@@ -222,7 +254,9 @@ def _staged(unit: Unit, store_id: str) -> Staged:
     return stage
 
 
-_SIGNS = {d: Decimal(d) for d in (-1, 0, 1)}
+# The journal's kind of each stock-moving event type (its wire tag), looked up per event.
+_KINDS: dict[type, str] = {Sale: "sale", Return: "return", PostVoid: "post_void",
+                           StockAdjustment: "stock_adjustment"}  # fmt: skip
 
 
 def _stock_deltas(event: Sale | Return | PostVoid | StockAdjustment) -> Deltas:
@@ -231,12 +265,25 @@ def _stock_deltas(event: Sale | Return | PostVoid | StockAdjustment) -> Deltas:
     if isinstance(event, StockAdjustment):
         for stock in event.lines:
             found[stock.sku] = found.get(stock.sku, _ZERO) + stock.quantity
-    else:
-        sign = _SIGNS[event.stock_direction]
-        for line in event.lines:
+        return tuple(found.items())
+    # Subtracted, not multiplied by -1: the same exact Decimal, one operation instead of two.
+    lines = event.lines
+    if event.stock_direction < 0:
+        if len(lines) == 1:  # a quarter of sales: no dict needed
+            line = lines[0]
+            return ((line.sku, _ZERO - line.quantity),) if line.stock else ()
+        for line in lines:
             if line.stock:
-                found[line.sku] = found.get(line.sku, _ZERO) + sign * line.quantity
+                found[line.sku] = found.get(line.sku, _ZERO) - line.quantity
+    else:
+        for line in lines:
+            if line.stock:
+                found[line.sku] = found.get(line.sku, _ZERO) + line.quantity
     return tuple(found.items())
+
+
+def _at(entry: tuple[float, str]) -> float:
+    return entry[0]
 
 
 def _iso(ts: float | None) -> str | None:
@@ -277,24 +324,29 @@ class Inventory:
         post-voids name, what happened after their counts); before ``apply``."""
         await self._load(store_id)
         stage = _staged(unit, store_id)
-        named = [
-            r.event.voided_event_id
-            for r in records
-            if isinstance(r.event, PostVoid) and r.event.voided_event_id is not None
-        ]
-        counted = [
-            r.event.occurred_at.timestamp()
-            for r in records
-            if isinstance(r.event, StockCount) and not self._too_late(r)
-        ]
-        after = min(counted, default=None)
+        latest = max([r.received_at for r in records], default=None)
+        if latest is not None:  # the journal's window follows the agent's clock (pruning)
+            received = latest.timestamp()
+            self._received[store_id] = max(self._received.get(store_id, received), received)
+        named: list[str] = []
+        after: float | None = None
+        for r in records:  # one pass; post-voids and counts are the rare kinds
+            event = r.event
+            kind = type(event)
+            if kind is PostVoid:
+                assert isinstance(event, PostVoid)
+                if event.voided_event_id is not None:
+                    named.append(event.voided_event_id)
+            elif kind is StockCount and not self._too_late(r):
+                at = event.occurred_at.timestamp()
+                after = at if after is None else min(after, at)
         if after is not None and stage.fetched_after is not None:
             after = None if after >= stage.fetched_after else after
         wanted = [e for e in named if e not in stage.moves and e not in stage.fetched]
         if after is None and not wanted:
             return
         for move in await self._state.inventory_moves(store_id, after, wanted):
-            stage.fetched.setdefault(move.event_id, move)
+            stage.fetch(move)
         if after is not None:
             stage.fetched_after = after
 
@@ -326,19 +378,24 @@ class Inventory:
         """Stage the record's effect on stock; return a derived ``count_variance`` record, if
         any. ``prepare`` must have been awaited for the record's batch first."""
         event = record.event
-        stage = _staged(unit, store_id)
-        received = record.received_at.timestamp()
-        self._received[store_id] = max(self._received.get(store_id, received), received)
+        stage = unit.inventory.get(store_id) or _staged(unit, store_id)
         at = event.occurred_at.timestamp()
-        if isinstance(event, StockCount):
+        kind = type(event)
+        if kind is StockCount:
+            assert isinstance(event, StockCount)
             return self._count(store_id, epoch, record, event, at, stage)
-        if isinstance(event, PostVoid):
+        if kind is PostVoid:
+            assert isinstance(event, PostVoid)
             absorbed = self._void(store_id, event, at, stage)
         else:
-            deltas = _stock_deltas(event)
-            stage.moves[event.event_id] = Move(event.event_id, event_type(event), at, deltas)
+            # Not an assert: ``StockCount | PostVoid`` builds a Union object on every call.
+            deltas = _stock_deltas(cast("Sale | Return | StockAdjustment", event))
+            stage.put(Move(event.event_id, _KINDS[kind], at, deltas))
             absorbed = self._move(store_id, at, deltas, stage)
-            if isinstance(event, Sale | Return):
+            # Post-voids that came before their sale wait for it (rare: checked cheaply).
+            if kind is not StockAdjustment and (
+                stage.waiting or self._stores[store_id].waiting.get(event.event_id)
+            ):
                 for void in self._waiting_for(store_id, event.event_id, stage):
                     stage.waiting[void.event_id] = None
                     absorbed += self._match(
@@ -363,12 +420,14 @@ class Inventory:
     ]:  # fmt: skip
         """Apply ``deltas`` at time ``at``; returns what a count's baseline absorbed."""
         absorbed = []
+        skus = stage.skus
         for sku, delta in deltas:
-            stock = self._sku(store_id, sku, stage)
-            stock.last_event_at = (
-                at if stock.last_event_at is None else max(stock.last_event_at, at)
-            )
-            if stock.absorbs(at):
+            stock = skus.get(sku) or self._sku(store_id, sku, stage)
+            last = stock.last_event_at
+            if last is None or at > last:
+                stock.last_event_at = at
+            base_at = stock.base_at
+            if base_at is not None and at <= base_at:  # stock.absorbs(at), inlined
                 if stock.base_kind == COUNT:  # its variance went to the OMS
                     absorbed.append((sku, delta))
                 continue
@@ -440,17 +499,26 @@ class Inventory:
                 f"({', '.join(f'{s} {q}' for s, q in expected.items()) or 'none'}); "
                 f"{target.event_id} was reversed as it was booked",
             )  # fmt: skip
-        stage.moves[target.event_id] = replace(target, voided_by=void_id)
-        stage.moves[void_id] = Move(void_id, "post_void", at, reversal)
+        stage.put(msgspec.structs.replace(target, voided_by=void_id))
+        stage.put(Move(void_id, "post_void", at, reversal))
         return self._move(store_id, at, reversal, stage)
 
-    def _after(self, at: float, stage: Staged) -> dict[str, Decimal]:
-        """Per SKU, what the journal's events later than ``at`` moved."""
+    def _after(
+        self, at: float, stage: Staged, skus: Collection[str] | None = None
+    ) -> dict[str, Decimal]:
+        """Per SKU (of ``skus``; None: every SKU), what the journal's events later than ``at``
+        moved: the rows after ``at`` only (``Staged.times``), not every row the unit holds."""
         assert stage.fetched_after is not None and stage.fetched_after <= at
+        moves, fetched = stage.moves, stage.fetched
+        times = stage.times
+        if times is None:
+            rows = {**fetched, **moves}
+            times = stage.times = sorted((m.at, event_id) for event_id, m in rows.items())
         total: dict[str, Decimal] = {}
-        for move in {**stage.fetched, **stage.moves}.values():
-            if move.at > at:
-                for sku, delta in move.deltas:
+        for _, event_id in itertools.islice(times, bisect.bisect_right(times, at, key=_at), None):
+            move = moves.get(event_id) or fetched[event_id]
+            for sku, delta in move.deltas:
+                if skus is None or sku in skus:
                     total[sku] = total.get(sku, _ZERO) + delta
         return total
 
@@ -467,7 +535,7 @@ class Inventory:
                 "no variance sent",
             )  # fmt: skip
             return None
-        after = self._after(at, stage)
+        after = self._after(at, stage, {line.sku for line in event.lines})
         variances = []
         superseded = []
         for line in event.lines:

@@ -46,6 +46,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -55,7 +56,6 @@ from central.errors import StateError
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
-    add,
     add_seqs,
     business_day_of,
     decode_totals,
@@ -63,6 +63,7 @@ from protocol.checkpoint import (
     store_merged,
     unaccounted,
 )
+from protocol.events import EVENT_TYPES, Event
 from protocol.migrations import Migration
 from protocol.subjects import store_from_checkpoint_subject
 from protocol.wire import UNDECODABLE, Checkpoint, Record, decode_checkpoint
@@ -109,20 +110,58 @@ Staged = dict[tuple[str, str], dict[dt.date, DayTotals]]  # (store, epoch) -> da
 
 
 def stage(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:
-    """Fold records the sequencer let through into the unit's staged day totals."""
+    """Fold records the sequencer let through into the unit's staged day totals.
+
+    The same totals as ``protocol.checkpoint.add`` record by record (the agent's fold; a test
+    holds them equal, key order included), folded per (day, type, currency) instead: one
+    pass that only sorts the events, then sums per group in C. Per record, ``add`` was about
+    5 % of central's CPU."""
     days = unit.reconcile.setdefault((store_id, epoch), {})
-    current: DayTotals | None = None  # the day of the run of seqs being followed
+    groups: dict[tuple[dt.date, type, str | None], list[Event]] = {}
+    runs: list[tuple[dt.date, int, int]] = []  # (day, first, last): consecutive seqs of a day
+    day: dt.date | None = None
     start = prev = 0
     for record in records:
+        event = record.event
         seq = record.seq
-        totals = add(days, seq, record.event)
-        if totals is not current or seq != prev + 1:
-            if current is not None:
-                add_seqs(current, start, prev)
-            current, start = totals, seq
+        at = event.business_day or event.occurred_at.date()  # business_day_of, inlined
+        key = (at, type(event), getattr(event, "currency", None))
+        group = groups.get(key)
+        if group is None:
+            groups[key] = [event]
+        else:
+            group.append(event)
+        if at != day or seq != prev + 1:
+            if day is not None:
+                runs.append((day, start, prev))
+            day, start = at, seq
         prev = seq
-    if current is not None:  # a run per day and batch, not a call per record
-        add_seqs(current, start, prev)
+    if day is None:
+        return
+    runs.append((day, start, prev))
+    for at, first, last in runs:  # in record order: days are created as ``add`` creates them
+        totals = days.get(at)
+        if totals is None:
+            totals = days[at] = DayTotals(business_day=at, first_seq=first, last_seq=last)
+        totals.first_seq = min(totals.first_seq, first)
+        totals.last_seq = max(totals.last_seq, last)
+    for (at, kind, currency), events in groups.items():
+        totals = days[at]
+        tag = _TAGS[kind]
+        totals.records += len(events)
+        totals.by_type[tag] = totals.by_type.get(tag, 0) + len(events)
+        if currency is not None:
+            money = f"{tag}:{currency}"
+            total = sum([e.total for e in events], _ZERO)  # type: ignore[union-attr]
+            totals.money[money] = totals.money.get(money, _ZERO) + total
+        quantity = sum([line.quantity for e in events for line in e.lines], _ZERO)
+        totals.quantity[tag] = totals.quantity.get(tag, _ZERO) + quantity
+    for at, first, last in runs:  # a run per day and batch, not a call per record
+        add_seqs(days[at], first, last)
+
+
+_ZERO = Decimal(0)
+_TAGS: dict[type, str] = {kind: str(kind.__struct_config__.tag) for kind in EVENT_TYPES}
 
 
 def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]) -> None:

@@ -25,7 +25,7 @@ import msgspec
 
 from protocol.checkpoint import DayTotals, TillHole
 from protocol.errors import UnreadablePacked
-from protocol.events import Event, EventBase, decode_checked, event_type
+from protocol.events import EVENT_TYPES, Event, EventBase, decode_checked
 from protocol.subjects import StoreId
 
 WIRE_VERSION = 1
@@ -45,7 +45,9 @@ Epoch = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{16,32}$")]
 Seq = Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
+# Record, Batch and OmsRecord hold events and lists of them, never a cycle: gc=False, as the
+# events' own Structs (protocol/events.py, _Struct), keeps central's decode clear of the GC.
+class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """An accepted event with its place in the store's sequence."""
 
     seq: Seq
@@ -53,7 +55,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     event: Event
 
 
-class Batch(msgspec.Struct, frozen=True, kw_only=True):
+class Batch(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """Consecutive records of one store, as central decodes them."""
 
     store_id: StoreId
@@ -207,7 +209,7 @@ class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
 # --- OMS-facing record (file and webhook sinks) -------------------------------------------
 
 
-class OmsRecord(msgspec.Struct, frozen=True, kw_only=True):
+class OmsRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """One delivered event as the OMS sees it; ``key`` is stable across every retry."""
 
     key: str
@@ -225,16 +227,21 @@ def event_key(store_id: str, event_id: str) -> str:
     return f"{store_id}:{event_id}"
 
 
+# Each event type's tag, looked up once per delivered record (event_type() per record was a
+# call, an attribute chain and an isinstance check).
+_TAGS: dict[type, Any] = {kind: kind.__struct_config__.tag for kind in EVENT_TYPES}
+
+
 def oms_record(store_id: str, epoch: str, record: Record) -> OmsRecord:
     """Wrap a delivered record for the OMS."""
-    event: EventBase = record.event
+    event = record.event
     return OmsRecord(
-        key=event_key(store_id, event.event_id),
+        key=f"{store_id}:{event.event_id}",  # event_key(), inlined
         store_id=store_id,
         epoch=epoch,
         seq=record.seq,
-        type=event_type(event),  # type: ignore[arg-type]
-        event=record.event,
+        type=_TAGS[type(event)],
+        event=event,
     )
 
 

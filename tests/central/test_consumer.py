@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gc
 from pathlib import Path
 
 import nats
@@ -11,6 +12,7 @@ import pytest
 
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
+from central.consumer import CollectorPause
 from central.dlq import list_dead_letters
 from central.state import read_status
 from protocol.subjects import (
@@ -194,3 +196,26 @@ async def test_subject_naming_no_valid_store_goes_to_dlq(harness: Harness, till:
     assert f"store mismatch: subject storelink.events.{'x' * 40} names no valid store" == (
         entry.reason
     )
+
+
+def test_the_collector_is_paused_while_units_run_and_resumed_after() -> None:
+    """The cyclic GC is off while any unit runs (two overlapping: until both end), on again
+    after a unit that failed, and left off when something else had turned it off."""
+    pause = CollectorPause()
+    assert gc.isenabled()
+    with pause.paused():
+        assert not gc.isenabled()
+        with pause.paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the other unit still runs
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), pause.paused():
+        raise RuntimeError("the unit failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with pause.paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -186,6 +186,26 @@ async def test_an_early_sale_after_a_count_applies_on_top(proj: Projection) -> N
     assert D("5") == proj.on_hand("apple")
 
 
+async def test_counts_take_only_the_moves_after_them_in_any_arrival_order(
+    proj: Projection,
+) -> None:
+    """Two counts in one unit, behind moves of earlier units (read from the journal), moves of
+    their own unit that arrive out of time order and a post-void that re-stages a journal row:
+    each count takes exactly the moves after its own time, each once."""
+    await proj.feed(count("c0", 0, apple="100"))
+    await proj.feed(sale("s1", 10, line("apple", "1")), sale("s2", 30, line("apple", "2")))
+    out = await proj.feed(
+        sale("s3", 50, line("apple", "4")),
+        sale("s4", 20, line("apple", "8")),  # rung before s2 and s3, arrives after them
+        void("v1", 55, "s2", line("apple", "2")),  # s2 was read from the journal
+        count("c1", 25, apple="90"),  # after it: s2 -2, s3 -4, v1 +2; projected 87 + 4 = 91
+        count("c2", 52, apple="80"),  # after it: v1 +2; projected 86 - 2 = 84
+    )
+    expected = [("S1:c1:variance", "apple", D("-1")), ("S1:c2:variance", "apple", D("-4"))]
+    assert expected == proj.variances(out)
+    assert D("82") == proj.on_hand("apple")
+
+
 async def test_a_count_beyond_the_window_or_older_than_the_baseline_is_flagged(
     proj: Projection,
 ) -> None:

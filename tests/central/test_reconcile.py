@@ -227,3 +227,40 @@ def test_a_repair_takes_each_record_of_its_day_and_ranges_once_per_judgement() -
                                   {}, "")  # fmt: skip
     repairs.update([healed], now=120.0)
     assert (0, False) == (repairs.open_count(), repairs.wants("S1", EPOCH, 6, 8))
+
+
+def test_staging_folds_the_same_totals_as_the_agent_record_by_record() -> None:
+    """Central's grouped fold (``reconcile.stage``) gives exactly the day totals the agent's
+    per-record fold (``checkpoint.add`` and ``add_seqs``) gives: every type, two currencies,
+    three days interleaved, a seq gap, two batches in one unit; dict key order included."""
+    from protocol.checkpoint import add, add_seqs
+    from tests.bench.harness import sample_events
+
+    days = [dt.date(2026, 11, 20), dt.date(2026, 11, 21), None]
+    events = []
+    for i, event in enumerate(sample_events(400)):
+        changes: dict[str, Any] = {"business_day": days[(i // 7) % 3]}
+        if getattr(event, "currency", None) is not None and i % 5 == 0:
+            changes["currency"] = "EUR"
+        events.append(msgspec.structs.replace(event, **changes))
+    seqs = [*range(1, 151), *range(160, 410)]  # a gap: 151..159 never came
+    now = dt.datetime.now(dt.UTC)
+    records = [
+        Record(seq=seq, received_at=now, event=e) for seq, e in zip(seqs, events, strict=True)
+    ]
+    unit = Unit()
+    reconcile.stage(unit, "S1", EPOCH, records[:230])
+    reconcile.stage(unit, "S1", EPOCH, records[230:])
+    expected: dict[dt.date, DayTotals] = {}
+    for record in records:
+        totals = add(expected, record.seq, record.event)
+        add_seqs(totals, record.seq, record.seq)
+    staged = unit.reconcile[("S1", EPOCH)]
+    assert 3 == len(staged)
+    assert [_ordered(t) for t in expected.values()] == [_ordered(t) for t in staged.values()]
+
+
+def _ordered(t: DayTotals) -> list[Any]:
+    """Every field of a day's totals, its dicts as lists of items (so their order counts)."""
+    return [t.business_day, t.first_seq, t.last_seq, t.records, list(t.by_type.items()),
+            list(t.money.items()), list(t.quantity.items()), t.seqs, t.healed]  # fmt: skip
