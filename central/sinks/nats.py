@@ -323,6 +323,8 @@ class NatsSink(Sink):
         self._fast_prefix = self.nc.new_inbox()
         self._fast_sub = await self.nc.subscribe(self._fast_prefix + ".>", cb=self._on_fast)
         self.fast, self.atomic = await self._batching_the_stream_takes()
+        mode = "fast-ingest batches" if self.fast else "atomic batches" if self.atomic else None
+        log.info("nats sink: %s into %s", mode or "one PubAck per record", OMS_STREAM)
 
     async def _batching_the_stream_takes(self) -> tuple[bool, bool]:
         """(fast, atomic): the batching to use, the configured one or what the stream allows

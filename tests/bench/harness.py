@@ -504,13 +504,14 @@ class CentralProcess:
     nats_url: str
     sinks: Sequence[str] = ("nats",)
     http_port: int = field(default_factory=free_port)
+    extra_args: Sequence[str] = ()  # e.g. ("--config", FILE)
     proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
         args = [
             *python_module("central"), "run", "--data-dir", str(self.root),
             "--nats-url", self.nats_url, "--http", f"127.0.0.1:{self.http_port}",
-            *(a for sink in self.sinks for a in ("--sink", sink)),
+            *(a for sink in self.sinks for a in ("--sink", sink)), *self.extra_args,
         ]  # fmt: skip
         self.proc = BenchProcess(
             "central", args, f"http://127.0.0.1:{self.http_port}/healthz", self.root / "central.log"
