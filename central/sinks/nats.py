@@ -78,6 +78,10 @@ def _batch_slots(nc: Any) -> asyncio.Semaphore:
 DEFAULT_FAST_BATCH = 10_000  # records per fast-ingest batch: config.DEFAULT_NATS_FAST_BATCH
 FAST_FLOW = 100  # the flow-ack cadence asked of the server (the server may answer another)
 FAST_OUTSTANDING = 3  # flows sent ahead of the last flow ack
+# A unit smaller than this goes one record at a time even in fast mode: a batch waits for its
+# first flow ack before the rest, one more round trip, which for a few records costs more
+# latency and CPU than their PubAcks (measured: docs/benchmarks.md).
+FAST_MIN = 32
 BATCHING_MODES = ("fast", "atomic", "none")
 
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
@@ -287,6 +291,7 @@ class NatsSink(Sink):
         batching: str = "fast",
         atomic_batch: int = DEFAULT_ATOMIC_BATCH,
         fast_batch: int = DEFAULT_FAST_BATCH,
+        fast_min: int = FAST_MIN,
     ) -> None:
         if batching not in BATCHING_MODES:
             raise ValueError(f"batching {batching!r}: use one of {', '.join(BATCHING_MODES)}")
@@ -295,6 +300,7 @@ class NatsSink(Sink):
         self.batching = batching
         self.atomic_batch = atomic_batch
         self.fast_batch = fast_batch
+        self.fast_min = fast_min
         self.fast = False  # decided in start(): fast-ingest batches into STORELINK_OMS?
         self.fast_batches = 0  # fast-ingest batches JetStream processed whole
         self._fast_prefix = ""
@@ -558,6 +564,8 @@ class NatsSink(Sink):
     async def _deliver_fast(self, records: Sequence[OmsRecord]) -> dict[int, str]:
         """The unit as fast-ingest batches of up to ``fast_batch`` records, one after the
         other; the records refused for good, by index."""
+        if len(records) < self.fast_min:
+            return await self._deliver_each(records)
         rejected: dict[int, str] = {}
         size = self.fast_batch
         for first in range(0, len(records), size):

@@ -567,7 +567,7 @@ async def test_nats_sink_fast_batch_refusal_for_size_is_a_rejection(
     await js.add_stream(
         name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, allow_batched=True
     )
-    sink = NatsSink(nc, timeout=5, fast_batch=fast_batch)
+    sink = NatsSink(nc, timeout=5, fast_batch=fast_batch, fast_min=1)
     await sink.start(None)
     records = oms_records(4)
     big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
@@ -596,7 +596,7 @@ async def test_nats_sink_fast_batch_record_above_max_payload_is_a_rejection(
     try:
         js = nc.jetstream()
         await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_batched=True)
-        sink = NatsSink(nc, timeout=5)
+        sink = NatsSink(nc, timeout=5, fast_min=1)
         await sink.start(None)
         records = oms_records(2)
         big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
@@ -653,3 +653,25 @@ async def test_nats_sink_fast_batches_without_a_stream_are_unavailable(
     await sink.close()
     await nc.close()
     assert (True, 0, 0) == (sink.fast, sink.fast_batches, stats.records)
+
+
+async def test_nats_sink_fast_mode_sends_a_small_unit_per_record(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A unit of fewer than fast_min records goes one record at a time even in fast mode
+    (a batch's first flow ack would be one more round trip); a unit of fast_min goes as a
+    batch. Both land once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, fast_min=8)
+    await sink.start(None)
+    records = store_records("S1", 15)
+    await sink.deliver(records[:7])
+    small = sink.fast_batches
+    await sink.deliver(records[7:])
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert (True, 0, 1) == (sink.fast, small, sink.fast_batches)
+    assert [r.key for r in records] == keys
