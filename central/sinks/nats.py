@@ -90,6 +90,8 @@ STATUS_HEADER = "Status"
 JS_MESSAGE_TOO_LARGE = 10054
 # "atomic publish is disabled": the stream was changed under us; per record from then on.
 JS_ATOMIC_DISABLED = 10174
+# "batch publish is disabled": fast-ingest batches, the stream was changed under us.
+JS_BATCH_DISABLED = 10205
 TOO_LARGE_STATUS = 413  # what a SinkRejected for a record too large for NATS carries
 
 
@@ -197,6 +199,7 @@ class _FastBatch:
         self.count = -1  # from the terminal ack
         self.refused_seq = 0  # a message refused for good (size), by batch seq
         self.reason = ""
+        self.disabled_at = 0  # the stream refused fast-ingest batches at this message
         self.error: str | None = None
         self.done = False
         self.wake = asyncio.Event()
@@ -225,6 +228,9 @@ class _FastBatch:
                 # In gap mode "fail" the server abandons the batch here: 1..at-1 were taken.
                 self.refused_seq = at
                 self.reason = f"JetStream refused it for good: {description}"
+                self._end(None)
+            elif error.get("err_code") == JS_BATCH_DISABLED:
+                self.disabled_at = at
                 self._end(None)
             else:
                 self._end(f"JetStream refused message {at} of the batch: {description}")
@@ -570,7 +576,7 @@ class NatsSink(Sink):
         size = self.fast_batch
         for first in range(0, len(records), size):
             chunk = range(first, min(first + size, len(records)))
-            if self.nc.is_connected:
+            if self.fast and self.nc.is_connected:
                 await self._send_fast(records, chunk, rejected)
             else:  # reconnecting: nats-py's own buffering, one record at a time
                 refused = await self._deliver_each([records[i] for i in chunk])
@@ -631,7 +637,16 @@ class NatsSink(Sink):
                 done = limit
         finally:
             del self._fast[batch_id]
-        if batch.refused_seq:
+        if batch.disabled_at:  # what was not taken goes per record, now and from now on
+            if self.fast:
+                self.fast = False
+                log.warning("nats sink: %s no longer takes fast-ingest batches", OMS_STREAM)
+            self._acked += batch.disabled_at - 1
+            again = sent[batch.disabled_at - 1 :]
+            self.batches_resent += 1
+            refused = await self._deliver_each([records[i] for i in again])
+            rejected.update((again[j], reason) for j, reason in refused.items())
+        elif batch.refused_seq:
             at = batch.refused_seq
             self._acked += at - 1
             rejected[sent[at - 1]] = batch.reason
@@ -648,8 +663,11 @@ class NatsSink(Sink):
         else:
             self._acked += n
             self.fast_batches += 1
-        if rest:  # stopped at a key with characters: the rest of the chunk as a new batch
+        if rest and self.fast:  # stopped at a key with characters: the rest as a new batch
             await self._send_fast(records, rest, rejected)
+        elif rest:
+            refused = await self._deliver_each([records[i] for i in rest])
+            rejected.update((rest[j], reason) for j, reason in refused.items())
 
     async def deliver(
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()

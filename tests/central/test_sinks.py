@@ -675,3 +675,28 @@ async def test_nats_sink_fast_mode_sends_a_small_unit_per_record(
     await nc.close()
     assert (True, 0, 1) == (sink.fast, small, sink.fast_batches)
     assert [r.key for r in records] == keys
+
+
+async def test_nats_sink_stream_that_stops_allowing_fast_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A stream changed to refuse fast-ingest batches after the sink started ("batch publish
+    is disabled"): the refused batch is sent again one record at a time and the sink stays
+    per record from then on; every record lands once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    started_fast = sink.fast
+    info = await js.stream_info(OMS_STREAM)
+    await js.update_stream(info.config.evolve(allow_batched=False))
+    records = store_records("S1", 100)
+    await sink.deliver(records[:50])
+    await sink.deliver(records[50:])
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert (True, False) == (started_fast, sink.fast)
+    assert (0, 1) == (sink.fast_batches, sink.batches_resent)
+    assert [r.key for r in records] == keys
