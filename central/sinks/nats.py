@@ -590,7 +590,14 @@ class NatsSink(Sink):
         processed every message, or raise SinkUnavailable."""
         max_payload = self.nc.max_payload
         sent: list[int] = []  # index in records, by batch seq - 1
-        messages: list[tuple[bytes, bytes, bytes]] = []
+        # Each message built whole as it comes, as an "add" (op 1); the first and the last
+        # are built again as the start (op 0) and the commit (op 2) once the count is known.
+        messages: list[bytes] = []
+        parts: list[tuple[bytes, bytes, bytes]] = []  # the first's and the last's parts
+        # Unique per stream while open: the inbox's unique part names this sink's batches.
+        batch_id = f"{self._fast_prefix.rsplit('.', 1)[-1]}{next(self._batch_numbers)}"
+        head = b"%s.%s.%d.fail." % (self._fast_prefix.encode(), batch_id.encode(), FAST_FLOW)
+        fixed = len(_HEADER_HEAD) + len(_HEADER_TAIL)
         rest = chunk[len(chunk) :]
         for at, i in enumerate(chunk):
             r = records[i]
@@ -606,24 +613,32 @@ class NatsSink(Sink):
                 rejected[i] = self._too_large()
                 continue
             sent.append(i)
-            messages.append((self._subject(r.type, r.store_id), r.key.encode(), payload))
+            subject, key = self._subject(r.type, r.store_id), r.key.encode()
+            size = fixed + len(key)
+            messages.append(
+                b"HPUB %s %s%d.1.$FI %d %d\r\n%s%s%s%s\r\n" % (
+                    subject, head, len(messages) + 1, size, size + len(payload),
+                    _HEADER_HEAD, key, _HEADER_TAIL, payload,
+                )
+            )  # fmt: skip
+            if len(parts) < 2:
+                parts.append((subject, key, payload))
+            else:
+                parts[1] = (subject, key, payload)
         if not messages:
             return
         n = len(messages)
-        # Unique per stream while open: the inbox's unique part names this sink's batches.
-        batch_id = f"{self._fast_prefix.rsplit('.', 1)[-1]}{next(self._batch_numbers)}"
-        head = b"%s.%s.%d.fail." % (self._fast_prefix.encode(), batch_id.encode(), FAST_FLOW)
-
-        def frame(seq: int) -> bytes:
-            op = 2 if seq == n else 0 if seq == 1 else 1
-            subject, key, payload = messages[seq - 1]
-            return _fast_pub(subject, b"%s%d.%d.$FI" % (head, seq, op), key, payload)
+        subject, key, payload = parts[0]
+        messages[0] = _fast_pub(subject, b"%s1.%d.$FI" % (head, 2 if n == 1 else 0), key, payload)
+        if n > 1:
+            subject, key, payload = parts[-1]
+            messages[-1] = _fast_pub(subject, b"%s%d.2.$FI" % (head, n), key, payload)
 
         raw = _raw_sender(self.nc)
         assert raw is not None  # fast is only chosen when it is there
         batch = self._fast[batch_id] = _FastBatch(n)
         try:
-            await raw(frame(1))
+            await raw(messages[0])
             done = 1
             while not batch.done:
                 if batch.acked < 0 or done >= n:
@@ -633,7 +648,7 @@ class NatsSink(Sink):
                 if limit <= done:
                     await batch.changed()
                     continue
-                await raw(b"".join([frame(seq) for seq in range(done + 1, limit + 1)]))
+                await raw(b"".join(messages[done:limit]))
                 done = limit
         finally:
             del self._fast[batch_id]
