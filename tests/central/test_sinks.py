@@ -423,27 +423,35 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(
     assert (int(atomic), 0) == (sink.batches, sink.batches_resent)
 
 
-async def test_nats_sink_stream_that_stops_allowing_atomic_batches(
-    tmp_path: Path, nats_server: EmbeddedBroker
+@pytest.mark.parametrize("batching", ["atomic", "fast"])
+async def test_nats_sink_stream_that_stops_allowing_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker, batching: str
 ) -> None:
-    """A stream changed to refuse atomic batches after the sink started: the refused batch is
-    sent again one record at a time and the sink stays per record from then on."""
+    """A stream changed to refuse the sink's batches after it started (atomic: "atomic
+    publish is disabled", fast: "batch publish is disabled"): the refused batch is sent again
+    one record at a time and the sink stays per record from then on; every record lands
+    once, in order."""
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc, timeout=5, batching="atomic")
+    sink = NatsSink(nc, timeout=5, batching=batching)
     await sink.start(None)
-    started_atomic = sink.atomic
+    started = (sink.atomic, sink.fast)
     info = await js.stream_info(OMS_STREAM)
-    await js.update_stream(info.config.evolve(allow_atomic=False))
-    records = store_records("S1", 30)
-    await sink.deliver(records[:20])
-    await sink.deliver(records[20:])
+    refuse = {"allow_atomic": False} if batching == "atomic" else {"allow_batched": False}
+    await js.update_stream(info.config.evolve(**refuse))
+    records = store_records("S1", 100)
+    await sink.deliver(records[:50])
+    await sink.deliver(records[50:])
     keys = await stored_keys(js)
     await sink.close()
     await nc.close()
-    assert (True, False) == (started_atomic, sink.atomic)
-    assert (0, 1) == (sink.batches, sink.batches_resent)
+    assert ((batching == "atomic", batching == "fast"), False, False) == (
+        started,
+        sink.atomic,
+        sink.fast,
+    )
+    assert (0, 0, 1) == (sink.batches, sink.fast_batches, sink.batches_resent)
     assert [r.key for r in records] == keys
 
 
@@ -674,29 +682,4 @@ async def test_nats_sink_fast_mode_sends_a_small_unit_per_record(
     await sink.close()
     await nc.close()
     assert (True, 0, 1) == (sink.fast, small, sink.fast_batches)
-    assert [r.key for r in records] == keys
-
-
-async def test_nats_sink_stream_that_stops_allowing_fast_batches(
-    tmp_path: Path, nats_server: EmbeddedBroker
-) -> None:
-    """A stream changed to refuse fast-ingest batches after the sink started ("batch publish
-    is disabled"): the refused batch is sent again one record at a time and the sink stays
-    per record from then on; every record lands once, in order."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc, timeout=5)
-    await sink.start(None)
-    started_fast = sink.fast
-    info = await js.stream_info(OMS_STREAM)
-    await js.update_stream(info.config.evolve(allow_batched=False))
-    records = store_records("S1", 100)
-    await sink.deliver(records[:50])
-    await sink.deliver(records[50:])
-    keys = await stored_keys(js)
-    await sink.close()
-    await nc.close()
-    assert (True, False) == (started_fast, sink.fast)
-    assert (0, 1) == (sink.fast_batches, sink.batches_resent)
     assert [r.key for r in records] == keys
