@@ -364,20 +364,30 @@ async def test_nats_sink_unit_that_partly_landed_is_resent_per_record(
     assert 1500 == stats.records
 
 
-@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
+# (batching, stream flags, fast_batch): a batch refused whole and sent again per record
+# (atomic), no batch (per record), a fast batch stopped at the record and the rest per record
+# (one batch, and batches of 2 records one after the other).
+SIZE_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "atomic": ("atomic", {"allow_atomic": True}, 10_000),
+    "per-record": ("none", {}, 10_000),
+    "fast": ("fast", {"allow_batched": True}, 10_000),
+    "fast-batches-of-2": ("fast", {"allow_batched": True}, 2),
+}
+
+
+@pytest.mark.parametrize("mode", SIZE_MODES)
 async def test_nats_sink_refusal_for_size_is_a_rejection(
-    nats_server: EmbeddedBroker, atomic: bool
+    nats_server: EmbeddedBroker, mode: str
 ) -> None:
     """A record the OMS stream refuses for good (larger than its max_msg_size) is a
     SinkRejected with JetStream's reason, bound for the DLQ; the other records of the unit
-    are delivered, in order (in an atomic batch, the batch is refused whole and sent again one
-    record at a time)."""
+    are delivered, in order (an atomic batch is refused whole and sent again one record at a
+    time; a fast batch stops at the record and the records after it go one at a time)."""
+    batching, flags, fast_batch = SIZE_MODES[mode]
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await js.add_stream(
-        name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, allow_atomic=atomic
-    )
-    sink = NatsSink(nc, timeout=5, batching="atomic")
+    await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, **flags)
+    sink = NatsSink(nc, timeout=5, batching=batching, fast_batch=fast_batch, fast_min=1)
     await sink.start(None)
     records = oms_records(4)
     big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
@@ -390,15 +400,15 @@ async def test_nats_sink_refusal_for_size_is_a_rejection(
     assert ["S1:big"] == [r.record.key for r in rejected]
     assert "maximum" in rejected[0].reason
     assert ([r.key for r in records], 4) == (keys, stats.records)
-    assert (atomic, int(atomic)) == (sink.atomic, sink.batches_resent)
+    used = "atomic" if sink.atomic else "fast" if sink.fast else "none"
+    assert (batching, int(batching != "none")) == (used, sink.batches_resent)
 
 
-@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
-async def test_nats_sink_record_above_max_payload_is_a_rejection(
-    tmp_path: Path, atomic: bool
-) -> None:
+@pytest.mark.parametrize("mode", ["atomic", "per-record", "fast"])
+async def test_nats_sink_record_above_max_payload_is_a_rejection(tmp_path: Path, mode: str) -> None:
     """A record larger than the NATS server's max_payload is a SinkRejected naming the limit;
-    the rest of the unit is delivered (in an atomic batch without it)."""
+    the rest of the unit is delivered (in an atomic or fast batch without it)."""
+    batching, flags, _ = SIZE_MODES[mode]
     broker = EmbeddedBroker(
         BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=4096)
     )
@@ -406,8 +416,8 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(
     nc = await nats.connect(broker.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_atomic=atomic)
-        sink = NatsSink(nc, timeout=5, batching="atomic")
+        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], **flags)
+        sink = NatsSink(nc, timeout=5, batching=batching, fast_min=1)
         await sink.start(None)
         records = oms_records(2)
         big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
@@ -420,7 +430,8 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(
     assert [big.key] == [r.record.key for r in rejected]
     assert "max_payload of 4096" in rejected[0].reason
     assert [r.key for r in records] == keys
-    assert (int(atomic), 0) == (sink.batches, sink.batches_resent)
+    batches = {"atomic": sink.batches, "fast": sink.fast_batches, "none": 0}[batching]
+    assert (int(batching != "none"), 0) == (batches, sink.batches_resent)
 
 
 @pytest.mark.parametrize("batching", ["atomic", "fast"])
@@ -561,63 +572,6 @@ async def test_nats_sink_fast_batch_that_failed_midway_is_retried_harmlessly(
     assert [r.key for r in records[:700]] == landed
     assert ([], 1) == (rejected, sink.fast_batches)
     assert [r.key for r in records] == keys
-
-
-@pytest.mark.parametrize("fast_batch", [10_000, 2], ids=["one-batch", "batches-of-2"])
-async def test_nats_sink_fast_batch_refusal_for_size_is_a_rejection(
-    nats_server: EmbeddedBroker, fast_batch: int
-) -> None:
-    """In a fast batch, a record the OMS stream refuses for good (larger than its
-    max_msg_size) is a SinkRejected with JetStream's reason; the server stops the batch
-    there, and the records after it are sent one at a time: all of them land, in order."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await js.add_stream(
-        name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, allow_batched=True
-    )
-    sink = NatsSink(nc, timeout=5, fast_batch=fast_batch, fast_min=1)
-    await sink.start(None)
-    records = oms_records(4)
-    big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
-    big = msgspec.structs.replace(big, seq=99, key="S1:big")
-    rejected = await sink.deliver([records[0], big, *records[1:]])
-    keys = await stored_keys(js)
-    stats = sink.statistics()
-    await sink.close()
-    await nc.close()
-    assert ["S1:big"] == [r.record.key for r in rejected]
-    assert "maximum" in rejected[0].reason
-    assert ([r.key for r in records], 4) == (keys, stats.records)
-    assert (True, 1) == (sink.fast, sink.batches_resent)
-
-
-async def test_nats_sink_fast_batch_record_above_max_payload_is_a_rejection(
-    tmp_path: Path,
-) -> None:
-    """A record larger than the NATS server's max_payload is refused before the fast batch
-    is sent (SinkRejected naming the limit); the batch carries the rest."""
-    broker = EmbeddedBroker(
-        BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=4096)
-    )
-    await broker.start()
-    nc = await nats.connect(broker.url)
-    try:
-        js = nc.jetstream()
-        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_batched=True)
-        sink = NatsSink(nc, timeout=5, fast_min=1)
-        await sink.start(None)
-        records = oms_records(2)
-        big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
-        rejected = await sink.deliver([records[0], big, records[1]])
-        keys = await stored_keys(js)
-        await sink.close()
-    finally:
-        await nc.close()
-        await broker.stop()
-    assert [big.key] == [r.record.key for r in rejected]
-    assert "max_payload of 4096" in rejected[0].reason
-    assert [r.key for r in records] == keys
-    assert (1, 0) == (sink.fast_batches, sink.batches_resent)
 
 
 @pytest.mark.parametrize(
