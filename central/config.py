@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -28,6 +28,8 @@ DEFAULT_WEBHOOK_CONCURRENCY = 16
 DEFAULT_WEBHOOK_BATCH_SIZE = 500  # one agent batch: 20 ms of OMS time spread over 500 records
 # Records per JetStream atomic batch from the nats sink: the server's own limit (ADR-50).
 DEFAULT_NATS_ATOMIC_BATCH = 1000
+# Records per JetStream fast-ingest batch from the nats sink (a unit is rarely larger).
+DEFAULT_NATS_FAST_BATCH = 10_000
 DEFAULT_BREAKER_THRESHOLD = 5
 DEFAULT_BREAKER_COOLDOWN = 10.0
 DEFAULT_LEDGER_RETENTION_DAYS = 35  # DESIGN guarantee 7: at least 35
@@ -220,14 +222,32 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 class NatsSinkSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The nats OMS sink (docs/oms.md)."""
 
+    batching: Annotated[
+        Literal["fast", "atomic", "none"],
+        msgspec.Meta(
+            description="how records go to STORELINK_OMS: fast (JetStream fast-ingest batches, "
+            "nats-server >= 2.14, a few acks per fast_batch), atomic (atomic batches of "
+            "atomic_batch, one PubAck each, a disk write per commit) or none (one PubAck per "
+            "record). A stream that does not allow the mode gets the next one down. Still one "
+            "message per record in every mode",
+        ),
+    ] = "fast"
+    fast_batch: Annotated[
+        int,
+        msgspec.Meta(
+            ge=1,
+            le=DEFAULT_NATS_FAST_BATCH,
+            description="most records per fast-ingest batch (batching = fast); a unit's "
+            "batches go one after the other",
+        ),
+    ] = DEFAULT_NATS_FAST_BATCH
     atomic_batch: Annotated[
         int,
         msgspec.Meta(
             ge=0,
             le=DEFAULT_NATS_ATOMIC_BATCH,
-            description="publish a store's records as JetStream atomic batches of up to this "
-            "many (one PubAck each) when STORELINK_OMS allows them; 0: one PubAck per record. "
-            "Still one message per record either way",
+            description="most records per atomic batch (batching = atomic, or fast on a stream "
+            "without fast-ingest batches); 0: one PubAck per record instead",
         ),
     ] = DEFAULT_NATS_ATOMIC_BATCH
 

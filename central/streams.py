@@ -202,6 +202,8 @@ def wanted_streams(cfg: CentralConfig, *, oms: bool) -> list[StreamConfig]:
                 discard=DiscardPolicy.NEW,
                 # The nats sink's atomic batches, one PubAck per batch (central/sinks/nats.py).
                 allow_atomic=True,
+                # Its fast-ingest batches, a few acks per batch, no disk write per commit.
+                allow_batched=True,
             )
         )
     return wanted
@@ -225,7 +227,7 @@ def differences(have: Any, want: Any, fields: Sequence[str]) -> dict[str, tuple[
 
 STREAM_FIELDS = (
     "subjects", "storage", "retention", "max_age", "max_bytes", "duplicate_window",
-    "num_replicas", "max_msg_size", "discard", "allow_atomic",
+    "num_replicas", "max_msg_size", "discard", "allow_atomic", "allow_batched",
 )  # fmt: skip
 CONSUMER_FIELDS = (
     "ack_policy", "deliver_policy", "ack_wait", "max_deliver", "max_ack_pending",

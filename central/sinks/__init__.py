@@ -85,7 +85,15 @@ def make_sinks(cfg: CentralConfig, nc: Any) -> list[Sink]:
         elif kind == "webhook" and arg:
             sinks.append(WebhookSink(arg, cfg.webhook))
         elif kind == "nats":
-            sinks.append(NatsSink(nc, atomic_batch=cfg.nats_sink.atomic_batch))
+            settings = cfg.nats_sink
+            sinks.append(
+                NatsSink(
+                    nc,
+                    batching=settings.batching,
+                    atomic_batch=settings.atomic_batch,
+                    fast_batch=settings.fast_batch,
+                )
+            )
         else:
             raise ConfigError(f"unknown sink {spec!r}: use file:PATH, webhook:URL or nats")
     return sinks

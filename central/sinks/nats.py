@@ -23,6 +23,19 @@ before any later record of its stores: each store's order holds whatever failed.
 whole for a key already in the dedup window (a unit that had partly landed before: a
 timeout, a restart, another worker's unit), a record too large, a full stream, or a stream
 that stopped allowing them; all of these are then settled per record, as before.
+
+Fast-ingest batches (nats-server >= 2.14, ``allow_batched`` on the stream; the default, see
+docs/oms.md): no batch headers, the reply subject carries the batch
+(``<inbox>.<batch-id>.<flow>.fail.<batch-seq>.<op>.$FI``) and the server answers a flow ack
+every ``flow`` messages and one terminal ack with the count it processed. Each message is
+stored on its own (a key already in the dedup window is skipped, not a failure), so a unit
+goes as one batch (or a few of ``fast_batch``, one after the other: each store's order is the
+unit's). The publisher waits for the first flow ack and runs at most ``FAST_OUTSTANDING``
+flows ahead of the last one. The batch is sent with gap mode ``fail``: the server processes
+it in order and abandons it at the first message it refuses, so what landed is always a
+prefix. A message refused for size is a ``SinkRejected`` and the records after it are sent
+one at a time (per record, each deduplicated); any other refusal, a short count or a timeout
+fails the unit as ``SinkUnavailable`` (retried whole: what landed is skipped as duplicate).
 """
 
 from __future__ import annotations
@@ -62,12 +75,23 @@ def _batch_slots(nc: Any) -> asyncio.Semaphore:
     return slots
 
 
+DEFAULT_FAST_BATCH = 10_000  # records per fast-ingest batch: config.DEFAULT_NATS_FAST_BATCH
+FAST_FLOW = 100  # the flow-ack cadence asked of the server (the server may answer another)
+FAST_OUTSTANDING = 3  # flows sent ahead of the last flow ack
+# A unit smaller than this goes one record at a time even in fast mode: a batch waits for its
+# first flow ack before the rest, one more round trip, which for a few records costs more
+# latency and CPU than their PubAcks (measured: docs/benchmarks.md).
+FAST_MIN = 32
+BATCHING_MODES = ("fast", "atomic", "none")
+
 EXPECTED_STREAM_HEADER = "Nats-Expected-Stream"
 STATUS_HEADER = "Status"
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
 JS_MESSAGE_TOO_LARGE = 10054
 # "atomic publish is disabled": the stream was changed under us; per record from then on.
 JS_ATOMIC_DISABLED = 10174
+# "batch publish is disabled": fast-ingest batches, the stream was changed under us.
+JS_BATCH_DISABLED = 10205
 TOO_LARGE_STATUS = 413  # what a SinkRejected for a record too large for NATS carries
 
 
@@ -142,6 +166,90 @@ def _batch_commit(subject: bytes, reply: bytes, key: bytes, batch: bytes, seq: i
     )  # fmt: skip
 
 
+def _fast_pub(subject: bytes, reply: bytes, key: bytes, payload: bytes) -> bytes:
+    """A fast-ingest batch's message: the per-record headers, the batch in the reply."""
+    header = b"%s%s%s" % (_HEADER_HEAD, key, _HEADER_TAIL)
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+        subject, reply, len(header), len(header) + len(payload), header, payload,
+    )  # fmt: skip
+
+
+class _FlowFrame(msgspec.Struct):
+    """A frame on a fast-ingest batch's reply subjects: a flow ack, a gap, an error, or the
+    terminal ack (``count``: messages the server processed)."""
+
+    type: str = ""
+    seq: int = 0
+    msgs: int = 0
+    count: int = -1
+    batch: str = ""
+    error: dict[str, Any] | None = None
+
+
+_decode_frame = msgspec.json.Decoder(_FlowFrame).decode
+
+
+class _FastBatch:
+    """What the server said so far about one fast-ingest batch of ``size`` messages."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.acked = -1  # batch seq of the last flow ack; -1: not started
+        self.cadence = FAST_FLOW
+        self.count = -1  # from the terminal ack
+        self.refused_seq = 0  # a message refused for good (size), by batch seq
+        self.reason = ""
+        self.disabled_at = 0  # the stream refused fast-ingest batches at this message
+        self.error: str | None = None
+        self.done = False
+        self.wake = asyncio.Event()
+
+    def frame(self, seq: int, msg: Msg) -> None:
+        if self.done:
+            return  # frames after an abandoned batch's failure (unknown batch id, ...)
+        if msg.headers and msg.headers.get(STATUS_HEADER) == "503":
+            self._end(f"no stream takes {OMS_STREAM} subjects (no responders)")
+            return
+        try:
+            frame = _decode_frame(msg.data)
+        except UNDECODABLE:
+            self._end(f"unreadable batch ack: {msg.data[:200]!r}")
+            return
+        if frame.type == "ack":
+            self.acked = max(self.acked, frame.seq)
+            self.cadence = max(frame.msgs, 1)
+        elif frame.type == "gap":
+            self._end(f"JetStream saw a gap in the batch after message {frame.seq - 1}")
+        elif frame.error is not None or frame.type == "err":
+            error = frame.error or {}
+            description = error.get("description", error)
+            at = frame.seq if frame.type == "err" else seq
+            if error.get("err_code") == JS_MESSAGE_TOO_LARGE:
+                # In gap mode "fail" the server abandons the batch here: 1..at-1 were taken.
+                self.refused_seq = at
+                self.reason = f"JetStream refused it for good: {description}"
+                self._end(None)
+            elif error.get("err_code") == JS_BATCH_DISABLED:
+                self.disabled_at = at
+                self._end(None)
+            else:
+                self._end(f"JetStream refused message {at} of the batch: {description}")
+        elif frame.count >= 0:
+            self.count = frame.count
+            self._end(None)
+        self.wake.set()
+
+    def _end(self, error: str | None) -> None:
+        if error is not None and self.error is None:
+            self.error = error
+        self.done = True
+        self.wake.set()
+
+    async def changed(self) -> None:
+        await self.wake.wait()
+        self.wake.clear()
+
+
 def _raw_sender(nc: Any) -> Any:
     """A coroutine function queuing one protocol command as ``nc.publish`` does, or None when
     this nats-py does not have the internals it needs."""
@@ -186,11 +294,24 @@ class NatsSink(Sink):
         nc: Any,
         *,
         timeout: float = DEFAULT_PUBLISH_TIMEOUT,
+        batching: str = "fast",
         atomic_batch: int = DEFAULT_ATOMIC_BATCH,
+        fast_batch: int = DEFAULT_FAST_BATCH,
+        fast_min: int = FAST_MIN,
     ) -> None:
+        if batching not in BATCHING_MODES:
+            raise ValueError(f"batching {batching!r}: use one of {', '.join(BATCHING_MODES)}")
         self.nc = nc
         self.timeout = timeout
+        self.batching = batching
         self.atomic_batch = atomic_batch
+        self.fast_batch = fast_batch
+        self.fast_min = fast_min
+        self.fast = False  # decided in start(): fast-ingest batches into STORELINK_OMS?
+        self.fast_batches = 0  # fast-ingest batches JetStream processed whole
+        self._fast_prefix = ""
+        self._fast_sub: Any = None
+        self._fast: dict[str, _FastBatch] = {}  # batch id -> its state
         self.records = 0
         self.batches = 0  # atomic batches JetStream stored
         self.batches_resent = 0  # atomic batches refused and sent again one record at a time
@@ -211,24 +332,46 @@ class NatsSink(Sink):
         # open; at most 64 characters).
         self._batch_prefix = self._prefix.split(".")[-2].encode()
         self._sub = await self.nc.subscribe(self._prefix + "*", cb=self._on_ack)
-        self.atomic = await self._stream_takes_atomic_batches()
+        self._fast_prefix = self.nc.new_inbox()
+        self._fast_sub = await self.nc.subscribe(self._fast_prefix + ".>", cb=self._on_fast)
+        self.fast, self.atomic = await self._batching_the_stream_takes()
+        mode = "fast-ingest batches" if self.fast else "atomic batches" if self.atomic else None
+        log.info("nats sink: %s into %s", mode or "one PubAck per record", OMS_STREAM)
 
-    async def _stream_takes_atomic_batches(self) -> bool:
-        if not self.atomic_batch or _raw_sender(self.nc) is None:
-            return False
+    async def _batching_the_stream_takes(self) -> tuple[bool, bool]:
+        """(fast, atomic): the batching to use, the configured one or what the stream allows
+        below it (fast, else atomic, else one PubAck per record)."""
+        if self.batching == "none" or _raw_sender(self.nc) is None:
+            return False, False
         try:
             info = await self.nc.jetstream().stream_info(OMS_STREAM)
         except Exception as exc:  # no stream yet, no right to look: one PubAck per record
             log.info("nats sink: %s not readable (%s); one PubAck per record", OMS_STREAM, exc)
-            return False
+            return False, False
+        if self.batching == "fast" and self.fast_batch > 0:
+            if info.config.allow_batched:
+                return True, False
+            log.info(
+                "nats sink: %s does not allow fast-ingest batches (set by central on streams "
+                "it creates; nats-server >= 2.14); trying atomic batches",
+                OMS_STREAM,
+            )
+        if not self.atomic_batch:
+            return False, False
         if not info.config.allow_atomic:
             log.info(
                 "nats sink: %s does not allow atomic batches (set by central on streams it "
                 "creates; nats-server >= 2.12); one PubAck per record",
                 OMS_STREAM,
             )
-            return False
-        return True
+            return False, False
+        return False, True
+
+    async def _on_fast(self, msg: Msg) -> None:
+        tokens = msg.subject[len(self._fast_prefix) + 1 :].split(".")
+        batch = self._fast.get(tokens[0])
+        if batch is not None and len(tokens) == 6:
+            batch.frame(int(tokens[3]), msg)
 
     async def _on_ack(self, msg: Msg) -> None:
         subject = msg.subject
@@ -424,13 +567,136 @@ class NatsSink(Sink):
         self.batches += 1
         return None
 
+    async def _deliver_fast(self, records: Sequence[OmsRecord]) -> dict[int, str]:
+        """The unit as fast-ingest batches of up to ``fast_batch`` records, one after the
+        other; the records refused for good, by index."""
+        if len(records) < self.fast_min:
+            return await self._deliver_each(records)
+        rejected: dict[int, str] = {}
+        size = self.fast_batch
+        for first in range(0, len(records), size):
+            chunk = range(first, min(first + size, len(records)))
+            if self.fast and self.nc.is_connected:
+                await self._send_fast(records, chunk, rejected)
+            else:  # reconnecting: nats-py's own buffering, one record at a time
+                refused = await self._deliver_each([records[i] for i in chunk])
+                rejected.update((chunk[j], reason) for j, reason in refused.items())
+        return rejected
+
+    async def _send_fast(
+        self, records: Sequence[OmsRecord], chunk: range, rejected: dict[int, str]
+    ) -> None:
+        """Publish ``records[chunk]`` as one fast-ingest batch; return once the server
+        processed every message, or raise SinkUnavailable."""
+        max_payload = self.nc.max_payload
+        sent: list[int] = []  # index in records, by batch seq - 1
+        # Each message built whole as it comes, as an "add" (op 1); the first and the last
+        # are built again as the start (op 0) and the commit (op 2) once the count is known.
+        messages: list[bytes] = []
+        parts: list[tuple[bytes, bytes, bytes]] = []  # the first's and the last's parts
+        # Unique per stream while open: the inbox's unique part names this sink's batches.
+        batch_id = f"{self._fast_prefix.rsplit('.', 1)[-1]}{next(self._batch_numbers)}"
+        head = b"%s.%s.%d.fail." % (self._fast_prefix.encode(), batch_id.encode(), FAST_FLOW)
+        fixed = len(_HEADER_HEAD) + len(_HEADER_TAIL)
+        rest = chunk[len(chunk) :]
+        for at, i in enumerate(chunk):
+            r = records[i]
+            if not _plain_header(r.key):  # rare: this record alone, as nats-py sends it
+                if messages:
+                    rest = chunk[at:]
+                    break
+                refused = await self._deliver_each([r])
+                rejected.update((i, reason) for reason in refused.values())
+                continue
+            payload = encode_json(r)
+            if len(payload) > max_payload:
+                rejected[i] = self._too_large()
+                continue
+            sent.append(i)
+            subject, key = self._subject(r.type, r.store_id), r.key.encode()
+            size = fixed + len(key)
+            messages.append(
+                b"HPUB %s %s%d.1.$FI %d %d\r\n%s%s%s%s\r\n" % (
+                    subject, head, len(messages) + 1, size, size + len(payload),
+                    _HEADER_HEAD, key, _HEADER_TAIL, payload,
+                )
+            )  # fmt: skip
+            if len(parts) < 2:
+                parts.append((subject, key, payload))
+            else:
+                parts[1] = (subject, key, payload)
+        if not messages:
+            return
+        n = len(messages)
+        subject, key, payload = parts[0]
+        messages[0] = _fast_pub(subject, b"%s1.%d.$FI" % (head, 2 if n == 1 else 0), key, payload)
+        if n > 1:
+            subject, key, payload = parts[-1]
+            messages[-1] = _fast_pub(subject, b"%s%d.2.$FI" % (head, n), key, payload)
+
+        raw = _raw_sender(self.nc)
+        assert raw is not None  # fast is only chosen when it is there
+        batch = self._fast[batch_id] = _FastBatch(n)
+        try:
+            await raw(messages[0])
+            done = 1
+            while not batch.done:
+                if batch.acked < 0 or done >= n:
+                    await batch.changed()  # the first flow ack, or the terminal ack
+                    continue
+                limit = min(n, batch.acked + batch.cadence * FAST_OUTSTANDING)
+                if limit <= done:
+                    await batch.changed()
+                    continue
+                await raw(b"".join(messages[done:limit]))
+                done = limit
+        finally:
+            del self._fast[batch_id]
+        if batch.disabled_at:  # what was not taken goes per record, now and from now on
+            if self.fast:
+                self.fast = False
+                log.warning("nats sink: %s no longer takes fast-ingest batches", OMS_STREAM)
+            self._acked += batch.disabled_at - 1
+            again = sent[batch.disabled_at - 1 :]
+            self.batches_resent += 1
+            refused = await self._deliver_each([records[i] for i in again])
+            rejected.update((again[j], reason) for j, reason in refused.items())
+        elif batch.refused_seq:
+            at = batch.refused_seq
+            self._acked += at - 1
+            rejected[sent[at - 1]] = batch.reason
+            again = sent[at:]
+            self.batches_resent += 1
+            refused = await self._deliver_each([records[i] for i in again])
+            rejected.update((again[j], reason) for j, reason in refused.items())
+        elif batch.error is not None:
+            raise SinkUnavailable(self.name, batch.error)
+        elif batch.count != n:
+            raise SinkUnavailable(
+                self.name, f"JetStream processed {batch.count} of the batch's {n} messages"
+            )
+        else:
+            self._acked += n
+            self.fast_batches += 1
+        if rest and self.fast:  # stopped at a key with characters: the rest as a new batch
+            await self._send_fast(records, rest, rejected)
+        elif rest:
+            refused = await self._deliver_each([records[i] for i in rest])
+            rejected.update((rest[j], reason) for j, reason in refused.items())
+
     async def deliver(
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
     ) -> list[SinkRejected]:
         if not records:
             return []
         self._acked = 0
-        deliver = self._deliver_atomic if self.atomic else self._deliver_each
+        deliver = (
+            self._deliver_fast
+            if self.fast
+            else self._deliver_atomic
+            if self.atomic
+            else self._deliver_each
+        )
         try:
             rejected = await asyncio.wait_for(deliver(records), self.timeout)
         except TimeoutError:
@@ -449,12 +715,13 @@ class NatsSink(Sink):
         ]
 
     async def close(self) -> None:
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:  # the connection is already closed: nothing to undo
-                pass
-            self._sub = None
+        for sub in (self._sub, self._fast_sub):
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection is already closed: nothing to undo
+                    pass
+        self._sub = self._fast_sub = None
 
     def statistics(self) -> SinkStatistics:
         return SinkStatistics(sink=self.name, records=self.records)

@@ -9,6 +9,10 @@ first batch handed to it until the last one is acknowledged (central acks only a
 commit). Then every store's high-water mark must be its last seq, and the OMS stream must hold
 (at least) one message per event.
 
+The nats sink's batching is the default (``[nats_sink] batching``); set
+``STORELINK_BENCH_BATCHING=fast|atomic|none`` to run central with another, e.g. to compare
+the CPU rows of each mode alternated in one session.
+
 Baseline from the same run: nats-py ``publish_async`` per event, since the ``nats`` sink
 publishes one OMS message per event and that is the most a Python publisher does.
 """
@@ -56,6 +60,7 @@ from tests.bench.harness import (
 )
 
 BATCH = 500
+BATCHING_ENV = "STORELINK_BENCH_BATCHING"
 CENTRAL_RATE = "central, JetStream → nats sink"
 PRELOAD_RATE = "preload of the events stream"
 PRELOAD_WINDOW = 200
@@ -175,7 +180,13 @@ async def run(opts: Options) -> Table:
         cfg = CentralConfig(data_dir=str(root / "central"))
         preload_rate = await preload(broker.url, stores, per_store, cfg)
         table.add(Row(PRELOAD_RATE, preload_rate, "events/s", note=f"{total:,} events"))
-        central = CentralProcess(root / "central", broker.url, sinks=("nats",))
+        batching = os.environ.get(BATCHING_ENV, "")
+        extra: tuple[str, ...] = ()
+        if batching:
+            config = root / "central.toml"
+            config.write_text(f'[nats_sink]\nbatching = "{batching}"\n')
+            extra = ("--config", str(config))
+        central = CentralProcess(root / "central", broker.url, sinks=("nats",), extra_args=extra)
         nc = await nats.connect(broker.url)
         try:
             js = nc.jetstream()
@@ -230,7 +241,8 @@ async def run(opts: Options) -> Table:
         table.add(
             Row(
                 CENTRAL_CPU, (cpu_done - cpu_first) / total * 1e6, "µs", higher_is_better=False,
-                note="central's process, all threads, first fetch → last ack",
+                note="central's process, all threads, first fetch → last ack, nats sink "
+                f"batching {batching or 'default'}",
             )
         )  # fmt: skip
     if server_first is not None and server_done is not None:

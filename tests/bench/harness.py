@@ -511,6 +511,7 @@ class CentralProcess:
     sinks: Sequence[str] = ("nats",)
     http_port: int = field(default_factory=free_port)
     config: Path | None = None  # a central TOML (e.g. [webhook] settings)
+    extra_args: Sequence[str] = ()  # more arguments to `central run`
     proc: BenchProcess = field(init=False)
 
     def __post_init__(self) -> None:
@@ -519,6 +520,7 @@ class CentralProcess:
             "--nats-url", self.nats_url, "--http", f"127.0.0.1:{self.http_port}",
             *(a for sink in self.sinks for a in ("--sink", sink)),
             *(("--config", str(self.config)) if self.config is not None else ()),
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = BenchProcess(
             "central", args, f"http://127.0.0.1:{self.http_port}/healthz", self.root / "central.log"

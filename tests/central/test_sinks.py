@@ -311,7 +311,7 @@ async def test_nats_sink_atomic_batches_land_each_record_once_in_order(
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc)
+    sink = NatsSink(nc, batching="atomic")
     await sink.start(None)
     s1, s2 = store_records("S1", 2100), store_records("S2", 150, seed=6)
     unit = [r for pair in zip(s1, s2, strict=False) for r in pair] + s1[150:]
@@ -347,11 +347,11 @@ async def test_nats_sink_unit_that_partly_landed_is_resent_per_record(
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
     records = store_records("S1", 1500)
-    earlier = NatsSink(nc, atomic_batch=0)  # the earlier attempt landed 600, one by one
+    earlier = NatsSink(nc, batching="none")  # the earlier attempt landed 600, one by one
     await earlier.start(None)
     await earlier.deliver(records[:600])
     await earlier.close()
-    sink = NatsSink(nc)
+    sink = NatsSink(nc, batching="atomic")
     await sink.start(None)
     rejected = await sink.deliver(records)
     keys = await stored_keys(js)
@@ -364,20 +364,30 @@ async def test_nats_sink_unit_that_partly_landed_is_resent_per_record(
     assert 1500 == stats.records
 
 
-@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
+# (batching, stream flags, fast_batch): a batch refused whole and sent again per record
+# (atomic), no batch (per record), a fast batch stopped at the record and the rest per record
+# (one batch, and batches of 2 records one after the other).
+SIZE_MODES: dict[str, tuple[str, dict[str, Any], int]] = {
+    "atomic": ("atomic", {"allow_atomic": True}, 10_000),
+    "per-record": ("none", {}, 10_000),
+    "fast": ("fast", {"allow_batched": True}, 10_000),
+    "fast-batches-of-2": ("fast", {"allow_batched": True}, 2),
+}
+
+
+@pytest.mark.parametrize("mode", SIZE_MODES)
 async def test_nats_sink_refusal_for_size_is_a_rejection(
-    nats_server: EmbeddedBroker, atomic: bool
+    nats_server: EmbeddedBroker, mode: str
 ) -> None:
     """A record the OMS stream refuses for good (larger than its max_msg_size) is a
     SinkRejected with JetStream's reason, bound for the DLQ; the other records of the unit
-    are delivered, in order (in an atomic batch, the batch is refused whole and sent again one
-    record at a time)."""
+    are delivered, in order (an atomic batch is refused whole and sent again one record at a
+    time; a fast batch stops at the record and the records after it go one at a time)."""
+    batching, flags, fast_batch = SIZE_MODES[mode]
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await js.add_stream(
-        name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, allow_atomic=atomic
-    )
-    sink = NatsSink(nc, timeout=5)
+    await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], max_msg_size=2048, **flags)
+    sink = NatsSink(nc, timeout=5, batching=batching, fast_batch=fast_batch, fast_min=1)
     await sink.start(None)
     records = oms_records(4)
     big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)])[0])
@@ -390,15 +400,15 @@ async def test_nats_sink_refusal_for_size_is_a_rejection(
     assert ["S1:big"] == [r.record.key for r in rejected]
     assert "maximum" in rejected[0].reason
     assert ([r.key for r in records], 4) == (keys, stats.records)
-    assert (atomic, int(atomic)) == (sink.atomic, sink.batches_resent)
+    used = "atomic" if sink.atomic else "fast" if sink.fast else "none"
+    assert (batching, int(batching != "none")) == (used, sink.batches_resent)
 
 
-@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "per-record"])
-async def test_nats_sink_record_above_max_payload_is_a_rejection(
-    tmp_path: Path, atomic: bool
-) -> None:
+@pytest.mark.parametrize("mode", ["atomic", "per-record", "fast"])
+async def test_nats_sink_record_above_max_payload_is_a_rejection(tmp_path: Path, mode: str) -> None:
     """A record larger than the NATS server's max_payload is a SinkRejected naming the limit;
-    the rest of the unit is delivered (in an atomic batch without it)."""
+    the rest of the unit is delivered (in an atomic or fast batch without it)."""
+    batching, flags, _ = SIZE_MODES[mode]
     broker = EmbeddedBroker(
         BrokerConfig(data_dir=tmp_path / "nats", port=free_port(), max_payload=4096)
     )
@@ -406,8 +416,8 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(
     nc = await nats.connect(broker.url)
     try:
         js = nc.jetstream()
-        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_atomic=atomic)
-        sink = NatsSink(nc, timeout=5)
+        await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], **flags)
+        sink = NatsSink(nc, timeout=5, batching=batching, fast_min=1)
         await sink.start(None)
         records = oms_records(2)
         big = oms_record("S1", EPOCH, make_records([sale("big", lines=200)], first_seq=9)[0])
@@ -420,30 +430,39 @@ async def test_nats_sink_record_above_max_payload_is_a_rejection(
     assert [big.key] == [r.record.key for r in rejected]
     assert "max_payload of 4096" in rejected[0].reason
     assert [r.key for r in records] == keys
-    assert (int(atomic), 0) == (sink.batches, sink.batches_resent)
+    batches = {"atomic": sink.batches, "fast": sink.fast_batches, "none": 0}[batching]
+    assert (int(batching != "none"), 0) == (batches, sink.batches_resent)
 
 
-async def test_nats_sink_stream_that_stops_allowing_atomic_batches(
-    tmp_path: Path, nats_server: EmbeddedBroker
+@pytest.mark.parametrize("batching", ["atomic", "fast"])
+async def test_nats_sink_stream_that_stops_allowing_batches(
+    tmp_path: Path, nats_server: EmbeddedBroker, batching: str
 ) -> None:
-    """A stream changed to refuse atomic batches after the sink started: the refused batch is
-    sent again one record at a time and the sink stays per record from then on."""
+    """A stream changed to refuse the sink's batches after it started (atomic: "atomic
+    publish is disabled", fast: "batch publish is disabled"): the refused batch is sent again
+    one record at a time and the sink stays per record from then on; every record lands
+    once, in order."""
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc, timeout=5)
+    sink = NatsSink(nc, timeout=5, batching=batching)
     await sink.start(None)
-    started_atomic = sink.atomic
+    started = (sink.atomic, sink.fast)
     info = await js.stream_info(OMS_STREAM)
-    await js.update_stream(info.config.evolve(allow_atomic=False))
-    records = store_records("S1", 30)
-    await sink.deliver(records[:20])
-    await sink.deliver(records[20:])
+    refuse = {"allow_atomic": False} if batching == "atomic" else {"allow_batched": False}
+    await js.update_stream(info.config.evolve(**refuse))
+    records = store_records("S1", 100)
+    await sink.deliver(records[:50])
+    await sink.deliver(records[50:])
     keys = await stored_keys(js)
     await sink.close()
     await nc.close()
-    assert (True, False) == (started_atomic, sink.atomic)
-    assert (0, 1) == (sink.batches, sink.batches_resent)
+    assert ((batching == "atomic", batching == "fast"), False, False) == (
+        started,
+        sink.atomic,
+        sink.fast,
+    )
+    assert (0, 0, 1) == (sink.batches, sink.fast_batches, sink.batches_resent)
     assert [r.key for r in records] == keys
 
 
@@ -456,7 +475,7 @@ async def test_nats_sink_small_stores_share_atomic_batches(
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc)
+    sink = NatsSink(nc, batching="atomic")
     await sink.start(None)
     stores = {f"S{n}": store_records(f"S{n}", 60, seed=n) for n in range(25)}
     unit = [r for i in range(60) for records in stores.values() for r in records[i : i + 1]]
@@ -478,7 +497,7 @@ async def test_nats_sink_atomic_batches_without_a_stream_are_unavailable(
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
-    sink = NatsSink(nc, timeout=5)
+    sink = NatsSink(nc, timeout=5, batching="atomic")
     await sink.start(None)
     await js.delete_stream(OMS_STREAM)
     unit = store_records("S1", 1200) + store_records("S2", 30, seed=6)
@@ -489,3 +508,132 @@ async def test_nats_sink_atomic_batches_without_a_stream_are_unavailable(
     await nc.close()
     assert (True, 0, 0) == (sink.atomic, sink.batches, stats.records)
     assert sink.batches_resent >= 1
+
+
+async def test_nats_sink_fast_batches_land_each_record_once_in_order(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """On the OMS stream central creates, the sink's default is fast-ingest batches: a unit
+    goes as batches of up to fast_batch records, one after the other; every record is one
+    message with its key as Nats-Msg-Id and the expected stream (no batch headers), in each
+    store's order, and a redelivered unit adds nothing (each key skipped as duplicate, the
+    batches still counted whole)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, fast_batch=1000)
+    await sink.start(None)
+    s1, s2 = store_records("S1", 2100), store_records("S2", 150, seed=6)
+    unit = [r for pair in zip(s1, s2, strict=False) for r in pair] + s1[150:]
+    rejected = await sink.deliver(unit)
+    batches = sink.fast_batches
+    again = await sink.deliver(unit)
+    keys = await stored_keys(js)
+    last = await js.get_msg(OMS_STREAM, len(keys))
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert ([], [], True, False) == (rejected, again, sink.fast, sink.atomic)
+    assert (3, 6, 0) == (batches, sink.fast_batches, sink.batches_resent)
+    assert [r.key for r in s1] == of_store(keys, "S1")
+    assert [r.key for r in s2] == of_store(keys, "S2")
+    assert (2250, 4500) == (len(keys), stats.records)
+    headers = last.headers or {}
+    assert (last.subject, json.loads(last.data or b"{}")["key"]) == (
+        f"oms.{s1[-1].type}.S1",
+        headers.get("Nats-Msg-Id"),
+    )
+    assert {"Nats-Msg-Id": s1[-1].key, "Nats-Expected-Stream": OMS_STREAM} == headers
+
+
+async def test_nats_sink_fast_batch_that_failed_midway_is_retried_harmlessly(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A fast batch the server abandons midway (here a full stream: 700 messages at most,
+    discard new) fails the unit as SinkUnavailable with what JetStream said, and what landed
+    stays; the unit delivered again once there is room stores each key once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    info = await js.stream_info(OMS_STREAM)
+    await js.update_stream(info.config.evolve(max_msgs=700))
+    sink = NatsSink(nc, timeout=10)
+    await sink.start(None)
+    records = store_records("S1", 1500)
+    with pytest.raises(SinkUnavailable, match="message 701 of the batch"):
+        await sink.deliver(records)
+    landed = await stored_keys(js)
+    info = await js.stream_info(OMS_STREAM)
+    await js.update_stream(info.config.evolve(max_msgs=-1))
+    rejected = await sink.deliver(records)
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert [r.key for r in records[:700]] == landed
+    assert ([], 1) == (rejected, sink.fast_batches)
+    assert [r.key for r in records] == keys
+
+
+@pytest.mark.parametrize(
+    ("allow_atomic", "mode"), [(True, "atomic"), (False, "none")], ids=["atomic", "per-record"]
+)
+async def test_nats_sink_fast_falls_back_to_what_the_stream_allows(
+    nats_server: EmbeddedBroker, allow_atomic: bool, mode: str
+) -> None:
+    """batching = fast on a stream without allow_batched (made by hand, an older server):
+    the sink uses atomic batches if the stream allows them, else one PubAck per record, and
+    every record lands once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await js.add_stream(name=OMS_STREAM, subjects=[OMS_WILDCARD], allow_atomic=allow_atomic)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    records = store_records("S1", 40)
+    rejected = await sink.deliver(records)
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    used = "atomic" if sink.atomic else "fast" if sink.fast else "none"
+    assert ([], mode, [r.key for r in records]) == (rejected, used, keys)
+    assert (int(allow_atomic), 0) == (sink.batches, sink.fast_batches)
+
+
+async def test_nats_sink_fast_batches_without_a_stream_are_unavailable(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """The OMS stream gone after the sink chose fast batches: the batch's first message
+    finds no responders and the unit fails as SinkUnavailable, never taken as delivered."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, timeout=5)
+    await sink.start(None)
+    await js.delete_stream(OMS_STREAM)
+    with pytest.raises(SinkUnavailable, match="no responders"):
+        await sink.deliver(store_records("S1", 300))
+    stats = sink.statistics()
+    await sink.close()
+    await nc.close()
+    assert (True, 0, 0) == (sink.fast, sink.fast_batches, stats.records)
+
+
+async def test_nats_sink_fast_mode_sends_a_small_unit_per_record(
+    tmp_path: Path, nats_server: EmbeddedBroker
+) -> None:
+    """A unit of fewer than fast_min records goes one record at a time even in fast mode
+    (a batch's first flow ack would be one more round trip); a unit of fast_min goes as a
+    batch. Both land once, in order."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await ensure_streams(js, central_config(tmp_path, nats_server.url), oms=True)
+    sink = NatsSink(nc, fast_min=8)
+    await sink.start(None)
+    records = store_records("S1", 15)
+    await sink.deliver(records[:7])
+    small = sink.fast_batches
+    await sink.deliver(records[7:])
+    keys = await stored_keys(js)
+    await sink.close()
+    await nc.close()
+    assert (True, 0, 1) == (sink.fast, small, sink.fast_batches)
+    assert [r.key for r in records] == keys

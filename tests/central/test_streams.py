@@ -76,16 +76,17 @@ async def test_existing_discard_old_stream_is_updated_in_place(
     assert (DiscardPolicy.NEW, 1) == (info.config.discard, info.state.messages)
 
 
-async def test_existing_oms_stream_is_given_atomic_batches(
+async def test_existing_oms_stream_is_given_atomic_and_fast_batches(
     tmp_path: Path, nats_server: EmbeddedBroker
 ) -> None:
-    """An STORELINK_OMS made before atomic batches (or by hand, without allow_atomic) is
-    changed in place to allow them, its messages kept; a new one is created with them."""
+    """An STORELINK_OMS made before atomic and fast-ingest batches (or by hand, without
+    allow_atomic and allow_batched) is changed in place to allow them, its messages kept; a
+    new one is created with them."""
     cfg = central_config(tmp_path, nats_server.url)
     [want] = [s for s in wanted_streams(cfg, oms=True) if s.name == OMS_STREAM]
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
-    await js.add_stream(want.evolve(allow_atomic=None))
+    await js.add_stream(want.evolve(allow_atomic=None, allow_batched=None))
     await js.publish("oms.sale.S1", b"kept")
     before = await js.stream_info(OMS_STREAM)
     await ensure_streams(js, cfg, oms=True)
@@ -94,12 +95,14 @@ async def test_existing_oms_stream_is_given_atomic_batches(
     await ensure_streams(js, cfg, oms=True)
     created = await js.stream_info(OMS_STREAM)
     await nc.close()
-    assert (None, True, 1) == (
+    assert (None, None, True, True, 1) == (
         before.config.allow_atomic,
+        before.config.allow_batched,
         after.config.allow_atomic,
+        after.config.allow_batched,
         after.state.messages,
     )
-    assert True is created.config.allow_atomic
+    assert (True, True) == (created.config.allow_atomic, created.config.allow_batched)
 
 
 async def test_oms_consumer_lag_is_in_status_and_metrics(

@@ -238,19 +238,20 @@ async def test_central_restarts_with_a_node_down(
     assert_exactly_once_in_order(delivered, [e.event_id for e in events], "S1")
 
 
-async def test_nats_sink_atomic_batches_on_three_replicas(
-    tmp_path: Path, nats_cluster: NatsCluster
+@pytest.mark.parametrize("batching", ["atomic", "fast"])
+async def test_nats_sink_batches_on_three_replicas(
+    tmp_path: Path, nats_cluster: NatsCluster, batching: str
 ) -> None:
-    """On a 3-node cluster STORELINK_OMS has 3 replicas and allows atomic batches: the nats
-    sink's batches land each record once, in order, also when the stream's leader is killed
-    -9 before the next unit (retried on SinkUnavailable, as the consumer does, until a new
-    leader takes it)."""
+    """On a 3-node cluster STORELINK_OMS has 3 replicas and allows atomic and fast-ingest
+    batches: the nats sink's batches (either mode) land each record once, in order, also when
+    the stream's leader is killed -9 before the next unit (retried on SinkUnavailable, as the
+    consumer does, until a new leader takes it)."""
     cfg = central_config(tmp_path, nats_cluster.urls[0], **{"stream.replicas": 3})
     nc = await nats.connect(servers=nats_cluster.urls)
     try:
         js = nc.jetstream()
         await ensure_streams(js, cfg, oms=True)
-        sink = NatsSink(nc, timeout=5)
+        sink = NatsSink(nc, timeout=5, batching=batching)
         await sink.start(None)
         records = store_records("S1", 1600)
         await sink.deliver(records[:1200])
@@ -270,6 +271,10 @@ async def test_nats_sink_atomic_batches_on_three_replicas(
         await sink.close()
     finally:
         await nc.close()
-    assert (3, True, True) == (info.config.num_replicas, info.config.allow_atomic, sink.atomic)
+    modes = (info.config.allow_atomic, info.config.allow_batched, sink.atomic, sink.fast)
+    assert (3, (True, True, batching == "atomic", batching == "fast")) == (
+        info.config.num_replicas,
+        modes,
+    )
     assert [r.key for r in records] == keys
-    assert sink.batches >= 3
+    assert (sink.fast_batches, sink.batches) >= ((2, 0) if batching == "fast" else (0, 3))
