@@ -51,6 +51,7 @@ from tests.bench.harness import (
     at_least,
     baseline,
     bench_main,
+    cpu_seconds_if_known,
     nats_broker,
     sample_events,
     sample_records,
@@ -145,17 +146,6 @@ async def preload(
         await nc.close()
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of process ``pid`` (all its threads) so far; None where /proc is
-    not there. On a shared machine the CPU per event moves much less than the wall rate."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def oms_messages(url: str) -> int:
     nc = await nats.connect(url)
     try:
@@ -207,11 +197,11 @@ async def run(opts: Options) -> Table:
                 return bool(info.ack_floor.stream_seq >= last)
 
             first = await wait_for(fetched, 60, interval=0.005, what="first fetch")
-            cpu_first = cpu_seconds(central.pid)
-            server_first = cpu_seconds(broker.pid) if broker.pid else None
+            cpu_first = cpu_seconds_if_known(central.pid)
+            server_first = cpu_seconds_if_known(broker.pid) if broker.pid else None
             done = await wait_for(acked, 1800, interval=0.02, what="all acknowledged")
-            cpu_done = cpu_seconds(central.pid)
-            server_done = cpu_seconds(broker.pid) if broker.pid else None
+            cpu_done = cpu_seconds_if_known(central.pid)
+            server_done = cpu_seconds_if_known(broker.pid) if broker.pid else None
             await central.wait_healthy()
             status = await central.status()
         finally:

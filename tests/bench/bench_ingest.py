@@ -27,7 +27,6 @@ from tests.bench.bench_baselines import (
     measure_sqlite_batched,
     measure_sqlite_per_row,
 )
-from tests.bench.bench_central import cpu_seconds
 from tests.bench.harness import (
     AgentProcess,
     Options,
@@ -37,6 +36,7 @@ from tests.bench.harness import (
     at_most,
     baseline,
     bench_main,
+    cpu_seconds_if_known,
     run_loadgen,
     size,
     workdir,
@@ -71,9 +71,9 @@ def _checked(report: dict[str, Any]) -> dict[str, Any]:
 async def measured(pid: int, args: list[str]) -> dict[str, Any]:
     """A load generator run (``args``) with the agent's CPU per request added to its report:
     on a shared machine the CPU per request moves much less than the wall rate."""
-    before = cpu_seconds(pid)
+    before = cpu_seconds_if_known(pid)
     report = _checked(await run_loadgen(args))
-    after = cpu_seconds(pid)
+    after = cpu_seconds_if_known(pid)
     if before is not None and after is not None:
         report["agent_cpu_us_per_request"] = (after - before) / report["requests"] * 1e6
     return report

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -40,6 +39,7 @@ from tests.bench.harness import (
     Table,
     at_least,
     bench_main,
+    cpu_seconds,
     nats_broker,
     size,
     wait_for,
@@ -65,14 +65,6 @@ def even_stores(count: int, partitions: int) -> list[str]:
         if all(len(b) == per for b in chosen.values()):
             return sorted(s for b in chosen.values() for s in b)
     raise AssertionError("unreachable")
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU a live process has used so far."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drain_window(
@@ -129,7 +121,7 @@ async def drain_rate(
             first, done = await drain_window(
                 nc.jetstream(), [partition_durable(p) for p in range(PARTITIONS)], start
             )
-            cpu = [cpu_seconds(p.process.proc.pid if p.process.proc else None) for p in procs]
+            cpu = [cpu_seconds(p.process.proc.pid) if p.process.proc else 0.0 for p in procs]
             nats_cpu = cpu_seconds(broker.pid) - nats_cpu
         finally:
             await nc.close()

@@ -347,9 +347,18 @@ MIB = 1024 * 1024
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` so far (Linux /proc)."""
+    """User + system CPU time of ``pid`` (all its threads) so far (Linux /proc). On a shared
+    machine the CPU per event moves much less than the wall rate."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_if_known(pid: int) -> float | None:
+    """``cpu_seconds``, or None where /proc is not there (the row is then left out)."""
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return None
 
 
 def mib(value: int | None) -> float | None:
