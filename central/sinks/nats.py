@@ -134,10 +134,12 @@ def _plain_header(value: str) -> bool:
     return value.isascii() and value.isprintable() and value.strip() == value
 
 
-def _hpub(subject: bytes, reply: str, key: str, payload: bytes) -> bytes:
-    header = b"%s%s%s" % (_HEADER_HEAD, key.encode(), _HEADER_TAIL)
+def _hpub(subject: bytes, reply: bytes, key: bytes, payload: bytes) -> bytes:
+    """One record's message: its key and the expected stream in the headers (a fast-ingest
+    batch's message too: the batch is in the reply)."""
+    header = b"%s%s%s" % (_HEADER_HEAD, key, _HEADER_TAIL)
     return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-        subject, reply.encode(), len(header), len(header) + len(payload), header, payload,
+        subject, reply, len(header), len(header) + len(payload), header, payload,
     )  # fmt: skip
 
 
@@ -149,27 +151,17 @@ _BATCH_SEQUENCE = b"\r\nNats-Batch-Sequence: "
 _BATCH_COMMIT = b"\r\nNats-Batch-Commit: 1"
 
 
-def _batch_pub(subject: bytes, key: bytes, batch: bytes, seq: int, payload: bytes) -> bytes:
-    header = b"%s%s%s%s%s%d\r\n\r\n" % (_BATCH_HEAD, key, _BATCH_MID, batch, _BATCH_SEQUENCE, seq)
-    return b"HPUB %s %d %d\r\n%s%s\r\n" % (
-        subject, len(header), len(header) + len(payload), header, payload,
-    )  # fmt: skip
-
-
-def _batch_commit(subject: bytes, reply: bytes, key: bytes, batch: bytes, seq: int,
-                  payload: bytes) -> bytes:  # fmt: skip
+def _batch_msg(
+    subject: bytes, key: bytes, batch: bytes, seq: int, payload: bytes, commit: bytes = b""
+) -> bytes:
+    """The ``seq``-th message of atomic batch ``batch``; with ``commit`` (the reply subject)
+    the one that commits it."""
     header = b"%s%s%s%s%s%d%s\r\n\r\n" % (
-        _BATCH_HEAD, key, _BATCH_MID, batch, _BATCH_SEQUENCE, seq, _BATCH_COMMIT,
+        _BATCH_HEAD, key, _BATCH_MID, batch, _BATCH_SEQUENCE, seq,
+        _BATCH_COMMIT if commit else b"",
     )  # fmt: skip
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-        subject, reply, len(header), len(header) + len(payload), header, payload,
-    )  # fmt: skip
-
-
-def _fast_pub(subject: bytes, reply: bytes, key: bytes, payload: bytes) -> bytes:
-    """A fast-ingest batch's message: the per-record headers, the batch in the reply."""
-    header = b"%s%s%s" % (_HEADER_HEAD, key, _HEADER_TAIL)
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
+    reply = b" " + commit if commit else b""
+    return b"HPUB %s%s %d %d\r\n%s%s\r\n" % (
         subject, reply, len(header), len(header) + len(payload), header, payload,
     )  # fmt: skip
 
@@ -426,7 +418,8 @@ class NatsSink(Sink):
                 if raw is not None and nc.is_connected and _plain_header(key):
                     if len(payload) > nc.max_payload:
                         raise nats.errors.MaxPayloadError
-                    await raw(_hpub(self._subject(r.type, r.store_id), f"{reply}{i}", key, payload))
+                    subject = self._subject(r.type, r.store_id)
+                    await raw(_hpub(subject, f"{reply}{i}".encode(), key.encode(), payload))
                 else:  # reconnecting (nats-py's own buffering rules), or an unusual key
                     await nc.publish(
                         oms_subject(r.type, r.store_id),
@@ -454,6 +447,14 @@ class NatsSink(Sink):
         if unit.error is not None:
             raise SinkUnavailable(self.name, unit.error)
         return unit.rejected
+
+    async def _resend_each(
+        self, records: Sequence[OmsRecord], indexes: Sequence[int], rejected: dict[int, str]
+    ) -> None:
+        """``records[indexes]`` one message and one PubAck each; the ones refused for good go
+        into ``rejected`` under their index in ``records``."""
+        refused = await self._deliver_each([records[i] for i in indexes])
+        rejected.update((indexes[j], reason) for j, reason in refused.items())
 
     async def _deliver_atomic(self, records: Sequence[OmsRecord]) -> dict[int, str]:
         """The unit as atomic batches; the records refused for good, by index.
@@ -510,9 +511,7 @@ class NatsSink(Sink):
                     "them one at a time",
                     len(chunk), why,
                 )  # fmt: skip
-            refused = await self._deliver_each([records[i] for i in chunk])
-            for j, reason in refused.items():
-                rejected[chunk[j]] = reason
+            await self._resend_each(records, chunk, rejected)
 
     async def _send_batch(
         self, records: Sequence[OmsRecord], chunk: list[int], rejected: dict[int, str]
@@ -534,13 +533,13 @@ class NatsSink(Sink):
                 rejected[i] = self._too_large()
                 continue
             if last is not None:
-                messages.append(_batch_pub(*last[:2], batch_id, len(messages) + 1, last[2]))
+                messages.append(_batch_msg(*last[:2], batch_id, len(messages) + 1, last[2]))
             last = (self._subject(r.type, r.store_id), r.key.encode(), payload)
         if last is None:
             return None  # every record was too large: nothing to send
         count = len(messages) + 1
         subject, key, payload = last
-        messages.append(_batch_commit(subject, reply.encode(), key, batch_id, count, payload))
+        messages.append(_batch_msg(subject, key, batch_id, count, payload, reply.encode()))
         raw = _raw_sender(self.nc)
         assert raw is not None  # atomic is only chosen when it is there
         answer = asyncio.get_running_loop().create_future()
@@ -579,8 +578,7 @@ class NatsSink(Sink):
             if self.fast and self.nc.is_connected:
                 await self._send_fast(records, chunk, rejected)
             else:  # reconnecting: nats-py's own buffering, one record at a time
-                refused = await self._deliver_each([records[i] for i in chunk])
-                rejected.update((chunk[j], reason) for j, reason in refused.items())
+                await self._resend_each(records, chunk, rejected)
         return rejected
 
     async def _send_fast(
@@ -605,8 +603,7 @@ class NatsSink(Sink):
                 if messages:
                     rest = chunk[at:]
                     break
-                refused = await self._deliver_each([r])
-                rejected.update((i, reason) for reason in refused.values())
+                await self._resend_each(records, [i], rejected)
                 continue
             payload = encode_json(r)
             if len(payload) > max_payload:
@@ -629,10 +626,10 @@ class NatsSink(Sink):
             return
         n = len(messages)
         subject, key, payload = parts[0]
-        messages[0] = _fast_pub(subject, b"%s1.%d.$FI" % (head, 2 if n == 1 else 0), key, payload)
+        messages[0] = _hpub(subject, b"%s1.%d.$FI" % (head, 2 if n == 1 else 0), key, payload)
         if n > 1:
             subject, key, payload = parts[-1]
-            messages[-1] = _fast_pub(subject, b"%s%d.2.$FI" % (head, n), key, payload)
+            messages[-1] = _hpub(subject, b"%s%d.2.$FI" % (head, n), key, payload)
 
         raw = _raw_sender(self.nc)
         assert raw is not None  # fast is only chosen when it is there
@@ -657,18 +654,14 @@ class NatsSink(Sink):
                 self.fast = False
                 log.warning("nats sink: %s no longer takes fast-ingest batches", OMS_STREAM)
             self._acked += batch.disabled_at - 1
-            again = sent[batch.disabled_at - 1 :]
             self.batches_resent += 1
-            refused = await self._deliver_each([records[i] for i in again])
-            rejected.update((again[j], reason) for j, reason in refused.items())
+            await self._resend_each(records, sent[batch.disabled_at - 1 :], rejected)
         elif batch.refused_seq:
             at = batch.refused_seq
             self._acked += at - 1
             rejected[sent[at - 1]] = batch.reason
-            again = sent[at:]
             self.batches_resent += 1
-            refused = await self._deliver_each([records[i] for i in again])
-            rejected.update((again[j], reason) for j, reason in refused.items())
+            await self._resend_each(records, sent[at:], rejected)
         elif batch.error is not None:
             raise SinkUnavailable(self.name, batch.error)
         elif batch.count != n:
@@ -681,8 +674,7 @@ class NatsSink(Sink):
         if rest and self.fast:  # stopped at a key with characters: the rest as a new batch
             await self._send_fast(records, rest, rejected)
         elif rest:
-            refused = await self._deliver_each([records[i] for i in rest])
-            rejected.update((rest[j], reason) for j, reason in refused.items())
+            await self._resend_each(records, rest, rejected)
 
     async def deliver(
         self, records: Sequence[OmsRecord], *, probe: frozenset[str] = frozenset()
