@@ -53,9 +53,10 @@ A batch is queued as one HPUB command built with one ``join`` (``_hpub``), not t
 ``publish``: its ``hpub_cmd`` concatenates the command line, headers, payload and CRLF with
 ``+``, copying a 230 KB batch twice into fresh allocations, ~0.5 ms per batch on this machine
 (~1 s of agent CPU in a 1M-event drain, a third of the agent's whole cost) against ~0.01 ms for
-the join. The bytes on the wire are the same. It uses nats-py's ``_send_command`` and
-``_flush_pending`` (how ``publish`` queues a command and wakes its flusher), as central's nats
-sink does; while reconnecting, or with a nats-py without them, ``publish`` is used.
+the join. The bytes on the wire are the same. It is queued with
+``protocol.connection.raw_sender`` (nats-py's ``_send_command`` and ``_flush_pending``, as
+central's nats sink does); while reconnecting, or with a nats-py without them, ``publish`` is
+used.
 
 We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
 existing cluster, and the store's permissions already pin the subject. The first PubAck's
@@ -86,6 +87,7 @@ from nats.aio.msg import Msg
 from agent.errors import OutboxClosed, OutboxError
 from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
 from protocol.backoff import Backoff
+from protocol.connection import hpub, raw_sender
 from protocol.subjects import (
     EVENTS_STREAM,
     MSG_ID_HEADER,
@@ -632,22 +634,12 @@ class Forwarder:
 
     async def _send(self, nc: NatsClient, payload: bytes, reply: str, msg_id: str) -> None:
         """Queue one batch with its msg id header, as ``nc.publish`` would (same bytes)."""
-        send = getattr(nc, "_send_command", None)
-        flush = getattr(nc, "_flush_pending", None)
-        queue = getattr(nc, "_flush_queue", None)
-        if (
-            send is None
-            or flush is None
-            or queue is None
-            or not nc.is_connected
-            or len(payload) > nc.max_payload
-        ):
+        raw = raw_sender(nc)
+        if raw is None or not nc.is_connected or len(payload) > nc.max_payload:
             # nats-py's own rules: buffering while reconnecting, MaxPayloadError.
             await nc.publish(self.subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
             return
-        await send(_hpub(self._subject_bytes, reply, msg_id, payload))
-        if queue.empty():
-            await flush()
+        await raw(_hpub(self._subject_bytes, reply, msg_id, payload))
 
     def _set_aside(self, seq: int, reason: str) -> None:
         """HQ refused record ``seq`` for good: flag it in the outbox and go on without it."""
@@ -768,9 +760,7 @@ def _hpub(subject: bytes, reply: str, msg_id: str, payload: bytes) -> bytes:
     """The HPUB command nats-py's ``publish`` sends for one message with a Nats-Msg-Id header,
     in one allocation."""
     header = b"%s%s\r\n\r\n" % (_HEADER_HEAD, msg_id.encode())
-    size = len(header) + len(payload)
-    line = b"HPUB %s %s %d %d\r\n" % (subject, reply.encode(), len(header), size)
-    return b"".join((line, header, payload, b"\r\n"))
+    return hpub(subject, reply.encode(), header, payload)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -1,4 +1,5 @@
-"""How a storelink process authenticates to NATS: credentials file and TLS, as nats-py options.
+"""How a storelink process talks to NATS: credentials file and TLS as nats-py options, and
+publishing one message without nats-py's per-message costs (``hpub``, ``raw_sender``).
 
 Shared by the agent and central so both read the same files the same way. A credentials file
 is either an NKEY seed file (what ``storelink-central stores add`` writes: one line, ``SU...``)
@@ -75,3 +76,36 @@ def connect_options(
     if ctx is not None:
         options["tls"] = ctx
     return options
+
+
+# --- publishing without nats-py's per-message costs -------------------------------------------
+# nats-py's ``publish`` builds the header block from a dict per message (a regex per key, strip
+# and translate per value), validates subjects we built ourselves and copies a large payload
+# more than once. The agent's forwarder and central's nats sink build the same HPUB command
+# themselves and queue it the way ``publish`` does, through two of nats-py's internals,
+# ``_send_command`` and ``_flush_pending``; if a nats-py release drops them, ``raw_sender``
+# says so (None) and the callers use ``publish``.
+
+
+def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
+    """The HPUB command for one message: ``header`` is its whole header block (``NATS/1.0``
+    line, header lines, the blank line), in one allocation."""
+    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), len(header) + len(payload))
+    return b"".join((line, header, payload, b"\r\n"))
+
+
+def raw_sender(nc: Any) -> Any:
+    """A coroutine function queuing one protocol command as ``nc.publish`` does, or None when
+    this nats-py does not have the internals it needs."""
+    send = getattr(nc, "_send_command", None)
+    flush = getattr(nc, "_flush_pending", None)
+    if send is None or flush is None or not hasattr(nc, "_flush_queue"):
+        return None
+
+    async def raw(command: bytes) -> None:
+        await send(command)
+        queue = nc._flush_queue
+        if queue is not None and queue.empty():
+            await flush()
+
+    return raw

@@ -53,6 +53,7 @@ from nats.aio.msg import Msg
 
 from central.errors import SinkRejected, SinkUnavailable
 from central.sinks import Sink, SinkStatistics
+from protocol.connection import hpub, raw_sender
 from protocol.subjects import MSG_ID_HEADER, OMS_STREAM, oms_subject
 from protocol.wire import UNDECODABLE, OmsRecord, encode_json
 
@@ -122,9 +123,8 @@ _decode_batch_ack = msgspec.json.Decoder(_BatchAck).decode
 # and its bookkeeping cost ~4x the bytes' own cost (30-37k against 110-190k messages/s,
 # measured on this machine with the same headers). The message is the same HPUB nats-py would
 # send: the same subject, reply, headers and payload (tests/central/test_sinks.py reads them
-# back from the stream). It uses two of nats-py's internals, ``_send_command`` and
-# ``_flush_pending`` (how ``publish`` queues a command and wakes its flusher); if a nats-py
-# release drops them, the sink falls back to ``publish``.
+# back from the stream). It is queued with ``protocol.connection.raw_sender`` (two of nats-py's
+# internals); if a nats-py release drops them, the sink falls back to ``publish``.
 _HEADER_HEAD = f"NATS/1.0\r\n{MSG_ID_HEADER}: ".encode()
 _HEADER_TAIL = f"\r\n{EXPECTED_STREAM_HEADER}: {OMS_STREAM}\r\n\r\n".encode()
 
@@ -137,10 +137,7 @@ def _plain_header(value: str) -> bool:
 def _hpub(subject: bytes, reply: bytes, key: bytes, payload: bytes) -> bytes:
     """One record's message: its key and the expected stream in the headers (a fast-ingest
     batch's message too: the batch is in the reply)."""
-    header = b"%s%s%s" % (_HEADER_HEAD, key, _HEADER_TAIL)
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (
-        subject, reply, len(header), len(header) + len(payload), header, payload,
-    )  # fmt: skip
+    return hpub(subject, reply, b"%s%s%s" % (_HEADER_HEAD, key, _HEADER_TAIL), payload)
 
 
 # An atomic batch's messages: the per-record headers, then the batch's. Only the commit (the
@@ -242,23 +239,6 @@ class _FastBatch:
         self.wake.clear()
 
 
-def _raw_sender(nc: Any) -> Any:
-    """A coroutine function queuing one protocol command as ``nc.publish`` does, or None when
-    this nats-py does not have the internals it needs."""
-    send = getattr(nc, "_send_command", None)
-    flush = getattr(nc, "_flush_pending", None)
-    if send is None or flush is None or not hasattr(nc, "_flush_queue"):
-        return None
-
-    async def raw(command: bytes) -> None:
-        await send(command)
-        queue = nc._flush_queue
-        if queue is not None and queue.empty():
-            await flush()
-
-    return raw
-
-
 class _Unit:
     """PubAcks awaited for records published one by one (a unit, or a batch sent again)."""
 
@@ -333,7 +313,7 @@ class NatsSink(Sink):
     async def _batching_the_stream_takes(self) -> tuple[bool, bool]:
         """(fast, atomic): the batching to use, the configured one or what the stream allows
         below it (fast, else atomic, else one PubAck per record)."""
-        if self.batching == "none" or _raw_sender(self.nc) is None:
+        if self.batching == "none" or raw_sender(self.nc) is None:
             return False, False
         try:
             info = await self.nc.jetstream().stream_info(OMS_STREAM)
@@ -410,7 +390,7 @@ class NatsSink(Sink):
     async def _publish_all(self, records: Sequence[OmsRecord], token: str, unit: _Unit) -> None:
         reply = self._prefix + token
         nc = self.nc
-        raw = _raw_sender(nc)
+        raw = raw_sender(nc)
         for i, r in enumerate(records):
             payload = encode_json(r)
             key = r.key
@@ -540,7 +520,7 @@ class NatsSink(Sink):
         count = len(messages) + 1
         subject, key, payload = last
         messages.append(_batch_msg(subject, key, batch_id, count, payload, reply.encode()))
-        raw = _raw_sender(self.nc)
+        raw = raw_sender(self.nc)
         assert raw is not None  # atomic is only chosen when it is there
         answer = asyncio.get_running_loop().create_future()
         self._batches[reply] = answer
@@ -631,7 +611,7 @@ class NatsSink(Sink):
             subject, key, payload = parts[-1]
             messages[-1] = _hpub(subject, b"%s%d.2.$FI" % (head, n), key, payload)
 
-        raw = _raw_sender(self.nc)
+        raw = raw_sender(self.nc)
         assert raw is not None  # fast is only chosen when it is there
         batch = self._fast[batch_id] = _FastBatch(n)
         try:
