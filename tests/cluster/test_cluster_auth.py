@@ -29,7 +29,7 @@ from protocol.subjects import EVENTS_STREAM, MSG_ID_HEADER, events_subject, inbo
 from tests.central.conftest import batch_bytes, make_records
 from tests.chaos.harness import eventually
 from tests.cluster.test_central_cluster import cluster_pipeline
-from tests.cluster.workers import Worker
+from tests.cluster.workers import Worker, shared_by_both
 from tests.clusterkit import NatsCluster
 from tests.e2e.conftest import assert_exactly_once_in_order
 from tests.security.test_auth import Errors, wait_until
@@ -186,7 +186,7 @@ async def test_clustered_workers_run_under_the_generated_authorization(tmp_path:
         for worker in workers:
             await worker.process.wait_healthy(60)
         await eventually(
-            lambda: sorted(workers[0].owned_nowait() + workers[1].owned_nowait()) == [0, 1],
+            lambda: shared_by_both(workers, [0, 1]),
             60,
             "the two workers share the 2 partitions",
         )

@@ -18,7 +18,7 @@ from protocol.subjects import partition_of
 from tests.central.conftest import EPOCH
 from tests.chaos.harness import eventually
 from tests.cluster.test_workers import publish_batches
-from tests.cluster.workers import OmsWatch, Worker, state_log
+from tests.cluster.workers import OmsWatch, Worker, shared_by_both, state_log
 
 DECISION_INSERT = "INSERT INTO cluster_decisions"
 
@@ -67,11 +67,10 @@ async def test_gap_skip_reaches_the_partition_owner(
         for worker in workers:
             await worker.process.start()
         await eventually(
-            lambda: sorted(workers[0].owned_nowait() + workers[1].owned_nowait()) == [0, 1],
+            lambda: shared_by_both(workers, [0, 1]),
             30,
             "the two workers own a partition each",
         )
-        assert workers[0].owned_nowait() and workers[1].owned_nowait()
         names = list(stores.values())
         await publish_batches(js, names, 1, 5)
         await publish_batches(js, names, 11, 5)  # 6..10 never come: nobody answers a resync

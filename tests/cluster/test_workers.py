@@ -39,7 +39,7 @@ from protocol.wire import decode_batch
 from tests.central.conftest import EPOCH, batch_bytes, make_records
 from tests.chaos.harness import eventually
 from tests.cluster.test_central_cluster import ClusterPipeline
-from tests.cluster.workers import OmsWatch, Worker, state_log, writers_after_claims
+from tests.cluster.workers import OmsWatch, Worker, shared_by_both, state_log, writers_after_claims
 from tests.clusterkit import NatsCluster
 from tests.e2e.conftest import assert_exactly_once_in_order
 
@@ -209,7 +209,7 @@ async def test_workers_survive_a_node_and_a_worker_killed(
         for worker in workers:
             await worker.process.wait_healthy(60)
         await eventually(
-            lambda: sorted(workers[0].owned_nowait() + workers[1].owned_nowait()) == list(range(8)),
+            lambda: shared_by_both(workers, list(range(8))),
             30,
             "the two workers share the 8 partitions",
         )

@@ -97,6 +97,13 @@ class Worker:
         return list(cluster.get("owned") or [])
 
 
+def shared_by_both(workers: list[Worker], partitions: list[int]) -> bool:
+    """Both workers own some of ``partitions`` and together all of them, each once. One worker
+    may own them all for a moment after it starts first, until the registry spreads them."""
+    first, second = workers[0].owned_nowait(), workers[1].owned_nowait()
+    return bool(first) and bool(second) and sorted(first + second) == partitions
+
+
 @dataclass
 class OmsWatch:
     """Every message the nats sink published (a core subscription on ``oms.>``: it sees the
