@@ -87,11 +87,15 @@ def connect_options(
 # says so (None) and the callers use ``publish``.
 
 
-def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
+def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes | list[bytes]) -> bytes:
     """The HPUB command for one message: ``header`` is its whole header block (``NATS/1.0``
-    line, header lines, the blank line), in one allocation."""
-    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), len(header) + len(payload))
-    return b"".join((line, header, payload, b"\r\n"))
+    line, header lines, the blank line), in one allocation. ``payload`` may come in parts
+    (``protocol.wire.raw_batch_parts``): they are joined here, once."""
+    if isinstance(payload, bytes):
+        payload = [payload]
+    size = len(header) + sum(map(len, payload))
+    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), size)
+    return b"".join((line, header, *payload, b"\r\n"))
 
 
 def raw_sender(nc: Any) -> Any:

@@ -280,15 +280,45 @@ def encode_raw_batch(
     store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
 ) -> bytes:
     """Splice pre-encoded records into a Batch message without decoding them."""
-    return _msgpack_encoder.encode(
+    return b"".join(raw_batch_parts(store_id, epoch, first_seq, last_seq, records))
+
+
+# The envelope's last field, written after the records (RawBatch's field order).
+_ENVELOPE_TAIL = b"\xa1v" + msgspec.msgpack.encode(WIRE_VERSION)
+
+
+def raw_batch_parts(
+    store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
+) -> list[bytes]:
+    """The bytes of ``encode_raw_batch``, in parts to be joined once, where the caller joins
+    them anyway (the forwarder's HPUB command): the envelope before the records, the records'
+    array header, the records, the envelope after them.
+
+    msgspec splicing 500 ``msgspec.Raw`` records took ~100 µs a batch (an object per record,
+    then a copy of the batch); this is ~10 µs, and the batch is copied once, by the caller's
+    join. A test compares the bytes with msgspec's encoding of the same RawBatch.
+    """
+    head = _msgpack_encoder.encode(
         RawBatch(
             store_id=store_id,
             epoch=epoch,
             first_seq=first_seq,
             last_seq=last_seq,
-            records=[msgspec.Raw(r) for r in records],
+            records=msgspec.Raw(b""),  # type: ignore[arg-type]  # writes nothing: the split
         )
     )
+    if not head.endswith(_ENVELOPE_TAIL):  # RawBatch's fields were reordered: a bug of ours
+        raise AssertionError("RawBatch must end with its records, then v")
+    return [head[: -len(_ENVELOPE_TAIL)], _array_header(len(records)), *records, _ENVELOPE_TAIL]
+
+
+def _array_header(length: int) -> bytes:
+    """msgpack's array header for ``length`` items (fixarray, array 16, array 32)."""
+    if length < 16:
+        return bytes((0x90 | length,))
+    if length <= 0xFFFF:
+        return b"\xdc" + length.to_bytes(2, "big")
+    return b"\xdd" + length.to_bytes(4, "big")
 
 
 def encode_packed_batch(

@@ -28,7 +28,7 @@ from protocol.subjects import (
     batch_msg_id,
     events_subject,
 )
-from protocol.wire import Batch, decode_batch
+from protocol.wire import Batch, decode_batch, encode_raw_batch, raw_batch_parts
 from tests.agent.conftest import STORE, sale, sales
 
 
@@ -139,6 +139,12 @@ def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
     subject = events_subject(STORE)
     expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), payload)
     assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload)
+    # A plain batch reaches _hpub in parts (raw_batch_parts), joined there once: same bytes.
+    records = [bytes([i % 256]) * (i + 1) for i in range(500)]
+    parts = raw_batch_parts(STORE, "0123456789abcdef", 1, 500, records)
+    batch = encode_raw_batch(STORE, "0123456789abcdef", 1, 500, records)
+    expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), batch)
+    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, parts)
 
 
 async def test_a_resync_during_a_drain_re_sends_everything_from_its_seq(

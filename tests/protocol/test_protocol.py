@@ -21,6 +21,7 @@ from protocol.events import (
 )
 from protocol.wire import (
     Batch,
+    RawBatch,
     ResyncReply,
     ResyncRequest,
     decode_batch,
@@ -31,6 +32,7 @@ from protocol.wire import (
     encode_raw_batch,
     encode_record,
     oms_record,
+    raw_batch_parts,
 )
 from tests.protocol.samples import EPOCH, EVENTS, RECORDS
 
@@ -82,6 +84,20 @@ def test_current_encoding_matches_v1() -> None:
     raw = encode_raw_batch("S001", EPOCH, 1, 5, [encode_record(r) for r in RECORDS])
     assert (GOLDEN / "v1" / "batch.msgpack").read_bytes() == raw
     assert (GOLDEN / "v1" / "events.msgpack").read_bytes() == encode(EVENTS)
+
+
+@pytest.mark.parametrize("count", [1, 15, 16, 500, 65535, 65536])
+def test_raw_batch_parts_are_msgspecs_encoding(count: int) -> None:
+    """The spliced batch is byte for byte what msgspec writes for the same RawBatch, on each
+    side of msgpack's array header sizes (fixarray < 16, array 16, array 32)."""
+    records = [encode_record(RECORDS[i % len(RECORDS)]) for i in range(count)]
+    batch = RawBatch(
+        store_id="S001", epoch=EPOCH, first_seq=1, last_seq=count,
+        records=[msgspec.Raw(r) for r in records],
+    )  # fmt: skip
+    expected = msgspec.msgpack.encode(batch)
+    assert expected == b"".join(raw_batch_parts("S001", EPOCH, 1, count, records))
+    assert expected == encode_raw_batch("S001", EPOCH, 1, count, records)
 
 
 def test_decimals_stay_exact() -> None:
