@@ -65,6 +65,8 @@ from tests.bench.harness import (
     sample_records,
     size,
     wait_for,
+    wakeup_cpu,
+    wakeups,
     workdir,
 )
 
@@ -213,6 +215,7 @@ class FleetResult:
     stages: dict[str, list[float]]
     central_cpu: float  # seconds over the run
     agent_cpu: float  # of the first agent
+    agent_wakeups: int  # of the first agent's threads (voluntary context switches)
     agents_cpu: float  # of all the agents
     broker_cpu: float  # nats-server
     bench_cpu: float  # this process: the OMS and the stage probe
@@ -278,6 +281,7 @@ async def fleet_run(
         probe.clear()
         central_cpu, broker_cpu = cpu_seconds(central_pid), cpu_seconds(broker_pid)
         agents_cpu = [cpu_seconds(a.pid) for a in agents]
+        agent_wakeups = wakeups(agents[0].pid)
         bench_cpu, started = time.process_time(), time.monotonic()
         stamps = root / "fleet-accepted.jsonl"
         load = await fleet_load(agents, per_store, rate / stores, "fleet", stamps)
@@ -293,12 +297,13 @@ async def fleet_run(
         central_cpu = cpu_seconds(central_pid) - central_cpu
         broker_cpu = cpu_seconds(broker_pid) - broker_cpu
         agents_cpu = [cpu_seconds(a.pid) - cpu for a, cpu in zip(agents, agents_cpu, strict=True)]
+        agent_wakeups = wakeups(agents[0].pid) - agent_wakeups
         bench_cpu = time.process_time() - bench_cpu
     finally:
         await asyncio.gather(*(a.stop() for a in agents))
     latencies = [(oms.arrived[key] - wall) * 1000 for key, wall in accepted.items()]
     return FleetResult(
-        latencies, load, probe.stages(accepted, oms), central_cpu, agents_cpu[0],
+        latencies, load, probe.stages(accepted, oms), central_cpu, agents_cpu[0], agent_wakeups,
         sum(agents_cpu), broker_cpu, bench_cpu, seconds, len(accepted),
     )  # fmt: skip
 
@@ -413,6 +418,23 @@ async def run(opts: Options) -> Table:
     table.add(
         Row("fleet: one agent's CPU per event", fleet.agent_cpu / (fleet.events / stores) * 1e6,
             "µs", higher_is_better=False)
+    )  # fmt: skip
+    per_store = fleet.events / stores
+    agent_us = fleet.agent_cpu / per_store * 1e6
+    woken = fleet.agent_wakeups / per_store
+    wakeup_us = await wakeup_cpu() * 1e6
+    table.add(
+        Row("CPU per wakeup of an idle event loop (uvloop, a 4 ms timer)", wakeup_us, "µs",
+            higher_is_better=False, note="this machine's cost of waking a thread, no work")
+    )  # fmt: skip
+    table.add(
+        Row("fleet: one agent's thread wakeups per event", woken, "wakeups",
+            higher_is_better=False, note="voluntary context switches of its threads")
+    )  # fmt: skip
+    table.add(
+        Row("fleet: one agent's wakeups per event x an idle loop's wakeup CPU", woken * wakeup_us,
+            "µs", higher_is_better=False,
+            note=f"an estimate of what waking costs it, against {agent_us:,.0f} µs measured")
     )  # fmt: skip
     table.add(
         Row("fleet: nats-server CPU per event", fleet.broker_cpu / fleet.events * 1e6, "µs",

@@ -353,6 +353,30 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """Times the threads of ``pid`` have blocked and been woken so far: the sum of their
+    voluntary context switches (Linux /proc)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        total += int(status.split("\nvoluntary_ctxt_switches:", 1)[1].split()[0])
+    return total
+
+
+async def wakeup_cpu(timers: int = 250, interval: float = 0.004) -> float:
+    """CPU seconds one wakeup of an idle event loop costs on this machine: a loop that does
+    nothing but sleep ``interval`` (a till's pace), ``timers`` times, its process CPU per
+    wakeup. What the interpreter, the event loop and the kernel charge to wake a thread, before
+    any of our code runs."""
+    start = time.process_time()
+    for _ in range(timers):
+        await asyncio.sleep(interval)
+    return (time.process_time() - start) / timers
+
+
 def cpu_seconds_if_known(pid: int) -> float | None:
     """``cpu_seconds``, or None where /proc is not there (the row is then left out)."""
     try:
