@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -64,7 +65,12 @@ log = logging.getLogger(__name__)
 HASH_BYTES = 8
 PRUNE_INTERVAL = 3600.0  # seconds between sweeps: keys expire by the day
 PRUNE_SLICES = 16  # transactions per store and sweep (by the hash's first 4 bits)
-LOOKUP_CHUNK = 500  # hashes per lookup statement (a fixed size keeps the statement cached)
+LOOKUP_CHUNK = 500  # hashes per lookup statement, at most
+# A lookup's hashes are padded (with its first) up to the next of these sizes: a few fixed
+# statement texts stay cached, and a store with one new key binds 1 hash, not 500. Padding
+# every store to 500 cost ~345 µs per single-record message (sqlite3 adapting 500 parameters),
+# the whole of central's per-message cost at a fleet's pace (docs/benchmarks.md).
+LOOKUP_SIZES = (1, 8, 64, LOOKUP_CHUNK)
 MERGE_KEYS = 100_000  # recent keys held (table and memory) before they move into key_ledger
 
 MIGRATION: Migration = (
@@ -168,23 +174,25 @@ def merge_recent(conn: sqlite3.Connection) -> int:
     return int(moved)
 
 
+@functools.cache
+def _lookup_sql(size: int) -> str:
+    return f"SELECT hash FROM key_ledger WHERE store_id = ? AND hash IN ({','.join('?' * size)})"
+
+
 def find_delivered(
     conn: sqlite3.Connection, wanted: Mapping[str, Collection[bytes]]
 ) -> dict[str, set[bytes]]:
     """Of ``wanted`` (store -> hashes), those in ``key_ledger`` (the recent tier is looked up
     in memory: ``RecentKeys.split``)."""
-    sql = (
-        "SELECT hash FROM key_ledger WHERE store_id = ? AND hash IN "
-        f"({', '.join('?' * LOOKUP_CHUNK)})"
-    )
     found: dict[str, set[bytes]] = {}
     for store_id, hashes in wanted.items():
         ordered = sorted(hashes)
         hits: set[bytes] = set()
         for i in range(0, len(ordered), LOOKUP_CHUNK):
             chunk = ordered[i : i + LOOKUP_CHUNK]
-            chunk += [chunk[-1]] * (LOOKUP_CHUNK - len(chunk))  # pad: one statement text
-            hits.update(row[0] for row in conn.execute(sql, [store_id, *chunk]))
+            size = next(s for s in LOOKUP_SIZES if s >= len(chunk))
+            chunk += [chunk[0]] * (size - len(chunk))  # a repeated hash matches nothing more
+            hits.update(row[0] for row in conn.execute(_lookup_sql(size), [store_id, *chunk]))
         if hits:
             found[store_id] = hits
     return found
