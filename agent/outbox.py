@@ -1178,10 +1178,12 @@ class Outbox:
                             (job.key, job.value),
                         )
                         pending_results.append((job, None, None))
+                if counted:
+                    # Before the inserts: the events were just encoded and are still in the
+                    # CPU's caches, which inserting the rows would evict.
+                    newest = checkpoint.record_days(conn, counted, now)
                 if rows:
                     self._insert(conn, rows)
-                if counted:
-                    newest = checkpoint.record_days(conn, counted, now)
                 if sent_changed:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1
