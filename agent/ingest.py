@@ -331,19 +331,25 @@ class Ingest:
         )
 
     async def _store(self, events: list[Event]) -> Response:
+        """Append ``events`` (the caller holds no reference to them while this awaits: the
+        outbox's writer then frees them, see ``Outbox.append``)."""
+        count = len(events)
+        appending = self.sink.append(events)
+        del events
         try:
-            result = await self.sink.append(events)
+            result = await appending
         except AgentError as exc:
-            refused = self._store_refused(events, exc)
+            refused = self._store_refused(count, exc)
             if refused is None:
                 raise
             return refused
         return self._stored(result)
 
-    def _store_refused(self, events: list[Event], exc: BaseException) -> Response | None:
-        """The answer to an append the outbox refused; None when ``exc`` is not a refusal."""
+    def _store_refused(self, count: int, exc: BaseException) -> Response | None:
+        """The answer to an append of ``count`` events the outbox refused; None when ``exc`` is
+        not a refusal."""
         if isinstance(exc, BufferFull):
-            log.warning("refusing %d events: %s", len(events), exc)
+            log.warning("refusing %d events: %s", count, exc)
             return self._refuse(
                 _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
@@ -419,7 +425,7 @@ class Ingest:
                     try:
                         self.sink.append_nowait(events, then)
                     except AgentError as exc:
-                        refused = self._store_refused(events, exc)
+                        refused = self._store_refused(len(events), exc)
                         if refused is None:
                             raise
                     else:
@@ -440,7 +446,7 @@ class Ingest:
             assert result is not None
             respond(self._stored(result))
             return
-        refused = self._store_refused(events, error)
+        refused = self._store_refused(len(events), error)
         if refused is None:
             log.error("storing %d events failed", len(events), exc_info=error)
             refused = Response(500, b'{"error":"internal_error"}')
@@ -462,7 +468,9 @@ class Ingest:
                 events = decode_pos_events(body, msgpack=msgpack)
         except DECODE_ERRORS as exc:
             return self._decode_refused(exc)
-        return await self._store(events)
+        storing = self._store(events)
+        del events  # see _store
+        return await storing
 
     def _decode(self, body: bytes, msgpack: bool) -> list[Event] | Response:
         """The body's events, or the 400/422 refusal."""

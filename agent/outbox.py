@@ -746,8 +746,14 @@ class Outbox:
     # -- public API --
 
     async def append(self, events: Sequence[Event]) -> AppendResult:
-        """Store ``events`` (all or none); return once they are committed to disk."""
-        result: AppendResult = await self._submit(_Append(self._new_future(), events))
+        """Store ``events`` (all or none); return once they are committed to disk.
+
+        The writer lets go of ``events`` once it has run the append: a caller that holds no
+        reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
+        while they are still in that CPU's caches, not later on the event loop."""
+        job = _Append(self._new_future(), events)
+        del events  # only the job holds them now
+        result: AppendResult = await self._submit(job)
         return result
 
     def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
@@ -1028,7 +1034,14 @@ class Outbox:
             if shrink:
                 jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
             if jobs:
-                self._hand_back(self._run_jobs(conn, jobs))
+                outcome = self._run_jobs(conn, jobs)
+                for ran in jobs:
+                    if isinstance(ran, _Append):
+                        # Freed here (when the caller let go too), right after the encoding
+                        # and the day totals read them, not on the event loop from another
+                        # CPU's caches (docs/benchmarks.md, issue 17's final round).
+                        ran.events = ()
+                self._hand_back(outcome)
             if shrink:
                 self._hand_back(self._shrink_memory(conn, shrink))
             elif (
