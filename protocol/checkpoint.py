@@ -146,6 +146,49 @@ def add_run(
         _add_day(days, day, low, high, group, till_at)
 
 
+def fold_ahead(events: Sequence[Event]) -> dict[dt.date, DayTotals]:
+    """The day totals of ``events`` as if their seqs ran from 1 and their till numbers arrived
+    at time 0, for ``place`` to put where they belong once the seqs are known. The agent folds
+    a batch ahead in the thread that decoded it, while its events are still in that CPU's
+    caches: folding them later in the outbox's writer cost three times as much (a cache miss
+    on every event and line)."""
+    days: dict[dt.date, DayTotals] = {}
+    add_run(days, 1, events, till_at=0.0)
+    return days
+
+
+def place(
+    days: dict[dt.date, DayTotals],
+    ahead: dict[dt.date, DayTotals],
+    first_seq: int,
+    *,
+    till_at: float,
+) -> None:
+    """Add ``ahead`` (``fold_ahead`` of records that got the seqs ``first_seq``, ...) into
+    ``days``, their till numbers seen at ``till_at``: the same totals as ``add_run(days,
+    first_seq, events, till_at=till_at)``."""
+    shift = first_seq - 1
+    for day, totals in ahead.items():
+        placed = DayTotals(
+            business_day=day,
+            first_seq=totals.first_seq + shift,
+            last_seq=totals.last_seq + shift,
+            records=totals.records,
+            by_type=dict(totals.by_type),
+            money=dict(totals.money),
+            quantity=dict(totals.quantity),
+            tills={
+                workstation: [(low, high, till_at) for low, high, _ in runs]
+                for workstation, runs in totals.tills.items()
+            },
+        )
+        held = days.get(day)
+        if held is None:
+            days[day] = placed
+        else:
+            merge(held, placed)
+
+
 def _add_day(
     days: dict[dt.date, DayTotals],
     day: dt.date,

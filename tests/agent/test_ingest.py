@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ import pytest
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
 from agent.outbox import AppendCallback, AppendResult, Outbox, UnsentMarked
+from protocol.checkpoint import DayTotals
 from protocol.events import Event
 from protocol.wire import encode
 from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
@@ -253,7 +255,9 @@ class HeldSink:
         self.release = asyncio.Event()
         self.arrived = asyncio.Event()
 
-    async def append(self, events: list[Event]) -> AppendResult:
+    async def append(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
         self.waiting += 1
         self.arrived.set()
         await self.release.wait()
@@ -318,9 +322,11 @@ class CountingSink(HeldSink):
         super().__init__()
         self.references: list[int] = []
 
-    async def append(self, events: list[Event]) -> AppendResult:
+    async def append(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
         self.references.append(sys.getrefcount(events))
-        return await super().append(events)
+        return await super().append(events, ahead)
 
 
 async def test_a_batch_is_not_held_by_ingest_while_it_is_stored(

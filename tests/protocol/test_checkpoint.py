@@ -8,7 +8,17 @@ from decimal import Decimal
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.checkpoint import DayTotals, TillHole, add, add_run, difference, merge, till_holes
+from protocol.checkpoint import (
+    DayTotals,
+    TillHole,
+    add,
+    add_run,
+    difference,
+    fold_ahead,
+    merge,
+    place,
+    till_holes,
+)
 from protocol.events import (
     Event,
     LineItem,
@@ -147,20 +157,24 @@ _till_runs = st.builds(
 def test_a_run_folds_to_the_same_totals_as_record_by_record(
     before: list[Event], run: list[Event], first: int
 ) -> None:
-    """add_run (the agent's fold per batch) gives exactly what add gives record by record:
-    counts, seqs, money, quantities and till runs, into days that already hold records; for
-    any mix of days, tills and numbers, and for a till's batch of one day (holes and repeated
-    numbers included)."""
+    """add_run (the agent's fold per batch), and a batch folded ahead then placed at its seqs
+    (fold_ahead, place), give exactly what add gives record by record: counts, seqs, money,
+    quantities and till runs, into days that already hold records; for any mix of days, tills
+    and numbers, and for a till's batch of one day (holes and repeated numbers included)."""
     one_by_one: dict[dt.date, DayTotals] = {}
     batched: dict[dt.date, DayTotals] = {}
+    placed: dict[dt.date, DayTotals] = {}
     for n, event in enumerate(before, start=1):
-        add(one_by_one, n, event, till_at=10.0)
-        add(batched, n, event, till_at=10.0)
+        for days in (one_by_one, batched, placed):
+            add(days, n, event, till_at=10.0)
     start = len(before) + first
     for n, event in enumerate(run, start=start):
         add(one_by_one, n, event, till_at=20.0)
     add_run(batched, start, run, till_at=20.0)
-    assert one_by_one == batched
+    ahead = fold_ahead(run)
+    place({}, ahead, start + 1, till_at=30.0)  # placed elsewhere first: ``ahead`` is unchanged
+    place(placed, ahead, start, till_at=20.0)
+    assert one_by_one == batched == placed
 
 
 def test_a_transaction_number_seen_again_keeps_its_runs_since() -> None:
