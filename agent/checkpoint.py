@@ -41,6 +41,7 @@ from protocol.checkpoint import (
     add_run,
     add_till,
     decode_totals,
+    place,
     store_merged,
     till_holes,
 )
@@ -64,15 +65,21 @@ MIGRATION: migrations.Migration = (
 
 
 def record_days(
-    conn: sqlite3.Connection, runs: Sequence[tuple[int, Sequence[Event]]], now: float
+    conn: sqlite3.Connection,
+    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
+    now: float,
 ) -> dt.date | None:
     """Fold newly committed records (arrived at ``now``) into ``day_totals``, inside the
     caller's transaction (the outbox's writer, before its COMMIT). ``runs``: ``(first_seq,
-    events)``, the events' seqs consecutive from ``first_seq``. Returns the latest business
-    day among them (None when there are none)."""
+    events, ahead)``, the events' seqs consecutive from ``first_seq``, ``ahead`` their totals
+    folded where they were decoded (``fold_ahead``) or None. Returns the latest business day
+    among them (None when there are none)."""
     staged: dict[dt.date, DayTotals] = {}
-    for first_seq, events in runs:
-        add_run(staged, first_seq, events, till_at=now)
+    for first_seq, events, ahead in runs:
+        if ahead is None:
+            add_run(staged, first_seq, events, till_at=now)
+        else:
+            place(staged, ahead, first_seq, till_at=now)
     for day, totals in staged.items():
         store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
     return max(staged, default=None)

@@ -44,6 +44,7 @@ from agent.http import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendCallback, AppendResult, UnsentMarked
+from protocol.checkpoint import DayTotals, fold_ahead
 from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,12 @@ _json = msgspec.json.Encoder()
 class EventSink(Protocol):
     """Where accepted events go (the outbox; tests may give a fake)."""
 
-    async def append(self, events: list[Event]) -> AppendResult: ...
+    async def append(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
+        """Store ``events``; ``ahead``: their day totals, folded (``fold_ahead``) where they
+        were decoded."""
+        ...
 
     def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
         """Queue ``events``; ``then(result, error)`` is called once they are committed or
@@ -105,6 +111,13 @@ class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
     refused: dict[int, int]  # HTTP status -> count
     listening: str
     stopping: bool
+
+
+def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[Event], dict[dt.date, DayTotals]]:
+    """A body's events, and their day totals folded ahead while the events are still in this
+    CPU's caches (``protocol.checkpoint.fold_ahead``)."""
+    events = decode_pos_events(body, msgpack=msgpack)
+    return events, fold_ahead(events)
 
 
 def _error(
@@ -330,20 +343,28 @@ class Ingest:
             "limit (ingest.max_request_bytes): send fewer events per request",
         )
 
-    async def _store(self, events: list[Event]) -> Response:
+    async def _store(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> Response:
+        """Append ``events`` (the caller holds no reference to them while this awaits: the
+        outbox's writer then frees them, see ``Outbox.append``)."""
+        count = len(events)
+        appending = self.sink.append(events, ahead)
+        del events
         try:
-            result = await self.sink.append(events)
+            result = await appending
         except AgentError as exc:
-            refused = self._store_refused(events, exc)
+            refused = self._store_refused(count, exc)
             if refused is None:
                 raise
             return refused
         return self._stored(result)
 
-    def _store_refused(self, events: list[Event], exc: BaseException) -> Response | None:
-        """The answer to an append the outbox refused; None when ``exc`` is not a refusal."""
+    def _store_refused(self, count: int, exc: BaseException) -> Response | None:
+        """The answer to an append of ``count`` events the outbox refused; None when ``exc`` is
+        not a refusal."""
         if isinstance(exc, BufferFull):
-            log.warning("refusing %d events: %s", len(events), exc)
+            log.warning("refusing %d events: %s", count, exc)
             return self._refuse(
                 _error(507, "buffer_full", {"Retry-After": RETRY_AFTER_FULL}, message=str(exc))
             )
@@ -419,7 +440,7 @@ class Ingest:
                     try:
                         self.sink.append_nowait(events, then)
                     except AgentError as exc:
-                        refused = self._store_refused(events, exc)
+                        refused = self._store_refused(len(events), exc)
                         if refused is None:
                             raise
                     else:
@@ -440,7 +461,7 @@ class Ingest:
             assert result is not None
             respond(self._stored(result))
             return
-        refused = self._store_refused(events, error)
+        refused = self._store_refused(len(events), error)
         if refused is None:
             log.error("storing %d events failed", len(events), exc_info=error)
             refused = Response(500, b'{"error":"internal_error"}')
@@ -457,12 +478,14 @@ class Ingest:
             if len(body) > DECODE_IN_THREAD_BYTES:
                 # A big batch takes milliseconds to validate; in a thread, the GIL is handed
                 # back to the event loop every few ms, so small requests are not held up.
-                events = await asyncio.to_thread(decode_pos_events, body, msgpack=msgpack)
+                events, ahead = await asyncio.to_thread(_decode_ahead, body, msgpack)
             else:
-                events = decode_pos_events(body, msgpack=msgpack)
+                events, ahead = _decode_ahead(body, msgpack)
         except DECODE_ERRORS as exc:
             return self._decode_refused(exc)
-        return await self._store(events)
+        storing = self._store(events, ahead)
+        del events  # see _store
+        return await storing
 
     def _decode(self, body: bytes, msgpack: bool) -> list[Event] | Response:
         """The body's events, or the 400/422 refusal."""

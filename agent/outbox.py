@@ -284,6 +284,9 @@ class _Job:
 @dataclass(eq=False)
 class _Append(_Job):
     events: Sequence[Event]
+    # The events' day totals folded ahead where they were decoded (protocol.checkpoint's
+    # fold_ahead), used when every event is new; None: the writer folds them.
+    ahead: dict[dt.date, DayTotals] | None = None
 
 
 @dataclass(eq=False)
@@ -745,9 +748,19 @@ class Outbox:
 
     # -- public API --
 
-    async def append(self, events: Sequence[Event]) -> AppendResult:
-        """Store ``events`` (all or none); return once they are committed to disk."""
-        result: AppendResult = await self._submit(_Append(self._new_future(), events))
+    async def append(
+        self, events: Sequence[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
+        """Store ``events`` (all or none); return once they are committed to disk. ``ahead``:
+        their day totals as ``protocol.checkpoint.fold_ahead`` gives them, if the caller
+        folded them (cheaper where they were decoded); else the writer folds them.
+
+        The writer lets go of ``events`` once it has run the append: a caller that holds no
+        reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
+        while they are still in that CPU's caches, not later on the event loop."""
+        job = _Append(self._new_future(), events, ahead)
+        del events  # only the job holds them now
+        result: AppendResult = await self._submit(job)
         return result
 
     def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
@@ -1028,7 +1041,14 @@ class Outbox:
             if shrink:
                 jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
             if jobs:
-                self._hand_back(self._run_jobs(conn, jobs))
+                outcome = self._run_jobs(conn, jobs)
+                for ran in jobs:
+                    if isinstance(ran, _Append):
+                        # Freed here (when the caller let go too), right after the encoding
+                        # and the day totals read them, not on the event loop from another
+                        # CPU's caches (docs/benchmarks.md, issue 17's final round).
+                        ran.events = ()
+                self._hand_back(outcome)
             if shrink:
                 self._hand_back(self._shrink_memory(conn, shrink))
             elif (
@@ -1117,8 +1137,9 @@ class Outbox:
                 appends = [j for j in jobs if isinstance(j, _Append)]
                 known = self._lookup(conn, appends) if appends else {}
                 rows: list[_Row] = []
-                # New records for the day totals: (first seq, events with consecutive seqs).
-                counted: list[tuple[int, Sequence[Event]]] = []
+                # New records for the day totals: (first seq, events with consecutive seqs,
+                # their totals folded ahead or None).
+                counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
                 newest: dt.date | None = None
                 sent_changed = False
                 for job in jobs:
@@ -1132,7 +1153,9 @@ class Outbox:
                             if result.accepted:
                                 outcome.appended = True
                                 assert result.first_seq is not None
-                                counted.append((result.first_seq, _new_events(job, result)))
+                                ahead = None if result.duplicates else job.ahead
+                                new = _new_events(job, result)
+                                counted.append((result.first_seq, new, ahead))
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(conn, rows)
@@ -1178,10 +1201,12 @@ class Outbox:
                             (job.key, job.value),
                         )
                         pending_results.append((job, None, None))
+                if counted:
+                    # Before the inserts: the events were just encoded and are still in the
+                    # CPU's caches, which inserting the rows would evict.
+                    newest = checkpoint.record_days(conn, counted, now)
                 if rows:
                     self._insert(conn, rows)
-                if counted:
-                    newest = checkpoint.record_days(conn, counted, now)
                 if sent_changed:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1

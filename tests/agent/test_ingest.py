@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import sqlite3
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
 from agent.outbox import AppendCallback, AppendResult, Outbox, UnsentMarked
+from protocol.checkpoint import DayTotals
 from protocol.events import Event
 from protocol.wire import encode
 from tests.agent.conftest import STORE, MakeIngest, body, sale, sales
@@ -252,7 +255,9 @@ class HeldSink:
         self.release = asyncio.Event()
         self.arrived = asyncio.Event()
 
-    async def append(self, events: list[Event]) -> AppendResult:
+    async def append(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
         self.waiting += 1
         self.arrived.set()
         await self.release.wait()
@@ -307,6 +312,47 @@ async def test_requests_in_flight_are_capped(http: aiohttp.ClientSession) -> Non
     assert [202, 202] == finished
     assert 202 == again
     assert {503: 1} == ingest.statistics().refused
+
+
+class CountingSink(HeldSink):
+    """A HeldSink that notes how many references there are to each list of events it is
+    given, as it is given it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: list[int] = []
+
+    async def append(
+        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+    ) -> AppendResult:
+        self.references.append(sys.getrefcount(events))
+        return await super().append(events, ahead)
+
+
+async def test_a_batch_is_not_held_by_ingest_while_it_is_stored(
+    http: aiohttp.ClientSession,
+) -> None:
+    """While a batch is stored, ingest holds no reference to its events, no more than a caller
+    that hands over a list it never kept (so the outbox's writer frees them, see
+    Outbox.append). Sent chunked, the batch takes the handlers' way, as big batches do."""
+    sink = CountingSink()
+    sink.release.set()
+    await sink.append(sales("alone", 1))  # a list nobody else holds
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield body(*sales("b", 3))
+
+    ingest = Ingest(
+        sink, store_id=STORE, host="127.0.0.1", port=0, max_request_bytes=1 << 20, status=dict
+    )
+    await ingest.start()
+    try:
+        async with http.post(ingest.url + "/v1/events", data=chunked(), headers=JSON) as resp:
+            status = resp.status
+    finally:
+        await ingest.stop()
+    assert 202 == status
+    assert [sink.references[0]] * 2 == sink.references
 
 
 async def test_an_operators_resync_offers_refused_records_again(

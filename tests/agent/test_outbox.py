@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from agent.outbox import (
     _lookup_padded,
     read_statistics_readonly,
 )
+from protocol.events import Event
 from protocol.wire import decode_record
 from tests.agent.conftest import STORE, sale, sales
 
@@ -139,6 +141,25 @@ async def test_concurrent_appends_share_transactions(outbox: Outbox) -> None:
     assert list(range(1, 201)) == sorted(r.seqs[0] for r in results)
     assert 200 == stats.appends
     assert stats.transactions - before < 200
+
+
+class NotesWhereFreed(list[Event]):
+    """A list of events that notes the name of the thread it is freed in."""
+
+    def __init__(self, events: list[Event], freed_in: list[str]) -> None:
+        super().__init__(events)
+        self.freed_in = freed_in
+
+    def __del__(self) -> None:
+        self.freed_in.append(threading.current_thread().name)
+
+
+async def test_appended_events_are_freed_by_the_writer(outbox: Outbox) -> None:
+    """Events nobody else holds are freed in the writer thread once stored (while still in
+    its CPU's caches), not on the event loop."""
+    freed_in: list[str] = []
+    await outbox.append(NotesWhereFreed(sales("f", 3), freed_in))
+    assert ["outbox-writer"] == freed_in
 
 
 async def test_a_refused_request_writes_nothing_while_others_commit(tmp_path: Path) -> None:

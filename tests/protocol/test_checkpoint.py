@@ -5,10 +5,20 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from protocol.checkpoint import DayTotals, TillHole, add, add_run, difference, merge, till_holes
+from protocol.checkpoint import (
+    DayTotals,
+    TillHole,
+    add,
+    add_run,
+    difference,
+    fold_ahead,
+    merge,
+    place,
+    till_holes,
+)
 from protocol.events import (
     Event,
     LineItem,
@@ -114,23 +124,57 @@ _events = st.lists(
 )
 
 
-@given(before=_events, run=_events, first=st.integers(1, 50))
-@settings(max_examples=200, deadline=None)
+def _till_run(numbered: list[tuple[int, int, bool]], width: int, day: int) -> list[Event]:
+    """One workstation's events of one day, as a till sends a batch: transaction numbers
+    ``numbered`` (with holes and repeats), zero-padded to ``width``, the flagged ones with one
+    zero more (the same number, another width)."""
+    return [
+        _event(kind, n, day, "1", "0" * flagged + str(n).zfill(width), "EUR")
+        for kind, n, flagged in numbered
+    ]
+
+
+# Batches as the agent mostly gets them (add_run's fast paths: one named business day, one
+# till, numbers of one width), and their near misses (an unnamed day, numbers of several
+# widths).
+_till_runs = st.builds(
+    _till_run,
+    st.lists(
+        st.tuples(st.integers(0, 4), st.integers(0, 30), st.sampled_from([False] * 9 + [True])),
+        min_size=1,
+        max_size=40,
+    ),
+    st.sampled_from([0, 1, 2, 8]),
+    st.integers(0, 2),
+)
+
+
+@given(before=_events, run=st.one_of(_events, _till_runs), first=st.integers(1, 50))
+# A till's batch with one hole (1, 3), and one where "01" and "1" are the same number (1, 3).
+@example(before=[], run=_till_run([(0, 1, False), (0, 3, False)], 8, 0), first=1)
+@example(before=[], run=_till_run([(0, 1, False), (1, 1, True), (0, 3, False)], 0, 0), first=1)
+@settings(max_examples=400, deadline=None)
 def test_a_run_folds_to_the_same_totals_as_record_by_record(
     before: list[Event], run: list[Event], first: int
 ) -> None:
-    """add_run (the agent's fold per batch) gives exactly what add gives record by record:
-    counts, seqs, money, quantities and till runs, into days that already hold records."""
+    """add_run (the agent's fold per batch), and a batch folded ahead then placed at its seqs
+    (fold_ahead, place), give exactly what add gives record by record: counts, seqs, money,
+    quantities and till runs, into days that already hold records; for any mix of days, tills
+    and numbers, and for a till's batch of one day (holes and repeated numbers included)."""
     one_by_one: dict[dt.date, DayTotals] = {}
     batched: dict[dt.date, DayTotals] = {}
+    placed: dict[dt.date, DayTotals] = {}
     for n, event in enumerate(before, start=1):
-        add(one_by_one, n, event, till_at=10.0)
-        add(batched, n, event, till_at=10.0)
+        for days in (one_by_one, batched, placed):
+            add(days, n, event, till_at=10.0)
     start = len(before) + first
     for n, event in enumerate(run, start=start):
         add(one_by_one, n, event, till_at=20.0)
     add_run(batched, start, run, till_at=20.0)
-    assert one_by_one == batched
+    ahead = fold_ahead(run)
+    place({}, ahead, start + 1, till_at=30.0)  # placed elsewhere first: ``ahead`` is unchanged
+    place(placed, ahead, start, till_at=20.0)
+    assert one_by_one == batched == placed
 
 
 def test_a_transaction_number_seen_again_keeps_its_runs_since() -> None:

@@ -1,0 +1,142 @@
+"""The agent's own CPU per event under batched ingest, and by owner: the figure to alternate
+trees with (docs/benchmarks.md, "Batched ingest: where each µs goes, by owner").
+
+    .venv/bin/python -m tests.bench.ingest_cpu [--events 200000] [--perf perf.data]
+    .venv/bin/python -m tests.bench.ingest_cpu --owners perf.data --cpu-us 18.6
+
+Starts ``python -m agent run`` of the tree in the current directory (NATS unreachable, as in
+``bench_ingest``), warms it with 10,000 events, then posts ``--events`` in batches of 500 over
+4 connections (``tests.bench.loadgen``) and prints one JSON line: events/s and the agent's
+user and system CPU per event (``/proc/<pid>/stat``). On a shared machine the wall rate moves
+with the neighbours' load; the CPU per event moves much less, and alternating two trees (the
+old one from ``git archive main | tar -x -C /tmp/old``, run from its own directory) in one
+sitting is what tells them apart.
+
+``--perf`` records ``perf record -e task-clock -g`` of the agent during the measured part;
+``--owners`` sorts such a recording's samples by owner (msgspec decode or encode, SQLite,
+``_decimal``, the interpreter running Python code, freeing objects, pymalloc, GC, the
+kernel) and scales them to ``--cpu-us``, the CPU per event of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+from central.broker import free_port
+from tests.bench.harness import AgentProcess, run_loadgen
+
+WARM_UP = 10_000
+
+# (owner, shared object prefix, symbol pattern): the first that matches a sample owns it.
+OWNERS: list[tuple[str, str, str]] = [
+    ("kernel", "[kernel", ""),
+    ("freeing objects (interpreter, msgspec, _decimal deallocs)", "", r"dealloc"),
+    ("msgspec: encode (records, answers)", "_core.", r"encode"),
+    ("msgspec: decode and its constraints", "_core.", ""),
+    ("SQLite (library and sqlite3 module)", "libsqlite3", ""),
+    ("SQLite (library and sqlite3 module)", "_sqlite3", ""),
+    ("_decimal: to text", "_decimal", r"to_string|dec_str|word_to_string"),
+    ("_decimal: from text", "_decimal", r"set_string|dec_new|FromCString|numeric_as_ascii"),
+    ("_decimal: arithmetic and compares", "_decimal", ""),
+    ("interpreter: cyclic GC", "libpython", r"gc_|visit_|subtract_refs|move_unreachable"),
+    ("interpreter: allocator (pymalloc, malloc)", "libpython", r"Malloc|Free|Realloc|PyMem_"),
+    ("interpreter: allocator (pymalloc, malloc)", "libc", r"malloc|free|realloc|calloc"),
+    ("interpreter: running Python code (ours, the rules, asyncio)", "libpython", ""),
+    ("libc: copies and compares", "libc", r"mem|str"),
+    ("libc: other", "libc", ""),
+    ("uvloop, httptools, asyncio in C", "", ""),
+]
+
+
+def owner(dso: str, symbol: str) -> str:
+    for name, prefix, pattern in OWNERS:
+        if dso.startswith(prefix) and (not pattern or re.search(pattern, symbol)):
+            return name
+    return "other"
+
+
+def owners(perf_data: str, cpu_us: float) -> list[tuple[str, float, float]]:
+    """``(owner, share %, µs per event)``, largest first, from a ``--perf`` recording."""
+    report = subprocess.run(
+        ["perf", "report", "-i", perf_data, "--stdio", "--no-children", "-g", "none",
+         "--percent-limit", "0", "--sort", "dso,sym"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    shares: dict[str, float] = defaultdict(float)
+    for line in report.splitlines():
+        found = re.match(r"\s+([\d.]+)%\s+(\S+)\s+\[.\]\s+(.*)$", line)
+        if found:
+            shares[owner(found.group(2), found.group(3))] += float(found.group(1))
+    total = sum(shares.values()) or 1.0
+    ranked = sorted(shares.items(), key=lambda item: -item[1])
+    return [(name, share, cpu_us * share / total) for name, share in ranked]
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+async def measure(events: int, perf_data: str | None) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="ingest-cpu-") as tmp:
+        agent = AgentProcess(Path(tmp) / "agent", f"nats://127.0.0.1:{free_port()}")
+        await agent.start()
+        try:
+            load = ["--batch", "500", "--concurrency", "4", "--url", agent.url]
+            await run_loadgen([*load, "--events", str(WARM_UP), "--run-id", "warm"])
+            perf = None
+            if perf_data is not None:
+                perf = await asyncio.create_subprocess_exec(
+                    "perf", "record", "-e", "task-clock", "-F", "999", "-g", "-o", perf_data,
+                    "-p", str(agent.pid),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )  # fmt: skip
+                await asyncio.sleep(1.0)
+            user, system = cpu_times(agent.pid)
+            report = await run_loadgen([*load, "--events", str(events), "--run-id", "run"])
+            user_after, system_after = cpu_times(agent.pid)
+            if perf is not None:
+                perf.send_signal(signal.SIGINT)
+                await perf.wait()
+        finally:
+            await agent.stop()
+    if report["accepted"] != events:
+        raise RuntimeError(f"not every event was accepted: {report}")
+    per_event = 1e6 / events
+    return {
+        "tree": os.getcwd(),
+        "events_per_s": round(report["events_per_s"]),
+        "cpu_us_per_event": round((user_after + system_after - user - system) * per_event, 2),
+        "user_us": round((user_after - user) * per_event, 2),
+        "system_us": round((system_after - system) * per_event, 2),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--perf", metavar="FILE", help="record perf of the agent into FILE")
+    parser.add_argument("--owners", metavar="FILE", help="print a --perf recording by owner")
+    parser.add_argument("--cpu-us", type=float, default=1.0, help="CPU µs/event, for --owners")
+    args = parser.parse_args()
+    if args.owners:
+        for name, share, us in owners(args.owners, args.cpu_us):
+            print(f"{share:6.2f} %  {us:6.2f} µs  {name}")
+        return
+    print(json.dumps(asyncio.run(measure(args.events, args.perf))))
+
+
+if __name__ == "__main__":
+    main()
