@@ -182,6 +182,9 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     damaged_file: str | None = None  # where a damaged outbox was moved to at this start
     refused: int = 0  # records HQ refused for good, held flagged (not pending, never pruned)
     max_payload: int = DEFAULT_MAX_PAYLOAD  # HQ's NATS max_payload, as last learned
+    # Of the transactions, those committed without an fsync: only PubAck ranges and folds,
+    # which a crash may lose at no cost (Outbox._run_group).
+    lazy_transactions: int = 0
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
@@ -347,6 +350,7 @@ class _State:
     oldest_pending_at: float | None = None
     last_ack_at: float | None = None
     transactions: int = 0
+    lazy_transactions: int = 0
     appends: int = 0
     records_pruned: int = 0
     refused: int = 0
@@ -658,6 +662,7 @@ class Outbox:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
+        self._lazy_sync = False  # the writer connection runs synchronous=NORMAL (_run_group)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._rconn: sqlite3.Connection | None = None
         self._lock = _FileLock(data_dir / LOCK_FILENAME)
@@ -709,6 +714,7 @@ class Outbox:
                 if mode != "wal":
                     raise OutboxError(f"cannot put {self.path} in WAL mode (got {mode})")
                 conn.execute("PRAGMA synchronous = FULL")
+                self._lazy_sync = False
                 conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
                 _migrate(conn, self.path)
                 meta = _init_meta(conn, self.store_id, self.path)
@@ -1131,7 +1137,14 @@ class Outbox:
         state = self._state.copy()
         outcome = _Outcome()
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
+        lazy = all(isinstance(job, _MarkSent | _Fold) for job in jobs)
         try:
+            if lazy != self._lazy_sync:
+                # Only what a crash may lose: a PubAck's range (the batch is sent again and
+                # central drops it by its mark) or a fold of ranges (done again). Its WAL
+                # frames are synced by the next FULL commit or checkpoint, whichever is first.
+                conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
+                self._lazy_sync = lazy
             conn.execute("BEGIN IMMEDIATE")
             try:
                 appends = [j for j in jobs if isinstance(j, _Append)]
@@ -1231,6 +1244,7 @@ class Outbox:
         if newest is not None and (self.newest_day is None or newest > self.newest_day):
             self.newest_day = newest
         state.transactions += 1
+        state.lazy_transactions += lazy
         state.appends += sum(
             1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None
         )
@@ -1483,6 +1497,7 @@ class Outbox:
             max_buffer_bytes=self.max_buffer_bytes,
             last_ack_at=utc(state.last_ack_at),
             transactions=state.transactions,
+            lazy_transactions=state.lazy_transactions,
             appends=state.appends,
             records_pruned=state.records_pruned,
             damaged_file=str(self.damaged_file) if self.damaged_file else None,

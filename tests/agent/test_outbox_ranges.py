@@ -104,19 +104,26 @@ async def test_a_trickle_folds_in_bulk_or_when_quiet(tmp_path: Path) -> None:
     data = tmp_path / "data"
     events = FOLD_AFTER_MARKS * 2 + 5
     async with opened(data) as box:
-        before = box.statistics().transactions
+        before = box.statistics()
         for i in range(events):
             result = await box.append(sales(f"t{i}", 1))
             assert result.first_seq is not None
             await box.mark_sent(result.first_seq, result.first_seq)
         # Two per event, plus the two bulk folds (and one more per pause of FOLD_QUIET, should
         # the machine stall); a fold after every PubAck would make it three per event.
-        transactions = box.statistics().transactions - before
+        after = box.statistics()
+        transactions = after.transactions - before.transactions
         assert 2 * events + 2 <= transactions < 2.5 * events
+        # Only the appends were synced: a range or a fold a crash loses costs a re-send.
+        assert events == transactions - (after.lazy_transactions - before.lazy_transactions)
         assert len(raw(data, "SELECT 1 FROM acked_ranges")) <= 5
         await wait_folded(data)  # the rest once quiet
         assert all(v is not None for v in sent_column(data).values())
         assert 0 == box.statistics().pending
+        # The next append is synced again (synchronous=FULL: 2), whatever ran before it.
+        await box.append(sales("after", 1))
+        assert box._wconn is not None
+        assert 2 == box._wconn.execute("PRAGMA synchronous").fetchone()[0]
 
 
 async def test_a_run_ends_where_a_range_begins(outbox: Outbox) -> None:
