@@ -25,6 +25,8 @@ import os
 import secrets
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import nats
@@ -67,6 +69,12 @@ PRELOAD_RATE = "preload of the events stream"
 PRELOAD_WINDOW = 200
 CENTRAL_CPU = "central CPU time per event"
 SERVER_CPU = "nats-server CPU time per event"
+# A fleet's pace: a store's events seconds apart travel one per message (the forwarder has
+# nothing to batch them with), so central's cost per message is its cost per event.
+SINGLE_STORES = 200
+SINGLE_PER_STORE = 50
+SINGLE_RATE = "central, one record per message"
+SINGLE_CPU = "central CPU time per single-record message"
 
 
 def store_event(store_id: str, seq: int, pool: list[Event], index: dict[str, int],
@@ -87,15 +95,17 @@ def store_event(store_id: str, seq: int, pool: list[Event], index: dict[str, int
     return msgspec.structs.replace(event, **changes)
 
 
-def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[bytes, str]]:
-    """``events`` records of one store as (batch body, msg id), BATCH records per batch."""
+def store_batches(
+    store_id: str, events: int, pool: list[Event], batch: int = BATCH
+) -> list[tuple[bytes, str]]:
+    """``events`` records of one store as (batch body, msg id), ``batch`` records per batch."""
     epoch = secrets.token_hex(8)
     now = dt.datetime.now(dt.UTC)
     start = now - dt.timedelta(milliseconds=events + 1000)
     index = {e.event_id: i for i, e in enumerate(pool)}
     out = []
-    for first in range(1, events + 1, BATCH):
-        last = min(first + BATCH - 1, events)
+    for first in range(1, events + 1, batch):
+        last = min(first + batch - 1, events)
         records = [
             encode_record(
                 Record(
@@ -112,13 +122,19 @@ def store_batches(store_id: str, events: int, pool: list[Event]) -> list[tuple[b
 
 
 async def preload(
-    url: str, stores: int, per_store: int, root_cfg: CentralConfig, store_ids: Sequence[str] = ()
+    url: str,
+    stores: int,
+    per_store: int,
+    root_cfg: CentralConfig,
+    store_ids: Sequence[str] = (),
+    *,
+    batch: int = BATCH,
 ) -> float:
     """Create the streams as central would and publish every store's batches; events/s.
     The stores are ``store_ids``, else ``stores`` of them named S000, S001, …"""
     pool: list[Event] = sample_events(RECORD_POOL)
     ids = list(store_ids) or [f"S{n:03d}" for n in range(stores)]
-    batches = {store_id: store_batches(store_id, per_store, pool) for store_id in ids}
+    batches = {store_id: store_batches(store_id, per_store, pool, batch) for store_id in ids}
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
@@ -155,21 +171,28 @@ async def oms_messages(url: str) -> int:
         await nc.close()
 
 
-async def run(opts: Options) -> Table:
-    table = Table("central", opts)
-    stores = size(opts, 20, 2)
-    per_store = size(opts, 50_000, 2500)
+@dataclass
+class Phase:
+    """One run of central over a preloaded stream."""
+
+    events: int
+    preload_rate: float
+    rate: float  # events/s, first fetch → last ack
+    cpu_us: float | None  # central's CPU per event
+    server_cpu_us: float | None  # nats-server's, the same interval
+    derived: int  # OMS messages beyond one per event (count variances)
+
+
+async def central_phase(
+    root: Path, stores: int, per_store: int, batch: int = BATCH, store_ids: Sequence[str] = ()
+) -> Phase:
+    """A fresh nats-server, the stream preloaded with ``stores`` x ``per_store`` events in
+    batches of ``batch``, then ``python -m central run`` until JetStream has every batch
+    acknowledged; every store's mark and the OMS stream are checked."""
     total = stores * per_store
-    async with workdir(opts, "central") as root, nats_broker(root / "nats") as broker:
-        records = sample_records(RECORD_POOL)
-        base = await baseline(
-            JS_PUBLISH_ASYNC,
-            lambda: measure_js_publish_async(broker.url, records, size(opts, 200_000, 5000)),
-            table,
-        )
+    async with nats_broker(root / "nats") as broker:
         cfg = CentralConfig(data_dir=str(root / "central"))
-        preload_rate = await preload(broker.url, stores, per_store, cfg)
-        table.add(Row(PRELOAD_RATE, preload_rate, "events/s", note=f"{total:,} events"))
+        preload_rate = await preload(broker.url, stores, per_store, cfg, store_ids, batch=batch)
         batching = os.environ.get(BATCHING_ENV, "")
         extra: tuple[str, ...] = ()
         if batching:
@@ -214,34 +237,68 @@ async def run(opts: Options) -> Table:
         # Beyond one message per event: count-variance adjustments central derives from counts.
         if oms < total:
             raise RuntimeError(f"the OMS stream holds {oms} messages, fewer than {total}")
-    rate = total / (done - first)
+    cpu = None if cpu_first is None or cpu_done is None else (cpu_done - cpu_first) / total * 1e6
+    server = None
+    if server_first is not None and server_done is not None:
+        server = (server_done - server_first) / total * 1e6
+    return Phase(total, preload_rate, total / (done - first), cpu, server, oms - total)
+
+
+async def run(opts: Options) -> Table:
+    table = Table("central", opts)
+    stores = size(opts, 20, 2)
+    per_store = size(opts, 50_000, 2500)
+    batching = os.environ.get(BATCHING_ENV, "") or "default"
+    async with workdir(opts, "central") as root:
+        async with nats_broker(root / "baseline-nats") as broker:
+            records = sample_records(RECORD_POOL)
+            base = await baseline(
+                JS_PUBLISH_ASYNC,
+                lambda: measure_js_publish_async(broker.url, records, size(opts, 200_000, 5000)),
+                table,
+            )
+        big = await central_phase(root / "batches", stores, per_store)
+        fleet_stores = size(opts, SINGLE_STORES, 20)
+        single = await central_phase(
+            root / "single", fleet_stores, size(opts, SINGLE_PER_STORE, 10), batch=1
+        )
+    table.add(Row(PRELOAD_RATE, big.preload_rate, "events/s", note=f"{big.events:,} events"))
     table.add(
         Row(
             CENTRAL_RATE,
-            rate,
+            big.rate,
             "events/s",
             baseline=JS_PUBLISH_ASYNC,
             baseline_value=base.value,
             target=at_least(100_000),
             note=f"{stores} stores x {per_store:,}, state+dedup+inventory, 1 worker, "
-            f"{oms - total} derived",
+            f"{big.derived} derived",
         )
     )
-    if cpu_first is not None and cpu_done is not None:
+    if big.cpu_us is not None:
         table.add(
             Row(
-                CENTRAL_CPU, (cpu_done - cpu_first) / total * 1e6, "µs", higher_is_better=False,
+                CENTRAL_CPU, big.cpu_us, "µs", higher_is_better=False,
                 note="central's process, all threads, first fetch → last ack, nats sink "
-                f"batching {batching or 'default'}",
+                f"batching {batching}",
             )
         )  # fmt: skip
-    if server_first is not None and server_done is not None:
+    if big.server_cpu_us is not None:
         # nats-server shares the 2 cores with central: what the OMS messages cost it shows here.
         table.add(
             Row(
-                SERVER_CPU, (server_done - server_first) / total * 1e6, "µs",
+                SERVER_CPU, big.server_cpu_us, "µs",
                 higher_is_better=False, note="the same interval: fetches, acks, OMS messages",
             )
+        )  # fmt: skip
+    table.add(
+        Row(SINGLE_RATE, single.rate, "events/s",
+            note=f"{fleet_stores} stores, {single.events:,} messages of one record each")
+    )  # fmt: skip
+    if single.cpu_us is not None:
+        table.add(
+            Row(SINGLE_CPU, single.cpu_us, "µs", higher_is_better=False,
+                note="central's process, per message (= per event)")
         )  # fmt: skip
     return table
 

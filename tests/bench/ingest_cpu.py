@@ -6,7 +6,8 @@ trees with (docs/benchmarks.md, "Batched ingest: where each µs goes, by owner")
 
 Starts ``python -m agent run`` of the tree in the current directory (NATS unreachable, as in
 ``bench_ingest``), warms it with 10,000 events, then posts ``--events`` in batches of 500 over
-4 connections (``tests.bench.loadgen``) and prints one JSON line: events/s and the agent's
+4 connections (``tests.bench.loadgen``; ``--batch 1 --concurrency 32`` for single events, as
+``bench_ingest``) and prints one JSON line: events/s and the agent's
 user and system CPU per event (``/proc/<pid>/stat``). On a shared machine the wall rate moves
 with the neighbours' load; the CPU per event moves much less, and alternating two trees (the
 old one from ``git archive main | tar -x -C /tmp/old``, run from its own directory) in one
@@ -88,12 +89,14 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
-async def measure(events: int, perf_data: str | None) -> dict[str, object]:
+async def measure(
+    events: int, perf_data: str | None, batch: int = 500, concurrency: int = 4
+) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ingest-cpu-") as tmp:
         agent = AgentProcess(Path(tmp) / "agent", f"nats://127.0.0.1:{free_port()}")
         await agent.start()
         try:
-            load = ["--batch", "500", "--concurrency", "4", "--url", agent.url]
+            load = ["--batch", str(batch), "--concurrency", str(concurrency), "--url", agent.url]
             await run_loadgen([*load, "--events", str(WARM_UP), "--run-id", "warm"])
             perf = None
             if perf_data is not None:
@@ -130,12 +133,14 @@ def main() -> None:
     parser.add_argument("--perf", metavar="FILE", help="record perf of the agent into FILE")
     parser.add_argument("--owners", metavar="FILE", help="print a --perf recording by owner")
     parser.add_argument("--cpu-us", type=float, default=1.0, help="CPU µs/event, for --owners")
+    parser.add_argument("--batch", type=int, default=500, help="events per POST (1: single)")
+    parser.add_argument("--concurrency", type=int, default=4, help="connections")
     args = parser.parse_args()
     if args.owners:
         for name, share, us in owners(args.owners, args.cpu_us):
             print(f"{share:6.2f} %  {us:6.2f} µs  {name}")
         return
-    print(json.dumps(asyncio.run(measure(args.events, args.perf))))
+    print(json.dumps(asyncio.run(measure(args.events, args.perf, args.batch, args.concurrency))))
 
 
 if __name__ == "__main__":
