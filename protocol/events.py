@@ -227,9 +227,14 @@ def _check_timezone(at: dt.datetime) -> None:
 
 def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
     """Sale, return and post-void: one cheap pass for the common case, else the exact checks."""
-    at = event.occurred_at
-    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
+    if _plain_events((event,)) and event.occurred_at.utcoffset() is not None:  # None: naive
         return
+    _exact_transaction(event, extra_ids)
+
+
+def _exact_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | None], ...]) -> None:
+    """Sale, return and post-void: each rule checked exactly, the first broken one raised."""
+    at = event.occurred_at
     lines = event.lines
     # Something may be off: find the first broken rule, in the order they were found when each
     # line checked itself (identifiers and lines in field order, then the event's own fields).
@@ -256,9 +261,14 @@ def _check_transaction(event: _Transaction, extra_ids: tuple[tuple[str, str | No
 
 def _check_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
     """Stock adjustment and count: one cheap pass for the common case, else the exact checks."""
-    at = event.occurred_at
-    if _plain_events((event,)) and at.utcoffset() is not None:  # None when naive, too
+    if _plain_events((event,)) and event.occurred_at.utcoffset() is not None:  # None: naive
         return
+    _exact_stock(event, counted=counted)
+
+
+def _exact_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
+    """Stock adjustment and count: each rule checked exactly, the first broken one raised."""
+    at = event.occurred_at
     lines = event.lines
     reason = event.reason if isinstance(event, StockAdjustment) else None
     _check_head(event)

@@ -13,11 +13,18 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from protocol import events as rules
 from protocol.events import (
+    EventBase,
     InvalidEvents,
     LineItem,
+    PostVoid,
+    Return,
     Sale,
+    StockAdjustment,
     StockCount,
     StockLine,
     Tender,
@@ -247,3 +254,108 @@ def test_one_pass_over_a_body_checks_each_event() -> None:
         (0, "$.currency", CURRENCY_REGEX),
         (1, "$.currency", CURRENCY_REGEX),
     ] == refusal(patched(SALE, ("currency",), "US"), patched(SALE, ("currency",), "DEUR"))
+
+
+# --- the cheap pass never vouches for what the exact checks refuse ----------------------------
+
+_ODD_DECIMALS = [
+    "NaN", "-sNaN", "Infinity", "-Infinity", "1E+3", "1e12", "999999999999.999999999",
+    "-999999999999", "0.0000000001", "1.0000000000", "1e-1000027", "1" * 29, "0." + "1" * 28,
+    "-0", "0", "-0.00", "0E-12", "9999999999", "-9999999999.5", "123456789012.5",
+]  # fmt: skip
+
+
+def _mostly(
+    plain: st.SearchStrategy[Any], odd: st.SearchStrategy[Any], one_in: int = 40
+) -> st.SearchStrategy[Any]:
+    """``odd`` once in ``one_in`` draws, else ``plain``: the cheap pass decides only when every
+    field of the events is plain enough, so an odd value must usually be alone to matter
+    (a draw of 1 is the odd one: shrinking goes to 0, the plain side)."""
+    return st.integers(0, one_in - 1).flatmap(lambda k: odd if k == 1 else plain)
+
+
+_ODD = st.decimals(allow_nan=True, allow_infinity=True) | st.sampled_from(_ODD_DECIMALS).map(
+    Decimal
+)
+_decimals = _mostly(
+    st.decimals(min_value=-(10**6), max_value=10**6, places=2)
+    | st.decimals(min_value=-1, max_value=1, places=7),
+    _ODD,
+)
+_quantities = _mostly(
+    st.decimals(min_value="0.001", max_value=10**4, places=3),
+    st.sampled_from(["0", "-0", "-0.00", "-2", "0E-12"]).map(Decimal),
+    one_in=10,
+)
+_ids = _mostly(
+    st.sampled_from(["e-1", "4131", "cash", "x", "a" * 64]),
+    st.text(st.characters(max_codepoint=0x1FF), min_size=0, max_size=5),
+)
+_maybe_ids = st.none() | _ids
+_currencies = _mostly(
+    st.sampled_from(["EUR", "USD"]),
+    st.sampled_from(["eur", "Eur", "US", "EURO", "EU\n", "\u00c9UR", "E1R", ""]),
+    one_in=4,
+)
+_at = st.just(dt.datetime(2026, 11, 22, 10, tzinfo=dt.UTC))
+_lines = st.lists(
+    st.builds(LineItem, sku=_ids, quantity=_quantities, unit_price=_decimals, amount=_decimals),
+    min_size=1, max_size=3,
+)  # fmt: skip
+_tenders = st.lists(st.builds(Tender, kind=_ids, amount=_decimals), max_size=2)
+_stock = st.lists(
+    st.builds(StockLine, sku=_ids, quantity=_mostly(_quantities, _decimals)), min_size=1, max_size=3
+)
+_head = {"event_id": _ids, "occurred_at": _at, "workstation_id": _maybe_ids,
+         "transaction_id": _maybe_ids}  # fmt: skip
+_money = {"currency": _currencies, "total": _decimals, "tax": _decimals, "lines": _lines,
+          "tenders": _tenders}  # fmt: skip
+_events = st.one_of(
+    st.builds(Sale, **_head, **_money),
+    st.builds(Return, **_head, **_money, original_transaction_id=_maybe_ids),
+    st.builds(PostVoid, **_head, **_money, voided_event_id=_maybe_ids,
+              voided_transaction_id=_maybe_ids),
+    st.builds(StockAdjustment, **_head, lines=_stock, reason=_ids),
+    st.builds(StockCount, **_head, lines=_stock),
+)  # fmt: skip
+
+
+def _exact(event: EventBase) -> None:
+    """The exact per-field checks alone, as an event runs them when the cheap pass is unsure."""
+    if isinstance(event, StockAdjustment | StockCount):
+        rules._exact_stock(event, counted=isinstance(event, StockCount))
+        return
+    assert isinstance(event, rules._Transaction)
+    extra: tuple[tuple[str, str | None], ...] = ()
+    if isinstance(event, Return):
+        extra = (("original_transaction_id", event.original_transaction_id),)
+    if isinstance(event, PostVoid):
+        extra = (("voided_event_id", event.voided_event_id),
+                 ("voided_transaction_id", event.voided_transaction_id))  # fmt: skip
+    rules._exact_transaction(event, extra)
+    if isinstance(event, PostVoid) and event.voided_event_id is None is event.voided_transaction_id:
+        raise rules.RuleError("post_void needs voided_event_id or voided_transaction_id")
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_cheap_pass_never_accepts_what_the_exact_checks_refuse(data: st.DataObject) -> None:
+    """Whatever events the cheap one-pass check vouches for, together, each keeps every rule
+    when checked field by field (it may only send valid events to the exact checks)."""
+    token = rules._deferred.set(True)  # built unchecked: the property decides
+    try:
+        built = data.draw(st.lists(_events, min_size=1, max_size=4))
+    finally:
+        rules._deferred.reset(token)
+    if rules._plain_events(built):
+        for event in built:
+            _exact(event)
+
+
+def test_the_cheap_pass_vouches_for_plain_events() -> None:
+    """Plain valid events (the samples, a simulated till's) pass the cheap check: the exact
+    per-field checks are the exception, not the rule."""
+    from tests.bench.harness import sample_events
+
+    assert rules._plain_events(EVENTS)
+    assert rules._plain_events(sample_events(500))
