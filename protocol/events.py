@@ -337,9 +337,8 @@ def _plain_events(events: Sequence[EventBase]) -> bool:
         _plain(values)  # first: the comparisons below need finite values
         and _printable("".join(ids))
         and {*map(len, currencies)} <= {3}
-        and joined.isascii()
-        and joined.isalpha()
-        and joined.isupper()
+        # No currency at all (only stock events) is plain too: "".isalpha() is False.
+        and (not joined or (joined.isascii() and joined.isalpha() and joined.isupper()))
         and (not quantities or min(quantities) > 0)
         and (not counted or min(counted) >= 0)
     )
