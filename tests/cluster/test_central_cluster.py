@@ -277,4 +277,7 @@ async def test_nats_sink_batches_on_three_replicas(
         modes,
     )
     assert [r.key for r in records] == keys
-    assert (sink.fast_batches, sink.batches) >= ((2, 0) if batching == "fast" else (0, 3))
+    # The unit before the kill went as two batches of the mode. The one after may go record
+    # by record (the client still reconnecting, or the batch refused while the stream elects
+    # a leader): the keys above show it landed once, in order, either way.
+    assert (sink.fast_batches, sink.batches) >= ((2, 0) if batching == "fast" else (0, 2))
