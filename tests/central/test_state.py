@@ -7,6 +7,7 @@ import datetime as dt
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,20 @@ async def test_another_programs_database_is_refused_unchanged(tmp_path: Path) ->
     error = await open_refused(tmp_path, "CREATE TABLE theirs (x)")
     assert isinstance(error, NotAStateDatabase)
     assert ["theirs"] == error.tables
+
+
+def test_a_marks_copy_is_dataclasses_replace_and_shares_nothing_it_changes() -> None:
+    """``Mark.copy`` (the sequencer stages in it) holds every field ``replace`` holds, each
+    field set to a distinct value so one left out or swapped shows; changing the copy leaves
+    the committed mark as it was."""
+    import dataclasses
+
+    values: dict[str, Any] = {}
+    for n, f in enumerate(dataclasses.fields(Mark)):
+        values[f.name] = f"v{n}" if f.type == "str" else (n + 0.5 if f.type == "float" else n)
+    committed = Mark(**values)
+    copy = committed.copy()
+    assert dataclasses.replace(committed) == copy
+    assert copy is not committed
+    copy.hwm += 1
+    assert values["hwm"] == committed.hwm
