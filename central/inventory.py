@@ -145,6 +145,14 @@ class SkuStock:
     def absorbs(self, at: float) -> bool:
         return self.base_at is not None and at <= self.base_at
 
+    def copy(self) -> SkuStock:
+        """A copy to stage changes in (``dataclasses.replace``, field by field: ~2 µs a SKU
+        and unit, a per-message cost at a fleet's pace)."""
+        return SkuStock(
+            self.on_hand, self.base_on_hand, self.base_at, self.base_kind, self.base_ref,
+            self.last_event_at, self.last_count_at,
+        )  # fmt: skip
+
 
 class Move(msgspec.Struct, frozen=True, gc=False):
     """A row of the journal: a stock-moving event, when it happened and what it moved.
@@ -361,17 +369,17 @@ class Inventory:
         if unit is not None:
             staged = unit.inventory.get(store_id)
             if staged is not None and sku in staged.skus:
-                return replace(staged.skus[sku])
+                return staged.skus[sku].copy()
         store = self._stores.get(store_id)
         found = store.skus.get(sku) if store is not None else None
-        return replace(found) if found is not None else SkuStock()
+        return found.copy() if found is not None else SkuStock()
 
     def _sku(self, store_id: str, sku: str, stage: Staged) -> SkuStock:
         """The SKU's staged copy, to change."""
         found = stage.skus.get(sku)
         if found is None:
             committed = self._stores[store_id].skus.get(sku)
-            found = stage.skus[sku] = replace(committed) if committed else SkuStock()
+            found = stage.skus[sku] = committed.copy() if committed else SkuStock()
         return found
 
     def apply(self, store_id: str, epoch: str, record: Record, unit: Unit) -> OmsRecord | None:

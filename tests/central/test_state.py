@@ -201,18 +201,21 @@ async def test_another_programs_database_is_refused_unchanged(tmp_path: Path) ->
     assert ["theirs"] == error.tables
 
 
-def test_a_marks_copy_is_dataclasses_replace_and_shares_nothing_it_changes() -> None:
-    """``Mark.copy`` (the sequencer stages in it) holds every field ``replace`` holds, each
-    field set to a distinct value so one left out or swapped shows; changing the copy leaves
-    the committed mark as it was."""
+@pytest.mark.parametrize("kind", [Mark, SkuStock])
+def test_a_staged_copy_is_dataclasses_replace_and_shares_nothing_it_changes(kind: Any) -> None:
+    """``Mark.copy`` and ``SkuStock.copy`` (the sequencer and the inventory stage changes in
+    them) hold every field ``replace`` holds, each field set to a distinct value so one left
+    out or swapped shows; changing the copy leaves the committed one as it was."""
     import dataclasses
 
     values: dict[str, Any] = {}
-    for n, f in enumerate(dataclasses.fields(Mark)):
-        values[f.name] = f"v{n}" if f.type == "str" else (n + 0.5 if f.type == "float" else n)
-    committed = Mark(**values)
+    for n, f in enumerate(dataclasses.fields(kind)):
+        kinds = {"str": f"v{n}", "int": n, "float": n + 0.5, "Decimal": Decimal(n) + 1000}
+        values[f.name] = next(v for name, v in kinds.items() if str(f.type).startswith(name))
+    committed = kind(**values)
     copy = committed.copy()
     assert dataclasses.replace(committed) == copy
     assert copy is not committed
-    copy.hwm += 1
-    assert values["hwm"] == committed.hwm
+    last = dataclasses.fields(kind)[-1].name
+    setattr(copy, last, None)
+    assert values[last] == getattr(committed, last)
