@@ -483,12 +483,12 @@ class Repairs:
         return repair.lost if repair is not None else ""
 
     def wants(self, store_id: str, epoch: str, first_seq: int, last_seq: int) -> bool:
-        """Whether a batch of these seqs may hold records of an open repair."""
-        return any(
-            a <= last_seq and b >= first_seq
-            for repair in self._open.get((store_id, epoch), {}).values()
-            for a, b in repair.ranges
-        )
+        """Whether a batch of these seqs may hold records of an open repair (asked of every
+        batch: a store without one is a dict lookup, no generator)."""
+        days = self._open.get((store_id, epoch))
+        if not days:
+            return False
+        return any(a <= last_seq and b >= first_seq for r in days.values() for a, b in r.ranges)
 
     def take(self, store_id: str, epoch: str, records: Iterable[Record]) -> list[Record]:
         """The records of an open repair (its day, its ranges, not taken since the last
