@@ -212,7 +212,7 @@ def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
     """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction):
     the rows ``protocol.checkpoint.store_merged`` writes, a key at a time, in three statements
     for the whole unit. At a fleet's pace a unit holds a record or two of each of hundreds of
-    stores, and two statements per store and day were ~X of central's CPU per message."""
+    stores: three statements per store and day ran for every message (docs/benchmarks.md)."""
     # Units come in seq order per store: the first one starts the ledger.
     conn.executemany(
         "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",

@@ -373,42 +373,48 @@ def test_a_malformed_balance_file_imports_nothing(tmp_path: Path) -> None:
 
 
 def _record_staged_per_store(conn: Any, staged: dict[str, Any]) -> None:
-    """The unit's inventory rows as written before they were batched: five statements per
-    store, in store order."""
+    """The unit's inventory rows in the order the code before the batching wrote them: per
+    store its SKUs, its moves, its waiting voids, its matched ones, its flags; a row at a
+    time here."""
     from central import inventory as inv
 
     for store_id, stage in staged.items():
-        conn.executemany(
-            f"INSERT OR REPLACE INTO inventory (store_id, {inv._SKU_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [inv._sku_values(store_id, sku, s) for sku, s in stage.skus.items()],
-        )
-        conn.executemany(
-            "INSERT OR REPLACE INTO inventory_moves VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (store_id, m.event_id, m.kind, m.at, inv._encode(m.deltas), m.voided_by)
-                for m in stage.moves.values()
-            ],
-        )
-        conn.executemany(
-            f"INSERT OR REPLACE INTO inventory_voids ({inv._VOID_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (v.store_id, v.event_id, v.voided_event_id, v.at, inv._encode(v.deltas), v.since,
-                 v.flagged_at)
-                for v in stage.waiting.values()
-                if v is not None
-            ],
-        )  # fmt: skip
-        conn.executemany(
-            "DELETE FROM inventory_voids WHERE store_id = ? AND event_id = ?",
-            [(store_id, void_id) for void_id, v in stage.waiting.items() if v is None],
-        )
-        conn.executemany(
-            "INSERT INTO inventory_flags (store_id, event_id, kind, reason, flagged_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(f.store_id, f.event_id, f.kind, f.reason, f.flagged_at) for f in stage.flags],
-        )
+        for sku, stock in stage.skus.items():
+            conn.execute(
+                f"INSERT OR REPLACE INTO inventory (store_id, {inv._SKU_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                inv._sku_values(store_id, sku, stock),
+            )
+        for m in stage.moves.values():
+            row = (store_id, m.event_id, m.kind, m.at, inv._encode(m.deltas), m.voided_by)
+            conn.execute("INSERT OR REPLACE INTO inventory_moves VALUES (?, ?, ?, ?, ?, ?)", row)
+        waiting = [v for v in stage.waiting.values() if v is not None]
+        for v in waiting:
+            values = (
+                v.store_id,
+                v.event_id,
+                v.voided_event_id,
+                v.at,
+                inv._encode(v.deltas),
+                v.since,
+                v.flagged_at,
+            )
+            conn.execute(
+                f"INSERT OR REPLACE INTO inventory_voids ({inv._VOID_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+        for void_id in [void_id for void_id, v in stage.waiting.items() if v is None]:
+            conn.execute(
+                "DELETE FROM inventory_voids WHERE store_id = ? AND event_id = ?",
+                (store_id, void_id),
+            )
+        for f in stage.flags:
+            conn.execute(
+                "INSERT INTO inventory_flags (store_id, event_id, kind, reason, "
+                "flagged_at) VALUES (?, ?, ?, ?, ?)",
+                (f.store_id, f.event_id, f.kind, f.reason, f.flagged_at),
+            )
 
 
 def _fleet_inventory(stores: int, round_: int) -> dict[str, Any]:
