@@ -132,6 +132,10 @@ class Holds:
             store.oldest_held_at = stored_at
         return self.delay(deliveries)
 
+    def holds(self, store_id: str) -> bool:
+        """Whether the store has anything here (else ``settled`` has nothing to do)."""
+        return store_id in self._stores
+
     def settled(self, store_id: str, stream_seq: int) -> None:
         """The batch was delivered, dropped or dead-lettered: it is no longer held."""
         store = self._stores.get(store_id)

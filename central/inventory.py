@@ -145,6 +145,14 @@ class SkuStock:
     def absorbs(self, at: float) -> bool:
         return self.base_at is not None and at <= self.base_at
 
+    def copy(self) -> SkuStock:
+        """A copy to stage changes in (``dataclasses.replace``, field by field: ~2 µs a SKU
+        and unit, a per-message cost at a fleet's pace)."""
+        return SkuStock(
+            self.on_hand, self.base_on_hand, self.base_at, self.base_kind, self.base_ref,
+            self.last_event_at, self.last_count_at,
+        )  # fmt: skip
+
 
 class Move(msgspec.Struct, frozen=True, gc=False):
     """A row of the journal: a stock-moving event, when it happened and what it moved.
@@ -361,17 +369,17 @@ class Inventory:
         if unit is not None:
             staged = unit.inventory.get(store_id)
             if staged is not None and sku in staged.skus:
-                return replace(staged.skus[sku])
+                return staged.skus[sku].copy()
         store = self._stores.get(store_id)
         found = store.skus.get(sku) if store is not None else None
-        return replace(found) if found is not None else SkuStock()
+        return found.copy() if found is not None else SkuStock()
 
     def _sku(self, store_id: str, sku: str, stage: Staged) -> SkuStock:
         """The SKU's staged copy, to change."""
         found = stage.skus.get(sku)
         if found is None:
             committed = self._stores[store_id].skus.get(sku)
-            found = stage.skus[sku] = replace(committed) if committed else SkuStock()
+            found = stage.skus[sku] = committed.copy() if committed else SkuStock()
         return found
 
     def apply(self, store_id: str, epoch: str, record: Record, unit: Unit) -> OmsRecord | None:
@@ -719,39 +727,50 @@ def read_moves(
 
 
 def record_staged(conn: sqlite3.Connection, staged: Mapping[str, Staged]) -> None:
-    """Write a unit's inventory changes, inside the caller's transaction."""
+    """Write a unit's inventory changes, inside the caller's transaction: the SKUs and the
+    moves of every store in one statement each (at a fleet's pace a unit holds hundreds of
+    stores with a record or two each: five statements per store were most of this), the
+    rarer voids and flags per store, and only when there are any. Each table's rows go in
+    the order a statement per store wrote them."""
+    conn.executemany(
+        f"INSERT OR REPLACE INTO inventory (store_id, {_SKU_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            _sku_values(store_id, sku, s)
+            for store_id, stage in staged.items()
+            for sku, s in stage.skus.items()
+        ],
+    )
+    conn.executemany(
+        "INSERT OR REPLACE INTO inventory_moves VALUES (?, ?, ?, ?, ?, ?)",
+        [
+            (store_id, m.event_id, m.kind, m.at, _encode(m.deltas), m.voided_by)
+            for store_id, stage in staged.items()
+            for m in stage.moves.values()
+        ],
+    )
     for store_id, stage in staged.items():
-        conn.executemany(
-            f"INSERT OR REPLACE INTO inventory (store_id, {_SKU_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_sku_values(store_id, sku, s) for sku, s in stage.skus.items()],
-        )
-        conn.executemany(
-            "INSERT OR REPLACE INTO inventory_moves VALUES (?, ?, ?, ?, ?, ?)",
-            [
-                (store_id, m.event_id, m.kind, m.at, _encode(m.deltas), m.voided_by)
-                for m in stage.moves.values()
-            ],
-        )
-        conn.executemany(
-            f"INSERT OR REPLACE INTO inventory_voids ({_VOID_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [
-                (v.store_id, v.event_id, v.voided_event_id, v.at, _encode(v.deltas), v.since,
-                 v.flagged_at)
-                for v in stage.waiting.values()
-                if v is not None
-            ],
-        )  # fmt: skip
-        conn.executemany(
-            "DELETE FROM inventory_voids WHERE store_id = ? AND event_id = ?",
-            [(store_id, void_id) for void_id, v in stage.waiting.items() if v is None],
-        )
-        conn.executemany(
-            "INSERT INTO inventory_flags (store_id, event_id, kind, reason, flagged_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            [(f.store_id, f.event_id, f.kind, f.reason, f.flagged_at) for f in stage.flags],
-        )
+        if stage.waiting:
+            conn.executemany(
+                f"INSERT OR REPLACE INTO inventory_voids ({_VOID_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (v.store_id, v.event_id, v.voided_event_id, v.at, _encode(v.deltas),
+                     v.since, v.flagged_at)
+                    for v in stage.waiting.values()
+                    if v is not None
+                ],
+            )  # fmt: skip
+            conn.executemany(
+                "DELETE FROM inventory_voids WHERE store_id = ? AND event_id = ?",
+                [(store_id, void_id) for void_id, v in stage.waiting.items() if v is None],
+            )
+        if stage.flags:
+            conn.executemany(
+                "INSERT INTO inventory_flags (store_id, event_id, kind, reason, flagged_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(f.store_id, f.event_id, f.kind, f.reason, f.flagged_at) for f in stage.flags],
+            )
 
 
 def flag_voids(conn: sqlite3.Connection, since_before: float, now: float) -> list[WaitingVoid]:

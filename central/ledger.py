@@ -18,7 +18,7 @@ central's commit, growing with the table: docs/benchmarks.md); appended, a unit 
 pages, and a sorted merge of many keys writes each page of the big table once.
 
 - Before records go to the inventory and the sinks, the consumer asks the ledger once per unit
-  (one query per store on the state's writer thread) which of the unit's event_ids were
+  (a query per up to 256 keys, on the state's writer thread) which of the unit's event_ids were
   delivered before, and drops those; keys staged earlier in the same unit count too.
 - The keys of what is delivered are written in the unit's own transaction (``Unit.ledger_keys``,
   ``SqliteState._commit``, into ``key_ledger_recent``): a crash never records a key whose
@@ -65,11 +65,11 @@ log = logging.getLogger(__name__)
 HASH_BYTES = 8
 PRUNE_INTERVAL = 3600.0  # seconds between sweeps: keys expire by the day
 PRUNE_SLICES = 16  # transactions per store and sweep (by the hash's first 4 bits)
-LOOKUP_CHUNK = 500  # hashes per lookup statement, at most
-# A lookup's hashes are padded (with its first) up to the next of these sizes: a few fixed
-# statement texts stay cached, and a store with one new key binds 1 hash, not 500. Padding
-# every store to 500 cost ~345 µs per single-record message (sqlite3 adapting 500 parameters),
-# the whole of central's per-message cost at a fleet's pace (docs/benchmarks.md).
+LOOKUP_CHUNK = 256  # (store, hash) pairs per lookup statement, at most (512 parameters)
+# A lookup's pairs are padded (with NULLs) up to the next of these sizes: a few fixed
+# statement texts stay cached, and one new key binds 1 pair, not 256. Padding every store to
+# 500 hashes cost ~345 µs per single-record message (sqlite3 adapting 500 parameters), the
+# whole of central's per-message cost at a fleet's pace (docs/benchmarks.md).
 LOOKUP_SIZES = (1, 8, 64, LOOKUP_CHUNK)
 MERGE_KEYS = 100_000  # recent keys held (table and memory) before they move into key_ledger
 
@@ -176,25 +176,32 @@ def merge_recent(conn: sqlite3.Connection) -> int:
 
 @functools.cache
 def _lookup_sql(size: int) -> str:
-    return f"SELECT hash FROM key_ledger WHERE store_id = ? AND hash IN ({','.join('?' * size)})"
+    keys = ", ".join(["(?, ?)"] * size)
+    # A join on the primary key; `(store_id, hash) IN (VALUES ...)` scanned the table.
+    return (
+        f"SELECT k.column1, l.hash FROM (VALUES {keys}) AS k "
+        "JOIN key_ledger AS l ON l.store_id = k.column1 AND l.hash = k.column2"
+    )
 
 
 def find_delivered(
     conn: sqlite3.Connection, wanted: Mapping[str, Collection[bytes]]
 ) -> dict[str, set[bytes]]:
     """Of ``wanted`` (store -> hashes), those in ``key_ledger`` (the recent tier is looked up
-    in memory: ``RecentKeys.split``)."""
+    in memory: ``RecentKeys.split``): up to LOOKUP_CHUNK (store, hash) pairs per statement,
+    whatever their stores, so a unit of hundreds of stores with a key or two each (a fleet's
+    pace) is a statement or two, not one per store."""
+    pairs: list[str | bytes | None] = [
+        value for store_id, hashes in wanted.items() for h in sorted(hashes)
+        for value in (store_id, h)
+    ]  # fmt: skip
     found: dict[str, set[bytes]] = {}
-    for store_id, hashes in wanted.items():
-        ordered = sorted(hashes)
-        hits: set[bytes] = set()
-        for i in range(0, len(ordered), LOOKUP_CHUNK):
-            chunk = ordered[i : i + LOOKUP_CHUNK]
-            size = next(s for s in LOOKUP_SIZES if s >= len(chunk))
-            chunk += [chunk[0]] * (size - len(chunk))  # a repeated hash matches nothing more
-            hits.update(row[0] for row in conn.execute(_lookup_sql(size), [store_id, *chunk]))
-        if hits:
-            found[store_id] = hits
+    for i in range(0, len(pairs), 2 * LOOKUP_CHUNK):
+        chunk = pairs[i : i + 2 * LOOKUP_CHUNK]
+        size = next(s for s in LOOKUP_SIZES if 2 * s >= len(chunk))
+        chunk += [None] * (2 * size - len(chunk))  # NULL matches no row
+        for store_id, h in conn.execute(_lookup_sql(size), chunk):
+            found.setdefault(store_id, set()).add(h)
     return found
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import sqlite3
@@ -60,7 +61,8 @@ from protocol.checkpoint import (
     business_day_of,
     decode_totals,
     difference,
-    store_merged,
+    encode_totals,
+    merge,
     unaccounted,
 )
 from protocol.events import EVENT_TYPES, Event
@@ -174,17 +176,73 @@ def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]
             totals.healed += 1
 
 
+# (store, epoch, day) keys per lookup of held day totals: padded up to the next of these sizes
+# (with NULLs, which match no row), so a few statement texts stay cached.
+_HELD_SIZES = (1, 8, 64, 256)
+
+
+@functools.cache
+def _held_sql(size: int) -> str:
+    keys = ", ".join(["(?, ?, ?)"] * size)
+    # A join, not `(...) IN (VALUES ...)`: SQLite 3.40 scanned the whole table for that.
+    return (
+        "SELECT d.store_id, d.epoch, d.business_day, d.totals "
+        f"FROM (VALUES {keys}) AS k JOIN reconcile_delivered AS d ON d.store_id = k.column1 "
+        "AND d.epoch = k.column2 AND d.business_day = k.column3"
+    )
+
+
+def _held_totals(
+    conn: sqlite3.Connection, keys: list[tuple[str, str, str]]
+) -> dict[tuple[str, str, str], DayTotals]:
+    """The ledger's rows for ``keys`` (distinct; those it has), a statement per 256 keys."""
+    held: dict[tuple[str, str, str], DayTotals] = {}
+    last = _HELD_SIZES[-1]
+    for i in range(0, len(keys), last):
+        chunk = keys[i : i + last]
+        size = next(s for s in _HELD_SIZES if s >= len(chunk))
+        params: list[str | None] = [value for key in chunk for value in key]
+        params += [None] * (3 * (size - len(chunk)))
+        for store_id, epoch, day, totals in conn.execute(_held_sql(size), params):
+            held[(store_id, epoch, day)] = decode_totals(totals)
+    return held
+
+
 def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
-    """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction)."""
-    for (store_id, epoch), days in staged.items():
-        if days:  # units come in seq order per store: the first one starts the ledger
-            conn.execute(
-                "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",
-                (store_id, epoch, min(t.first_seq for t in days.values())),
-            )
-        for day, totals in days.items():
-            key = {"store_id": store_id, "epoch": epoch, "business_day": day.isoformat()}
-            store_merged(conn, "reconcile_delivered", key, totals)
+    """Merge a unit's staged day totals into the ledger (inside ``_commit``'s transaction):
+    the rows ``protocol.checkpoint.store_merged`` writes, a key at a time, in three statements
+    for the whole unit. At a fleet's pace a unit holds a record or two of each of hundreds of
+    stores: three statements per store and day ran for every message (docs/benchmarks.md)."""
+    # Units come in seq order per store: the first one starts the ledger.
+    conn.executemany(
+        "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",
+        [
+            (store_id, epoch, min(t.first_seq for t in days.values()))
+            for (store_id, epoch), days in staged.items()
+            if days
+        ],
+    )
+    rows = [
+        ((store_id, epoch, day.isoformat()), totals)
+        for (store_id, epoch), days in staged.items()
+        for day, totals in days.items()
+    ]
+    if not rows:
+        return
+    held = _held_totals(conn, [key for key, _ in rows])
+    merged = []
+    for key, totals in rows:
+        into = held.get(key)
+        if into is not None:
+            merge(into, totals)
+            totals = into
+        merged.append((*key, encode_totals(totals)))
+    conn.executemany(
+        "INSERT INTO reconcile_delivered (store_id, epoch, business_day, totals) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT (store_id, epoch, business_day) "
+        "DO UPDATE SET totals = excluded.totals",
+        merged,
+    )
 
 
 def _plain(totals: DayTotals | None) -> dict[str, Any]:
@@ -425,12 +483,12 @@ class Repairs:
         return repair.lost if repair is not None else ""
 
     def wants(self, store_id: str, epoch: str, first_seq: int, last_seq: int) -> bool:
-        """Whether a batch of these seqs may hold records of an open repair."""
-        return any(
-            a <= last_seq and b >= first_seq
-            for repair in self._open.get((store_id, epoch), {}).values()
-            for a, b in repair.ranges
-        )
+        """Whether a batch of these seqs may hold records of an open repair (asked of every
+        batch: a store without one is a dict lookup, no generator)."""
+        days = self._open.get((store_id, epoch))
+        if not days:
+            return False
+        return any(a <= last_seq and b >= first_seq for r in days.values() for a, b in r.ranges)
 
     def take(self, store_id: str, epoch: str, records: Iterable[Record]) -> list[Record]:
         """The records of an open repair (its day, its ranges, not taken since the last

@@ -7,7 +7,7 @@ sink leaves the marks exactly as they were.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from central.state import Gap, Key, Mark, Unit
 from protocol.wire import Batch, Record
@@ -50,7 +50,7 @@ class Sequencer:
         if staged is not None:
             return staged
         committed = self._marks.get(key)
-        return replace(committed) if committed else Mark(store_id=key[0], epoch=key[1])
+        return committed.copy() if committed else Mark(store_id=key[0], epoch=key[1])
 
     def gap(self, key: Key, unit: Unit) -> Gap | None:
         if key in unit.gaps:

@@ -101,6 +101,14 @@ class Mark:
     # beyond ``hwm`` it is a gap even when no later batch comes to show it.
     seen_through: int = 0
 
+    def copy(self) -> Mark:
+        """A copy to stage changes in (``dataclasses.replace``, field by field: that took
+        ~2 µs a store and unit, a per-message cost at a fleet's pace)."""
+        return Mark(
+            self.store_id, self.epoch, self.hwm, self.delivered, self.duplicates,
+            self.first_seen, self.last_seen, self.seen_through,
+        )  # fmt: skip
+
 
 @dataclass
 class Gap:

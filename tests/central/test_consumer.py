@@ -6,6 +6,8 @@ import asyncio
 import datetime as dt
 import gc
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import nats
 import pytest
@@ -219,3 +221,61 @@ def test_the_collector_is_paused_while_units_run_and_resumed_after() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+class _Msg:
+    """A fetched message's JetStream metadata (its stream seq), counting the reads."""
+
+    def __init__(self, stream_seq: int) -> None:
+        self.stream_seq = stream_seq
+        self.reads = 0
+
+    @property
+    def metadata(self) -> Any:
+        self.reads += 1
+        return SimpleNamespace(sequence=SimpleNamespace(stream=self.stream_seq))
+
+
+def test_a_settled_batch_leaves_its_stores_holds_and_other_stores_parse_nothing() -> None:
+    """A delivered batch that was held is held no longer; a store holding nothing does not
+    have its message's metadata parsed (the per-message cost that check saves)."""
+    from central.consumer import Consumer
+    from central.holds import Holds
+
+    holds = Holds(nak_delay=1, nak_cap=8, max_per_store=4, max_age=0, alert_fraction=0.5)
+    holds.hold("S1", ("e", 5, 5), 42, 0.0, 1)
+    consumer: Any = SimpleNamespace(holds=holds)
+    held, other = _Msg(42), _Msg(43)
+    Consumer._settled(consumer, "S1", held)
+    Consumer._settled(consumer, "S2", other)
+    assert (1, 0) == (held.reads, other.reads)
+    assert {} == holds._stores["S1"].held
+
+
+def test_latency_counts_every_batch_of_a_unit_but_a_blocked_stores() -> None:
+    """Counted once for the unit: every record of every (single-record) batch, in both
+    histograms, less a blocked store's and a refused record."""
+    from central.consumer import Consumer
+    from central.errors import SinkRejected, StoreBlocked
+    from central.metrics import LATENCY_BUCKETS
+    from protocol.exposition import Histogram
+    from protocol.wire import Batch, OmsRecord, Record, oms_record
+
+    now = dt.datetime(2026, 12, 5, 9, tzinfo=dt.UTC)
+    events = list(Till(store_id="S1", seed=3).events(6))
+    screened: Any = []
+    for n, event in enumerate(events):
+        record = Record(seq=1, received_at=now - dt.timedelta(seconds=n), event=event)
+        store_id = f"S{n}"
+        screened.append((Batch(store_id=store_id, epoch="e", first_seq=1, last_seq=1,
+                               records=[record]), [record]))  # fmt: skip
+    refused: OmsRecord = oms_record("S4", "e", screened[4][1][0])
+    consumer: Any = SimpleNamespace(
+        since_received=Histogram(LATENCY_BUCKETS), since_occurred=Histogram(LATENCY_BUCKETS)
+    )
+    blocked = {"S2": StoreBlocked("nats", "S2", "k", "down")}
+    Consumer._observe_latency(consumer, screened, blocked, [SinkRejected(refused, 400, "no")],
+                              now)  # fmt: skip
+    assert 4 == consumer.since_received.snapshot()["count"]
+    assert 4 == consumer.since_occurred.snapshot()["count"]
+    assert 0 + 1 + 3 + 5 == consumer.since_received.snapshot()["sum"]

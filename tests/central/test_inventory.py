@@ -370,3 +370,96 @@ def test_a_malformed_balance_file_imports_nothing(tmp_path: Path) -> None:
     assert [(1, str(good), None)] == [
         (i["id"], i["source"], i["applied_at"]) for i in json.loads(shown.output)["imports"]
     ]
+
+
+def _record_staged_per_store(conn: Any, staged: dict[str, Any]) -> None:
+    """The unit's inventory rows in the order the code before the batching wrote them: per
+    store its SKUs, its moves, its waiting voids, its matched ones, its flags; a row at a
+    time here."""
+    from central import inventory as inv
+
+    for store_id, stage in staged.items():
+        for sku, stock in stage.skus.items():
+            conn.execute(
+                f"INSERT OR REPLACE INTO inventory (store_id, {inv._SKU_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                inv._sku_values(store_id, sku, stock),
+            )
+        for m in stage.moves.values():
+            row = (store_id, m.event_id, m.kind, m.at, inv._encode(m.deltas), m.voided_by)
+            conn.execute("INSERT OR REPLACE INTO inventory_moves VALUES (?, ?, ?, ?, ?, ?)", row)
+        waiting = [v for v in stage.waiting.values() if v is not None]
+        for v in waiting:
+            values = (
+                v.store_id,
+                v.event_id,
+                v.voided_event_id,
+                v.at,
+                inv._encode(v.deltas),
+                v.since,
+                v.flagged_at,
+            )
+            conn.execute(
+                f"INSERT OR REPLACE INTO inventory_voids ({inv._VOID_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+        for void_id in [void_id for void_id, v in stage.waiting.items() if v is None]:
+            conn.execute(
+                "DELETE FROM inventory_voids WHERE store_id = ? AND event_id = ?",
+                (store_id, void_id),
+            )
+        for f in stage.flags:
+            conn.execute(
+                "INSERT INTO inventory_flags (store_id, event_id, kind, reason, "
+                "flagged_at) VALUES (?, ?, ?, ?, ?)",
+                (f.store_id, f.event_id, f.kind, f.reason, f.flagged_at),
+            )
+
+
+def _fleet_inventory(stores: int, round_: int) -> dict[str, Any]:
+    """A unit's staged inventory over ``stores`` stores: SKUs and moves in every one, voids
+    waiting, matched (deleted) and flagged in some, stores with nothing at all."""
+    from central.inventory import Flag, Move, SkuStock, Staged, WaitingVoid
+
+    staged: dict[str, Any] = {}
+    for n in range(stores):
+        store_id = f"S{n:03d}"
+        stage = staged[store_id] = Staged()
+        if n % 7 == 6:
+            continue  # staged, but nothing to write
+        at = 1000.0 * round_ + n
+        deltas = ((f"sku{n % 5}", Decimal(-1 - round_)),)
+        stage.skus[f"sku{n % 5}"] = SkuStock(on_hand=Decimal(n - round_), last_event_at=at)
+        stage.moves[f"{store_id}-e{round_}"] = Move(f"{store_id}-e{round_}", "sale", at, deltas)
+        if n % 3 == 0:
+            void = f"{store_id}-v{round_}"
+            stage.waiting[void] = WaitingVoid(store_id, void, f"{store_id}-x", at, deltas, at)
+            if round_ and n % 2 == 0:  # the previous unit's void found its sale
+                stage.waiting[f"{store_id}-v{round_ - 1}"] = None
+        if n % 4 == 0:
+            stage.flags.append(Flag(store_id, f"{store_id}-e{round_}", "void", "unknown", at))
+    return staged
+
+
+def test_a_units_inventory_rows_are_those_a_statement_per_store_wrote(tmp_path: Path) -> None:
+    """``record_staged`` (the SKUs and moves of every store in one statement each, voids and
+    flags per store when there are any) leaves exactly the rows, rowids included, that five
+    statements per store left, over three units that replace and delete earlier rows."""
+    from central.inventory import record_staged
+    from central.state import open_db
+
+    batched, per_store = open_db(tmp_path / "batched"), open_db(tmp_path / "per-store")
+    try:
+        for round_ in range(3):
+            record_staged(batched, _fleet_inventory(40, round_))
+            _record_staged_per_store(per_store, _fleet_inventory(40, round_))
+        for table in ("inventory", "inventory_moves", "inventory_voids", "inventory_flags"):
+            rowid = "" if table == "inventory_moves" else "rowid, "  # WITHOUT ROWID
+            sql = f"SELECT {rowid}* FROM {table} ORDER BY {rowid or 'store_id, event_id, '}1"
+            rows = batched.execute(sql).fetchall()
+            assert rows
+            assert per_store.execute(sql).fetchall() == rows
+    finally:
+        batched.close()
+        per_store.close()

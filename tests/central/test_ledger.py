@@ -182,22 +182,26 @@ async def test_keys_expire_after_the_retention(tmp_path: Path) -> None:
     assert (3, 2) == (ledger.statistics().pruned, ledger.statistics().sweeps)
 
 
-@pytest.mark.parametrize("count", [1, 2, 8, 9, 64, 65, 500, 501, 1203])
+@pytest.mark.parametrize(
+    ("stores", "count"),
+    [(2, n) for n in (1, 2, 8, 9, 64, 65, 256, 257, 1203)] + [(300, 1), (300, 2), (70, 4)],
+)
 def test_lookups_find_exactly_the_held_keys_whatever_their_number(
-    tmp_path: Path, count: int
+    tmp_path: Path, stores: int, count: int
 ) -> None:
-    """``find_delivered`` pads each store's hashes to one of a few statement sizes: it finds
-    exactly the wanted hashes key_ledger holds, for that store only, on each side of every
-    size (and over several statements)."""
+    """``find_delivered`` pads the unit's (store, hash) pairs to one of a few statement
+    sizes, whatever their stores: it finds exactly the wanted hashes key_ledger holds, for
+    that store only, on each side of every size, over several statements, for two stores with
+    many keys and for hundreds with one or two (a fleet's pace)."""
     conn = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     conn.executescript(";".join(ledger_module.MIGRATION[1]))
     held = {f"S{s}": {ledger_module.key_hash(f"e{s}-{i}") for i in range(0, 2 * count, 2)}
-            for s in (1, 2)}  # fmt: skip
+            for s in range(1, stores + 1)}  # fmt: skip
     for store_id, hashes in held.items():
         conn.executemany("INSERT INTO key_ledger VALUES (?, ?, 1)", [(store_id, h) for h in hashes])
     # Each store asks for `count` hashes, every other one held; S1 also asks for S2's keys.
     wanted = {f"S{s}": {ledger_module.key_hash(f"e{s}-{i}") for i in range(count)}
-              for s in (1, 2)}  # fmt: skip
+              for s in range(1, stores + 1)}  # fmt: skip
     wanted["S1"] |= set(list(held["S2"])[:3])
     found = ledger_module.find_delivered(conn, wanted)
     conn.close()

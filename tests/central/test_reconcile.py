@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from central import reconcile
 from central.state import Gap, Mark, SqliteState, Unit
@@ -264,3 +265,59 @@ def _ordered(t: DayTotals) -> list[Any]:
     """Every field of a day's totals, its dicts as lists of items (so their order counts)."""
     return [t.business_day, t.first_seq, t.last_seq, t.records, list(t.by_type.items()),
             list(t.money.items()), list(t.quantity.items()), t.seqs, t.healed]  # fmt: skip
+
+
+def _store_merged_unit(conn: Any, staged: reconcile.Staged) -> None:
+    """The unit's rows as they were written before the batched ``record_delivered``: a
+    statement for the epoch and ``store_merged`` (a SELECT and an upsert) per store and day."""
+    from protocol.checkpoint import store_merged
+
+    for (store_id, epoch), days in staged.items():
+        if days:
+            conn.execute(
+                "INSERT OR IGNORE INTO reconcile_epochs VALUES (?, ?, ?)",
+                (store_id, epoch, min(t.first_seq for t in days.values())),
+            )
+        for day, totals in days.items():
+            key = {"store_id": store_id, "epoch": epoch, "business_day": day.isoformat()}
+            store_merged(conn, "reconcile_delivered", key, totals)
+
+
+def _fleet_unit(stores: int, first_seq: int, days: int) -> Unit:
+    """A unit of a record or three of each of ``stores`` stores, over ``days`` days."""
+    unit = Unit()
+    for n in range(stores):
+        records = []
+        for seq in range(first_seq, first_seq + 1 + n % 3):
+            record = sale_record(seq)
+            day = DAY + dt.timedelta(days=(n + seq) % days)
+            event = msgspec.structs.replace(record.event, business_day=day, event_id=f"{n}-{seq}")
+            records.append(msgspec.structs.replace(record, event=event))
+        reconcile.stage(unit, f"S{n:03d}", EPOCH, records)
+    return unit
+
+
+@pytest.mark.parametrize("stores", [1, 7, 60, 300])
+def test_a_units_day_totals_are_the_rows_store_merged_writes_key_by_key(
+    tmp_path: Path, stores: int
+) -> None:
+    """``record_delivered`` (a lookup per 256 keys, padded with NULLs, one upsert for the
+    unit) leaves exactly the rows, rowids included, that ``store_merged`` per store and day
+    leaves: over a ledger holding some of the keys, some days new, more keys than a lookup."""
+    from central.state import open_db
+
+    batched, merged = open_db(tmp_path / "batched"), open_db(tmp_path / "merged")
+    try:
+        held = _fleet_unit(stores // 2 + 1, 1, 2)  # already in both ledgers
+        unit = _fleet_unit(stores, 4, 3)
+        for conn in (batched, merged):
+            _store_merged_unit(conn, held.reconcile)
+        # The same unit, staged twice: merging adds into the held totals in place.
+        reconcile.record_delivered(batched, unit.reconcile)
+        _store_merged_unit(merged, _fleet_unit(stores, 4, 3).reconcile)
+        for table in ("reconcile_delivered", "reconcile_epochs"):
+            sql = f"SELECT rowid, * FROM {table} ORDER BY rowid"
+            assert merged.execute(sql).fetchall() == batched.execute(sql).fetchall()
+    finally:
+        batched.close()
+        merged.close()

@@ -7,6 +7,7 @@ import datetime as dt
 import sqlite3
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -198,3 +199,23 @@ async def test_another_programs_database_is_refused_unchanged(tmp_path: Path) ->
     error = await open_refused(tmp_path, "CREATE TABLE theirs (x)")
     assert isinstance(error, NotAStateDatabase)
     assert ["theirs"] == error.tables
+
+
+@pytest.mark.parametrize("kind", [Mark, SkuStock])
+def test_a_staged_copy_is_dataclasses_replace_and_shares_nothing_it_changes(kind: Any) -> None:
+    """``Mark.copy`` and ``SkuStock.copy`` (the sequencer and the inventory stage changes in
+    them) hold every field ``replace`` holds, each field set to a distinct value so one left
+    out or swapped shows; changing the copy leaves the committed one as it was."""
+    import dataclasses
+
+    values: dict[str, Any] = {}
+    for n, f in enumerate(dataclasses.fields(kind)):
+        kinds = {"str": f"v{n}", "int": n, "float": n + 0.5, "Decimal": Decimal(n) + 1000}
+        values[f.name] = next(v for name, v in kinds.items() if str(f.type).startswith(name))
+    committed = kind(**values)
+    copy = committed.copy()
+    assert dataclasses.replace(committed) == copy
+    assert copy is not committed
+    last = dataclasses.fields(kind)[-1].name
+    setattr(copy, last, None)
+    assert values[last] == getattr(committed, last)
