@@ -1149,6 +1149,11 @@ class Outbox:
             try:
                 appends = [j for j in jobs if isinstance(j, _Append)]
                 known = self._lookup(conn, appends) if appends else {}
+                # Once per group, not per append (a group of single-event POSTs has dozens):
+                # the records' received_at and the size limit, as of this transaction.
+                received_at = utc(now)
+                assert received_at is not None
+                limit = self.record_limit() if appends else (0, "")
                 rows: list[_Row] = []
                 # New records for the day totals: (first seq, events with consecutive seqs,
                 # their totals folded ahead or None).
@@ -1158,7 +1163,9 @@ class Outbox:
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
-                            result = self._plan_append(conn, job, state, known, rows, now)
+                            result = self._plan_append(
+                                conn, job, state, known, rows, now, received_at, limit
+                            )
                         except OutboxError as exc:
                             pending_results.append((job, None, exc))
                         else:
@@ -1271,15 +1278,16 @@ class Outbox:
         known: dict[str, int],
         rows: list[_Row],
         now: float,
+        received_at: dt.datetime,
+        record_limit: tuple[int, str],
     ) -> AppendResult:
         """Decide one append: dedupe, encode, check room; add its rows to ``rows``.
+        ``received_at``: ``now`` as the records carry it; ``record_limit``: ``record_limit()``.
 
         Nothing is inserted for a refused job, and ``known``/``state`` change only when the
         job is accepted, so a later job in the same group never sees a refused job's events.
         """
-        received_at = utc(now)
-        assert received_at is not None
-        limit, source = self.record_limit()
+        limit, source = record_limit
         next_seq = state.last_seq + 1
         ids = [event.event_id for event in job.events]
         fresh = dict.fromkeys(ids)
