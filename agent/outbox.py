@@ -1287,6 +1287,51 @@ class Outbox:
         Nothing is inserted for a refused job, and ``known``/``state`` change only when the
         job is accepted, so a later job in the same group never sees a refused job's events.
         """
+        if len(job.events) == 1:
+            return self._plan_one(conn, job.events[0], state, known, rows, now, received_at,
+                                  record_limit)  # fmt: skip
+        return self._plan_many(conn, job, state, known, rows, now, received_at, record_limit)
+
+    def _plan_one(
+        self,
+        conn: sqlite3.Connection,
+        event: Event,
+        state: _State,
+        known: dict[str, int],
+        rows: list[_Row],
+        now: float,
+        received_at: dt.datetime,
+        record_limit: tuple[int, str],
+    ) -> AppendResult:
+        """``_plan_many`` of an append of one event (a single-event POST's): the same result,
+        rows and changes, without the lists and zips a batch is planned with."""
+        event_id = event.event_id
+        seq = known.get(event_id)
+        if seq is not None:
+            return self._accepted(state, [seq], 0, 0, now)
+        seq = state.last_seq + 1
+        payload = encode_record(Record(seq=seq, received_at=received_at, event=event))
+        size = len(payload)
+        limit, source = record_limit
+        if size > limit:
+            raise RecordTooLarge(index=0, size=size, limit=limit, source=source)
+        self._room(conn, state, size)
+        rows.append((seq, event_id, now, size, payload))
+        known[event_id] = seq
+        return self._accepted(state, [seq], 1, size, now)
+
+    def _plan_many(
+        self,
+        conn: sqlite3.Connection,
+        job: _Append,
+        state: _State,
+        known: dict[str, int],
+        rows: list[_Row],
+        now: float,
+        received_at: dt.datetime,
+        record_limit: tuple[int, str],
+    ) -> AppendResult:
+        """``_plan_append`` of any number of events."""
         limit, source = record_limit
         next_seq = state.last_seq + 1
         ids = [event.event_id for event in job.events]
