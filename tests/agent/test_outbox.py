@@ -33,6 +33,7 @@ from agent.outbox import (
     _Append,
     _insert_chunks,
     _lookup_padded,
+    _Planning,
     _State,
     read_statistics_readonly,
 )
@@ -549,18 +550,17 @@ def test_one_events_append_is_planned_as_any_append(
     migrations.migrate(conn, MIGRATIONS)
     outbox = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=7)
     now = 1_800_000_000.0
+    at = utc(now)
+    assert at is not None
     events = [sale(f"e{n}", lines=40 if n in big else 1) for n in range(8)]
     planned = []
     for plan in (outbox._plan_append, outbox._plan_many):
-        state, known, rows = _State(last_seq=5), {"e7": 3}, []
+        planning = _Planning(conn, _State(last_seq=5), {"e7": 3}, [], now, at, limit, "a limit")
         outcomes: list[object] = []
         for n in picks:
-            job = _Append(None, [events[n]])
             try:
-                outcomes.append(
-                    plan(conn, job, state, known, rows, now, utc(now), (limit, "a limit"))
-                )
+                outcomes.append(plan(_Append(None, [events[n]]), planning))
             except OutboxError as exc:
                 outcomes.append((type(exc), str(exc)))
-        planned.append((outcomes, state, known, rows))
+        planned.append((outcomes, planning.state, planning.known, planning.rows))
     assert planned[1] == planned[0]
