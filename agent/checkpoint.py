@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import logging
 import sqlite3
 import time
@@ -74,15 +75,53 @@ def record_days(
     events, ahead)``, the events' seqs consecutive from ``first_seq``, ``ahead`` their totals
     folded where they were decoded (``fold_ahead``) or None. Returns the latest business day
     among them (None when there are none)."""
-    staged: dict[dt.date, DayTotals] = {}
-    for first_seq, events, ahead in runs:
-        if ahead is None:
-            add_run(staged, first_seq, events, till_at=now)
-        else:
-            place(staged, ahead, first_seq, till_at=now)
+    staged = stage_runs(runs, now)
     for day, totals in staged.items():
         store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
     return max(staged, default=None)
+
+
+def stage_runs(
+    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]], now: float
+) -> dict[dt.date, DayTotals]:
+    """The day totals of ``runs`` (as ``record_days`` takes them), exactly as folding them run
+    by run gives them, key order included (the bytes stored and sent in checkpoints).
+
+    Runs the writer folds itself (``ahead`` None: the single-event route's) are folded a
+    stretch of consecutive seqs at a time: ``add_run`` costs ~7 µs a call for one event and
+    ~2 µs an event for sixteen, and a group of single-event POSTs is one run per request. A
+    stretch whose events carry more than one currency is folded run by run: folded at once,
+    its money keys would follow the types' order of first sight rather than the pairs'."""
+    staged: dict[dt.date, DayTotals] = {}
+    for first_seq, parts, ahead in _stretches(runs):
+        if ahead is not None:
+            place(staged, ahead, first_seq, till_at=now)
+            continue
+        events = parts[0] if len(parts) == 1 else list(itertools.chain.from_iterable(parts))
+        if len(parts) > 1 and len({getattr(e, "currency", None) for e in events} - {None}) > 1:
+            seq = first_seq
+            for part in parts:
+                add_run(staged, seq, part, till_at=now)
+                seq += len(part)
+        else:
+            add_run(staged, first_seq, events, till_at=now)
+    return staged
+
+
+def _stretches(
+    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
+) -> list[tuple[int, list[Sequence[Event]], dict[dt.date, DayTotals] | None]]:
+    """``runs`` with each stretch of runs to be folded by the writer (``ahead`` None) whose
+    seqs follow on without a gap joined as one ``(first_seq, [events, ...], None)``."""
+    joined: list[tuple[int, list[Sequence[Event]], dict[dt.date, DayTotals] | None]] = []
+    after = None  # the seq after the last joinable stretch's last record
+    for first_seq, events, ahead in runs:
+        if ahead is None and first_seq == after:
+            joined[-1][1].append(events)
+        else:
+            joined.append((first_seq, [events], ahead))
+        after = first_seq + len(events) if ahead is None else None
+    return joined
 
 
 def record_tills(

@@ -436,7 +436,10 @@ class Ingest:
                 if isinstance(events, Response):
                     refused = events
                 else:
-                    then = functools.partial(self._quick_stored, events, respond)
+                    # The count, not the events: the writer frees them once it has run the
+                    # append (Outbox.append), which a reference held here until the answer
+                    # would put off to the loop.
+                    then = functools.partial(self._quick_stored, len(events), respond)
                     try:
                         self.sink.append_nowait(events, then)
                     except AgentError as exc:
@@ -451,7 +454,7 @@ class Ingest:
 
     def _quick_stored(
         self,
-        events: list[Event],
+        count: int,
         respond: Callable[[Response], None],
         result: AppendResult | None,
         error: BaseException | None,
@@ -461,9 +464,9 @@ class Ingest:
             assert result is not None
             respond(self._stored(result))
             return
-        refused = self._store_refused(len(events), error)
+        refused = self._store_refused(count, error)
         if refused is None:
-            log.error("storing %d events failed", len(events), exc_info=error)
+            log.error("storing %d events failed", count, exc_info=error)
             refused = Response(500, b'{"error":"internal_error"}')
         respond(refused)
 

@@ -364,6 +364,22 @@ class _State:
         return _State(**self.__dict__)
 
 
+@dataclass(eq=False, slots=True)
+class _Planning:
+    """What a group's appends are planned against (Outbox._plan_append): its transaction's
+    connection, the state, the event_ids known so far, the rows to insert, the time as a
+    number and as the records carry it, and the record size limit with where it comes from."""
+
+    conn: sqlite3.Connection
+    state: _State
+    known: dict[str, int]
+    rows: list[_Row]
+    now: float
+    received_at: dt.datetime
+    limit: int
+    source: str
+
+
 @dataclass
 class _Outcome:
     """Results of one group, handed back to the event loop in one call."""
@@ -1150,6 +1166,12 @@ class Outbox:
                 appends = [j for j in jobs if isinstance(j, _Append)]
                 known = self._lookup(conn, appends) if appends else {}
                 rows: list[_Row] = []
+                # Once per group, not per append (a group of single-event POSTs has dozens):
+                # the records' received_at and the size limit, as of this transaction.
+                received_at = utc(now)
+                assert received_at is not None
+                limit, source = self.record_limit() if appends else (0, "")
+                planning = _Planning(conn, state, known, rows, now, received_at, limit, source)
                 # New records for the day totals: (first seq, events with consecutive seqs,
                 # their totals folded ahead or None).
                 counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
@@ -1158,7 +1180,7 @@ class Outbox:
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
-                            result = self._plan_append(conn, job, state, known, rows, now)
+                            result = self._plan_append(job, planning)
                         except OutboxError as exc:
                             pending_results.append((job, None, exc))
                         else:
@@ -1172,14 +1194,14 @@ class Outbox:
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(conn, rows)
-                            rows = []
+                            rows.clear()
                         self._mark_sent(conn, job, state, now)
                         sent_changed = True
                         pending_results.append((job, None, None))
                     elif isinstance(job, _MarkUnsent):
                         if rows:  # the range may include records appended in this group
                             self._insert(conn, rows)
-                            rows = []
+                            rows.clear()
                         marked, low = self._mark_unsent(conn, job, state)
                         sent_changed = True
                         if marked.marked:
@@ -1190,7 +1212,7 @@ class Outbox:
                     elif isinstance(job, _Prune):
                         if rows:
                             self._insert(conn, rows)
-                            rows = []
+                            rows.clear()
                         pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
                         pending_results.append((job, pruned, None))
                     elif isinstance(job, _Fold):
@@ -1200,7 +1222,7 @@ class Outbox:
                     elif isinstance(job, _MarkRefused):
                         if rows:
                             self._insert(conn, rows)
-                            rows = []
+                            rows.clear()
                         self._mark_refused(conn, job, state, now)
                         sent_changed = True
                         pending_results.append((job, None, None))
@@ -1263,23 +1285,39 @@ class Outbox:
             known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
         return known
 
-    def _plan_append(
-        self,
-        conn: sqlite3.Connection,
-        job: _Append,
-        state: _State,
-        known: dict[str, int],
-        rows: list[_Row],
-        now: float,
-    ) -> AppendResult:
-        """Decide one append: dedupe, encode, check room; add its rows to ``rows``.
+    def _plan_append(self, job: _Append, planning: _Planning) -> AppendResult:
+        """Decide one append: dedupe, encode, check room; add its rows to ``planning.rows``.
 
         Nothing is inserted for a refused job, and ``known``/``state`` change only when the
         job is accepted, so a later job in the same group never sees a refused job's events.
         """
-        received_at = utc(now)
-        assert received_at is not None
-        limit, source = self.record_limit()
+        if len(job.events) == 1:
+            return self._plan_one(job.events[0], planning)
+        return self._plan_many(job, planning)
+
+    def _plan_one(self, event: Event, planning: _Planning) -> AppendResult:
+        """``_plan_many`` of an append of one event (a single-event POST's): the same result,
+        rows and changes, without the lists and zips a batch is planned with."""
+        state, known, now = planning.state, planning.known, planning.now
+        event_id = event.event_id
+        seq = known.get(event_id)
+        if seq is not None:
+            return self._accepted(state, [seq], 0, 0, now)
+        seq = state.last_seq + 1
+        payload = encode_record(Record(seq=seq, received_at=planning.received_at, event=event))
+        size = len(payload)
+        if size > planning.limit:
+            raise RecordTooLarge(index=0, size=size, limit=planning.limit, source=planning.source)
+        self._room(planning.conn, state, size)
+        planning.rows.append((seq, event_id, now, size, payload))
+        known[event_id] = seq
+        return self._accepted(state, [seq], 1, size, now)
+
+    def _plan_many(self, job: _Append, planning: _Planning) -> AppendResult:
+        """``_plan_append`` of any number of events."""
+        conn, state, known, rows = planning.conn, planning.state, planning.known, planning.rows
+        now, received_at = planning.now, planning.received_at
+        limit, source = planning.limit, planning.source
         next_seq = state.last_seq + 1
         ids = [event.event_id for event in job.events]
         fresh = dict.fromkeys(ids)

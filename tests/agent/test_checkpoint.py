@@ -10,17 +10,21 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import nats
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
+from agent.checkpoint import stage_runs
 from agent.config import config_from_dict
 from agent.outbox import Outbox
 from agent.service import AgentService
 from central.broker import EmbeddedBroker, free_port
-from protocol.checkpoint import till_holes
-from protocol.events import LineItem, Return
+from protocol.checkpoint import DayTotals, add_run, encode_totals, fold_ahead, place, till_holes
+from protocol.events import Event, LineItem, Return
 from protocol.subjects import checkpoint_subject
 from protocol.wire import Checkpoint, decode_checkpoint, encode_json
 from tests.agent.conftest import STORE, T0, sale, sales
 from tests.agent.test_forwarder import make_stream
+from tests.protocol.test_checkpoint import _event, an_event
 
 
 def _return(event_id: str, day: dt.date) -> Return:
@@ -129,3 +133,43 @@ async def test_a_day_closing_sends_a_checkpoint_without_waiting_for_the_timer(
         await nc.close()
     assert "day_closed" == checkpoint.reason
     assert [T0.date(), dt.date(2026, 11, 23)] == [d.business_day for d in checkpoint.days]
+
+
+# A group's runs as the writer gets them: (events, folded ahead?, seqs skipped before it).
+_runs = st.lists(
+    st.tuples(
+        st.lists(an_event, min_size=1, max_size=3),
+        st.booleans(),
+        st.sampled_from([0, 0, 0, 1]),
+    ),
+    max_size=30,
+)
+
+
+@given(runs=_runs)
+# A sale in EUR, a return in EUR, a sale in USD: folded at once, sale:USD would come before
+# return:EUR.
+@example(runs=[([_event(0, 1, 0, "1", "1", "EUR")], False, 0),
+               ([_event(1, 2, 0, "1", "2", "EUR")], False, 0),
+               ([_event(0, 3, 0, "1", "3", "USD")], False, 0)])  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_a_groups_runs_stage_the_same_bytes_as_folded_run_by_run(
+    runs: list[tuple[list[Event], bool, int]],
+) -> None:
+    """stage_runs (stretches of consecutive runs folded at once) gives the same days, in the
+    same order, with the same encoded totals as folding each run on its own, for any mix of
+    runs folded ahead or not, gaps in the seqs, days, tills and currencies."""
+    grouped: list[tuple[int, list[Event], dict[dt.date, DayTotals] | None]] = []
+    seq = 1
+    for events, ahead, gap in runs:
+        seq += gap
+        grouped.append((seq, events, fold_ahead(events) if ahead else None))
+        seq += len(events)
+    one_by_one: dict[dt.date, DayTotals] = {}
+    for first_seq, events, ahead in grouped:
+        if ahead is None:
+            add_run(one_by_one, first_seq, events, till_at=5.0)
+        else:
+            place(one_by_one, ahead, first_seq, till_at=5.0)
+    expected = [(day, encode_totals(totals)) for day, totals in one_by_one.items()]
+    assert expected == [(d, encode_totals(t)) for d, t in stage_runs(grouped, 5.0).items()]

@@ -355,6 +355,43 @@ async def test_a_batch_is_not_held_by_ingest_while_it_is_stored(
     assert [sink.references[0]] * 2 == sink.references
 
 
+class NowaitCountingSink(HeldSink):
+    """Answers each ``append_nowait`` on the next turn of the loop, noting how many references
+    there are to its list of events then (when the outbox's writer lets go of them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: list[int] = []
+
+    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+        def done() -> None:
+            self.references.append(sys.getrefcount(events))
+            then(AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1]), None)
+
+        asyncio.get_running_loop().call_soon(done)
+
+
+async def test_a_single_event_is_not_held_by_ingest_while_it_is_stored(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A single-event POST, answered from the sink's callback (no task), leaves no reference
+    to its events with ingest while they are stored, no more than a list nobody kept (so the
+    outbox's writer frees them)."""
+    sink = NowaitCountingSink()
+    sink.append_nowait(sales("alone", 1), lambda result, error: None)
+    await asyncio.sleep(0)
+    ingest = Ingest(
+        sink, store_id=STORE, host="127.0.0.1", port=0, max_request_bytes=1 << 20, status=dict
+    )
+    await ingest.start()
+    try:
+        status, _, _ = await post(http, ingest, body(sale("one")))
+    finally:
+        await ingest.stop()
+    assert 202 == status
+    assert [sink.references[0]] * 2 == sink.references
+
+
 async def test_an_operators_resync_offers_refused_records_again(
     make_ingest: MakeIngest, http: aiohttp.ClientSession
 ) -> None:

@@ -9,11 +9,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.errors import (
     BufferFull,
     NotAnOutbox,
     OutboxClosed,
+    OutboxError,
     OutboxLocked,
     OutboxWriteFailed,
     RecordTooLarge,
@@ -24,13 +27,19 @@ from agent.outbox import (
     INSERT_SIZES,
     LOOKUP_CHUNK,
     LOOKUP_SIZES,
+    MIGRATIONS,
     AppendResult,
     Outbox,
+    _Append,
     _insert_chunks,
     _lookup_padded,
+    _Planning,
+    _State,
     read_statistics_readonly,
 )
+from protocol import migrations
 from protocol.events import Event
+from protocol.timefmt import utc
 from protocol.wire import decode_record
 from tests.agent.conftest import STORE, sale, sales
 
@@ -522,3 +531,36 @@ async def test_record_limit_follows_hqs_max_payload_across_restarts(tmp_path: Pa
     assert 1024 * 1024 - BATCH_ENVELOPE_BYTES == first.value.limit
     assert (64 * 1024 - BATCH_ENVELOPE_BYTES, 0) == (second.value.limit, stats.last_seq)
     assert "max_payload" in str(second.value)
+
+
+@given(
+    picks=st.lists(st.integers(0, 7), max_size=30),
+    big=st.sets(st.integers(0, 7)),
+    limit=st.sampled_from([1 << 20, 400]),
+    room=st.sampled_from([1 << 30, 2000]),
+)
+@settings(max_examples=200, deadline=None)
+def test_one_events_append_is_planned_as_any_append(
+    picks: list[int], big: set[int], limit: int, room: int
+) -> None:
+    """An append of one event (a single-event POST's, planned by _plan_one) gets the same
+    result or refusal, the same rows and the same state as the plan of any append
+    (_plan_many), for any run of new, repeated, too large and no-room events in one group."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    outbox = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=7)
+    now = 1_800_000_000.0
+    at = utc(now)
+    assert at is not None
+    events = [sale(f"e{n}", lines=40 if n in big else 1) for n in range(8)]
+    planned = []
+    for plan in (outbox._plan_append, outbox._plan_many):
+        planning = _Planning(conn, _State(last_seq=5), {"e7": 3}, [], now, at, limit, "a limit")
+        outcomes: list[object] = []
+        for n in picks:
+            try:
+                outcomes.append(plan(_Append(None, [events[n]]), planning))
+            except OutboxError as exc:
+                outcomes.append((type(exc), str(exc)))
+        planned.append((outcomes, planning.state, planning.known, planning.rows))
+    assert planned[1] == planned[0]

@@ -7,11 +7,12 @@ trees with (docs/benchmarks.md, "Batched ingest: where each µs goes, by owner")
 Starts ``python -m agent run`` of the tree in the current directory (NATS unreachable, as in
 ``bench_ingest``), warms it with 10,000 events, then posts ``--events`` in batches of 500 over
 4 connections (``tests.bench.loadgen``; ``--batch 1 --concurrency 32`` for single events, as
-``bench_ingest``) and prints one JSON line: events/s and the agent's
-user and system CPU per event (``/proc/<pid>/stat``). On a shared machine the wall rate moves
-with the neighbours' load; the CPU per event moves much less, and alternating two trees (the
-old one from ``git archive main | tar -x -C /tmp/old``, run from its own directory) in one
-sitting is what tells them apart.
+``bench_ingest``) and prints one JSON line: events/s and the agent's user and system CPU per
+event (``/proc/<pid>/stat``), and of that the event loop's thread and the busiest other thread
+(the outbox's writer) per event (``/proc/<pid>/task/<tid>/stat``). On a shared machine the
+wall rate moves with the neighbours' load; the CPU per event moves much less, and alternating
+two trees (the old one from ``git archive main | tar -x -C /tmp/old``, run from its own
+directory) in one sitting is what tells them apart.
 
 ``--perf`` records ``perf record -e task-clock -g`` of the agent during the measured part;
 ``--owners`` sorts such a recording's samples by owner (msgspec decode or encode, SQLite,
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -82,11 +84,21 @@ def owners(perf_data: str, cpu_us: float) -> list[tuple[str, float, float]]:
     return [(name, share, cpu_us * share / total) for name, share in ranked]
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_times(pid: int, task: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (or of its thread ``task``) so far."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each thread of ``pid`` so far."""
+    seconds = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
+            seconds[int(task)] = sum(cpu_times(pid, int(task)))
+    return seconds
 
 
 async def measure(
@@ -107,8 +119,10 @@ async def measure(
                 )  # fmt: skip
                 await asyncio.sleep(1.0)
             user, system = cpu_times(agent.pid)
+            threads = thread_cpu(agent.pid)
             report = await run_loadgen([*load, "--events", str(events), "--run-id", "run"])
             user_after, system_after = cpu_times(agent.pid)
+            threads_after = thread_cpu(agent.pid)
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 await perf.wait()
@@ -117,12 +131,18 @@ async def measure(
     if report["accepted"] != events:
         raise RuntimeError(f"not every event was accepted: {report}")
     per_event = 1e6 / events
+    # The event loop's thread is the process's first; of the others, the busiest is the
+    # outbox's writer (its group commits), then decode threads (batches) and the reader.
+    spent = {t: threads_after[t] - threads.get(t, 0.0) for t in threads_after}
+    others = sorted((s for t, s in spent.items() if t != agent.pid), reverse=True)
     return {
         "tree": os.getcwd(),
         "events_per_s": round(report["events_per_s"]),
         "cpu_us_per_event": round((user_after + system_after - user - system) * per_event, 2),
         "user_us": round((user_after - user) * per_event, 2),
         "system_us": round((system_after - system) * per_event, 2),
+        "loop_thread_us": round(spent.get(agent.pid, 0.0) * per_event, 2),
+        "busiest_other_thread_us": round(others[0] * per_event, 2) if others else 0.0,
         "load_average": os.getloadavg()[0],
     }
 
