@@ -90,7 +90,7 @@ from nats.aio.msg import Msg
 from agent.errors import OutboxClosed, OutboxError
 from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
 from protocol.backoff import Backoff
-from protocol.connection import hpub, raw_sender
+from protocol.connection import hpub, hpub_parts, raw_sender
 from protocol.subjects import (
     EVENTS_STREAM,
     MSG_ID_HEADER,
@@ -772,7 +772,9 @@ def _hpub(subject: bytes, reply: str, msg_id: str, payload: bytes | list[bytes])
     """The HPUB command nats-py's ``publish`` sends for one message with a Nats-Msg-Id header,
     in one allocation."""
     header = b"%s%s\r\n\r\n" % (_HEADER_HEAD, msg_id.encode())
-    return hpub(subject, reply.encode(), header, payload)
+    if isinstance(payload, bytes):
+        return hpub(subject, reply.encode(), header, payload)
+    return hpub_parts(subject, reply.encode(), header, payload)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -87,15 +87,20 @@ def connect_options(
 # says so (None) and the callers use ``publish``.
 
 
-def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes | list[bytes]) -> bytes:
+def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
     """The HPUB command for one message: ``header`` is its whole header block (``NATS/1.0``
-    line, header lines, the blank line), in one allocation. ``payload`` may come in parts
-    (``protocol.wire.raw_batch_parts``): they are joined here, once."""
-    if isinstance(payload, bytes):
-        payload = [payload]
-    size = len(header) + sum(map(len, payload))
+    line, header lines, the blank line), in one allocation."""
+    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), len(header) + len(payload))
+    return b"".join((line, header, payload, b"\r\n"))
+
+
+def hpub_parts(subject: bytes, reply: bytes, header: bytes, parts: list[bytes]) -> bytes:
+    """``hpub`` of the payload ``b"".join(parts)``, joined once, here
+    (``protocol.wire.raw_batch_parts``). Kept apart from ``hpub``, which central's nats sink
+    calls per OMS record: handling both there cost it ~0.6 µs a record."""
+    size = len(header) + sum(map(len, parts))
     line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), size)
-    return b"".join((line, header, *payload, b"\r\n"))
+    return b"".join((line, header, *parts, b"\r\n"))
 
 
 def raw_sender(nc: Any) -> Any:
