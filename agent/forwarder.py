@@ -600,15 +600,18 @@ class Forwarder:
             payload = raw_batch_parts(
                 self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
             )
+        if isinstance(payload, bytes):
+            size = len(payload)
+        else:  # the records' bytes (the run's size) and the envelope's other three parts
+            size = run.size + len(payload[0]) + len(payload[1]) + len(payload[-1])
         msg_id = batch_msg_id(
             self.store_id, self.outbox.epoch, run.first_seq, run.last_seq, self._resends
         )
         reply, future = self._acks.expect()
         try:
-            await self._send(nc, payload, reply, msg_id)
+            await self._send(nc, payload, size, reply, msg_id)
         except nats.errors.MaxPayloadError:
             future.cancel()
-            size = _size(payload)
             reason = f"{size} bytes, above HQ's NATS max_payload of {nc.max_payload} bytes"
             if len(run.payloads) == 1:
                 self._set_aside(run.first_seq, reason)
@@ -637,17 +640,18 @@ class Forwarder:
         return True
 
     async def _send(
-        self, nc: NatsClient, payload: bytes | list[bytes], reply: str, msg_id: str
+        self, nc: NatsClient, payload: bytes | list[bytes], size: int, reply: str, msg_id: str
     ) -> None:
-        """Queue one batch with its msg id header, as ``nc.publish`` would (same bytes)."""
+        """Queue one batch (``size`` bytes in all) with its msg id header, as ``nc.publish``
+        would (same bytes)."""
         raw = raw_sender(nc)
-        if raw is None or not nc.is_connected or _size(payload) > nc.max_payload:
+        if raw is None or not nc.is_connected or size > nc.max_payload:
             # nats-py's own rules: buffering while reconnecting, MaxPayloadError.
             if not isinstance(payload, bytes):
                 payload = b"".join(payload)
             await nc.publish(self.subject, payload, reply=reply, headers={MSG_ID_HEADER: msg_id})
             return
-        await raw(_hpub(self._subject_bytes, reply, msg_id, payload))
+        await raw(_hpub(self._subject_bytes, reply, msg_id, payload, size))
 
     def _set_aside(self, seq: int, reason: str) -> None:
         """HQ refused record ``seq`` for good: flag it in the outbox and go on without it."""
@@ -764,17 +768,15 @@ class Forwarder:
 _HEADER_HEAD = f"NATS/1.0\r\n{MSG_ID_HEADER}: ".encode()
 
 
-def _size(payload: bytes | list[bytes]) -> int:
-    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
-
-
-def _hpub(subject: bytes, reply: str, msg_id: str, payload: bytes | list[bytes]) -> bytes:
+def _hpub(
+    subject: bytes, reply: str, msg_id: str, payload: bytes | list[bytes], size: int
+) -> bytes:
     """The HPUB command nats-py's ``publish`` sends for one message with a Nats-Msg-Id header,
-    in one allocation."""
+    in one allocation; ``size`` is the payload's length (its parts' together)."""
     header = b"%s%s\r\n\r\n" % (_HEADER_HEAD, msg_id.encode())
     if isinstance(payload, bytes):
         return hpub(subject, reply.encode(), header, payload)
-    return hpub_parts(subject, reply.encode(), header, payload)
+    return hpub_parts(subject, reply.encode(), header, payload, size)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -94,12 +94,12 @@ def hpub(subject: bytes, reply: bytes, header: bytes, payload: bytes) -> bytes:
     return b"".join((line, header, payload, b"\r\n"))
 
 
-def hpub_parts(subject: bytes, reply: bytes, header: bytes, parts: list[bytes]) -> bytes:
-    """``hpub`` of the payload ``b"".join(parts)``, joined once, here
-    (``protocol.wire.raw_batch_parts``). Kept apart from ``hpub``, which central's nats sink
-    calls per OMS record: handling both there cost it ~0.6 µs a record."""
-    size = len(header) + sum(map(len, parts))
-    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), size)
+def hpub_parts(subject: bytes, reply: bytes, header: bytes, parts: list[bytes], size: int) -> bytes:
+    """``hpub`` of the payload ``b"".join(parts)`` (``size`` bytes: the caller knows it without
+    adding up 500 records' lengths), joined once, here (``protocol.wire.raw_batch_parts``).
+    Kept apart from ``hpub``, which central's nats sink calls per OMS record: handling both
+    there cost it ~0.6 µs a record."""
+    line = b"HPUB %s %s %d %d\r\n" % (subject, reply, len(header), len(header) + size)
     return b"".join((line, header, *parts, b"\r\n"))
 
 

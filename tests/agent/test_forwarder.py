@@ -138,13 +138,13 @@ def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
     header = f"NATS/1.0\r\n{MSG_ID_HEADER}: {msg_id}\r\n\r\n".encode()
     subject = events_subject(STORE)
     expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), payload)
-    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload)
+    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, payload, len(payload))
     # A plain batch reaches _hpub in parts (raw_batch_parts), joined there once: same bytes.
     records = [bytes([i % 256]) * (i + 1) for i in range(500)]
     parts = raw_batch_parts(STORE, "0123456789abcdef", 1, 500, records)
     batch = encode_raw_batch(STORE, "0123456789abcdef", 1, 500, records)
     expected = hpub_cmd(subject, "_INBOX.x.1", bytearray(header), batch)
-    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, parts)
+    assert expected == _hpub(subject.encode(), "_INBOX.x.1", msg_id, parts, len(batch))
 
 
 async def test_a_resync_during_a_drain_re_sends_everything_from_its_seq(
