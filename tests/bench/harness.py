@@ -346,11 +346,30 @@ class RssSampler:
 MIB = 1024 * 1024
 
 
+def cpu_times(pid: int, task: int | None = None) -> tuple[float, float]:
+    """User and system CPU seconds of ``pid`` (all its threads), or of its thread ``task``, so
+    far (Linux /proc)."""
+    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def thread_cpu_times(pid: int) -> dict[int, tuple[float, float]]:
+    """``cpu_times`` of each thread of ``pid`` so far, by thread id."""
+    found = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found[int(task)] = cpu_times(pid, int(task))
+        except OSError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` (all its threads) so far (Linux /proc). On a shared
     machine the CPU per event moves much less than the wall rate."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return sum(cpu_times(pid))
 
 
 def wakeups(pid: int) -> int:

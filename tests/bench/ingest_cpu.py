@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import re
@@ -35,7 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from central.broker import free_port
-from tests.bench.harness import AgentProcess, run_loadgen
+from tests.bench.harness import AgentProcess, cpu_times, run_loadgen, thread_cpu_times
 
 WARM_UP = 10_000
 
@@ -84,23 +83,6 @@ def owners(perf_data: str, cpu_us: float) -> list[tuple[str, float, float]]:
     return [(name, share, cpu_us * share / total) for name, share in ranked]
 
 
-def cpu_times(pid: int, task: int | None = None) -> tuple[float, float]:
-    """User and system CPU seconds of ``pid`` (or of its thread ``task``) so far."""
-    path = f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat"
-    fields = Path(path).read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def thread_cpu(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each thread of ``pid`` so far."""
-    seconds = {}
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError):  # a thread that just ended
-            seconds[int(task)] = sum(cpu_times(pid, int(task)))
-    return seconds
-
-
 async def measure(
     events: int, perf_data: str | None, batch: int = 500, concurrency: int = 4
 ) -> dict[str, object]:
@@ -119,10 +101,10 @@ async def measure(
                 )  # fmt: skip
                 await asyncio.sleep(1.0)
             user, system = cpu_times(agent.pid)
-            threads = thread_cpu(agent.pid)
+            threads = thread_cpu_times(agent.pid)
             report = await run_loadgen([*load, "--events", str(events), "--run-id", "run"])
             user_after, system_after = cpu_times(agent.pid)
-            threads_after = thread_cpu(agent.pid)
+            threads_after = thread_cpu_times(agent.pid)
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 await perf.wait()
@@ -133,7 +115,7 @@ async def measure(
     per_event = 1e6 / events
     # The event loop's thread is the process's first; of the others, the busiest is the
     # outbox's writer (its group commits), then decode threads (batches) and the reader.
-    spent = {t: threads_after[t] - threads.get(t, 0.0) for t in threads_after}
+    spent = {t: sum(threads_after[t]) - sum(threads.get(t, (0.0, 0.0))) for t in threads_after}
     others = sorted((s for t, s in spent.items() if t != agent.pid), reverse=True)
     return {
         "tree": os.getcwd(),

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from tests.bench.harness import thread_cpu_times
 
 IDLE = ("PyThread_acquire_lock_timed", "_queue_SimpleQueue_get_impl", "epoll_pwait",
         "pthread_cond_timedwait", "take_gil")  # fmt: skip
@@ -78,18 +79,6 @@ def owner(frames: list[str]) -> str:
     return "other native"
 
 
-def task_ticks(pid: int) -> dict[int, tuple[int, int]]:
-    """utime, stime of every thread of ``pid``, in clock ticks."""
-    found = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the thread ended meanwhile
-        found[int(task.name)] = (int(fields[11]), int(fields[12]))
-    return found
-
-
 def child_central(parent: int) -> int | None:
     for task in Path(f"/proc/{parent}/task").iterdir():
         for child in (task / "children").read_text().split():
@@ -98,8 +87,10 @@ def child_central(parent: int) -> int | None:
     return None
 
 
-def table(raw: Path, pid: int, before: dict[int, tuple[int, int]],
-          after: dict[int, tuple[int, int]], cpu: float) -> list[tuple[str, float]]:  # fmt: skip
+Times = dict[int, tuple[float, float]]  # thread id -> user, system CPU seconds
+
+
+def table(raw: Path, pid: int, before: Times, after: Times, cpu: float) -> list[tuple[str, float]]:
     """(owner, µs of central's CPU per event), largest first."""
     delta = {t: (after[t][0] - before.get(t, (0, 0))[0], after[t][1] - before.get(t, (0, 0))[1])
              for t in after}  # fmt: skip
@@ -144,21 +135,20 @@ def main() -> int:
         bench.kill()
         raise SystemExit("central did not start")
     time.sleep(3)  # past its start-up: streams, state, the first fetch
-    before = task_ticks(pid)
+    before = thread_cpu_times(pid)
     raw = Path(f"{args.out}.raw")
     subprocess.run(
         [args.py_spy, "record", "--native", "--threads", "-r", "250", "-p", str(pid),
          "-d", str(args.seconds), "--format", "raw", "-o", str(raw)],
         check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    after = task_ticks(pid)
+    after = thread_cpu_times(pid)
     output, _ = bench.communicate()
     rows = [line for line in output.splitlines() if line.startswith("central CPU time per event")]
     if not rows:
         raise SystemExit("bench_central printed no CPU row:\n" + output)
     cpu = float(rows[-1].split("|")[1])
-    print(f"central CPU per event {cpu} µs (bench row, py-spy attached); {os.sysconf('SC_CLK_TCK')}"
-          f" ticks/s; raw stacks in {raw}")  # fmt: skip
+    print(f"central CPU per event {cpu} µs (bench row, py-spy attached); raw stacks in {raw}")
     ours = 0.0
     for name, value in table(raw, pid, before, after, cpu):
         ours += value if OURS.search(f"({name}:1)") else 0.0
