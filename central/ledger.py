@@ -50,6 +50,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from central import keyed
 from central.config import DEFAULT_LEDGER_RETENTION_DAYS
 from central.errors import StateError
 from protocol.migrations import Migration
@@ -65,12 +66,6 @@ log = logging.getLogger(__name__)
 HASH_BYTES = 8
 PRUNE_INTERVAL = 3600.0  # seconds between sweeps: keys expire by the day
 PRUNE_SLICES = 16  # transactions per store and sweep (by the hash's first 4 bits)
-LOOKUP_CHUNK = 256  # (store, hash) pairs per lookup statement, at most (512 parameters)
-# A lookup's pairs are padded (with NULLs) up to the next of these sizes: a few fixed
-# statement texts stay cached, and one new key binds 1 pair, not 256. Padding every store to
-# 500 hashes cost ~345 µs per single-record message (sqlite3 adapting 500 parameters), the
-# whole of central's per-message cost at a fleet's pace (docs/benchmarks.md).
-LOOKUP_SIZES = (1, 8, 64, LOOKUP_CHUNK)
 MERGE_KEYS = 100_000  # recent keys held (table and memory) before they move into key_ledger
 
 MIGRATION: Migration = (
@@ -176,10 +171,8 @@ def merge_recent(conn: sqlite3.Connection) -> int:
 
 @functools.cache
 def _lookup_sql(size: int) -> str:
-    keys = ", ".join(["(?, ?)"] * size)
-    # A join on the primary key; `(store_id, hash) IN (VALUES ...)` scanned the table.
     return (
-        f"SELECT k.column1, l.hash FROM (VALUES {keys}) AS k "
+        f"SELECT k.column1, l.hash FROM ({keyed.values(size, 2)}) AS k "
         "JOIN key_ledger AS l ON l.store_id = k.column1 AND l.hash = k.column2"
     )
 
@@ -188,20 +181,17 @@ def find_delivered(
     conn: sqlite3.Connection, wanted: Mapping[str, Collection[bytes]]
 ) -> dict[str, set[bytes]]:
     """Of ``wanted`` (store -> hashes), those in ``key_ledger`` (the recent tier is looked up
-    in memory: ``RecentKeys.split``): up to LOOKUP_CHUNK (store, hash) pairs per statement,
-    whatever their stores, so a unit of hundreds of stores with a key or two each (a fleet's
-    pace) is a statement or two, not one per store."""
+    in memory: ``RecentKeys.split``): (store, hash) pairs looked up together, whatever their
+    stores (``central.keyed``), so a unit of hundreds of stores with a key or two each (a
+    fleet's pace) is a statement or two, not one per store. Padding every store's lookup to
+    500 hashes had cost ~345 µs per single-record message (docs/benchmarks.md)."""
     pairs: list[str | bytes | None] = [
         value for store_id, hashes in wanted.items() for h in sorted(hashes)
         for value in (store_id, h)
     ]  # fmt: skip
     found: dict[str, set[bytes]] = {}
-    for i in range(0, len(pairs), 2 * LOOKUP_CHUNK):
-        chunk = pairs[i : i + 2 * LOOKUP_CHUNK]
-        size = next(s for s in LOOKUP_SIZES if 2 * s >= len(chunk))
-        chunk += [None] * (2 * size - len(chunk))  # NULL matches no row
-        for store_id, h in conn.execute(_lookup_sql(size), chunk):
-            found.setdefault(store_id, set()).add(h)
+    for store_id, h in keyed.joined_rows(conn, _lookup_sql, pairs, 2):
+        found.setdefault(store_id, set()).add(h)
     return found
 
 

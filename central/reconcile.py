@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from central import keyed
 from central.config import DEFAULT_LEDGER_RETENTION_DAYS, DEFAULT_RECONCILE_RETENTION_DAYS
 from central.errors import StateError
 from protocol.checkpoint import (
@@ -176,36 +177,25 @@ def note_healed(unit: Unit, store_id: str, epoch: str, records: Iterable[Record]
             totals.healed += 1
 
 
-# (store, epoch, day) keys per lookup of held day totals: padded up to the next of these sizes
-# (with NULLs, which match no row), so a few statement texts stay cached.
-_HELD_SIZES = (1, 8, 64, 256)
-
-
 @functools.cache
 def _held_sql(size: int) -> str:
-    keys = ", ".join(["(?, ?, ?)"] * size)
-    # A join, not `(...) IN (VALUES ...)`: SQLite 3.40 scanned the whole table for that.
     return (
         "SELECT d.store_id, d.epoch, d.business_day, d.totals "
-        f"FROM (VALUES {keys}) AS k JOIN reconcile_delivered AS d ON d.store_id = k.column1 "
-        "AND d.epoch = k.column2 AND d.business_day = k.column3"
+        f"FROM ({keyed.values(size, 3)}) AS k JOIN reconcile_delivered AS d "
+        "ON d.store_id = k.column1 AND d.epoch = k.column2 AND d.business_day = k.column3"
     )
 
 
 def _held_totals(
     conn: sqlite3.Connection, keys: list[tuple[str, str, str]]
 ) -> dict[tuple[str, str, str], DayTotals]:
-    """The ledger's rows for ``keys`` (distinct; those it has), a statement per 256 keys."""
-    held: dict[tuple[str, str, str], DayTotals] = {}
-    last = _HELD_SIZES[-1]
-    for i in range(0, len(keys), last):
-        chunk = keys[i : i + last]
-        size = next(s for s in _HELD_SIZES if s >= len(chunk))
-        params: list[str | None] = [value for key in chunk for value in key]
-        params += [None] * (3 * (size - len(chunk)))
-        for store_id, epoch, day, totals in conn.execute(_held_sql(size), params):
-            held[(store_id, epoch, day)] = decode_totals(totals)
-    return held
+    """The ledger's rows for ``keys`` (distinct; those it has), looked up together
+    (``central.keyed``)."""
+    params = [value for key in keys for value in key]
+    return {
+        (store_id, epoch, day): decode_totals(totals)
+        for store_id, epoch, day, totals in keyed.joined_rows(conn, _held_sql, params, 3)
+    }
 
 
 def record_delivered(conn: sqlite3.Connection, staged: Staged) -> None:
