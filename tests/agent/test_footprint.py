@@ -18,7 +18,8 @@ DEFERRED = ("agent.poslog", "xml.etree", "zoneinfo", "urllib.request", "importli
 
 
 def run_python(script: str) -> list[object]:
-    """Run ``script`` in a fresh interpreter with this tree importable; its last line, decoded."""
+    """Run ``script`` in a fresh interpreter with this tree importable; the JSON list it
+    printed last."""
     done = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -28,33 +29,40 @@ def run_python(script: str) -> list[object]:
         cwd=ROOT,
     )
     assert 0 == done.returncode, done.stderr
-    decoded: list[object] = json.loads(done.stdout.splitlines()[-1])
+    printed = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    decoded: list[object] = json.loads(printed[-1])
     return decoded
 
 
 def test_a_started_agent_defers_what_only_some_requests_need(tmp_path: Path) -> None:
-    """`storelink-agent run`'s imports and a started service leave POSLog parsing, zoneinfo,
-    urllib.request and importlib.metadata unimported."""
-    (tmp_path / "agent.toml").write_text(
+    """`storelink-agent run`, once it answers, has not imported POSLog parsing, zoneinfo,
+    urllib.request or importlib.metadata."""
+    port = free_port()
+    config = tmp_path / "agent.toml"
+    config.write_text(
         f'store_id = "S001"\ndata_dir = "{tmp_path / "data"}"\n'
-        f'[ingest]\nlisten = "127.0.0.1:{free_port()}"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
+        f'[ingest]\nlisten = "127.0.0.1:{port}"\n[nats]\nurls = ["nats://127.0.0.1:1"]\n'
     )
+    # The CLI runs in the main thread as it does from the shell; a thread waits for the port
+    # to answer, reads sys.modules, and stops the agent with the signal a supervisor sends.
     script = (
-        "import asyncio, json, sys\n"
-        "from pathlib import Path\n"
-        "import agent.cli\n"
-        "from agent.config import load_config\n"
-        "from agent.service import AgentService\n"
-        "async def main():\n"
-        f"    service = AgentService(load_config(Path({str(tmp_path / 'agent.toml')!r})))\n"
-        "    await service.start()\n"
-        "    await asyncio.sleep(0.2)\n"
-        f"    loaded = sorted(m for m in {DEFERRED!r} if m in sys.modules)\n"
-        "    await service.stop()\n"
-        "    print(json.dumps(['started', loaded]))\n"
-        "asyncio.run(main())\n"
+        "import json, os, signal, socket, sys, threading, time\n"
+        "def look():\n"
+        "    while True:\n"
+        "        try:\n"
+        f"            socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"
+        "            break\n"
+        "        except OSError:\n"
+        "            time.sleep(0.05)\n"
+        "    time.sleep(0.2)\n"
+        f"    print(json.dumps(sorted(m for m in {DEFERRED!r} if m in sys.modules)), flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=look, daemon=True).start()\n"
+        f"sys.argv = ['storelink-agent', 'run', '--config', {str(config)!r}]\n"
+        "from agent.cli import main\n"
+        "main()\n"
     )
-    assert ["started", []] == run_python(script)
+    assert [] == run_python(script)
 
 
 def test_nats_py_still_names_its_own_version() -> None:
