@@ -16,8 +16,6 @@ import re
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +90,11 @@ def _base_url(cfg: AgentConfig) -> str:
 
 def _http(cfg: AgentConfig, method: str, path: str, body: bytes | None = None) -> Any | None:
     """JSON from the running agent, or None when nothing answers on the listen address."""
+    # Here, not at the top: `run` never asks, and urllib.request (with http.client and the
+    # email package's message classes) would stay resident in the service all its life.
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(_base_url(cfg) + path, data=body, method=method)
     request.add_header("Accept", "application/json")
     if body is not None:

@@ -206,9 +206,11 @@ class PoslogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     def zone(self) -> dt.tzinfo:
         """``timezone`` as a tzinfo (checked when the config is loaded)."""
-        import zoneinfo
+        if self.timezone == "UTC":
+            return dt.UTC
+        import zoneinfo  # only for a named zone: it imports sysconfig's build-time tables
 
-        return dt.UTC if self.timezone == "UTC" else zoneinfo.ZoneInfo(self.timezone)
+        return zoneinfo.ZoneInfo(self.timezone)
 
 
 class ReconcileConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
