@@ -59,9 +59,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # target and Content-Type, and the answers are mostly of one shape. Each is turned into text (or
 # its answer's head into bytes) once and looked up after that: on single-event POSTs, decoding
 # and lowering every header name, splitting the target and formatting the status line was
-# Python paid per request. Each cache stops growing at CACHE_LIMIT entries (a client sending
-# made-up names gets the plain computation, not our memory).
+# Python paid per request. Each cache stops growing at CACHE_LIMIT entries and keeps no key
+# longer than CACHE_KEY_MAX (a client sending made-up names gets the plain computation, not
+# our memory).
 CACHE_LIMIT = 256
+CACHE_KEY_MAX = 128
 _header_names: dict[bytes, str] = {}
 _methods: dict[bytes, str] = {}
 _targets: dict[bytes, tuple[str, str]] = {}
@@ -69,9 +71,10 @@ _media_types: dict[str, str] = {}
 _heads: dict[tuple[int, str], bytes] = {}
 
 
-def _cached(cache: dict[_K, _V], key: _K, value: _V) -> _V:
-    """``value``, kept in ``cache`` under ``key`` unless the cache is full."""
-    if len(cache) < CACHE_LIMIT:
+def _cached(cache: dict[_K, _V], key: _K, value: _V, size: int = 0) -> _V:
+    """``value``, kept in ``cache`` under ``key`` (of ``size`` bytes or characters) unless the
+    cache is full or the key too long."""
+    if len(cache) < CACHE_LIMIT and size <= CACHE_KEY_MAX:
         cache[key] = value
     return value
 
@@ -80,7 +83,7 @@ def header_name(raw: bytes) -> str:
     """A header's name as ``Request.headers`` keys it: latin-1 text, lower case."""
     name = _header_names.get(raw)
     if name is None:
-        name = _cached(_header_names, raw, raw.decode("latin-1").lower())
+        name = _cached(_header_names, raw, raw.decode("latin-1").lower(), len(raw))
     return name
 
 
@@ -89,7 +92,8 @@ def split_target(target: bytes) -> tuple[str, str]:
     split = _targets.get(target)
     if split is None:
         path, _, query = target.partition(b"?")
-        split = _cached(_targets, target, (path.decode("latin-1"), query.decode("latin-1")))
+        split = (path.decode("latin-1"), query.decode("latin-1"))
+        _cached(_targets, target, split, len(target))
     return split
 
 
@@ -97,7 +101,7 @@ def media_type(value: str) -> str:
     """A Content-Type header's media type: lower case, without parameters (``charset``)."""
     found = _media_types.get(value)
     if found is None:
-        found = _cached(_media_types, value, value.partition(";")[0].strip().lower())
+        found = _cached(_media_types, value, value.partition(";")[0].strip().lower(), len(value))
     return found
 
 
@@ -377,7 +381,7 @@ class _Connection(asyncio.Protocol):
         raw = self._parser.get_method()
         method = _methods.get(raw)
         if method is None:  # httptools knows some 40 methods: the cache holds them all
-            method = _cached(_methods, raw, raw.decode("latin-1"))
+            method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
         request = Request(
             self,
             method,

@@ -3,19 +3,22 @@ trees with on a machine whose neighbours move every timing (docs/benchmarks.md, 
 ingest, the rate's bound and our Python").
 
     .venv/bin/python -m tests.bench.ingest_callgrind [--requests 3000] [--concurrency 32] \\
-        [--keep callgrind.out]
+        [--keep callgrind.out]   # then: callgrind_annotate callgrind.out-01 (the loop's thread)
 
 Starts ``python -m agent run`` of the tree in the current directory under ``valgrind
---tool=callgrind`` with instrumentation off (NATS unreachable, as in ``bench_ingest``), warms it
-with ``--warm-up`` single-event POSTs, switches instrumentation on (``callgrind_control -i
+--tool=callgrind`` with instrumentation off (NATS unreachable, as in ``bench_ingest``), warms
+it with ``--warm-up`` single-event POSTs, switches instrumentation on (``callgrind_control -i
 on``), posts ``--requests`` more over ``--concurrency`` connections (``tests.bench.loadgen``,
 its own process, not counted), dumps and prints one JSON line: instructions (Ir) per request,
-and per request by owner (the shared object the instructions ran in, ``callgrind_annotate``):
-the interpreter running Python code, msgspec, SQLite, ... The kernel is not counted (callgrind
-sees user space only). Group commits group differently under valgrind (its threads take turns),
-so the line also gives the requests per ``fdatasync`` (per group commit) of the counted part: compare trees at the
-same figure. The same binary fed the same requests gives the same count within ~1 %, whatever
-else the machine runs.
+in the event loop's thread and in the outbox writer's, and by owner (the shared object or
+source file the instructions ran in, from ``callgrind_annotate``): the interpreter running
+Python code, msgspec, SQLite, ... The kernel is not counted (callgrind sees user space only).
+
+Requests group differently under valgrind (its threads take turns), so the line also gives
+the requests per ``fdatasync`` (per group commit) of the counted part: compare trees at the
+same figure, or at ``--concurrency 1`` (one request a group, always). Counts are not timings:
+the neighbours' load does not enter them, except through how requests group and what the
+agent's timers (the forwarder's reconnects) do while a slower run lasts.
 """
 
 from __future__ import annotations
@@ -89,6 +92,27 @@ def calls_to(out_file: Path, function: str) -> int:
     return calls
 
 
+async def _control(*args: object) -> None:
+    """``callgrind_control`` with ``args``."""
+    proc = await asyncio.create_subprocess_exec(
+        "callgrind_control", *map(str, args),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    if await proc.wait() != 0:
+        raise RuntimeError(f"callgrind_control {args} failed")
+
+
+def _read_dump(directory: Path, keep: Path | None) -> tuple[list[dict[str, int]], int]:
+    """The dump's instructions by owner, one table per thread (the event loop's first), and
+    its ``fdatasync`` calls; the files are copied to ``keep``-NN."""
+    threads = sorted(directory.glob("callgrind.out.1-*"))  # dump 1, a file per thread
+    if keep is not None:
+        for path in threads:
+            shutil.copyfile(path, f"{keep}-{path.name.rsplit('-', 1)[1]}")
+    owners = [by_owner(path) for path in threads]
+    return owners, sum(calls_to(path, "fdatasync") for path in threads)
+
+
 async def measure(
     requests: int, warm_up: int, concurrency: int, keep: Path | None = None
 ) -> dict[str, object]:
@@ -98,7 +122,7 @@ async def measure(
         agent.proc = BenchProcess(
             "agent under callgrind",
             [
-                "valgrind", "--tool=callgrind", "--instr-atstart=no",
+                "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
                 f"--callgrind-out-file={out_file}", sys.executable, "-m", "agent", "run",
                 "--config", str(agent.config),
             ],
@@ -109,28 +133,29 @@ async def measure(
         try:
             load = ["--batch", "1", "--concurrency", str(concurrency), "--url", agent.url]
             await run_loadgen([*load, "--events", str(warm_up), "--run-id", "warm"])
-            subprocess.run(["callgrind_control", "-i", "on", str(agent.pid)], check=True,
-                           capture_output=True)  # fmt: skip
+            await _control("-i", "on", agent.pid)
             report = await run_loadgen([*load, "--events", str(requests), "--run-id", "run"])
-            subprocess.run(["callgrind_control", "-i", "off", str(agent.pid)], check=True,
-                           capture_output=True)  # fmt: skip
-            subprocess.run(["callgrind_control", "-d", str(agent.pid)], check=True,
-                           capture_output=True)  # fmt: skip
-            dumps = sorted(Path(tmp).glob("callgrind.out*"), key=os.path.getmtime)
-            counted = by_owner(dumps[-1])
-            commits = calls_to(dumps[-1], "fdatasync")
-            if keep is not None:
-                shutil.copyfile(dumps[-1], keep)
+            await _control("-i", "off", agent.pid)
+            await _control("-d", agent.pid)
+            threads, commits = await asyncio.to_thread(_read_dump, Path(tmp), keep)
         finally:
             await agent.stop()
     if report["accepted"] != requests:
         raise RuntimeError(f"not every event was accepted: {report}")
+    counted: dict[str, int] = defaultdict(int)
+    for table in threads:
+        for name, ir in table.items():
+            counted[name] += ir
     total = sum(counted.values())
+    per_thread = sorted((sum(t.values()) for t in threads[1:]), reverse=True)
     return {
         "tree": os.getcwd(),
         "requests": requests,
         "ir_per_request": round(total / requests),
         "requests_per_fdatasync": round(requests / max(1, commits), 2),
+        # The event loop's thread, and the busiest other (the outbox's writer).
+        "loop_thread_ir": round(sum(threads[0].values()) / requests),
+        "writer_thread_ir": round(per_thread[0] / requests) if per_thread else 0,
         "by_owner": {
             name: round(ir / requests)
             for name, ir in sorted(counted.items(), key=lambda item: -item[1])
@@ -143,7 +168,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--warm-up", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32, help="connections")
-    parser.add_argument("--keep", type=Path, help="copy the callgrind output file here")
+    parser.add_argument("--keep", type=Path, help="copy the callgrind files here (-NN: thread)")
     args = parser.parse_args()
     counted = measure(args.requests, args.warm_up, args.concurrency, args.keep)
     print(json.dumps(asyncio.run(counted)))
