@@ -695,6 +695,7 @@ class Outbox:
         # The latest business day of a committed record (set by the writer): a later one
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
+        self._day_rows = checkpoint.DayRows()  # the writer's, with the rows it last wrote
 
     # -- lifecycle --
 
@@ -1247,7 +1248,7 @@ class Outbox:
                 if counted:
                     # Before the inserts: the events were just encoded and are still in the
                     # CPU's caches, which inserting the rows would evict.
-                    newest = checkpoint.record_days(conn, counted, now)
+                    newest = checkpoint.record_days(conn, counted, now, self._day_rows)
                 if rows:
                     self._insert(conn, rows)
                 if sent_changed:
