@@ -32,15 +32,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import http
 import logging
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import TypeVar, cast
 
 import httptools
 
 log = logging.getLogger(__name__)
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 READ_AHEAD = 64 * 1024  # body bytes buffered before the handler reads (then reading pauses)
 # An idle keep-alive connection is closed after 60-120 s: a sweep every KEEPALIVE_SWEEP
@@ -53,6 +54,55 @@ DEFAULT_CONTENT_TYPE = "application/octet-stream"  # RFC 9110 8.3: what no Conte
 
 _REASONS = {s.value: s.phrase.encode() for s in http.HTTPStatus}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# What a POS sends is the same from one request to the next: the same few header names, method,
+# target and Content-Type, and the answers are mostly of one shape. Each is turned into text (or
+# its answer's head into bytes) once and looked up after that: on single-event POSTs, decoding
+# and lowering every header name, splitting the target and formatting the status line was
+# Python paid per request. Each cache stops growing at CACHE_LIMIT entries and keeps no key
+# longer than CACHE_KEY_MAX (a client sending made-up names gets the plain computation, not
+# our memory).
+CACHE_LIMIT = 256
+CACHE_KEY_MAX = 128
+_header_names: dict[bytes, str] = {}
+_methods: dict[bytes, str] = {}
+_targets: dict[bytes, tuple[str, str]] = {}
+_media_types: dict[str, str] = {}
+_heads: dict[tuple[int, str], bytes] = {}
+
+
+def _cached(cache: dict[_K, _V], key: _K, value: _V, size: int = 0) -> _V:
+    """``value``, kept in ``cache`` under ``key`` (of ``size`` bytes or characters) unless the
+    cache is full or the key too long."""
+    if len(cache) < CACHE_LIMIT and size <= CACHE_KEY_MAX:
+        cache[key] = value
+    return value
+
+
+def header_name(raw: bytes) -> str:
+    """A header's name as ``Request.headers`` keys it: latin-1 text, lower case."""
+    name = _header_names.get(raw)
+    if name is None:
+        name = _cached(_header_names, raw, raw.decode("latin-1").lower(), len(raw))
+    return name
+
+
+def split_target(target: bytes) -> tuple[str, str]:
+    """A request target as ``(path, query)``, latin-1 text, still percent-encoded."""
+    split = _targets.get(target)
+    if split is None:
+        path, _, query = target.partition(b"?")
+        split = (path.decode("latin-1"), query.decode("latin-1"))
+        _cached(_targets, target, split, len(target))
+    return split
+
+
+def media_type(value: str) -> str:
+    """A Content-Type header's media type: lower case, without parameters (``charset``)."""
+    found = _media_types.get(value)
+    if found is None:
+        found = _cached(_media_types, value, value.partition(";")[0].strip().lower(), len(value))
+    return found
 
 
 class Response:
@@ -105,9 +155,7 @@ class Request:
     ) -> None:
         self._conn = conn
         self.method = method
-        path, _, query = target.partition(b"?")
-        self.path = path.decode("latin-1")  # still percent-encoded: routes split it first
-        self.query = query.decode("latin-1")
+        self.path, self.query = split_target(target)  # still percent-encoded: routes split it
         self.headers = headers
         self.keep_alive = keep_alive
         length = headers.get("content-length")
@@ -127,7 +175,7 @@ class Request:
         value = self.headers.get("content-type")
         if value is None:
             return DEFAULT_CONTENT_TYPE
-        return value.partition(";")[0].strip().lower()
+        return media_type(value)
 
     @property
     def has_body(self) -> bool:
@@ -156,6 +204,10 @@ class Request:
             return None
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def answer(self, response: Response) -> None:
+        """Answer this request (once): written when the answers before it are."""
+        self._conn._answer(self, response)
 
     def read_nowait(self) -> bytes | None:
         """The body of a complete request (``complete`` is true): as ``read()``, no waiting."""
@@ -203,6 +255,20 @@ QuickHandler = Callable[[Request, Callable[[Response], None]], bool]
 
 def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
     """The response's bytes on the wire."""
+    body = response.body
+    if not response.headers and not close:
+        # The common answer (an event POST's 202, say): its head up to the length, made once
+        # per status and type; the same bytes as _encode_any's.
+        key = (response.status, response.content_type)
+        head = _heads.get(key)
+        if head is None:
+            head = _cached(_heads, key, _encode_any(Response(key[0], b"", key[1]))[:-5])
+        return b"%s%d\r\n\r\n%s" % (head, len(body), b"" if head_only else body)
+    return _encode_any(response, head_only=head_only, close=close)
+
+
+def _encode_any(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
+    """``encode_response`` of any response, formatted field by field."""
     body = response.body
     lines = [
         b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
@@ -304,7 +370,7 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = name.decode("latin-1").lower()
+        key = header_name(name)
         text = value.decode("latin-1")
         previous = self._headers.get(key)
         self._headers[key] = text if previous is None else f"{previous}, {text}"
@@ -312,9 +378,13 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._discarding:
             return
+        raw = self._parser.get_method()
+        method = _methods.get(raw)
+        if method is None:  # httptools knows some 40 methods: the cache holds them all
+            method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
         request = Request(
             self,
-            self._parser.get_method().decode("latin-1"),
+            method,
             self._url,
             self._headers,
             self._parser.should_keep_alive(),
@@ -383,7 +453,7 @@ class _Connection(asyncio.Protocol):
         take = self._server.quick
         if quick and take is not None:
             try:
-                if take(request, functools.partial(self._answer, request)):
+                if take(request, request.answer):
                     return
             except Exception:  # it runs inside the parser's callback: answer, do not unwind
                 log.exception("HTTP %s %s failed", request.method, request.path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import sqlite3
 from decimal import Decimal
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import nats
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.checkpoint import stage_runs
+from agent.checkpoint import DayRows, record_days, record_tills, stage_runs
 from agent.config import config_from_dict
 from agent.outbox import Outbox
 from agent.service import AgentService
@@ -24,7 +25,7 @@ from protocol.subjects import checkpoint_subject
 from protocol.wire import Checkpoint, decode_checkpoint, encode_json
 from tests.agent.conftest import STORE, T0, sale, sales
 from tests.agent.test_forwarder import make_stream
-from tests.protocol.test_checkpoint import _event, an_event
+from tests.protocol.test_checkpoint import DAY, _event, an_event
 
 
 def _return(event_id: str, day: dt.date) -> Return:
@@ -173,3 +174,38 @@ def test_a_groups_runs_stage_the_same_bytes_as_folded_run_by_run(
             place(one_by_one, ahead, first_seq, till_at=5.0)
     expected = [(day, encode_totals(totals)) for day, totals in one_by_one.items()]
     assert expected == [(d, encode_totals(t)) for d, t in stage_runs(grouped, 5.0).items()]
+
+
+@given(
+    groups=st.lists(
+        st.tuples(_runs, st.sampled_from(["commit", "commit", "rollback", "tills"])),
+        max_size=8,
+    )
+)
+@settings(max_examples=200, deadline=None)
+def test_the_writers_day_rows_store_the_same_bytes_as_reading_each_row_back(
+    groups: list[tuple[list[tuple[list[Event], bool, int]], str]],
+) -> None:
+    """record_days with the writer's DayRows (a row it wrote and reads back unchanged is
+    copied, not decoded) leaves the same day_totals bytes as store_merged decoding every row,
+    group after group, with groups rolled back and till numbers written in between."""
+    general, cached = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
+    rows = DayRows()
+    for conn in (general, cached):
+        conn.isolation_level = None
+        conn.execute("CREATE TABLE day_totals (business_day TEXT PRIMARY KEY, totals BLOB)")
+    seq = 1
+    for runs, ending in groups:
+        grouped: list[tuple[int, list[Event], dict[dt.date, DayTotals] | None]] = []
+        for events, ahead, gap in runs:
+            seq += gap
+            grouped.append((seq, events, fold_ahead(events) if ahead else None))
+            seq += len(events)
+        for conn, day_rows in ((general, None), (cached, rows)):
+            conn.execute("BEGIN")
+            record_days(conn, grouped, 5.0, day_rows)
+            if ending == "tills":
+                record_tills(conn, [(DAY, "7", seq)], 6.0)
+            conn.execute("ROLLBACK" if ending == "rollback" else "COMMIT")
+        read = "SELECT business_day, totals FROM day_totals ORDER BY business_day"
+        assert general.execute(read).fetchall() == cached.execute(read).fetchall()

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from agent import http as http_module
 from agent.http import HttpServer, Request, Response
 from agent.ingest import Ingest
 from central.broker import free_port
@@ -419,3 +422,61 @@ def test_the_running_agent_never_imports_aiohttp(tmp_path: Path) -> None:
     )
     assert 0 == done.returncode, done.stderr
     assert ["started", []] == json.loads(done.stdout.splitlines()[-1])
+
+
+# -- the head's cached parts against computing them each time --------------------------------
+
+_latin1 = st.binary(max_size=40)
+_statuses = st.sampled_from([200, 202, 400, 401, 404, 413, 422, 500, 503, 507, 599])
+_types = st.sampled_from(["application/json", "text/plain; charset=utf-8", "x/y"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    status=_statuses,
+    body=st.binary(max_size=64),
+    content_type=_types,
+    headers=st.dictionaries(st.sampled_from(["Allow", "Retry-After", "X-A"]), st.text("abc1")),
+    head_only=st.booleans(),
+    close=st.booleans(),
+)
+def test_an_answer_from_its_cached_head_is_the_same_bytes_as_formatted_field_by_field(
+    status: int,
+    body: bytes,
+    content_type: str,
+    headers: dict[str, str],
+    head_only: bool,
+    close: bool,
+) -> None:
+    """encode_response's cached head (no extra headers, not closing) gives _encode_any's bytes."""
+    response = Response(status, body, content_type, headers)
+    expected = http_module._encode_any(response, head_only=head_only, close=close)
+    assert expected == http_module.encode_response(response, head_only=head_only, close=close)
+    assert expected == http_module.encode_response(response, head_only=head_only, close=close)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=_latin1, target=_latin1, value=st.text(max_size=30))
+def test_cached_header_names_targets_and_media_types_are_computed_ones(
+    name: bytes, target: bytes, value: str
+) -> None:
+    """Each cached part of a head is what computing it gives, first time and cached."""
+    path, _, query = target.partition(b"?")
+    for _ in range(2):
+        assert name.decode("latin-1").lower() == http_module.header_name(name)
+        split = (path.decode("latin-1"), query.decode("latin-1"))
+        assert split == http_module.split_target(target)
+        assert value.partition(";")[0].strip().lower() == http_module.media_type(value)
+
+
+def test_the_head_caches_stop_growing_at_their_limit() -> None:
+    """A client sending ever new or long header names cannot grow a cache past CACHE_LIMIT
+    entries, nor keep a key longer than CACHE_KEY_MAX in one."""
+    long = b"X-" + b"a" * http_module.CACHE_KEY_MAX
+    assert long.decode().lower() == http_module.header_name(long)
+    assert long not in http_module._header_names
+    for i in range(http_module.CACHE_LIMIT + 50):
+        assert f"x-made-up-{i}" == http_module.header_name(f"X-Made-Up-{i}".encode())
+        assert (f"/p{i}", "") == http_module.split_target(f"/p{i}".encode())
+    assert http_module.CACHE_LIMIT == len(http_module._header_names)
+    assert http_module.CACHE_LIMIT == len(http_module._targets)
