@@ -288,11 +288,20 @@ _ENVELOPE_TAIL = b"\xa1v" + msgspec.msgpack.encode(WIRE_VERSION)
 
 
 def raw_batch_parts(
-    store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
+    store_id: str,
+    epoch: str,
+    first_seq: int,
+    last_seq: int,
+    records: list[bytes],
+    count: int | None = None,
 ) -> list[bytes]:
     """The bytes of ``encode_raw_batch``, in parts to be joined once, where the caller joins
     them anyway (the forwarder's HPUB command): the envelope before the records, the records'
     array header, the records, the envelope after them.
+
+    ``records`` are the records' encodings one per record, or in fewer pieces with their
+    ``count``: the agent's outbox hands a run over as one piece, its records' bytes
+    concatenated in seq order (``agent.outbox.UnsentRun``), which goes into the batch as is.
 
     msgspec splicing 500 ``msgspec.Raw`` records took ~100 µs a batch (an object per record,
     then a copy of the batch); this is ~10 µs, and the batch is copied once, by the caller's
@@ -309,7 +318,16 @@ def raw_batch_parts(
     )
     if not head.endswith(_ENVELOPE_TAIL):  # RawBatch's fields were reordered: a bug of ours
         raise AssertionError("RawBatch must end with its records, then v")
-    return [head[: -len(_ENVELOPE_TAIL)], _array_header(len(records)), *records, _ENVELOPE_TAIL]
+    length = len(records) if count is None else count
+    return [head[: -len(_ENVELOPE_TAIL)], _array_header(length), *records, _ENVELOPE_TAIL]
+
+
+def split_records(count: int, records: bytes) -> list[bytes]:
+    """``count`` records' encodings concatenated (a run as the outbox reads it), one bytes
+    object per record again: for tests and tools, not on the drain's path. Raises
+    ``msgspec.DecodeError`` when ``records`` holds fewer or more than ``count``."""
+    items = msgspec.msgpack.decode(_array_header(count) + records, type=list[msgspec.Raw])
+    return [bytes(item) for item in items]
 
 
 def _array_header(length: int) -> bytes:
@@ -322,11 +340,17 @@ def _array_header(length: int) -> bytes:
 
 
 def encode_packed_batch(
-    codec: str, store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
+    codec: str,
+    store_id: str,
+    epoch: str,
+    first_seq: int,
+    last_seq: int,
+    records: list[bytes],
+    count: int | None = None,
 ) -> bytes:
     """A packed Batch message (wire version 2): the envelope readable as is, the records
-    compressed with ``codec``."""
-    packed = pack_records(codec, records)
+    compressed with ``codec`` (``records`` and ``count`` as for ``raw_batch_parts``)."""
+    packed = pack_records(codec, records, count)
     batch = PackedBatch(
         store_id=store_id, epoch=epoch, first_seq=first_seq, last_seq=last_seq, records=[],
         codec=codec, packed=packed,
@@ -381,9 +405,11 @@ def _zstd() -> tuple[Any, Any]:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor()
 
 
-def pack_records(codec: str, records: list[bytes]) -> bytes:
-    """The msgpack array of pre-encoded records, compressed with ``codec``."""
-    raw = _msgpack_encoder.encode([msgspec.Raw(r) for r in records])
+def pack_records(codec: str, records: list[bytes], count: int | None = None) -> bytes:
+    """The msgpack array of pre-encoded records, compressed with ``codec`` (``records`` and
+    ``count`` as for ``raw_batch_parts``)."""
+    length = len(records) if count is None else count
+    raw = b"".join((_array_header(length), *records))  # what msgspec writes for [Raw, ...]
     if codec == "zstd":
         packed: bytes = _zstd()[0].compress(raw)  # writes the size in the frame header
         return packed
