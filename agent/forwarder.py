@@ -55,11 +55,11 @@ A batch is queued as one HPUB command built with one ``join`` (``_hpub``), not t
 (~1 s of agent CPU in a 1M-event drain, a third of the agent's whole cost) against ~0.01 ms for
 the join. A plain batch reaches that join in parts (``protocol.wire.raw_batch_parts``: the
 envelope, and the run's records in one piece, concatenated by SQLite as the outbox read them),
-so the batch is copied once on its way to the socket, and msgspec no longer splices 500 ``Raw`` objects (~100 µs a batch, ~0.2 s of a 1M
-drain). The bytes on the wire are the same. It is queued with
-``protocol.connection.raw_sender`` (nats-py's ``_send_command`` and ``_flush_pending``, as
-central's nats sink does); while reconnecting, or with a nats-py without them, ``publish`` is
-used.
+so the batch is copied once on its way to the socket, and msgspec no longer splices 500
+``Raw`` objects (~100 µs a batch, ~0.2 s of a 1M drain). The bytes on the wire are the same.
+It is queued with ``protocol.connection.raw_sender`` (nats-py's ``_send_command`` and
+``_flush_pending``, as central's nats sink does); while reconnecting, or with a nats-py
+without them, ``publish`` is used.
 
 We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
 existing cluster, and the store's permissions already pin the subject. The first PubAck's
@@ -99,7 +99,13 @@ from protocol.subjects import (
     inbox_prefix,
 )
 from protocol.timefmt import utc
-from protocol.wire import CODECS, UNDECODABLE, encode_packed_batch, raw_batch_parts
+from protocol.wire import (
+    CODECS,
+    UNDECODABLE,
+    Concatenated,
+    encode_packed_batch,
+    raw_batch_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -589,18 +595,16 @@ class Forwarder:
 
     async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
         epoch = self.outbox.epoch
+        records = Concatenated(run.count, run.records)
         if self.compression != "none" and run.size <= limit_bytes:
             # Packed: central unpacks at most its max_payload, so only a run that fits it
             # unpacked is packed; a larger (single) record goes plain, and is set aside when
             # the server refuses it, as without packing.
             payload: bytes | list[bytes] = encode_packed_batch(
-                self.compression, self.store_id, epoch, run.first_seq, run.last_seq,
-                [run.records], run.count,
-            )  # fmt: skip
-        else:  # in parts, joined once into the HPUB command (raw_batch_parts)
-            payload = raw_batch_parts(
-                self.store_id, epoch, run.first_seq, run.last_seq, [run.records], run.count
+                self.compression, self.store_id, epoch, run.first_seq, run.last_seq, records
             )
+        else:  # in parts, joined once into the HPUB command (raw_batch_parts)
+            payload = raw_batch_parts(self.store_id, epoch, run.first_seq, run.last_seq, records)
         if isinstance(payload, bytes):
             size = len(payload)
         else:  # the records' bytes (the run's size) and the envelope's other three parts

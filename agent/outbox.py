@@ -152,7 +152,7 @@ class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
 class UnsentRun(msgspec.Struct, frozen=True, kw_only=True):
     """Consecutive unsent records, pre-encoded, ready to splice into one batch: ``records``
     is their encodings concatenated in seq order, ``size`` bytes, one record per seq of
-    ``first_seq..last_seq`` (``protocol.wire.raw_batch_parts`` with ``count``)."""
+    ``first_seq..last_seq`` (``protocol.wire.Concatenated``)."""
 
     first_seq: int
     last_seq: int

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import zlib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -287,21 +287,30 @@ def encode_raw_batch(
 _ENVELOPE_TAIL = b"\xa1v" + msgspec.msgpack.encode(WIRE_VERSION)
 
 
+class Concatenated(NamedTuple):
+    """``number`` records' encodings concatenated in seq order: how the agent's outbox hands a
+    run over (``agent.outbox.UnsentRun``), spliced into a batch as is."""
+
+    number: int
+    data: bytes
+
+
+# Pre-encoded records: one bytes object per record, or all of them in one piece.
+Records = list[bytes] | Concatenated
+
+
+def _pieces(records: Records) -> tuple[int, list[bytes]]:
+    if isinstance(records, Concatenated):
+        return records.number, [records.data]
+    return len(records), records
+
+
 def raw_batch_parts(
-    store_id: str,
-    epoch: str,
-    first_seq: int,
-    last_seq: int,
-    records: list[bytes],
-    count: int | None = None,
+    store_id: str, epoch: str, first_seq: int, last_seq: int, records: Records
 ) -> list[bytes]:
     """The bytes of ``encode_raw_batch``, in parts to be joined once, where the caller joins
     them anyway (the forwarder's HPUB command): the envelope before the records, the records'
     array header, the records, the envelope after them.
-
-    ``records`` are the records' encodings one per record, or in fewer pieces with their
-    ``count``: the agent's outbox hands a run over as one piece, its records' bytes
-    concatenated in seq order (``agent.outbox.UnsentRun``), which goes into the batch as is.
 
     msgspec splicing 500 ``msgspec.Raw`` records took ~100 µs a batch (an object per record,
     then a copy of the batch); this is ~10 µs, and the batch is copied once, by the caller's
@@ -318,8 +327,8 @@ def raw_batch_parts(
     )
     if not head.endswith(_ENVELOPE_TAIL):  # RawBatch's fields were reordered: a bug of ours
         raise AssertionError("RawBatch must end with its records, then v")
-    length = len(records) if count is None else count
-    return [head[: -len(_ENVELOPE_TAIL)], _array_header(length), *records, _ENVELOPE_TAIL]
+    count, pieces = _pieces(records)
+    return [head[: -len(_ENVELOPE_TAIL)], _array_header(count), *pieces, _ENVELOPE_TAIL]
 
 
 def split_records(count: int, records: bytes) -> list[bytes]:
@@ -340,17 +349,11 @@ def _array_header(length: int) -> bytes:
 
 
 def encode_packed_batch(
-    codec: str,
-    store_id: str,
-    epoch: str,
-    first_seq: int,
-    last_seq: int,
-    records: list[bytes],
-    count: int | None = None,
+    codec: str, store_id: str, epoch: str, first_seq: int, last_seq: int, records: Records
 ) -> bytes:
     """A packed Batch message (wire version 2): the envelope readable as is, the records
-    compressed with ``codec`` (``records`` and ``count`` as for ``raw_batch_parts``)."""
-    packed = pack_records(codec, records, count)
+    compressed with ``codec``."""
+    packed = pack_records(codec, records)
     batch = PackedBatch(
         store_id=store_id, epoch=epoch, first_seq=first_seq, last_seq=last_seq, records=[],
         codec=codec, packed=packed,
@@ -405,11 +408,10 @@ def _zstd() -> tuple[Any, Any]:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor()
 
 
-def pack_records(codec: str, records: list[bytes], count: int | None = None) -> bytes:
-    """The msgpack array of pre-encoded records, compressed with ``codec`` (``records`` and
-    ``count`` as for ``raw_batch_parts``)."""
-    length = len(records) if count is None else count
-    raw = b"".join((_array_header(length), *records))  # what msgspec writes for [Raw, ...]
+def pack_records(codec: str, records: Records) -> bytes:
+    """The msgpack array of pre-encoded records, compressed with ``codec``."""
+    count, pieces = _pieces(records)
+    raw = b"".join((_array_header(count), *pieces))  # what msgspec writes for [Raw, ...]
     if codec == "zstd":
         packed: bytes = _zstd()[0].compress(raw)  # writes the size in the frame header
         return packed

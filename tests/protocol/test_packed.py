@@ -16,6 +16,7 @@ from protocol.wire import (
     PACKED_WIRE_VERSION,
     UNDECODABLE,
     Batch,
+    Concatenated,
     PackedBatch,
     RawBatch,
     Record,
@@ -89,12 +90,12 @@ def test_a_packed_batch_round_trips_and_is_smaller(codec: str) -> None:
 def test_records_packed_in_one_piece_are_packed_as_one_per_record(codec: str) -> None:
     """The forwarder packs a run as the outbox reads it (the records' bytes concatenated, with
     their count): the same batch as packing them one by one, and the array msgspec writes."""
-    whole = b"".join(ENCODED)
+    whole = Concatenated(len(ENCODED), b"".join(ENCODED))
     assert encode_packed_batch(codec, "S001", EPOCH, 1, 5, ENCODED) == encode_packed_batch(
-        codec, "S001", EPOCH, 1, 5, [whole], len(ENCODED)
+        codec, "S001", EPOCH, 1, 5, whole
     )
     array = msgspec.msgpack.encode([msgspec.Raw(r) for r in ENCODED])
-    assert array == unpack_records(codec, pack_records(codec, [whole], len(ENCODED)), 1 << 20)
+    assert array == unpack_records(codec, pack_records(codec, whole), 1 << 20)
 
 
 @pytest.mark.parametrize("codec", CODECS)

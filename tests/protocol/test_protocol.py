@@ -21,6 +21,7 @@ from protocol.events import (
 )
 from protocol.wire import (
     Batch,
+    Concatenated,
     RawBatch,
     ResyncReply,
     ResyncRequest,
@@ -101,7 +102,9 @@ def test_raw_batch_parts_are_msgspecs_encoding(count: int) -> None:
     assert expected == encode_raw_batch("S001", EPOCH, 1, count, records)
     # As the outbox hands a run over: the records' bytes in one piece, with their count.
     whole = b"".join(records)
-    assert expected == b"".join(raw_batch_parts("S001", EPOCH, 1, count, [whole], count))
+    assert expected == b"".join(
+        raw_batch_parts("S001", EPOCH, 1, count, Concatenated(count, whole))
+    )
     assert records == split_records(count, whole)
 
 
