@@ -54,12 +54,12 @@ A batch is queued as one HPUB command built with one ``join`` (``_hpub``), not t
 ``+``, copying a 230 KB batch twice into fresh allocations, ~0.5 ms per batch on this machine
 (~1 s of agent CPU in a 1M-event drain, a third of the agent's whole cost) against ~0.01 ms for
 the join. A plain batch reaches that join in parts (``protocol.wire.raw_batch_parts``: the
-envelope, the records as read from the outbox), so the batch is copied once on its way to the
-socket, and msgspec no longer splices 500 ``Raw`` objects (~100 µs a batch, ~0.2 s of a 1M
-drain). The bytes on the wire are the same. It is queued with
-``protocol.connection.raw_sender`` (nats-py's ``_send_command`` and ``_flush_pending``, as
-central's nats sink does); while reconnecting, or with a nats-py without them, ``publish`` is
-used.
+envelope, and the run's records in one piece, concatenated by SQLite as the outbox read them),
+so the batch is copied once on its way to the socket, and msgspec no longer splices 500
+``Raw`` objects (~100 µs a batch, ~0.2 s of a 1M drain). The bytes on the wire are the same.
+It is queued with ``protocol.connection.raw_sender`` (nats-py's ``_send_command`` and
+``_flush_pending``, as central's nats sink does); while reconnecting, or with a nats-py
+without them, ``publish`` is used.
 
 We do not send ``Nats-Expected-Stream``: HQ may run the stream under another name on an
 existing cluster, and the store's permissions already pin the subject. The first PubAck's
@@ -99,7 +99,13 @@ from protocol.subjects import (
     inbox_prefix,
 )
 from protocol.timefmt import utc
-from protocol.wire import CODECS, UNDECODABLE, encode_packed_batch, raw_batch_parts
+from protocol.wire import (
+    CODECS,
+    UNDECODABLE,
+    Concatenated,
+    encode_packed_batch,
+    raw_batch_parts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +560,7 @@ class Forwarder:
                 return
             if run is None:
                 return
-            partial = len(run.payloads) < self.batch_max_records and run.size < limit_bytes // 2
+            partial = run.count < self.batch_max_records and run.size < limit_bytes // 2
             busy = len(self._window) >= max(1, self.inflight // 2)
             if partial and busy and self.linger and not lingered:
                 # Batches are in flight anyway: give this one a moment to fill up.
@@ -589,17 +595,16 @@ class Forwarder:
 
     async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
         epoch = self.outbox.epoch
+        records = Concatenated(run.count, run.records)
         if self.compression != "none" and run.size <= limit_bytes:
             # Packed: central unpacks at most its max_payload, so only a run that fits it
             # unpacked is packed; a larger (single) record goes plain, and is set aside when
             # the server refuses it, as without packing.
             payload: bytes | list[bytes] = encode_packed_batch(
-                self.compression, self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
+                self.compression, self.store_id, epoch, run.first_seq, run.last_seq, records
             )
         else:  # in parts, joined once into the HPUB command (raw_batch_parts)
-            payload = raw_batch_parts(
-                self.store_id, epoch, run.first_seq, run.last_seq, run.payloads
-            )
+            payload = raw_batch_parts(self.store_id, epoch, run.first_seq, run.last_seq, records)
         if isinstance(payload, bytes):
             size = len(payload)
         else:  # the records' bytes (the run's size) and the envelope's other three parts
@@ -613,7 +618,7 @@ class Forwarder:
         except nats.errors.MaxPayloadError:
             future.cancel()
             reason = f"{size} bytes, above HQ's NATS max_payload of {nc.max_payload} bytes"
-            if len(run.payloads) == 1:
+            if run.count == 1:
                 self._set_aside(run.first_seq, reason)
                 self._cursor = run.last_seq
                 return True
@@ -630,7 +635,7 @@ class Forwarder:
             _Inflight(
                 first_seq=run.first_seq,
                 last_seq=run.last_seq,
-                records=len(run.payloads),
+                records=run.count,
                 size=run.size,
                 future=future,
                 deadline=time.monotonic() + self.publish_timeout,

@@ -68,7 +68,7 @@ from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import Event
 from protocol.timefmt import utc
-from protocol.wire import EventTrace, Record, encode_record
+from protocol.wire import EventTrace, Record, encode_record, split_records
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +150,23 @@ class AppendResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class UnsentRun(msgspec.Struct, frozen=True, kw_only=True):
-    """Consecutive unsent records, pre-encoded, ready to splice into one batch."""
+    """Consecutive unsent records, pre-encoded, ready to splice into one batch: ``records``
+    is their encodings concatenated in seq order, ``size`` bytes, one record per seq of
+    ``first_seq..last_seq`` (``protocol.wire.Concatenated``)."""
 
     first_seq: int
     last_seq: int
-    payloads: list[bytes]
+    records: bytes
     size: int
+
+    @property
+    def count(self) -> int:
+        return self.last_seq - self.first_seq + 1
+
+    @property
+    def payloads(self) -> list[bytes]:
+        """Each record's encoding on its own (split again: for tests and tools)."""
+        return split_records(self.count, self.records)
 
 
 class UnsentMarked(msgspec.Struct, frozen=True, kw_only=True):
@@ -645,6 +656,49 @@ def _sqlite_failure(exc: sqlite3.Error) -> OutboxError:
     return OutboxWriteFailed(reason=str(exc), disk_full=code == sqlite3.SQLITE_FULL)
 
 
+# The forwarder's next run in one statement: the ``limit`` unsent records from ``start`` on,
+# their last seq, their bytes and their encodings concatenated by SQLite. They are the run when
+# they are consecutive (as many as their seqs span) and fit ``limit_bytes``; otherwise (a gap,
+# too many bytes) _RUN_ROWS_SQL reads them again, one row at a time, to cut the run. One
+# sqlite3_step instead of one per record: Python's sqlite3 releases and takes back the GIL
+# around every step, and while the event loop publishes, each take back waits for it
+# (docs/benchmarks.md, "The 1M drain, round three"). The concatenation runs over a subquery
+# with ORDER BY and LIMIT, whose order SQLite keeps (the LIMIT makes it matter); tests compare
+# the result with the rows read one by one.
+_WHOLE_RUN_SQL = """
+SELECT count(*), max(seq), sum(length(payload)), CAST(group_concat(payload, x'') AS BLOB)
+FROM (SELECT seq, payload FROM records
+      WHERE sent_at IS NULL AND refused_at IS NULL AND seq >= ?1 AND seq < ?2
+      ORDER BY seq LIMIT ?3)
+"""
+_RUN_ROWS_SQL = (
+    "SELECT seq, payload FROM records WHERE sent_at IS NULL AND refused_at IS NULL "
+    "AND seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
+)
+
+
+def _cut_run(rows: list[tuple[int, bytes]], limit_bytes: int) -> UnsentRun | None:
+    """The run at the head of ``rows`` (unsent records in seq order): consecutive seqs, at most
+    ``limit_bytes`` of records unless the first alone is larger."""
+    if not rows:
+        return None
+    first_seq = rows[0][0]
+    payloads: list[bytes] = []
+    size = 0
+    expected = first_seq
+    for seq, payload in rows:
+        # A batch is consecutive seqs: stop at a gap (sent records between resync ranges,
+        # or a record set aside as refused by HQ).
+        if seq != expected or (payloads and size + len(payload) > limit_bytes):
+            break
+        payloads.append(payload)
+        size += len(payload)
+        expected += 1
+    return UnsentRun(
+        first_seq=first_seq, last_seq=expected - 1, records=b"".join(payloads), size=size
+    )
+
+
 # --- the outbox -----------------------------------------------------------------------------
 
 
@@ -1002,30 +1056,16 @@ class Outbox:
                 if start is None:
                     return None
                 stop = acked.next_range_start(conn, start)
-                rows = conn.execute(
-                    "SELECT seq, payload FROM records WHERE sent_at IS NULL AND "
-                    "refused_at IS NULL AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
-                    (start, stop if stop is not None else 1 << 62, limit_records),
-                ).fetchall()
+                bounds = (start, stop if stop is not None else 1 << 62, limit_records)
+                count, last, size, records = conn.execute(_WHOLE_RUN_SQL, bounds).fetchone()
+                if count and count == last - start + 1 and size <= limit_bytes:
+                    return UnsentRun(first_seq=start, last_seq=last, records=records, size=size)
+                rows = conn.execute(_RUN_ROWS_SQL, bounds).fetchall()
             finally:
                 conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot read unsent records from {self.path}: {exc}") from None
-        if not rows:
-            return None
-        first_seq = rows[0][0]
-        payloads: list[bytes] = []
-        size = 0
-        expected = first_seq
-        for seq, payload in rows:
-            # A batch is consecutive seqs: stop at a gap (sent records between resync ranges,
-            # or a record set aside as refused by HQ).
-            if seq != expected or (payloads and size + len(payload) > limit_bytes):
-                break
-            payloads.append(payload)
-            size += len(payload)
-            expected += 1
-        return UnsentRun(first_seq=first_seq, last_seq=expected - 1, payloads=payloads, size=size)
+        return _cut_run(rows, limit_bytes)
 
     def _first_seq_held_sync(self) -> int | None:
         assert self._rconn is not None

@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import zlib
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -287,8 +287,26 @@ def encode_raw_batch(
 _ENVELOPE_TAIL = b"\xa1v" + msgspec.msgpack.encode(WIRE_VERSION)
 
 
+class Concatenated(NamedTuple):
+    """``number`` records' encodings concatenated in seq order: how the agent's outbox hands a
+    run over (``agent.outbox.UnsentRun``), spliced into a batch as is."""
+
+    number: int
+    data: bytes
+
+
+# Pre-encoded records: one bytes object per record, or all of them in one piece.
+Records = list[bytes] | Concatenated
+
+
+def _pieces(records: Records) -> tuple[int, list[bytes]]:
+    if isinstance(records, Concatenated):
+        return records.number, [records.data]
+    return len(records), records
+
+
 def raw_batch_parts(
-    store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
+    store_id: str, epoch: str, first_seq: int, last_seq: int, records: Records
 ) -> list[bytes]:
     """The bytes of ``encode_raw_batch``, in parts to be joined once, where the caller joins
     them anyway (the forwarder's HPUB command): the envelope before the records, the records'
@@ -309,7 +327,16 @@ def raw_batch_parts(
     )
     if not head.endswith(_ENVELOPE_TAIL):  # RawBatch's fields were reordered: a bug of ours
         raise AssertionError("RawBatch must end with its records, then v")
-    return [head[: -len(_ENVELOPE_TAIL)], _array_header(len(records)), *records, _ENVELOPE_TAIL]
+    count, pieces = _pieces(records)
+    return [head[: -len(_ENVELOPE_TAIL)], _array_header(count), *pieces, _ENVELOPE_TAIL]
+
+
+def split_records(count: int, records: bytes) -> list[bytes]:
+    """``count`` records' encodings concatenated (a run as the outbox reads it), one bytes
+    object per record again: for tests and tools, not on the drain's path. Raises
+    ``msgspec.DecodeError`` when ``records`` holds fewer or more than ``count``."""
+    items = msgspec.msgpack.decode(_array_header(count) + records, type=list[msgspec.Raw])
+    return [bytes(item) for item in items]
 
 
 def _array_header(length: int) -> bytes:
@@ -322,7 +349,7 @@ def _array_header(length: int) -> bytes:
 
 
 def encode_packed_batch(
-    codec: str, store_id: str, epoch: str, first_seq: int, last_seq: int, records: list[bytes]
+    codec: str, store_id: str, epoch: str, first_seq: int, last_seq: int, records: Records
 ) -> bytes:
     """A packed Batch message (wire version 2): the envelope readable as is, the records
     compressed with ``codec``."""
@@ -381,9 +408,10 @@ def _zstd() -> tuple[Any, Any]:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL), zstandard.ZstdDecompressor()
 
 
-def pack_records(codec: str, records: list[bytes]) -> bytes:
+def pack_records(codec: str, records: Records) -> bytes:
     """The msgpack array of pre-encoded records, compressed with ``codec``."""
-    raw = _msgpack_encoder.encode([msgspec.Raw(r) for r in records])
+    count, pieces = _pieces(records)
+    raw = b"".join((_array_header(count), *pieces))  # what msgspec writes for [Raw, ...]
     if codec == "zstd":
         packed: bytes = _zstd()[0].compress(raw)  # writes the size in the frame header
         return packed

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import acked
 from agent.errors import (
     BufferFull,
     NotAnOutbox,
@@ -564,3 +565,94 @@ def test_one_events_append_is_planned_as_any_append(
                 outcomes.append((type(exc), str(exc)))
         planned.append((outcomes, planning.state, planning.known, planning.rows))
     assert planned[1] == planned[0]
+
+
+def _read_run_row_by_row(
+    conn: sqlite3.Connection, limit_records: int, limit_bytes: int, after_seq: int
+) -> tuple[int, int, bytes, int] | None:
+    """The unsent run after ``after_seq`` as read_unsent read it before it read runs in one
+    statement: row by row, cut in Python at the first gap or at ``limit_bytes``."""
+    start = acked.first_unsent(conn, after_seq + 1)
+    if start is None:
+        return None
+    stop = acked.next_range_start(conn, start)
+    rows = conn.execute(
+        "SELECT seq, payload FROM records WHERE sent_at IS NULL AND refused_at IS NULL "
+        "AND seq >= ? AND seq < ? ORDER BY seq LIMIT ?",
+        (start, stop if stop is not None else 1 << 62, limit_records),
+    ).fetchall()
+    payloads: list[bytes] = []
+    expected = rows[0][0]
+    for seq, payload in rows:
+        if seq != expected or (payloads and sum(map(len, payloads)) + len(payload) > limit_bytes):
+            break
+        payloads.append(payload)
+        expected += 1
+    return rows[0][0], expected - 1, b"".join(payloads), sum(map(len, payloads))
+
+
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=40),
+    fill=st.binary(min_size=1, max_size=8),
+    refused=st.sets(st.integers(min_value=1, max_value=40), max_size=4),
+    sent=st.sets(st.integers(min_value=1, max_value=40), max_size=6),
+    ranges=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 6)), max_size=3),
+    limit_records=st.integers(min_value=1, max_value=50),
+    limit_bytes=st.integers(min_value=1, max_value=6000),
+    after_seq=st.integers(min_value=0, max_value=40),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_run_read_in_one_statement_is_the_run_read_row_by_row(
+    sizes: list[int],
+    fill: bytes,
+    refused: set[int],
+    sent: set[int],
+    ranges: list[tuple[int, int]],
+    limit_records: int,
+    limit_bytes: int,
+    after_seq: int,
+) -> None:
+    """read_unsent's run (the records concatenated by SQLite when the next ``limit_records``
+    are consecutive and fit ``limit_bytes``, else cut row by row) is the run the row-by-row
+    read cuts, byte for byte, whatever the gaps (refused, sent, acknowledged ranges), the
+    limits and the payloads' bytes (NULs, invalid UTF-8)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    migrations.migrate(conn, MIGRATIONS)
+    for seq, size in enumerate(sizes, start=1):
+        payload = (fill * size)[:size] + bytes([seq % 256, 0, 0xFF])
+        conn.execute(
+            "INSERT INTO records (seq, event_id, received_at, sent_at, size, payload, "
+            "refused_at) VALUES (?, ?, 0, ?, ?, ?, ?)",
+            (seq, f"e{seq}", 1.0 if seq in sent else None, len(payload), payload,
+             1.0 if seq in refused else None),
+        )  # fmt: skip
+    for first, extra in ranges:
+        if not acked.overlapping(conn, first, first + extra):
+            acked.add(conn, first, first + extra, 1.0)
+    outbox = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    outbox._rconn = conn
+    run = outbox._read_unsent_sync(limit_records, limit_bytes, after_seq)
+    expected = _read_run_row_by_row(conn, limit_records, limit_bytes, after_seq)
+    assert expected == (
+        None if run is None else (run.first_seq, run.last_seq, run.records, run.size)
+    )
+
+
+async def test_a_backlogs_runs_are_read_in_one_statement(outbox: Outbox) -> None:
+    """A run of consecutive unsent records within the limits is read with one statement (no row
+    by row read: one GIL release for the run); a gap in the next limit_records records or a
+    run over limit_bytes is cut from the rows."""
+    await outbox.append(sales("a", 30))
+    await outbox.mark_refused_nowait(25, "too large")
+    statements: list[str] = []
+    assert outbox._rconn is not None
+    outbox._rconn.set_trace_callback(statements.append)
+    whole = await outbox.read_unsent(10, 1 << 20)
+    assert whole is not None and (1, 10) == (whole.first_seq, whole.last_seq)
+    assert not any("ORDER BY seq LIMIT ?3" in s and "group_concat" not in s for s in statements)
+    assert [decode_record(p).seq for p in whole.payloads] == list(range(1, 11))
+    for limits, after, span in [((10, 1 << 20), 20, (21, 24)), ((10, 500), 10, (11, 13))]:
+        statements.clear()
+        cut = await outbox.read_unsent(*limits, after_seq=after)
+        assert cut is not None and span == (cut.first_seq, cut.last_seq)
+        assert any("group_concat" not in s and "ORDER BY seq LIMIT" in s for s in statements)

@@ -16,6 +16,7 @@ from protocol.wire import (
     PACKED_WIRE_VERSION,
     UNDECODABLE,
     Batch,
+    Concatenated,
     PackedBatch,
     RawBatch,
     Record,
@@ -24,6 +25,7 @@ from protocol.wire import (
     encode_packed_batch,
     encode_raw_batch,
     encode_record,
+    pack_records,
     unpack_records,
 )
 from tests.protocol.samples import EPOCH, RECORDS
@@ -82,6 +84,18 @@ def test_a_packed_batch_round_trips_and_is_smaller(codec: str) -> None:
     data = encode_packed_batch(codec, "S001", EPOCH, 1, 5, ENCODED)
     assert msgspec.structs.replace(decode_batch(plain), v=2) == decode_batch(data)
     assert len(data) < len(plain)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_records_packed_in_one_piece_are_packed_as_one_per_record(codec: str) -> None:
+    """The forwarder packs a run as the outbox reads it (the records' bytes concatenated, with
+    their count): the same batch as packing them one by one, and the array msgspec writes."""
+    whole = Concatenated(len(ENCODED), b"".join(ENCODED))
+    assert encode_packed_batch(codec, "S001", EPOCH, 1, 5, ENCODED) == encode_packed_batch(
+        codec, "S001", EPOCH, 1, 5, whole
+    )
+    array = msgspec.msgpack.encode([msgspec.Raw(r) for r in ENCODED])
+    assert array == unpack_records(codec, pack_records(codec, whole), 1 << 20)
 
 
 @pytest.mark.parametrize("codec", CODECS)

@@ -21,6 +21,7 @@ from protocol.events import (
 )
 from protocol.wire import (
     Batch,
+    Concatenated,
     RawBatch,
     ResyncReply,
     ResyncRequest,
@@ -33,6 +34,7 @@ from protocol.wire import (
     encode_record,
     oms_record,
     raw_batch_parts,
+    split_records,
 )
 from tests.protocol.samples import EPOCH, EVENTS, RECORDS
 
@@ -98,6 +100,21 @@ def test_raw_batch_parts_are_msgspecs_encoding(count: int) -> None:
     expected = msgspec.msgpack.encode(batch)
     assert expected == b"".join(raw_batch_parts("S001", EPOCH, 1, count, records))
     assert expected == encode_raw_batch("S001", EPOCH, 1, count, records)
+    # As the outbox hands a run over: the records' bytes in one piece, with their count.
+    whole = b"".join(records)
+    assert expected == b"".join(
+        raw_batch_parts("S001", EPOCH, 1, count, Concatenated(count, whole))
+    )
+    assert records == split_records(count, whole)
+
+
+def test_split_records_refuses_a_wrong_count() -> None:
+    """Concatenated records split back only into exactly as many records as they hold."""
+    whole = b"".join(encode_record(r) for r in RECORDS)
+    assert len(RECORDS) == len(split_records(len(RECORDS), whole))
+    for count in (len(RECORDS) - 1, len(RECORDS) + 1):  # trailing bytes; one missing
+        with pytest.raises(msgspec.DecodeError):
+            split_records(count, whole)
 
 
 def test_decimals_stay_exact() -> None:
