@@ -7,8 +7,7 @@ recorded before them, and a read on the loop returns what the reader thread woul
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,8 @@ import pytest
 
 from agent import outbox as outbox_module
 from agent.outbox import LOOP_READ_MAX, Outbox, UnsentRun
-from tests.agent.conftest import STORE, sales
-
-
-def make(data: Path) -> Outbox:
-    return Outbox(data, store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
-
-
-@contextlib.asynccontextmanager
-async def opened(data: Path) -> AsyncIterator[Outbox]:
-    box = make(data)
-    await box.open()
-    try:
-        yield box
-    finally:
-        await box.close()
+from tests.agent.conftest import sales
+from tests.agent.test_outbox_ranges import opened
 
 
 class CountingReader(ThreadPoolExecutor):

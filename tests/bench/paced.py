@@ -77,6 +77,7 @@ class ThreadSample:
     cpu: float  # seconds, user + system
     voluntary: int
     involuntary: int
+    system: float = 0.0  # seconds, the kernel's part of ``cpu``
 
 
 def sample_threads(pid: int) -> dict[int, ThreadSample]:
@@ -91,7 +92,8 @@ def sample_threads(pid: int) -> dict[int, ThreadSample]:
         fields = stat.rsplit(")", 1)[1].split()
         vol = int(status.split("\nvoluntary_ctxt_switches:", 1)[1].split()[0])
         invol = int(status.split("\nnonvoluntary_ctxt_switches:", 1)[1].split()[0])
-        out[int(task)] = ThreadSample((int(fields[11]) + int(fields[12])) / tick, vol, invol)
+        user, system = int(fields[11]) / tick, int(fields[12]) / tick
+        out[int(task)] = ThreadSample(user + system, vol, invol, system)
     return out
 
 
@@ -136,12 +138,16 @@ def per_thread(
         acc.cpu += end.cpu - start.cpu
         acc.voluntary += end.voluntary - start.voluntary
         acc.involuntary += end.involuntary - start.involuntary
+        acc.system += end.system - start.system
     return out
 
 
 def print_table(title: str, rows: dict[str, ThreadSample], per: float, unit: str) -> None:
     print(f"\n{title}")
-    print(f"  {'thread':<22} {'CPU µs/' + unit:>14} {'vol/' + unit:>10} {'invol/' + unit:>11}")
+    print(
+        f"  {'thread':<22} {'CPU µs/' + unit:>14} {'of it sys':>10} {'vol/' + unit:>10}"
+        f" {'invol/' + unit:>11}"
+    )
     total = ThreadSample(0.0, 0, 0)
     for name, s in sorted(rows.items(), key=lambda kv: -kv[1].voluntary):
         if s.cpu == 0 and s.voluntary == 0 and s.involuntary == 0:
@@ -149,13 +155,15 @@ def print_table(title: str, rows: dict[str, ThreadSample], per: float, unit: str
         total.cpu += s.cpu
         total.voluntary += s.voluntary
         total.involuntary += s.involuntary
-        print(
-            f"  {name:<22} {s.cpu / per * 1e6:>14.1f} {s.voluntary / per:>10.2f}"
-            f" {s.involuntary / per:>11.2f}"
-        )
-    print(
-        f"  {'all threads':<22} {total.cpu / per * 1e6:>14.1f} {total.voluntary / per:>10.2f}"
-        f" {total.involuntary / per:>11.2f}"
+        total.system += s.system
+        print(_line(name, s, per))
+    print(_line("all threads", total, per))
+
+
+def _line(name: str, s: ThreadSample, per: float) -> str:
+    return (
+        f"  {name:<22} {s.cpu / per * 1e6:>14.1f} {s.system / per * 1e6:>10.1f}"
+        f" {s.voluntary / per:>10.2f} {s.involuntary / per:>11.2f}"
     )
 
 
@@ -229,8 +237,9 @@ async def run_scenario(
               f"request p50 {report.get('p50_ms', 0):.2f} ms p99 {report.get('p99_ms', 0):.2f} ms"
               f"{'' if scenario.nats_up else ' (NATS stopped: buffering only)'}")  # fmt: skip
         print_table("per event", rows, events, "event")
-        idle_per = {k: ThreadSample(v.cpu * elapsed / IDLE, round(v.voluntary * elapsed / IDLE),
-                                    round(v.involuntary * elapsed / IDLE))
+        scale = elapsed / IDLE
+        idle_per = {k: ThreadSample(v.cpu * scale, round(v.voluntary * scale),
+                                    round(v.involuntary * scale), v.system * scale)
                     for k, v in idle.items()}  # fmt: skip
         print_table("of which an idle agent (same time, scaled from 2 s idle)", idle_per,
                     events, "event")  # fmt: skip

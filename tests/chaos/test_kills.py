@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.outbox import MARK_DELAY, read_statistics_readonly
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
-from agent.outbox import MARK_DELAY, read_statistics_readonly
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
