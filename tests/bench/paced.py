@@ -1,6 +1,6 @@
 """One agent at a till's pace: its CPU and its threads' wake-ups per event (issue 17).
 
-    .venv/bin/python -m tests.bench.paced [--quick] [--strace SECONDS] [--only NAME]
+    .venv/bin/python -m tests.bench.paced [--quick] [--commits] [--strace SECONDS] [--only NAMES]
 
 A scratch tool, not a test and not part of ``python -m tests.bench``: it prints what one
 agent (``python -m agent run``, a real process) costs per event while a till POSTs at a
@@ -18,6 +18,12 @@ away (a neighbour's turn). Counted between the first POST and the last record pu
 by a core NATS subscription on the store's subject) plus a settle of ``SETTLE`` seconds, so
 the PubAck of the last batch and its commit are inside the window; an idle agent's wake-ups
 over the same time are printed too (what is not the events').
+
+``--commits``: before the scenarios, what one SQLite WAL commit of one ~600-byte row costs
+this machine's thread by itself (no agent, no other thread), with ``synchronous=FULL`` (an
+fdatasync: the agent's append) and ``NORMAL``: voluntary context switches and CPU per commit.
+The fdatasync's switches are the kernel's (the block device's I/O waits), part of every
+append's price whatever our code does.
 
 ``--strace SECONDS``: ``strace -f -c`` of the agent for that long during the 250/s single-
 event run (its syscall counts per event; futex and epoll_wait are the wake-ups' syscalls,
@@ -269,9 +275,38 @@ async def post(
     return report
 
 
+def commit_cost(root: Path, commits: int) -> None:
+    """Switches and CPU per WAL commit of one row, FULL (fdatasync) and NORMAL, one thread."""
+    import sqlite3
+    import threading
+
+    def switches() -> int:
+        status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+        return int(status.split("\nvoluntary_ctxt_switches:", 1)[1].split()[0])
+
+    conn = sqlite3.connect(root / "commits.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("CREATE TABLE t (a INTEGER PRIMARY KEY, b BLOB)")
+    print("\none SQLite WAL commit of one row, alone on its thread:")
+    for mode in ("FULL", "NORMAL"):
+        conn.execute(f"PRAGMA synchronous = {mode}")
+        woken, cpu = switches(), time.thread_time()
+        for _ in range(commits):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (b) VALUES (?)", (os.urandom(600),))
+            conn.execute("COMMIT")
+        cpu, woken = time.thread_time() - cpu, switches() - woken
+        print(f"  synchronous={mode:<6} {woken / commits:5.2f} voluntary switches, "
+              f"{cpu / commits * 1e6:6.1f} µs CPU per commit")  # fmt: skip
+    conn.close()
+
+
 async def main_async(args: argparse.Namespace) -> None:
     opts = Options(quick=args.quick)
     print(f"load: {os.getloadavg()}")
+    if args.commits:
+        async with workdir(opts, "commits") as root:
+            commit_cost(root, 50 if args.quick else 500)
     async with workdir(opts, "paced") as root:
         for scenario in SCENARIOS:
             if args.only and scenario.name not in args.only.split(","):
@@ -289,6 +324,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--strace", type=float, default=0.0, help="strace -f -c seconds")
+    parser.add_argument("--commits", action="store_true", help="one WAL commit's cost first")
     parser.add_argument("--only", default="", help="only these scenarios (names, comma-separated)")
     run_loop(main_async(parser.parse_args()))
 
