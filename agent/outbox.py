@@ -304,6 +304,7 @@ class _Append(_Job):
 class _MarkSent(_Job):
     first_seq: int
     last_seq: int
+    at: float | None = None  # when the PubAck came (None: the commit's time)
 
 
 @dataclass(eq=False)
@@ -826,7 +827,8 @@ class Outbox:
         if self._closed or not self._opened:
             raise OutboxClosed()
         future = self._new_future()
-        self._marks.append(_MarkSent(future, first_seq, last_seq))
+        # sent_at is the PubAck's time, not the later commit's.
+        self._marks.append(_MarkSent(future, first_seq, last_seq, self._clock()))
         if self._marks_timer is None:
             assert self._loop is not None
             self._marks_timer = self._loop.call_later(MARK_DELAY, self._marks_due)
@@ -837,6 +839,18 @@ class Outbox:
         if self._closed or not self._opened:
             return
         self._flush_marks()
+
+    async def _marks_committed(self) -> None:
+        """Commit the ranges waiting in memory and wait for it: for the readers that report
+        "sent" to an operator or to HQ (trace, a checkpoint's acked_through), which must see
+        every PubAck the forwarder has had, as when each was committed at once."""
+        if not self._marks:
+            return
+        last = self._marks[-1].future
+        self.commit_marks_nowait()
+        if isinstance(last, asyncio.Future):
+            with contextlib.suppress(Exception):  # a failed mark is logged by its caller
+                await asyncio.shield(last)
 
     def _marks_due(self) -> None:
         self._marks_timer = None
@@ -945,6 +959,7 @@ class Outbox:
         """``(acked_through, last_seq, the most recent days' totals)`` for a checkpoint."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
+        await self._marks_committed()
         return await self._on_reader(checkpoint.read_days, self._rconn, days)
 
     async def shrink_memory(self) -> None:
@@ -960,6 +975,7 @@ class Outbox:
         """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
+        await self._marks_committed()
         return await self._on_reader(self._trace_sync, event_id)
 
     def _trace_sync(self, event_id: str) -> EventTrace:
@@ -1510,6 +1526,8 @@ class Outbox:
     ) -> None:
         # One small row, not an UPDATE of every record's (payload-sized) row: folded into
         # records.sent_at later (agent/acked.py). It counts the records that were pending.
+        if job.at is not None:
+            now = job.at
         count = acked.add(conn, job.first_seq, job.last_seq, now)
         state.pending -= count
         state.unfolded = state.unfolded or count > 0

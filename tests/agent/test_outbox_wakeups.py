@@ -16,8 +16,9 @@ import pytest
 
 from agent import outbox as outbox_module
 from agent.outbox import LOOP_READ_MAX, Outbox, UnsentRun
+from protocol.timefmt import utc
 from tests.agent.conftest import sales
-from tests.agent.test_outbox_ranges import opened
+from tests.agent.test_outbox_ranges import T0, Clock, opened
 
 
 class CountingReader(ThreadPoolExecutor):
@@ -90,6 +91,22 @@ async def test_close_commits_the_ranges_waiting(tmp_path: Path) -> None:
     async with opened(data) as box:
         assert 0 == box.statistics().pending
         assert await box.read_unsent(100, 1 << 20) is None
+
+
+async def test_trace_and_checkpoints_see_the_ranges_in_memory(tmp_path: Path) -> None:
+    """What reports "sent" outside the agent (a checkpoint's acked_through, ``trace``) sees
+    every PubAck the forwarder has had, with the PubAck's time as sent_at, not the commit's."""
+    clock = Clock()
+    async with opened(tmp_path / "data", clock) as box:
+        events = sales("v", 3)
+        await box.append(events)
+        box.mark_sent_nowait(1, 1)
+        assert (1, 3) == (await box.read_days(0))[:2]
+        clock.now = T0 + 30
+        box.mark_sent_nowait(2, 2)
+        clock.now = T0 + 60
+        assert utc(T0 + 30) == (await box.trace(events[1].event_id)).sent_at
+        assert (await box.trace(events[2].event_id)).sent_at is None
 
 
 async def test_small_reads_on_the_loop_large_ones_on_the_reader_thread(tmp_path: Path) -> None:
