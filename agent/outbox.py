@@ -1145,13 +1145,22 @@ class Outbox:
                     break
             if not stopping:
                 # The PubAck ranges recorded since the last group ride with this one
-                # (mark_sent_nowait): no wake-up of their own. After the queue's jobs: any
-                # job queued after them took them into the queue first (_enqueue).
+                # (mark_sent_nowait): no wake-up of their own. After every job other than an
+                # append (a job queued after a range took it into the queue first, _enqueue,
+                # so these are newer), before the appends after those: an append that needs
+                # room may prune the records they made sent, as if each was committed at once.
+                marks: list[_Job] = []
                 while True:
                     try:
-                        jobs.append(self._marks.popleft())
+                        marks.append(self._marks.popleft())
                     except IndexError:
                         break
+                if marks:
+                    at = max(
+                        (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
+                        default=0,
+                    )
+                    jobs[at:at] = marks
             shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
             if shrink:
                 jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]

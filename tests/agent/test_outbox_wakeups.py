@@ -17,7 +17,7 @@ import pytest
 from agent import outbox as outbox_module
 from agent.outbox import LOOP_READ_MAX, Outbox, UnsentRun
 from protocol.timefmt import utc
-from tests.agent.conftest import sales
+from tests.agent.conftest import STORE, sales
 from tests.agent.test_outbox_ranges import T0, Clock, opened
 
 
@@ -66,6 +66,25 @@ async def test_a_pubacks_range_alone_is_committed_after_mark_delay(
         await box.append(sales("q", 3))
         await asyncio.wait_for(box.mark_sent_nowait(1, 3), 5)
         assert 0 == box.statistics().pending
+
+
+async def test_an_append_may_prune_what_a_range_in_memory_made_sent(tmp_path: Path) -> None:
+    """A full buffer: the append right after a PubAck prunes the records it acknowledged (the
+    range is committed before the append in their group), as when each range was committed
+    at once; without the range they could not go and the append was refused."""
+    data = tmp_path / "data"
+    async with opened(data) as box:
+        await box.append(sales("f", 10))
+    one = box.statistics().buffer_bytes // 10
+    box = Outbox(data, store_id=STORE, max_buffer_bytes=one * 10 + one // 2, retention_days=7)
+    await box.open()
+    try:
+        marked = box.mark_sent_nowait(1, 2)
+        result = await box.append(sales("g", 2))
+        assert marked.done() and [11, 12] == result.seqs
+        assert (10, 10) == (box.statistics().pending, box.statistics().buffer_bytes // one)
+    finally:
+        await box.close()
 
 
 async def test_a_resync_sees_the_ranges_recorded_before_it(tmp_path: Path) -> None:
