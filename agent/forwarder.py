@@ -720,8 +720,9 @@ class Forwarder:
             return
         self._last_ack_at = self._clock()
         self._denied = None
-        # Not awaited: the writer group-commits these with ingest's appends. Losing one in a
-        # crash only means re-sending records central already has.
+        # Not awaited, and the writer is not woken for it: it is committed with ingest's next
+        # append (Outbox.mark_sent_nowait). Losing one in a crash only means re-sending
+        # records central already has.
         self._marking = self.outbox.mark_sent_nowait(first, last)
         self._marking.add_done_callback(_log_mark_failure)
 
@@ -761,9 +762,12 @@ class Forwarder:
         await self._sleep(self._retry.next())
 
     async def wait_marked(self) -> None:
-        """Wait until the last mark-sent handed to the outbox is committed."""
+        """Wait until the last mark-sent handed to the outbox is committed (now: the ranges
+        waiting for the writer's next group are handed to it)."""
         marking = self._marking
         if marking is not None:
+            if not marking.done():
+                self.outbox.commit_marks_nowait()
             try:
                 await marking
             except Exception:  # already logged by _log_mark_failure

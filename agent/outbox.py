@@ -29,6 +29,7 @@ warning.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import functools
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 import msgspec
 
@@ -71,6 +72,7 @@ from protocol.timefmt import utc
 from protocol.wire import EventTrace, Record, encode_record, split_records
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 OUTBOX_FILENAME = "outbox.db"
 LOCK_FILENAME = "agent.lock"
@@ -84,6 +86,12 @@ LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
 # transactions per event (append, range, fold).
 FOLD_AFTER_MARKS = 64
 FOLD_QUIET = 1.0
+# A PubAck's range waits in memory for the writer's next group (a till's next append) at most
+# this long before the writer is woken for it alone (``mark_sent_nowait``).
+MARK_DELAY = 1.0
+# At most this many pending records: the forwarder's read is done on the event loop, not on
+# the reader thread (Outbox.read_unsent).
+LOOP_READ_MAX = 16
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PRIVATE_DIR_MODE = 0o700
@@ -307,6 +315,7 @@ class _Append(_Job):
 class _MarkSent(_Job):
     first_seq: int
     last_seq: int
+    at: float | None = None  # when the PubAck came (None: the commit's time)
 
 
 @dataclass(eq=False)
@@ -734,11 +743,19 @@ class Outbox:
         self._rewind_to: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # PubAck ranges not handed to the writer yet (mark_sent_nowait): the loop appends, the
+        # writer takes them into its next group; each popleft is atomic, so each range is
+        # taken once, by one side.
+        self._marks: collections.deque[_MarkSent] = collections.deque()
+        self._marks_timer: asyncio.TimerHandle | None = None
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
         self._lazy_sync = False  # the writer connection runs synchronous=NORMAL (_run_group)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._rconn: sqlite3.Connection | None = None
+        # Held while the reader connection is in use: on the reader thread, or on the event
+        # loop for a small read (read_unsent) when the reader thread is not using it.
+        self._rlock = threading.Lock()
         self._lock = _FileLock(data_dir / LOCK_FILENAME)
         self._state = _State()
         self._published: _State | None = None  # the state after the last commit (writer)
@@ -819,13 +836,17 @@ class Outbox:
         """Finish every queued job, then close the files and release the lock."""
         if self._closed:
             return
+        if self._marks_timer is not None:
+            self._marks_timer.cancel()
+            self._marks_timer = None
+        self._flush_marks()  # committed before the writer stops
         self._closed = True
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
         reader_conn = self._rconn
         if reader_conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._reader, reader_conn.close)
+            await self._on_reader(reader_conn.close)
         self._reader.shutdown(wait=True)
         self._lock.release()
 
@@ -854,10 +875,55 @@ class Outbox:
         self._enqueue(_Append(_Then(then), events))
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
-        """Queue "JetStream acknowledged first..last"; the future resolves after commit."""
+        """Record "JetStream acknowledged first..last"; the future resolves after commit.
+
+        The writer is not woken for it: the range waits in memory and is committed in the
+        writer's next group (at a till's pace, the next append's), or after ``MARK_DELAY``
+        seconds, or before any job that is not an append (a resync must see it), whichever
+        comes first. Waking the writer for each PubAck cost a writer wake-up and an event loop
+        wake-up (the commit's hand-back) per event, with the GIL handed back and forth between
+        them (docs/benchmarks.md, "An agent at a till's pace"). A crash loses at most these
+        ranges: their records are sent again and central drops them by its mark, as with a
+        range committed without fsync (docs/guarantees.md)."""
+        if self._closed or not self._opened:
+            raise OutboxClosed()
         future = self._new_future()
-        self._enqueue(_MarkSent(future, first_seq, last_seq))
+        # sent_at is the PubAck's time, not the later commit's.
+        self._marks.append(_MarkSent(future, first_seq, last_seq, self._clock()))
+        if self._marks_timer is None:
+            assert self._loop is not None
+            self._marks_timer = self._loop.call_later(MARK_DELAY, self._marks_due)
         return future
+
+    def commit_marks_nowait(self) -> None:
+        """Hand the PubAck ranges waiting in memory to the writer now (wakes it)."""
+        if self._closed or not self._opened:
+            return
+        self._flush_marks()
+
+    async def _marks_committed(self) -> None:
+        """Commit the ranges waiting in memory and wait for it: for the readers that report
+        "sent" to an operator or to HQ (trace, a checkpoint's acked_through), which must see
+        every PubAck the forwarder has had, as when each was committed at once."""
+        if not self._marks:
+            return
+        last = self._marks[-1].future
+        self.commit_marks_nowait()
+        if isinstance(last, asyncio.Future):
+            with contextlib.suppress(Exception):  # a failed mark is logged by its caller
+                await asyncio.shield(last)
+
+    def _marks_due(self) -> None:
+        self._marks_timer = None
+        self.commit_marks_nowait()
+
+    def _flush_marks(self) -> None:
+        while True:
+            try:
+                job = self._marks.popleft()
+            except IndexError:
+                return
+            self._queue.put(job)
 
     async def note_tills(self, numbers: Sequence[tuple[dt.date, str, int]]) -> None:
         """Record till numbers used without an event ``(business day, workstation, number)``
@@ -866,7 +932,8 @@ class Outbox:
             await self._submit(_NoteTills(self._new_future(), numbers))
 
     async def mark_sent(self, first_seq: int, last_seq: int) -> None:
-        await self.mark_sent_nowait(first_seq, last_seq)
+        """``mark_sent_nowait``, committed now."""
+        await self._submit(_MarkSent(self._new_future(), first_seq, last_seq))
 
     async def mark_unsent(
         self,
@@ -932,24 +999,29 @@ class Outbox:
         ``limit_records`` and ``limit_bytes`` (at least one record), or None."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._reader, self._read_unsent_sync, limit_records, limit_bytes, after_seq
-        )
+        if self._state.pending <= LOOP_READ_MAX and self._rlock.acquire(blocking=False):
+            # A till's trickle: a record or a few, read here (~20-60 µs) rather than on the
+            # reader thread, which cost a reader wake-up and a loop wake-up per read, with the
+            # GIL handed between the threads at each statement (docs/benchmarks.md, "An agent
+            # at a till's pace"). A backlog's runs are still read on the reader thread.
+            try:
+                return self._read_unsent_sync(limit_records, limit_bytes, after_seq)
+            finally:
+                self._rlock.release()
+        return await self._on_reader(self._read_unsent_sync, limit_records, limit_bytes, after_seq)
 
     async def first_seq_held(self) -> int | None:
         """The lowest seq the outbox still holds (older ones were pruned), None when empty."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, self._first_seq_held_sync)
+        return await self._on_reader(self._first_seq_held_sync)
 
     async def read_days(self, days: int) -> tuple[int, int, list[DayTotals]]:
         """``(acked_through, last_seq, the most recent days' totals)`` for a checkpoint."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, checkpoint.read_days, self._rconn, days)
+        await self._marks_committed()
+        return await self._on_reader(checkpoint.read_days, self._rconn, days)
 
     async def shrink_memory(self) -> None:
         """Free both connections' SQLite page caches (``PRAGMA shrink_memory``): 2 MiB each
@@ -958,15 +1030,14 @@ class Outbox:
         if self._closed or self._rconn is None:
             raise OutboxClosed()
         await self._submit(_ShrinkMemory(self._new_future()))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._reader, self._rconn.execute, "PRAGMA shrink_memory")
+        await self._on_reader(self._rconn.execute, "PRAGMA shrink_memory")
 
     async def trace(self, event_id: str) -> EventTrace:
         """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._reader, self._trace_sync, event_id)
+        await self._marks_committed()
+        return await self._on_reader(self._trace_sync, event_id)
 
     def _trace_sync(self, event_id: str) -> EventTrace:
         assert self._rconn is not None
@@ -1016,6 +1087,10 @@ class Outbox:
     def _enqueue(self, job: _Job) -> None:
         if self._closed or not self._opened:
             raise OutboxClosed()
+        if self._marks and not isinstance(job, _Append):
+            # PubAck ranges recorded before this job are committed before it (a resync, a
+            # refusal or a prune must see them); appends do not care, their seqs are new.
+            self._flush_marks()
         self._queue.put(job)
 
     async def _submit(self, job: _Job) -> Any:
@@ -1041,6 +1116,15 @@ class Outbox:
                 listener()
 
     # -- reader thread --
+
+    def _on_reader(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """``fn(*args)`` on the reader thread, holding the reader connection's lock."""
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._reader, self._locked, fn, *args)
+
+    def _locked(self, fn: Callable[..., _T], *args: Any) -> _T:
+        with self._rlock:
+            return fn(*args)
 
     def _read_unsent_sync(
         self, limit_records: int, limit_bytes: int, after_seq: int
@@ -1108,6 +1192,24 @@ class Outbox:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
+            if not stopping:
+                # The PubAck ranges recorded since the last group ride with this one
+                # (mark_sent_nowait): no wake-up of their own. After every job other than an
+                # append (a job queued after a range took it into the queue first, _enqueue,
+                # so these are newer), before the appends after those: an append that needs
+                # room may prune the records they made sent, as if each was committed at once.
+                marks: list[_Job] = []
+                while True:
+                    try:
+                        marks.append(self._marks.popleft())
+                    except IndexError:
+                        break
+                if marks:
+                    at = max(
+                        (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
+                        default=0,
+                    )
+                    jobs[at:at] = marks
             shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
             if shrink:
                 jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
@@ -1482,6 +1584,8 @@ class Outbox:
     ) -> None:
         # One small row, not an UPDATE of every record's (payload-sized) row: folded into
         # records.sent_at later (agent/acked.py). It counts the records that were pending.
+        if job.at is not None:
+            now = job.at
         count = acked.add(conn, job.first_seq, job.last_seq, now)
         state.pending -= count
         state.unfolded = state.unfolded or count > 0

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
+from agent.outbox import MARK_DELAY, read_statistics_readonly
 from agent.simulator import Till
 from central.broker import EmbeddedBroker
 from central.demo import Pipeline
@@ -21,6 +22,7 @@ from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
     agent_pending,
+    agent_status,
     all_booked,
     assert_promise,
     eventually,
@@ -60,6 +62,37 @@ async def test_agent_killed_again_and_again_while_draining_and_ingesting(
     assert 23_000 == len(ledger.accepted)
     assert any(pending > 0 for pending in pending_at_kill), pending_at_kill  # mid-drain kills
     await eventually(all_booked(ledger, booked), 60, "every accepted event booked")
+    assert_promise(ledger, booked)
+
+
+async def test_agent_killed_after_pubacks_whose_ranges_were_not_committed(
+    make_pipeline: Callable[..., Pipeline], broker: EmbeddedBroker
+) -> None:
+    """A till's last events are PubAcked, and their ranges still wait in memory for the
+    writer's next group (Outbox.mark_sent_nowait: up to MARK_DELAY) when the agent is killed
+    -9: after the restart they are pending again, sent again, and central books each once."""
+    p = make_pipeline(nats_url=broker.url)
+    await p.start()
+    booked = FileSinkBooked(p.sink_path)
+    ledger = Ledger()
+    events = list(Till(store_id="S1", seed=41, run_id="trickle").events(20))
+    started = asyncio.get_running_loop().time()
+    await ring(p.agent_url("S1"), "S1", events, ledger, batch_size=1, concurrency=1)
+    assert 20 == len(ledger.accepted)
+
+    def acked() -> bool:
+        return int(agent_status(p)["forwarder"]["records_sent"]) == 20
+
+    await eventually(acked, 30, "every event PubAcked")
+    p.agents["S1"].kill()
+    assert asyncio.get_running_loop().time() - started < MARK_DELAY  # no timer committed them
+    data = p.root / "stores" / "S1" / "data"
+    lost = read_statistics_readonly(data, max_buffer_bytes=1 << 30).pending
+    assert 0 < lost  # acknowledged by JetStream, not committed as sent: they go again
+    await p.agents["S1"].start()
+    await eventually(lambda: agent_pending(p) == 0, 30, "re-sent and acknowledged")
+    assert lost <= int(agent_status(p)["forwarder"]["records_sent"])
+    await eventually(all_booked(ledger, booked), 30, "every accepted event booked")
     assert_promise(ledger, booked)
 
 
