@@ -40,6 +40,15 @@ MIGRATION: migrations.Migration = (
 )
 
 _UNSENT = "sent_at IS NULL AND refused_at IS NULL"
+# How many records of a PubAck's range it makes sent, counted in the partial index of unsent
+# records. Once the writer's `PRAGMA optimize` has analysed the table, SQLite's planner picks
+# the rowid range instead and reads every record's row (~460 bytes of payload each) where the
+# index holds just the seqs: ~4x the time per batch of 500 (docs/benchmarks.md, "The 1M
+# drain, round three").
+COUNT_UNSENT_SQL = (
+    "SELECT count(*) FROM records INDEXED BY records_unsent "
+    f"WHERE {_UNSENT} AND seq BETWEEN ? AND ?"
+)
 
 
 def has_ranges_table(conn: sqlite3.Connection) -> bool:
@@ -116,10 +125,7 @@ def add(conn: sqlite3.Connection, first_seq: int, last_seq: int, now: float) -> 
     transaction); return how many records it made sent (the ones that were pending)."""
     for low, high, _at in overlapping(conn, first_seq, last_seq):
         fold_range(conn, low, high)
-    (count,) = conn.execute(
-        f"SELECT count(*) FROM records WHERE {_UNSENT} AND seq BETWEEN ? AND ?",
-        (first_seq, last_seq),
-    ).fetchone()
+    (count,) = conn.execute(COUNT_UNSENT_SQL, (first_seq, last_seq)).fetchone()
     if count:
         conn.execute(
             "INSERT INTO acked_ranges (first_seq, last_seq, sent_at) VALUES (?, ?, ?)",

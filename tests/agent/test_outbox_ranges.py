@@ -180,6 +180,33 @@ def test_fold_works_in_bounded_chunks(tmp_path: Path) -> None:
     conn.close()
 
 
+def test_add_counts_the_unsent_from_the_index_not_the_rows(tmp_path: Path) -> None:
+    """acked.add counts a PubAck's newly sent records in the partial index of unsent records,
+    also once the writer's ``PRAGMA optimize`` has analysed the table (the planner then walks
+    the rowid range, reading each record's payload: ~4x slower per batch in a drain), and the
+    count skips records already sent or refused."""
+    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    for seq in range(1, 21):
+        conn.execute(
+            "INSERT INTO records (seq, event_id, received_at, size, payload) "
+            "VALUES (?, ?, 0, 1, zeroblob(400))",
+            (seq, f"e{seq}"),
+        )
+    conn.execute("UPDATE records SET sent_at = 5.0 WHERE seq IN (2, 3)")
+    conn.execute("UPDATE records SET refused_at = 5.0, refused_reason = 'x' WHERE seq = 4")
+    conn.execute("ANALYZE")
+    plan = " ".join(
+        row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + acked.COUNT_UNSENT_SQL, (1, 10))
+    )
+    assert "USING INDEX records_unsent" in plan, plan
+    assert 7 == acked.add(conn, 1, 10, 7.0)  # 1, 5..10: 2 and 3 were sent, 4 refused
+    assert [(1, 10, 7.0)] == conn.execute("SELECT * FROM acked_ranges").fetchall()
+    assert 0 == acked.add(conn, 1, 10, 8.0)  # the first range folded, nothing new to count
+    assert [] == conn.execute("SELECT * FROM acked_ranges").fetchall()
+    conn.close()
+
+
 async def test_resync_splits_an_unfolded_range(tmp_path: Path) -> None:
     """Marking part of an acknowledged range unsent splits the range around it: exactly those
     records are pending again, re-sent, and traced as unsent; the rest stay sent."""
