@@ -109,6 +109,7 @@ class Control:
             return ControlError(error=f"bad control request: {exc}")
         try:
             if isinstance(request, StatusRequest):
+                await self.outbox.marks_committed()  # pending as of the last PubAck
                 return self._status()
             if isinstance(request, ResyncRequest):
                 return await self._resync(request)

@@ -89,6 +89,10 @@ class EventSink(Protocol):
         retry_refused: bool = False,
     ) -> UnsentMarked: ...
 
+    async def marks_committed(self) -> None:
+        """Commit the PubAcks' ranges still waiting in memory (before ``pending`` is read)."""
+        ...
+
     @property
     def is_open(self) -> bool: ...
 
@@ -597,6 +601,7 @@ class Ingest:
             refused = self._gate(request)
             if refused is not None and refused.status == 401:
                 return refused
+        await self.sink.marks_committed()  # pending and last_ack_at as of the last PubAck
         return _ok(200, self._status())
 
     async def _healthz(self, request: Request) -> Response:
@@ -605,6 +610,7 @@ class Ingest:
         return _ok(200, {"ok": True, "stopping": self._stopping})
 
     async def _metrics(self, request: Request) -> Response:
+        await self.sink.marks_committed()  # pending and last_ack_at as of the last PubAck
         status = msgspec.to_builtins(self._status())
         ingest = msgspec.to_builtins(self.statistics())
         assert isinstance(status, dict) and isinstance(ingest, dict)

@@ -901,10 +901,11 @@ class Outbox:
             return
         self._flush_marks()
 
-    async def _marks_committed(self) -> None:
+    async def marks_committed(self) -> None:
         """Commit the ranges waiting in memory and wait for it: for the readers that report
-        "sent" to an operator or to HQ (trace, a checkpoint's acked_through), which must see
-        every PubAck the forwarder has had, as when each was committed at once."""
+        "sent" to an operator or to HQ (trace, a checkpoint's acked_through, the status and
+        metrics pages, central's status request), which must see every PubAck the forwarder
+        has had, as when each was committed at once."""
         if not self._marks:
             return
         last = self._marks[-1].future
@@ -1020,7 +1021,7 @@ class Outbox:
         """``(acked_through, last_seq, the most recent days' totals)`` for a checkpoint."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        await self._marks_committed()
+        await self.marks_committed()
         return await self._on_reader(checkpoint.read_days, self._rconn, days)
 
     async def shrink_memory(self) -> None:
@@ -1036,7 +1037,7 @@ class Outbox:
         """What the outbox holds of ``event_id`` (``storelink-agent trace``)."""
         if self._closed or self._rconn is None:
             raise OutboxClosed()
-        await self._marks_committed()
+        await self.marks_committed()
         return await self._on_reader(self._trace_sync, event_id)
 
     def _trace_sync(self, event_id: str) -> EventTrace:

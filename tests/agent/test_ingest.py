@@ -277,6 +277,9 @@ class HeldSink:
     ) -> UnsentMarked:
         raise AssertionError("not used")
 
+    async def marks_committed(self) -> None:
+        return None
+
     @property
     def is_open(self) -> bool:
         return True

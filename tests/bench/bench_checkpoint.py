@@ -76,7 +76,7 @@ async def run(opts: Options) -> Table:
         root = Path(tmp)
         best_with = best_without = 0.0
         for r in range(rounds):
-            checkpoint.record_days = lambda conn, records, now: None  # type: ignore[assignment]
+            checkpoint.record_days = lambda conn, records, now, rows=None: None  # type: ignore[assignment]
             try:
                 best_without = max(best_without, await _append_rate(root, events, f"without{r}"))
             finally:
