@@ -766,7 +766,7 @@ class Outbox:
         # The latest business day of a committed record (set by the writer): a later one
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
-        self._day_rows = checkpoint.DayRows()  # the writer's, with the rows it last wrote
+        self._day_rows = checkpoint.DayRows()  # the writer's day_totals rows, as it holds them
 
     # -- lifecycle --
 
@@ -1165,6 +1165,7 @@ class Outbox:
     def _run_writer(self) -> None:
         conn = self._wconn
         assert conn is not None and self._loop is not None
+        self._day_rows.forget()  # a reopened outbox may be another file (one moved aside)
         next_prune = time.monotonic() + self.prune_interval
         stopping = False
         last_job = time.monotonic()
@@ -1379,7 +1380,7 @@ class Outbox:
                         sent_changed = True
                         pending_results.append((job, None, None))
                     elif isinstance(job, _NoteTills):
-                        checkpoint.record_tills(conn, job.numbers, now)
+                        checkpoint.record_tills(conn, job.numbers, now, self._day_rows)
                         pending_results.append((job, None, None))
                     elif isinstance(job, _SetMeta):
                         conn.execute(
@@ -1400,6 +1401,7 @@ class Outbox:
                     state.oldest_pending_at = _received_at(conn, first)
                 conn.execute("COMMIT")
             except BaseException:
+                self._day_rows.forget()  # the rows it held may be this transaction's
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
