@@ -37,6 +37,7 @@ from nats.aio.client import Client as NatsClient
 from agent import acked
 from protocol import migrations
 from protocol.checkpoint import (
+    Connection,
     DayTotals,
     TillHole,
     add_run,
@@ -86,9 +87,7 @@ class DayRows:
     def __init__(self) -> None:
         self._held: dict[str, DayTotals] = {}
 
-    def store_merged(
-        self, conn: sqlite3.Connection, business_day: dt.date, totals: DayTotals
-    ) -> None:
+    def store_merged(self, conn: Connection, business_day: dt.date, totals: DayTotals) -> None:
         """``protocol.checkpoint.store_merged`` into ``day_totals``."""
         day = business_day.isoformat()
         held = self._held.get(day)
@@ -118,7 +117,7 @@ class DayRows:
 
 
 def record_days(
-    conn: sqlite3.Connection,
+    conn: Connection,
     runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
     now: float,
     rows: DayRows | None = None,
@@ -181,7 +180,7 @@ def _stretches(
 
 
 def record_tills(
-    conn: sqlite3.Connection,
+    conn: Connection,
     numbers: Sequence[tuple[dt.date, str, int]],
     now: float,
     rows: DayRows | None = None,

@@ -750,6 +750,8 @@ class Outbox:
         self._marks_timer: asyncio.TimerHandle | None = None
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
+        # The writer's group statements run on one cursor, not a new one per statement.
+        self._wcur: sqlite3.Cursor | None = None
         self._lazy_sync = False  # the writer connection runs synchronous=NORMAL (_run_group)
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._rconn: sqlite3.Connection | None = None
@@ -821,6 +823,7 @@ class Outbox:
                 conn.close()
                 raise
             self._wconn = conn
+            self._wcur = conn.cursor()
             self._rconn = _connect(self.path)
             self._publish_snapshot(self._state)
         except BaseException:
@@ -1305,6 +1308,8 @@ class Outbox:
         now = self._clock()
         state = self._state.copy()
         outcome = _Outcome()
+        cur = self._wcur  # the group's own statements; the rarer jobs' on ``conn``
+        assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
         lazy = all(isinstance(job, _MarkSent | _Fold) for job in jobs)
         try:
@@ -1314,10 +1319,10 @@ class Outbox:
                 # frames are synced by the next FULL commit or checkpoint, whichever is first.
                 conn.execute(f"PRAGMA synchronous = {'NORMAL' if lazy else 'FULL'}")
                 self._lazy_sync = lazy
-            conn.execute("BEGIN IMMEDIATE")
+            cur.execute("BEGIN IMMEDIATE")
             try:
                 appends = [j for j in jobs if isinstance(j, _Append)]
-                known = self._lookup(conn, appends) if appends else {}
+                known = self._lookup(cur, appends) if appends else {}
                 rows: list[_Row] = []
                 # Once per group, not per append (a group of single-event POSTs has dozens):
                 # the records' received_at and the size limit, as of this transaction.
@@ -1346,14 +1351,14 @@ class Outbox:
                                 counted.append((result.first_seq, new, ahead))
                     elif isinstance(job, _MarkSent):
                         if rows:
-                            self._insert(conn, rows)
+                            self._insert(cur, rows)
                             rows.clear()
                         self._mark_sent(conn, job, state, now)
                         sent_changed = True
                         pending_results.append((job, None, None))
                     elif isinstance(job, _MarkUnsent):
                         if rows:  # the range may include records appended in this group
-                            self._insert(conn, rows)
+                            self._insert(cur, rows)
                             rows.clear()
                         marked, low = self._mark_unsent(conn, job, state)
                         sent_changed = True
@@ -1364,7 +1369,7 @@ class Outbox:
                         pending_results.append((job, marked, None))
                     elif isinstance(job, _Prune):
                         if rows:
-                            self._insert(conn, rows)
+                            self._insert(cur, rows)
                             rows.clear()
                         pruned = self._prune_expired(conn, state, now, limit=PRUNE_CHUNK)
                         pending_results.append((job, pruned, None))
@@ -1374,13 +1379,13 @@ class Outbox:
                         pending_results.append((job, None, None))
                     elif isinstance(job, _MarkRefused):
                         if rows:
-                            self._insert(conn, rows)
+                            self._insert(cur, rows)
                             rows.clear()
                         self._mark_refused(conn, job, state, now)
                         sent_changed = True
                         pending_results.append((job, None, None))
                     elif isinstance(job, _NoteTills):
-                        checkpoint.record_tills(conn, job.numbers, now, self._day_rows)
+                        checkpoint.record_tills(cur, job.numbers, now, self._day_rows)
                         pending_results.append((job, None, None))
                     elif isinstance(job, _SetMeta):
                         conn.execute(
@@ -1392,14 +1397,14 @@ class Outbox:
                 if counted:
                     # Before the inserts: the events were just encoded and are still in the
                     # CPU's caches, which inserting the rows would evict.
-                    newest = checkpoint.record_days(conn, counted, now, self._day_rows)
+                    newest = checkpoint.record_days(cur, counted, now, self._day_rows)
                 if rows:
-                    self._insert(conn, rows)
+                    self._insert(cur, rows)
                 if sent_changed:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1
                     state.oldest_pending_at = _received_at(conn, first)
-                conn.execute("COMMIT")
+                cur.execute("COMMIT")
             except BaseException:
                 self._day_rows.forget()  # the rows it held may be this transaction's
                 with contextlib.suppress(sqlite3.Error):
@@ -1431,7 +1436,7 @@ class Outbox:
         ]
         return outcome
 
-    def _lookup(self, conn: sqlite3.Connection, appends: list[_Append]) -> dict[str, int]:
+    def _lookup(self, conn: sqlite3.Cursor, appends: list[_Append]) -> dict[str, int]:
         ids = list({e.event_id for job in appends for e in job.events})
         known: dict[str, int] = {}
         for i in range(0, len(ids), LOOKUP_CHUNK):
@@ -1548,7 +1553,7 @@ class Outbox:
             seqs=seqs,
         )
 
-    def _insert(self, conn: sqlite3.Connection, rows: list[_Row]) -> None:
+    def _insert(self, conn: sqlite3.Cursor, rows: list[_Row]) -> None:
         for start, size in _insert_chunks(len(rows)):
             part = rows[start : start + size]
             conn.execute(_insert_sql(size), list(itertools.chain.from_iterable(part)))
