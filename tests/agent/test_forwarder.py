@@ -274,6 +274,19 @@ async def test_resumes_after_server_stop_and_start(
     assert 1 <= running.forwarder.statistics().reconnects
 
 
+async def delivered_once_back(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> list[tuple[str, Batch]]:
+    """Start the stopped server, wait until nothing is pending, and read the stream."""
+    await nats_server.start()
+    await wait_until(lambda: outbox.statistics().pending == 0, "drain after restart")
+    nc, js = await make_stream(nats_server.url)
+    try:
+        return await stored_batches(js)
+    finally:
+        await nc.close()
+
+
 class CountingWaits(Forwarder):
     """A forwarder (the real one) counting the times its loop went to wait for a wake-up."""
 
@@ -290,7 +303,7 @@ async def test_appends_while_nats_is_down_do_not_wake_the_forwarder_and_all_go_w
     """While the link is down the forwarder's loop waits for it, not for each group commit
     (single-event appends do not step it); once NATS is back everything committed meanwhile
     is delivered, in order."""
-    nc, js = await make_stream(nats_server.url)
+    nc, _js = await make_stream(nats_server.url)
     await nc.close()
     forwarder = CountingWaits(
         outbox, store_id=STORE, urls=[nats_server.url], batch_max_records=500,
@@ -308,11 +321,7 @@ async def test_appends_while_nats_is_down_do_not_wake_the_forwarder_and_all_go_w
             await outbox.append([event])
         await asyncio.sleep(0.1)
         woken = forwarder.waits - waits
-        await nats_server.start()
-        await wait_until(lambda: outbox.statistics().pending == 0, "drain after restart")
-        nc, js = await make_stream(nats_server.url)
-        batches = await stored_batches(js)
-        await nc.close()
+        batches = await delivered_once_back(nats_server, outbox)
     finally:
         await running.stop()
     assert woken <= 2, woken  # a disconnect callback may still wake it; 30 appends did not
