@@ -32,12 +32,12 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-import msgspec
 from nats.aio.client import Client as NatsClient
 
 from agent import acked
 from protocol import migrations
 from protocol.checkpoint import (
+    Connection,
     DayTotals,
     TillHole,
     add_run,
@@ -57,7 +57,7 @@ from protocol.wire import Checkpoint, encode
 log = logging.getLogger(__name__)
 
 DAY_CLOSED_RETRY = 1.0  # seconds between checkpoints while a closed day awaits its PubAcks
-KEEP_DAY_ROWS = 4  # day_totals rows a DayRows keeps decoded (the days a till still books to)
+KEEP_DAY_ROWS = 4  # day_totals rows a DayRows holds decoded (the days a till still books to)
 
 # The outbox's migration step for the per-day totals.
 MIGRATION: migrations.Migration = (
@@ -70,28 +70,35 @@ MIGRATION: migrations.Migration = (
 
 
 class DayRows:
-    """The ``day_totals`` rows one writer last wrote, as bytes and decoded, so that a row read
-    back unchanged is copied instead of decoded again.
+    """The ``day_totals`` rows as the writer's connection holds them, decoded, so that a group
+    adds its totals to a day's row without reading and decoding it first.
 
-    A group of single-event POSTs adds a few events to the same day's row: decoding the row
-    (its money and quantities are decimals, each parsed from text) was ~26,000 instructions a
-    group, more than the rest of the day's folding (callgrind). The row is still read in the
-    transaction: it is the truth (a rolled-back group, ``record_tills``, another process), and
-    only bytes equal to those written here are taken from memory.
+    A group of single-event POSTs adds a few events to the same day's row: reading it back
+    was one statement (a GIL hand-over) and ~15,000 instructions a group, and decoding it (its
+    money and quantities are decimals, each parsed from text) ~26,000 more (callgrind). A row
+    held here is, by construction, what the table has in the writer's transaction: every write
+    of ``day_totals`` on that connection goes through ``store_merged`` (``record_days``,
+    ``record_tills``), and the writer calls ``forget`` whenever a transaction does not commit
+    (a rollback, a failed COMMIT), since the rows then fall back to what some earlier state
+    held. A day not held is read from the table, as before. No other process writes the table
+    while the writer runs (the outbox's file lock).
     """
 
     def __init__(self) -> None:
-        self._written: dict[str, tuple[bytes, DayTotals]] = {}
+        self._held: dict[str, DayTotals] = {}
 
-    def store_merged(
-        self, conn: sqlite3.Connection, business_day: dt.date, totals: DayTotals
-    ) -> None:
+    def store_merged(self, conn: Connection, business_day: dt.date, totals: DayTotals) -> None:
         """``protocol.checkpoint.store_merged`` into ``day_totals``."""
         day = business_day.isoformat()
-        row = conn.execute("SELECT totals FROM day_totals WHERE business_day = ?", (day,))
-        found = row.fetchone()
-        if found is not None:
-            held = self.decoded(day, found[0])
+        held = self._held.get(day)
+        if held is None:
+            row = conn.execute("SELECT totals FROM day_totals WHERE business_day = ?", (day,))
+            found = row.fetchone()
+            if found is not None:
+                held = decode_totals(found[0])
+        if held is not None:
+            # In place: if what follows fails, the transaction is rolled back and the writer
+            # forgets every row (``forget``), this one included.
             merge(held, totals)
             totals = held
         data = encode_totals(totals)
@@ -100,34 +107,17 @@ class DayRows:
             "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals",
             (day, data),
         )
-        if len(self._written) >= KEEP_DAY_ROWS and day not in self._written:
-            self._written.clear()  # days long closed: their rows are no longer written
-        # Never changed after this: decoded() hands out copies.
-        self._written[day] = (data, totals)
+        if len(self._held) >= KEEP_DAY_ROWS and day not in self._held:
+            self._held.clear()  # days long closed: their rows are no longer written
+        self._held[day] = totals
 
-    def decoded(self, day: str, data: bytes) -> DayTotals:
-        """``decode_totals(data)``: a copy of what was written as ``data``, else decoded."""
-        written = self._written.get(day)
-        if written is None or written[0] != data:
-            return decode_totals(data)
-        return copy_totals(written[1])
-
-
-def copy_totals(totals: DayTotals) -> DayTotals:
-    """A copy of ``totals`` that shares nothing mutable with it (``merge`` changes its first
-    argument's dicts and lists, and the lists in ``tills``)."""
-    return msgspec.structs.replace(
-        totals,
-        by_type=dict(totals.by_type),
-        money=dict(totals.money),
-        quantity=dict(totals.quantity),
-        tills={till: list(runs) for till, runs in totals.tills.items()},
-        seqs=list(totals.seqs),
-    )
+    def forget(self) -> None:
+        """The writer's transaction did not commit: every row is read from the table again."""
+        self._held.clear()
 
 
 def record_days(
-    conn: sqlite3.Connection,
+    conn: Connection,
     runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
     now: float,
     rows: DayRows | None = None,
@@ -190,16 +180,23 @@ def _stretches(
 
 
 def record_tills(
-    conn: sqlite3.Connection, numbers: Sequence[tuple[dt.date, str, int]], now: float
+    conn: Connection,
+    numbers: Sequence[tuple[dt.date, str, int]],
+    now: float,
+    rows: DayRows | None = None,
 ) -> None:
     """Fold till numbers used without a record (``(business day, workstation, number)``:
     POSLog control transactions, agent/poslog.py) into ``day_totals``, inside the caller's
-    transaction: seen, so a till whose only missing numbers are those has no holes."""
+    transaction: seen, so a till whose only missing numbers are those has no holes.
+    ``rows``: the writer's ``DayRows`` (which must see every write of the table)."""
     staged: dict[dt.date, DayTotals] = {}
     for day, workstation, txn in numbers:
         add_till(staged, day, workstation, txn, now)
     for day, totals in staged.items():
-        store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+        if rows is not None:
+            rows.store_merged(conn, day, totals)
+        else:
+            store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
 
 
 def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTotals]]:

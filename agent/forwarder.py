@@ -304,7 +304,7 @@ class Forwarder:
         self._refused = 0
         self._offline_since: float | None = clock()
         self._last_error_log = 0.0
-        outbox.add_listener(self._wake.set)
+        outbox.add_listener(self._appended)
 
     # -- public --
 
@@ -360,6 +360,14 @@ class Forwarder:
         """Stop cutting batches; the batches in flight get until their PubAck deadline."""
         self._stopping = True
         self._wake.set()
+
+    def _appended(self) -> None:
+        """The outbox committed records (or a resync): wake the loop, unless it waits for the
+        link. While disconnected it reads everything unsent once the link is back (the
+        connect wakes it), so waking it per group commit only stepped its task for nothing
+        (~16,000 instructions a group on the loop's thread, callgrind)."""
+        if self._connected.is_set():
+            self._wake.set()
 
     # -- connection --
 

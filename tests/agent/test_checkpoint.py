@@ -11,12 +11,13 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import nats
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.checkpoint import DayRows, record_days, record_tills, stage_runs
 from agent.config import config_from_dict
-from agent.outbox import Outbox
+from agent.outbox import Outbox, OutboxError
 from agent.service import AgentService
 from central.broker import EmbeddedBroker, free_port
 from protocol.checkpoint import DayTotals, add_run, encode_totals, fold_ahead, place, till_holes
@@ -62,6 +63,26 @@ async def test_day_totals_are_kept_with_each_commit_and_survive_a_reopen(outbox:
         second.business_day, second.first_seq, second.last_seq, second.money
     )  # fmt: skip
     assert (0, 5) == (acked, last)
+
+
+async def test_a_group_rolled_back_after_its_day_row_was_written_leaves_no_trace_in_it(
+    outbox: Outbox,
+) -> None:
+    """A group whose transaction fails after it wrote the day's row (a trigger refuses its
+    record's insert, which comes after the day totals) is rolled back, and the writer's
+    in-memory day row with it: the next group's totals are the committed records' alone."""
+    await outbox.append([sale("a-0")])
+    with sqlite3.connect(outbox.path) as other:
+        other.execute(
+            "CREATE TRIGGER poison BEFORE INSERT ON records WHEN NEW.event_id = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+        )
+    with pytest.raises(OutboxError):
+        await outbox.append([sale("poison")])
+    await outbox.append([sale("a-1")])
+    _acked, _last, (day,) = await outbox.read_days(7)
+    assert (1, 2, 2, {"sale": 2}) == (day.first_seq, day.last_seq, day.records, day.by_type)
+    assert {"sale:USD": Decimal("1.18")} == day.money
 
 
 async def test_till_numbers_without_events_are_seen_and_leave_the_seqs_to_records(
@@ -178,7 +199,10 @@ def test_a_groups_runs_stage_the_same_bytes_as_folded_run_by_run(
 
 @given(
     groups=st.lists(
-        st.tuples(_runs, st.sampled_from(["commit", "commit", "rollback", "tills"])),
+        st.tuples(
+            _runs,
+            st.sampled_from(["commit", "commit", "rolled back", "tills", "tills rolled back"]),
+        ),
         max_size=8,
     )
 )
@@ -186,9 +210,10 @@ def test_a_groups_runs_stage_the_same_bytes_as_folded_run_by_run(
 def test_the_writers_day_rows_store_the_same_bytes_as_reading_each_row_back(
     groups: list[tuple[list[tuple[list[Event], bool, int]], str]],
 ) -> None:
-    """record_days with the writer's DayRows (a row it wrote and reads back unchanged is
-    copied, not decoded) leaves the same day_totals bytes as store_merged decoding every row,
-    group after group, with groups rolled back and till numbers written in between."""
+    """record_days and record_tills with the writer's DayRows (the rows held in memory, not
+    read back) leave the same day_totals bytes as store_merged reading and decoding every row,
+    group after group, with groups rolled back (the writer then calls forget) and till numbers
+    written in between."""
     general, cached = sqlite3.connect(":memory:"), sqlite3.connect(":memory:")
     rows = DayRows()
     for conn in (general, cached):
@@ -204,8 +229,13 @@ def test_the_writers_day_rows_store_the_same_bytes_as_reading_each_row_back(
         for conn, day_rows in ((general, None), (cached, rows)):
             conn.execute("BEGIN")
             record_days(conn, grouped, 5.0, day_rows)
-            if ending == "tills":
-                record_tills(conn, [(DAY, "7", seq)], 6.0)
-            conn.execute("ROLLBACK" if ending == "rollback" else "COMMIT")
+            if ending.startswith("tills"):
+                record_tills(conn, [(DAY, "7", seq)], 6.0, day_rows)
+            if ending.endswith("rolled back"):
+                if day_rows is not None:
+                    day_rows.forget()  # as the outbox's writer does before its ROLLBACK
+                conn.execute("ROLLBACK")
+            else:
+                conn.execute("COMMIT")
         read = "SELECT business_day, totals FROM day_totals ORDER BY business_day"
         assert general.execute(read).fetchall() == cached.execute(read).fetchall()

@@ -274,6 +274,60 @@ async def test_resumes_after_server_stop_and_start(
     assert 1 <= running.forwarder.statistics().reconnects
 
 
+async def delivered_once_back(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> list[tuple[str, Batch]]:
+    """Start the stopped server, wait until nothing is pending, and read the stream."""
+    await nats_server.start()
+    await wait_until(lambda: outbox.statistics().pending == 0, "drain after restart")
+    nc, js = await make_stream(nats_server.url)
+    try:
+        return await stored_batches(js)
+    finally:
+        await nc.close()
+
+
+class CountingWaits(Forwarder):
+    """A forwarder (the real one) counting the times its loop went to wait for a wake-up."""
+
+    waits = 0
+
+    async def _wait_wake(self, timeout: float | None) -> None:
+        self.waits += 1
+        await super()._wait_wake(timeout)
+
+
+async def test_appends_while_nats_is_down_do_not_wake_the_forwarder_and_all_go_when_back(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """While the link is down the forwarder's loop waits for it, not for each group commit
+    (single-event appends do not step it); once NATS is back everything committed meanwhile
+    is delivered, in order."""
+    nc, _js = await make_stream(nats_server.url)
+    await nc.close()
+    forwarder = CountingWaits(
+        outbox, store_id=STORE, urls=[nats_server.url], batch_max_records=500,
+        publish_timeout=2.0, ping_interval=1.0,
+    )  # fmt: skip
+    running = Running(forwarder)
+    try:
+        await outbox.append(sales("before", 3))
+        await wait_until(lambda: outbox.statistics().pending == 0, "first drain")
+        await nats_server.stop()
+        await wait_until(lambda: not forwarder.connected, "disconnect noticed")
+        await asyncio.sleep(0.1)
+        waits = forwarder.waits
+        for event in sales("during", 30):
+            await outbox.append([event])
+        await asyncio.sleep(0.1)
+        woken = forwarder.waits - waits
+        batches = await delivered_once_back(nats_server, outbox)
+    finally:
+        await running.stop()
+    assert woken <= 2, woken  # a disconnect callback may still wake it; 30 appends did not
+    assert list(range(1, 34)) == delivered_seqs(batches)
+
+
 async def test_starts_while_nats_is_down(tmp_path: Path, outbox: Outbox) -> None:
     """With no server at all, the forwarder runs, reports offline, and stops cleanly."""
     from central.broker import free_port

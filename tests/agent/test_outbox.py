@@ -656,3 +656,20 @@ async def test_a_backlogs_runs_are_read_in_one_statement(outbox: Outbox) -> None
         cut = await outbox.read_unsent(*limits, after_seq=after)
         assert cut is not None and span == (cut.first_seq, cut.last_seq)
         assert any("group_concat" not in s and "ORDER BY seq LIMIT" in s for s in statements)
+
+
+@given(data=st.binary(max_size=2000))
+@settings(max_examples=100, deadline=None)
+def test_bytes_bind_through_the_outboxs_adapter_as_the_same_blob(data: bytes) -> None:
+    """agent.outbox registers an adapter for bytes (one dict lookup instead of sqlite3's
+    failed protocol lookups): a bytes parameter still binds as the blob a bytearray (which
+    sqlite3 binds without adapting) gives, and the adapter hands back the very object."""
+    assert sqlite3.adapters[(bytes, sqlite3.PrepareProtocol)] is bytes.__bytes__
+    conn = sqlite3.connect(":memory:")
+    try:
+        adapted = conn.execute("SELECT typeof(?), ?", (data, data)).fetchone()
+        direct = conn.execute("SELECT typeof(?), ?", (bytearray(data), bytearray(data)))
+        assert ("blob", data) == adapted == direct.fetchone()
+        assert bytes.__bytes__(data) is data
+    finally:
+        conn.close()
