@@ -157,16 +157,21 @@ async def test_fold_copies_each_range_sent_at_and_skips_refused(tmp_path: Path) 
         assert 1 == box.statistics().refused
 
 
-def test_fold_works_in_bounded_chunks(tmp_path: Path) -> None:
-    """fold(limit) folds the lowest seqs first and leaves the rest of the range in place."""
+def bare_records(tmp_path: Path, count: int, size: int) -> sqlite3.Connection:
+    """An outbox schema with records 1..count of ``size`` zero bytes, no outbox around it."""
     conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
     migrations.migrate(conn, MIGRATIONS)
-    for seq in range(1, 11):
-        conn.execute(
-            "INSERT INTO records (seq, event_id, received_at, size, payload) "
-            "VALUES (?, ?, 0, 1, x'00')",
-            (seq, f"e{seq}"),
-        )
+    conn.executemany(
+        "INSERT INTO records (seq, event_id, received_at, size, payload) "
+        "VALUES (?, ?, 0, ?, zeroblob(?))",
+        [(seq, f"e{seq}", size, size) for seq in range(1, count + 1)],
+    )
+    return conn
+
+
+def test_fold_works_in_bounded_chunks(tmp_path: Path) -> None:
+    """fold(limit) folds the lowest seqs first and leaves the rest of the range in place."""
+    conn = bare_records(tmp_path, 10, 1)
     acked.add(conn, 1, 6, 7.0)
     acked.add(conn, 7, 10, 8.0)
     assert 3 == acked.fold(conn, 3)
@@ -185,14 +190,7 @@ def test_add_counts_the_unsent_from_the_index_not_the_rows(tmp_path: Path) -> No
     also once the writer's ``PRAGMA optimize`` has analysed the table (the planner then walks
     the rowid range, reading each record's payload: ~4x slower per batch in a drain), and the
     count skips records already sent or refused."""
-    conn = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
-    migrations.migrate(conn, MIGRATIONS)
-    for seq in range(1, 21):
-        conn.execute(
-            "INSERT INTO records (seq, event_id, received_at, size, payload) "
-            "VALUES (?, ?, 0, 1, zeroblob(400))",
-            (seq, f"e{seq}"),
-        )
+    conn = bare_records(tmp_path, 20, 400)
     conn.execute("UPDATE records SET sent_at = 5.0 WHERE seq IN (2, 3)")
     conn.execute("UPDATE records SET refused_at = 5.0, refused_reason = 'x' WHERE seq = 4")
     conn.execute("ANALYZE")
