@@ -218,7 +218,8 @@ class Pipeline:
         if not self.sink_path.exists():
             return []
         with open(self.sink_path, "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            # Whole lines only: the sink may be mid-way through appending the last one.
+            return [json.loads(line) for line in f if line.endswith(b"\n") and line.strip()]
 
     async def wait_delivered(self, count: int, timeout: float = 60.0) -> list[dict[str, object]]:
         """Wait until the file sink holds at least ``count`` non-derived records."""

@@ -202,7 +202,8 @@ class FileSinkBooked:
         if not self.path.exists():
             return []
         with open(self.path, "rb") as f:
-            return [json.loads(line) for line in f if line.strip()]
+            # Whole lines only: the sink may be mid-way through appending the last one.
+            return [json.loads(line) for line in f if line.endswith(b"\n") and line.strip()]
 
     def effect_keys(self, *, derived: bool = False) -> set[str]:
         return {str(r["key"]) for r in self._records() if derived or not r.get("derived")}
