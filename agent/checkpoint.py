@@ -128,12 +128,17 @@ def record_days(
     folded where they were decoded (``fold_ahead``) or None. ``rows``: the writer's
     ``DayRows``. Returns the latest business day among them (None when there are none)."""
     staged = stage_runs(runs, now)
+    _store(conn, staged, rows)
+    return max(staged, default=None)
+
+
+def _store(conn: Connection, staged: dict[dt.date, DayTotals], rows: DayRows | None) -> None:
+    """Merge ``staged`` into ``day_totals``: through the writer's ``rows`` when given."""
     for day, totals in staged.items():
         if rows is not None:
             rows.store_merged(conn, day, totals)
         else:
             store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
-    return max(staged, default=None)
 
 
 def stage_runs(
@@ -192,11 +197,7 @@ def record_tills(
     staged: dict[dt.date, DayTotals] = {}
     for day, workstation, txn in numbers:
         add_till(staged, day, workstation, txn, now)
-    for day, totals in staged.items():
-        if rows is not None:
-            rows.store_merged(conn, day, totals)
-        else:
-            store_merged(conn, "day_totals", {"business_day": day.isoformat()}, totals)
+    _store(conn, staged, rows)
 
 
 def read_days(conn: sqlite3.Connection, days: int) -> tuple[int, int, list[DayTotals]]:

@@ -775,7 +775,7 @@ class Forwarder:
         marking = self._marking
         if marking is not None:
             if not marking.done():
-                self.outbox.commit_marks_nowait()
+                await self.outbox.marks_committed()
             try:
                 await marking
             except Exception:  # already logged by _log_mark_failure

@@ -909,12 +909,6 @@ class Outbox:
             self._marks_timer = self._loop.call_later(MARK_DELAY, self._marks_due)
         return future
 
-    def commit_marks_nowait(self) -> None:
-        """Hand the PubAck ranges waiting in memory to the writer now (wakes it)."""
-        if self._closed or not self._opened:
-            return
-        self._flush_marks()
-
     async def marks_committed(self) -> None:
         """Commit the ranges waiting in memory and wait for it: for the readers that report
         "sent" to an operator or to HQ (trace, a checkpoint's acked_through, the status and
@@ -923,22 +917,31 @@ class Outbox:
         if not self._marks:
             return
         last = self._marks[-1].future
-        self.commit_marks_nowait()
+        self._flush_marks()
         if isinstance(last, asyncio.Future):
             with contextlib.suppress(Exception):  # a failed mark is logged by its caller
                 await asyncio.shield(last)
 
     def _marks_due(self) -> None:
         self._marks_timer = None
-        self.commit_marks_nowait()
+        self._flush_marks()
 
     def _flush_marks(self) -> None:
-        while True:
-            try:
-                job = self._marks.popleft()
-            except IndexError:
-                return
+        """Hand the PubAck ranges waiting in memory to the writer now (wakes it)."""
+        if self._closed or not self._opened:
+            return
+        for job in self._take_marks():
             self._queue.put(job)
+
+    def _take_marks(self) -> list[_Job]:
+        """The PubAck ranges waiting in memory, taken from it (by the loop or the writer)."""
+        taken: list[_Job] = []
+        while self._marks:  # asked first: an IndexError a group cost as Empty did
+            try:  # the other thread may take the last one between the two
+                taken.append(self._marks.popleft())
+            except IndexError:
+                break
+        return taken
 
     async def note_tills(self, numbers: Sequence[tuple[dt.date, str, int]]) -> None:
         """Record till numbers used without an event ``(business day, workstation, number)``
@@ -1216,12 +1219,7 @@ class Outbox:
                 # append (a job queued after a range took it into the queue first, _enqueue,
                 # so these are newer), before the appends after those: an append that needs
                 # room may prune the records they made sent, as if each was committed at once.
-                marks: list[_Job] = []
-                while self._marks:  # asked first: an IndexError a group cost as Empty did
-                    try:  # the loop takes from it too (_flush_marks)
-                        marks.append(self._marks.popleft())
-                    except IndexError:
-                        break
+                marks = self._take_marks()
                 if marks:
                     at = max(
                         (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
