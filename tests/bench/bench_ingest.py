@@ -12,7 +12,13 @@ without waiting gets). The agent's CPU per request (``/proc/<pid>/stat``) and th
 are rows of their own: on a shared machine they move much less than the rates.
 
 Baselines, measured in the same run: SQLite one commit per row (what "durable per request"
-costs without group commit) and SQLite batched inserts (the raw ceiling of the disk path).
+costs without group commit), SQLite batched inserts (the raw ceiling of the disk path), and
+the single-event floors (``tests.bench.floor_server``, the same generator and connections): a
+server on the agent's libraries that answers without work, and two that do only what DESIGN
+§5 asks of a single event (decode and check it, a unique insert, a group commit with
+synchronous=FULL before the 202), one committing on a writer thread as the agent does, one on
+the event loop. They say how much of the single-event figure the libraries, the kernel and the
+generator leave, and how much of the rest is the agent's own.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from tests.bench.bench_baselines import (
 )
 from tests.bench.harness import (
     AgentProcess,
+    BenchProcess,
     Options,
     Row,
     Table,
@@ -37,6 +44,7 @@ from tests.bench.harness import (
     baseline,
     bench_main,
     cpu_seconds_if_known,
+    python_module,
     run_loadgen,
     size,
     workdir,
@@ -53,6 +61,13 @@ PIPELINED_RATE = "ingest, single-event POSTs, pipelined"
 PIPELINED_P99 = "ingest, single-event POSTs, pipelined, p99"
 PIPELINED_CPU = "ingest, single-event POSTs, pipelined, agent CPU per request"
 LOADGEN_CPU = "load generator CPU per request (single-event run)"
+# The single-event floors (tests.bench.floor_server), by kind: (figure, what it is).
+FLOORS = {
+    "null": "floor: single-event POSTs answered without work",
+    "durable": "floor: single-event POSTs, durable minimum, writer thread",
+    "inline": "floor: single-event POSTs, durable minimum, committed on the loop",
+}
+SINGLE_VS_FLOOR = "ingest, single-event POSTs, against the durable minimum (writer thread)"
 SINGLE_CONCURRENCY = 32
 # 16 connections with 4 requests in flight each: 64, the agent's default
 # ingest.max_requests_in_flight (one more would be answered 503 busy).
@@ -77,6 +92,30 @@ async def measured(pid: int, args: list[str]) -> dict[str, Any]:
     if before is not None and after is not None:
         report["agent_cpu_us_per_request"] = (after - before) / report["requests"] * 1e6
     return report
+
+
+async def measure_floor(root: Path, kind: str, events: int) -> dict[str, Any]:
+    """A floor server (``tests.bench.floor_server``) under the single-event load: rate,
+    latency and its CPU per request."""
+    port = free_port()
+    server = BenchProcess(
+        f"floor {kind}",
+        [
+            *python_module("tests.bench.floor_server"),
+            "--kind", kind, "--port", str(port), "--db", str(root / f"floor-{kind}.sqlite"),
+        ],
+        f"http://127.0.0.1:{port}/healthz",
+        root / f"floor-{kind}.log",
+    )  # fmt: skip
+    await server.start()
+    try:
+        assert server.proc is not None
+        load = ["--url", f"http://127.0.0.1:{port}", "--batch", "1"]
+        load += ["--concurrency", str(SINGLE_CONCURRENCY)]
+        await run_loadgen([*load, "--events", str(min(events, 10_000)), "--run-id", "warm"])
+        return await measured(server.proc.pid, [*load, "--events", str(events), "--run-id", "run"])
+    finally:
+        await server.stop()
 
 
 async def measure_ingest(
@@ -129,6 +168,9 @@ async def run(opts: Options) -> Table:
             lambda: measure_sqlite_batched(root, size(opts, 1_000_000, 20_000)),
             table,
         )
+        floors = {
+            kind: await measure_floor(root, kind, size(opts, 50_000, 2000)) for kind in FLOORS
+        }
         single, pipelined, batched = await measure_ingest(root, opts)
     note = f"{single['events']:,} events, {SINGLE_CONCURRENCY} connections, 202 each"
     table.add(
@@ -145,6 +187,27 @@ async def run(opts: Options) -> Table:
     table.add(Row(SINGLE_P50, single["p50_ms"], "ms", higher_is_better=False))
     table.add(Row(SINGLE_P99, single["p99_ms"], "ms", higher_is_better=False, target=at_most(10)))
     cpu_row(table, SINGLE_CPU, single)
+    for kind, figure in FLOORS.items():
+        floor = floors[kind]
+        table.add(
+            Row(
+                figure,
+                floor["events_per_s"],
+                "events/s",
+                note=f"p99 {floor['p99_ms']:.2f} ms",
+            )
+        )
+        cpu_row(table, f"{figure}, its CPU per request", floor)
+    table.add(
+        Row(
+            SINGLE_VS_FLOOR,
+            single["events_per_s"],
+            "events/s",
+            baseline=FLOORS["durable"],
+            baseline_value=floors["durable"]["events_per_s"],
+            note="same generator, connections and machine; the agent's features on top",
+        )
+    )
     table.add(
         Row(
             LOADGEN_CPU,

@@ -1,0 +1,207 @@
+"""Floor servers for single-event ingest: the least a server on the agent's own libraries does
+for a ``POST /v1/events``, to put the agent's figure beside (docs/benchmarks.md, "Single-event
+ingest against its floor").
+
+    python -m tests.bench.floor_server --kind null|durable|inline --port 8787 --db floor.sqlite
+
+Every kind is httptools under an ``asyncio.Protocol`` on uvloop, one keep-alive connection per
+client, and answers ``GET`` (the readiness probe) with 200.
+
+- ``null``: answers every POST with a fixed 202 and does nothing else: what HTTP on loopback,
+  the event loop and the kernel cost alone.
+- ``durable``: what DESIGN §5 asks of a single event and no more, in the agent's architecture:
+  the body decoded and checked by ``protocol.events.decode_pos_events`` (the same rules and
+  specific errors as the agent), encoded as msgpack, handed to a writer thread that commits
+  whatever is queued as one group (``BEGIN``, one ``INSERT`` per event into a table with the
+  agent's columns, ``event_id`` unique, ``COMMIT`` in WAL with ``synchronous=FULL``) and hands
+  the answers back to the loop (``call_soon_threadsafe``); a 202 with the event's seq only
+  after its group is durable, a duplicate answered as one.
+- ``inline``: ``durable`` with the group committed on the event loop's thread at the end of
+  the loop's turn (no thread, no GIL hand-over, the loop blocked during ``fdatasync``).
+
+What the agent does beyond ``durable`` (the price of its features, not of the contract's
+minimum): bearer-token check and routes, the outbox's planning (buffer limits, epochs, seq
+ranges, refused records), the per-day totals the reconciliation reads, the record envelope,
+statistics, metrics and the forwarder's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+import msgspec
+
+from protocol.events import InvalidEvents, UnparsableBody, decode_pos_events
+from tests.bench.harness import run_loop
+
+KINDS = ("null", "durable", "inline")
+
+_encode = msgspec.msgpack.Encoder(decimal_format="string").encode
+_HEAD_202 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: "
+_NULL_ANSWER = b'{"accepted":1,"duplicates":0}'
+_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+_BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+_INSERT = "INSERT INTO records (event_id, received_at, size, payload) VALUES (?, ?, ?, ?)"
+
+Answer = Callable[[int | None], None]  # the event's seq, or None for a duplicate
+Job = tuple[str, bytes, Answer]
+
+
+def accepted(seq: int | None) -> bytes:
+    body = (
+        b'{"accepted":1,"duplicates":0,"seq":%d}' % seq
+        if seq is not None
+        else (b'{"accepted":0,"duplicates":1}')
+    )
+    return _HEAD_202 + b"%d\r\n\r\n" % len(body) + body
+
+
+def open_db(path: str) -> sqlite3.Connection:
+    """The agent's records table (seq the rowid, event_id unique, the unsent index) in WAL with
+    synchronous=FULL, autocommit off: the caller issues BEGIN and COMMIT."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS records (seq INTEGER PRIMARY KEY, event_id TEXT NOT NULL "
+        "UNIQUE, received_at REAL NOT NULL, sent_at REAL, size INTEGER NOT NULL, "
+        "payload BLOB NOT NULL)"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS records_unsent ON records(seq) WHERE sent_at IS NULL")
+    return conn
+
+
+def commit_group(cur: sqlite3.Cursor, jobs: list[Job]) -> list[tuple[Answer, int | None]]:
+    """One durable group: every job's insert, then COMMIT (WAL write and fdatasync)."""
+    cur.execute("BEGIN")
+    now = time.time()
+    results: list[tuple[Answer, int | None]] = []
+    for event_id, payload, answer in jobs:
+        try:
+            cur.execute(_INSERT, (event_id, now, len(payload), payload))
+            results.append((answer, cur.lastrowid))
+        except sqlite3.IntegrityError:  # a duplicate event_id: answered as one
+            results.append((answer, None))
+    cur.execute("COMMIT")
+    return results
+
+
+def answer_all(results: list[tuple[Answer, int | None]]) -> None:
+    for answer, seq in results:
+        answer(seq)
+
+
+class ThreadWriter:
+    """Group commits on a thread, as the agent's outbox writer does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        self.loop = loop
+        self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self.cur = open_db(path).cursor()
+        threading.Thread(target=self.run, name="floor-writer", daemon=True).start()
+
+    def put(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def run(self) -> None:
+        while True:
+            jobs = [self.jobs.get()]
+            while not self.jobs.empty():
+                jobs.append(self.jobs.get_nowait())
+            self.loop.call_soon_threadsafe(answer_all, commit_group(self.cur, jobs))
+
+
+class InlineWriter:
+    """Group commits on the loop's thread: the requests parsed in one turn of the loop, committed
+    at its end."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        self.loop = loop
+        self.pending: list[Job] = []
+        self.cur = open_db(path).cursor()
+
+    def put(self, job: Job) -> None:
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(job)
+
+    def flush(self) -> None:
+        jobs, self.pending = self.pending, []
+        answer_all(commit_group(self.cur, jobs))
+
+
+class FloorProtocol(asyncio.Protocol):
+    def __init__(self, writer: ThreadWriter | InlineWriter | None) -> None:
+        self.writer = writer
+        self.parser = httptools.HttpRequestParser(self)
+        self.body: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.write(_BAD)
+            self.transport.close()
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        transport = self.transport
+        assert transport is not None
+        body = b"".join(self.body)
+        self.body = []
+        if self.parser.get_method() != b"POST":
+            transport.write(_OK)
+        elif self.writer is None:
+            transport.write(_HEAD_202 + b"%d\r\n\r\n" % len(_NULL_ANSWER) + _NULL_ANSWER)
+        else:
+            try:
+                events = decode_pos_events(body)
+            except (InvalidEvents, UnparsableBody):
+                transport.write(_BAD)
+                return
+            event = events[0]  # the floor takes single events only
+
+            def answer(seq: int | None) -> None:
+                transport.write(accepted(seq))
+
+            self.writer.put((event.event_id, _encode(event), answer))
+
+
+async def serve(kind: str, port: int, db: str) -> None:
+    loop = asyncio.get_running_loop()
+    writer: ThreadWriter | InlineWriter | None = None
+    if kind == "durable":
+        writer = ThreadWriter(loop, db)
+    elif kind == "inline":
+        writer = InlineWriter(loop, db)
+    server = await loop.create_server(lambda: FloorProtocol(writer), "127.0.0.1", port)
+    async with server:
+        await server.serve_forever()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--db", default="floor.sqlite")
+    args = parser.parse_args()
+    run_loop(serve(args.kind, args.port, args.db))
+
+
+if __name__ == "__main__":
+    main()
