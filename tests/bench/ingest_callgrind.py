@@ -114,17 +114,25 @@ def _read_dump(directory: Path, keep: Path | None) -> tuple[list[dict[str, int]]
 
 
 async def measure(
-    requests: int, warm_up: int, concurrency: int, keep: Path | None = None
+    requests: int,
+    warm_up: int,
+    concurrency: int,
+    keep: Path | None = None,
+    floor: str | None = None,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ingest-callgrind-") as tmp:
         out_file = Path(tmp) / "callgrind.out"
         agent = AgentProcess(Path(tmp) / "agent", f"nats://127.0.0.1:{free_port()}")
+        if floor is None:
+            server = ["-m", "agent", "run", "--config", str(agent.config)]
+        else:
+            server = ["-m", "tests.bench.floor_server", "--kind", floor, "--port", str(agent.port)]
+            server += ["--db", str(Path(tmp) / "floor.sqlite")]
         agent.proc = BenchProcess(
-            "agent under callgrind",
+            "agent under callgrind" if floor is None else f"floor {floor} under callgrind",
             [
                 "valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
-                f"--callgrind-out-file={out_file}", sys.executable, "-m", "agent", "run",
-                "--config", str(agent.config),
+                f"--callgrind-out-file={out_file}", sys.executable, *server,
             ],
             f"{agent.url}/healthz",
             Path(tmp) / "agent.log",
@@ -169,8 +177,9 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32, help="connections")
     parser.add_argument("--keep", type=Path, help="copy the callgrind files here (-NN: thread)")
+    parser.add_argument("--floor", choices=("null", "durable", "inline"), help="count a floor")
     args = parser.parse_args()
-    counted = measure(args.requests, args.warm_up, args.concurrency, args.keep)
+    counted = measure(args.requests, args.warm_up, args.concurrency, args.keep, args.floor)
     print(json.dumps(asyncio.run(counted)))
 
 
