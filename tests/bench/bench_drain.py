@@ -13,14 +13,21 @@ as seq ranges and folded into the records after the drain (agent/acked.py): the 
 
 Baselines from the same run: the naive forwarder's time for 1M events and the leaf-node
 sourcing resume delay (bench_baselines; measured here when this bench runs alone, except the
-leaf one under --quick, which takes ~40 s whatever the size).
+leaf one under --quick, which takes ~40 s whatever the size); and the drain's floor
+(``tests.bench.drain_floor``): a copy of the same backlog sent to a fresh server with the
+least a drain does on the agent's libraries, timed from connected to the last PubAck recorded.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -51,6 +58,7 @@ from tests.bench.harness import (
     create_streams,
     mib,
     nats_broker,
+    python_module,
     sample_events,
     sample_records,
     size,
@@ -70,6 +78,10 @@ BUILD_RATE = "backlog build (Outbox.append)"
 FOLD_TIME = "fold of the acknowledged ranges"
 DRAIN_AGENT_CPU = "agent CPU for the drain"
 DRAIN_SERVER_CPU = "nats-server CPU for the drain"
+FLOOR_TIME = "floor: the same backlog, the least a drain does"
+FLOOR_CPU = "floor: its CPU"
+FLOOR_SERVER_CPU = "floor: nats-server CPU"
+DRAIN_VS_FLOOR = "drain against its floor"
 
 
 async def build_backlog(data_dir: Path, events: int) -> float:
@@ -100,6 +112,37 @@ def ranges_left(data_dir: Path) -> int:
         return int(count)
     finally:
         conn.close()
+
+
+def copy_outbox(data_dir: Path, into: Path) -> Path:
+    """A copy of the agent's outbox file (and its WAL), for the floor; its path."""
+    into.mkdir(parents=True, exist_ok=True)
+    for path in data_dir.glob(f"{OUTBOX_FILENAME}*"):
+        shutil.copyfile(path, into / path.name)
+    return into / OUTBOX_FILENAME
+
+
+async def measure_floor(root: Path, outbox: Path, events: int) -> dict[str, Any]:
+    """``tests.bench.drain_floor`` on ``outbox`` against a fresh server with the stream: its
+    report, the server's CPU and the stream's last batch checked."""
+    async with nats_broker(root / "floor-nats") as broker:
+        await create_streams(broker.url, root / "floor-central")
+        assert broker.pid is not None
+        server_cpu = cpu_seconds(broker.pid)
+        proc = await asyncio.create_subprocess_exec(
+            *python_module("tests.bench.drain_floor"),
+            "--outbox", str(outbox), "--nats", broker.url, "--store", STORE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"drain_floor failed: {err.decode()[-2000:]}")
+        report: dict[str, Any] = json.loads(out)
+        report["server_cpu_seconds"] = cpu_seconds(broker.pid) - server_cpu
+        last_seq = await last_batch_seq(broker.url)
+        if last_seq != events:
+            raise RuntimeError(f"the floor's last batch ends at {last_seq}, not {events}")
+    return report
 
 
 async def last_batch_seq(url: str) -> int:
@@ -140,6 +183,7 @@ async def run(opts: Options) -> Table:
         agent = AgentProcess(root / "agent", broker.url, store_id=STORE)
         build_rate = await build_backlog(agent.data_dir, events)
         table.add(Row(BUILD_RATE, build_rate, "events/s", note=f"{events:,} events"))
+        floor_outbox = copy_outbox(agent.data_dir, root / "floor")
         await agent.start()
         rss = RssSampler(agent.pid).start()
         try:
@@ -177,6 +221,7 @@ async def run(opts: Options) -> Table:
             await rss.stop()
             await agent.stop()
             await broker.stop()
+        floor = await measure_floor(root, floor_outbox, events)
 
     drain = done - back
     table.add(
@@ -211,6 +256,16 @@ async def run(opts: Options) -> Table:
             note="/proc/<pid>/stat, HQ ready → pending 0")
     )  # fmt: skip
     table.add(Row(DRAIN_SERVER_CPU, broker_cpu, "s", higher_is_better=False))
+    table.add(
+        Row(FLOOR_TIME, floor["seconds"], "s", higher_is_better=False,
+            note="connected → the last PubAck's seq written (tests/bench/drain_floor.py)")
+    )  # fmt: skip
+    table.add(Row(FLOOR_CPU, floor["cpu_seconds"], "s", higher_is_better=False))
+    table.add(Row(FLOOR_SERVER_CPU, floor["server_cpu_seconds"], "s", higher_is_better=False))
+    table.add(
+        Row(DRAIN_VS_FLOOR, drain, "s", baseline=FLOOR_TIME, baseline_value=floor["seconds"],
+            higher_is_better=False, note="the agent's forwarder and bookkeeping on top")
+    )  # fmt: skip
     table.add(Row(FOLD_TIME, folded_at - done, "s", note="after pending 0, off the drain's clock"))
     table.add(
         Row(RSS_BUFFERED_IDLE, mib(idle_rss), "MiB", higher_is_better=False, note=f"{events:,}")
