@@ -1,7 +1,7 @@
 """The drain's floor (``tests.bench.drain_floor``) sends what the agent would: every record of
 the backlog, in seq order, in batches whose envelope and ``Nats-Msg-Id`` are the agent's, and
-records how far JetStream acknowledged (docs/benchmarks.md, "The 1M drain against its
-floor")."""
+records how far JetStream acknowledged (docs/benchmarks.md, "What each row means", backlog
+drain)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The single-event floors of ``bench_ingest`` do what their figures claim: the durable ones
 answer 202 only for an event committed to SQLite, a duplicate as a duplicate, a bad event 400
-(docs/benchmarks.md, "Single-event ingest against its floor")."""
+(docs/benchmarks.md, "What each row means", agent ingest)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def test_a_durable_floor_commits_before_its_202_and_refuses_what_the_agent_refus
     kind: str, tmp_path: Path
 ) -> None:
     db = tmp_path / "floor.sqlite"
-    first, second = sample_events(2)
+    first, second, third = sample_events(3)
     for conn in started(kind, db):
         assert (202, {"accepted": 1, "duplicates": 0, "seq": 1}) == post(conn, encode_json(first))
         assert (202, {"accepted": 0, "duplicates": 1}) == post(conn, encode_json(first))
@@ -73,13 +73,18 @@ def test_a_durable_floor_commits_before_its_202_and_refuses_what_the_agent_refus
         bad["occurred_at"] = "yesterday"
         assert 400 == post(conn, json.dumps(bad).encode())[0]
         assert (202, {"accepted": 1, "duplicates": 0, "seq": 2}) == post(conn, encode_json(second))
+        # An array: each event inserted, duplicates counted, one answer after one commit.
+        assert (202, {"accepted": 1, "duplicates": 2}) == post(
+            conn, encode_json([first, third, second])
+        )
         # Read while the server still runs: what it answered 202 for is committed.
         with sqlite3.connect(db) as read:
             rows = read.execute("SELECT seq, event_id, payload FROM records ORDER BY seq")
             rows = rows.fetchall()
         stored = [msgspec.msgpack.decode(payload, type=Event) for _, _, payload in rows]
-        assert [(1, first.event_id), (2, second.event_id)] == [(s, e) for s, e, _ in rows]
-        assert [first, second] == stored
+        ids = [(1, first.event_id), (2, second.event_id), (3, third.event_id)]
+        assert ids == [(s, e) for s, e, _ in rows]
+        assert [first, second, third] == stored
 
 
 def test_the_null_floor_answers_without_storing(tmp_path: Path) -> None:

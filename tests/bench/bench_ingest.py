@@ -68,6 +68,8 @@ FLOORS = {
     "inline": "floor: single-event POSTs, durable minimum, committed on the loop",
 }
 SINGLE_VS_FLOOR = "ingest, single-event POSTs, against the durable minimum (writer thread)"
+BATCHED_FLOOR = "floor: POSTs of 500 events, durable minimum, writer thread"
+BATCHED_VS_FLOOR = "ingest, POSTs of 500 events, against the durable minimum (writer thread)"
 SINGLE_CONCURRENCY = 32
 # 16 connections with 4 requests in flight each: 64, the agent's default
 # ingest.max_requests_in_flight (one more would be answered 503 busy).
@@ -94,15 +96,17 @@ async def measured(pid: int, args: list[str]) -> dict[str, Any]:
     return report
 
 
-async def measure_floor(root: Path, kind: str, events: int) -> dict[str, Any]:
-    """A floor server (``tests.bench.floor_server``) under the single-event load: rate,
-    latency and its CPU per request."""
+async def measure_floor(
+    root: Path, kind: str, events: int, batch: int = 1, concurrency: int = SINGLE_CONCURRENCY
+) -> dict[str, Any]:
+    """A floor server (``tests.bench.floor_server``) under the single-event load (or
+    ``batch`` events per POST): rate, latency and its CPU per request."""
     port = free_port()
     server = BenchProcess(
         f"floor {kind}",
         [
             *python_module("tests.bench.floor_server"),
-            "--kind", kind, "--port", str(port), "--db", str(root / f"floor-{kind}.sqlite"),
+            "--kind", kind, "--port", str(port), "--db", str(root / f"floor-{kind}-{batch}.sqlite"),
         ],
         f"http://127.0.0.1:{port}/healthz",
         root / f"floor-{kind}.log",
@@ -110,9 +114,9 @@ async def measure_floor(root: Path, kind: str, events: int) -> dict[str, Any]:
     await server.start()
     try:
         assert server.proc is not None
-        load = ["--url", f"http://127.0.0.1:{port}", "--batch", "1"]
-        load += ["--concurrency", str(SINGLE_CONCURRENCY)]
-        await run_loadgen([*load, "--events", str(min(events, 10_000)), "--run-id", "warm"])
+        load = ["--url", f"http://127.0.0.1:{port}", "--batch", str(batch)]
+        load += ["--concurrency", str(concurrency)]
+        await run_loadgen([*load, "--events", str(min(events, 10 * batch)), "--run-id", "warm"])
         return await measured(server.proc.pid, [*load, "--events", str(events), "--run-id", "run"])
     finally:
         await server.stop()
@@ -171,6 +175,9 @@ async def run(opts: Options) -> Table:
         floors = {
             kind: await measure_floor(root, kind, size(opts, 50_000, 2000)) for kind in FLOORS
         }
+        batched_floor = await measure_floor(
+            root, "durable", size(opts, 300_000, 20_000), 500, BATCHED_CONCURRENCY
+        )
         single, pipelined, batched = await measure_ingest(root, opts)
     note = f"{single['events']:,} events, {SINGLE_CONCURRENCY} connections, 202 each"
     table.add(
@@ -246,6 +253,23 @@ async def run(opts: Options) -> Table:
         )
     )
     table.add(Row(BATCHED_P99, batched["p99_ms"], "ms", higher_is_better=False))
+    table.add(
+        Row(
+            BATCHED_FLOOR,
+            batched_floor["events_per_s"],
+            "events/s",
+            note=f"{batched_floor['events']:,} events, p99 {batched_floor['p99_ms']:.1f} ms",
+        )
+    )
+    table.add(
+        Row(
+            BATCHED_VS_FLOOR,
+            batched["events_per_s"],
+            "events/s",
+            baseline=BATCHED_FLOOR,
+            baseline_value=batched_floor["events_per_s"],
+        )
+    )
     if batched_base.value:  # DESIGN §6: at least half of what raw SQLite inserts, same run
         ratio = batched["events_per_s"] / batched_base.value
         table.add(Row(BATCHED_VS_SQLITE, ratio, "x", target=at_least(0.5)))

@@ -1,6 +1,6 @@
 """The drain's floor: an agent's buffered backlog sent to JetStream with the least a drain does,
-on the agent's own libraries, to put ``bench_drain``'s figure beside (docs/benchmarks.md, "The
-1M drain against its floor").
+on the agent's own libraries, to put ``bench_drain``'s figure beside (docs/benchmarks.md,
+"What each row means", backlog drain).
 
     python -m tests.bench.drain_floor --outbox DATA_DIR/outbox.sqlite --nats URL --store B1
 

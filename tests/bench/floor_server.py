@@ -1,6 +1,6 @@
-"""Floor servers for single-event ingest: the least a server on the agent's own libraries does
-for a ``POST /v1/events``, to put the agent's figure beside (docs/benchmarks.md, "Single-event
-ingest against its floor").
+"""Floor servers for ingest: the least a server on the agent's own libraries does for a ``POST
+/v1/events`` of one event or an array of them, to put the agent's figures beside
+(docs/benchmarks.md, "What each row means", agent ingest).
 
     python -m tests.bench.floor_server --kind null|durable|inline --port 8787 --db floor.sqlite
 
@@ -9,13 +9,15 @@ client, and answers ``GET`` (the readiness probe) with 200.
 
 - ``null``: answers every POST with a fixed 202 and does nothing else: what HTTP on loopback,
   the event loop and the kernel cost alone.
-- ``durable``: what DESIGN §5 asks of a single event and no more, in the agent's architecture:
-  the body decoded and checked by ``protocol.events.decode_pos_events`` (the same rules and
-  specific errors as the agent), encoded as msgpack, handed to a writer thread that commits
-  whatever is queued as one group (``BEGIN``, one ``INSERT`` per event into a table with the
-  agent's columns, ``event_id`` unique, ``COMMIT`` in WAL with ``synchronous=FULL``) and hands
-  the answers back to the loop (``call_soon_threadsafe``); a 202 with the event's seq only
-  after its group is durable, a duplicate answered as one.
+- ``durable``: what DESIGN §5 asks of a request and no more, in the agent's architecture: the
+  body decoded and checked by ``protocol.events.decode_pos_events`` (the same rules and
+  specific errors as the agent), each event encoded as msgpack, handed to a writer thread that
+  commits whatever is queued as one group (``BEGIN``, the group's rows in one ``executemany``
+  into a table with the agent's columns, seqs assigned by the writer, ``event_id`` unique,
+  ``COMMIT`` in WAL with ``synchronous=FULL``; after a duplicate, the group row by row)
+  and hands the answers back to the loop (``call_soon_threadsafe``); a 202 only after the
+  request's group is durable, duplicates answered as such (a single event's answer carries
+  its seq).
 - ``inline``: ``durable`` with the group committed on the event loop's thread at the end of
   the loop's turn (no thread, no GIL hand-over, the loop blocked during ``fdatasync``).
 
@@ -49,18 +51,16 @@ _HEAD_202 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent
 _NULL_ANSWER = b'{"accepted":1,"duplicates":0}'
 _OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
-_INSERT = "INSERT INTO records (event_id, received_at, size, payload) VALUES (?, ?, ?, ?)"
+_INSERT = "INSERT INTO records (seq, event_id, received_at, size, payload) VALUES (?, ?, ?, ?, ?)"
 
-Answer = Callable[[int | None], None]  # the event's seq, or None for a duplicate
-Job = tuple[str, bytes, Answer]
+Answer = Callable[[list[int | None]], None]  # each event's seq, or None for a duplicate
+Job = tuple[list[tuple[str, bytes]], Answer]  # a request's (event_id, record) pairs
 
 
-def accepted(seq: int | None) -> bytes:
-    body = (
-        b'{"accepted":1,"duplicates":0,"seq":%d}' % seq
-        if seq is not None
-        else (b'{"accepted":0,"duplicates":1}')
-    )
+def accepted(seqs: list[int | None]) -> bytes:
+    new = [seq for seq in seqs if seq is not None]
+    body = b'{"accepted":%d,"duplicates":%d' % (len(new), len(seqs) - len(new))
+    body += b',"seq":%d}' % new[0] if len(seqs) == 1 and new else b"}"
     return _HEAD_202 + b"%d\r\n\r\n" % len(body) + body
 
 
@@ -79,24 +79,63 @@ def open_db(path: str) -> sqlite3.Connection:
     return conn
 
 
-def commit_group(cur: sqlite3.Cursor, jobs: list[Job]) -> list[tuple[Answer, int | None]]:
-    """One durable group: every job's insert, then COMMIT (WAL write and fdatasync)."""
-    cur.execute("BEGIN")
-    now = time.time()
-    results: list[tuple[Answer, int | None]] = []
-    for event_id, payload, answer in jobs:
+class Store:
+    """The records table and the next seq, as the outbox's writer keeps them."""
+
+    def __init__(self, path: str) -> None:
+        self.cur = open_db(path).cursor()
+        (last,) = self.cur.execute("SELECT max(seq) FROM records").fetchone()
+        self.next_seq = (last or 0) + 1
+
+    def commit_group(self, jobs: list[Job]) -> list[tuple[Answer, list[int | None]]]:
+        """One durable group: every job's rows in one ``executemany`` with the seqs assigned
+        here, then COMMIT (WAL write and fdatasync). A duplicate event_id fails the insert: the
+        group is then run again row by row, a duplicate answered as one."""
+        cur, now, seq = self.cur, time.time(), self.next_seq
+        rows = []
+        for job_rows, _ in jobs:
+            for event_id, payload in job_rows:
+                rows.append((seq, event_id, now, len(payload), payload))
+                seq += 1
+        cur.execute("BEGIN")
         try:
-            cur.execute(_INSERT, (event_id, now, len(payload), payload))
-            results.append((answer, cur.lastrowid))
-        except sqlite3.IntegrityError:  # a duplicate event_id: answered as one
-            results.append((answer, None))
-    cur.execute("COMMIT")
-    return results
+            cur.executemany(_INSERT, rows)
+        except sqlite3.IntegrityError:
+            cur.execute("ROLLBACK")
+            return self._row_by_row(jobs, now)
+        cur.execute("COMMIT")
+        results: list[tuple[Answer, list[int | None]]] = []
+        first = self.next_seq
+        for job_rows, answer in jobs:
+            results.append((answer, list(range(first, first + len(job_rows)))))
+            first += len(job_rows)
+        self.next_seq = seq
+        return results
+
+    def _row_by_row(self, jobs: list[Job], now: float) -> list[tuple[Answer, list[int | None]]]:
+        cur = self.cur
+        cur.execute("BEGIN")
+        results: list[tuple[Answer, list[int | None]]] = []
+        seq = self.next_seq
+        for job_rows, answer in jobs:
+            seqs: list[int | None] = []
+            for event_id, payload in job_rows:
+                try:
+                    cur.execute(_INSERT, (seq, event_id, now, len(payload), payload))
+                except sqlite3.IntegrityError:  # a duplicate event_id: answered as one
+                    seqs.append(None)
+                else:
+                    seqs.append(seq)
+                    seq += 1
+            results.append((answer, seqs))
+        cur.execute("COMMIT")
+        self.next_seq = seq
+        return results
 
 
-def answer_all(results: list[tuple[Answer, int | None]]) -> None:
-    for answer, seq in results:
-        answer(seq)
+def answer_all(results: list[tuple[Answer, list[int | None]]]) -> None:
+    for answer, seqs in results:
+        answer(seqs)
 
 
 class ThreadWriter:
@@ -105,7 +144,7 @@ class ThreadWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
         self.loop = loop
         self.jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self.cur = open_db(path).cursor()
+        self.store = Store(path)
         threading.Thread(target=self.run, name="floor-writer", daemon=True).start()
 
     def put(self, job: Job) -> None:
@@ -116,7 +155,7 @@ class ThreadWriter:
             jobs = [self.jobs.get()]
             while not self.jobs.empty():
                 jobs.append(self.jobs.get_nowait())
-            self.loop.call_soon_threadsafe(answer_all, commit_group(self.cur, jobs))
+            self.loop.call_soon_threadsafe(answer_all, self.store.commit_group(jobs))
 
 
 class InlineWriter:
@@ -126,7 +165,7 @@ class InlineWriter:
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
         self.loop = loop
         self.pending: list[Job] = []
-        self.cur = open_db(path).cursor()
+        self.store = Store(path)
 
     def put(self, job: Job) -> None:
         if not self.pending:
@@ -135,7 +174,7 @@ class InlineWriter:
 
     def flush(self) -> None:
         jobs, self.pending = self.pending, []
-        answer_all(commit_group(self.cur, jobs))
+        answer_all(self.store.commit_group(jobs))
 
 
 class FloorProtocol(asyncio.Protocol):
@@ -174,12 +213,11 @@ class FloorProtocol(asyncio.Protocol):
             except (InvalidEvents, UnparsableBody):
                 transport.write(_BAD)
                 return
-            event = events[0]  # the floor takes single events only
 
-            def answer(seq: int | None) -> None:
-                transport.write(accepted(seq))
+            def answer(seqs: list[int | None]) -> None:
+                transport.write(accepted(seqs))
 
-            self.writer.put((event.event_id, _encode(event), answer))
+            self.writer.put(([(event.event_id, _encode(event)) for event in events], answer))
 
 
 async def serve(kind: str, port: int, db: str) -> None:
