@@ -4,8 +4,9 @@ on the agent's own libraries, to put ``bench_drain``'s figure beside (docs/bench
 
     python -m tests.bench.drain_floor --outbox DATA_DIR/outbox.sqlite --nats URL --store B1
 
-Reads the records in seq order in runs of ``--batch`` (one statement a run, SQLite joining the
-encodings, on a thread, one run ahead of the sending), wraps each run in the batch envelope
+Reads the records in seq order in runs of ``--batch`` (the agent's ``batch_max_records``
+default unless given; one statement a run, SQLite joining the encodings, on a thread, one run
+ahead of the sending), wraps each run in the batch envelope
 (``protocol.wire.raw_batch_parts``: the same bytes the agent sends), publishes it with its
 ``Nats-Msg-Id`` through nats-py's ``publish`` with a reply subject, up to ``--inflight``
 batches awaiting their PubAcks, and writes the highest acknowledged seq to the outbox file once
@@ -29,6 +30,7 @@ import time
 import msgspec
 import nats
 
+from agent.config import DEFAULT_BATCH_MAX_RECORDS
 from protocol.subjects import MSG_ID_HEADER, batch_msg_id, events_subject
 from protocol.wire import Concatenated, raw_batch_parts
 
@@ -144,7 +146,9 @@ def main() -> None:
     parser.add_argument("--outbox", required=True, help="the agent's outbox.sqlite (a copy)")
     parser.add_argument("--nats", required=True)
     parser.add_argument("--store", default="B1")
-    parser.add_argument("--batch", type=int, default=500, help="records per batch")
+    parser.add_argument(
+        "--batch", type=int, default=DEFAULT_BATCH_MAX_RECORDS, help="records per batch"
+    )
     parser.add_argument("--inflight", type=int, default=8, help="batches awaiting PubAcks")
     args = parser.parse_args()
     from tests.bench.harness import run_loop
