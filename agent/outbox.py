@@ -88,6 +88,9 @@ DEFAULT_PRUNE_INTERVAL = 60.0
 PRUNE_CHUNK = 5000  # rows deleted per retention transaction, so appends are not held up
 INSERT_CHUNK = 64  # rows per multi-row INSERT (one sqlite3_step, one GIL release, per chunk)
 LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
+# After a group found an event already held (a POS resending), this many groups look their
+# event_ids up first again (the insert finding the duplicate redoes the whole group).
+LOOK_UP_AFTER_DUPLICATE = 100
 # Acknowledged ranges are folded into records.sent_at (agent/acked.py) when nothing is pending
 # and either this many ranges wait or the outbox has had no job for FOLD_QUIET seconds: a fold
 # is a transaction (an fsync), and folding after every PubAck of a till's trickle tripled the
@@ -423,6 +426,11 @@ class _Outcome:
 
 
 _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
+
+
+class _LookUpFirst(Exception):
+    """A group planned without looking its event_ids up may have met a held one: redo it."""
+
 # Jobs whose group may commit with synchronous=NORMAL (a tuple: ``_MarkSent | _Fold`` in the
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
@@ -780,6 +788,8 @@ class Outbox:
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
         self._day_rows = checkpoint.DayRows()  # the writer's day_totals rows, as it holds them
+        # Groups left that look their event_ids up before planning (_run_group); 0: none.
+        self._look_ups_left = 0
 
     # -- lifecycle --
 
@@ -1314,8 +1324,19 @@ class Outbox:
             return merged
         return outcome
 
-    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
-        """Run ``jobs`` in one transaction; per-job refusals do not affect the others."""
+    def _run_group(
+        self, conn: sqlite3.Connection, jobs: list[_Job], *, look_up: bool = False
+    ) -> _Outcome:
+        """Run ``jobs`` in one transaction; per-job refusals do not affect the others.
+
+        The appends' event_ids are not looked up first (unless ``look_up``, or a recent group
+        met a held one): the records table's UNIQUE event_id refuses a held one's insert, and
+        then the group is rolled back and run again with the lookup, which gives the answer
+        (the seq it was first given). The lookup was a statement and a GIL hand-over a group
+        for what a POS almost never sends. Whatever else could make the two runs differ sends
+        the group round again too: a refusal (a held event is a duplicate, not too large or
+        without room) and records deleted in the group (the held one may have gone before the
+        insert)."""
         now = self._clock()
         state = self._state.copy()
         outcome = _Outcome()
@@ -1323,6 +1344,11 @@ class Outbox:
         assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
         lazy = all(isinstance(job, _LAZY_JOBS) for job in jobs)
+        appends = [j for j in jobs if isinstance(j, _Append)]
+        if self._look_ups_left:
+            self._look_ups_left -= 1
+            look_up = True
+        sure = look_up or not appends  # no held event_id can change what the group does
         try:
             if lazy != self._lazy_sync:
                 # Only what a crash may lose: a PubAck's range (the batch is sent again and
@@ -1332,8 +1358,7 @@ class Outbox:
                 self._lazy_sync = lazy
             cur.execute("BEGIN IMMEDIATE")
             try:
-                appends = [j for j in jobs if isinstance(j, _Append)]
-                known = self._lookup(cur, appends) if appends else {}
+                known = self._lookup(cur, appends) if appends and look_up else {}
                 rows: list[_Row] = []
                 # Once per group, not per append (a group of single-event POSTs has dozens):
                 # the records' received_at and the size limit, as of this transaction.
@@ -1351,6 +1376,8 @@ class Outbox:
                         try:
                             result = self._plan_append(job, planning)
                         except OutboxError as exc:
+                            if not sure:
+                                raise _LookUpFirst from exc
                             pending_results.append((job, None, exc))
                         else:
                             pending_results.append((job, result, None))
@@ -1415,6 +1442,8 @@ class Outbox:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1
                     state.oldest_pending_at = _received_at(conn, first)
+                if not sure and state.records_pruned != self._state.records_pruned:
+                    raise _LookUpFirst
                 cur.execute("COMMIT")
             except BaseException:
                 self._day_rows.forget()  # the rows it held may be this transaction's
@@ -1422,6 +1451,9 @@ class Outbox:
                     conn.execute("ROLLBACK")
                 raise
         except Exception as exc:  # the writer thread must survive anything one group does
+            if not sure and isinstance(exc, (_LookUpFirst, sqlite3.IntegrityError)):
+                self._look_ups_left = LOOK_UP_AFTER_DUPLICATE
+                return self._run_group(conn, jobs, look_up=True)
             if isinstance(exc, sqlite3.Error):
                 error = _sqlite_failure(exc)
                 log.error("outbox write failed (%d job(s)): %s", len(jobs), exc)

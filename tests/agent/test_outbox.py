@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
@@ -32,6 +32,9 @@ from agent.outbox import (
     AppendResult,
     Outbox,
     _Append,
+    _Job,
+    _MarkSent,
+    _Then,
     _insert_chunks,
     _lookup_padded,
     _Planning,
@@ -673,3 +676,53 @@ def test_bytes_bind_through_the_outboxs_adapter_as_the_same_blob(data: bytes) ->
         assert bytes.__bytes__(data) is data
     finally:
         conn.close()
+
+
+_parts = st.one_of(st.lists(st.integers(0, 9), min_size=1, max_size=3), st.just("sent"))
+
+
+@given(
+    groups=st.lists(st.lists(_parts, min_size=1, max_size=4), max_size=8),
+    big=st.sets(st.integers(0, 9), max_size=3),
+    room=st.sampled_from([1 << 30, 700]),  # 700: four records of 151 bytes
+)
+# Full: a held event sent again is a duplicate, not BufferFull.
+@example(groups=[[[0], [1], [2], [3]], [[0]]], big=set(), room=700)
+# The room made for e4 prunes the sent e0: e0 is still a duplicate of the seq it had.
+@example(groups=[[[0], [1], [2], [3]], ["sent"], [[4], [0]]], big=set(), room=700)
+@settings(max_examples=300, deadline=None)
+def test_a_group_without_the_lookup_does_what_looking_up_first_does(
+    groups: list[list[list[int] | str]], big: set[int], room: int
+) -> None:
+    """A group planned without looking its event_ids up first (redone with the lookup when
+    the insert meets a held one, a job is refused, or records were pruned) gives every
+    append the same answer or refusal, and leaves the same records, day totals and state,
+    as looking them up first: for any groups of new, held, repeated, too large and no-room
+    events, with sent records pruned to make room."""
+    events = [sale(f"e{n}", lines=40 if n in big else 1) for n in range(10)]
+    ran = []
+    for look_up in (True, False):
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        migrations.migrate(conn, MIGRATIONS)
+        box = Outbox(
+            Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=7,
+            max_record_bytes=1500, clock=Clock(),
+        )  # fmt: skip
+        box._wcur = conn.cursor()
+        answers = []
+        for group in groups:
+            box._look_ups_left = 1 if look_up else 0
+            jobs: list[_Job] = []
+            for part in group:
+                if isinstance(part, list):
+                    jobs.append(_Append(_Then(lambda r, e: None), [events[n] for n in part]))
+                elif box._state.last_seq:
+                    jobs.append(_MarkSent(None, 1, box._state.last_seq))
+            outcome = box._run_jobs(conn, jobs)
+            answers.append([(r, e and (type(e), str(e))) for _w, r, e in outcome.results])
+        records = conn.execute(
+            "SELECT seq, event_id, received_at, size, payload, sent_at FROM records ORDER BY seq"
+        ).fetchall()
+        days = conn.execute("SELECT * FROM day_totals ORDER BY business_day").fetchall()
+        ran.append((answers, records, days, box._state))
+    assert ran[0] == ran[1]
