@@ -78,18 +78,22 @@ def add(
     totals = days.get(day)
     if totals is None:
         totals = days[day] = DayTotals(business_day=day, first_seq=seq, last_seq=seq)
-    totals.first_seq = min(totals.first_seq, seq)
-    totals.last_seq = max(totals.last_seq, seq)
+    if seq < totals.first_seq:  # not min()/max(): see _add_day
+        totals.first_seq = seq
+    if seq > totals.last_seq:
+        totals.last_seq = seq
     totals.records += 1
-    kind = event_type(base)
+    kind = _KINDS.get(type(event))
+    if kind is None:
+        kind = _KINDS[type(event)] = event_type(base)
     totals.by_type[kind] = totals.by_type.get(kind, 0) + 1
     currency = getattr(event, "currency", None)
     if currency is not None:
         key = f"{kind}:{currency}"
-        totals.money[key] = totals.money.get(key, Decimal(0)) + event.total  # type: ignore[union-attr]
+        totals.money[key] = totals.money.get(key, _ZERO) + event.total  # type: ignore[union-attr]
     lines: list[LineItem] | list[StockLine] = event.lines
-    quantity = sum((line.quantity for line in lines), Decimal(0))
-    totals.quantity[kind] = totals.quantity.get(kind, Decimal(0)) + quantity
+    quantity = sum(map(_quantity, lines), _ZERO)
+    totals.quantity[kind] = totals.quantity.get(kind, _ZERO) + quantity
     txn = base.transaction_id
     if till_at is not None and base.workstation_id and txn and txn.isdigit():
         runs = totals.tills.setdefault(base.workstation_id, [])
