@@ -1343,8 +1343,9 @@ class Outbox:
         cur = self._wcur  # the group's own statements; the rarer jobs' on ``conn``
         assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
-        lazy = all(isinstance(job, _LAZY_JOBS) for job in jobs)
         appends = [j for j in jobs if isinstance(j, _Append)]
+        # An append is never lazy: no generator over the jobs for a group that has one.
+        lazy = not appends and all(isinstance(job, _LAZY_JOBS) for job in jobs)
         if self._look_ups_left:
             self._look_ups_left -= 1
             look_up = True
@@ -1371,6 +1372,7 @@ class Outbox:
                 counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
                 newest: dt.date | None = None
                 sent_changed = False
+                stored = 0  # appends answered, not refused
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
@@ -1381,6 +1383,7 @@ class Outbox:
                             pending_results.append((job, None, exc))
                         else:
                             pending_results.append((job, result, None))
+                            stored += 1
                             if result.accepted:
                                 outcome.appended = True
                                 assert result.first_seq is not None
@@ -1469,9 +1472,7 @@ class Outbox:
             self.newest_day = newest
         state.transactions += 1
         state.lazy_transactions += lazy
-        state.appends += sum(
-            1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None
-        )
+        state.appends += stored
         self._state = state
         self._publish_snapshot(state)
         outcome.results = [
@@ -1597,6 +1598,9 @@ class Outbox:
         )
 
     def _insert(self, conn: sqlite3.Cursor, rows: list[_Row]) -> None:
+        if len(rows) == 1:  # a single-event group's: the row is the parameters
+            conn.execute(_insert_sql(1), rows[0])
+            return
         for start, size in _insert_chunks(len(rows)):
             part = rows[start : start + size]
             conn.execute(_insert_sql(size), list(itertools.chain.from_iterable(part)))
