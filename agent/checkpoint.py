@@ -42,8 +42,8 @@ from protocol.checkpoint import (
     TillHole,
     add,
     add_run,
-    business_day_of,
     add_till,
+    business_day_of,
     decode_totals,
     encode_totals,
     merge,
@@ -113,9 +113,7 @@ class DayRows:
             self._held.clear()  # days long closed: their rows are no longer written
         self._held[day] = totals
 
-    def add_one(
-        self, conn: Connection, seq: int, event: Event, now: float
-    ) -> dt.date | None:
+    def add_one(self, conn: Connection, seq: int, event: Event, now: float) -> dt.date | None:
         """Fold one record (``seq``, arrived at ``now``) into its day's held row and write the
         row: what ``record_days`` does with a run of one event, without staging a day of its
         own to merge (a group of one single-event POST, a till's trickle: ~13 Python calls

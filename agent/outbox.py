@@ -431,6 +431,7 @@ _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
 class _LookUpFirst(Exception):
     """A group planned without looking its event_ids up may have met a held one: redo it."""
 
+
 # Jobs whose group may commit with synchronous=NORMAL (a tuple: ``_MarkSent | _Fold`` in the
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)

@@ -32,13 +32,13 @@ from agent.outbox import (
     AppendResult,
     Outbox,
     _Append,
-    _Job,
-    _MarkSent,
-    _Then,
     _insert_chunks,
+    _Job,
     _lookup_padded,
+    _MarkSent,
     _Planning,
     _State,
+    _Then,
     read_statistics_readonly,
 )
 from protocol import migrations
