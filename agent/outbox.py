@@ -1377,7 +1377,12 @@ class Outbox:
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
-                            result = self._plan_append(job, planning)
+                            # _plan_append, without its call for a single-event POST's
+                            result = (
+                                self._plan_one(job.events[0], planning)
+                                if len(job.events) == 1
+                                else self._plan_many(job, planning)
+                            )
                         except OutboxError as exc:
                             if not sure:
                                 raise _LookUpFirst from exc
@@ -1388,9 +1393,11 @@ class Outbox:
                             if result.accepted:
                                 outcome.appended = True
                                 assert result.first_seq is not None
-                                ahead = None if result.duplicates else job.ahead
-                                new = _new_events(job, result)
-                                counted.append((result.first_seq, new, ahead))
+                                if result.duplicates:
+                                    new = _new_events(job, result)
+                                    counted.append((result.first_seq, new, None))
+                                else:  # every event new (_new_events's common case, no call)
+                                    counted.append((result.first_seq, job.events, job.ahead))
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(cur, rows)
@@ -1512,7 +1519,8 @@ class Outbox:
         size = len(payload)
         if size > planning.limit:
             raise RecordTooLarge(index=0, size=size, limit=planning.limit, source=planning.source)
-        self._room(planning.conn, state, size)
+        if state.buffer_bytes + size > self.max_buffer_bytes:  # _room's test, without its call
+            self._room(planning.conn, state, size)
         planning.rows.append((seq, event_id, now, size, payload))
         known[event_id] = seq
         return self._accepted(state, [seq], 1, size, now)
