@@ -413,6 +413,7 @@ class _Planning:
     received_at: dt.datetime
     limit: int
     source: str
+    sure: bool = True  # the event_ids were looked up first (_run_group)
 
 
 @dataclass
@@ -1335,9 +1336,10 @@ class Outbox:
         then the group is rolled back and run again with the lookup, which gives the answer
         (the seq it was first given). The lookup was a statement and a GIL hand-over a group
         for what a POS almost never sends. Whatever else could make the two runs differ sends
-        the group round again too: a refusal (a held event is a duplicate, not too large or
-        without room) and records deleted in the group (the held one may have gone before the
-        insert)."""
+        the group round again too, before anything is logged: a refusal (a held event is a
+        duplicate, not too large), an append that needs room made (a held one needs none, and
+        pruning for it would log), records deleted in the group (the held one may have gone
+        before the insert)."""
         now = self._clock()
         state = self._state.copy()
         outcome = _Outcome()
@@ -1367,7 +1369,9 @@ class Outbox:
                 received_at = utc(now)
                 assert received_at is not None
                 limit, source = self.record_limit() if appends else (0, "")
-                planning = _Planning(conn, state, known, rows, now, received_at, limit, source)
+                planning = _Planning(
+                    conn, state, known, rows, now, received_at, limit, source, sure
+                )
                 # New records for the day totals: (first seq, events with consecutive seqs,
                 # their totals folded ahead or None).
                 counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
@@ -1520,14 +1524,14 @@ class Outbox:
         if size > planning.limit:
             raise RecordTooLarge(index=0, size=size, limit=planning.limit, source=planning.source)
         if state.buffer_bytes + size > self.max_buffer_bytes:  # _room's test, without its call
-            self._room(planning.conn, state, size)
+            self._room(planning, size)
         planning.rows.append((seq, event_id, now, size, payload))
         known[event_id] = seq
         return self._accepted(state, [seq], 1, size, now)
 
     def _plan_many(self, job: _Append, planning: _Planning) -> AppendResult:
         """``_plan_append`` of any number of events."""
-        conn, state, known, rows = planning.conn, planning.state, planning.known, planning.rows
+        state, known, rows = planning.state, planning.known, planning.rows
         now, received_at = planning.now, planning.received_at
         limit, source = planning.limit, planning.source
         next_seq = state.last_seq + 1
@@ -1545,7 +1549,7 @@ class Outbox:
             if sizes and max(sizes) > limit:
                 index = next(i for i, size in enumerate(sizes) if size > limit)
                 raise RecordTooLarge(index=index, size=sizes[index], limit=limit, source=source)
-            self._room(conn, state, sum(sizes))
+            self._room(planning, sum(sizes))
             rows.extend(zip(seq_range, ids, itertools.repeat(now), sizes, payloads))
             known.update(zip(ids, seq_range, strict=True))
             return self._accepted(state, list(seq_range), len(ids), sum(sizes), now)
@@ -1568,14 +1572,19 @@ class Outbox:
             seqs.append(next_seq)
             next_seq += 1
             needed += size
-        self._room(conn, state, needed)
+        self._room(planning, needed)
         rows.extend(new_rows)
         known.update(mine)
         return self._accepted(state, seqs, len(new_rows), needed, now)
 
-    def _room(self, conn: sqlite3.Connection, state: _State, needed: int) -> None:
+    def _room(self, planning: _Planning, needed: int) -> None:
         """Make room for ``needed`` more bytes (pruning sent records), or raise BufferFull."""
+        conn, state = planning.conn, planning.state
         if needed and state.buffer_bytes + needed > self.max_buffer_bytes:
+            if not planning.sure:
+                # A held event needs no room: look up first rather than prune (and log) for
+                # what may be a duplicate.
+                raise _LookUpFirst
             self._make_room(conn, state, state.buffer_bytes + needed - self.max_buffer_bytes)
             if state.buffer_bytes + needed > self.max_buffer_bytes:
                 raise BufferFull(
