@@ -40,8 +40,10 @@ from protocol.checkpoint import (
     Connection,
     DayTotals,
     TillHole,
+    add,
     add_run,
     add_till,
+    business_day_of,
     decode_totals,
     encode_totals,
     merge,
@@ -111,6 +113,27 @@ class DayRows:
             self._held.clear()  # days long closed: their rows are no longer written
         self._held[day] = totals
 
+    def add_one(self, conn: Connection, seq: int, event: Event, now: float) -> dt.date | None:
+        """Fold one record (``seq``, arrived at ``now``) into its day's held row and write the
+        row: what ``record_days`` does with a run of one event, without staging a day of its
+        own to merge (a group of one single-event POST, a till's trickle: ~13 Python calls
+        fewer). Its day; None, doing nothing, when the row is not held or holds no records
+        yet (its seqs are then the record's own, not the lowest and highest): fold it as any
+        run."""
+        day = business_day_of(event)
+        key = day.isoformat()
+        held = self._held.get(key)
+        if held is None or not held.records:
+            return None
+        # In place, as store_merged merges: forgotten with the rest if the group rolls back.
+        add({day: held}, seq, event, till_at=now)
+        conn.execute(
+            "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
+            "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals",
+            (key, encode_totals(held)),
+        )
+        return day
+
     def forget(self) -> None:
         """The writer's transaction did not commit: every row is read from the table again."""
         self._held.clear()
@@ -127,6 +150,12 @@ def record_days(
     events, ahead)``, the events' seqs consecutive from ``first_seq``, ``ahead`` their totals
     folded where they were decoded (``fold_ahead``) or None. ``rows``: the writer's
     ``DayRows``. Returns the latest business day among them (None when there are none)."""
+    if rows is not None and len(runs) == 1:
+        first_seq, events, ahead = runs[0]
+        if ahead is None and len(events) == 1:
+            day = rows.add_one(conn, first_seq, events[0], now)
+            if day is not None:
+                return day
     staged = stage_runs(runs, now)
     _store(conn, staged, rows)
     return max(staged, default=None)

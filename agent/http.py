@@ -175,7 +175,7 @@ class Request:
         value = self.headers.get("content-type")
         if value is None:
             return DEFAULT_CONTENT_TYPE
-        return media_type(value)
+        return _media_types.get(value) or media_type(value)
 
     @property
     def has_body(self) -> bool:
@@ -231,10 +231,6 @@ class Request:
             self._parts.append(chunk)
             if not self.reading and self._size > READ_AHEAD:
                 self._conn.pause()
-
-    def _done(self) -> None:
-        self.complete = True
-        self._wake()
 
     def _lost(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -370,7 +366,8 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        key = header_name(name)
+        # The cache looked up here, not through header_name(): a Python call per header saved.
+        key = _header_names.get(name) or header_name(name)
         text = value.decode("latin-1")
         previous = self._headers.get(key)
         self._headers[key] = text if previous is None else f"{previous}, {text}"
@@ -404,7 +401,9 @@ class _Connection(asyncio.Protocol):
         request, self._parsing = self._parsing, None
         if request is None:
             return
-        request._done()
+        request.complete = True  # no call to wake a reader when none waits (the usual)
+        if request._waiter is not None:
+            request._wake()
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
         if self._unstarted is request:

@@ -88,6 +88,9 @@ DEFAULT_PRUNE_INTERVAL = 60.0
 PRUNE_CHUNK = 5000  # rows deleted per retention transaction, so appends are not held up
 INSERT_CHUNK = 64  # rows per multi-row INSERT (one sqlite3_step, one GIL release, per chunk)
 LOOKUP_CHUNK = 500  # event_ids per duplicate lookup
+# After a group found an event already held (a POS resending), this many groups look their
+# event_ids up first again (the insert finding the duplicate redoes the whole group).
+LOOK_UP_AFTER_DUPLICATE = 100
 # Acknowledged ranges are folded into records.sent_at (agent/acked.py) when nothing is pending
 # and either this many ranges wait or the outbox has had no job for FOLD_QUIET seconds: a fold
 # is a transaction (an fsync), and folding after every PubAck of a till's trickle tripled the
@@ -410,6 +413,7 @@ class _Planning:
     received_at: dt.datetime
     limit: int
     source: str
+    sure: bool = True  # the event_ids were looked up first (_run_group)
 
 
 @dataclass
@@ -423,6 +427,12 @@ class _Outcome:
 
 
 _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
+
+
+class _LookUpFirst(Exception):
+    """A group planned without looking its event_ids up may have met a held one: redo it."""
+
+
 # Jobs whose group may commit with synchronous=NORMAL (a tuple: ``_MarkSent | _Fold`` in the
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
@@ -780,6 +790,8 @@ class Outbox:
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
         self._day_rows = checkpoint.DayRows()  # the writer's day_totals rows, as it holds them
+        # Groups left that look their event_ids up before planning (_run_group); 0: none.
+        self._look_ups_left = 0
 
     # -- lifecycle --
 
@@ -1314,15 +1326,33 @@ class Outbox:
             return merged
         return outcome
 
-    def _run_group(self, conn: sqlite3.Connection, jobs: list[_Job]) -> _Outcome:
-        """Run ``jobs`` in one transaction; per-job refusals do not affect the others."""
+    def _run_group(
+        self, conn: sqlite3.Connection, jobs: list[_Job], *, look_up: bool = False
+    ) -> _Outcome:
+        """Run ``jobs`` in one transaction; per-job refusals do not affect the others.
+
+        The appends' event_ids are not looked up first (unless ``look_up``, or a recent group
+        met a held one): the records table's UNIQUE event_id refuses a held one's insert, and
+        then the group is rolled back and run again with the lookup, which gives the answer
+        (the seq it was first given). The lookup was a statement and a GIL hand-over a group
+        for what a POS almost never sends. Whatever else could make the two runs differ sends
+        the group round again too, before anything is logged: a refusal (a held event is a
+        duplicate, not too large), an append that needs room made (a held one needs none, and
+        pruning for it would log), records deleted in the group (the held one may have gone
+        before the insert)."""
         now = self._clock()
         state = self._state.copy()
         outcome = _Outcome()
         cur = self._wcur  # the group's own statements; the rarer jobs' on ``conn``
         assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
-        lazy = all(isinstance(job, _LAZY_JOBS) for job in jobs)
+        appends = [j for j in jobs if isinstance(j, _Append)]
+        # An append is never lazy: no generator over the jobs for a group that has one.
+        lazy = not appends and all(isinstance(job, _LAZY_JOBS) for job in jobs)
+        if self._look_ups_left:
+            self._look_ups_left -= 1
+            look_up = True
+        sure = look_up or not appends  # no held event_id can change what the group does
         try:
             if lazy != self._lazy_sync:
                 # Only what a crash may lose: a PubAck's range (the batch is sent again and
@@ -1332,34 +1362,46 @@ class Outbox:
                 self._lazy_sync = lazy
             cur.execute("BEGIN IMMEDIATE")
             try:
-                appends = [j for j in jobs if isinstance(j, _Append)]
-                known = self._lookup(cur, appends) if appends else {}
+                known = self._lookup(cur, appends) if appends and look_up else {}
                 rows: list[_Row] = []
                 # Once per group, not per append (a group of single-event POSTs has dozens):
                 # the records' received_at and the size limit, as of this transaction.
                 received_at = utc(now)
                 assert received_at is not None
                 limit, source = self.record_limit() if appends else (0, "")
-                planning = _Planning(conn, state, known, rows, now, received_at, limit, source)
+                planning = _Planning(
+                    conn, state, known, rows, now, received_at, limit, source, sure
+                )
                 # New records for the day totals: (first seq, events with consecutive seqs,
                 # their totals folded ahead or None).
                 counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
                 newest: dt.date | None = None
                 sent_changed = False
+                stored = 0  # appends answered, not refused
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
-                            result = self._plan_append(job, planning)
+                            # _plan_append, without its call for a single-event POST's
+                            result = (
+                                self._plan_one(job.events[0], planning)
+                                if len(job.events) == 1
+                                else self._plan_many(job, planning)
+                            )
                         except OutboxError as exc:
+                            if not sure:
+                                raise _LookUpFirst from exc
                             pending_results.append((job, None, exc))
                         else:
                             pending_results.append((job, result, None))
+                            stored += 1
                             if result.accepted:
                                 outcome.appended = True
                                 assert result.first_seq is not None
-                                ahead = None if result.duplicates else job.ahead
-                                new = _new_events(job, result)
-                                counted.append((result.first_seq, new, ahead))
+                                if result.duplicates:
+                                    new = _new_events(job, result)
+                                    counted.append((result.first_seq, new, None))
+                                else:  # every event new (_new_events's common case, no call)
+                                    counted.append((result.first_seq, job.events, job.ahead))
                     elif isinstance(job, _MarkSent):
                         if rows:
                             self._insert(cur, rows)
@@ -1415,6 +1457,8 @@ class Outbox:
                     first = acked.first_unsent(conn, state.pending_floor)
                     state.pending_floor = first if first is not None else state.last_seq + 1
                     state.oldest_pending_at = _received_at(conn, first)
+                if not sure and state.records_pruned != self._state.records_pruned:
+                    raise _LookUpFirst
                 cur.execute("COMMIT")
             except BaseException:
                 self._day_rows.forget()  # the rows it held may be this transaction's
@@ -1422,6 +1466,9 @@ class Outbox:
                     conn.execute("ROLLBACK")
                 raise
         except Exception as exc:  # the writer thread must survive anything one group does
+            if not sure and isinstance(exc, (_LookUpFirst, sqlite3.IntegrityError)):
+                self._look_ups_left = LOOK_UP_AFTER_DUPLICATE
+                return self._run_group(conn, jobs, look_up=True)
             if isinstance(exc, sqlite3.Error):
                 error = _sqlite_failure(exc)
                 log.error("outbox write failed (%d job(s)): %s", len(jobs), exc)
@@ -1437,9 +1484,7 @@ class Outbox:
             self.newest_day = newest
         state.transactions += 1
         state.lazy_transactions += lazy
-        state.appends += sum(
-            1 for job, _r, err in pending_results if isinstance(job, _Append) and err is None
-        )
+        state.appends += stored
         self._state = state
         self._publish_snapshot(state)
         outcome.results = [
@@ -1478,14 +1523,15 @@ class Outbox:
         size = len(payload)
         if size > planning.limit:
             raise RecordTooLarge(index=0, size=size, limit=planning.limit, source=planning.source)
-        self._room(planning.conn, state, size)
+        if state.buffer_bytes + size > self.max_buffer_bytes:  # _room's test, without its call
+            self._room(planning, size)
         planning.rows.append((seq, event_id, now, size, payload))
         known[event_id] = seq
         return self._accepted(state, [seq], 1, size, now)
 
     def _plan_many(self, job: _Append, planning: _Planning) -> AppendResult:
         """``_plan_append`` of any number of events."""
-        conn, state, known, rows = planning.conn, planning.state, planning.known, planning.rows
+        state, known, rows = planning.state, planning.known, planning.rows
         now, received_at = planning.now, planning.received_at
         limit, source = planning.limit, planning.source
         next_seq = state.last_seq + 1
@@ -1503,7 +1549,7 @@ class Outbox:
             if sizes and max(sizes) > limit:
                 index = next(i for i, size in enumerate(sizes) if size > limit)
                 raise RecordTooLarge(index=index, size=sizes[index], limit=limit, source=source)
-            self._room(conn, state, sum(sizes))
+            self._room(planning, sum(sizes))
             rows.extend(zip(seq_range, ids, itertools.repeat(now), sizes, payloads))
             known.update(zip(ids, seq_range, strict=True))
             return self._accepted(state, list(seq_range), len(ids), sum(sizes), now)
@@ -1526,14 +1572,19 @@ class Outbox:
             seqs.append(next_seq)
             next_seq += 1
             needed += size
-        self._room(conn, state, needed)
+        self._room(planning, needed)
         rows.extend(new_rows)
         known.update(mine)
         return self._accepted(state, seqs, len(new_rows), needed, now)
 
-    def _room(self, conn: sqlite3.Connection, state: _State, needed: int) -> None:
+    def _room(self, planning: _Planning, needed: int) -> None:
         """Make room for ``needed`` more bytes (pruning sent records), or raise BufferFull."""
+        conn, state = planning.conn, planning.state
         if needed and state.buffer_bytes + needed > self.max_buffer_bytes:
+            if not planning.sure:
+                # A held event needs no room: look up first rather than prune (and log) for
+                # what may be a duplicate.
+                raise _LookUpFirst
             self._make_room(conn, state, state.buffer_bytes + needed - self.max_buffer_bytes)
             if state.buffer_bytes + needed > self.max_buffer_bytes:
                 raise BufferFull(
@@ -1565,6 +1616,9 @@ class Outbox:
         )
 
     def _insert(self, conn: sqlite3.Cursor, rows: list[_Row]) -> None:
+        if len(rows) == 1:  # a single-event group's: the row is the parameters
+            conn.execute(_insert_sql(1), rows[0])
+            return
         for start, size in _insert_chunks(len(rows)):
             part = rows[start : start + size]
             conn.execute(_insert_sql(size), list(itertools.chain.from_iterable(part)))

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
@@ -33,9 +33,13 @@ from agent.outbox import (
     Outbox,
     _Append,
     _insert_chunks,
+    _Job,
     _lookup_padded,
+    _MarkSent,
     _Planning,
+    _Prune,
     _State,
+    _Then,
     read_statistics_readonly,
 )
 from protocol import migrations
@@ -673,3 +677,88 @@ def test_bytes_bind_through_the_outboxs_adapter_as_the_same_blob(data: bytes) ->
         assert bytes.__bytes__(data) is data
     finally:
         conn.close()
+
+
+_parts = st.one_of(
+    st.lists(st.integers(0, 9), min_size=1, max_size=3), st.sampled_from(["sent", "prune"])
+)
+
+
+class _Noted(logging.Handler):
+    """Keeps the messages logged to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@given(
+    groups=st.lists(st.lists(_parts, min_size=1, max_size=4), max_size=8),
+    big=st.sets(st.integers(0, 9), max_size=3),
+    room=st.sampled_from([1 << 30, 700]),  # 700: four records of 151 bytes
+    wide=st.sets(st.integers(0, 7)),  # the groups whose record limit takes a big event
+)
+# A held event sent again: the insert meets it.
+@example(groups=[[[0]], [[1], [0]]], big=set(), room=1 << 30, wide=set())
+# Full: a held event sent again is a duplicate, not BufferFull.
+@example(groups=[[[0], [1], [2], [3]], [[0]]], big=set(), room=700, wide=set())
+# The room made for e4 prunes the sent e0: e0 is still a duplicate of the seq it had.
+@example(groups=[[[0], [1], [2], [3]], ["sent"], [[4], [0]]], big=set(), room=700, wide=set())
+# Retention prunes the sent e0 before e0 comes again in the same group: still a duplicate.
+@example(groups=[[[0], [1]], ["sent"], ["prune", [0]]], big=set(), room=1 << 30, wide=set())
+# A big event taken under a wider limit, sent again under a narrower one: a duplicate.
+@example(groups=[[[0]], [[0]]], big={0}, room=1 << 30, wide={0})
+@settings(max_examples=300, deadline=None)
+def test_a_group_without_the_lookup_does_what_looking_up_first_does(
+    groups: list[list[list[int] | str]], big: set[int], room: int, wide: set[int]
+) -> None:
+    """A group planned without looking its event_ids up first (redone with the lookup when
+    the insert meets a held one, a job is refused, or records were pruned) gives every
+    append the same answer or refusal, and leaves the same records, day totals and state,
+    as looking them up first, and logs the same: for any groups of new, held, repeated, too
+    large (under a limit that changes) and no-room events, with sent records pruned to make
+    room or for their age."""
+    events = [sale(f"e{n}", lines=40 if n in big else 1) for n in range(10)]
+    ran = []
+    noted = _Noted()
+    logging.getLogger("agent.outbox").addHandler(noted)
+    try:
+        for look_up in (True, False):
+            conn = sqlite3.connect(":memory:", isolation_level=None)
+            migrations.migrate(conn, MIGRATIONS)
+            clock = Clock()
+            box = Outbox(
+                Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=0,
+                max_record_bytes=1500, clock=clock,
+            )  # fmt: skip
+            box._wcur = conn.cursor()
+            answers = []
+            for index, group in enumerate(groups):
+                box.max_record_bytes = 4000 if index in wide else 1500  # as a learned limit
+                clock.now += 1.0  # what was sent a group ago is past its retention (0 days)
+                box._look_ups_left = 1 if look_up else 0
+                jobs: list[_Job] = []
+                for part in group:
+                    if isinstance(part, list):
+                        events_of = [events[n] for n in part]
+                        jobs.append(_Append(_Then(lambda r, e: None), events_of))
+                    elif part == "prune":
+                        jobs.append(_Prune(None))
+                    elif box._state.last_seq:
+                        jobs.append(_MarkSent(None, 1, box._state.last_seq))
+                outcome = box._run_jobs(conn, jobs)
+                answers.append([(r, e and (type(e), str(e))) for _w, r, e in outcome.results])
+            answers.append(noted.messages[:])
+            noted.messages.clear()
+            records = conn.execute(
+                "SELECT seq, event_id, received_at, size, payload, sent_at FROM records "
+                "ORDER BY seq"
+            ).fetchall()
+            days = conn.execute("SELECT * FROM day_totals ORDER BY business_day").fetchall()
+            ran.append((answers, records, days, box._state))
+    finally:
+        logging.getLogger("agent.outbox").removeHandler(noted)
+    assert ran[0] == ran[1]

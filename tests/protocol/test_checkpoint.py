@@ -11,6 +11,10 @@ from hypothesis import strategies as st
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
+    _merge_sorted,
+    _merge_till_runs,
+    _numbered_runs,
+    _runs,
     add,
     add_run,
     difference,
@@ -189,3 +193,26 @@ def test_a_transaction_number_seen_again_keeps_its_runs_since() -> None:
             TillHole(business_day=DAY, workstation_id="7", from_txn=2, to_txn=4, since=100.0)
         ]
         assert expected == till_holes(days[DAY], now=160.0, grace=60)
+
+
+_till_run_parts = st.lists(
+    st.tuples(st.integers(0, 30), st.integers(0, 4), st.sampled_from([1.0, 2.0, 3.0])),
+    max_size=8,
+).map(lambda parts: [(low, low + span, since) for low, span, since in parts])
+
+
+@given(held=_till_run_parts, new=_till_run_parts.filter(bool))
+@example(held=[(1, 3, 2.0)], new=[(1, 1, 1.0)])  # the same first number, an earlier since
+@example(held=[(1, 3, 1.0)], new=[(4, 4, 2.0)])  # the next number: the last run grows
+@example(held=[(1, 3, 1.0), (6, 6, 1.0)], new=[(2, 9, 2.0)])
+@settings(max_examples=400, deadline=None)
+def test_a_new_till_run_after_the_last_joins_as_sorting_all_of_them_does(
+    held: list[tuple[int, int, float]], new: list[tuple[int, int, float]]
+) -> None:
+    """_merge_till_runs's shortcut for one run starting after the last held one (a till's
+    next number, each single-event group's) gives what sorting and joining them all gives,
+    for held runs as the merge leaves them and any new runs; and one number's runs are the
+    general _runs'."""
+    runs = _merge_sorted([], held)
+    assert _merge_sorted(runs, new) == _merge_till_runs(runs, new)
+    assert _runs([new[0][0]], 5.0) == _numbered_runs({str(new[0][0])}, 5.0)
