@@ -5,8 +5,8 @@ on the agent's own libraries, to put ``bench_drain``'s figure beside (docs/bench
     python -m tests.bench.drain_floor --outbox DATA_DIR/outbox.sqlite --nats URL --store B1
 
 Reads the records in seq order in runs of ``--batch`` (the agent's ``batch_max_records``
-default unless given; one statement a run, SQLite joining the encodings, on a thread, one run
-ahead of the sending), wraps each run in the batch envelope
+default unless given; one statement a run, SQLite joining the encodings, on a thread of its
+own, up to 8 runs ahead of the sending), wraps each run in the batch envelope
 (``protocol.wire.raw_batch_parts``: the same bytes the agent sends), publishes it with its
 ``Nats-Msg-Id`` through nats-py's ``publish`` with a reply subject, up to ``--inflight``
 batches awaiting their PubAcks, and writes the highest acknowledged seq to the outbox file once
@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import threading
 import time
 
 import msgspec
@@ -42,6 +43,7 @@ _RUN_SQL = (
     "FROM records NOT INDEXED WHERE seq BETWEEN ?1 AND ?2"
 )
 _REPLY = "_FLOOR.acks"
+READ_AHEAD = 8  # runs read ahead of the sending, as the agent's forwarder reads them
 
 
 class _PubAck(msgspec.Struct):
@@ -100,12 +102,22 @@ async def drain(outbox: str, url: str, store: str, batch: int, inflight: int) ->
     await nc.subscribe(f"{_REPLY}.*", cb=on_ack)
     subject = events_subject(store)
     loop = asyncio.get_running_loop()
-    ahead = loop.run_in_executor(None, read, 1)
+    runs: asyncio.Queue[tuple[int, int, bytes]] = asyncio.Queue()
+    room = threading.Semaphore(READ_AHEAD)  # runs read and not yet published
+
+    def reader() -> None:  # reads the runs in order, up to READ_AHEAD ahead of the sending
+        first = 1
+        while first <= last:
+            room.acquire()
+            run = read(first)
+            loop.call_soon_threadsafe(runs.put_nowait, run)
+            first = run[1] + 1
+
+    threading.Thread(target=reader, name="floor-reader", daemon=True).start()
     first = 1
     while first <= last:
-        count, last_seq, records = await ahead
-        if last_seq < last:
-            ahead = loop.run_in_executor(None, read, last_seq + 1)
+        count, last_seq, records = await runs.get()
+        room.release()
         parts = raw_batch_parts(store, epoch, first, last_seq, Concatenated(count, records))
         await window.acquire()
         if failures:
