@@ -87,6 +87,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server as NatsServer
 from nats.aio.msg import Msg
 
+from agent.config import DEFAULT_BATCH_MAX_RECORDS
 from agent.errors import OutboxClosed, OutboxError
 from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
 from protocol.backoff import Backoff
@@ -242,7 +243,7 @@ class Forwarder:
         urls: list[str],
         auth: Mapping[str, Any] | None = None,
         ping_interval: float = 5.0,
-        batch_max_records: int = 500,
+        batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS,
         batch_max_bytes: int = 512 * 1024,
         linger_ms: int = 5,
         inflight: int = 8,
@@ -262,6 +263,9 @@ class Forwarder:
         self.auth = dict(auth or {})
         self.ping_interval = ping_interval
         self.batch_max_records = batch_max_records
+        # Records asked of the next read: batch_max_records, or fewer when the records seen
+        # last are so large that batch_max_records of them would be over the bytes (_fit).
+        self._run_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
         self.linger = linger_ms / 1000.0
         self.inflight = inflight
@@ -568,6 +572,7 @@ class Forwarder:
                 return
             if run is None:
                 return
+            self._fit(run, limit_bytes)
             partial = run.count < self.batch_max_records and run.size < limit_bytes // 2
             busy = len(self._window) >= max(1, self.inflight // 2)
             if partial and busy and self.linger and not lingered:
@@ -591,12 +596,20 @@ class Forwarder:
             if after == self._cursor and limit == limit_bytes:
                 return await task
             task.cancel()  # the cursor moved (a rewind, a failure): read again
-        return await self.outbox.read_unsent(
-            self.batch_max_records, limit_bytes, after_seq=self._cursor
-        )
+        return await self.outbox.read_unsent(self._run_records, limit_bytes, after_seq=self._cursor)
+
+    def _fit(self, run: UnsentRun, limit_bytes: int) -> None:
+        """Ask the next reads for as many records as fill 15/16 of ``limit_bytes`` at this
+        run's average size, at most batch_max_records. The outbox reads a run in one statement
+        when it fits the bytes; a run over them costs two statements more (a head cut by
+        bytes), and every read of a backlog of large records paid that before (or, before
+        round four, a read row by row: ~7x the reader's CPU per 1M; "The 1M drain, round
+        four" in docs/benchmarks.md). The margin keeps the count steady while sizes vary."""
+        fit = limit_bytes * 15 * run.count // (16 * max(1, run.size))
+        self._run_records = max(1, min(self.batch_max_records, fit))
 
     def _prefetch_nowait(self, after_seq: int, limit_bytes: int) -> None:
-        read = self.outbox.read_unsent(self.batch_max_records, limit_bytes, after_seq=after_seq)
+        read = self.outbox.read_unsent(self._run_records, limit_bytes, after_seq=after_seq)
         task = asyncio.ensure_future(read)
         task.add_done_callback(_retrieve)
         self._ahead = (task, after_seq, limit_bytes)

@@ -131,6 +131,32 @@ async def test_delivers_batches_in_order_with_dedup_header(
     assert 1 == len(subscriptions)  # the PubAck inbox, however many batches were published
 
 
+async def test_records_too_large_for_batch_max_records_are_read_in_runs_that_fit(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """When batch_max_records records are over batch_max_bytes, the forwarder asks the outbox
+    for as many as fit (its runs are read in one statement then), not for batch_max_records
+    cut by bytes each time (two statements more a read): after the first read, few reads cut
+    by bytes. Every record still goes, in order, in batches within the bytes."""
+    nc, js = await make_stream(nats_server.url)
+    await outbox.append(sales("a", 300))
+    statements: list[str] = []
+    assert outbox._rconn is not None
+    outbox._rconn.set_trace_callback(statements.append)
+    forwarder = forwarder_for(outbox, nats_server.url, batch_max_records=100, batch_max_bytes=2048)
+    running = Running(forwarder)
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+    assert list(range(1, 301)) == delivered_seqs(batches)
+    assert max(len(b.records) for _id, b in batches) < 100  # the bytes cut them
+    cut_by_bytes = sum("OVER (ORDER BY seq" in s for s in statements)
+    assert len(batches) > 20 and cut_by_bytes <= 2, (len(batches), cut_by_bytes)
+
+
 def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
     """The forwarder's own HPUB (one join) is byte for byte nats-py's ``publish`` command."""
     payload = bytes(range(256)) * 1000

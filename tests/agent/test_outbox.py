@@ -640,22 +640,32 @@ def test_a_run_read_in_one_statement_is_the_run_read_row_by_row(
 
 async def test_a_backlogs_runs_are_read_in_one_statement(outbox: Outbox) -> None:
     """A run of consecutive unsent records within the limits is read with one statement (no row
-    by row read: one GIL release for the run); a gap in the next limit_records records or a
-    run over limit_bytes is cut from the rows."""
+    by row read: one GIL release for the run); a run over limit_bytes with no gap is cut by
+    statements too (the head that fits, then that head), not row by row; a gap in the next
+    limit_records records is cut from the rows."""
     await outbox.append(sales("a", 30))
     await outbox.mark_refused_nowait(25, "too large")
     statements: list[str] = []
     assert outbox._rconn is not None
     outbox._rconn.set_trace_callback(statements.append)
+
+    def row_by_row() -> bool:
+        return any("group_concat" not in s and "ORDER BY seq LIMIT" in s for s in statements)
+
     whole = await outbox.read_unsent(10, 1 << 20)
     assert whole is not None and (1, 10) == (whole.first_seq, whole.last_seq)
-    assert not any("ORDER BY seq LIMIT ?3" in s and "group_concat" not in s for s in statements)
+    assert not row_by_row()
     assert [decode_record(p).seq for p in whole.payloads] == list(range(1, 11))
-    for limits, after, span in [((10, 1 << 20), 20, (21, 24)), ((10, 500), 10, (11, 13))]:
-        statements.clear()
-        cut = await outbox.read_unsent(*limits, after_seq=after)
-        assert cut is not None and span == (cut.first_seq, cut.last_seq)
-        assert any("group_concat" not in s and "ORDER BY seq LIMIT" in s for s in statements)
+    three = await outbox.read_unsent(3, 1 << 20, after_seq=10)
+    assert three is not None
+    statements.clear()
+    cut = await outbox.read_unsent(10, three.size, after_seq=10)
+    assert cut is not None and (11, 13) == (cut.first_seq, cut.last_seq)
+    assert not row_by_row() and any("OVER (ORDER BY seq" in s for s in statements)
+    statements.clear()
+    cut = await outbox.read_unsent(10, 1 << 20, after_seq=20)
+    assert cut is not None and (21, 24) == (cut.first_seq, cut.last_seq)
+    assert row_by_row()
 
 
 @given(data=st.binary(max_size=2000))
