@@ -89,7 +89,7 @@ from nats.aio.msg import Msg
 
 from agent.config import DEFAULT_BATCH_MAX_RECORDS
 from agent.errors import OutboxClosed, OutboxError
-from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
+from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, ReadAhead, UnsentRun
 from protocol.backoff import Backoff
 from protocol.connection import hpub, hpub_parts, raw_sender
 from protocol.subjects import (
@@ -120,6 +120,9 @@ DENIED_RECONNECT_DELAY = 10.0
 RETRY_BASE_DELAY = 0.05
 RETRY_MAX_DELAY = 1.0
 MAX_OUTSTANDING_PINGS = 2
+# Runs of a backlog read ahead in one job of the outbox's reader thread (Outbox.read_ahead):
+# at most this many batches' records (~3.7 MB at 460 KB a batch) wait in memory.
+READ_AHEAD_RUNS = 8
 ERROR_LOG_INTERVAL = 30.0  # seconds between repeated connection-error log lines
 
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
@@ -290,9 +293,8 @@ class Forwarder:
         self._hooks: list[ConnectHook] = []
         self._window: collections.deque[_Inflight] = collections.deque()
         self._cursor = 0
-        # A read of the next run started while the last one is published: (task, the seq it
-        # reads after, the byte limit it was cut at).
-        self._ahead: tuple[asyncio.Future[UnsentRun | None], int, int] | None = None
+        # The next runs, read on the outbox's reader thread while the last ones are published.
+        self._ahead: ReadAhead | None = None
         self._resends = 0  # resyncs served since start; part of the batch msg id
         self._link_lost = False
         self._marking: asyncio.Future[None] | None = None
@@ -355,9 +357,7 @@ class Forwarder:
         try:
             await self._forward()
         finally:
-            if self._ahead is not None:
-                self._ahead[0].cancel()
-                self._ahead = None
+            self._drop_ahead()
             await self._shutdown_connection()
 
     async def stop(self) -> None:
@@ -582,20 +582,28 @@ class Forwarder:
                 await self._wait_wake(self.linger)
                 continue
             lingered = False
-            if not partial:
-                # A backlog: read the next run while this one is encoded and published.
-                self._prefetch_nowait(run.last_seq, limit_bytes)
+            if not partial and self._ahead is None:
+                # A backlog: read the next runs while this one is encoded and published.
+                self._ahead = self.outbox.read_ahead(
+                    self._run_records, limit_bytes, after_seq=run.last_seq, runs=READ_AHEAD_RUNS
+                )
             if not await self._publish(nc, run, limit_bytes):
                 return
 
     async def _read_run(self, limit_bytes: int) -> UnsentRun | None:
-        """The unsent run after the cursor: the one read ahead if it starts there."""
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:
-            task, after, limit = ahead
-            if after == self._cursor and limit == limit_bytes:
-                return await task
-            task.cancel()  # the cursor moved (a rewind, a failure): read again
+        """The unsent run after the cursor: the next one read ahead if it starts there."""
+        ahead = self._ahead
+        if ahead is not None and ahead.futures and ahead.limit_bytes == limit_bytes:
+            try:
+                read = await ahead.futures.popleft()
+            except BaseException:
+                self._drop_ahead()
+                raise
+            if not ahead.futures and self._ahead is ahead:
+                self._ahead = None  # all taken: the next full run starts another
+            if read is not None and read[0] == self._cursor:
+                return read[1]
+        self._drop_ahead()  # the chain ended, or the cursor moved (a rewind, a failure)
         return await self.outbox.read_unsent(self._run_records, limit_bytes, after_seq=self._cursor)
 
     def _fit(self, run: UnsentRun, limit_bytes: int) -> None:
@@ -608,11 +616,10 @@ class Forwarder:
         fit = limit_bytes * 15 * run.count // (16 * max(1, run.size))
         self._run_records = max(1, min(self.batch_max_records, fit))
 
-    def _prefetch_nowait(self, after_seq: int, limit_bytes: int) -> None:
-        read = self.outbox.read_unsent(self._run_records, limit_bytes, after_seq=after_seq)
-        task = asyncio.ensure_future(read)
-        task.add_done_callback(_retrieve)
-        self._ahead = (task, after_seq, limit_bytes)
+    def _drop_ahead(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead.stop()
 
     async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
         epoch = self.outbox.epoch
@@ -807,13 +814,6 @@ def _hpub(
     if isinstance(payload, bytes):
         return hpub(subject, reply.encode(), header, payload)
     return hpub_parts(subject, reply.encode(), header, payload, size)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A read ahead that is not used (or fails while stopping) is not an error of its own: the
-    # forwarder reads again from its cursor, and sees the error then.
-    if not future.cancelled():
-        future.exception()
 
 
 def _log_mark_failure(future: asyncio.Future[None]) -> None:

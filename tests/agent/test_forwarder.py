@@ -17,7 +17,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.protocol.command import hpub_cmd
 
-from agent.forwarder import Forwarder, ForwarderStatistics, _hpub
+from agent.forwarder import READ_AHEAD_RUNS, Forwarder, ForwarderStatistics, _hpub
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
@@ -155,6 +155,38 @@ async def test_records_too_large_for_batch_max_records_are_read_in_runs_that_fit
     assert max(len(b.records) for _id, b in batches) < 100  # the bytes cut them
     cut_by_bytes = sum("OVER (ORDER BY seq" in s for s in statements)
     assert len(batches) > 20 and cut_by_bytes <= 2, (len(batches), cut_by_bytes)
+
+
+async def test_a_backlogs_runs_are_read_ahead_several_to_a_reader_job(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """A backlog's runs are read ahead several to one job of the outbox's reader thread
+    (READ_AHEAD_RUNS), not one job per run (a thread hand-over and a loop wake-up between
+    reads, the reader idle meanwhile); every record still goes once, in order."""
+    nc, js = await make_stream(nats_server.url)
+    await outbox.append(sales("a", 600))
+    jobs: list[str] = []  # the reader thread's jobs that read runs
+    submit = outbox._reader.submit
+
+    def counting(fn: Callable[..., object], /, *args: object) -> object:
+        name = getattr(args[0] if args and fn == outbox._locked else fn, "__name__", "")
+        if name in ("_read_ahead_sync", "_read_unsent_sync"):
+            jobs.append(name)
+        return submit(fn, *args)
+
+    outbox._reader.submit = counting  # type: ignore[method-assign]
+    running = Running(forwarder_for(outbox, nats_server.url, batch_max_records=20))
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        batches = await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+        del outbox._reader.submit
+    assert list(range(1, 601)) == delivered_seqs(batches)
+    # One job per READ_AHEAD_RUNS runs, the first read and the reads at the end: 7 here; one
+    # job per run would be 30 or more.
+    assert len(batches) == 30 and READ_AHEAD_RUNS >= 4 and len(jobs) <= 10, jobs
 
 
 def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:

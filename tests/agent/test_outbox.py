@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
@@ -602,6 +602,9 @@ def _read_run_row_by_row(
     after_seq=st.integers(min_value=0, max_value=40),
 )
 @settings(max_examples=300, deadline=None)
+# A range above after_seq over unsent records: the read of the next seqs in one statement
+# must not take them (random examples rarely build this).
+@example([10] * 10, b"x", set(), set(), [(5, 2)], 10, 1000, 0)
 def test_a_run_read_in_one_statement_is_the_run_read_row_by_row(
     sizes: list[int],
     fill: bytes,
@@ -636,6 +639,44 @@ def test_a_run_read_in_one_statement_is_the_run_read_row_by_row(
     assert expected == (
         None if run is None else (run.first_seq, run.last_seq, run.records, run.size)
     )
+
+
+async def test_a_read_ahead_is_the_runs_read_unsent_reads_one_after_another(
+    outbox: Outbox,
+) -> None:
+    """Outbox.read_ahead's runs, read in one job of the reader thread, are the runs successive
+    read_unsent calls return (gaps: a refused record, an acknowledged range), each with the
+    seq it was read after; the chain ends after a run short of both limits (the backlog's end),
+    and the futures after it resolve to None; stop() drops what was not taken."""
+    await outbox.append(sales("a", 45))
+    await outbox.mark_refused_nowait(14, "too large")
+    await outbox.mark_sent_nowait(25, 27)
+    await outbox.marks_committed()
+    expected: list[tuple[int, tuple[int, int]]] = []
+    after = 0
+    while (run := await outbox.read_unsent(10, 1 << 20, after_seq=after)) is not None:
+        expected.append((after, (run.first_seq, run.last_seq)))
+        after = run.last_seq
+    assert [r for _a, r in expected] == [(1, 10), (11, 13), (15, 24), (28, 37), (38, 45)]
+    ahead = outbox.read_ahead(10, 1 << 20, after_seq=0, runs=7)
+    reads = [await future for future in list(ahead.futures)]
+    taken = [(a, (r.first_seq, r.last_seq)) for a, r in (x for x in reads if x and x[1])]
+    # 11-13 is short of both limits (a gap cut it): the chain ends there, as at a backlog's end.
+    assert (expected[:2], [None] * 5) == (taken, reads[2:])
+    ahead = outbox.read_ahead(10, 1 << 20, after_seq=14, runs=3)
+    first = await ahead.futures[0]
+    assert (
+        first is not None
+        and first[1] is not None
+        and (15, 24)
+        == (
+            first[1].first_seq,
+            first[1].last_seq,
+        )
+    )
+    rest = list(ahead.futures)[1:]
+    ahead.stop()
+    assert not ahead.futures and ahead.stopped and all(f.done() for f in rest)
 
 
 async def test_a_backlogs_runs_are_read_in_one_statement(outbox: Outbox) -> None:
