@@ -3,9 +3,10 @@
 One loop, one NATS connection. It reads runs of consecutive unsent records from the outbox
 (pre-encoded: the records are spliced into the batch, never decoded), publishes each run as one
 message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``inflight``
-batches awaiting their PubAck. While a backlog drains (full runs), the next run is read (on the
-outbox's reader thread) while this one is encoded and published; a read ahead is used only if
-the cursor is still where it began, so a rewind or a failure reads again from the cursor. Only
+batches awaiting their PubAck. While a backlog drains (full runs), the next runs are read (up
+to READ_AHEAD_RUNS, one after another in one job of the outbox's reader thread) while this one
+is encoded and published; a run read ahead is used only if it starts where the cursor is, so a
+rewind or a failure drops them and reads again from the cursor. Only
 the acknowledged *prefix* of the window is marked sent, and that through the outbox's single
 writer, so the forwarder never blocks ingest.
 
