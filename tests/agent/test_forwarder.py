@@ -103,6 +103,19 @@ def forwarder_for(outbox: Outbox, url: str, **options: object) -> Forwarder:
     return Forwarder(outbox, store_id=STORE, urls=[url], **settings)  # type: ignore[arg-type]
 
 
+async def forward_all(outbox: Outbox, url: str, **options: object) -> list[tuple[str, Batch]]:
+    """Run a forwarder (``options`` as forwarder_for's) until the outbox has nothing pending;
+    the batches the stream holds then."""
+    nc, js = await make_stream(url)
+    running = Running(forwarder_for(outbox, url, **options))
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        return await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+
+
 async def test_delivers_batches_in_order_with_dedup_header(
     nats_server: EmbeddedBroker, outbox: Outbox
 ) -> None:
@@ -138,19 +151,13 @@ async def test_records_too_large_for_batch_max_records_are_read_in_runs_that_fit
     for as many as fit (its runs are read in one statement then), not for batch_max_records
     cut by bytes each time (two statements more a read): after the first read, few reads cut
     by bytes. Every record still goes, in order, in batches within the bytes."""
-    nc, js = await make_stream(nats_server.url)
     await outbox.append(sales("a", 300))
     statements: list[str] = []
     assert outbox._rconn is not None
     outbox._rconn.set_trace_callback(statements.append)
-    forwarder = forwarder_for(outbox, nats_server.url, batch_max_records=100, batch_max_bytes=2048)
-    running = Running(forwarder)
-    try:
-        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
-        batches = await stored_batches(js)
-    finally:
-        await running.stop()
-        await nc.close()
+    batches = await forward_all(
+        outbox, nats_server.url, batch_max_records=100, batch_max_bytes=2048
+    )
     assert list(range(1, 301)) == delivered_seqs(batches)
     assert max(len(b.records) for _id, b in batches) < 100  # the bytes cut them
     cut_by_bytes = sum("OVER (ORDER BY seq" in s for s in statements)
@@ -163,7 +170,6 @@ async def test_a_backlogs_runs_are_read_ahead_several_to_a_reader_job(
     """A backlog's runs are read ahead several to one job of the outbox's reader thread
     (READ_AHEAD_RUNS), not one job per run (a thread hand-over and a loop wake-up between
     reads, the reader idle meanwhile); every record still goes once, in order."""
-    nc, js = await make_stream(nats_server.url)
     await outbox.append(sales("a", 600))
     jobs: list[str] = []  # the reader thread's jobs that read runs
     submit = outbox._reader.submit
@@ -175,13 +181,9 @@ async def test_a_backlogs_runs_are_read_ahead_several_to_a_reader_job(
         return submit(fn, *args)
 
     outbox._reader.submit = counting  # type: ignore[method-assign]
-    running = Running(forwarder_for(outbox, nats_server.url, batch_max_records=20))
     try:
-        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
-        batches = await stored_batches(js)
+        batches = await forward_all(outbox, nats_server.url, batch_max_records=20)
     finally:
-        await running.stop()
-        await nc.close()
         del outbox._reader.submit
     assert list(range(1, 601)) == delivered_seqs(batches)
     # One job per READ_AHEAD_RUNS runs, the first read and the reads at the end: 7 here; one
