@@ -124,6 +124,13 @@ MAX_OUTSTANDING_PINGS = 2
 # Runs of a backlog read ahead in one job of the outbox's reader thread (Outbox.read_ahead):
 # at most this many batches' records (~3.7 MB at 460 KB a batch) wait in memory.
 READ_AHEAD_RUNS = 8
+# At most this many records' bytes are published and awaiting PubAcks before another batch
+# goes (besides ``inflight`` batches): nats-py's PINGs queue behind them, and on a 2 Mbit/s
+# store link 8 batches of 1,000 till records (3.7 MB, 15 s of sending) held PONGs back past
+# ping_interval x MAX_OUTSTANDING_PINGS, so nats-py dropped the connection and the window was
+# re-sent (bench_wan's link; docs/benchmarks.md, "The 1M drain, round four"). 8 batches of the
+# old default, 500 records, were ~1.8 MB.
+WINDOW_BYTES = 1536 * 1024
 ERROR_LOG_INTERVAL = 30.0  # seconds between repeated connection-error log lines
 
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
@@ -562,7 +569,12 @@ class Forwarder:
         # aside when refused).
         limit_bytes = min(self._size_cap, max(1, nc.max_payload - BATCH_ENVELOPE_BYTES))
         lingered = False
-        while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
+        while (
+            len(self._window) < self.inflight
+            and sum(batch.size for batch in self._window) < WINDOW_BYTES
+            and not self._stopping
+            and not self._link_lost
+        ):
             try:
                 run = await self._read_run(limit_bytes)
             except OutboxClosed:

@@ -9,6 +9,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -17,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.protocol.command import hpub_cmd
 
+import agent.forwarder as forwarder_module
 from agent.forwarder import READ_AHEAD_RUNS, Forwarder, ForwarderStatistics, _hpub
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
@@ -189,6 +191,26 @@ async def test_a_backlogs_runs_are_read_ahead_several_to_a_reader_job(
     # One job per READ_AHEAD_RUNS runs, the first read and the reads at the end: 7 here; one
     # job per run would be 30 or more.
     assert len(batches) == 30 and READ_AHEAD_RUNS >= 4 and len(jobs) <= 10, jobs
+
+
+async def test_the_window_holds_at_most_window_bytes_before_another_batch(
+    nats_server: EmbeddedBroker, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another batch is published only while the window's records are under WINDOW_BYTES (a
+    slow link's PINGs queue behind them), whatever ``inflight`` allows; every record goes."""
+    monkeypatch.setattr(forwarder_module, "WINDOW_BYTES", 5000)
+    await outbox.append(sales("a", 300))
+    before: list[int] = []  # the window's bytes as each batch is published
+
+    async def publish(forwarder: Forwarder, *args: Any) -> bool:
+        before.append(sum(batch.size for batch in forwarder._window))
+        return await original(forwarder, *args)
+
+    original = Forwarder._publish
+    monkeypatch.setattr(Forwarder, "_publish", publish)
+    batches = await forward_all(outbox, nats_server.url, batch_max_records=20, inflight=8)
+    assert list(range(1, 301)) == delivered_seqs(batches)
+    assert len(batches) == 15 and max(before) < 5000, before
 
 
 def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:
