@@ -134,7 +134,12 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ] = DEFAULT_LINGER_MS
     inflight: Annotated[
         int,
-        msgspec.Meta(ge=1, le=1000, description="Batches published and awaiting PubAck at once."),
+        msgspec.Meta(
+            ge=1,
+            le=1000,
+            description="Batches published and awaiting PubAck at once (fewer while those hold "
+            "1.5 MiB of records: a slow link's pings wait behind them).",
+        ),
     ] = DEFAULT_INFLIGHT
     publish_timeout: Annotated[
         float,
