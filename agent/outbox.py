@@ -710,7 +710,7 @@ def _sqlite_failure(exc: sqlite3.Error) -> OutboxError:
 # The aggregate runs over the table itself, bounded by seq, not over a subquery with ORDER BY
 # and LIMIT (round three's form): the subquery made SQLite copy each record's bytes out of
 # its page into a register and free them again (a malloc, a copy and a free per record),
-# ~25 % of the reader's CPU per 1M records ("The 1M drain, round four"). The order of the
+# 15 % of a read's instructions ("The 1M drain, round four"). The order of the
 # concatenation is the scan's: ``NOT INDEXED`` leaves SQLite one plan, the rowid (seq) range
 # walked upwards (only PRAGMA reverse_unordered_selects, never set here, would walk it down);
 # tests compare the result with the rows read one by one.
