@@ -31,7 +31,7 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DEFAULT_MAX_REQUESTS_IN_FLIGHT = 64
 DEFAULT_NATS_URLS = ("nats://127.0.0.1:4222",)
 DEFAULT_PING_INTERVAL = 5.0
-DEFAULT_BATCH_MAX_RECORDS = 500
+DEFAULT_BATCH_MAX_RECORDS = 1000
 DEFAULT_BATCH_MAX_BYTES = 512 * 1024
 DEFAULT_LINGER_MS = 5
 DEFAULT_INFLIGHT = 8
@@ -134,7 +134,12 @@ class ForwarderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     ] = DEFAULT_LINGER_MS
     inflight: Annotated[
         int,
-        msgspec.Meta(ge=1, le=1000, description="Batches published and awaiting PubAck at once."),
+        msgspec.Meta(
+            ge=1,
+            le=1000,
+            description="Batches published and awaiting PubAck at once (fewer while those hold "
+            "1.5 MiB of records: a slow link's pings wait behind them).",
+        ),
     ] = DEFAULT_INFLIGHT
     publish_timeout: Annotated[
         float,

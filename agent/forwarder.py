@@ -3,9 +3,10 @@
 One loop, one NATS connection. It reads runs of consecutive unsent records from the outbox
 (pre-encoded: the records are spliced into the batch, never decoded), publishes each run as one
 message with ``Nats-Msg-Id = <store>:<epoch>:<first>:<last>`` and keeps up to ``inflight``
-batches awaiting their PubAck. While a backlog drains (full runs), the next run is read (on the
-outbox's reader thread) while this one is encoded and published; a read ahead is used only if
-the cursor is still where it began, so a rewind or a failure reads again from the cursor. Only
+batches awaiting their PubAck. While a backlog drains (full runs), the next runs are read (up
+to READ_AHEAD_RUNS, one after another in one job of the outbox's reader thread) while this one
+is encoded and published; a run read ahead is used only if it starts where the cursor is, so a
+rewind or a failure drops them and reads again from the cursor. Only
 the acknowledged *prefix* of the window is marked sent, and that through the outbox's single
 writer, so the forwarder never blocks ingest.
 
@@ -87,8 +88,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.client import Server as NatsServer
 from nats.aio.msg import Msg
 
+from agent.config import DEFAULT_BATCH_MAX_RECORDS
 from agent.errors import OutboxClosed, OutboxError
-from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, UnsentRun
+from agent.outbox import BATCH_ENVELOPE_BYTES, Outbox, ReadAhead, UnsentRun
 from protocol.backoff import Backoff
 from protocol.connection import hpub, hpub_parts, raw_sender
 from protocol.subjects import (
@@ -119,6 +121,16 @@ DENIED_RECONNECT_DELAY = 10.0
 RETRY_BASE_DELAY = 0.05
 RETRY_MAX_DELAY = 1.0
 MAX_OUTSTANDING_PINGS = 2
+# Runs of a backlog read ahead in one job of the outbox's reader thread (Outbox.read_ahead):
+# at most this many batches' records (~3.7 MB at 460 KB a batch) wait in memory.
+READ_AHEAD_RUNS = 8
+# At most this many records' bytes are published and awaiting PubAcks before another batch
+# goes (besides ``inflight`` batches): nats-py's PINGs queue behind them, and on a 2 Mbit/s
+# store link 8 batches of 1,000 till records (3.7 MB, 15 s of sending) held PONGs back past
+# ping_interval x MAX_OUTSTANDING_PINGS, so nats-py dropped the connection and the window was
+# re-sent (bench_wan's link; docs/benchmarks.md, "The 1M drain, round four"). 8 batches of the
+# old default, 500 records, were ~1.8 MB.
+WINDOW_BYTES = 1536 * 1024
 ERROR_LOG_INTERVAL = 30.0  # seconds between repeated connection-error log lines
 
 # JetStream's "message size exceeds maximum allowed" (the stream's max_msg_size): permanent.
@@ -242,7 +254,7 @@ class Forwarder:
         urls: list[str],
         auth: Mapping[str, Any] | None = None,
         ping_interval: float = 5.0,
-        batch_max_records: int = 500,
+        batch_max_records: int = DEFAULT_BATCH_MAX_RECORDS,
         batch_max_bytes: int = 512 * 1024,
         linger_ms: int = 5,
         inflight: int = 8,
@@ -262,6 +274,9 @@ class Forwarder:
         self.auth = dict(auth or {})
         self.ping_interval = ping_interval
         self.batch_max_records = batch_max_records
+        # Records asked of the next read: batch_max_records, or fewer when the records seen
+        # last are so large that batch_max_records of them would be over the bytes (_fit).
+        self._run_records = batch_max_records
         self.batch_max_bytes = batch_max_bytes
         self.linger = linger_ms / 1000.0
         self.inflight = inflight
@@ -286,9 +301,8 @@ class Forwarder:
         self._hooks: list[ConnectHook] = []
         self._window: collections.deque[_Inflight] = collections.deque()
         self._cursor = 0
-        # A read of the next run started while the last one is published: (task, the seq it
-        # reads after, the byte limit it was cut at).
-        self._ahead: tuple[asyncio.Future[UnsentRun | None], int, int] | None = None
+        # The next runs, read on the outbox's reader thread while the last ones are published.
+        self._ahead: ReadAhead | None = None
         self._resends = 0  # resyncs served since start; part of the batch msg id
         self._link_lost = False
         self._marking: asyncio.Future[None] | None = None
@@ -351,9 +365,7 @@ class Forwarder:
         try:
             await self._forward()
         finally:
-            if self._ahead is not None:
-                self._ahead[0].cancel()
-                self._ahead = None
+            self._drop_ahead()
             await self._shutdown_connection()
 
     async def stop(self) -> None:
@@ -557,7 +569,12 @@ class Forwarder:
         # aside when refused).
         limit_bytes = min(self._size_cap, max(1, nc.max_payload - BATCH_ENVELOPE_BYTES))
         lingered = False
-        while len(self._window) < self.inflight and not self._stopping and not self._link_lost:
+        while (
+            len(self._window) < self.inflight
+            and sum(batch.size for batch in self._window) < WINDOW_BYTES
+            and not self._stopping
+            and not self._link_lost
+        ):
             try:
                 run = await self._read_run(limit_bytes)
             except OutboxClosed:
@@ -568,6 +585,7 @@ class Forwarder:
                 return
             if run is None:
                 return
+            self._fit(run, limit_bytes)
             partial = run.count < self.batch_max_records and run.size < limit_bytes // 2
             busy = len(self._window) >= max(1, self.inflight // 2)
             if partial and busy and self.linger and not lingered:
@@ -577,29 +595,44 @@ class Forwarder:
                 await self._wait_wake(self.linger)
                 continue
             lingered = False
-            if not partial:
-                # A backlog: read the next run while this one is encoded and published.
-                self._prefetch_nowait(run.last_seq, limit_bytes)
+            if not partial and self._ahead is None:
+                # A backlog: read the next runs while this one is encoded and published.
+                self._ahead = self.outbox.read_ahead(
+                    self._run_records, limit_bytes, after_seq=run.last_seq, runs=READ_AHEAD_RUNS
+                )
             if not await self._publish(nc, run, limit_bytes):
                 return
 
     async def _read_run(self, limit_bytes: int) -> UnsentRun | None:
-        """The unsent run after the cursor: the one read ahead if it starts there."""
+        """The unsent run after the cursor: the next one read ahead if it starts there."""
+        ahead = self._ahead
+        if ahead is not None and ahead.futures and ahead.limit_bytes == limit_bytes:
+            try:
+                read = await ahead.futures.popleft()
+            except BaseException:
+                self._drop_ahead()
+                raise
+            if not ahead.futures and self._ahead is ahead:
+                self._ahead = None  # all taken: the next full run starts another
+            if read is not None and read[0] == self._cursor:
+                return read[1]
+        self._drop_ahead()  # the chain ended, or the cursor moved (a rewind, a failure)
+        return await self.outbox.read_unsent(self._run_records, limit_bytes, after_seq=self._cursor)
+
+    def _fit(self, run: UnsentRun, limit_bytes: int) -> None:
+        """Ask the next reads for as many records as fill 15/16 of ``limit_bytes`` at this
+        run's average size, at most batch_max_records. The outbox reads a run in one statement
+        when it fits the bytes; a run over them costs two statements more (a head cut by
+        bytes), and every read of a backlog of large records paid that before (or, before
+        round four, a read row by row: ~7x the reader's CPU per 1M; "The 1M drain, round
+        four" in docs/benchmarks.md). The margin keeps the count steady while sizes vary."""
+        fit = limit_bytes * 15 * run.count // (16 * max(1, run.size))
+        self._run_records = max(1, min(self.batch_max_records, fit))
+
+    def _drop_ahead(self) -> None:
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
-            task, after, limit = ahead
-            if after == self._cursor and limit == limit_bytes:
-                return await task
-            task.cancel()  # the cursor moved (a rewind, a failure): read again
-        return await self.outbox.read_unsent(
-            self.batch_max_records, limit_bytes, after_seq=self._cursor
-        )
-
-    def _prefetch_nowait(self, after_seq: int, limit_bytes: int) -> None:
-        read = self.outbox.read_unsent(self.batch_max_records, limit_bytes, after_seq=after_seq)
-        task = asyncio.ensure_future(read)
-        task.add_done_callback(_retrieve)
-        self._ahead = (task, after_seq, limit_bytes)
+            ahead.stop()
 
     async def _publish(self, nc: NatsClient, run: UnsentRun, limit_bytes: int) -> bool:
         epoch = self.outbox.epoch
@@ -794,13 +827,6 @@ def _hpub(
     if isinstance(payload, bytes):
         return hpub(subject, reply.encode(), header, payload)
     return hpub_parts(subject, reply.encode(), header, payload, size)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    # A read ahead that is not used (or fails while stopping) is not an error of its own: the
-    # forwarder reads again from its cursor, and sees the error then.
-    if not future.cancelled():
-        future.exception()
 
 
 def _log_mark_failure(future: asyncio.Future[None]) -> None:

@@ -188,6 +188,29 @@ class UnsentRun(msgspec.Struct, frozen=True, kw_only=True):
         return split_records(self.count, self.records)
 
 
+# What a read ahead resolves to: the seq it read after and the run (None: the chain ended).
+_Ahead = tuple[int, "UnsentRun | None"] | None
+
+
+class ReadAhead:
+    """Runs read one after another on the reader thread (``Outbox.read_ahead``), each handed
+    to the loop as soon as it is read: ``futures[i]`` resolves to ``(after_seq, run)``, the
+    run read after ``after_seq`` (the previous run's last seq), or to None when the chain
+    ended before it (the backlog's end, an error before it, ``stop``)."""
+
+    def __init__(self, limit_bytes: int, futures: list[asyncio.Future[_Ahead]]) -> None:
+        self.limit_bytes = limit_bytes
+        self.futures = collections.deque(futures)
+        self.stopped = False  # read by the reader thread before each read
+
+    def stop(self) -> None:
+        """Read no further; the runs read and not taken are dropped."""
+        self.stopped = True
+        for future in self.futures:
+            future.cancel()
+        self.futures.clear()
+
+
 class UnsentMarked(msgspec.Struct, frozen=True, kw_only=True):
     """Result of a resync: how many sent records became unsent, and the lowest seq still held."""
 
@@ -686,25 +709,57 @@ def _sqlite_failure(exc: sqlite3.Error) -> OutboxError:
     return OutboxWriteFailed(reason=str(exc), disk_full=code == sqlite3.SQLITE_FULL)
 
 
-# The forwarder's next run in one statement: the ``limit`` unsent records from ``start`` on,
-# their last seq, their bytes and their encodings concatenated by SQLite. They are the run when
-# they are consecutive (as many as their seqs span) and fit ``limit_bytes``; otherwise (a gap,
-# too many bytes) _RUN_ROWS_SQL reads them again, one row at a time, to cut the run. One
-# sqlite3_step instead of one per record: Python's sqlite3 releases and takes back the GIL
-# around every step, and while the event loop publishes, each take back waits for it
-# (docs/benchmarks.md, "The 1M drain, round three"). The concatenation runs over a subquery
-# with ORDER BY and LIMIT, whose order SQLite keeps (the LIMIT makes it matter); tests compare
-# the result with the rows read one by one.
+# The forwarder's next run in one statement: the unsent records with seqs ``start`` to
+# ``start + limit - 1`` (below ``stop``, where the next acknowledged range begins), their count,
+# last seq, bytes and encodings concatenated by SQLite. They are the run when there is one per
+# seq from ``start`` to the last (``count == last - start + 1``: no gap, whatever follows) and
+# they fit ``limit_bytes``; otherwise (a gap, too many bytes) _RUN_ROWS_SQL reads the rows, one
+# at a time, to cut the run. One sqlite3_step instead of one per record: Python's sqlite3
+# releases and takes back the GIL around every step, and while the event loop publishes, each
+# take back waits for it (docs/benchmarks.md, "The 1M drain, round three").
+# The aggregate runs over the table itself, bounded by seq, not over a subquery with ORDER BY
+# and LIMIT (round three's form): the subquery made SQLite copy each record's bytes out of
+# its page into a register and free them again (a malloc, a copy and a free per record),
+# 15 % of a read's instructions ("The 1M drain, round four"). The order of the
+# concatenation is the scan's: ``NOT INDEXED`` leaves SQLite one plan, the rowid (seq) range
+# walked upwards (only PRAGMA reverse_unordered_selects, never set here, would walk it down);
+# tests compare the result with the rows read one by one.
 _WHOLE_RUN_SQL = """
 SELECT count(*), max(seq), sum(length(payload)), CAST(group_concat(payload, x'') AS BLOB)
-FROM (SELECT seq, payload FROM records
-      WHERE sent_at IS NULL AND refused_at IS NULL AND seq >= ?1 AND seq < ?2
-      ORDER BY seq LIMIT ?3)
+FROM records NOT INDEXED
+WHERE sent_at IS NULL AND refused_at IS NULL AND seq >= ?1 AND seq < min(?2, ?1 + ?3)
+"""
+# The next run of a backlog in one statement, with no BEGIN, COMMIT or look-ups of the
+# ranges: the unsent records with seqs ``after + 1`` to ``after + limit``, and the last seq
+# of the highest acknowledged range (ranges never overlap: no range reaches past ``after``
+# when that one does not). When that range ends at or before ``after`` and the records are
+# one per seq from ``after + 1`` on, within the bytes, they are the run _read_unsent_sync's
+# steps would read (first_unsent is ``after + 1``, no range starts above it), and one
+# statement is one read transaction. A drain's reads are nearly all of this kind; each
+# statement costs the reader thread a GIL release and take-back, and taking it back waits for
+# the event loop while it publishes: six a read before ("The 1M drain, round four").
+_NEXT_RUN_SQL = """
+SELECT count(*), max(seq), sum(length(payload)), CAST(group_concat(payload, x'') AS BLOB),
+       (SELECT last_seq FROM acked_ranges ORDER BY first_seq DESC LIMIT 1)
+FROM records NOT INDEXED
+WHERE sent_at IS NULL AND refused_at IS NULL AND seq > ?1 AND seq <= ?1 + ?2
 """
 _RUN_ROWS_SQL = (
     "SELECT seq, payload FROM records WHERE sent_at IS NULL AND refused_at IS NULL "
     "AND seq >= ?1 AND seq < ?2 ORDER BY seq LIMIT ?3"
 )
+# A run with no gap but more than ``limit_bytes``: the last seq of its longest head that fits
+# (None when the first record alone is larger), from the records' lengths only (SQLite reads
+# a blob's length from the row's header, not its bytes). Then _WHOLE_RUN_SQL reads that head:
+# two more statements instead of a row-by-row read, which released and took back the GIL per
+# record and cost ~10x a whole run's read per 1M records when every run was over the bytes
+# (records larger than limit_bytes / limit_records on average; "The 1M drain, round four").
+_FITTING_HEAD_SQL = """
+SELECT max(seq) FROM (
+    SELECT seq, sum(length(payload)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS total
+    FROM records WHERE seq >= ?1 AND seq <= ?2)
+WHERE total <= ?3
+"""
 
 
 def _cut_run(rows: list[tuple[int, bytes]], limit_bytes: int) -> UnsentRun | None:
@@ -727,6 +782,23 @@ def _cut_run(rows: list[tuple[int, bytes]], limit_bytes: int) -> UnsentRun | Non
     return UnsentRun(
         first_seq=first_seq, last_seq=expected - 1, records=b"".join(payloads), size=size
     )
+
+
+def _resolve(future: asyncio.Future[_Ahead], value: _Ahead) -> None:
+    if not future.done():  # cancelled: the read ahead was stopped
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[_Ahead], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+def _retrieve_ahead(job: asyncio.Future[None]) -> None:
+    # The job hands its results and errors over through the runs' futures; an error of its
+    # own (the loop closed under it) has no one left to tell.
+    if not job.cancelled():
+        job.exception()
 
 
 # --- the outbox -----------------------------------------------------------------------------
@@ -1040,6 +1112,26 @@ class Outbox:
                 self._rlock.release()
         return await self._on_reader(self._read_unsent_sync, limit_records, limit_bytes, after_seq)
 
+    def read_ahead(
+        self, limit_records: int, limit_bytes: int, *, after_seq: int, runs: int
+    ) -> ReadAhead:
+        """Read up to ``runs`` runs after ``after_seq``, one after another, in one job of the
+        reader thread: each is handed to the loop when read, and the thread goes on to the
+        next at once. Reading one run a job, the next read started only once the loop had
+        taken the last one: a thread wake-up and a loop wake-up between reads, ~1 ms each on
+        a busy machine, left the reader idle and the loop waiting for it for most of a drain
+        (docs/benchmarks.md, "The 1M drain, round four"). The chain stops after a run that is
+        short of both limits (the backlog's end: what comes next is read when wanted)."""
+        if self._closed or self._rconn is None:
+            raise OutboxClosed()
+        loop = asyncio.get_running_loop()
+        ahead = ReadAhead(limit_bytes, [loop.create_future() for _ in range(runs)])
+        futures = list(ahead.futures)
+        loop.run_in_executor(
+            self._reader, self._read_ahead_sync, ahead, futures, limit_records, after_seq
+        ).add_done_callback(_retrieve_ahead)
+        return ahead
+
     async def first_seq_held(self) -> int | None:
         """The lowest seq the outbox still holds (older ones were pruned), None when empty."""
         if self._closed or self._rconn is None:
@@ -1156,12 +1248,51 @@ class Outbox:
         with self._rlock:
             return fn(*args)
 
+    def _read_ahead_sync(
+        self,
+        ahead: ReadAhead,
+        futures: list[asyncio.Future[_Ahead]],
+        limit_records: int,
+        after_seq: int,
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        limit_bytes = ahead.limit_bytes
+        taken = 0
+        try:
+            for future in futures:
+                if ahead.stopped:
+                    break
+                with self._rlock:
+                    run = self._read_unsent_sync(limit_records, limit_bytes, after_seq)
+                loop.call_soon_threadsafe(_resolve, future, (after_seq, run))
+                taken += 1
+                if run is None or (run.count < limit_records and run.size < limit_bytes // 2):
+                    break
+                after_seq = run.last_seq
+        except Exception as exc:  # OutboxError: the forwarder sees it where it takes this run
+            loop.call_soon_threadsafe(_fail, futures[taken], exc)
+            taken += 1
+        finally:
+            for future in futures[taken:]:
+                loop.call_soon_threadsafe(_resolve, future, None)
+
     def _read_unsent_sync(
         self, limit_records: int, limit_bytes: int, after_seq: int
     ) -> UnsentRun | None:
         conn = self._rconn
         assert conn is not None
         try:
+            count, last, size, records, top = conn.execute(
+                _NEXT_RUN_SQL, (after_seq, limit_records)
+            ).fetchone()
+            if (
+                count
+                and count == last - after_seq  # one per seq from after_seq + 1 to last
+                and size <= limit_bytes
+                and (top is None or top <= after_seq)
+            ):
+                return UnsentRun(first_seq=after_seq + 1, last_seq=last, records=records, size=size)
             conn.execute("BEGIN")  # the ranges and the records as of one moment
             try:
                 # Records in acknowledged ranges (not folded yet) are sent: skip them, and end
@@ -1172,7 +1303,13 @@ class Outbox:
                 stop = acked.next_range_start(conn, start)
                 bounds = (start, stop if stop is not None else 1 << 62, limit_records)
                 count, last, size, records = conn.execute(_WHOLE_RUN_SQL, bounds).fetchone()
-                if count and count == last - start + 1 and size <= limit_bytes:
+                if count and count == last - start + 1:
+                    if size > limit_bytes:  # no gap, too many bytes: read the head that fits
+                        fit = conn.execute(_FITTING_HEAD_SQL, (start, last, limit_bytes))
+                        last = fit.fetchone()[0] or start
+                        count, last, size, records = conn.execute(
+                            _WHOLE_RUN_SQL, (start, last + 1, limit_records)
+                        ).fetchone()
                     return UnsentRun(first_seq=start, last_seq=last, records=records, size=size)
                 rows = conn.execute(_RUN_ROWS_SQL, bounds).fetchall()
             finally:

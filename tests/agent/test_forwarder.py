@@ -9,6 +9,7 @@ import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -17,7 +18,8 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.protocol.command import hpub_cmd
 
-from agent.forwarder import Forwarder, ForwarderStatistics, _hpub
+import agent.forwarder as forwarder_module
+from agent.forwarder import READ_AHEAD_RUNS, Forwarder, ForwarderStatistics, _hpub
 from agent.metrics import render_agent_metrics
 from agent.outbox import Outbox, read_statistics_readonly
 from central.broker import BrokerConfig, EmbeddedBroker, free_port
@@ -103,6 +105,19 @@ def forwarder_for(outbox: Outbox, url: str, **options: object) -> Forwarder:
     return Forwarder(outbox, store_id=STORE, urls=[url], **settings)  # type: ignore[arg-type]
 
 
+async def forward_all(outbox: Outbox, url: str, **options: object) -> list[tuple[str, Batch]]:
+    """Run a forwarder (``options`` as forwarder_for's) until the outbox has nothing pending;
+    the batches the stream holds then."""
+    nc, js = await make_stream(url)
+    running = Running(forwarder_for(outbox, url, **options))
+    try:
+        await wait_until(lambda: outbox.statistics().pending == 0, "everything acknowledged")
+        return await stored_batches(js)
+    finally:
+        await running.stop()
+        await nc.close()
+
+
 async def test_delivers_batches_in_order_with_dedup_header(
     nats_server: EmbeddedBroker, outbox: Outbox
 ) -> None:
@@ -129,6 +144,73 @@ async def test_delivers_batches_in_order_with_dedup_header(
     stats = running.forwarder.statistics()
     assert (1200, None) == (stats.records_sent, stats.last_error)
     assert 1 == len(subscriptions)  # the PubAck inbox, however many batches were published
+
+
+async def test_records_too_large_for_batch_max_records_are_read_in_runs_that_fit(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """When batch_max_records records are over batch_max_bytes, the forwarder asks the outbox
+    for as many as fit (its runs are read in one statement then), not for batch_max_records
+    cut by bytes each time (two statements more a read): after the first read, few reads cut
+    by bytes. Every record still goes, in order, in batches within the bytes."""
+    await outbox.append(sales("a", 300))
+    statements: list[str] = []
+    assert outbox._rconn is not None
+    outbox._rconn.set_trace_callback(statements.append)
+    batches = await forward_all(
+        outbox, nats_server.url, batch_max_records=100, batch_max_bytes=2048
+    )
+    assert list(range(1, 301)) == delivered_seqs(batches)
+    assert max(len(b.records) for _id, b in batches) < 100  # the bytes cut them
+    cut_by_bytes = sum("OVER (ORDER BY seq" in s for s in statements)
+    assert len(batches) > 20 and cut_by_bytes <= 2, (len(batches), cut_by_bytes)
+
+
+async def test_a_backlogs_runs_are_read_ahead_several_to_a_reader_job(
+    nats_server: EmbeddedBroker, outbox: Outbox
+) -> None:
+    """A backlog's runs are read ahead several to one job of the outbox's reader thread
+    (READ_AHEAD_RUNS), not one job per run (a thread hand-over and a loop wake-up between
+    reads, the reader idle meanwhile); every record still goes once, in order."""
+    await outbox.append(sales("a", 600))
+    jobs: list[str] = []  # the reader thread's jobs that read runs
+    submit = outbox._reader.submit
+
+    def counting(fn: Callable[..., object], /, *args: object) -> object:
+        name = getattr(args[0] if args and fn == outbox._locked else fn, "__name__", "")
+        if name in ("_read_ahead_sync", "_read_unsent_sync"):
+            jobs.append(name)
+        return submit(fn, *args)
+
+    outbox._reader.submit = counting  # type: ignore[method-assign]
+    try:
+        batches = await forward_all(outbox, nats_server.url, batch_max_records=20)
+    finally:
+        del outbox._reader.submit
+    assert list(range(1, 601)) == delivered_seqs(batches)
+    # One job per READ_AHEAD_RUNS runs, the first read and the reads at the end: 7 here; one
+    # job per run would be 30 or more.
+    assert len(batches) == 30 and READ_AHEAD_RUNS >= 4 and len(jobs) <= 10, jobs
+
+
+async def test_the_window_holds_at_most_window_bytes_before_another_batch(
+    nats_server: EmbeddedBroker, outbox: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another batch is published only while the window's records are under WINDOW_BYTES (a
+    slow link's PINGs queue behind them), whatever ``inflight`` allows; every record goes."""
+    monkeypatch.setattr(forwarder_module, "WINDOW_BYTES", 5000)
+    await outbox.append(sales("a", 300))
+    before: list[int] = []  # the window's bytes as each batch is published
+
+    async def publish(forwarder: Forwarder, *args: Any) -> bool:
+        before.append(sum(batch.size for batch in forwarder._window))
+        return await original(forwarder, *args)
+
+    original = Forwarder._publish
+    monkeypatch.setattr(Forwarder, "_publish", publish)
+    batches = await forward_all(outbox, nats_server.url, batch_max_records=20, inflight=8)
+    assert list(range(1, 301)) == delivered_seqs(batches)
+    assert len(batches) == 15 and max(before) < 5000, before
 
 
 def test_a_batch_is_the_same_hpub_command_nats_py_would_send() -> None:

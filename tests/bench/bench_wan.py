@@ -49,7 +49,7 @@ from tests.chaos.proxy import ChaosProxy
 
 LINK_BYTES_PER_S = 2_000_000 / 8  # 2 Mbit/s
 ONE_WAY_MS = 25.0  # 50 ms round trip
-BATCH = 500  # records per batch, the forwarder's default
+BATCH = 500  # records per batch of the codec rows (the forwarder's default until 2026-12-07)
 CODEC_ROUNDS = 20
 EPOCH = "0123456789abcdef"
 PLAIN_DRAIN = "WAN drain rate, plain batches"
