@@ -32,6 +32,7 @@ import msgspec
 import nats
 
 from agent.config import DEFAULT_BATCH_MAX_RECORDS
+from agent.forwarder import PubAck
 from protocol.subjects import MSG_ID_HEADER, batch_msg_id, events_subject
 from protocol.wire import Concatenated, raw_batch_parts
 
@@ -45,15 +46,7 @@ _RUN_SQL = (
 _REPLY = "_FLOOR.acks"
 READ_AHEAD = 8  # runs read ahead of the sending, as the agent's forwarder reads them
 
-
-class _PubAck(msgspec.Struct):
-    stream: str = ""
-    seq: int = 0
-    duplicate: bool = False
-    error: dict[str, object] | None = None
-
-
-_decode_ack = msgspec.json.Decoder(_PubAck).decode
+_decode_ack = msgspec.json.Decoder(PubAck).decode
 
 
 async def drain(outbox: str, url: str, store: str, batch: int, inflight: int) -> dict[str, float]:
