@@ -25,7 +25,7 @@ DEFAULT_EXPIRY_ALERT_FRACTION = 0.5
 DEFAULT_WEBHOOK_TIMEOUT = 10.0
 DEFAULT_WEBHOOK_ATTEMPTS = 5
 DEFAULT_WEBHOOK_CONCURRENCY = 16
-DEFAULT_WEBHOOK_BATCH_SIZE = 500  # one agent batch: 20 ms of OMS time spread over 500 records
+DEFAULT_WEBHOOK_BATCH_SIZE = 500  # 20 ms of OMS time spread over 500 records (docs/oms.md)
 # Records per JetStream atomic batch from the nats sink: the server's own limit (ADR-50).
 DEFAULT_NATS_ATOMIC_BATCH = 1000
 # Records per JetStream fast-ingest batch from the nats sink (a unit is rarely larger).
