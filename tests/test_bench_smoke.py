@@ -59,6 +59,7 @@ def test_baselines_quick(tmp_path: Path) -> None:
     "module",
     [
         "bench_ingest",
+        "bench_decode",
         "bench_drain",
         "bench_central",
         "bench_e2e",
