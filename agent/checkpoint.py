@@ -71,6 +71,13 @@ MIGRATION: migrations.Migration = (
 )
 
 
+# A day's row written whole, new or not (DayRows.store_merged, DayRows.add_one).
+_UPSERT_DAY = (
+    "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
+    "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals"
+)
+
+
 class DayRows:
     """The ``day_totals`` rows as the writer's connection holds them, decoded, so that a group
     adds its totals to a day's row without reading and decoding it first.
@@ -104,11 +111,7 @@ class DayRows:
             merge(held, totals)
             totals = held
         data = encode_totals(totals)
-        conn.execute(
-            "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
-            "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals",
-            (day, data),
-        )
+        conn.execute(_UPSERT_DAY, (day, data))
         if len(self._held) >= KEEP_DAY_ROWS and day not in self._held:
             self._held.clear()  # days long closed: their rows are no longer written
         self._held[day] = totals
@@ -127,11 +130,7 @@ class DayRows:
             return None
         # In place, as store_merged merges: forgotten with the rest if the group rolls back.
         add({day: held}, seq, event, till_at=now)
-        conn.execute(
-            "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
-            "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals",
-            (key, encode_totals(held)),
-        )
+        conn.execute(_UPSERT_DAY, (key, encode_totals(held)))
         return day
 
     def forget(self) -> None:

@@ -1518,12 +1518,7 @@ class Outbox:
                 for job in jobs:
                     if isinstance(job, _Append):
                         try:
-                            # _plan_append, without its call for a single-event POST's
-                            result = (
-                                self._plan_one(job.events[0], planning)
-                                if len(job.events) == 1
-                                else self._plan_many(job, planning)
-                            )
+                            result = self._plan_append(job, planning)
                         except OutboxError as exc:
                             if not sure:
                                 raise _LookUpFirst from exc
