@@ -60,12 +60,45 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+# [next, low, high) when this process hands out ports from a range of its own (the tests).
+_own_ports: list[int] = []
+
+
+def hand_out_ports_from(low: int, high: int) -> None:
+    """Make ``free_port`` hand out the ports of ``[low, high)`` in turn, skipping any it cannot
+    bind. The tests give each pytest-xdist worker its own range below the kernel's ephemeral
+    range: a port picked with ``bind(0)`` and released is the kernel's again, and another
+    worker's ``bind(0)`` (or any outgoing connection) may take it before the process it was
+    picked for binds it. That race failed a CI run (a store's agent found a nats-server
+    of another worker's test on its port)."""
+    if not 0 < low < high <= 65536:
+        raise ValueError(f"port range [{low}, {high}) is not within 1-65535")
+    _own_ports[:] = [low, low, high]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
+    """A TCP port that was free a moment ago on ``host``: the kernel's pick, or the next of this
+    process's own range once ``hand_out_ports_from`` has set one."""
+    if _own_ports:
+        return _next_own_port(host)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def _next_own_port(host: str) -> int:
+    candidate, low, high = _own_ports
+    for _ in range(high - low):
+        port, candidate = candidate, (low if candidate + 1 >= high else candidate + 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _own_ports[0] = candidate
+        return port
+    raise BrokerError(f"no port of [{low}, {high}) on {host} can be bound")
 
 
 @dataclass

@@ -8,6 +8,7 @@ provisioned agent, simulated POS traffic, a file sink to watch.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -48,7 +49,8 @@ class ManagedProcess:
         try:
             with urllib.request.urlopen(self.health_url, timeout=0.5) as resp:
                 return bool(resp.status == 200)
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            # HTTPException: something else answers on the port (not yet ours, or taken).
             return False
 
     async def start(self, timeout: float = 30.0) -> None:

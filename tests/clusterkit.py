@@ -22,15 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
-import socket
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from central.broker import BrokerConfig, EmbeddedBroker
+from central.broker import BrokerConfig, EmbeddedBroker, free_port
 from central.errors import BrokerError
 
 AUTH_FILENAME = "auth.conf"
@@ -38,22 +36,12 @@ READY_TIMEOUT = 30.0
 
 
 def unclaimed_ports(count: int) -> list[int]:
-    """``count`` distinct loopback ports free now, picked at random below the kernel's ephemeral
-    range. ``free_port()``'s come from that range, where every outgoing connection on the
-    machine (other tests' clients, a thousand agents') may take one before the server binds it:
-    nine of them for a cluster lost that race now and then on a busy machine."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    """``count`` distinct loopback ports free now, from this test process's own range
+    (tests/conftest.py): never one that another worker or an outgoing connection may take."""
     ports: list[int] = []
     while len(ports) < count:
-        candidate = random.randrange(10_000, low)
-        if candidate in ports:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-        ports.append(candidate)
+        if (candidate := free_port()) not in ports:
+            ports.append(candidate)
     return ports
 
 

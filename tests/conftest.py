@@ -3,6 +3,7 @@ run (promtool, chromium), installed when missing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -10,7 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from central.broker import BrokerConfig, EmbeddedBroker, free_port
+from central.broker import BrokerConfig, EmbeddedBroker, free_port, hand_out_ports_from
+
+PORTS_PER_WORKER = 2_000
+FIRST_OWN_PORT = 12_000
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Each pytest-xdist worker hands out ports from its own range, below the kernel's
+    ephemeral range (32768 on Linux): no two workers pick the same port, and no ``bind(0)`` or
+    outgoing connection anywhere takes one between its pick and its bind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    low = FIRST_OWN_PORT + index * PORTS_PER_WORKER
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32_768
+    if low + PORTS_PER_WORKER <= first_ephemeral:
+        hand_out_ports_from(low, low + PORTS_PER_WORKER)
 
 
 @pytest.fixture
