@@ -13,6 +13,7 @@ import pytest
 from central import broker
 from central.broker import free_port, hand_out_ports_from
 from central.errors import BrokerError
+from tests.conftest import FIRST_OWN_PORT, PORTS_PER_WORKER
 
 
 @pytest.fixture
@@ -47,9 +48,9 @@ def test_each_worker_hands_out_its_own_ports_below_the_ephemeral_range() -> None
     first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     index = int(worker[2:]) if worker[2:].isdigit() else 0
-    low = 12_000 + 2_000 * index
+    low = FIRST_OWN_PORT + PORTS_PER_WORKER * index
     picked = [free_port() for _ in range(5)]
-    assert all(low <= port < low + 2_000 < first_ephemeral for port in picked)
+    assert all(low <= port < low + PORTS_PER_WORKER <= first_ephemeral for port in picked)
     assert len(set(picked)) == 5
 
 
