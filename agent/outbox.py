@@ -297,8 +297,8 @@ def _lookup_padded(ids: list[str]) -> list[str]:
 
 
 class _Waiter(Protocol):
-    """What the writer resolves (on the loop) when a job is done: an ``asyncio.Future``, or a
-    ``_Then`` that calls back directly."""
+    """What the writer resolves (on the loop) when a job is done: an ``asyncio.Future``, or an
+    object that acts on it directly (the quick route's, agent/ingest.py; ``_Then``)."""
 
     def done(self) -> bool: ...
 
@@ -307,6 +307,9 @@ class _Waiter(Protocol):
     def set_exception(self, exception: BaseException, /) -> None: ...
 
 
+# What ``Outbox.append_nowait`` resolves: the caller's own waiter (agent/ingest.py's quick
+# route answers its request from it), resolved on the loop as a future would be.
+AppendWaiter = _Waiter
 AppendCallback = Callable[[AppendResult | None, BaseException | None], None]
 
 
@@ -965,12 +968,14 @@ class Outbox:
         result: AppendResult = await self._submit(job)
         return result
 
-    def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
+    def append_nowait(self, events: Sequence[Event], then: AppendWaiter) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
-        called on the loop with ``append``'s result or its error. For callers that answer from
-        a callback instead of awaiting in a task (the single-event route, agent/ingest.py).
-        OutboxClosed at once when closed."""
-        self._enqueue(_Append(_Then(then), events))
+        resolved on the loop with ``append``'s result (``set_result``) or its error
+        (``set_exception``), unless it is ``done()`` by then. For callers that answer from a
+        callback instead of awaiting in a task (the single-event route, agent/ingest.py:
+        one object a request); ``_Then`` wraps a plain callback. OutboxClosed at once when
+        closed."""
+        self._enqueue(_Append(then, events))
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Record "JetStream acknowledged first..last"; the future resolves after commit.

@@ -468,11 +468,11 @@ async def test_append_nowait_calls_back_after_commit_and_refuses_when_closed(
             rows = conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
         called.set_result((result.seqs, rows))
 
-    box.append_nowait(sales("n", 2), then)
+    box.append_nowait(sales("n", 2), _Then(then))
     seqs, rows = await called
     await box.close()
     with pytest.raises(OutboxClosed):
-        box.append_nowait([sale("late")], then)
+        box.append_nowait([sale("late")], _Then(then))
     assert ([1, 2], [(1, "n-0"), (2, "n-1")]) == (seqs, rows)
 
 
