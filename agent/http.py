@@ -478,7 +478,34 @@ class _Connection(asyncio.Protocol):
         request.response = response
         inflight = self._inflight
         if inflight and inflight[0] is request and len(inflight) == 1:
-            self._flush()  # the only request in flight (no pipelining): write it now
+            # The only request in flight (no pipelining): write it now.
+            server = self._server
+            head = _heads.get((response.status, response.content_type))
+            if (
+                head is not None
+                and request.keep_alive
+                and request.complete
+                and request.method != "HEAD"
+                and not response.headers
+                and not server.closing
+                and not self._answered_last
+            ):
+                # The usual answer (a single-event POST's 202): what _flush does for it, with
+                # encode_response's cached head, and none of the calls (callgrind: ~3,000
+                # instructions a request fewer). The same bytes and state as _flush
+                # (tests/agent/test_http.py).
+                self._flush_soon = False
+                inflight.popleft()
+                body = response.body
+                transport = self._transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
+                if self._paused and not self._discarding:
+                    self.resume()
+                if server._quiet is not None:
+                    server._quiet.set()
+                return
+            self._flush()
         elif not self._flush_soon:
             # Other answers of the same group commit are being resolved in this iteration of
             # the loop: write them together, once they all are.
