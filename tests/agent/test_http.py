@@ -89,6 +89,21 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(
     assert ["p1", "q-0", "q-1", "p4"] == stored(tmp_path)
 
 
+async def test_a_pipelined_request_has_its_own_target_and_headers(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """Requests written at once on one connection each have only their own target and headers:
+    none of the request before's is carried into the next."""
+    reader, writer = await connect(ingest)
+    plain = post(body(sale("t")), extra="X-Trace: 1\r\n").replace(b"json", b"plain")
+    nowhere = post(body(sale("n")), path="/v1/nowhere")
+    writer.write(plain + nowhere + post(body(sale("p1"))) + post(body(sale("p2"))))
+    answers = [await read_answer(reader) for _ in range(4)]
+    writer.close()
+    assert [415, 404, 202, 202] == [a.status for a in answers]
+    assert ["p1", "p2"] == stored(tmp_path)
+
+
 async def test_a_chunked_body_is_accepted(ingest: Ingest, tmp_path: Path) -> None:
     """Transfer-Encoding: chunked bodies are read whole and stored like any other."""
     data = body(*sales("c", 3))
