@@ -127,7 +127,7 @@ def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[Event], dict[dt.date
 def _error(
     status: int, error: str, headers: dict[str, str] | None = None, **fields: Any
 ) -> Response:
-    return Response(status, _json.encode({"error": error, **fields}), headers=headers)
+    return Response(status, _json.encode({"error": error, **fields}), headers=headers or {})
 
 
 def _ok(status: int, payload: object) -> Response:
