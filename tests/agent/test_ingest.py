@@ -16,7 +16,7 @@ import pytest
 
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
-from agent.outbox import AppendResult, AppendWaiter, Outbox, UnsentMarked, _Then
+from agent.outbox import AppendResult, AppendWaiter, Outbox, UnsentMarked
 from protocol.checkpoint import DayTotals
 from protocol.events import Event
 from protocol.wire import encode
@@ -383,7 +383,7 @@ async def test_a_single_event_is_not_held_by_ingest_while_it_is_stored(
     to its events with ingest while they are stored, no more than a list nobody kept (so the
     outbox's writer frees them)."""
     sink = NowaitCountingSink()
-    sink.append_nowait(sales("alone", 1), _Then(lambda result, error: None))
+    sink.append_nowait(sales("alone", 1), asyncio.get_running_loop().create_future())
     await asyncio.sleep(0)
     ingest = Ingest(
         sink, store_id=STORE, host="127.0.0.1", port=0, max_request_bytes=1 << 20, status=dict
