@@ -99,10 +99,12 @@ class DayRows:
 
     def store_merged(self, conn: Connection, business_day: dt.date, totals: DayTotals) -> None:
         """``protocol.checkpoint.store_merged`` into ``day_totals``."""
-        day = business_day.isoformat()
         found = self._held.get(business_day)
-        held = found[1] if found is not None else None
-        if held is None:
+        held: DayTotals | None
+        if found is not None:  # its key as well: no isoformat
+            day, held = found
+        else:
+            day, held = business_day.isoformat(), None
             row = conn.execute("SELECT totals FROM day_totals WHERE business_day = ?", (day,))
             stored = row.fetchone()
             if stored is not None:
