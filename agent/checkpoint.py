@@ -43,7 +43,6 @@ from protocol.checkpoint import (
     add,
     add_run,
     add_till,
-    business_day_of,
     decode_totals,
     encode_totals,
     merge,
@@ -94,17 +93,22 @@ class DayRows:
     """
 
     def __init__(self) -> None:
-        self._held: dict[str, DayTotals] = {}
+        # Business day -> its row's key (the day's ISO text: ``isoformat`` is ~4,000
+        # instructions, once a group) and totals.
+        self._held: dict[dt.date, tuple[str, DayTotals]] = {}
 
     def store_merged(self, conn: Connection, business_day: dt.date, totals: DayTotals) -> None:
         """``protocol.checkpoint.store_merged`` into ``day_totals``."""
-        day = business_day.isoformat()
-        held = self._held.get(day)
-        if held is None:
+        found = self._held.get(business_day)
+        held: DayTotals | None
+        if found is not None:  # its key as well: no isoformat
+            day, held = found
+        else:
+            day, held = business_day.isoformat(), None
             row = conn.execute("SELECT totals FROM day_totals WHERE business_day = ?", (day,))
-            found = row.fetchone()
-            if found is not None:
-                held = decode_totals(found[0])
+            stored = row.fetchone()
+            if stored is not None:
+                held = decode_totals(stored[0])
         if held is not None:
             # In place: if what follows fails, the transaction is rolled back and the writer
             # forgets every row (``forget``), this one included.
@@ -112,9 +116,9 @@ class DayRows:
             totals = held
         data = encode_totals(totals)
         conn.execute(_UPSERT_DAY, (day, data))
-        if len(self._held) >= KEEP_DAY_ROWS and day not in self._held:
+        if len(self._held) >= KEEP_DAY_ROWS and business_day not in self._held:
             self._held.clear()  # days long closed: their rows are no longer written
-        self._held[day] = totals
+        self._held[business_day] = (day, totals)
 
     def add_one(self, conn: Connection, seq: int, event: Event, now: float) -> dt.date | None:
         """Fold one record (``seq``, arrived at ``now``) into its day's held row and write the
@@ -123,11 +127,11 @@ class DayRows:
         fewer). Its day; None, doing nothing, when the row is not held or holds no records
         yet (its seqs are then the record's own, not the lowest and highest): fold it as any
         run."""
-        day = business_day_of(event)
-        key = day.isoformat()
-        held = self._held.get(key)
-        if held is None or not held.records:
+        day = event.business_day or event.occurred_at.date()  # business_day_of's, no call
+        found = self._held.get(day)
+        if found is None or not found[1].records:
             return None
+        key, held = found
         # In place, as store_merged merges: forgotten with the rest if the group rolls back.
         add({day: held}, seq, event, till_at=now)
         conn.execute(_UPSERT_DAY, (key, encode_totals(held)))

@@ -38,6 +38,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar, cast
 
 import httptools
+import msgspec
 
 log = logging.getLogger(__name__)
 _K = TypeVar("_K")
@@ -105,22 +106,15 @@ def media_type(value: str) -> str:
     return found
 
 
-class Response:
-    """An answer: status, body and headers (Content-Length is added when it is written)."""
+class Response(msgspec.Struct):
+    """An answer: status, body and headers (Content-Length is added when it is written). A
+    Struct, made in C: one for every answer, ~2,000 instructions fewer than an ``__init__``
+    (callgrind)."""
 
-    __slots__ = ("body", "content_type", "headers", "status")
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes = b"",
-        content_type: str = "application/json",
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers or {}
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Request:
@@ -155,7 +149,8 @@ class Request:
     ) -> None:
         self._conn = conn
         self.method = method
-        self.path, self.query = split_target(target)  # still percent-encoded: routes split it
+        # Still percent-encoded: routes split it. The cache looked up here: a call fewer.
+        self.path, self.query = _targets.get(target) or split_target(target)
         self.headers = headers
         self.keep_alive = keep_alive
         length = headers.get("content-length")
@@ -358,9 +353,9 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
 
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = {}
+    # No on_message_begin: the next message's target and headers start empty from the end of
+    # this one's head (on_headers_complete), a Python call fewer a request. A message whose
+    # head does not complete ends the connection (a parse error, an upgrade).
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -373,19 +368,16 @@ class _Connection(asyncio.Protocol):
         self._headers[key] = text if previous is None else f"{previous}, {text}"
 
     def on_headers_complete(self) -> None:
+        url, headers = self._url, self._headers
+        self._url = b""
+        self._headers = {}
         if self._discarding:
             return
         raw = self._parser.get_method()
         method = _methods.get(raw)
         if method is None:  # httptools knows some 40 methods: the cache holds them all
             method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
-        request = Request(
-            self,
-            method,
-            self._url,
-            self._headers,
-            self._parser.should_keep_alive(),
-        )
+        request = Request(self, method, url, headers, self._parser.should_keep_alive())
         self._parsing = request
         self._inflight.append(request)
         self._unstarted = request
@@ -478,7 +470,34 @@ class _Connection(asyncio.Protocol):
         request.response = response
         inflight = self._inflight
         if inflight and inflight[0] is request and len(inflight) == 1:
-            self._flush()  # the only request in flight (no pipelining): write it now
+            # The only request in flight (no pipelining): write it now.
+            server = self._server
+            head = _heads.get((response.status, response.content_type))
+            if (
+                head is not None
+                and request.keep_alive
+                and request.complete
+                and request.method != "HEAD"
+                and not response.headers
+                and not server.closing
+                and not self._answered_last
+            ):
+                # The usual answer (a single-event POST's 202): what _flush does for it, with
+                # encode_response's cached head, and none of the calls (callgrind: ~3,000
+                # instructions a request fewer). The same bytes and state as _flush
+                # (tests/agent/test_http.py).
+                self._flush_soon = False
+                inflight.popleft()
+                body = response.body
+                transport = self._transport
+                if transport is not None and not transport.is_closing():
+                    transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
+                if self._paused and not self._discarding:
+                    self.resume()
+                if server._quiet is not None:
+                    server._quiet.set()
+                return
+            self._flush()
         elif not self._flush_soon:
             # Other answers of the same group commit are being resolved in this iteration of
             # the loop: write them together, once they all are.

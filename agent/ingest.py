@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import functools
 import hmac
 import logging
 import time
@@ -43,7 +42,7 @@ from agent.errors import (
 from agent.http import HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
-from agent.outbox import AppendCallback, AppendResult, UnsentMarked
+from agent.outbox import AppendResult, AppendWaiter, UnsentMarked
 from protocol.checkpoint import DayTotals, fold_ahead
 from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
 
@@ -75,9 +74,10 @@ class EventSink(Protocol):
         were decoded."""
         ...
 
-    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
-        """Queue ``events``; ``then(result, error)`` is called once they are committed or
-        refused (as ``append`` returns or raises)."""
+    def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
+        """Queue ``events``; ``then.set_result(result)`` or ``then.set_exception(error)`` is
+        called once they are committed or refused (as ``append`` returns or raises), unless
+        ``then.done()`` by then."""
         ...
 
     async def mark_unsent(
@@ -127,7 +127,7 @@ def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[Event], dict[dt.date
 def _error(
     status: int, error: str, headers: dict[str, str] | None = None, **fields: Any
 ) -> Response:
-    return Response(status, _json.encode({"error": error, **fields}), headers=headers)
+    return Response(status, _json.encode({"error": error, **fields}), headers=headers or {})
 
 
 def _ok(status: int, payload: object) -> Response:
@@ -136,6 +136,34 @@ def _ok(status: int, payload: object) -> Response:
 
 Route = Callable[[Request], Awaitable[Response]]
 TRACE_PREFIX = "/v1/trace/"
+
+
+class _Answer:
+    """The quick route's waiter for one append (``EventSink.append_nowait``): the outbox
+    resolves it on the loop once the events are committed or refused, and it answers the
+    request. One object a request where a ``functools.partial`` and the outbox's ``_Then``
+    around it were two, and one call fewer between the commit and the answer."""
+
+    __slots__ = ("_count", "_done", "_ingest", "_respond")
+
+    def __init__(self, ingest: Ingest, count: int, respond: Callable[[Response], None]) -> None:
+        self._ingest = ingest
+        self._count = count
+        self._respond = respond
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: AppendResult, /) -> None:
+        self._done = True
+        ingest = self._ingest
+        ingest._in_flight -= 1
+        self._respond(ingest._stored(result))
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._done = True
+        self._ingest._quick_refused(self._count, self._respond, exception)
 
 
 class Ingest:
@@ -393,10 +421,12 @@ class Ingest:
         return None
 
     def _stored(self, result: AppendResult) -> Response:
-        self._accepted += result.accepted
+        accepted = result.accepted
+        self._accepted += accepted
         self._duplicates += result.duplicates
-        # Every event a duplicate: nothing new was stored, so this is a plain 200.
-        return _ok(202 if result.accepted else 200, result)
+        # Every event a duplicate: nothing new was stored, so this is a plain 200. (``_ok``
+        # written out: a call fewer for every stored request.)
+        return Response(202 if accepted else 200, _json.encode(result))
 
     # -- handlers --
 
@@ -443,7 +473,7 @@ class Ingest:
                     # The count, not the events: the writer frees them once it has run the
                     # append (Outbox.append), which a reference held here until the answer
                     # would put off to the loop.
-                    then = functools.partial(self._quick_stored, len(events), respond)
+                    then = _Answer(self, len(events), respond)
                     try:
                         self.sink.append_nowait(events, then)
                     except AgentError as exc:
@@ -456,18 +486,11 @@ class Ingest:
         respond(refused)
         return True
 
-    def _quick_stored(
-        self,
-        count: int,
-        respond: Callable[[Response], None],
-        result: AppendResult | None,
-        error: BaseException | None,
+    def _quick_refused(
+        self, count: int, respond: Callable[[Response], None], error: BaseException
     ) -> None:
+        """Answer a quick append of ``count`` events that the outbox refused or failed."""
         self._in_flight -= 1
-        if error is None:
-            assert result is not None
-            respond(self._stored(result))
-            return
         refused = self._store_refused(count, error)
         if refused is None:
             log.error("storing %d events failed", count, exc_info=error)

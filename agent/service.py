@@ -240,6 +240,7 @@ class AgentService:
             till_grace=cfg.reconcile.till_grace,
         )
         self.forwarder.add_connect_hook(self._start_checkpoints)
+        self._day_told: dt.date | None = None  # the newest day _day_seen told checkpoints of
         self.outbox.add_listener(self._day_seen)
         self.ingest = Ingest(
             self.outbox,
@@ -356,8 +357,13 @@ class AgentService:
         self.checkpoints.start(nc)
 
     def _day_seen(self) -> None:
-        if self.outbox.newest_day is not None:
-            self.checkpoints.day_seen_nowait(self.outbox.newest_day)
+        # Called after every group commit. The checkpointer is told only of a day it has not
+        # been told of yet: told the same day again it does nothing (day_seen_nowait), and
+        # saying so cost two calls a group.
+        day = self.outbox.newest_day
+        if day is not None and day != self._day_told:
+            self._day_told = day
+            self.checkpoints.day_seen_nowait(day)
 
     async def stop(self) -> None:
         """503 for new requests, finish what is in flight, close the outbox."""

@@ -120,8 +120,8 @@ async def test_acked_through_stops_below_the_first_unsent_record(outbox: Outbox)
 async def test_a_day_closing_sends_a_checkpoint_without_waiting_for_the_timer(
     nats_server: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    """With the timer at an hour, the first record of the next business day sends a
-    checkpoint at once; it reports both days, all acknowledged."""
+    """With the timer at an hour, the first record of the next business day (after two of
+    the first) sends a checkpoint at once; it reports both days, all acknowledged."""
     nc, _js = await make_stream(nats_server.url)
     got: asyncio.Queue[Checkpoint] = asyncio.Queue()
 
@@ -140,7 +140,7 @@ async def test_a_day_closing_sends_a_checkpoint_without_waiting_for_the_timer(
     await agent.start()
     try:
         async with aiohttp.ClientSession() as http:
-            for event in (sale("d1"), _return("d2", dt.date(2026, 11, 23))):
+            for event in (sale("d0"), sale("d1"), _return("d2", dt.date(2026, 11, 23))):
                 async with http.post(
                     agent.ingest.url + "/v1/events",
                     data=encode_json(event),

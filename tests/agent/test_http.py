@@ -4,6 +4,7 @@ keep-alive, pipelining, chunked bodies, Expect: 100-continue, and the specific r
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from agent import http as http_module
@@ -86,6 +87,21 @@ async def test_keep_alive_and_pipelined_requests_are_answered_in_order(
         (a.status, a.json().get("seqs")) for a in (*answers, fourth)
     ]
     assert ["p1", "q-0", "q-1", "p4"] == stored(tmp_path)
+
+
+async def test_a_pipelined_request_has_its_own_target_and_headers(
+    ingest: Ingest, tmp_path: Path
+) -> None:
+    """Requests written at once on one connection each have only their own target and headers:
+    none of the request before's is carried into the next."""
+    reader, writer = await connect(ingest)
+    plain = post(body(sale("t")), extra="X-Trace: 1\r\n").replace(b"json", b"plain")
+    nowhere = post(body(sale("n")), path="/v1/nowhere")
+    writer.write(plain + nowhere + post(body(sale("p1"))) + post(body(sale("p2"))))
+    answers = [await read_answer(reader) for _ in range(4)]
+    writer.close()
+    assert [415, 404, 202, 202] == [a.status for a in answers]
+    assert ["p1", "p2"] == stored(tmp_path)
 
 
 async def test_a_chunked_body_is_accepted(ingest: Ingest, tmp_path: Path) -> None:
@@ -480,3 +496,107 @@ def test_the_head_caches_stop_growing_at_their_limit() -> None:
         assert (f"/p{i}", "") == http_module.split_target(f"/p{i}".encode())
     assert http_module.CACHE_LIMIT == len(http_module._header_names)
     assert http_module.CACHE_LIMIT == len(http_module._targets)
+
+
+class _Transport:
+    """What a connection writes and asks of its transport, noted (no socket)."""
+
+    def __init__(self, closing: bool) -> None:
+        self.written: list[bytes] = []
+        self.closing = closing
+        self.reading = True
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+_STATES = ("keep_alive", "complete", "cached", "closing", "transport_closing", "paused",
+           "waited", "answered_last", "flush_soon", "discarding")  # fmt: skip
+
+
+# Not shrunk: a failure already lists every combination that differs.
+@settings(max_examples=20, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    status=_statuses,
+    body=st.binary(min_size=1, max_size=32),
+    content_type=_types,
+    headers=st.dictionaries(st.sampled_from(["Allow", "Retry-After"]), st.text("abc1")),
+)
+def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
+    status: int, body: bytes, content_type: str, headers: dict[str, str]
+) -> None:
+    """The answer to the only request in flight, written at once by _answer (its shortcut for
+    the usual answer), leaves the same bytes and the same connection and server state as
+    _flush, the general way, does with it: every method and every combination of the
+    connection's and the server's states, with and without the answer's extra headers."""
+
+    def answer(general: bool, method: str, headers: dict[str, str], **on: bool) -> object:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        server.closing = on["closing"]
+        if on["waited"]:
+            server._quiet = asyncio.Event()
+        conn = http_module._Connection(server)
+        transport = _Transport(on["transport_closing"])
+        conn._transport = transport  # type: ignore[assignment]
+        if on["paused"]:
+            conn.pause()
+        conn._answered_last = on["answered_last"]
+        conn._flush_soon = on["flush_soon"]
+        conn._discarding = on["discarding"]
+        http_module._heads.clear()
+        if on["cached"]:
+            http_module.encode_response(Response(status, b"", content_type))
+        request = Request(conn, method, b"/v1/events", {}, on["keep_alive"])
+        request.complete = on["complete"]
+        conn._inflight.append(request)
+        response = Response(status, body, content_type, dict(headers))
+        if general:
+            request.response = response
+            conn._flush()
+        else:
+            conn._answer(request, response)
+        state = (
+            transport.written,
+            transport.closing,
+            transport.reading,
+            len(conn._inflight),
+            conn._answered_last,
+            conn._discarding,
+            conn._paused,
+            conn._flush_soon,
+            conn._timer is not None,
+            server._quiet is not None and server._quiet.is_set(),
+        )
+        conn._cancel_timer()
+        return state
+
+    async def compare() -> list[tuple[object, ...]]:
+        differ = []
+        for method, extra in itertools.product(["POST", "HEAD", "GET"], [{}, headers]):
+            for values in itertools.product([False, True], repeat=len(_STATES)):
+                on = dict(zip(_STATES, values, strict=True))
+                expected = answer(True, method, extra, **on)
+                if expected != answer(False, method, extra, **on):
+                    differ.append((method, extra, on))
+        return differ
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert [] == loop.run_until_complete(compare())
+    finally:
+        loop.close()

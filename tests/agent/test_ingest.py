@@ -16,7 +16,7 @@ import pytest
 
 from agent.errors import PoslogRejected
 from agent.ingest import Ingest
-from agent.outbox import AppendCallback, AppendResult, Outbox, UnsentMarked
+from agent.outbox import AppendResult, AppendWaiter, Outbox, UnsentMarked
 from protocol.checkpoint import DayTotals
 from protocol.events import Event
 from protocol.wire import encode
@@ -263,9 +263,9 @@ class HeldSink:
         await self.release.wait()
         return AppendResult(accepted=len(events), duplicates=0, first_seq=1, last_seq=1, seqs=[1])
 
-    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+    def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
         task = asyncio.ensure_future(self.append(events))
-        task.add_done_callback(lambda done: then(done.result(), None))
+        task.add_done_callback(lambda done: then.set_result(done.result()))
 
     async def mark_unsent(
         self,
@@ -366,10 +366,12 @@ class NowaitCountingSink(HeldSink):
         super().__init__()
         self.references: list[int] = []
 
-    def append_nowait(self, events: list[Event], then: AppendCallback) -> None:
+    def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
         def done() -> None:
             self.references.append(sys.getrefcount(events))
-            then(AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1]), None)
+            then.set_result(
+                AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1])
+            )
 
         asyncio.get_running_loop().call_soon(done)
 
@@ -381,7 +383,7 @@ async def test_a_single_event_is_not_held_by_ingest_while_it_is_stored(
     to its events with ingest while they are stored, no more than a list nobody kept (so the
     outbox's writer frees them)."""
     sink = NowaitCountingSink()
-    sink.append_nowait(sales("alone", 1), lambda result, error: None)
+    sink.append_nowait(sales("alone", 1), asyncio.get_running_loop().create_future())
     await asyncio.sleep(0)
     ingest = Ingest(
         sink, store_id=STORE, host="127.0.0.1", port=0, max_request_bytes=1 << 20, status=dict

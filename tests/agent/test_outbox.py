@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import sqlite3
 import threading
@@ -39,7 +40,6 @@ from agent.outbox import (
     _Planning,
     _Prune,
     _State,
-    _Then,
     read_statistics_readonly,
 )
 from protocol import migrations
@@ -451,29 +451,24 @@ async def test_close_finishes_queued_work_then_refuses(tmp_path: Path) -> None:
         assert 50 == conn.execute("SELECT count(*) FROM records").fetchone()[0]
 
 
-async def test_append_nowait_calls_back_after_commit_and_refuses_when_closed(
+async def test_append_nowait_resolves_its_waiter_after_commit_and_refuses_when_closed(
     tmp_path: Path,
 ) -> None:
-    """append_nowait calls back with the same result as append, once the rows are committed
-    (another connection sees them then); after close it raises OutboxClosed at once."""
+    """append_nowait resolves the caller's waiter with the same result as append, once the
+    rows are committed (another connection sees them then); after close it raises
+    OutboxClosed at once."""
     box = make(tmp_path)
     await box.open()
-    called: asyncio.Future[tuple[list[int], list[tuple[int, str]]]] = (
-        asyncio.get_running_loop().create_future()
-    )
-
-    def then(result: AppendResult | None, error: BaseException | None) -> None:
-        assert result is not None and error is None
-        with open_db(tmp_path / "data") as conn:
-            rows = conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
-        called.set_result((result.seqs, rows))
-
-    box.append_nowait(sales("n", 2), then)
-    seqs, rows = await called
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[AppendResult] = loop.create_future()
+    box.append_nowait(sales("n", 2), waiter)
+    result = await waiter
+    with open_db(tmp_path / "data") as conn:
+        rows = conn.execute("SELECT seq, event_id FROM records ORDER BY seq").fetchall()
     await box.close()
     with pytest.raises(OutboxClosed):
-        box.append_nowait([sale("late")], then)
-    assert ([1, 2], [(1, "n-0"), (2, "n-1")]) == (seqs, rows)
+        box.append_nowait([sale("late")], loop.create_future())
+    assert ([1, 2], [(1, "n-0"), (2, "n-1")]) == (result.seqs, rows)
 
 
 async def test_shrink_memory_between_loads_keeps_both_connections_working(
@@ -795,7 +790,7 @@ def test_a_group_without_the_lookup_does_what_looking_up_first_does(
                 for part in group:
                     if isinstance(part, list):
                         events_of = [events[n] for n in part]
-                        jobs.append(_Append(_Then(lambda r, e: None), events_of))
+                        jobs.append(_Append(concurrent.futures.Future(), events_of))
                     elif part == "prune":
                         jobs.append(_Prune(None))
                     elif box._state.last_seq:
