@@ -52,6 +52,7 @@ from typing import IO, Any, Protocol, TypeVar
 import msgspec
 
 from agent import acked, checkpoint
+from agent.config import DEFAULT_LOOP_COMMIT_MS
 from agent.errors import (
     BufferFull,
     DamagedOutbox,
@@ -103,6 +104,13 @@ MARK_DELAY = 1.0
 # At most this many pending records: the forwarder's read is done on the event loop, not on
 # the reader thread (Outbox.read_unsent).
 LOOP_READ_MAX = 16
+# An append of at most this many events, when it comes while the writer has nothing to do,
+# is committed by the event loop itself at the end of its turn (``Outbox._commit_on_loop``).
+LOOP_COMMIT_MAX_EVENTS = 16
+# The loop commits such groups while they have lately taken at most ``loop_commit_ms``
+# (agent/config.py): a mean over the recent groups of small appends, on either thread, each
+# weighing LOOP_COMMIT_WEIGHT.
+LOOP_COMMIT_WEIGHT = 0.25
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PRIVATE_DIR_MODE = 0o700
@@ -238,6 +246,10 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     # Of the transactions, those committed without an fsync: only PubAck ranges and folds,
     # which a crash may lose at no cost (Outbox._run_group).
     lazy_transactions: int = 0
+    # Of the transactions, those the event loop committed itself (Outbox._commit_on_loop).
+    loop_transactions: int = 0
+    # The recent groups of small appends: mean time from BEGIN to COMMIT's return (ms).
+    commit_ms: float = 0.0
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
@@ -385,6 +397,12 @@ class _SetMeta(_Job):
 @dataclass(eq=False)
 class _NoteTills(_Job):
     numbers: Sequence[tuple[dt.date, str, int]]
+
+
+@dataclass(eq=False)
+class _Wake(_Job):
+    """Not work: wakes the writer so that it looks at the state again (a fold may be due after
+    ranges the loop committed, Outbox._commit_on_loop)."""
 
 
 @dataclass(eq=False)
@@ -816,7 +834,9 @@ class Outbox:
         retention_days: float,
         max_record_bytes: int | None = None,
         prune_interval: float = DEFAULT_PRUNE_INTERVAL,
+        loop_commit_ms: float = DEFAULT_LOOP_COMMIT_MS,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.data_dir = data_dir
         self.path = data_dir / OUTBOX_FILENAME
@@ -829,6 +849,10 @@ class Outbox:
         self._max_payload_learned = False
         self.prune_interval = prune_interval
         self._clock = clock
+        # Groups of small appends are committed on the event loop while they take at most this
+        # long (seconds; 0: never); ``timer`` measures them.
+        self.loop_commit_limit = loop_commit_ms / 1000.0
+        self._timer = timer
         self.epoch = ""
         self.damaged_file: Path | None = None
         # Called (on the loop) whenever records become unsent: appends and resyncs.
@@ -836,6 +860,24 @@ class Outbox:
         self._rewind_to: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Who runs a group. The writer holds ``_group_lock`` from the moment it has taken jobs
+        # until their group is done; the loop tries it without waiting. ``_queued`` counts the
+        # jobs the loop put on the queue, ``_run`` (written under the lock) those the writer
+        # has taken and finished: the loop commits a group itself only when it holds the lock
+        # and the two are equal, so it never overtakes a job the writer took but has not run
+        # yet (the lock is taken just after the queue is read, not with it).
+        self._group_lock = threading.Lock()
+        self._queued = 0
+        self._run = 0
+        # Small appends of this turn of the loop, committed at its end (_commit_on_loop).
+        self._turn: list[_Append] = []
+        # The recent groups of small appends' mean duration (s), as ``timer`` measured them.
+        self._commit_time = 0.0
+        self._loop_transactions = 0
+        # When the last group ran (either thread) and when the writer, waiting, will wake by
+        # itself (time.monotonic()): for the folds' quiet time (_run_writer).
+        self._last_job = time.monotonic()
+        self._writer_wakes_at = 0.0
         # PubAck ranges not handed to the writer yet (mark_sent_nowait): the loop appends, the
         # writer takes them into its next group; each popleft is atomic, so each range is
         # taken once, by one side.
@@ -938,6 +980,7 @@ class Outbox:
             self._marks_timer.cancel()
             self._marks_timer = None
         self._flush_marks()  # committed before the writer stops
+        self._to_writer()  # this turn's appends too, as if queued
         self._closed = True
         if self._writer is not None:
             self._queue.put(None)
@@ -960,17 +1003,17 @@ class Outbox:
         The writer lets go of ``events`` once it has run the append: a caller that holds no
         reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
         while they are still in that CPU's caches, not later on the event loop."""
-        job = _Append(self._new_future(), events, ahead)
+        future: asyncio.Future[AppendResult] = self._new_future()
+        self._add_append(_Append(future, events, ahead))
         del events  # only the job holds them now
-        result: AppendResult = await self._submit(job)
-        return result
+        return await future
 
     def append_nowait(self, events: Sequence[Event], then: AppendCallback) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         called on the loop with ``append``'s result or its error. For callers that answer from
         a callback instead of awaiting in a task (the single-event route, agent/ingest.py).
-        OutboxClosed at once when closed."""
-        self._enqueue(_Append(_Then(then), events))
+        OutboxClosed at once when closed. ``then`` is never called before this returns."""
+        self._add_append(_Append(_Then(then), events))
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Record "JetStream acknowledged first..last"; the future resolves after commit.
@@ -1015,6 +1058,7 @@ class Outbox:
         if self._closed or not self._opened:
             return
         for job in self._take_marks():
+            self._queued += 1
             self._queue.put(job)
 
     def _take_marks(self) -> list[_Job]:
@@ -1213,7 +1257,80 @@ class Outbox:
             # PubAck ranges recorded before this job are committed before it (a resync, a
             # refusal or a prune must see them); appends do not care, their seqs are new.
             self._flush_marks()
+        self._queued += 1
         self._queue.put(job)
+
+    def _add_append(self, job: _Append) -> None:
+        """Queue an append for the writer, or keep it for the loop's own commit at the end of
+        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
+        if self._closed or not self._opened:
+            raise OutboxClosed()
+        if len(job.events) > LOOP_COMMIT_MAX_EVENTS or self._commit_time >= self.loop_commit_limit:
+            self._enqueue(job)
+            return
+        if not self._turn:
+            assert self._loop is not None
+            self._loop.call_soon(self._commit_on_loop)
+        self._turn.append(job)
+
+    def _commit_on_loop(self) -> None:
+        """Commit this turn's small appends here, on the loop, as the writer would: when the
+        writer has nothing queued and runs no group (its lock, tried without waiting). Else
+        they go to the writer. Handing a group to the writer thread and back costs ~26 µs of
+        CPU a request on this VM, in the kernel (futex wake-ups, the GIL handed over at each
+        statement, the loop's self-pipe), the same instructions taking 73-88 µs a request
+        against 45-60 µs on the loop (docs/benchmarks.md, "Single-event ingest: committing on
+        the loop"). The price: the loop stops for the commit's fsync, so a disk whose commits
+        are slow (``loop_commit_limit``) keeps its groups on the writer."""
+        jobs = self._turn
+        if not jobs:  # handed to the writer by close()
+            return
+        self._turn = []
+        conn = self._wconn
+        lock = self._group_lock
+        if self._closed or conn is None or not lock.acquire(blocking=False):
+            self._to_writer(jobs)
+            return
+        try:
+            if self._queued != self._run:  # the writer has jobs to run before these
+                outcome = None
+            else:
+                # The PubAck ranges waiting in memory ride with these appends, before them, as
+                # in the writer's groups (mark_sent_nowait).
+                marks = self._take_marks()
+                group = [*marks, *jobs] if marks else list[_Job](jobs)
+                before = self._state.transactions
+                started = self._timer()
+                outcome = self._run_jobs(conn, group)
+                self._note_commit_time(self._timer() - started)
+                self._loop_transactions += self._state.transactions - before
+                self._last_job = now = time.monotonic()
+                if marks and self._state.unfolded and self._writer_wakes_at > now + FOLD_QUIET:
+                    # The writer waits for the next prune and does not know of these ranges:
+                    # woken, it folds them once the outbox is quiet, as after its own groups.
+                    self._queued += 1
+                    self._queue.put(_Wake(None))
+        finally:
+            lock.release()
+        if outcome is None:
+            self._to_writer(jobs)
+            return
+        for job in jobs:
+            job.events = ()  # as the writer does; the callers hold none
+        self._deliver(outcome)
+
+    def _to_writer(self, jobs: list[_Append] | None = None) -> None:
+        """Queue ``jobs`` (default: this turn's appends) for the writer, in order."""
+        if jobs is None:
+            jobs, self._turn = self._turn, []
+        for job in jobs:
+            self._queued += 1
+            self._queue.put(job)
+
+    def _note_commit_time(self, seconds: float) -> None:
+        """Fold a group of small appends' duration into the recent mean the loop decides by
+        (under the group lock, from either thread)."""
+        self._commit_time += (seconds - self._commit_time) * LOOP_COMMIT_WEIGHT
 
     async def _submit(self, job: _Job) -> Any:
         assert isinstance(job.future, asyncio.Future)
@@ -1331,10 +1448,11 @@ class Outbox:
     def _run_writer(self) -> None:
         conn = self._wconn
         assert conn is not None and self._loop is not None
-        self._day_rows.forget()  # a reopened outbox may be another file (one moved aside)
+        with self._group_lock:  # the loop may commit a group as soon as the outbox is open
+            self._day_rows.forget()  # a reopened outbox may be another file (one moved aside)
         next_prune = time.monotonic() + self.prune_interval
         stopping = False
-        last_job = time.monotonic()
+        self._last_job = time.monotonic()
         while not stopping:
             now = time.monotonic()
             timeout = max(0.0, next_prune - now)
@@ -1342,67 +1460,42 @@ class Outbox:
                 # Fold when nothing is pending, a chunk a round: at once after a drain (many
                 # ranges), else once the outbox has been quiet a moment, so a till's trickle
                 # (one range per event) does not pay a fold transaction per event.
-                due = self._fold_due(now, last_job)
+                due = self._fold_due(now, self._last_job)
                 timeout = 0.0 if due is None else min(timeout, due)
+            self._writer_wakes_at = now + timeout
             jobs: list[_Job] = []
             try:
                 item: _Job | None = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = _NOTHING
             else:
-                last_job = time.monotonic()
-            while item is not _NOTHING:
-                if item is None:
-                    stopping = True
-                    break
-                jobs.append(item)
-                # Asked, not tried: get_nowait raised queue.Empty at the end of every group
-                # (an exception made and caught, ~2,000 instructions). This thread is the only
-                # one taking from the queue, so what it saw there is still there.
-                if self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            if not stopping:
-                # The PubAck ranges recorded since the last group ride with this one
-                # (mark_sent_nowait): no wake-up of their own. After every job other than an
-                # append (a job queued after a range took it into the queue first, _enqueue,
-                # so these are newer), before the appends after those: an append that needs
-                # room may prune the records they made sent, as if each was committed at once.
-                marks = self._take_marks()
-                if marks:
-                    at = max(
-                        (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
-                        default=0,
-                    )
-                    jobs[at:at] = marks
-            shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
-            if shrink:
-                jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
-            if jobs:
-                outcome = self._run_jobs(conn, jobs)
-                for ran in jobs:
-                    if isinstance(ran, _Append):
-                        # Freed here (when the caller let go too), right after the encoding
-                        # and the day totals read them, not on the event loop from another
-                        # CPU's caches (docs/benchmarks.md, issue 17's final round).
-                        ran.events = ()
+                self._last_job = time.monotonic()
+            # From here until its group is done the loop commits nothing itself (it may be
+            # committing one now: then this waits for it).
+            with self._group_lock:
+                taken = 0
+                while item is not _NOTHING:
+                    if item is None:
+                        stopping = True
+                        break
+                    taken += 1
+                    if item.__class__ is not _Wake:
+                        jobs.append(item)
+                    # Asked, not tried: get_nowait raised queue.Empty at the end of every
+                    # group (an exception made and caught, ~2,000 instructions). This thread is
+                    # the only one taking from the queue, so what it saw there is still there.
+                    if self._queue.empty():
+                        break
+                    item = self._queue.get_nowait()
+                outcomes = self._run_taken(conn, jobs, stopping)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.prune_interval
+                    if not any(isinstance(j, _Prune) for j in jobs):
+                        self._prune_all(conn)
+                self._run += taken
+            # After the lock: the loop, woken by this, finds the writer done.
+            for outcome in outcomes:
                 self._hand_back(outcome)
-            if shrink:
-                self._hand_back(self._shrink_memory(conn, shrink))
-            elif (
-                self._state.unfolded
-                and self._state.pending == 0
-                and not stopping
-                and self._fold_due(time.monotonic(), last_job) is None
-            ):
-                if self._run_group(conn, [_Fold(future=None)]).failed:
-                    time.sleep(1.0)  # logged; try again later rather than spin
-            if not self._state.unfolded:
-                self._state.marks_unfolded = 0
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + self.prune_interval
-                if not any(isinstance(j, _Prune) for j in jobs):
-                    self._prune_all(conn)
         # Jobs that raced with close() get a clear error rather than hanging.
         leftovers = _Outcome()
         while True:
@@ -1418,6 +1511,62 @@ class Outbox:
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _run_taken(
+        self, conn: sqlite3.Connection, jobs: list[_Job], stopping: bool
+    ) -> list[_Outcome]:
+        """The writer's round with the jobs it took from the queue (under the group lock): the
+        PubAck ranges waiting in memory join them, then one group, then a fold if due. The
+        outcomes to hand back."""
+        outcomes: list[_Outcome] = []
+        if not stopping:
+            # The PubAck ranges recorded since the last group ride with this one
+            # (mark_sent_nowait): no wake-up of their own. After every job other than an
+            # append (a job queued after a range took it into the queue first, _enqueue,
+            # so these are newer), before the appends after those: an append that needs
+            # room may prune the records they made sent, as if each was committed at once.
+            marks = self._take_marks()
+            if marks:
+                at = max(
+                    (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
+                    default=0,
+                )
+                jobs[at:at] = marks
+        shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
+        if shrink:
+            jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
+        if jobs:
+            # A group of small appends (and ranges) is timed as the loop's are: the loop goes
+            # back to committing them itself once the writer's are quick again.
+            small = all(
+                isinstance(j, _MarkSent)
+                or (isinstance(j, _Append) and len(j.events) <= LOOP_COMMIT_MAX_EVENTS)
+                for j in jobs
+            )
+            started = self._timer()
+            outcome = self._run_jobs(conn, jobs)
+            if small and outcome.appended:
+                self._note_commit_time(self._timer() - started)
+            for ran in jobs:
+                if isinstance(ran, _Append):
+                    # Freed here (when the caller let go too), right after the encoding
+                    # and the day totals read them, not on the event loop from another
+                    # CPU's caches (docs/benchmarks.md, issue 17's final round).
+                    ran.events = ()
+            outcomes.append(outcome)
+        if shrink:
+            outcomes.append(self._shrink_memory(conn, shrink))
+        elif (
+            self._state.unfolded
+            and self._state.pending == 0
+            and not stopping
+            and self._fold_due(time.monotonic(), self._last_job) is None
+        ):
+            if self._run_group(conn, [_Fold(future=None)]).failed:
+                time.sleep(1.0)  # logged; try again later rather than spin
+        if not self._state.unfolded:
+            self._state.marks_unfolded = 0
+        return outcomes
 
     def _fold_due(self, now: float, last_job: float) -> float | None:
         """None when a fold chunk is due now; else in how many seconds it will be (the quiet
@@ -1906,6 +2055,8 @@ class Outbox:
             damaged_file=str(self.damaged_file) if self.damaged_file else None,
             refused=state.refused,
             max_payload=self.max_payload,
+            loop_transactions=self._loop_transactions,
+            commit_ms=round(self._commit_time * 1000.0, 3),
         )
 
 

@@ -215,6 +215,7 @@ class AgentService:
             store_id=cfg.store_id,
             max_buffer_bytes=cfg.outbox.max_buffer_bytes,
             retention_days=cfg.outbox.retention_days,
+            loop_commit_ms=cfg.outbox.loop_commit_ms,
             # Never larger than a batch; HQ's max_payload, once learned, may lower it.
             max_record_bytes=cfg.forwarder.batch_max_bytes,
         )
