@@ -1257,6 +1257,10 @@ class Outbox:
             # PubAck ranges recorded before this job are committed before it (a resync, a
             # refusal or a prune must see them); appends do not care, their seqs are new.
             self._flush_marks()
+        if self._turn:
+            # Appends made earlier in this turn, kept for the loop's commit, go first: the
+            # writer runs jobs in the order they were made, whoever commits them.
+            self._to_writer()
         self._queued += 1
         self._queue.put(job)
 
