@@ -181,9 +181,10 @@ class OutboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             ge=0,
             le=1000,
             description="Single-event and other small POSTs are committed by the event loop "
-            "itself, without a hand-over to the writer thread, while commits take at most this "
-            "many ms on average; slower (a slow disk), they go to the writer thread and the "
-            "loop stays free for the forwarder. 0: always the writer thread.",
+            "itself, without a hand-over to the writer thread, while recent commits waited "
+            "(for the disk's fsync, mostly) at most this many ms on average; longer (a slow "
+            "disk), they go to the writer thread and the loop stays free for the forwarder. "
+            "0: always the writer thread.",
         ),
     ] = DEFAULT_LOOP_COMMIT_MS
 
