@@ -141,9 +141,11 @@ async def measure(
                 await asyncio.sleep(1.0)
             user, system = cpu_times(agent.pid)
             threads = thread_cpu_times(agent.pid)
+            status = await agent.status()
             report = await run_loadgen([*load, "--events", str(events), "--run-id", "run"])
             user_after, system_after = cpu_times(agent.pid)
             threads_after = thread_cpu_times(agent.pid)
+            status_after = await agent.status()
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 await perf.wait()
@@ -166,6 +168,21 @@ async def measure(
         "busiest_other_thread_us": round(others[0] * per_event, 2) if others else 0.0,
         "load_average": os.getloadavg()[0],
         **probe,
+        **groups(status, status_after, report["accepted"] // batch),
+    }
+
+
+def groups(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, object]:
+    """The outbox's groups during the run (its commits, from the agent's status): requests per
+    group, the share the event loop committed, the recent groups' wait for the disk."""
+    if "loop_transactions" not in after:  # a tree from before the loop committed groups
+        return {}
+    commits = after["transactions"] - before["transactions"]
+    on_loop = after["loop_transactions"] - before["loop_transactions"]
+    return {
+        "requests_per_group": round(requests / max(commits, 1), 2),
+        "groups_on_loop": round(on_loop / max(commits, 1), 3),
+        "commit_wait_ms": after["commit_wait_ms"],
     }
 
 
