@@ -110,12 +110,16 @@ LOOP_READ_MAX = 16
 # An append of at most this many events, when it comes while the writer has nothing to do,
 # is committed by the event loop itself at the end of its turn (``Outbox._commit_on_loop``).
 LOOP_COMMIT_MAX_EVENTS = 16
-# The loop commits such groups while they have lately waited at most ``loop_commit_ms``
-# (agent/config.py): a mean over the recent groups of small appends, on either thread, each
-# weighing LOOP_COMMIT_WEIGHT, of the time a group's thread was not running between BEGIN and
-# COMMIT's return (wall time less the thread's CPU time: the fsync, a lock, the CPU taken by
-# other processes), which is what the loop would stop for beyond the work it does anyway.
+# The loop commits such groups while its recent ones waited at most ``loop_commit_ms``
+# (agent/config.py) on average: each group weighs LOOP_COMMIT_WEIGHT in the mean of the time
+# the loop was not running between BEGIN and COMMIT's return (wall time less the thread's CPU
+# time: the fsync, a lock, the CPU taken by other processes), what it stopped for beyond the
+# work it does in either design. Above the limit, the groups go to the writer thread and one
+# turn's group is still committed on the loop every LOOP_COMMIT_RETRY seconds, to see whether
+# the disk is quick again (the writer's own waits cannot say: they include its waits for the
+# GIL while the loop runs, 5-8x the loop's on this machine).
 LOOP_COMMIT_WEIGHT = 0.25
+LOOP_COMMIT_RETRY = 1.0
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PRIVATE_DIR_MODE = 0o700
@@ -253,8 +257,8 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     lazy_transactions: int = 0
     # Of the transactions, those the event loop committed itself (Outbox._commit_on_loop).
     loop_transactions: int = 0
-    # The recent groups of small appends: mean time their thread waited between BEGIN and
-    # COMMIT's return, the fsync's mostly (ms; the loop commits while it is under the limit).
+    # The loop's recent groups: mean time it waited between BEGIN and COMMIT's return, for the
+    # fsync mostly (ms; the loop commits while it is under outbox.loop_commit_ms).
     commit_wait_ms: float = 0.0
 
 
@@ -875,8 +879,10 @@ class Outbox:
         self._run = 0
         # Small appends of this turn of the loop, committed at its end (_commit_on_loop).
         self._turn: list[_Append] = []
-        # The recent groups of small appends' mean wait (s): _timed_group.
+        # The loop's recent groups' mean wait (s), and when it may try again (time.monotonic())
+        # once that is above the limit.
         self._commit_wait = 0.0
+        self._retry_at = 0.0
         self._loop_transactions = 0
         # When the last group ran (either thread) and when the writer, waiting, will wake by
         # itself (time.monotonic()): for the folds' quiet time (_run_writer).
@@ -1273,10 +1279,14 @@ class Outbox:
         this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
         if self._closed or not self._opened:
             raise OutboxClosed()
-        if len(job.events) > LOOP_COMMIT_MAX_EVENTS or self._commit_wait >= self.loop_commit_limit:
+        if len(job.events) > LOOP_COMMIT_MAX_EVENTS:
             self._enqueue(job)
             return
-        if not self._turn:
+        if not self._turn:  # the turn's first: whether this turn's group is the loop's
+            limit = self.loop_commit_limit
+            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
+                self._enqueue(job)
+                return
             assert self._loop is not None
             self._loop.call_soon(self._commit_on_loop)
         self._turn.append(job)
@@ -1308,7 +1318,13 @@ class Outbox:
                 marks = self._take_marks()
                 group = [*marks, *jobs] if marks else list[_Job](jobs)
                 before = self._state.transactions
-                outcome = self._timed_group(conn, group, timed=True)
+                wall, cpu = time.perf_counter(), time.thread_time()
+                outcome = self._run_jobs(conn, group)
+                if outcome.appended:
+                    waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
+                    self._commit_wait += (waited - self._commit_wait) * LOOP_COMMIT_WEIGHT
+                    if self._commit_wait >= self.loop_commit_limit:  # the writer's, a while
+                        self._retry_at = time.monotonic() + LOOP_COMMIT_RETRY
                 self._loop_transactions += self._state.transactions - before
                 self._last_job = now = time.monotonic()
                 if marks and self._state.unfolded and self._writer_wakes_at > now + FOLD_QUIET:
@@ -1332,19 +1348,6 @@ class Outbox:
         for job in jobs:
             self._queued += 1
             self._queue.put(job)
-
-    def _timed_group(self, conn: sqlite3.Connection, jobs: list[_Job], *, timed: bool) -> _Outcome:
-        """``_run_jobs``; when ``timed`` (a group of small appends) and something was stored,
-        its wait joins the recent mean the loop decides by (under the group lock, on either
-        thread)."""
-        if not timed:
-            return self._run_jobs(conn, jobs)
-        wall, cpu = time.perf_counter(), time.thread_time()
-        outcome = self._run_jobs(conn, jobs)
-        if outcome.appended:
-            waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
-            self._commit_wait += (waited - self._commit_wait) * LOOP_COMMIT_WEIGHT
-        return outcome
 
     async def _submit(self, job: _Job) -> Any:
         assert isinstance(job.future, asyncio.Future)
@@ -1550,14 +1553,7 @@ class Outbox:
         if shrink:
             jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
         if jobs:
-            # A group of small appends (and ranges) is timed as the loop's are: the loop goes
-            # back to committing them itself once the writer's are quick again.
-            small = all(
-                isinstance(j, _MarkSent)
-                or (isinstance(j, _Append) and len(j.events) <= LOOP_COMMIT_MAX_EVENTS)
-                for j in jobs
-            )
-            outcome = self._timed_group(conn, jobs, timed=small)
+            outcome = self._run_jobs(conn, jobs)
             for ran in jobs:
                 if isinstance(ran, _Append):
                     # Freed here (when the caller let go too), right after the encoding
