@@ -43,6 +43,28 @@ def make(data: Path, loop_commit_ms: float, **options: Any) -> Outbox:
     )
 
 
+class Answers:
+    """What append_nowait resolves, noting each answer in order: a callback ``(result,
+    error)`` and a waiter (``done``/``set_result``/``set_exception``) both."""
+
+    def __init__(self) -> None:
+        self.got: list[AppendResult | BaseException] = []
+        self.returned = False  # set by the test once append_nowait has returned
+
+    def __call__(self, result: AppendResult | None, error: BaseException | None) -> None:
+        assert self.returned, "answered before append_nowait returned"
+        self.got.append(result if error is None else error)  # type: ignore[arg-type]
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, result: AppendResult, /) -> None:
+        self(result, None)
+
+    def set_exception(self, error: BaseException, /) -> None:
+        self(None, error)
+
+
 def paths(box: Outbox) -> tuple[int, int]:
     """(transactions committed on the loop, on the writer thread)."""
     stats = box.statistics()
@@ -146,22 +168,17 @@ async def test_one_turns_appends_are_one_group_answered_in_order(tmp_path: Path)
     box = make(tmp_path / "data", LOOP)
     await box.open()
     try:
-        answered: list[list[int]] = []
-        returned = False
-
-        def then(result: AppendResult | None, error: BaseException | None) -> None:
-            assert returned and error is None and result is not None
-            answered.append(result.seqs)
-
-        for n in range(5):
-            box.append_nowait(sales(f"t{n}", 2), then)
-        returned = True
-        assert [] == answered
+        answers = [Answers() for _ in range(5)]
+        for n, answer in enumerate(answers):
+            box.append_nowait(sales(f"t{n}", 2), answer)
+            answer.returned = True
+            assert [] == answer.got
         for _ in range(50):
             await asyncio.sleep(0.01)
-            if len(answered) == 5:
+            if all(answer.got for answer in answers):
                 break
-        assert [[1, 2], [3, 4], [5, 6], [7, 8], [9, 10]] == answered
+        seqs = [[r.seqs for r in answer.got if isinstance(r, AppendResult)] for answer in answers]
+        assert [[[1, 2]], [[3, 4]], [[5, 6]], [[7, 8]], [[9, 10]]] == seqs
         assert (1, 0) == paths(box)
     finally:
         await box.close()
@@ -293,11 +310,12 @@ async def test_close_commits_the_appends_of_its_turn(tmp_path: Path) -> None:
     when they were queued for the writer at once), not refused or lost."""
     box = make(tmp_path / "data", LOOP)
     await box.open()
-    answers: list[object] = []
-    box.append_nowait(sales("z", 1), lambda result, error: answers.append(result or error))
+    answer = Answers()
+    box.append_nowait(sales("z", 1), answer)
+    answer.returned = True
     await box.close()
-    assert 1 == len(answers) and isinstance(answers[0], AppendResult)
-    assert [1] == answers[0].seqs
+    assert 1 == len(answer.got) and isinstance(answer.got[0], AppendResult)
+    assert [1] == answer.got[0].seqs
     assert 1 == len(held(tmp_path / "data")["records"])
 
 
