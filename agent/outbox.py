@@ -1327,9 +1327,17 @@ class Outbox:
                         self._retry_at = time.monotonic() + LOOP_COMMIT_RETRY
                 self._loop_transactions += self._state.transactions - before
                 self._last_job = now = time.monotonic()
-                if marks and self._state.unfolded and self._writer_wakes_at > now + FOLD_QUIET:
-                    # The writer waits for the next prune and does not know of these ranges:
-                    # woken, it folds them once the outbox is quiet, as after its own groups.
+                state = self._state
+                if (
+                    marks
+                    and state.unfolded
+                    and not state.pending
+                    and self._writer_wakes_at > now + FOLD_QUIET
+                ):
+                    # A fold is due once the outbox is quiet (nothing pending: the writer's
+                    # own rule), and the writer, waiting for the next prune, does not know:
+                    # woken, it folds as after its own groups. Not after a group that leaves
+                    # records pending (a till's every append): that woke it once an event.
                     self._queued += 1
                     self._queue.put(_Wake(None))
         finally:

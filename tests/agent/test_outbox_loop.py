@@ -305,6 +305,31 @@ async def test_a_fold_the_writer_is_running_is_not_overtaken(
         await box.close()
 
 
+async def test_ranges_the_loop_committed_are_folded_once_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group on the loop that commits PubAck ranges and leaves nothing pending (here its
+    append was a duplicate) wakes the writer, which folds them once the outbox is quiet, as
+    after its own groups, not at the next prune a minute later."""
+    monkeypatch.setattr(outbox_module, "FOLD_QUIET", 0.1)
+    data = tmp_path / "data"
+    box = make(data, LOOP)
+    await box.open()
+    try:
+        await box.append(sales("a", 2))
+        box.mark_sent_nowait(1, 2)  # in memory: rides with the next group
+        result = await box.append(sales("a", 1))  # a duplicate, on the loop, with the range
+        assert (0, 1) == (result.accepted, result.duplicates)
+        assert (2, 0) == paths(box) and 0 == box.statistics().pending
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if not held(data)["ranges"]:
+                break
+        assert [] == held(data)["ranges"]
+    finally:
+        await box.close()
+
+
 async def test_close_commits_the_appends_of_its_turn(tmp_path: Path) -> None:
     """Appends made in the same turn as close() are committed before the outbox closes (as
     when they were queued for the writer at once), not refused or lost."""
