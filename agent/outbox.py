@@ -112,12 +112,16 @@ LOOP_READ_MAX = 16
 LOOP_COMMIT_MAX_EVENTS = 16
 # The loop commits such groups while its recent ones waited at most ``loop_commit_ms``
 # (agent/config.py) on average: each group weighs LOOP_COMMIT_WEIGHT in the mean of the time
-# the loop was not running between BEGIN and COMMIT's return (wall time less the thread's CPU
-# time: the fsync, a lock, the CPU taken by other processes), what it stopped for beyond the
-# work it does in either design. Above the limit, the groups go to the writer thread and one
-# turn's group is still committed on the loop every LOOP_COMMIT_RETRY seconds, to see whether
-# the disk is quick again (the writer's own waits cannot say: they include its waits for the
-# GIL while the loop runs, 5-8x the loop's on this machine).
+# the loop was blocked between BEGIN and COMMIT's return (wall time less the time the thread
+# ran or waited for a CPU, from /proc/thread-self/schedstat: the fsync, a lock), what it
+# stopped for beyond the work it does in either design. Waiting for a CPU is not counted: on
+# a busy machine the loop waits for one in either design, and counting it sent the groups to
+# the writer at 0.64x the loop's rate (docs/benchmarks.md, "Single-event ingest: committing on
+# the loop"); where there is no schedstat, the thread's CPU time alone is subtracted. Above the
+# limit, the groups go to the writer thread and one turn's group is still committed on the
+# loop every LOOP_COMMIT_RETRY seconds, to see whether the disk is quick again (the writer's
+# own waits cannot say: they include its waits for the GIL while the loop runs, 5-8x the
+# loop's on this machine).
 LOOP_COMMIT_WEIGHT = 0.25
 LOOP_COMMIT_RETRY = 1.0
 BUSY_TIMEOUT_MS = 5000
@@ -829,6 +833,29 @@ def _retrieve_ahead(job: asyncio.Future[None]) -> None:
         job.exception()
 
 
+def _open_schedstat() -> int | None:
+    """The calling thread's ``/proc/thread-self/schedstat`` (Linux), open; None elsewhere."""
+    try:
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        _busy_time(fd)
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _busy_time(schedstat: int | None) -> float:
+    """Seconds the thread of ``schedstat`` (``_open_schedstat``) has run or waited for a CPU
+    so far; without it, the calling thread's CPU time."""
+    if schedstat is None:
+        return time.thread_time()
+    ran, ready, _slices = os.pread(schedstat, 64, 0).split()
+    return (int(ran) + int(ready)) / 1e9
+
+
 # --- the outbox -----------------------------------------------------------------------------
 
 
@@ -883,6 +910,7 @@ class Outbox:
         # once that is above the limit.
         self._commit_wait = 0.0
         self._retry_at = 0.0
+        self._schedstat: int | None = None  # the loop thread's /proc schedstat (open())
         self._loop_transactions = 0
         # When the last group ran (either thread) and when the writer, waiting, will wake by
         # itself (time.monotonic()): for the folds' quiet time (_run_writer).
@@ -923,6 +951,7 @@ class Outbox:
         """Lock the data dir, check and migrate the file, start the writer."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open_sync)
+        self._schedstat = _open_schedstat()  # here: the file of the thread that opens it
         self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
         self._writer.start()
         self._opened = True
@@ -1000,6 +1029,9 @@ class Outbox:
             await self._on_reader(reader_conn.close)
         self._reader.shutdown(wait=True)
         self._lock.release()
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+            self._schedstat = None
 
     # -- public API --
 
@@ -1318,10 +1350,10 @@ class Outbox:
                 marks = self._take_marks()
                 group = [*marks, *jobs] if marks else list[_Job](jobs)
                 before = self._state.transactions
-                wall, cpu = time.perf_counter(), time.thread_time()
+                wall, busy = time.perf_counter(), _busy_time(self._schedstat)
                 outcome = self._run_jobs(conn, group)
                 if outcome.appended:
-                    waited = (time.perf_counter() - wall) - (time.thread_time() - cpu)
+                    waited = (time.perf_counter() - wall) - (_busy_time(self._schedstat) - busy)
                     self._commit_wait += (waited - self._commit_wait) * LOOP_COMMIT_WEIGHT
                     if self._commit_wait >= self.loop_commit_limit:  # the writer's, a while
                         self._retry_at = time.monotonic() + LOOP_COMMIT_RETRY
