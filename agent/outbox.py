@@ -113,15 +113,15 @@ LOOP_COMMIT_MAX_EVENTS = 16
 # The loop commits such groups while its recent ones waited at most ``loop_commit_ms``
 # (agent/config.py) on average: each group weighs LOOP_COMMIT_WEIGHT in the mean of the time
 # the loop was blocked between BEGIN and COMMIT's return (wall time less the time the thread
-# ran or waited for a CPU, from /proc/thread-self/schedstat: the fsync, a lock), what it
-# stopped for beyond the work it does in either design. Waiting for a CPU is not counted: on
-# a busy machine the loop waits for one in either design, and counting it sent the groups to
-# the writer at 0.64x the loop's rate (docs/benchmarks.md, "Single-event ingest: committing on
-# the loop"); where there is no schedstat, the thread's CPU time alone is subtracted. Above the
-# limit, the groups go to the writer thread and one turn's group is still committed on the
-# loop every LOOP_COMMIT_RETRY seconds, to see whether the disk is quick again (the writer's
-# own waits cannot say: they include its waits for the GIL while the loop runs, 5-8x the
-# loop's on this machine).
+# ran or waited for a CPU, the wait from /proc/thread-self/schedstat: what is left is the
+# fsync, a lock), what it stopped for beyond the work it does in either design. Waiting for a
+# CPU is not counted: on a busy machine the loop waits for one in either design, and counting
+# it sent the groups to the writer at ~0.7x the loop's rate (docs/benchmarks.md, "Single-event
+# ingest: committing on the loop"); where there is no schedstat, only the thread's CPU time is
+# subtracted. Above the limit, the groups go to the writer thread and one turn's group is
+# still committed on the loop every LOOP_COMMIT_RETRY seconds, to see whether the disk is
+# quick again (the writer's own waits cannot say: they include its waits for the GIL while the
+# loop runs, 5-8x the loop's on this machine).
 LOOP_COMMIT_WEIGHT = 0.25
 LOOP_COMMIT_RETRY = 1.0
 BUSY_TIMEOUT_MS = 5000
@@ -848,12 +848,14 @@ def _open_schedstat() -> int | None:
 
 
 def _busy_time(schedstat: int | None) -> float:
-    """Seconds the thread of ``schedstat`` (``_open_schedstat``) has run or waited for a CPU
-    so far; without it, the calling thread's CPU time."""
+    """Seconds the calling thread has run or waited for a CPU so far (``schedstat``: its own
+    file, ``_open_schedstat``); without it, its CPU time. The CPU time from the clock, not the
+    file: the file's lags behind a running thread by up to a scheduler tick (a mean of -0.55
+    ms a group read from it alone), its wait for a CPU is booked each time the thread runs."""
     if schedstat is None:
         return time.thread_time()
-    ran, ready, _slices = os.pread(schedstat, 64, 0).split()
-    return (int(ran) + int(ready)) / 1e9
+    _ran, ready, _slices = os.pread(schedstat, 64, 0).split()
+    return time.thread_time() + int(ready) / 1e9
 
 
 # --- the outbox -----------------------------------------------------------------------------
