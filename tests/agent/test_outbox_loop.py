@@ -12,6 +12,7 @@ import sqlite3
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ class Answers:
 
     def set_exception(self, error: BaseException, /) -> None:
         self(None, error)
+
+
+@pytest.fixture
+async def on_loop(tmp_path: Path) -> AsyncIterator[Outbox]:
+    """An open outbox in tmp_path/data that commits small appends on the loop when it can."""
+    box = make(tmp_path / "data", LOOP)
+    await box.open()
+    yield box  # pytest closes it whether the test passed or not
+    await box.close()
 
 
 def paths(box: Outbox) -> tuple[int, int]:
@@ -273,61 +283,51 @@ async def test_a_job_the_writer_is_running_is_not_overtaken(tmp_path: Path) -> N
 
 
 async def test_a_fold_the_writer_is_running_is_not_overtaken(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_loop: Outbox
 ) -> None:
     """While the writer folds acknowledged ranges on its own (no job asked for it: held in
     BEGIN IMMEDIATE by another connection's write lock), a small append goes to the writer,
     after the fold, instead of being committed by the loop on the same connection."""
     monkeypatch.setattr(outbox_module, "FOLD_QUIET", 0.2)
-    data = tmp_path / "data"
-    box = make(data, LOOP)
-    await box.open()
-    try:
-        await box.append(sales("a", 3))
-        await box.mark_sent(1, 3)  # nothing pending: a fold is due once quiet for 0.2 s
-        other = sqlite3.connect(data / "outbox.db", isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        for _ in range(200):  # until the writer is in its round (the fold)
-            await asyncio.sleep(0.005)
-            if box._group_lock.locked():
-                break
-        assert box._group_lock.locked()
-        before = paths(box)
-        appended = asyncio.ensure_future(box.append(sales("b", 1)))
-        await asyncio.sleep(0.1)
-        assert not appended.done()
-        other.execute("COMMIT")
-        other.close()
-        assert [4] == (await appended).seqs
-        assert before[0] == paths(box)[0]  # not on the loop
-        assert [] == held(data)["ranges"]  # folded
-    finally:
-        await box.close()
+    data, box = tmp_path / "data", on_loop
+    await box.append(sales("a", 3))
+    await box.mark_sent(1, 3)  # nothing pending: a fold is due once quiet for 0.2 s
+    other = sqlite3.connect(data / "outbox.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    for _ in range(200):  # until the writer is in its round (the fold)
+        await asyncio.sleep(0.005)
+        if box._group_lock.locked():
+            break
+    assert box._group_lock.locked()
+    before = paths(box)
+    appended = asyncio.ensure_future(box.append(sales("b", 1)))
+    await asyncio.sleep(0.1)
+    assert not appended.done()
+    other.execute("COMMIT")
+    other.close()
+    assert [4] == (await appended).seqs
+    assert before[0] == paths(box)[0]  # not on the loop
+    assert [] == held(data)["ranges"]  # folded
 
 
 async def test_ranges_the_loop_committed_are_folded_once_quiet(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, on_loop: Outbox
 ) -> None:
     """A group on the loop that commits PubAck ranges and leaves nothing pending (here its
     append was a duplicate) wakes the writer, which folds them once the outbox is quiet, as
     after its own groups, not at the next prune a minute later."""
     monkeypatch.setattr(outbox_module, "FOLD_QUIET", 0.1)
-    data = tmp_path / "data"
-    box = make(data, LOOP)
-    await box.open()
-    try:
-        await box.append(sales("a", 2))
-        box.mark_sent_nowait(1, 2)  # in memory: rides with the next group
-        result = await box.append(sales("a", 1))  # a duplicate, on the loop, with the range
-        assert (0, 1) == (result.accepted, result.duplicates)
-        assert (2, 0) == paths(box) and 0 == box.statistics().pending
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if not held(data)["ranges"]:
-                break
-        assert [] == held(data)["ranges"]
-    finally:
-        await box.close()
+    data, box = tmp_path / "data", on_loop
+    await box.append(sales("a", 2))
+    box.mark_sent_nowait(1, 2)  # in memory: rides with the next group
+    result = await box.append(sales("a", 1))  # a duplicate, on the loop, with the range
+    assert (0, 1) == (result.accepted, result.duplicates)
+    assert (2, 0) == paths(box) and 0 == box.statistics().pending
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if not held(data)["ranges"]:
+            break
+    assert [] == held(data)["ranges"]
 
 
 async def test_close_commits_the_appends_of_its_turn(tmp_path: Path) -> None:
