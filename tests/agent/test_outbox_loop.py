@@ -203,7 +203,7 @@ async def test_a_slow_commit_sends_the_next_groups_to_the_writer_until_commits_a
     groups come back to the loop for good."""
     monkeypatch.setattr(outbox_module, "LOOP_COMMIT_RETRY", 0.05)
     data = tmp_path / "data"
-    box = make(data, 50.0)
+    box = make(data, 20.0)
     await box.open()
     try:
         await box.append(sales("a", 1))
@@ -216,7 +216,7 @@ async def test_a_slow_commit_sends_the_next_groups_to_the_writer_until_commits_a
         assert time.monotonic() - started >= 0.35
         other.close()
         assert (2, 0) == paths(box)
-        assert box.statistics().commit_wait_ms > 50.0
+        assert box.statistics().commit_wait_ms > 20.0
         await box.append(sales("c", 1))
         assert (2, 1) == paths(box)  # the writer's
         went: list[str] = []
