@@ -43,6 +43,7 @@ Compression = Literal["none", "zstd", "zlib"]
 DEFAULT_COMPRESSION: Compression = "none"
 DEFAULT_RETENTION_DAYS = 7.0
 DEFAULT_MAX_BUFFER_BYTES = 1024 * 1024 * 1024
+DEFAULT_LOOP_COMMIT_MS = 2.0
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_RECONCILE_INTERVAL = 300.0
 DEFAULT_RECONCILE_DAYS = 7
@@ -174,6 +175,18 @@ class OutboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             "new events get 507.",
         ),
     ] = DEFAULT_MAX_BUFFER_BYTES
+    loop_commit_ms: Annotated[
+        float,
+        msgspec.Meta(
+            ge=0,
+            le=1000,
+            description="Single-event and other small POSTs are committed by the event loop "
+            "itself, without a hand-over to the writer thread, while recent commits waited "
+            "(for the disk's fsync, mostly) at most this many ms on average; longer (a slow "
+            "disk), they go to the writer thread and the loop stays free for the forwarder. "
+            "0: always the writer thread.",
+        ),
+    ] = DEFAULT_LOOP_COMMIT_MS
 
 
 class PoslogConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

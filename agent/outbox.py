@@ -5,7 +5,10 @@ one writer: a dedicated thread with its own connection. Everything that changes 
 (appends, mark-sent, mark-unsent, pruning) is a job on the writer's queue. The writer takes
 everything queued, runs it in ONE ``BEGIN IMMEDIATE`` transaction, commits, and only then
 resolves each caller's future. That is group commit: a hundred concurrent POSTs cost one
-fsync, and "accepted" still means "on disk".
+fsync, and "accepted" still means "on disk". One exception, for speed: the small appends of one
+turn of the event loop are committed by the loop itself, through the same code, when the
+writer has nothing to do and commits are quick (``Outbox._commit_on_loop``); the connection
+is then the loop's for that group, under the lock the writer holds for each of its own.
 
 Not aiosqlite (which central uses for its status reads): group commit needs one owner of the
 connection that sees every queued request and batches them into one transaction. aiosqlite
@@ -52,6 +55,7 @@ from typing import IO, Any, Protocol, TypeVar
 import msgspec
 
 from agent import acked, checkpoint
+from agent.config import DEFAULT_LOOP_COMMIT_MS
 from agent.errors import (
     BufferFull,
     DamagedOutbox,
@@ -103,6 +107,26 @@ MARK_DELAY = 1.0
 # At most this many pending records: the forwarder's read is done on the event loop, not on
 # the reader thread (Outbox.read_unsent).
 LOOP_READ_MAX = 16
+# An append of at most this many events, when it comes while the writer has nothing to do,
+# is committed by the event loop itself at the end of its turn (``Outbox._commit_on_loop``).
+LOOP_COMMIT_MAX_EVENTS = 16
+# The loop commits such groups while its recent ones waited at most ``loop_commit_ms``
+# (agent/config.py) on average: each group weighs LOOP_COMMIT_WEIGHT in the mean of the time
+# the loop was blocked between BEGIN and COMMIT's return (wall time less the time the thread
+# ran or waited for a CPU, the wait from /proc/thread-self/schedstat: what is left is the
+# fsync, a lock), what it stopped for beyond the work it does in either design. Waiting for a
+# CPU is not counted: on a busy machine the loop waits for one in either design, and counting
+# it sent the groups to the writer at ~0.7x the loop's rate (docs/benchmarks.md, "Single-event
+# ingest: committing on the loop"); where there is no schedstat, only the thread's CPU time is
+# subtracted. Above the limit, the groups go to the writer thread and one turn's group is
+# still committed on the loop every LOOP_COMMIT_RETRY seconds, to see whether the disk is
+# quick again (the writer's own waits cannot say: they include its waits for the GIL while the
+# loop runs, 5-8x the loop's on this machine).
+# A tenth: one fsync of up to ~20 ms (this disk's worst at load 3.7 was 28.7 ms) moves the
+# mean by 2 ms at most, so a lone stall does not send a second of groups to the writer (a
+# quarter did: 43 % of one run's groups); a disk slow commit after commit does within ~10.
+LOOP_COMMIT_WEIGHT = 0.1
+LOOP_COMMIT_RETRY = 1.0
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 PRIVATE_DIR_MODE = 0o700
@@ -238,6 +262,11 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
     # Of the transactions, those committed without an fsync: only PubAck ranges and folds,
     # which a crash may lose at no cost (Outbox._run_group).
     lazy_transactions: int = 0
+    # Of the transactions, those the event loop committed itself (Outbox._commit_on_loop).
+    loop_transactions: int = 0
+    # The loop's recent groups: mean time it waited between BEGIN and COMMIT's return, for the
+    # fsync mostly (ms; the loop commits while it is under outbox.loop_commit_ms).
+    commit_wait_ms: float = 0.0
 
 
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
@@ -366,6 +395,12 @@ class _SetMeta(_Job):
 @dataclass(eq=False)
 class _NoteTills(_Job):
     numbers: Sequence[tuple[dt.date, str, int]]
+
+
+@dataclass(eq=False)
+class _Wake(_Job):
+    """Not work: wakes the writer so that it looks at the state again (a fold may be due after
+    ranges the loop committed, Outbox._commit_on_loop)."""
 
 
 @dataclass(eq=False)
@@ -776,6 +811,31 @@ def _retrieve_ahead(job: asyncio.Future[None]) -> None:
         job.exception()
 
 
+def _open_schedstat() -> int | None:
+    """The calling thread's ``/proc/thread-self/schedstat`` (Linux), open; None elsewhere."""
+    try:
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        _busy_time(fd)
+    except (OSError, ValueError):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _busy_time(schedstat: int | None) -> float:
+    """Seconds the calling thread has run or waited for a CPU so far (``schedstat``: its own
+    file, ``_open_schedstat``); without it, its CPU time. The CPU time from the clock, not the
+    file: the file's lags behind a running thread by up to a scheduler tick (a mean of -0.55
+    ms a group read from it alone), its wait for a CPU is booked each time the thread runs."""
+    if schedstat is None:
+        return time.thread_time()
+    _ran, ready, _slices = os.pread(schedstat, 64, 0).split()
+    return time.thread_time() + int(ready) / 1e9
+
+
 # --- the outbox -----------------------------------------------------------------------------
 
 
@@ -791,6 +851,7 @@ class Outbox:
         retention_days: float,
         max_record_bytes: int | None = None,
         prune_interval: float = DEFAULT_PRUNE_INTERVAL,
+        loop_commit_ms: float = DEFAULT_LOOP_COMMIT_MS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = data_dir
@@ -804,6 +865,9 @@ class Outbox:
         self._max_payload_learned = False
         self.prune_interval = prune_interval
         self._clock = clock
+        # Groups of small appends are committed on the event loop while they wait at most this
+        # long (seconds; 0: never).
+        self.loop_commit_limit = loop_commit_ms / 1000.0
         self.epoch = ""
         self.damaged_file: Path | None = None
         # Called (on the loop) whenever records become unsent: appends and resyncs.
@@ -811,6 +875,27 @@ class Outbox:
         self._rewind_to: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # Who runs a group. The writer holds ``_group_lock`` from the moment it has taken jobs
+        # until their group is done; the loop tries it without waiting. ``_queued`` counts the
+        # jobs the loop put on the queue, ``_run`` (written under the lock) those the writer
+        # has taken and finished: the loop commits a group itself only when it holds the lock
+        # and the two are equal, so it never overtakes a job the writer took but has not run
+        # yet (the lock is taken just after the queue is read, not with it).
+        self._group_lock = threading.Lock()
+        self._queued = 0
+        self._run = 0
+        # Small appends of this turn of the loop, committed at its end (_commit_on_loop).
+        self._turn: list[_Append] = []
+        # The loop's recent groups' mean wait (s), and when it may try again (time.monotonic())
+        # once that is above the limit.
+        self._commit_wait = 0.0
+        self._retry_at = 0.0
+        self._schedstat: int | None = None  # the loop thread's /proc schedstat (open())
+        self._loop_transactions = 0
+        # When the last group ran (either thread) and when the writer, waiting, will wake by
+        # itself (time.monotonic()): for the folds' quiet time (_run_writer).
+        self._last_job = time.monotonic()
+        self._writer_wakes_at = 0.0
         # PubAck ranges not handed to the writer yet (mark_sent_nowait): the loop appends, the
         # writer takes them into its next group; each popleft is atomic, so each range is
         # taken once, by one side.
@@ -846,6 +931,7 @@ class Outbox:
         """Lock the data dir, check and migrate the file, start the writer."""
         self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._open_sync)
+        self._schedstat = _open_schedstat()  # here: the file of the thread that opens it
         self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
         self._writer.start()
         self._opened = True
@@ -913,6 +999,7 @@ class Outbox:
             self._marks_timer.cancel()
             self._marks_timer = None
         self._flush_marks()  # committed before the writer stops
+        self._to_writer()  # this turn's appends too, as if queued
         self._closed = True
         if self._writer is not None:
             self._queue.put(None)
@@ -922,6 +1009,9 @@ class Outbox:
             await self._on_reader(reader_conn.close)
         self._reader.shutdown(wait=True)
         self._lock.release()
+        if self._schedstat is not None:
+            os.close(self._schedstat)
+            self._schedstat = None
 
     # -- public API --
 
@@ -935,18 +1025,19 @@ class Outbox:
         The writer lets go of ``events`` once it has run the append: a caller that holds no
         reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
         while they are still in that CPU's caches, not later on the event loop."""
-        job = _Append(self._new_future(), events, ahead)
+        future: asyncio.Future[AppendResult] = self._new_future()
+        self._add_append(_Append(future, events, ahead))
         del events  # only the job holds them now
-        result: AppendResult = await self._submit(job)
-        return result
+        return await future
 
     def append_nowait(self, events: Sequence[Event], then: AppendWaiter) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         resolved on the loop with ``append``'s result (``set_result``) or its error
         (``set_exception``), unless it is ``done()`` by then. For callers that answer from a
         callback instead of awaiting in a task (the single-event route, agent/ingest.py:
-        one object a request). OutboxClosed at once when closed."""
-        self._enqueue(_Append(then, events))
+        one object a request). OutboxClosed at once when closed. ``then`` is never resolved
+        before this returns."""
+        self._add_append(_Append(then, events))
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Record "JetStream acknowledged first..last"; the future resolves after commit.
@@ -991,6 +1082,7 @@ class Outbox:
         if self._closed or not self._opened:
             return
         for job in self._take_marks():
+            self._queued += 1
             self._queue.put(job)
 
     def _take_marks(self) -> list[_Job]:
@@ -1189,7 +1281,95 @@ class Outbox:
             # PubAck ranges recorded before this job are committed before it (a resync, a
             # refusal or a prune must see them); appends do not care, their seqs are new.
             self._flush_marks()
+        if self._turn:
+            # Appends made earlier in this turn, kept for the loop's commit, go first: the
+            # writer runs jobs in the order they were made, whoever commits them.
+            self._to_writer()
+        self._queued += 1
         self._queue.put(job)
+
+    def _add_append(self, job: _Append) -> None:
+        """Queue an append for the writer, or keep it for the loop's own commit at the end of
+        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
+        if self._closed or not self._opened:
+            raise OutboxClosed()
+        if len(job.events) > LOOP_COMMIT_MAX_EVENTS:
+            self._enqueue(job)
+            return
+        if not self._turn:  # the turn's first: whether this turn's group is the loop's
+            limit = self.loop_commit_limit
+            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
+                self._enqueue(job)
+                return
+            assert self._loop is not None
+            self._loop.call_soon(self._commit_on_loop)
+        self._turn.append(job)
+
+    def _commit_on_loop(self) -> None:
+        """Commit this turn's small appends here, on the loop, as the writer would: when the
+        writer has nothing queued and runs no group (its lock, tried without waiting). Else
+        they go to the writer. Handing a group to the writer thread and back costs ~26 µs of
+        CPU a request on this VM, in the kernel (futex wake-ups, the GIL handed over at each
+        statement, the loop's self-pipe), the same instructions taking 73-88 µs a request
+        against 45-60 µs on the loop (docs/benchmarks.md, "Single-event ingest: committing on
+        the loop"). The price: the loop stops for the commit's fsync, so a disk whose commits
+        are slow (``loop_commit_limit``) keeps its groups on the writer."""
+        jobs = self._turn
+        if not jobs:  # handed to the writer by close()
+            return
+        self._turn = []
+        conn = self._wconn
+        lock = self._group_lock
+        if self._closed or conn is None or not lock.acquire(blocking=False):
+            self._to_writer(jobs)
+            return
+        try:
+            if self._queued != self._run:  # the writer has jobs to run before these
+                outcome = None
+            else:
+                # The PubAck ranges waiting in memory ride with these appends, before them, as
+                # in the writer's groups (mark_sent_nowait).
+                marks = self._take_marks()
+                group = [*marks, *jobs] if marks else list[_Job](jobs)
+                before = self._state.transactions
+                wall, busy = time.perf_counter(), _busy_time(self._schedstat)
+                outcome = self._run_jobs(conn, group)
+                if outcome.appended:
+                    waited = (time.perf_counter() - wall) - (_busy_time(self._schedstat) - busy)
+                    self._commit_wait += (waited - self._commit_wait) * LOOP_COMMIT_WEIGHT
+                    if self._commit_wait >= self.loop_commit_limit:  # the writer's, a while
+                        self._retry_at = time.monotonic() + LOOP_COMMIT_RETRY
+                self._loop_transactions += self._state.transactions - before
+                self._last_job = now = time.monotonic()
+                state = self._state
+                if (
+                    marks
+                    and state.unfolded
+                    and not state.pending
+                    and self._writer_wakes_at > now + FOLD_QUIET
+                ):
+                    # A fold is due once the outbox is quiet (nothing pending: the writer's
+                    # own rule), and the writer, waiting for the next prune, does not know:
+                    # woken, it folds as after its own groups. Not after a group that leaves
+                    # records pending (a till's every append): that woke it once an event.
+                    self._queued += 1
+                    self._queue.put(_Wake(None))
+        finally:
+            lock.release()
+        if outcome is None:
+            self._to_writer(jobs)
+            return
+        for job in jobs:
+            job.events = ()  # as the writer does; the callers hold none
+        self._deliver(outcome)
+
+    def _to_writer(self, jobs: list[_Append] | None = None) -> None:
+        """Queue ``jobs`` (default: this turn's appends) for the writer, in order."""
+        if jobs is None:
+            jobs, self._turn = self._turn, []
+        for job in jobs:
+            self._queued += 1
+            self._queue.put(job)
 
     async def _submit(self, job: _Job) -> Any:
         assert isinstance(job.future, asyncio.Future)
@@ -1307,10 +1487,11 @@ class Outbox:
     def _run_writer(self) -> None:
         conn = self._wconn
         assert conn is not None and self._loop is not None
-        self._day_rows.forget()  # a reopened outbox may be another file (one moved aside)
+        with self._group_lock:  # the loop may commit a group as soon as the outbox is open
+            self._day_rows.forget()  # a reopened outbox may be another file (one moved aside)
         next_prune = time.monotonic() + self.prune_interval
         stopping = False
-        last_job = time.monotonic()
+        self._last_job = time.monotonic()
         while not stopping:
             now = time.monotonic()
             timeout = max(0.0, next_prune - now)
@@ -1318,67 +1499,42 @@ class Outbox:
                 # Fold when nothing is pending, a chunk a round: at once after a drain (many
                 # ranges), else once the outbox has been quiet a moment, so a till's trickle
                 # (one range per event) does not pay a fold transaction per event.
-                due = self._fold_due(now, last_job)
+                due = self._fold_due(now, self._last_job)
                 timeout = 0.0 if due is None else min(timeout, due)
+            self._writer_wakes_at = now + timeout
             jobs: list[_Job] = []
             try:
                 item: _Job | None = self._queue.get(timeout=timeout)
             except queue.Empty:
                 item = _NOTHING
             else:
-                last_job = time.monotonic()
-            while item is not _NOTHING:
-                if item is None:
-                    stopping = True
-                    break
-                jobs.append(item)
-                # Asked, not tried: get_nowait raised queue.Empty at the end of every group
-                # (an exception made and caught, ~2,000 instructions). This thread is the only
-                # one taking from the queue, so what it saw there is still there.
-                if self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            if not stopping:
-                # The PubAck ranges recorded since the last group ride with this one
-                # (mark_sent_nowait): no wake-up of their own. After every job other than an
-                # append (a job queued after a range took it into the queue first, _enqueue,
-                # so these are newer), before the appends after those: an append that needs
-                # room may prune the records they made sent, as if each was committed at once.
-                marks = self._take_marks()
-                if marks:
-                    at = max(
-                        (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
-                        default=0,
-                    )
-                    jobs[at:at] = marks
-            shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
-            if shrink:
-                jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
-            if jobs:
-                outcome = self._run_jobs(conn, jobs)
-                for ran in jobs:
-                    if isinstance(ran, _Append):
-                        # Freed here (when the caller let go too), right after the encoding
-                        # and the day totals read them, not on the event loop from another
-                        # CPU's caches (docs/benchmarks.md, issue 17's final round).
-                        ran.events = ()
+                self._last_job = time.monotonic()
+            # From here until its group is done the loop commits nothing itself (it may be
+            # committing one now: then this waits for it).
+            with self._group_lock:
+                taken = 0
+                while item is not _NOTHING:
+                    if item is None:
+                        stopping = True
+                        break
+                    taken += 1
+                    if item.__class__ is not _Wake:
+                        jobs.append(item)
+                    # Asked, not tried: get_nowait raised queue.Empty at the end of every
+                    # group (an exception made and caught, ~2,000 instructions). This thread is
+                    # the only one taking from the queue, so what it saw there is still there.
+                    if self._queue.empty():
+                        break
+                    item = self._queue.get_nowait()
+                outcomes = self._run_taken(conn, jobs, stopping)
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self.prune_interval
+                    if not any(isinstance(j, _Prune) for j in jobs):
+                        self._prune_all(conn)
+                self._run += taken
+            # After the lock: the loop, woken by this, finds the writer done.
+            for outcome in outcomes:
                 self._hand_back(outcome)
-            if shrink:
-                self._hand_back(self._shrink_memory(conn, shrink))
-            elif (
-                self._state.unfolded
-                and self._state.pending == 0
-                and not stopping
-                and self._fold_due(time.monotonic(), last_job) is None
-            ):
-                if self._run_group(conn, [_Fold(future=None)]).failed:
-                    time.sleep(1.0)  # logged; try again later rather than spin
-            if not self._state.unfolded:
-                self._state.marks_unfolded = 0
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + self.prune_interval
-                if not any(isinstance(j, _Prune) for j in jobs):
-                    self._prune_all(conn)
         # Jobs that raced with close() get a clear error rather than hanging.
         leftovers = _Outcome()
         while True:
@@ -1394,6 +1550,52 @@ class Outbox:
             conn.close()
         except sqlite3.Error as exc:
             log.warning("closing the outbox: %s", exc)
+
+    def _run_taken(
+        self, conn: sqlite3.Connection, jobs: list[_Job], stopping: bool
+    ) -> list[_Outcome]:
+        """The writer's round with the jobs it took from the queue (under the group lock): the
+        PubAck ranges waiting in memory join them, then one group, then a fold if due. The
+        outcomes to hand back."""
+        outcomes: list[_Outcome] = []
+        if not stopping:
+            # The PubAck ranges recorded since the last group ride with this one
+            # (mark_sent_nowait): no wake-up of their own. After every job other than an
+            # append (a job queued after a range took it into the queue first, _enqueue,
+            # so these are newer), before the appends after those: an append that needs
+            # room may prune the records they made sent, as if each was committed at once.
+            marks = self._take_marks()
+            if marks:
+                at = max(
+                    (i + 1 for i, job in enumerate(jobs) if not isinstance(job, _Append)),
+                    default=0,
+                )
+                jobs[at:at] = marks
+        shrink = [j for j in jobs if isinstance(j, _ShrinkMemory)]
+        if shrink:
+            jobs = [j for j in jobs if not isinstance(j, _ShrinkMemory)]
+        if jobs:
+            outcome = self._run_jobs(conn, jobs)
+            for ran in jobs:
+                if isinstance(ran, _Append):
+                    # Freed here (when the caller let go too), right after the encoding
+                    # and the day totals read them, not on the event loop from another
+                    # CPU's caches (docs/benchmarks.md, issue 17's final round).
+                    ran.events = ()
+            outcomes.append(outcome)
+        if shrink:
+            outcomes.append(self._shrink_memory(conn, shrink))
+        elif (
+            self._state.unfolded
+            and self._state.pending == 0
+            and not stopping
+            and self._fold_due(time.monotonic(), self._last_job) is None
+        ):
+            if self._run_group(conn, [_Fold(future=None)]).failed:
+                time.sleep(1.0)  # logged; try again later rather than spin
+        if not self._state.unfolded:
+            self._state.marks_unfolded = 0
+        return outcomes
 
     def _fold_due(self, now: float, last_job: float) -> float | None:
         """None when a fold chunk is due now; else in how many seconds it will be (the quiet
@@ -1882,6 +2084,8 @@ class Outbox:
             damaged_file=str(self.damaged_file) if self.damaged_file else None,
             refused=state.refused,
             max_payload=self.max_payload,
+            loop_transactions=self._loop_transactions,
+            commit_wait_ms=round(self._commit_wait * 1000.0, 3),
         )
 
 

@@ -84,6 +84,11 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     till_holes: int = 0
     till_hole_list: list[TillHole] = []
     checkpoints_sent: int = 0
+    # The outbox's write transactions since the agent started, those the event loop committed
+    # itself, and the recent groups' mean wait for the disk (outbox.loop_commit_ms decides by it).
+    transactions: int = 0
+    loop_transactions: int = 0
+    commit_wait_ms: float = 0.0
 
 
 def status_report(
@@ -117,6 +122,9 @@ def status_report(
         till_holes=checkpoints.holes if checkpoints else 0,
         till_hole_list=list(checkpoints.last_holes) if checkpoints else [],
         checkpoints_sent=checkpoints.sent if checkpoints else 0,
+        transactions=outbox.transactions,
+        loop_transactions=outbox.loop_transactions,
+        commit_wait_ms=outbox.commit_wait_ms,
     )
 
 
@@ -215,6 +223,7 @@ class AgentService:
             store_id=cfg.store_id,
             max_buffer_bytes=cfg.outbox.max_buffer_bytes,
             retention_days=cfg.outbox.retention_days,
+            loop_commit_ms=cfg.outbox.loop_commit_ms,
             # Never larger than a batch; HQ's max_payload, once learned, may lower it.
             max_record_bytes=cfg.forwarder.batch_max_bytes,
         )

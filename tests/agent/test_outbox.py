@@ -168,14 +168,6 @@ class NotesWhereFreed(list[Event]):
         self.freed_in.append(threading.current_thread().name)
 
 
-async def test_appended_events_are_freed_by_the_writer(outbox: Outbox) -> None:
-    """Events nobody else holds are freed in the writer thread once stored (while still in
-    its CPU's caches), not on the event loop."""
-    freed_in: list[str] = []
-    await outbox.append(NotesWhereFreed(sales("f", 3), freed_in))
-    assert ["outbox-writer"] == freed_in
-
-
 async def test_a_refused_request_writes_nothing_while_others_commit(tmp_path: Path) -> None:
     """In one group, a request that does not fit is refused whole; the others are stored."""
     box = make(tmp_path, max_buffer_bytes=4000)

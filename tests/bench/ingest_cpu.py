@@ -14,6 +14,9 @@ wall rate moves with the neighbours' load; the CPU per event moves much less, an
 two trees (the old one from ``git archive main | tar -x -C /tmp/old``, run from its own
 directory) in one sitting is what tells them apart.
 
+``--set outbox.loop_commit_ms=0`` gives the agent a setting (here: every group on the writer
+thread); each run first prints what a small commit costs on the disk now (p50, p99 ms).
+
 ``--perf`` records ``perf record -e task-clock -g`` of the agent during the measured part;
 ``--owners`` sorts such a recording's samples by owner (msgspec decode or encode, SQLite,
 ``_decimal``, the interpreter running Python code, freeing objects, pymalloc, GC, the
@@ -28,10 +31,13 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from central.broker import free_port
 from tests.bench.harness import AgentProcess, cpu_times, run_loadgen, thread_cpu_times
@@ -83,11 +89,44 @@ def owners(perf_data: str, cpu_us: float) -> list[tuple[str, float, float]]:
     return [(name, share, cpu_us * share / total) for name, share in ranked]
 
 
+def commit_times(directory: Path, commits: int = 300) -> dict[str, float]:
+    """What one small commit costs on this disk now (ms, p50 and p99): ``commits`` one-row
+    transactions in WAL with synchronous=FULL, the insert and COMMIT with its fdatasync. A
+    group committed on the event loop stops the loop for at least this long."""
+    path = directory / "commit-probe.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, event_id TEXT UNIQUE, b BLOB)")
+        times = []
+        for i in range(commits):
+            started = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (NULL, ?, ?)", (f"e-{i}", bytes(400)))
+            conn.execute("COMMIT")
+            times.append((time.perf_counter() - started) * 1000.0)
+    finally:
+        conn.close()
+    times.sort()
+    return {
+        "commit_p50_ms": round(times[len(times) // 2], 3),
+        "commit_p99_ms": round(times[len(times) * 99 // 100], 3),
+    }
+
+
 async def measure(
-    events: int, perf_data: str | None, batch: int = 500, concurrency: int = 4
+    events: int,
+    perf_data: str | None,
+    batch: int = 500,
+    concurrency: int = 4,
+    settings: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="ingest-cpu-") as tmp:
-        agent = AgentProcess(Path(tmp) / "agent", f"nats://127.0.0.1:{free_port()}")
+        probe = commit_times(Path(tmp))
+        agent = AgentProcess(
+            Path(tmp) / "agent", f"nats://127.0.0.1:{free_port()}", settings=settings or {}
+        )
         await agent.start()
         try:
             load = ["--batch", str(batch), "--concurrency", str(concurrency), "--url", agent.url]
@@ -102,9 +141,11 @@ async def measure(
                 await asyncio.sleep(1.0)
             user, system = cpu_times(agent.pid)
             threads = thread_cpu_times(agent.pid)
+            status = await agent.status()
             report = await run_loadgen([*load, "--events", str(events), "--run-id", "run"])
             user_after, system_after = cpu_times(agent.pid)
             threads_after = thread_cpu_times(agent.pid)
+            status_after = await agent.status()
             if perf is not None:
                 perf.send_signal(signal.SIGINT)
                 await perf.wait()
@@ -126,6 +167,22 @@ async def measure(
         "loop_thread_us": round(spent.get(agent.pid, 0.0) * per_event, 2),
         "busiest_other_thread_us": round(others[0] * per_event, 2) if others else 0.0,
         "load_average": os.getloadavg()[0],
+        **probe,
+        **groups(status, status_after, report["accepted"] // batch),
+    }
+
+
+def groups(before: dict[str, Any], after: dict[str, Any], requests: int) -> dict[str, object]:
+    """The outbox's groups during the run (its commits, from the agent's status): requests per
+    group, the share the event loop committed, the recent groups' wait for the disk."""
+    if "loop_transactions" not in after:  # a tree from before the loop committed groups
+        return {}
+    commits = after["transactions"] - before["transactions"]
+    on_loop = after["loop_transactions"] - before["loop_transactions"]
+    return {
+        "requests_per_group": round(requests / max(commits, 1), 2),
+        "groups_on_loop": round(on_loop / max(commits, 1), 3),
+        "commit_wait_ms": after["commit_wait_ms"],
     }
 
 
@@ -137,12 +194,25 @@ def main() -> None:
     parser.add_argument("--cpu-us", type=float, default=1.0, help="CPU µs/event, for --owners")
     parser.add_argument("--batch", type=int, default=500, help="events per POST (1: single)")
     parser.add_argument("--concurrency", type=int, default=4, help="connections")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="TABLE.KEY=VALUE",
+        help="an agent setting (a number), e.g. outbox.loop_commit_ms=0",
+    )
     args = parser.parse_args()
+    settings: dict[str, dict[str, Any]] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        table, _, name = key.partition(".")
+        settings.setdefault(table, {})[name] = float(value)
     if args.owners:
         for name, share, us in owners(args.owners, args.cpu_us):
             print(f"{share:6.2f} %  {us:6.2f} µs  {name}")
         return
-    print(json.dumps(asyncio.run(measure(args.events, args.perf, args.batch, args.concurrency))))
+    report = measure(args.events, args.perf, args.batch, args.concurrency, settings)
+    print(json.dumps(asyncio.run(report)))
 
 
 if __name__ == "__main__":
