@@ -21,6 +21,7 @@ from central.demo import Pipeline
 from central.service import secure_broker
 from protocol.connection import connect_options
 from tests.central.conftest import central_config
+from tests.e2e.conftest import assert_exactly_once_in_order
 from tests.ops.conftest import run_cli
 
 # A refused TLS handshake leaves nats-py's socket to the garbage collector (see conftest).
@@ -70,7 +71,8 @@ async def test_a_non_loopback_nats_listen_turns_tls_on_and_a_provisioned_agent_d
     finally:
         await p.stop()
     agent_toml = p.agent_config("S1").read_text()
-    assert [f"S1:{e.event_id}" for e in events] == [r["key"] for r in delivered]
+    # Sent over 8 connections at once: stored (seq) in the order they arrived.
+    assert_exactly_once_in_order(delivered, [e.event_id for e in events], "S1")
     assert (True, False) == (status["nats"]["tls"], status["nats"]["plaintext_exposed"])
     assert ("tls_ca" in agent_toml, "tls_cert" in agent_toml) == (True, True)
     assert (p.central_dir / "pki" / "ca.key").is_file()
