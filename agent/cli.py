@@ -264,6 +264,12 @@ def _print_status(report: dict[str, Any]) -> None:
     click.echo(f"last seq      {report['last_seq']}")
     click.echo(f"pending       {report['pending']} (oldest {_age(report['oldest_pending_at'])})")
     click.echo(f"last ack      {_age(report['last_ack_at'])}")
+    if report["service_running"]:
+        click.echo(
+            f"commits       {report['transactions']} since start, {report['loop_transactions']} "
+            f"by the event loop (recent fsync wait {report['commit_wait_ms']:.2f} ms; "
+            "outbox.loop_commit_ms)"
+        )
     rates = report.get("rates")
     if rates is not None:
         drain = rates["drain_seconds"]

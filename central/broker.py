@@ -64,16 +64,21 @@ def _die_with_parent() -> None:
 _own_ports: list[int] = []
 
 
-def hand_out_ports_from(low: int, high: int) -> None:
+def hand_out_ports_from(low: int, high: int, start: int | None = None) -> None:
     """Make ``free_port`` hand out the ports of ``[low, high)`` in turn, skipping any it cannot
     bind. The tests give each pytest-xdist worker its own range below the kernel's ephemeral
     range: a port picked with ``bind(0)`` and released is the kernel's again, and another
     worker's ``bind(0)`` (or any outgoing connection) may take it before the process it was
     picked for binds it. That race failed a CI run (a store's agent found a nats-server
-    of another worker's test on its port)."""
+    of another worker's test on its port). ``start``: the first port handed out (default
+    ``low``); the tests start at random, so two test sessions on one machine do not walk
+    the same range in step."""
     if not 0 < low < high <= 65536:
         raise ValueError(f"port range [{low}, {high}) is not within 1-65535")
-    _own_ports[:] = [low, low, high]
+    first = low if start is None else start
+    if not low <= first < high:
+        raise ValueError(f"port {first} is not within [{low}, {high})")
+    _own_ports[:] = [first, low, high]
 
 
 def free_port(host: str = "127.0.0.1") -> int:

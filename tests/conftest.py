@@ -4,6 +4,7 @@ run (promtool, chromium), installed when missing."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -27,7 +28,10 @@ def pytest_configure(config: pytest.Config) -> None:
     ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
     first_ephemeral = int(ephemeral.read_text().split()[0]) if ephemeral.exists() else 32_768
     if low + PORTS_PER_WORKER <= first_ephemeral:
-        hand_out_ports_from(low, low + PORTS_PER_WORKER)
+        # From a random port of the range: another test session on the machine (a second
+        # checkout's) has the same ranges, and would otherwise pick the same ports in step.
+        high = low + PORTS_PER_WORKER
+        hand_out_ports_from(low, high, random.randrange(low, high))
 
 
 @pytest.fixture

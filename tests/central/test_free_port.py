@@ -61,6 +61,8 @@ def test_ports_are_handed_out_in_turn_skipping_a_bound_one(own_ports: None) -> N
         held.bind(("127.0.0.1", low + 1))
         held.listen()
         assert [low, low + 2, low] == [free_port(), free_port(), free_port()]
+    hand_out_ports_from(low, low + 3, low + 2)  # from where it is told, round to the start
+    assert [low + 2, low, low + 1] == [free_port(), free_port(), free_port()]
 
 
 def test_a_range_with_nothing_free_is_an_error_and_a_bad_range_refused(
@@ -74,4 +76,6 @@ def test_a_range_with_nothing_free_is_an_error_and_a_bad_range_refused(
             free_port()
     with pytest.raises(ValueError, match="not within 1-65535"):
         hand_out_ports_from(100, 100)
+    with pytest.raises(ValueError, match=r"port 99 is not within \[100, 200\)"):
+        hand_out_ports_from(100, 200, 99)
     assert [low, low, low + 1] == broker._own_ports  # next, low, high: unchanged

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -133,6 +134,10 @@ async def test_store_offline_hq_restarted_oms_refuses_one(outage: Outage) -> Non
     central_text, agent_text = await outage.capture("link back, central restarted, 1 in DLQ")
     assert "DLQ" == central_text.splitlines()[2].split()[1]
     assert "pending       0 (oldest never)" in agent_text.splitlines()
+    # The writes since the agent started: the till's single events committed by the loop.
+    commits = re.search(r"^commits +(\d+) since start, (\d+) by the event loop", agent_text, re.M)
+    assert commits is not None, agent_text
+    assert 0 < int(commits[2]) <= int(commits[1])
     listed = await central(pipeline, "dlq", "list", "--json")
     [dead] = json.loads(listed.stdout)
     assert ("S1", "record") == (dead["store_id"], dead["kind"])
