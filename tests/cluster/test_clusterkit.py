@@ -9,7 +9,7 @@ import nats
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import StreamConfig
-from nats.js.errors import NoStreamResponseError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from tests.clusterkit import NatsCluster
 
@@ -23,6 +23,17 @@ async def _publish(js: nats.js.JetStreamContext, subject: str, data: bytes) -> N
         except (NatsTimeout, NoRespondersError, NoStreamResponseError):
             await asyncio.sleep(0.1)
     raise AssertionError(f"could not publish to {subject}")
+
+
+async def _fetch(sub: nats.js.JetStreamContext.PullSubscription, count: int) -> list[bytes]:
+    """Fetch, retrying while the new consumer's leader is being elected (503 from the server:
+    seen on a loaded machine right after a node rejoined)."""
+    for _ in range(50):
+        try:
+            return [m.data for m in await sub.fetch(count, timeout=5)]
+        except ServiceUnavailableError:
+            await asyncio.sleep(0.2)
+    raise AssertionError("the consumer had no leader for 10 s")
 
 
 async def test_r3_stream_survives_a_killed_node(nats_cluster: NatsCluster) -> None:
@@ -51,7 +62,7 @@ async def test_r3_stream_survives_a_killed_node(nats_cluster: NatsCluster) -> No
             await asyncio.sleep(0.05)
         assert NatsCluster.monitor(back, "jsz").get("messages") == 20
         sub = await js.pull_subscribe("kit.a", durable="reader")
-        got = [int(m.data) for m in await sub.fetch(20, timeout=5)]
+        got = [int(data) for data in await _fetch(sub, 20)]
         assert got == list(range(20))
     finally:
         await nc.close()
