@@ -23,9 +23,8 @@ async def test_status_and_resync_of_a_running_agent(pipeline: Pipeline) -> None:
         report["rates"]["drain_seconds"],
     )  # fmt: skip
     text = (await agent(pipeline, "S1", "status", "--sample", "0.2")).stdout.splitlines()
-    assert ["store", "service", "NATS", "last", "pending", "last", "rates", "drain", "buffer"] == [
-        line.split()[0] for line in text
-    ]
+    fields = ["store", "service", "NATS", "last", "pending", "last", "commits", "rates", "drain"]
+    assert [*fields, "buffer"] == [line.split()[0] for line in text]
     resent = await agent(pipeline, "S1", "resync", "--all")
     assert "7 events will be re-sent (by the running agent)." == resent.stdout.strip()
 
