@@ -466,9 +466,12 @@ class Ingest:
             else:
                 body = request.read_nowait()
                 assert body is not None  # declared and within the limit
-                events = self._decode(body, msgpack)
-                if isinstance(events, Response):
-                    refused = events
+                # The body's events, or the 400/422 refusal (no method of its own: a call
+                # fewer a request).
+                try:
+                    events = decode_pos_events(body, msgpack=msgpack)
+                except DECODE_ERRORS as exc:
+                    refused = self._decode_refused(exc)
                 else:
                     # The count, not the events: the writer frees them once it has run the
                     # append (Outbox.append), which a reference held here until the answer
@@ -516,13 +519,6 @@ class Ingest:
         storing = self._store(events, ahead)
         del events  # see _store
         return await storing
-
-    def _decode(self, body: bytes, msgpack: bool) -> list[Event] | Response:
-        """The body's events, or the 400/422 refusal."""
-        try:
-            return decode_pos_events(body, msgpack=msgpack)
-        except DECODE_ERRORS as exc:
-            return self._decode_refused(exc)
 
     def _decode_refused(self, exc: Exception) -> Response:
         if isinstance(exc, InvalidEvents):

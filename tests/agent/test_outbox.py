@@ -546,7 +546,11 @@ def test_one_events_append_is_planned_as_any_append(
     assert at is not None
     events = [sale(f"e{n}", lines=40 if n in big else 1) for n in range(8)]
     planned = []
-    for plan in (outbox._plan_append, outbox._plan_many):
+
+    def plan_one(job: _Append, planning: _Planning) -> AppendResult:
+        return outbox._plan_one(job.events[0], planning)
+
+    for plan in (plan_one, outbox._plan_many):
         planning = _Planning(conn, _State(last_seq=5), {"e7": 3}, [], now, at, limit, "a limit")
         outcomes: list[object] = []
         for n in picks:
