@@ -1835,13 +1835,7 @@ class Outbox:
             self._room(planning, size)
         planning.rows.append((seq, event_id, now, size, payload))
         known[event_id] = seq
-        # _accepted(state, [seq], 1, size, now), written out: a call fewer a request.
-        if state.pending == 0:
-            state.oldest_pending_at = now
-        state.last_seq = seq
-        state.pending += 1
-        state.buffer_bytes += size
-        return AppendResult(accepted=1, duplicates=0, first_seq=seq, last_seq=seq, seqs=[seq])
+        return self._accepted(state, [seq], 1, size, now)
 
     def _plan_many(self, job: _Append, planning: _Planning) -> AppendResult:
         """Decide one append: dedupe, encode, check room; add its rows to ``planning.rows``.

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from central.broker import free_port
+from tests.bench.floor_server import open_db
 from tests.bench.harness import AgentProcess, cpu_times, run_loadgen, thread_cpu_times
 
 WARM_UP = 10_000
@@ -91,19 +91,19 @@ def owners(perf_data: str, cpu_us: float) -> list[tuple[str, float, float]]:
 
 def commit_times(directory: Path, commits: int = 300) -> dict[str, float]:
     """What one small commit costs on this disk now (ms, p50 and p99): ``commits`` one-row
-    transactions in WAL with synchronous=FULL, the insert and COMMIT with its fdatasync. A
+    transactions into the floor's records table (WAL, synchronous=FULL), the insert and COMMIT
+    with its fdatasync. A
     group committed on the event loop stops the loop for at least this long."""
-    path = directory / "commit-probe.db"
-    conn = sqlite3.connect(path, isolation_level=None)
+    conn = open_db(str(directory / "commit-probe.db"))  # the floor's records table
     try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, event_id TEXT UNIQUE, b BLOB)")
         times = []
         for i in range(commits):
             started = time.perf_counter()
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute("INSERT INTO t VALUES (NULL, ?, ?)", (f"e-{i}", bytes(400)))
+            conn.execute(
+                "INSERT INTO records (event_id, received_at, size, payload) VALUES (?, ?, ?, ?)",
+                (f"e-{i}", started, 400, bytes(400)),
+            )
             conn.execute("COMMIT")
             times.append((time.perf_counter() - started) * 1000.0)
     finally:
