@@ -225,10 +225,12 @@ class Request:
 
 Handler = Callable[[Request], Awaitable[Response]]
 # Called with a request whose body has all arrived and a function that answers it: True when
-# it took the request (it calls ``respond`` once, now or from a callback), False to leave it
-# to the handler. No task or coroutine per request: for the hottest route (single-event POSTs)
-# those were a fifth of the agent's CPU.
-QuickHandler = Callable[[Request, Callable[[Response], None]], bool]
+# it took the request (it calls ``respond(request, response)`` once, now or from a callback),
+# False to leave it to the handler. No task or coroutine per request: for the hottest route
+# (single-event POSTs) those were a fifth of the agent's CPU. ``respond`` is the connection's
+# own (``request.answer`` without its call in between).
+Responder = Callable[[Request, Response], None]
+QuickHandler = Callable[[Request, Responder], bool]
 
 
 def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
@@ -335,8 +337,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(f"malformed HTTP request: {exc}")
         request, self._unstarted = self._unstarted, None
-        if request is not None:
-            self._begin(request, quick=False)
+        if request is not None:  # its body is still to come: the handler reads it
+            self._loop.create_task(self._serve(request))
 
     # -- httptools callbacks --
 
@@ -400,8 +402,19 @@ class _Connection(asyncio.Protocol):
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
         if self._unstarted is request:
+            # Its handler starts now: the quick handler's when it takes the request, else in a
+            # task. (Here, not in a method of its own: a Python call fewer a request.)
             self._unstarted = None
-            self._begin(request, quick=True)
+            take = self._server.quick
+            if take is not None:
+                try:
+                    if take(request, self._answer):
+                        return
+                except Exception:  # it runs inside the parser's callback: answer, do not unwind
+                    log.exception("HTTP %s %s failed", request.method, request.path)
+                    self._answer(request, Response(500, b'{"error":"internal_error"}'))
+                    return
+            self._loop.create_task(self._serve(request))
 
     # -- flow --
 
@@ -439,19 +452,6 @@ class _Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not self._inflight
-
-    def _begin(self, request: Request, *, quick: bool) -> None:
-        """Start answering ``request``: by the quick handler when it takes it, else in a task."""
-        take = self._server.quick
-        if quick and take is not None:
-            try:
-                if take(request, request.answer):
-                    return
-            except Exception:  # it runs inside the parser's callback: answer, do not unwind
-                log.exception("HTTP %s %s failed", request.method, request.path)
-                self._answer(request, Response(500, b'{"error":"internal_error"}'))
-                return
-        self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
         try:
