@@ -83,8 +83,8 @@ class EventSink(Protocol):
 
     def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
         """Queue ``events``; ``then.set_result(result)`` or ``then.set_exception(error)`` is
-        called once they are committed or refused (as ``append`` returns or raises), unless
-        ``then.done()`` by then."""
+        called once they are committed or refused (as ``append`` returns or raises); a
+        ``then`` done by then raises ``asyncio.InvalidStateError`` there, as a future does."""
         ...
 
     async def mark_unsent(
@@ -164,12 +164,16 @@ class _Answer:
         return self._done
 
     def set_result(self, result: AppendResult, /) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("answered already")  # as a future's (Outbox._deliver)
         self._done = True
         ingest = self._ingest
         ingest._in_flight -= 1
         self._respond(self._request, ingest._stored(result))
 
     def set_exception(self, exception: BaseException, /) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("answered already")
         self._done = True
         self._ingest._quick_refused(self._count, self._request, self._respond, exception)
 

@@ -1,18 +1,20 @@
 """The quick route's own decisions (agent/ingest.py ``Ingest._quick``) against the general
-ones it stands in for, request bytes through the real parser (agent/http.py)."""
+ones it stands in for, request bytes through the real parser (agent/http.py), and how the
+outbox resolves a waiter that is done already."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import http as http_module
-from agent.http import HttpServer
-from agent.ingest import Ingest
-from agent.outbox import AppendResult, AppendWaiter
+from agent.http import HttpServer, Request, Response
+from agent.ingest import Ingest, _Answer
+from agent.outbox import AppendResult, AppendWaiter, Outbox
 from protocol.checkpoint import DayTotals
 from protocol.events import Event
 from tests.agent.conftest import STORE, body, sale
@@ -158,3 +160,72 @@ def test_the_quick_route_admits_and_refuses_as_the_general_checks_do(
         assert expected == loop.run_until_complete(_serve(True, token, on, data))
     finally:
         loop.close()
+
+
+def test_an_answer_resolved_twice_raises_as_a_future_does() -> None:
+    """A quick route's waiter, once answered, refuses a second result or error with
+    InvalidStateError (what Outbox._deliver relies on to leave it be) and answers once."""
+    answers: list[Response] = []
+
+    async def run() -> None:
+        ingest = Ingest(
+            RecordingSink(True),
+            store_id=STORE,
+            host="127.0.0.1",
+            port=0,
+            max_request_bytes=4096,
+            status=lambda: None,
+        )
+        ingest._in_flight = 1
+        conn = http_module._Connection(HttpServer(ingest._route, max_body=4096))
+        request = Request(conn, "POST", b"/v1/events", {}, True)
+        answer = _Answer(ingest, 1, request, lambda _, response: answers.append(response))
+        assert not answer.done()
+        answer.set_result(AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1]))
+        assert answer.done()
+        for resolve in (
+            lambda: answer.set_result(
+                AppendResult(accepted=1, duplicates=0, first_seq=2, last_seq=2, seqs=[2])
+            ),
+            lambda: answer.set_exception(RuntimeError("late")),
+        ):
+            try:
+                resolve()
+            except asyncio.InvalidStateError:
+                continue
+            raise AssertionError("resolved twice")
+        assert 0 == ingest._in_flight
+
+    asyncio.run(run())
+    assert [202] == [a.status for a in answers]
+
+
+async def test_waiters_done_before_their_commit_are_left_be(outbox: Outbox, tmp_path: Path) -> None:
+    """A waiter that is done by the time its append commits (a cancelled future, a quick
+    answer already given) is not resolved again, and the waiters committed with it in the same
+    group are resolved as usual."""
+    loop = asyncio.get_running_loop()
+    cancelled: asyncio.Future[AppendResult] = loop.create_future()
+    answered: list[object] = []
+
+    class Answered:
+        def done(self) -> bool:
+            return True
+
+        def set_result(self, result: object, /) -> None:
+            answered.append(result)
+            raise asyncio.InvalidStateError("answered already")
+
+        def set_exception(self, exception: BaseException, /) -> None:
+            answered.append(exception)
+            raise asyncio.InvalidStateError("answered already")
+
+    waiter: asyncio.Future[AppendResult] = loop.create_future()
+    outbox.append_nowait([sale("w-1")], cancelled)
+    outbox.append_nowait([sale("w-2")], Answered())
+    outbox.append_nowait([sale("w-3")], waiter)
+    cancelled.cancel()
+    result = await asyncio.wait_for(waiter, 10)
+    assert [3] == result.seqs
+    assert 1 == len(answered)  # tried once, refused by the waiter itself
+    assert 3 == (await outbox.append([sale("w-4")])).seqs[0] - 1
