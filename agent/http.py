@@ -117,52 +117,46 @@ class Response(msgspec.Struct):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Request:
+class Request(msgspec.Struct, eq=False):
     """One request: its head is complete; ``await read()`` gives the body. ``headers`` has
-    lower-case names (a repeated header is joined with ", ")."""
+    lower-case names (a repeated header is joined with ", "); ``path`` and ``query`` are still
+    percent-encoded (routes split them). ``Request.of`` makes one from a head's parts.
 
-    __slots__ = (
-        "_conn",
-        "_parts",
-        "_size",
-        "_waiter",
-        "complete",
-        "content_length",
-        "headers",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "reading",
-        "response",
-        "too_large",
-        "wants_continue",
-    )
+    A Struct, made in C: one for every request, ~1,700 instructions fewer than the class with
+    an ``__init__`` it was (callgrind, docs/benchmarks.md "round six"). Compared by identity,
+    as an object is (``eq=False``)."""
 
-    def __init__(
-        self,
+    _conn: _Connection
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    keep_alive: bool
+    content_length: int | None  # llhttp checked it
+    _parts: list[bytes] = msgspec.field(default_factory=list)
+    _size: int = 0
+    _waiter: asyncio.Future[None] | None = None
+    complete: bool = False
+    reading: bool = False
+    too_large: int | None = None  # bytes seen when the body passed the limit
+    response: Response | None = None  # the answer, until it is written
+    wants_continue: bool = False  # a 100 Continue is owed once the answers before are out
+
+    @classmethod
+    def of(
+        cls,
         conn: _Connection,
         method: str,
         target: bytes,
         headers: dict[str, str],
         keep_alive: bool,
-    ) -> None:
-        self._conn = conn
-        self.method = method
-        # Still percent-encoded: routes split it. The cache looked up here: a call fewer.
-        self.path, self.query = _targets.get(target) or split_target(target)
-        self.headers = headers
-        self.keep_alive = keep_alive
+    ) -> Request:
+        """The request of a head: its method, target (split here), headers and whether the
+        connection is kept after it (``_Connection.on_headers_complete`` does the same)."""
+        path, query = split_target(target)
         length = headers.get("content-length")
-        self.content_length = int(length) if length is not None else None  # llhttp checked it
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.reading = False
-        self.too_large: int | None = None  # bytes seen when the body passed the limit
-        self.response: Response | None = None  # the answer, until it is written
-        self.wants_continue = False  # a 100 Continue is owed once the answers before are out
+        content_length = int(length) if length is not None else None
+        return cls(conn, method, path, query, headers, keep_alive, content_length)
 
     @property
     def content_type(self) -> str:
@@ -366,7 +360,18 @@ class _Connection(asyncio.Protocol):
         method = _methods.get(raw)
         if method is None:  # httptools knows some 40 methods: the cache holds them all
             method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
-        request = Request(self, method, url, headers, self._parser.should_keep_alive())
+        # Request.of written out (a Python call fewer): the cached split, the length.
+        path, query = _targets.get(url) or split_target(url)
+        length = headers.get("content-length")
+        request = Request(
+            self,
+            method,
+            path,
+            query,
+            headers,
+            self._parser.should_keep_alive(),
+            int(length) if length is not None else None,
+        )
         self._parsing = request
         self._inflight.append(request)
         self._unstarted = request
@@ -579,7 +584,7 @@ class _Connection(asyncio.Protocol):
             # waiting for the rest of the body, is told the body will not come.
             broken._lost()
         else:
-            broken = Request(self, "GET", b"", {}, keep_alive=False)
+            broken = Request.of(self, "GET", b"", {}, keep_alive=False)
             self._inflight.append(broken)
         broken.keep_alive = False
         broken.complete = True

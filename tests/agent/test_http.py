@@ -561,7 +561,7 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
         http_module._heads.clear()
         if on["cached"]:
             http_module.encode_response(Response(status, b"", content_type))
-        request = Request(conn, method, b"/v1/events", {}, on["keep_alive"])
+        request = Request.of(conn, method, b"/v1/events", {}, on["keep_alive"])
         request.complete = on["complete"]
         conn._inflight.append(request)
         response = Response(status, body, content_type, dict(headers))

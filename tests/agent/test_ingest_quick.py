@@ -178,7 +178,7 @@ def test_an_answer_resolved_twice_raises_as_a_future_does() -> None:
         )
         ingest._in_flight = 1
         conn = http_module._Connection(HttpServer(ingest._route, max_body=4096))
-        request = Request(conn, "POST", b"/v1/events", {}, True)
+        request = Request.of(conn, "POST", b"/v1/events", {}, True)
         answer = _Answer(ingest, 1, request, lambda _, response: answers.append(response))
         assert not answer.done()
         answer.set_result(AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1]))
