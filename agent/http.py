@@ -194,10 +194,6 @@ class Request(msgspec.Struct, eq=False):
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def answer(self, response: Response) -> None:
-        """Answer this request (once): written when the answers before it are."""
-        self._conn._answer(self, response)
-
     def read_nowait(self) -> bytes | None:
         """The body of a complete request (``complete`` is true): as ``read()``, no waiting."""
         assert self.complete
@@ -222,7 +218,7 @@ Handler = Callable[[Request], Awaitable[Response]]
 # it took the request (it calls ``respond(request, response)`` once, now or from a callback),
 # False to leave it to the handler. No task or coroutine per request: for the hottest route
 # (single-event POSTs) those were a fifth of the agent's CPU. ``respond`` is the connection's
-# own (``request.answer`` without its call in between).
+# own ``_answer``: no method of the request's in between, a Python call fewer a request.
 Responder = Callable[[Request, Response], None]
 QuickHandler = Callable[[Request, Responder], bool]
 
