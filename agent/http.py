@@ -342,9 +342,11 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # The cache looked up here, not through header_name(): a Python call per header saved.
         key = _header_names.get(name) or header_name(name)
-        text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        headers = self._headers
+        if key in headers:  # a repeated header: joined
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
@@ -378,16 +380,17 @@ class _Connection(asyncio.Protocol):
         request = self._parsing
         if request is None:
             return
-        request._size += len(body)
+        size = request._size + len(body)
+        request._size = size
         if request.too_large is not None:
             return
-        if request._size > self._server.max_body:
-            request.too_large = request._size
+        if size > self._server.max_body:
+            request.too_large = size
             request._parts.clear()
             request._wake()
         else:
             request._parts.append(body)
-            if not request.reading and request._size > READ_AHEAD:
+            if not request.reading and size > READ_AHEAD:
                 self.pause()
 
     def on_message_complete(self) -> None:

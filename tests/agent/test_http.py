@@ -627,7 +627,8 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     extra: list[str],
 ) -> None:
     """The request on_headers_complete makes itself (Request.of written out) has the method,
-    path, query, headers, keep-alive and length Request.of gives for the same head."""
+    path, query, headers, keep-alive and length Request.of gives for the same head; its
+    headers have lower-case names, a repeated one's values joined with ", " in order."""
     lines = [*extra]
     if connection is not None:
         lines.append(f"Connection: {connection}")
@@ -656,6 +657,11 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
         fields = ("method", "path", "query", "headers", "keep_alive", "content_length")
         assert [getattr(general, f) for f in fields] == [getattr(made, f) for f in fields]
         assert (method, None if body is None else len(body)) == (made.method, made.content_length)
+        joined: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(": ")
+            joined.setdefault(name.lower(), []).append(value)
+        assert {k: ", ".join(v) for k, v in joined.items()} == made.headers
 
     loop = asyncio.new_event_loop()
     try:
