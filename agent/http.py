@@ -117,52 +117,46 @@ class Response(msgspec.Struct):
     headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
-class Request:
+class Request(msgspec.Struct, eq=False):
     """One request: its head is complete; ``await read()`` gives the body. ``headers`` has
-    lower-case names (a repeated header is joined with ", ")."""
+    lower-case names (a repeated header is joined with ", "); ``path`` and ``query`` are still
+    percent-encoded (routes split them). ``Request.of`` makes one from a head's parts.
 
-    __slots__ = (
-        "_conn",
-        "_parts",
-        "_size",
-        "_waiter",
-        "complete",
-        "content_length",
-        "headers",
-        "keep_alive",
-        "method",
-        "path",
-        "query",
-        "reading",
-        "response",
-        "too_large",
-        "wants_continue",
-    )
+    A Struct, made in C: one for every request, ~1,700 instructions fewer than the class with
+    an ``__init__`` it was (callgrind, docs/benchmarks.md "round six"). Compared by identity,
+    as an object is (``eq=False``)."""
 
-    def __init__(
-        self,
+    _conn: _Connection
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    keep_alive: bool
+    content_length: int | None  # llhttp checked it
+    _parts: list[bytes] = msgspec.field(default_factory=list)
+    _size: int = 0
+    _waiter: asyncio.Future[None] | None = None
+    complete: bool = False
+    reading: bool = False
+    too_large: int | None = None  # bytes seen when the body passed the limit
+    response: Response | None = None  # the answer, until it is written
+    wants_continue: bool = False  # a 100 Continue is owed once the answers before are out
+
+    @classmethod
+    def of(
+        cls,
         conn: _Connection,
         method: str,
         target: bytes,
         headers: dict[str, str],
         keep_alive: bool,
-    ) -> None:
-        self._conn = conn
-        self.method = method
-        # Still percent-encoded: routes split it. The cache looked up here: a call fewer.
-        self.path, self.query = _targets.get(target) or split_target(target)
-        self.headers = headers
-        self.keep_alive = keep_alive
+    ) -> Request:
+        """The request of a head: its method, target (split here), headers and whether the
+        connection is kept after it (``_Connection.on_headers_complete`` does the same)."""
+        path, query = split_target(target)
         length = headers.get("content-length")
-        self.content_length = int(length) if length is not None else None  # llhttp checked it
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._waiter: asyncio.Future[None] | None = None
-        self.complete = False
-        self.reading = False
-        self.too_large: int | None = None  # bytes seen when the body passed the limit
-        self.response: Response | None = None  # the answer, until it is written
-        self.wants_continue = False  # a 100 Continue is owed once the answers before are out
+        content_length = int(length) if length is not None else None
+        return cls(conn, method, path, query, headers, keep_alive, content_length)
 
     @property
     def content_type(self) -> str:
@@ -200,10 +194,6 @@ class Request:
         parts = self._parts
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def answer(self, response: Response) -> None:
-        """Answer this request (once): written when the answers before it are."""
-        self._conn._answer(self, response)
-
     def read_nowait(self) -> bytes | None:
         """The body of a complete request (``complete`` is true): as ``read()``, no waiting."""
         assert self.complete
@@ -225,10 +215,12 @@ class Request:
 
 Handler = Callable[[Request], Awaitable[Response]]
 # Called with a request whose body has all arrived and a function that answers it: True when
-# it took the request (it calls ``respond`` once, now or from a callback), False to leave it
-# to the handler. No task or coroutine per request: for the hottest route (single-event POSTs)
-# those were a fifth of the agent's CPU.
-QuickHandler = Callable[[Request, Callable[[Response], None]], bool]
+# it took the request (it calls ``respond(request, response)`` once, now or from a callback),
+# False to leave it to the handler. No task or coroutine per request: for the hottest route
+# (single-event POSTs) those were a fifth of the agent's CPU. ``respond`` is the connection's
+# own ``_answer``: no method of the request's in between, a Python call fewer a request.
+Responder = Callable[[Request, Response], None]
+QuickHandler = Callable[[Request, Responder], bool]
 
 
 def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
@@ -335,8 +327,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(f"malformed HTTP request: {exc}")
         request, self._unstarted = self._unstarted, None
-        if request is not None:
-            self._begin(request, quick=False)
+        if request is not None:  # its body is still to come: the handler reads it
+            self._loop.create_task(self._serve(request))
 
     # -- httptools callbacks --
 
@@ -350,9 +342,11 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         # The cache looked up here, not through header_name(): a Python call per header saved.
         key = _header_names.get(name) or header_name(name)
-        text = value.decode("latin-1")
-        previous = self._headers.get(key)
-        self._headers[key] = text if previous is None else f"{previous}, {text}"
+        headers = self._headers
+        if key in headers:  # a repeated header: joined
+            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        else:
+            headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
@@ -364,7 +358,18 @@ class _Connection(asyncio.Protocol):
         method = _methods.get(raw)
         if method is None:  # httptools knows some 40 methods: the cache holds them all
             method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
-        request = Request(self, method, url, headers, self._parser.should_keep_alive())
+        # Request.of written out (a Python call fewer): the cached split, the length.
+        path, query = _targets.get(url) or split_target(url)
+        length = headers.get("content-length")
+        request = Request(
+            self,
+            method,
+            path,
+            query,
+            headers,
+            self._parser.should_keep_alive(),
+            int(length) if length is not None else None,
+        )
         self._parsing = request
         self._inflight.append(request)
         self._unstarted = request
@@ -375,16 +380,17 @@ class _Connection(asyncio.Protocol):
         request = self._parsing
         if request is None:
             return
-        request._size += len(body)
+        size = request._size + len(body)
+        request._size = size
         if request.too_large is not None:
             return
-        if request._size > self._server.max_body:
-            request.too_large = request._size
+        if size > self._server.max_body:
+            request.too_large = size
             request._parts.clear()
             request._wake()
         else:
             request._parts.append(body)
-            if not request.reading and request._size > READ_AHEAD:
+            if not request.reading and size > READ_AHEAD:
                 self.pause()
 
     def on_message_complete(self) -> None:
@@ -400,8 +406,19 @@ class _Connection(asyncio.Protocol):
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
         if self._unstarted is request:
+            # Its handler starts now: the quick handler's when it takes the request, else in a
+            # task. (Here, not in a method of its own: a Python call fewer a request.)
             self._unstarted = None
-            self._begin(request, quick=True)
+            take = self._server.quick
+            if take is not None:
+                try:
+                    if take(request, self._answer):
+                        return
+                except Exception:  # it runs inside the parser's callback: answer, do not unwind
+                    log.exception("HTTP %s %s failed", request.method, request.path)
+                    self._answer(request, Response(500, b'{"error":"internal_error"}'))
+                    return
+            self._loop.create_task(self._serve(request))
 
     # -- flow --
 
@@ -439,19 +456,6 @@ class _Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return not self._inflight
-
-    def _begin(self, request: Request, *, quick: bool) -> None:
-        """Start answering ``request``: by the quick handler when it takes it, else in a task."""
-        take = self._server.quick
-        if quick and take is not None:
-            try:
-                if take(request, request.answer):
-                    return
-            except Exception:  # it runs inside the parser's callback: answer, do not unwind
-                log.exception("HTTP %s %s failed", request.method, request.path)
-                self._answer(request, Response(500, b'{"error":"internal_error"}'))
-                return
-        self._loop.create_task(self._serve(request))
 
     async def _serve(self, request: Request) -> None:
         try:
@@ -579,7 +583,7 @@ class _Connection(asyncio.Protocol):
             # waiting for the rest of the body, is told the body will not come.
             broken._lost()
         else:
-            broken = Request(self, "GET", b"", {}, keep_alive=False)
+            broken = Request.of(self, "GET", b"", {}, keep_alive=False)
             self._inflight.append(broken)
         broken.keep_alive = False
         broken.complete = True

@@ -328,7 +328,9 @@ def _lookup_padded(ids: list[str]) -> list[str]:
 class _Waiter(Protocol):
     """What the writer resolves (on the loop) when a job is done: an ``asyncio.Future``, or an
     object that acts on it directly (the quick route's, agent/ingest.py): no future, no
-    ``call_soon`` and no loop turn per request (~3 µs each on this machine, measured alone)."""
+    ``call_soon`` and no loop turn per request (~3 µs each on this machine, measured alone).
+    Like a future's, its ``set_result`` and ``set_exception`` raise ``InvalidStateError``
+    once it is done (the outbox then leaves it be)."""
 
     def done(self) -> bool: ...
 
@@ -1034,7 +1036,8 @@ class Outbox:
     def append_nowait(self, events: Sequence[Event], then: AppendWaiter) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         resolved on the loop with ``append``'s result (``set_result``) or its error
-        (``set_exception``), unless it is ``done()`` by then. For callers that answer from a
+        (``set_exception``); one done by then raises InvalidStateError, as a future does, and
+        is left be. For callers that answer from a
         callback instead of awaiting in a task (the single-event route, agent/ingest.py:
         one object a request). OutboxClosed at once when closed. ``then`` is never resolved
         before this returns."""
@@ -1379,12 +1382,15 @@ class Outbox:
 
     def _deliver(self, outcome: _Outcome) -> None:
         for future, result, error in outcome.results:
-            if future.done():  # the caller gave up waiting; the work is done regardless
+            # Resolved without asking done() first (a Python call a request for the quick
+            # route's waiter): a waiter that is done raises InvalidStateError, as a future does.
+            try:
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+            except asyncio.InvalidStateError:  # the caller gave up waiting; the work is done
                 continue
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
         if outcome.rewind_to is not None:
             current = self._rewind_to
             self._rewind_to = (

@@ -561,7 +561,7 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
         http_module._heads.clear()
         if on["cached"]:
             http_module.encode_response(Response(status, b"", content_type))
-        request = Request(conn, method, b"/v1/events", {}, on["keep_alive"])
+        request = Request.of(conn, method, b"/v1/events", {}, on["keep_alive"])
         request.complete = on["complete"]
         conn._inflight.append(request)
         response = Response(status, body, content_type, dict(headers))
@@ -598,5 +598,73 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     loop = asyncio.new_event_loop()
     try:
         assert [] == loop.run_until_complete(compare())
+    finally:
+        loop.close()
+
+
+_request_targets = st.builds(
+    lambda path, query: path + (b"?" + query if query is not None else b""),
+    st.sampled_from([b"/v1/events", b"/v1/trace/a%20b", b"/", b"/x/%C3%A9"]),
+    st.none() | st.sampled_from([b"", b"a=1&b=%2F", b"?"]),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD", "DELETE"]),
+    target=_request_targets,
+    version=st.sampled_from(["1.0", "1.1"]),
+    connection=st.sampled_from([None, "close", "keep-alive"]),
+    body=st.none() | st.binary(max_size=20),
+    extra=st.lists(st.sampled_from(["X-A: 1", "x-a: 2", "Content-Type: a/b", "Host: y"])),
+)
+def test_a_parsed_head_makes_the_request_request_of_makes(
+    method: str,
+    target: bytes,
+    version: str,
+    connection: str | None,
+    body: bytes | None,
+    extra: list[str],
+) -> None:
+    """The request on_headers_complete makes itself (Request.of written out) has the method,
+    path, query, headers, keep-alive and length Request.of gives for the same head; its
+    headers have lower-case names, a repeated one's values joined with ", " in order."""
+    lines = [*extra]
+    if connection is not None:
+        lines.append(f"Connection: {connection}")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    head = f"{method} {target.decode('latin-1')} HTTP/{version}\r\n" + "".join(
+        f"{line}\r\n" for line in lines
+    )
+    data = head.encode("latin-1") + b"\r\n" + (body or b"")
+    seen: list[Request] = []
+
+    def take(request: Request, respond: http_module.Responder) -> bool:
+        seen.append(request)
+        respond(request, Response(204))
+        return True
+
+    async def parse() -> None:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        server.quick = take
+        conn = http_module._Connection(server)
+        conn._transport = _Transport(False)  # type: ignore[assignment]
+        conn.data_received(data)
+        assert 1 == len(seen)
+        made = seen[0]
+        general = Request.of(conn, made.method, target, made.headers, made.keep_alive)
+        fields = ("method", "path", "query", "headers", "keep_alive", "content_length")
+        assert [getattr(general, f) for f in fields] == [getattr(made, f) for f in fields]
+        assert (method, None if body is None else len(body)) == (made.method, made.content_length)
+        joined: dict[str, list[str]] = {}
+        for line in lines:
+            name, _, value = line.partition(": ")
+            joined.setdefault(name.lower(), []).append(value)
+        assert {k: ", ".join(v) for k, v in joined.items()} == made.headers
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse())
     finally:
         loop.close()
