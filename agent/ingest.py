@@ -23,7 +23,7 @@ import datetime as dt
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -44,7 +44,7 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, AppendWaiter, UnsentMarked
 from protocol.checkpoint import DayTotals, fold_ahead
-from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
+from protocol.events import Event, InvalidEvents, PosEvent, UnparsableBody, decode_pos_events
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,13 @@ class EventSink(Protocol):
     """Where accepted events go (the outbox; tests may give a fake)."""
 
     async def append(
-        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+        self, events: Sequence[PosEvent], ahead: dict[dt.date, DayTotals] | None = None
     ) -> AppendResult:
         """Store ``events``; ``ahead``: their day totals, folded (``fold_ahead``) where they
         were decoded."""
         ...
 
-    def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
+    def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
         """Queue ``events``; ``then.set_result(result)`` or ``then.set_exception(error)`` is
         called once they are committed or refused (as ``append`` returns or raises), unless
         ``then.done()`` by then."""
@@ -117,7 +117,7 @@ class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
     stopping: bool
 
 
-def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[Event], dict[dt.date, DayTotals]]:
+def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[PosEvent], dict[dt.date, DayTotals]]:
     """A body's events, and their day totals folded ahead while the events are still in this
     CPU's caches (``protocol.checkpoint.fold_ahead``)."""
     events = decode_pos_events(body, msgpack=msgpack)
@@ -376,7 +376,7 @@ class Ingest:
         )
 
     async def _store(
-        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+        self, events: Sequence[PosEvent], ahead: dict[dt.date, DayTotals] | None = None
     ) -> Response:
         """Append ``events`` (the caller holds no reference to them while this awaits: the
         outbox's writer then frees them, see ``Outbox.append``)."""

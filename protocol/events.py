@@ -537,11 +537,136 @@ Event = Sale | Return | PostVoid | StockAdjustment | StockCount
 EVENT_TYPES: tuple[type[EventBase], ...] = (Sale, Return, PostVoid, StockAdjustment, StockCount)
 
 
-def event_type(event: EventBase) -> str:
+def event_type(event: EventBase | TextEventBase) -> str:
     """The wire tag of an event (``sale``, ``return``, ...)."""
     tag = type(event).__struct_config__.tag
     assert isinstance(tag, str)
     return tag
+
+
+# --- the same events with their decimals as text (decode_pos_events) --------------------------
+
+# A POS sends its decimals as text and the agent stores them as text (the record's msgpack
+# writes a Decimal as str() of it): parsing each to a Decimal and printing it again cost ~19 %
+# of a single-event POST's CPU (docs/benchmarks.md, round six). These mirrors of the five
+# events hold Money, Quantity and StockQuantity as the text the POS sent: the same tags, field
+# names, field order, defaults and config, so msgspec writes them exactly as the events above
+# when each text is what str() of its Decimal is (``_plain_texts`` vouches for that, else the
+# body takes the exact path). Only ``decode_pos_events`` makes them, after checking the rules:
+# they check nothing themselves. What reads their decimals (the day totals' fold) takes
+# ``Decimal(value)``, which is the same value for either kind.
+
+
+class TextLineItem(_Struct, frozen=True, kw_only=True):
+    """``LineItem`` with its decimals as their text."""
+
+    sku: Sku
+    quantity: str
+    unit_price: str
+    amount: str
+    description: Text | None = None
+    unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    stock: bool = True
+
+
+class TextTender(_Struct, frozen=True, kw_only=True):
+    """``Tender`` with its amount as its text."""
+
+    kind: ShortId
+    amount: str
+
+
+class TextStockLine(_Struct, frozen=True, kw_only=True):
+    """``StockLine`` with its quantity as its text."""
+
+    sku: Sku
+    quantity: str
+
+
+TextLines = Annotated[list[TextLineItem], msgspec.Meta(min_length=1, max_length=10_000)]
+TextStockLines = Annotated[list[TextStockLine], msgspec.Meta(min_length=1, max_length=100_000)]
+
+
+# ``tax``'s default as text. msgspec leaves a field out when it *is* its default (the same
+# object), not when it equals it: a Decimal event leaves out a tax the body did not send and
+# writes any it did, "0" included (as str() of it). A plain "0" would not do here: msgspec's
+# msgpack decoder gives CPython's one shared "0" for the text "0", which would then be left
+# out. ZERO_TAX is an object of its own that no decode returns, so a text event writes its tax
+# exactly when the body sent one (tests/protocol/test_text_decimals.py holds msgspec to it).
+class _Default(str):
+    """A text default no decoded value is (see ZERO_TAX)."""
+
+
+ZERO_TAX: str = _Default("0")
+
+
+class TextEventBase(_Struct, frozen=True, kw_only=True):
+    """``EventBase``'s fields, in its order; no ``__post_init__`` (a Python call per event
+    while msgspec decodes): ``decode_pos_events`` checks the rules (``_plain_texts``), and
+    only it makes these."""
+
+    event_id: EventId
+    occurred_at: OccurredAt
+    workstation_id: ShortId | None = None
+    business_day: dt.date | None = None
+    transaction_id: ShortId | None = None
+
+    stock_direction: ClassVar[int] = 0
+
+
+class _TextTransaction(TextEventBase, frozen=True, kw_only=True):
+    """``_Transaction`` with its decimals as their text."""
+
+    currency: Currency
+    total: str
+    lines: TextLines
+    tax: str = ZERO_TAX  # this object, not an equal text: see ZERO_TAX
+    tenders: list[TextTender] = []
+
+
+class TextSale(_TextTransaction, frozen=True, kw_only=True, tag="sale", tag_field="type"):
+    """``Sale`` with its decimals as their text."""
+
+    stock_direction: ClassVar[int] = -1
+
+
+class TextReturn(_TextTransaction, frozen=True, kw_only=True, tag="return", tag_field="type"):
+    """``Return`` with its decimals as their text."""
+
+    original_transaction_id: ShortId | None = None
+    reason: Text | None = None
+
+    stock_direction: ClassVar[int] = 1
+
+
+class TextPostVoid(_TextTransaction, frozen=True, kw_only=True, tag="post_void", tag_field="type"):
+    """``PostVoid`` with its decimals as their text."""
+
+    voided_event_id: EventId | None = None
+    voided_transaction_id: ShortId | None = None
+    reason: Text | None = None
+
+    stock_direction: ClassVar[int] = 1
+
+
+class TextStockAdjustment(
+    TextEventBase, frozen=True, kw_only=True, tag="stock_adjustment", tag_field="type"
+):
+    """``StockAdjustment`` with its quantities as their text."""
+
+    lines: TextStockLines
+    reason: ShortId
+
+
+class TextStockCount(TextEventBase, frozen=True, kw_only=True, tag="stock_count", tag_field="type"):
+    """``StockCount`` with its quantities as their text."""
+
+    lines: TextStockLines
+
+
+TextEvent = TextSale | TextReturn | TextPostVoid | TextStockAdjustment | TextStockCount
+# What decode_pos_events gives, and what the agent stores and folds: either kind.
+PosEvent = Event | TextEvent
 
 
 # --- decoding what a POS sends -------------------------------------------------------------
@@ -597,12 +722,128 @@ def _split_error(exc: msgspec.ValidationError) -> tuple[str, str]:
     return _OUR_MESSAGES.get(found, found)
 
 
-def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
+# The decimal texts str(Decimal(text)) gives back unchanged, within the bounds: an optional
+# "-", no leading zero (str drops it), at most 12 digits before the point (|value| < 10^12),
+# 1 to 9 after it (trailing zeros are kept as sent, and count), no exponent. Not "0." and six
+# zeros: str() writes a value below 10^-6 in exponent form ("0.0000001" is "1E-7", and so is
+# zero with 7 places, "0E-7"), and this pattern does not try to tell which ("0.000000" itself
+# takes the exact path too). Every text it matches is a valid decimal.
+_NON_NEGATIVE = r"(?:0(?!\.000000)|[1-9][0-9]{0,11})(?:\.[0-9]{1,9})?"
+_SIGNED = "-?" + _NON_NEGATIVE
+_POSITIVE = r"(?!0(?:\.0*)?(?:,|\Z))" + _NON_NEGATIVE  # not a zero: "0", "0.00"
+
+
+def _all_of(value: str) -> Callable[[str], re.Match[str] | None]:
+    """A fullmatch of comma-joined texts each matching ``value`` (a text holding a comma is
+    caught by counting them: ``_plain_texts``)."""
+    return re.compile(rf"(?:{value}(?:,{value})*)?").fullmatch
+
+
+_all_signed = _all_of(_SIGNED)
+_all_positive = _all_of(_POSITIVE)
+_all_non_negative = _all_of(_NON_NEGATIVE)
+
+
+def _joined(texts: list[str], match: Callable[[str], re.Match[str] | None]) -> bool:
+    """Every one of ``texts`` matches (``_all_of``), none holding a comma."""
+    if not texts:
+        return True
+    joined = ",".join(texts)
+    return match(joined) is not None and joined.count(",") == len(texts) - 1
+
+
+def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
+    """``events`` if they certainly keep every rule and each decimal text is what str() of its
+    Decimal is, so they are stored as the Decimal events would be; None may be a false alarm
+    (take the exact path).
+
+    ``_plain_events`` on the texts: the same identifiers, currencies and post-void rule, the
+    decimals checked on their text (``_SIGNED``), quantities of a sale, return or post-void
+    > 0 and counted ones >= 0 by their patterns."""
+    values: list[str] = []
+    ids: list[str] = []
+    quantities: list[str] = []  # of sale, return and post-void lines: > 0
+    counted: list[str] = []  # of counts: >= 0
+    currencies: list[str] = []
+    for event in events:
+        ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
+        kind = type(event)
+        if kind is TextSale or kind is TextReturn or kind is TextPostVoid:
+            assert isinstance(event, _TextTransaction)
+            currencies.append(event.currency)
+            values += (event.total, event.tax)
+            for line in event.lines:
+                quantities.append(line.quantity)
+                values += (line.unit_price, line.amount)
+                ids.append(line.sku)
+            for tender in event.tenders:
+                values.append(tender.amount)
+                ids.append(tender.kind)
+            if isinstance(event, TextReturn):
+                ids.append(event.original_transaction_id or "")
+            elif isinstance(event, TextPostVoid):
+                if event.voided_event_id is None and event.voided_transaction_id is None:
+                    return None
+                ids += (event.voided_event_id or "", event.voided_transaction_id or "")
+        elif isinstance(event, TextStockAdjustment):
+            for stock in event.lines:
+                values.append(stock.quantity)
+                ids.append(stock.sku)
+            ids.append(event.reason)
+        else:
+            assert isinstance(event, TextStockCount)
+            for stock in event.lines:
+                counted.append(stock.quantity)
+                ids.append(stock.sku)
+    joined = "".join(currencies)
+    if not (
+        _joined(values, _all_signed)
+        and _joined(quantities, _all_positive)
+        and _joined(counted, _all_non_negative)
+        and _printable("".join(ids))
+        and {*map(len, currencies)} <= {3}
+        and (not joined or (joined.isascii() and joined.isalpha() and joined.isupper()))
+    ):
+        return None
+    return [*events]
+
+
+_json_texts = msgspec.json.Decoder(
+    Annotated[list[TextEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
+    | TextEvent
+)
+_msgpack_texts = msgspec.msgpack.Decoder(
+    Annotated[list[TextEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
+    | TextEvent
+)
+
+
+def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
     """Decode one event or a list of events, validating every one of them.
 
     Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
     InvalidEvents listing every invalid event (index, path, message) otherwise.
+
+    The common body, every decimal a string in its plain form, gives its events with their
+    decimals as text (``TextSale``, ...): they are stored as the events with Decimals would
+    be. Any other is decoded again by ``decode_pos_events_exact``, which gives Decimal
+    events, and refuses as it always has.
     """
+    try:
+        decoded = (_msgpack_texts if msgpack else _json_texts).decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # a JSON number, or something wrong: the exact path says what
+    else:
+        plain = _plain_texts(decoded if isinstance(decoded, list) else [decoded])
+        if plain is not None:
+            return plain
+    return [*decode_pos_events_exact(body, msgpack=msgpack)]
+
+
+def decode_pos_events_exact(body: bytes, *, msgpack: bool = False) -> list[Event]:
+    """``decode_pos_events`` with every decimal parsed to a Decimal (the path every body took
+    before the texts were kept, and still takes when they cannot be): what the text path
+    must match, refusals included."""
     token = _deferred.set(True)  # see decode_checked; here a refusal is explained per event
     try:
         decoded = (_msgpack_all if msgpack else _json_all).decode(body)
