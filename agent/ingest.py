@@ -44,7 +44,7 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, AppendWaiter, UnsentMarked
 from protocol.checkpoint import DayTotals, fold_ahead
-from protocol.events import Event, InvalidEvents, PosEvent, UnparsableBody, decode_pos_events
+from protocol.events import Event, InvalidEvents, PosEvent, UnparsableBody, decode_to_store
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
 def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[PosEvent], dict[dt.date, DayTotals]]:
     """A body's events, and their day totals folded ahead while the events are still in this
     CPU's caches (``protocol.checkpoint.fold_ahead``)."""
-    events = decode_pos_events(body, msgpack=msgpack)
+    events = decode_to_store(body, msgpack=msgpack)
     return events, fold_ahead(events)
 
 
@@ -469,7 +469,7 @@ class Ingest:
                 # The body's events, or the 400/422 refusal (no method of its own: a call
                 # fewer a request).
                 try:
-                    events = decode_pos_events(body, msgpack=msgpack)
+                    events = decode_to_store(body, msgpack=msgpack)
                 except DECODE_ERRORS as exc:
                     refused = self._decode_refused(exc)
                 else:

@@ -818,16 +818,12 @@ _msgpack_texts = msgspec.msgpack.Decoder(
 )
 
 
-def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
-    """Decode one event or a list of events, validating every one of them.
-
-    Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
-    InvalidEvents listing every invalid event (index, path, message) otherwise.
-
-    The common body, every decimal a string in its plain form, gives its events with their
-    decimals as text (``TextSale``, ...): they are stored as the events with Decimals would
-    be. Any other is decoded again by ``decode_pos_events_exact``, which gives Decimal
-    events, and refuses as it always has.
+def decode_to_store(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
+    """``decode_pos_events`` for the agent's ingest: the same events, rules and refusals, but
+    the common body, every decimal a string in its plain form (``_plain_texts``), gives its
+    events with their decimals as the text the POS sent (``TextSale``, ...), never parsed:
+    they are stored, forwarded and folded as the Decimal events would be. Any other body is
+    decoded again by ``decode_pos_events``, which gives Decimal events or refuses, exactly.
     """
     try:
         decoded = (_msgpack_texts if msgpack else _json_texts).decode(body)
@@ -837,13 +833,15 @@ def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
         plain = _plain_texts(decoded if isinstance(decoded, list) else [decoded])
         if plain is not None:
             return plain
-    return [*decode_pos_events_exact(body, msgpack=msgpack)]
+    return [*decode_pos_events(body, msgpack=msgpack)]
 
 
-def decode_pos_events_exact(body: bytes, *, msgpack: bool = False) -> list[Event]:
-    """``decode_pos_events`` with every decimal parsed to a Decimal (the path every body took
-    before the texts were kept, and still takes when they cannot be): what the text path
-    must match, refusals included."""
+def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:
+    """Decode one event or a list of events, validating every one of them.
+
+    Raises UnparsableBody when the body is not a JSON (or msgpack) object or array, and
+    InvalidEvents listing every invalid event (index, path, message) otherwise.
+    """
     token = _deferred.set(True)  # see decode_checked; here a refusal is explained per event
     try:
         decoded = (_msgpack_all if msgpack else _json_all).decode(body)
