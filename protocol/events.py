@@ -734,9 +734,9 @@ _POSITIVE = r"(?!0(?:\.0*)?(?:,|\Z))" + _NON_NEGATIVE  # not a zero: "0", "0.00"
 
 
 def _all_of(value: str) -> Callable[[str], re.Match[str] | None]:
-    """A fullmatch of comma-joined texts each matching ``value`` (a text holding a comma is
-    caught by counting them: ``_plain_texts``)."""
-    return re.compile(rf"(?:{value}(?:,{value})*)?").fullmatch
+    """A fullmatch of one or more comma-joined texts each matching ``value`` (a text holding
+    a comma is caught by counting them: ``_joined``). Not of none: a lone "" must fail."""
+    return re.compile(rf"{value}(?:,{value})*").fullmatch
 
 
 _all_signed = _all_of(_SIGNED)
