@@ -6,8 +6,8 @@ In this process, no I/O. Bodies are built before the clock starts from the simul
 (``agent.simulator.Till``: sales, returns, post-voids, adjustments, counts): 100 bodies of 100
 events, JSON and msgpack, decoded with ``protocol.events.decode_to_store`` as the agent's
 ingest does (plain decimal texts kept as text; ``decode_pos_events``, which parses them to
-Decimals, is what it falls back to); 20 batches of 500 records, decoded with ``protocol.wire.decode_batch`` as central
-does.
+Decimals, is what it falls back to); 20 batches of 500 records, decoded with
+``protocol.wire.decode_batch`` as central does.
 
 Baseline, measured in the same run: the same decodes with ``tests/bench/events_v0.py``, a
 frozen copy of protocol/events.py from before the rules were checked once per event (each line,
