@@ -31,7 +31,8 @@ from protocol.events import (
     decode_pos_events,
     decode_to_store,
 )
-from protocol.wire import AcceptedRecord, Record, encode_record
+from protocol.wire import AcceptedRecord, Record, encode_json, encode_record
+from tests.protocol.samples import EVENTS
 
 AT = dt.datetime(2026, 11, 22, 10, 0, 1, tzinfo=dt.UTC)
 
@@ -311,3 +312,15 @@ def test_the_other_rules_refuse_alike(where: tuple[Any, ...], value: str, msgpac
     )
     assert_same(body_of([SALE, one], msgpack), msgpack)
     assert assert_same(body_of(one, msgpack), msgpack) is None
+
+
+def test_text_and_decimal_events_fold_together() -> None:
+    """A run mixing both kinds (POSLog and the drop folder build Decimal events, the HTTP
+    route gives text ones; the writer folds them in one stretch) counts as Decimals alone."""
+    texts = [decode_to_store(encode_json(event))[0] for event in EVENTS]
+    assert all(isinstance(event, TextEventBase) for event in texts)
+    mixed: list[PosEvent] = [
+        kind for pair in zip(EVENTS, texts, strict=True) for kind in pair
+    ]  # each event twice: as built, and as its body decodes
+    doubled: list[PosEvent] = [event for event in EVENTS for _ in range(2)]
+    assert outcome(doubled, record=Record) == outcome(mixed, record=AcceptedRecord)
