@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar, overload
 
 import msgspec
 
@@ -291,19 +291,46 @@ def _exact_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
 _deferred: ContextVar[bool] = ContextVar("storelink_event_rules_deferred", default=False)
 
 
-def _plain_events(events: Sequence[EventBase]) -> bool:
-    """Every event certainly keeps every rule msgspec does not check; False may be a false
-    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
-    values: list[Decimal] = []
+_D = TypeVar("_D", Decimal, str)
+
+
+class _Parts(NamedTuple, Generic[_D]):
+    """What the one-pass checks read of a body's events: the decimals (``quantities`` of the
+    lines of sales, returns and post-voids, > 0; ``counted``, >= 0; ``values``, the rest), the
+    identifiers and the currencies."""
+
+    values: list[_D]
+    quantities: list[_D]
+    counted: list[_D]
+    ids: list[str]
+    currencies: list[str]
+
+
+# What each event class is to _parts: both kinds of event (Decimals, texts) are read alike.
+_SALE, _RETURN, _POST_VOID, _ADJUSTMENT, _COUNT = range(5)
+_ROLES: dict[type, int] = {}  # filled in once the classes exist (below them)
+
+
+@overload
+def _parts(events: Sequence[EventBase]) -> _Parts[Decimal] | None: ...
+@overload
+def _parts(events: Sequence[TextEventBase]) -> _Parts[str] | None: ...
+def _parts(events: Sequence[EventBase] | Sequence[TextEventBase]) -> _Parts[Any] | None:
+    """The parts of ``events`` the one-pass checks read, in one loop; None when one of them
+    certainly needs the exact checks (a post-void without the ids it needs, a type this
+    pass does not know)."""
+    values: list[Any] = []
+    quantities: list[Any] = []
+    counted: list[Any] = []
     ids: list[str] = []
-    quantities: list[Decimal] = []  # of sale, return and post-void lines: > 0
-    counted: list[Decimal] = []  # of counts: >= 0
     currencies: list[str] = []
-    for event in events:
+    each: Sequence[Any] = events  # either kind: the same fields (mypy cannot join them)
+    for event in each:
         ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
-        kind = type(event)
-        if kind is Sale or kind is Return or kind is PostVoid:
-            assert isinstance(event, _Transaction)
+        role = _ROLES.get(type(event))
+        if role is None:
+            return None  # not an event type this pass knows: let it check itself
+        if role <= _POST_VOID:
             currencies.append(event.currency)
             values += (event.total, event.tax)
             for line in event.lines:
@@ -313,23 +340,31 @@ def _plain_events(events: Sequence[EventBase]) -> bool:
             for tender in event.tenders:
                 values.append(tender.amount)
                 ids.append(tender.kind)
-            if isinstance(event, Return):
+            if role == _RETURN:
                 ids.append(event.original_transaction_id or "")
-            elif isinstance(event, PostVoid):
+            elif role == _POST_VOID:
                 if event.voided_event_id is None and event.voided_transaction_id is None:
-                    return False
+                    return None
                 ids += (event.voided_event_id or "", event.voided_transaction_id or "")
-        elif isinstance(event, StockAdjustment):
+        elif role == _ADJUSTMENT:
             for stock in event.lines:
                 values.append(stock.quantity)
                 ids.append(stock.sku)
             ids.append(event.reason)
-        elif isinstance(event, StockCount):
+        else:
             for stock in event.lines:
                 counted.append(stock.quantity)
                 ids.append(stock.sku)
-        else:
-            return False  # not an event type this pass knows: let it check itself
+    return _Parts(values, quantities, counted, ids, currencies)
+
+
+def _plain_events(events: Sequence[EventBase]) -> bool:
+    """Every event certainly keeps every rule msgspec does not check; False may be a false
+    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
+    parts = _parts(events)
+    if parts is None:
+        return False
+    values, quantities, counted, ids, currencies = parts
     values += quantities
     values += counted
     joined = "".join(currencies)
@@ -665,8 +700,17 @@ class TextStockCount(TextEventBase, frozen=True, kw_only=True, tag="stock_count"
 
 
 TextEvent = TextSale | TextReturn | TextPostVoid | TextStockAdjustment | TextStockCount
-# What decode_pos_events gives, and what the agent stores and folds: either kind.
+# What decode_to_store gives, and what the agent stores and folds: either kind.
 PosEvent = Event | TextEvent
+TEXT_EVENT_TYPES: tuple[type[TextEventBase], ...] = (
+    TextSale,
+    TextReturn,
+    TextPostVoid,
+    TextStockAdjustment,
+    TextStockCount,
+)
+for _kinds in (EVENT_TYPES, TEXT_EVENT_TYPES):
+    _ROLES.update(zip(_kinds, (_SALE, _RETURN, _POST_VOID, _ADJUSTMENT, _COUNT), strict=True))
 
 
 # --- decoding what a POS sends -------------------------------------------------------------
@@ -759,44 +803,13 @@ def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
     Decimal is, so they are stored as the Decimal events would be; None may be a false alarm
     (take the exact path).
 
-    ``_plain_events`` on the texts: the same identifiers, currencies and post-void rule, the
-    decimals checked on their text (``_SIGNED``), quantities of a sale, return or post-void
-    > 0 and counted ones >= 0 by their patterns."""
-    values: list[str] = []
-    ids: list[str] = []
-    quantities: list[str] = []  # of sale, return and post-void lines: > 0
-    counted: list[str] = []  # of counts: >= 0
-    currencies: list[str] = []
-    for event in events:
-        ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
-        kind = type(event)
-        if kind is TextSale or kind is TextReturn or kind is TextPostVoid:
-            assert isinstance(event, _TextTransaction)
-            currencies.append(event.currency)
-            values += (event.total, event.tax)
-            for line in event.lines:
-                quantities.append(line.quantity)
-                values += (line.unit_price, line.amount)
-                ids.append(line.sku)
-            for tender in event.tenders:
-                values.append(tender.amount)
-                ids.append(tender.kind)
-            if isinstance(event, TextReturn):
-                ids.append(event.original_transaction_id or "")
-            elif isinstance(event, TextPostVoid):
-                if event.voided_event_id is None and event.voided_transaction_id is None:
-                    return None
-                ids += (event.voided_event_id or "", event.voided_transaction_id or "")
-        elif isinstance(event, TextStockAdjustment):
-            for stock in event.lines:
-                values.append(stock.quantity)
-                ids.append(stock.sku)
-            ids.append(event.reason)
-        else:
-            assert isinstance(event, TextStockCount)
-            for stock in event.lines:
-                counted.append(stock.quantity)
-                ids.append(stock.sku)
+    ``_plain_events`` on the texts (the same ``_parts``): the same identifiers, currencies and
+    post-void rule, the decimals checked on their text (``_SIGNED``), quantities of a sale,
+    return or post-void > 0 and counted ones >= 0 by their patterns."""
+    parts = _parts(events)
+    if parts is None:
+        return None
+    values, quantities, counted, ids, currencies = parts
     joined = "".join(currencies)
     if not (
         _joined(values, _all_signed)

@@ -33,6 +33,8 @@ from protocol.events import (
 )
 from protocol.wire import AcceptedRecord, Record, encode_json, encode_record
 from tests.protocol.samples import EVENTS
+from tests.protocol.test_rules import COUNT
+from tests.protocol.test_rules import SALE as RULES_SALE
 
 AT = dt.datetime(2026, 11, 22, 10, 0, 1, tzinfo=dt.UTC)
 
@@ -196,23 +198,8 @@ def test_text_path_stores_refuses_and_counts_as_the_exact_path(body: Any, msgpac
         label("text path" if isinstance(got[0], TextEventBase) else "exact path")
 
 
-SALE: dict[str, Any] = {
-    "type": "sale",
-    "event_id": "e-1",
-    "occurred_at": "2026-11-22T10:00:00+01:00",
-    "workstation_id": "1",
-    "transaction_id": "0001",
-    "currency": "EUR",
-    "total": "2.10",
-    "lines": [{"sku": "4131", "quantity": "0.42", "unit_price": "1.99", "amount": "0.84"}],
-    "tenders": [{"kind": "cash", "amount": "2.10"}],
-}
-COUNT: dict[str, Any] = {
-    "type": "stock_count",
-    "event_id": "c-1",
-    "occurred_at": "2026-11-22T10:00:00Z",
-    "lines": [{"sku": "4131", "quantity": "40"}],
-}
+# test_rules' events, the sale without its tax (whether a tax is sent is a case below).
+SALE: dict[str, Any] = {k: v for k, v in RULES_SALE.items() if k != "tax"}
 
 
 @pytest.mark.parametrize("msgpack", [False, True])
