@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Generic, NamedTuple, TypeVar, overload
+from typing import Annotated, Any, ClassVar, TypeVar, overload
 
 import msgspec
 
@@ -294,16 +294,10 @@ _deferred: ContextVar[bool] = ContextVar("storelink_event_rules_deferred", defau
 _D = TypeVar("_D", Decimal, str)
 
 
-class _Parts(NamedTuple, Generic[_D]):
-    """What the one-pass checks read of a body's events: the decimals (``quantities`` of the
-    lines of sales, returns and post-voids, > 0; ``counted``, >= 0; ``values``, the rest), the
-    identifiers and the currencies."""
-
-    values: list[_D]
-    quantities: list[_D]
-    counted: list[_D]
-    ids: list[str]
-    currencies: list[str]
+# What the one-pass checks read of a body's events: the decimals (the lines' quantities of
+# sales, returns and post-voids, > 0; counted ones, >= 0; the rest), the identifiers and the
+# currencies. A plain tuple: a NamedTuple's __new__ is a Python call more per body.
+_Parts = tuple[list[_D], list[_D], list[_D], list[str], list[str]]
 
 
 # What each event class is to _parts: both kinds of event (Decimals, texts) are read alike.
@@ -355,7 +349,7 @@ def _parts(events: Sequence[EventBase] | Sequence[TextEventBase]) -> _Parts[Any]
             for stock in event.lines:
                 counted.append(stock.quantity)
                 ids.append(stock.sku)
-    return _Parts(values, quantities, counted, ids, currencies)
+    return values, quantities, counted, ids, currencies
 
 
 def _plain_events(events: Sequence[EventBase]) -> bool:
