@@ -33,7 +33,7 @@ from protocol.events import (
 )
 from protocol.wire import AcceptedRecord, Record, encode_json, encode_record
 from tests.protocol.samples import EVENTS
-from tests.protocol.test_rules import COUNT
+from tests.protocol.test_rules import COUNT as RULES_COUNT
 from tests.protocol.test_rules import SALE as RULES_SALE
 
 AT = dt.datetime(2026, 11, 22, 10, 0, 1, tzinfo=dt.UTC)
@@ -198,8 +198,11 @@ def test_text_path_stores_refuses_and_counts_as_the_exact_path(body: Any, msgpac
         label("text path" if isinstance(got[0], TextEventBase) else "exact path")
 
 
-# test_rules' events, the sale without its tax (whether a tax is sent is a case below).
+# test_rules' events with one line each (a part of one text is where a lone "" could hide),
+# the sale without its tax (whether a tax is sent is a case below).
 SALE: dict[str, Any] = {k: v for k, v in RULES_SALE.items() if k != "tax"}
+SALE["lines"] = SALE["lines"][:1]
+COUNT: dict[str, Any] = {**RULES_COUNT, "lines": RULES_COUNT["lines"][:1]}
 
 
 @pytest.mark.parametrize("msgpack", [False, True])
