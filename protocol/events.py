@@ -456,8 +456,11 @@ class StockLine(_Struct, frozen=True, kw_only=True):
     quantity: StockQuantity
 
 
-Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
-StockLines = Annotated[list[StockLine], msgspec.Meta(min_length=1, max_length=100_000)]
+# How many lines an event holds (the text events' lines too).
+_LINE_COUNT = msgspec.Meta(min_length=1, max_length=10_000)
+_STOCK_LINE_COUNT = msgspec.Meta(min_length=1, max_length=100_000)
+Lines = Annotated[list[LineItem], _LINE_COUNT]
+StockLines = Annotated[list[StockLine], _STOCK_LINE_COUNT]
 
 
 class EventBase(_Struct, frozen=True, kw_only=True):
@@ -612,8 +615,8 @@ class TextStockLine(_Struct, frozen=True, kw_only=True):
     quantity: str
 
 
-TextLines = Annotated[list[TextLineItem], msgspec.Meta(min_length=1, max_length=10_000)]
-TextStockLines = Annotated[list[TextStockLine], msgspec.Meta(min_length=1, max_length=100_000)]
+TextLines = Annotated[list[TextLineItem], _LINE_COUNT]
+TextStockLines = Annotated[list[TextStockLine], _STOCK_LINE_COUNT]
 
 
 # ``tax``'s default as text. msgspec leaves a field out when it *is* its default (the same
@@ -631,16 +634,15 @@ ZERO_TAX: str = _Default("0")
 
 class TextEventBase(_Struct, frozen=True, kw_only=True):
     """``EventBase``'s fields, in its order; no ``__post_init__`` (a Python call per event
-    while msgspec decodes): ``decode_pos_events`` checks the rules (``_plain_texts``), and
-    only it makes these."""
+    while msgspec decodes): ``decode_to_store`` checks the rules (``_plain_texts``), and
+    only it makes these. No ``stock_direction`` either: only central's inventory reads it, and
+    central decodes records as the Decimal events."""
 
     event_id: EventId
     occurred_at: OccurredAt
     workstation_id: ShortId | None = None
     business_day: dt.date | None = None
     transaction_id: ShortId | None = None
-
-    stock_direction: ClassVar[int] = 0
 
 
 class _TextTransaction(TextEventBase, frozen=True, kw_only=True):
@@ -656,16 +658,12 @@ class _TextTransaction(TextEventBase, frozen=True, kw_only=True):
 class TextSale(_TextTransaction, frozen=True, kw_only=True, tag="sale", tag_field="type"):
     """``Sale`` with its decimals as their text."""
 
-    stock_direction: ClassVar[int] = -1
-
 
 class TextReturn(_TextTransaction, frozen=True, kw_only=True, tag="return", tag_field="type"):
     """``Return`` with its decimals as their text."""
 
     original_transaction_id: ShortId | None = None
     reason: Text | None = None
-
-    stock_direction: ClassVar[int] = 1
 
 
 class TextPostVoid(_TextTransaction, frozen=True, kw_only=True, tag="post_void", tag_field="type"):
@@ -674,8 +672,6 @@ class TextPostVoid(_TextTransaction, frozen=True, kw_only=True, tag="post_void",
     voided_event_id: EventId | None = None
     voided_transaction_id: ShortId | None = None
     reason: Text | None = None
-
-    stock_direction: ClassVar[int] = 1
 
 
 class TextStockAdjustment(
