@@ -50,7 +50,7 @@ from protocol.checkpoint import (
     store_merged,
     till_holes,
 )
-from protocol.events import Event
+from protocol.events import PosEvent
 from protocol.subjects import checkpoint_subject
 from protocol.timefmt import utc
 from protocol.wire import Checkpoint, encode
@@ -120,7 +120,7 @@ class DayRows:
             self._held.clear()  # days long closed: their rows are no longer written
         self._held[business_day] = (day, totals)
 
-    def add_one(self, conn: Connection, seq: int, event: Event, now: float) -> dt.date | None:
+    def add_one(self, conn: Connection, seq: int, event: PosEvent, now: float) -> dt.date | None:
         """Fold one record (``seq``, arrived at ``now``) into its day's held row and write the
         row: what ``record_days`` does with a run of one event, without staging a day of its
         own to merge (a group of one single-event POST, a till's trickle: ~13 Python calls
@@ -144,7 +144,7 @@ class DayRows:
 
 def record_days(
     conn: Connection,
-    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
+    runs: Sequence[tuple[int, Sequence[PosEvent], dict[dt.date, DayTotals] | None]],
     now: float,
     rows: DayRows | None = None,
 ) -> dt.date | None:
@@ -174,7 +174,7 @@ def _store(conn: Connection, staged: dict[dt.date, DayTotals], rows: DayRows | N
 
 
 def stage_runs(
-    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]], now: float
+    runs: Sequence[tuple[int, Sequence[PosEvent], dict[dt.date, DayTotals] | None]], now: float
 ) -> dict[dt.date, DayTotals]:
     """The day totals of ``runs`` (as ``record_days`` takes them), exactly as folding them run
     by run gives them, key order included (the bytes stored and sent in checkpoints).
@@ -201,11 +201,11 @@ def stage_runs(
 
 
 def _stretches(
-    runs: Sequence[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]],
-) -> list[tuple[int, list[Sequence[Event]], dict[dt.date, DayTotals] | None]]:
+    runs: Sequence[tuple[int, Sequence[PosEvent], dict[dt.date, DayTotals] | None]],
+) -> list[tuple[int, list[Sequence[PosEvent]], dict[dt.date, DayTotals] | None]]:
     """``runs`` with each stretch of runs to be folded by the writer (``ahead`` None) whose
     seqs follow on without a gap joined as one ``(first_seq, [events, ...], None)``."""
-    joined: list[tuple[int, list[Sequence[Event]], dict[dt.date, DayTotals] | None]] = []
+    joined: list[tuple[int, list[Sequence[PosEvent]], dict[dt.date, DayTotals] | None]] = []
     after = None  # the seq after the last joinable stretch's last record
     for first_seq, events, ahead in runs:
         if ahead is None and first_seq == after:

@@ -23,7 +23,7 @@ import datetime as dt
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -44,7 +44,7 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, AppendWaiter, UnsentMarked
 from protocol.checkpoint import DayTotals, fold_ahead
-from protocol.events import Event, InvalidEvents, UnparsableBody, decode_pos_events
+from protocol.events import Event, InvalidEvents, PosEvent, UnparsableBody, decode_to_store
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +75,13 @@ class EventSink(Protocol):
     """Where accepted events go (the outbox; tests may give a fake)."""
 
     async def append(
-        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+        self, events: Sequence[PosEvent], ahead: dict[dt.date, DayTotals] | None = None
     ) -> AppendResult:
         """Store ``events``; ``ahead``: their day totals, folded (``fold_ahead``) where they
         were decoded."""
         ...
 
-    def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
+    def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
         """Queue ``events``; ``then.set_result(result)`` or ``then.set_exception(error)`` is
         called once they are committed or refused (as ``append`` returns or raises); a
         ``then`` done by then raises ``asyncio.InvalidStateError`` there, as a future does."""
@@ -124,10 +124,10 @@ class IngestStatistics(msgspec.Struct, frozen=True, kw_only=True):
     stopping: bool
 
 
-def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[Event], dict[dt.date, DayTotals]]:
+def _decode_ahead(body: bytes, msgpack: bool) -> tuple[list[PosEvent], dict[dt.date, DayTotals]]:
     """A body's events, and their day totals folded ahead while the events are still in this
     CPU's caches (``protocol.checkpoint.fold_ahead``)."""
-    events = decode_pos_events(body, msgpack=msgpack)
+    events = decode_to_store(body, msgpack=msgpack)
     return events, fold_ahead(events)
 
 
@@ -393,7 +393,7 @@ class Ingest:
         )
 
     async def _store(
-        self, events: list[Event], ahead: dict[dt.date, DayTotals] | None = None
+        self, events: Sequence[PosEvent], ahead: dict[dt.date, DayTotals] | None = None
     ) -> Response:
         """Append ``events`` (the caller holds no reference to them while this awaits: the
         outbox's writer then frees them, see ``Outbox.append``)."""
@@ -513,7 +513,7 @@ class Ingest:
                 # The body's events, or the 400/422 refusal (no method of its own: a call
                 # fewer a request).
                 try:
-                    events = decode_pos_events(body, msgpack=msgpack)
+                    events = decode_to_store(body, msgpack=msgpack)
                 except DECODE_ERRORS as exc:
                     refused = self._decode_refused(exc)
                 else:

@@ -71,9 +71,9 @@ from agent.errors import (
 from protocol import migrations
 from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
-from protocol.events import Event
+from protocol.events import PosEvent
 from protocol.timefmt import utc
-from protocol.wire import EventTrace, Record, encode_record, split_records
+from protocol.wire import AcceptedRecord, EventTrace, encode_record, split_records
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -272,13 +272,13 @@ class OutboxStatistics(msgspec.Struct, frozen=True, kw_only=True):
 _Row = tuple[int, str, float, int, bytes]  # seq, event_id, received_at, size, payload
 
 
-def _new_events(job: _Append, result: AppendResult) -> Sequence[Event]:
+def _new_events(job: _Append, result: AppendResult) -> Sequence[PosEvent]:
     """The events an accepted append added (not its duplicates), in seq order: their seqs run
     from ``result.first_seq`` without a gap."""
     if not result.duplicates:
         return job.events  # the common case: every event new, nothing to pick
     assert result.first_seq is not None
-    new: dict[int, Event] = {}
+    new: dict[int, PosEvent] = {}
     for seq, event in zip(result.seqs, job.events, strict=True):
         if seq >= result.first_seq and seq not in new:
             new[seq] = event
@@ -351,7 +351,7 @@ class _Job:
 
 @dataclass(eq=False)
 class _Append(_Job):
-    events: Sequence[Event]
+    events: Sequence[PosEvent]
     # The events' day totals folded ahead where they were decoded (protocol.checkpoint's
     # fold_ahead), used when every event is new; None: the writer folds them.
     ahead: dict[dt.date, DayTotals] | None = None
@@ -1019,7 +1019,7 @@ class Outbox:
     # -- public API --
 
     async def append(
-        self, events: Sequence[Event], ahead: dict[dt.date, DayTotals] | None = None
+        self, events: Sequence[PosEvent], ahead: dict[dt.date, DayTotals] | None = None
     ) -> AppendResult:
         """Store ``events`` (all or none); return once they are committed to disk. ``ahead``:
         their day totals as ``protocol.checkpoint.fold_ahead`` gives them, if the caller
@@ -1033,7 +1033,7 @@ class Outbox:
         del events  # only the job holds them now
         return await future
 
-    def append_nowait(self, events: Sequence[Event], then: AppendWaiter) -> None:
+    def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         resolved on the loop with ``append``'s result (``set_result``) or its error
         (``set_exception``); one done by then raises InvalidStateError, as a future does, and
@@ -1696,7 +1696,7 @@ class Outbox:
                 )
                 # New records for the day totals: (first seq, events with consecutive seqs,
                 # their totals folded ahead or None).
-                counted: list[tuple[int, Sequence[Event], dict[dt.date, DayTotals] | None]] = []
+                counted: list[tuple[int, Sequence[PosEvent], dict[dt.date, DayTotals] | None]] = []
                 newest: dt.date | None = None
                 sent_changed = False
                 stored = 0  # appends answered, not refused
@@ -1824,7 +1824,7 @@ class Outbox:
             known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
         return known
 
-    def _plan_one(self, event: Event, planning: _Planning) -> AppendResult:
+    def _plan_one(self, event: PosEvent, planning: _Planning) -> AppendResult:
         """``_plan_many`` of an append of one event (a single-event POST's): the same result,
         rows and changes, without the lists and zips a batch is planned with."""
         state, known, now = planning.state, planning.known, planning.now
@@ -1833,7 +1833,9 @@ class Outbox:
         if seq is not None:
             return self._accepted(state, [seq], 0, 0, now)
         seq = state.last_seq + 1
-        payload = encode_record(Record(seq=seq, received_at=planning.received_at, event=event))
+        payload = encode_record(
+            AcceptedRecord(seq=seq, received_at=planning.received_at, event=event)
+        )
         size = len(payload)
         if size > planning.limit:
             raise RecordTooLarge(index=0, size=size, limit=planning.limit, source=planning.source)
@@ -1860,7 +1862,7 @@ class Outbox:
             # column at a time (one Python step per event, not a dozen).
             seq_range = range(next_seq, next_seq + len(ids))
             payloads = [
-                encode_record(Record(seq=seq, received_at=received_at, event=event))
+                encode_record(AcceptedRecord(seq=seq, received_at=received_at, event=event))
                 for seq, event in zip(seq_range, job.events, strict=True)
             ]
             sizes = list(map(len, payloads))
@@ -1881,7 +1883,9 @@ class Outbox:
             if seq is not None:
                 seqs.append(seq)
                 continue
-            payload = encode_record(Record(seq=next_seq, received_at=received_at, event=event))
+            payload = encode_record(
+                AcceptedRecord(seq=next_seq, received_at=received_at, event=event)
+            )
             size = len(payload)
             if size > limit:
                 raise RecordTooLarge(index=index, size=size, limit=limit, source=source)

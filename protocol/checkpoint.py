@@ -3,7 +3,9 @@
 Both sides fold records into the same ``DayTotals`` (``add`` a record at a time, ``add_run`` a
 commit's records at once, with the same result), so a checkpoint (the agent's totals) and
 central's ledger compare field by field (``difference``). Money and quantities are
-exact decimals. Pure logic: no I/O.
+exact decimals: an event's decimals are read as ``Decimal(value)``, the same for the events
+``decode_pos_events`` gives with their decimals as text (``TextSale``, ...) and for those built
+in code. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a
 transaction that never reached it shows as a hole (``till_holes``); central does not. Central
@@ -25,7 +27,16 @@ from typing import Any, Protocol
 
 import msgspec
 
-from protocol.events import Event, EventBase, LineItem, StockLine, event_type
+from protocol.events import (
+    EventBase,
+    LineItem,
+    PosEvent,
+    StockLine,
+    TextEventBase,
+    TextLineItem,
+    TextStockLine,
+    event_type,
+)
 
 
 class DayTotals(msgspec.Struct, kw_only=True):
@@ -63,17 +74,17 @@ class TillHole(msgspec.Struct, frozen=True, kw_only=True):
     since: float
 
 
-def business_day_of(event: EventBase) -> dt.date:
+def business_day_of(event: EventBase | TextEventBase) -> dt.date:
     """The business day an event counts towards."""
     return event.business_day or event.occurred_at.date()
 
 
 def add(
-    days: dict[dt.date, DayTotals], seq: int, event: Event, *, till_at: float | None = None
+    days: dict[dt.date, DayTotals], seq: int, event: PosEvent, *, till_at: float | None = None
 ) -> DayTotals:
     """Fold one record into ``days`` (records of one epoch, any order); with ``till_at`` (when
     it arrived) its workstation's transaction number too. Returns the day it went to."""
-    base: EventBase = event
+    base: EventBase | TextEventBase = event
     day = business_day_of(base)
     totals = days.get(day)
     if totals is None:
@@ -90,9 +101,11 @@ def add(
     currency = getattr(event, "currency", None)
     if currency is not None:
         key = f"{kind}:{currency}"
-        totals.money[key] = totals.money.get(key, _ZERO) + event.total  # type: ignore[union-attr]
-    lines: list[LineItem] | list[StockLine] = event.lines
-    quantity = sum(map(_quantity, lines), _ZERO)
+        total = Decimal(event.total)  # type: ignore[union-attr]
+        totals.money[key] = totals.money.get(key, _ZERO) + total
+    lines: list[LineItem] | list[StockLine] | list[TextLineItem] | list[TextStockLine]
+    lines = event.lines
+    quantity = sum(map(Decimal, map(_quantity, lines)), _ZERO)
     totals.quantity[kind] = totals.quantity.get(kind, _ZERO) + quantity
     txn = base.transaction_id
     if till_at is not None and base.workstation_id and txn and txn.isdigit():
@@ -117,7 +130,7 @@ _ZERO = Decimal(0)
 def add_run(
     days: dict[dt.date, DayTotals],
     first_seq: int,
-    events: Sequence[Event],
+    events: Sequence[PosEvent],
     *,
     till_at: float | None = None,
 ) -> None:
@@ -139,7 +152,7 @@ def add_run(
         _add_day(days, named[0], first_seq, first_seq + len(events) - 1, events, till_at)
         return
     # Several days, or days taken from occurred_at: a grouping step per record.
-    by_day: dict[dt.date, tuple[list[int], list[Event]]] = {}
+    by_day: dict[dt.date, tuple[list[int], list[PosEvent]]] = {}
     for seq, day, event in zip(itertools.count(first_seq), named, events):
         if day is None:
             day = event.occurred_at.date()
@@ -153,7 +166,7 @@ def add_run(
         _add_day(days, day, low, high, group, till_at)
 
 
-def fold_ahead(events: Sequence[Event]) -> dict[dt.date, DayTotals]:
+def fold_ahead(events: Sequence[PosEvent]) -> dict[dt.date, DayTotals]:
     """The day totals of ``events`` as if their seqs ran from 1 and their till numbers arrived
     at time 0, for ``place`` to put where they belong once the seqs are known. The agent folds
     a batch ahead in the thread that decoded it, while its events are still in that CPU's
@@ -201,7 +214,7 @@ def _add_day(
     day: dt.date,
     low: int,
     high: int,
-    events: Sequence[Event],
+    events: Sequence[PosEvent],
     till_at: float | None,
 ) -> None:
     """Fold ``events`` (all of business day ``day``, seqs ``low`` to ``high``) into ``days``,
@@ -216,7 +229,7 @@ def _add_day(
             totals.first_seq = low
         if high > totals.last_seq:
             totals.last_seq = high
-    groups: dict[type, list[Event]] = {}  # in order of first sight, as ``add`` adds them
+    groups: dict[type, list[PosEvent]] = {}  # in order of first sight, as ``add`` adds them
     for event in events:
         group = groups.get(type(event))
         if group is None:
@@ -233,7 +246,7 @@ def _add_day(
         if hasattr(group[0], "currency"):
             _add_money(totals.money, kind, group)
         lines = itertools.chain.from_iterable(map(_lines, group))
-        quantity = sum(map(_quantity, lines), _ZERO)
+        quantity = sum(map(Decimal, map(_quantity, lines)), _ZERO)
         totals.quantity[kind] = totals.quantity.get(kind, _ZERO) + quantity
     if till_at is not None:
         _add_tills(totals, events, till_at)
@@ -245,10 +258,10 @@ def _add_money(money: dict[str, Decimal], kind: str, group: Sequence[Any]) -> No
     for currency in currencies:
         of = group if len(currencies) == 1 else [e for e in group if e.currency == currency]
         key = f"{kind}:{currency}"
-        money[key] = money.get(key, _ZERO) + sum(map(_total, of), _ZERO)
+        money[key] = money.get(key, _ZERO) + sum(map(Decimal, map(_total, of)), _ZERO)
 
 
-def _add_tills(totals: DayTotals, events: Sequence[Event], at: float) -> None:
+def _add_tills(totals: DayTotals, events: Sequence[PosEvent], at: float) -> None:
     """Merge the numeric transaction ids of ``events`` into their workstations' runs."""
     workstations = list(map(_workstation, events))
     txns = list(map(_transaction, events))

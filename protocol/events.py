@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, ClassVar, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar, overload
 
 import msgspec
 
@@ -291,19 +291,40 @@ def _exact_stock(event: StockAdjustment | StockCount, *, counted: bool) -> None:
 _deferred: ContextVar[bool] = ContextVar("storelink_event_rules_deferred", default=False)
 
 
-def _plain_events(events: Sequence[EventBase]) -> bool:
-    """Every event certainly keeps every rule msgspec does not check; False may be a false
-    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
-    values: list[Decimal] = []
+_D = TypeVar("_D", Decimal, str)
+
+
+# What the one-pass checks read of a body's events: the decimals (the lines' quantities of
+# sales, returns and post-voids, > 0; counted ones, >= 0; the rest), the identifiers and the
+# currencies. A plain tuple: a NamedTuple's __new__ is a Python call more per body.
+_Parts = tuple[list[_D], list[_D], list[_D], list[str], list[str]]
+
+
+# What each event class is to _parts: both kinds of event (Decimals, texts) are read alike.
+_SALE, _RETURN, _POST_VOID, _ADJUSTMENT, _COUNT = range(5)
+_ROLES: dict[type, int] = {}  # filled in once the classes exist (below them)
+
+
+@overload
+def _parts(events: Sequence[EventBase]) -> _Parts[Decimal] | None: ...
+@overload
+def _parts(events: Sequence[TextEventBase]) -> _Parts[str] | None: ...
+def _parts(events: Sequence[EventBase] | Sequence[TextEventBase]) -> _Parts[Any] | None:
+    """The parts of ``events`` the one-pass checks read, in one loop; None when one of them
+    certainly needs the exact checks (a post-void without the ids it needs, a type this
+    pass does not know)."""
+    values: list[Any] = []
+    quantities: list[Any] = []
+    counted: list[Any] = []
     ids: list[str] = []
-    quantities: list[Decimal] = []  # of sale, return and post-void lines: > 0
-    counted: list[Decimal] = []  # of counts: >= 0
     currencies: list[str] = []
-    for event in events:
+    each: Sequence[Any] = events  # either kind: the same fields (mypy cannot join them)
+    for event in each:
         ids += (event.event_id, event.workstation_id or "", event.transaction_id or "")
-        kind = type(event)
-        if kind is Sale or kind is Return or kind is PostVoid:
-            assert isinstance(event, _Transaction)
+        role = _ROLES.get(type(event))
+        if role is None:
+            return None  # not an event type this pass knows: let it check itself
+        if role <= _POST_VOID:
             currencies.append(event.currency)
             values += (event.total, event.tax)
             for line in event.lines:
@@ -313,23 +334,31 @@ def _plain_events(events: Sequence[EventBase]) -> bool:
             for tender in event.tenders:
                 values.append(tender.amount)
                 ids.append(tender.kind)
-            if isinstance(event, Return):
+            if role == _RETURN:
                 ids.append(event.original_transaction_id or "")
-            elif isinstance(event, PostVoid):
+            elif role == _POST_VOID:
                 if event.voided_event_id is None and event.voided_transaction_id is None:
-                    return False
+                    return None
                 ids += (event.voided_event_id or "", event.voided_transaction_id or "")
-        elif isinstance(event, StockAdjustment):
+        elif role == _ADJUSTMENT:
             for stock in event.lines:
                 values.append(stock.quantity)
                 ids.append(stock.sku)
             ids.append(event.reason)
-        elif isinstance(event, StockCount):
+        else:
             for stock in event.lines:
                 counted.append(stock.quantity)
                 ids.append(stock.sku)
-        else:
-            return False  # not an event type this pass knows: let it check itself
+    return values, quantities, counted, ids, currencies
+
+
+def _plain_events(events: Sequence[EventBase]) -> bool:
+    """Every event certainly keeps every rule msgspec does not check; False may be a false
+    alarm (see _plain). The timezone is msgspec's (OccurredAt), lengths too."""
+    parts = _parts(events)
+    if parts is None:
+        return False
+    values, quantities, counted, ids, currencies = parts
     values += quantities
     values += counted
     joined = "".join(currencies)
@@ -427,8 +456,11 @@ class StockLine(_Struct, frozen=True, kw_only=True):
     quantity: StockQuantity
 
 
-Lines = Annotated[list[LineItem], msgspec.Meta(min_length=1, max_length=10_000)]
-StockLines = Annotated[list[StockLine], msgspec.Meta(min_length=1, max_length=100_000)]
+# How many lines an event holds (the text events' lines too).
+_LINE_COUNT = msgspec.Meta(min_length=1, max_length=10_000)
+_STOCK_LINE_COUNT = msgspec.Meta(min_length=1, max_length=100_000)
+Lines = Annotated[list[LineItem], _LINE_COUNT]
+StockLines = Annotated[list[StockLine], _STOCK_LINE_COUNT]
 
 
 class EventBase(_Struct, frozen=True, kw_only=True):
@@ -537,11 +569,138 @@ Event = Sale | Return | PostVoid | StockAdjustment | StockCount
 EVENT_TYPES: tuple[type[EventBase], ...] = (Sale, Return, PostVoid, StockAdjustment, StockCount)
 
 
-def event_type(event: EventBase) -> str:
+def event_type(event: EventBase | TextEventBase) -> str:
     """The wire tag of an event (``sale``, ``return``, ...)."""
     tag = type(event).__struct_config__.tag
     assert isinstance(tag, str)
     return tag
+
+
+# --- the same events with their decimals as text (decode_pos_events) --------------------------
+
+# A POS sends its decimals as text and the agent stores them as text (the record's msgpack
+# writes a Decimal as str() of it): parsing each to a Decimal and printing it again cost ~19 %
+# of a single-event POST's CPU (docs/benchmarks.md, round six). These mirrors of the five
+# events hold Money, Quantity and StockQuantity as the text the POS sent: the same tags, field
+# names, field order, defaults and config, so msgspec writes them exactly as the events above
+# when each text is what str() of its Decimal is (``_plain_texts`` vouches for that, else the
+# body takes the exact path). Only ``decode_pos_events`` makes them, after checking the rules:
+# they check nothing themselves. What reads their decimals (the day totals' fold) takes
+# ``Decimal(value)``, which is the same value for either kind.
+
+
+class TextLineItem(_Struct, frozen=True, kw_only=True):
+    """``LineItem`` with its decimals as their text."""
+
+    sku: Sku
+    quantity: str
+    unit_price: str
+    amount: str
+    description: Text | None = None
+    unit: Annotated[str, msgspec.Meta(max_length=16)] | None = None
+    stock: bool = True
+
+
+class TextTender(_Struct, frozen=True, kw_only=True):
+    """``Tender`` with its amount as its text."""
+
+    kind: ShortId
+    amount: str
+
+
+class TextStockLine(_Struct, frozen=True, kw_only=True):
+    """``StockLine`` with its quantity as its text."""
+
+    sku: Sku
+    quantity: str
+
+
+TextLines = Annotated[list[TextLineItem], _LINE_COUNT]
+TextStockLines = Annotated[list[TextStockLine], _STOCK_LINE_COUNT]
+
+
+# ``tax``'s default as text. msgspec leaves a field out when it *is* its default (the same
+# object), not when it equals it: a Decimal event leaves out a tax the body did not send and
+# writes any it did, "0" included (as str() of it). A plain "0" would not do here: msgspec's
+# msgpack decoder gives CPython's one shared "0" for the text "0", which would then be left
+# out. ZERO_TAX is an object of its own that no decode returns, so a text event writes its tax
+# exactly when the body sent one (tests/protocol/test_text_decimals.py holds msgspec to it).
+class _Default(str):
+    """A text default no decoded value is (see ZERO_TAX)."""
+
+
+ZERO_TAX: str = _Default("0")
+
+
+class TextEventBase(_Struct, frozen=True, kw_only=True):
+    """``EventBase``'s fields, in its order; no ``__post_init__`` (a Python call per event
+    while msgspec decodes): ``decode_to_store`` checks the rules (``_plain_texts``), and
+    only it makes these. No ``stock_direction`` either: only central's inventory reads it, and
+    central decodes records as the Decimal events."""
+
+    event_id: EventId
+    occurred_at: OccurredAt
+    workstation_id: ShortId | None = None
+    business_day: dt.date | None = None
+    transaction_id: ShortId | None = None
+
+
+class _TextTransaction(TextEventBase, frozen=True, kw_only=True):
+    """``_Transaction`` with its decimals as their text."""
+
+    currency: Currency
+    total: str
+    lines: TextLines
+    tax: str = ZERO_TAX  # this object, not an equal text: see ZERO_TAX
+    tenders: list[TextTender] = []
+
+
+class TextSale(_TextTransaction, frozen=True, kw_only=True, tag="sale", tag_field="type"):
+    """``Sale`` with its decimals as their text."""
+
+
+class TextReturn(_TextTransaction, frozen=True, kw_only=True, tag="return", tag_field="type"):
+    """``Return`` with its decimals as their text."""
+
+    original_transaction_id: ShortId | None = None
+    reason: Text | None = None
+
+
+class TextPostVoid(_TextTransaction, frozen=True, kw_only=True, tag="post_void", tag_field="type"):
+    """``PostVoid`` with its decimals as their text."""
+
+    voided_event_id: EventId | None = None
+    voided_transaction_id: ShortId | None = None
+    reason: Text | None = None
+
+
+class TextStockAdjustment(
+    TextEventBase, frozen=True, kw_only=True, tag="stock_adjustment", tag_field="type"
+):
+    """``StockAdjustment`` with its quantities as their text."""
+
+    lines: TextStockLines
+    reason: ShortId
+
+
+class TextStockCount(TextEventBase, frozen=True, kw_only=True, tag="stock_count", tag_field="type"):
+    """``StockCount`` with its quantities as their text."""
+
+    lines: TextStockLines
+
+
+TextEvent = TextSale | TextReturn | TextPostVoid | TextStockAdjustment | TextStockCount
+# What decode_to_store gives, and what the agent stores and folds: either kind.
+PosEvent = Event | TextEvent
+TEXT_EVENT_TYPES: tuple[type[TextEventBase], ...] = (
+    TextSale,
+    TextReturn,
+    TextPostVoid,
+    TextStockAdjustment,
+    TextStockCount,
+)
+for _kinds in (EVENT_TYPES, TEXT_EVENT_TYPES):
+    _ROLES.update(zip(_kinds, (_SALE, _RETURN, _POST_VOID, _ADJUSTMENT, _COUNT), strict=True))
 
 
 # --- decoding what a POS sends -------------------------------------------------------------
@@ -595,6 +754,91 @@ def _split_error(exc: msgspec.ValidationError) -> tuple[str, str]:
         return "$", text
     found = match.group(1), text[: match.start()]
     return _OUR_MESSAGES.get(found, found)
+
+
+# The decimal texts str(Decimal(text)) gives back unchanged, within the bounds: an optional
+# "-", no leading zero (str drops it), at most 12 digits before the point (|value| < 10^12),
+# 1 to 9 after it (trailing zeros are kept as sent, and count), no exponent. Not "0." and six
+# zeros: str() writes a value below 10^-6 in exponent form ("0.0000001" is "1E-7", and so is
+# zero with 7 places, "0E-7"), and this pattern does not try to tell which ("0.000000" itself
+# takes the exact path too). Every text it matches is a valid decimal. Possessive ("+"): what
+# follows a part can never be what it gave back, so the texts matched are the same, and the
+# match is ~35 % faster (no backtracking states kept).
+_NON_NEGATIVE = r"(?:0(?!\.000000)|[1-9][0-9]{0,11}+)(?:\.[0-9]{1,9}+)?+"
+_SIGNED = "-?+" + _NON_NEGATIVE
+_POSITIVE = r"(?!0(?:\.0*+)?+(?:,|\Z))" + _NON_NEGATIVE  # not a zero: "0", "0.00"
+
+
+def _all_of(value: str) -> Callable[[str], re.Match[str] | None]:
+    """A fullmatch of one or more comma-joined texts each matching ``value`` (a text holding
+    a comma is caught by counting them: ``_joined``). Not of none: a lone "" must fail."""
+    return re.compile(rf"{value}(?:,{value})*+").fullmatch
+
+
+_all_signed = _all_of(_SIGNED)
+_all_positive = _all_of(_POSITIVE)
+_all_non_negative = _all_of(_NON_NEGATIVE)
+
+
+def _joined(texts: list[str], match: Callable[[str], re.Match[str] | None]) -> bool:
+    """Every one of ``texts`` matches (``_all_of``), none holding a comma."""
+    if not texts:
+        return True
+    joined = ",".join(texts)
+    return match(joined) is not None and joined.count(",") == len(texts) - 1
+
+
+def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
+    """``events`` if they certainly keep every rule and each decimal text is what str() of its
+    Decimal is, so they are stored as the Decimal events would be; None may be a false alarm
+    (take the exact path).
+
+    ``_plain_events`` on the texts (the same ``_parts``): the same identifiers, currencies and
+    post-void rule, the decimals checked on their text (``_SIGNED``), quantities of a sale,
+    return or post-void > 0 and counted ones >= 0 by their patterns."""
+    parts = _parts(events)
+    if parts is None:
+        return None
+    values, quantities, counted, ids, currencies = parts
+    joined = "".join(currencies)
+    if not (
+        _joined(values, _all_signed)
+        and _joined(quantities, _all_positive)
+        and _joined(counted, _all_non_negative)
+        and _printable("".join(ids))
+        and {*map(len, currencies)} <= {3}
+        and (not joined or (joined.isascii() and joined.isalpha() and joined.isupper()))
+    ):
+        return None
+    return [*events]
+
+
+_json_texts = msgspec.json.Decoder(
+    Annotated[list[TextEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
+    | TextEvent
+)
+_msgpack_texts = msgspec.msgpack.Decoder(
+    Annotated[list[TextEvent], msgspec.Meta(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)]
+    | TextEvent
+)
+
+
+def decode_to_store(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
+    """``decode_pos_events`` for the agent's ingest: the same events, rules and refusals, but
+    the common body, every decimal a string in its plain form (``_plain_texts``), gives its
+    events with their decimals as the text the POS sent (``TextSale``, ...), never parsed:
+    they are stored, forwarded and folded as the Decimal events would be. Any other body is
+    decoded again by ``decode_pos_events``, which gives Decimal events or refuses, exactly.
+    """
+    try:
+        decoded = (_msgpack_texts if msgpack else _json_texts).decode(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        pass  # a JSON number, or something wrong: the exact path says what
+    else:
+        plain = _plain_texts(decoded if isinstance(decoded, list) else [decoded])
+        if plain is not None:
+            return plain
+    return [*decode_pos_events(body, msgpack=msgpack)]
 
 
 def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:

@@ -25,7 +25,7 @@ import msgspec
 
 from protocol.checkpoint import DayTotals, TillHole
 from protocol.errors import UnreadablePacked
-from protocol.events import EVENT_TYPES, Event, EventBase, decode_checked
+from protocol.events import EVENT_TYPES, Event, EventBase, PosEvent, decode_checked
 from protocol.subjects import StoreId
 
 WIRE_VERSION = 1
@@ -53,6 +53,16 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     seq: Seq
     received_at: dt.datetime
     event: Event
+
+
+class AcceptedRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+    """A ``Record`` as the agent writes it: the same fields in the same order, so the same
+    bytes, its event either kind ``decode_pos_events`` gives (decimals as text or as
+    Decimals, written alike). Never decoded: central reads ``Record``."""
+
+    seq: int
+    received_at: dt.datetime
+    event: PosEvent
 
 
 class Batch(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -268,7 +278,7 @@ def encode_json(obj: Any) -> bytes:
     return _json_encoder.encode(obj)
 
 
-def encode_record(record: Record) -> bytes:
+def encode_record(record: Record | AcceptedRecord) -> bytes:
     return _msgpack_encoder.encode(record)
 
 

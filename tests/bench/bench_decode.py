@@ -4,9 +4,10 @@
 
 In this process, no I/O. Bodies are built before the clock starts from the simulated till
 (``agent.simulator.Till``: sales, returns, post-voids, adjustments, counts): 100 bodies of 100
-events, JSON and msgpack, decoded with ``protocol.events.decode_pos_events`` as the agent's
-ingest does; 20 batches of 500 records, decoded with ``protocol.wire.decode_batch`` as central
-does.
+events, JSON and msgpack, decoded with ``protocol.events.decode_to_store`` as the agent's
+ingest does (plain decimal texts kept as text; ``decode_pos_events``, which parses them to
+Decimals, is what it falls back to); 20 batches of 500 records, decoded with
+``protocol.wire.decode_batch`` as central does.
 
 Baseline, measured in the same run: the same decodes with ``tests/bench/events_v0.py``, a
 frozen copy of protocol/events.py from before the rules were checked once per event (each line,
@@ -170,7 +171,7 @@ async def run(opts: Options) -> Table:
             JSON_RATE,
             bodies * per_body,
             {
-                JSON_RATE: (events.decode_pos_events, json_bodies),
+                JSON_RATE: (events.decode_to_store, json_bodies),
                 JSON_RATE + V0: (events_v0.decode_pos_events, json_bodies),
                 JSON_RATE + CEILING: (bare_json, json_bodies),
             },
@@ -179,7 +180,7 @@ async def run(opts: Options) -> Table:
             MSGPACK_RATE,
             bodies * per_body,
             {
-                MSGPACK_RATE: (lambda b: events.decode_pos_events(b, msgpack=True), msgpack_bodies),
+                MSGPACK_RATE: (lambda b: events.decode_to_store(b, msgpack=True), msgpack_bodies),
                 MSGPACK_RATE + V0: (
                     lambda b: events_v0.decode_pos_events(b, msgpack=True),
                     msgpack_bodies,

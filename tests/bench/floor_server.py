@@ -10,8 +10,9 @@ client, and answers ``GET`` (the readiness probe) with 200.
 - ``null``: answers every POST with a fixed 202 and does nothing else: what HTTP on loopback,
   the event loop and the kernel cost alone.
 - ``durable``: what DESIGN §5 asks of a request and no more, in the agent's architecture: the
-  body decoded and checked by ``protocol.events.decode_pos_events`` (the same rules and
-  specific errors as the agent), each event encoded as msgpack, handed to a writer thread that
+  body decoded and checked by ``protocol.events.decode_to_store``, as the agent's ingest does
+  (the same rules and specific errors; plain decimal texts kept as text, never parsed), each
+  event encoded as msgpack, handed to a writer thread that
   commits whatever is queued as one group (``BEGIN``, the group's rows in one ``executemany``
   into a table with the agent's columns, seqs assigned by the writer, ``event_id`` unique,
   ``COMMIT`` in WAL with ``synchronous=FULL``; after a duplicate, the group row by row)
@@ -41,7 +42,7 @@ from typing import cast
 import httptools
 import msgspec
 
-from protocol.events import InvalidEvents, UnparsableBody, decode_pos_events
+from protocol.events import InvalidEvents, UnparsableBody, decode_to_store
 from tests.bench.harness import run_loop
 
 KINDS = ("null", "durable", "inline")
@@ -209,7 +210,7 @@ class FloorProtocol(asyncio.Protocol):
             transport.write(_HEAD_202 + b"%d\r\n\r\n" % len(_NULL_ANSWER) + _NULL_ANSWER)
         else:
             try:
-                events = decode_pos_events(body)
+                events = decode_to_store(body)
             except (InvalidEvents, UnparsableBody):
                 transport.write(_BAD)
                 return
