@@ -5,16 +5,20 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+import protocol.checkpoint
 from protocol.checkpoint import (
     DayTotals,
     TillHole,
+    _decimals,
     _merge_sorted,
     _merge_till_runs,
     _numbered_runs,
     _runs,
+    _to_decimal,
     add,
     add_run,
     difference,
@@ -32,6 +36,8 @@ from protocol.events import (
     StockAdjustment,
     StockCount,
     StockLine,
+    TextLineItem,
+    TextSale,
 )
 
 DAY = dt.date(2026, 12, 5)
@@ -216,3 +222,49 @@ def test_a_new_till_run_after_the_last_joins_as_sorting_all_of_them_does(
     runs = _merge_sorted([], held)
     assert _merge_sorted(runs, new) == _merge_till_runs(runs, new)
     assert _runs([new[0][0]], 5.0) == _numbered_runs({str(new[0][0])}, 5.0)
+
+
+def _text_sale(quantities: list[Decimal] | list[str]) -> TextSale:
+    """A text sale (as ``decode_to_store`` gives, or built in code) with these quantities."""
+    lines = [TextLineItem(sku="1", quantity=q, unit_price="1", amount="1") for q in quantities]  # type: ignore[arg-type]
+    return TextSale(
+        event_id="7-1", occurred_at=dt.datetime(2026, 12, 5, 23, tzinfo=dt.UTC),
+        workstation_id="7", business_day=DAY, transaction_id="1", currency="EUR",
+        total="1", lines=lines,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("as_text", [True, False])
+def test_text_quantities_fold_as_their_decimals_whatever_was_seen_before(as_text: bool) -> None:
+    """The quantities' cache (``_decimals``) gives each text's own Decimal: "1.0" and "1.00"
+    stay apart (their sum keeps two places), also when a text event was built in code with
+    Decimals (equal Decimals share a hash: kept, "1.0" would answer for "1.00")."""
+    _decimals.clear()
+    texts = ["1.0", "1.00", "0.35", "1.0"]
+    quantities: list[Decimal] | list[str] = texts if as_text else [Decimal(t) for t in texts]
+    for fold in ("add", "add_run"):
+        for _ in range(2):  # the second time every text is held
+            days: dict[dt.date, DayTotals] = {}
+            if fold == "add":
+                add(days, 1, _text_sale(quantities))
+            else:
+                add_run(days, 1, [_text_sale(quantities)])
+            assert str(days[DAY].quantity["sale"]) == "3.35"
+    assert set(_decimals) == ({"1.0", "1.00", "0.35"} if as_text else set())
+
+
+def test_the_quantities_cache_is_bounded_and_only_for_text_events(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past ``_DECIMALS_HELD`` texts the cache starts again empty (so a POS sending ever new
+    quantities cannot grow it), and every text still reads as its Decimal; Decimal events
+    do not go through it (a Decimal is no key: it would only miss)."""
+    monkeypatch.setattr(protocol.checkpoint, "_DECIMALS_HELD", 8)
+    _decimals.clear()
+    for n in range(50):
+        text = f"{n}.5"
+        assert str(_decimals[text]) == text
+        assert len(_decimals) <= 8
+    assert "49.5" in _decimals
+    assert _to_decimal(sale(1)) is Decimal
+    assert _to_decimal(_text_sale(["1"])) == _decimals.__getitem__
