@@ -788,6 +788,39 @@ def _joined(texts: list[str], match: Callable[[str], re.Match[str] | None]) -> b
     return match(joined) is not None and joined.count(",") == len(texts) - 1
 
 
+# How many texts each ``_Known`` holds at most: past it, it starts again empty.
+_KNOWN_HELD = 4096
+
+
+class _Known:
+    """The decimal texts known to match one of the patterns above (``_joined`` with its
+    ``_all_of``), learnt as met: a till's quantities ("1", "2", "0.35") and prices repeat, so
+    most of a body's texts are only looked up (a set's ``issuperset``, in C) and ``re`` reads
+    the others. A text is kept only once it matched on its own (no comma: ``_joined`` counts
+    them); one that fails is never kept (the body takes the exact path)."""
+
+    def __init__(self, match: Callable[[str], re.Match[str] | None]) -> None:
+        self.match = match
+        self.known: set[str] = set()
+
+    def all_match(self, texts: list[str]) -> bool:
+        """``_joined(texts, match)``: every one of ``texts`` matches, none holding a comma."""
+        known = self.known
+        if known.issuperset(texts):
+            return True
+        new = set(texts)
+        new -= known
+        if not _joined([*new], self.match):
+            return False
+        if len(known) + len(new) > _KNOWN_HELD:
+            known.clear()
+        known |= new
+        return True
+
+
+_known_positive = _Known(_all_positive)
+
+
 def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
     """``events`` if they certainly keep every rule and each decimal text is what str() of its
     Decimal is, so they are stored as the Decimal events would be; None may be a false alarm
@@ -795,7 +828,8 @@ def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
 
     ``_plain_events`` on the texts (the same ``_parts``): the same identifiers, currencies and
     post-void rule, the decimals checked on their text (``_SIGNED``), quantities of a sale,
-    return or post-void > 0 and counted ones >= 0 by their patterns."""
+    return or post-void > 0 (through ``_known_positive``) and counted ones >= 0 by their
+    patterns."""
     parts = _parts(events)
     if parts is None:
         return None
@@ -803,7 +837,7 @@ def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
     joined = "".join(currencies)
     if not (
         _joined(values, _all_signed)
-        and _joined(quantities, _all_positive)
+        and _known_positive.all_match(quantities)
         and _joined(counted, _all_non_negative)
         and _printable("".join(ids))
         and {*map(len, currencies)} <= {3}

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
 
+import protocol.events
 from protocol.checkpoint import DayTotals, add, add_run, encode_totals
 from protocol.events import (
     ZERO_TAX,
@@ -28,6 +29,10 @@ from protocol.events import (
     TextEventBase,
     TextSale,
     UnparsableBody,
+    _all_positive,
+    _joined,
+    _Known,
+    _known_positive,
     decode_pos_events,
     decode_to_store,
 )
@@ -314,3 +319,48 @@ def test_text_and_decimal_events_fold_together() -> None:
     ]  # each event twice: as built, and as its body decodes
     doubled: list[PosEvent] = [event for event in EVENTS for _ in range(2)]
     assert outcome(doubled, record=Record) == outcome(mixed, record=AcceptedRecord)
+
+
+# Quantity texts: plain ones a till repeats, zeros, a comma inside one, the empty text, a
+# leading zero, a sign, exponents, a non-ASCII digit.
+_quantity_texts = st.sampled_from(
+    ["1", "2", "0.35", "10", "0", "0.00", "1,2", "", "01", "-1", "1E+1", "1.", "\u0661"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(bodies=st.lists(st.lists(_quantity_texts, max_size=5), max_size=8))
+def test_known_quantities_pass_as_the_pattern_says(bodies: list[list[str]]) -> None:
+    """``_Known`` (the quantities' texts learnt as met) answers for every body of quantities
+    what ``_joined`` over all of them (round six's check, ``re`` on every text) answers,
+    whatever it learnt from the bodies before: a text that failed is never taken as known,
+    nor one holding a comma."""
+    known = _Known(_all_positive)
+    for texts in bodies:
+        assert known.all_match(texts) == _joined(texts, _all_positive)
+    assert all(_joined([text], _all_positive) for text in known.known)
+
+
+def test_a_known_quantity_does_not_let_a_zero_or_a_joined_one_through() -> None:
+    """Texts met before do not vouch for the ones beside them: "0" and "1,2" still fail (the
+    body takes the exact path: a zero quantity is refused) after "1" and "2" passed."""
+    known = _Known(_all_positive)
+    assert known.all_match(["1", "2"])
+    assert not known.all_match(["1", "0"])
+    assert not known.all_match(["1,2"])
+    assert not known.all_match(["2", ""])
+    assert known.known == {"1", "2"}
+    body = body_of({**SALE, "lines": [{**SALE["lines"][0], "quantity": "0"}]}, msgpack=False)
+    assert decode_to_store(body_of(SALE, msgpack=False))  # its quantity now known
+    assert refusal(decode_to_store, body, False) == refusal(decode_pos_events, body, False)
+
+
+def test_the_known_quantities_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``_KNOWN_HELD`` texts the set starts again empty (a POS sending ever new
+    quantities cannot grow it) and keeps answering as the pattern does."""
+    monkeypatch.setattr(protocol.events, "_KNOWN_HELD", 8)
+    _known_positive.known.clear()
+    for n in range(1, 50):
+        assert _known_positive.all_match([f"{n}.5", "1"])
+        assert len(_known_positive.known) <= 8
+    assert not _known_positive.all_match(["0"])
