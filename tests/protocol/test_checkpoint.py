@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 
+import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from protocol.checkpoint import (
     add,
     add_run,
     difference,
+    encode_totals,
     fold_ahead,
     merge,
     place,
@@ -38,7 +40,9 @@ from protocol.events import (
     StockLine,
     TextLineItem,
     TextSale,
+    decode_to_store,
 )
+from protocol.wire import encode_json
 
 DAY = dt.date(2026, 12, 5)
 
@@ -268,3 +272,23 @@ def test_the_quantities_cache_is_bounded_and_only_for_text_events(
     assert "49.5" in _decimals
     assert _to_decimal(sale(1)) is Decimal
     assert _to_decimal(_text_sale(["1"])) == _decimals.__getitem__
+
+
+@given(event=an_event, text=st.booleans(), till=st.sampled_from([None, "12", "0012", "A7"]))
+@settings(max_examples=300, deadline=None)
+def test_one_event_folds_ahead_as_a_run_of_one(event: Event, text: bool, till: str | None) -> None:
+    """``fold_ahead`` of one event (the single-event POST's, folded by ``add``) gives what
+    ``add_run`` gives it, to the stored bytes (key order included); as the ingest decodes it
+    (text decimals) or as built, with or without a numeric transaction id; and a batch of
+    several is still folded whole (not just its first event)."""
+    event = msgspec.structs.replace(event, transaction_id=till)
+    if text:
+        event = decode_to_store(encode_json(event))[0]  # type: ignore[assignment]
+    runs: dict[dt.date, DayTotals] = {}
+    add_run(runs, 1, [event], till_at=0.0)
+    ahead = fold_ahead([event])
+    assert ahead == runs
+    assert [encode_totals(t) for t in ahead.values()] == [encode_totals(t) for t in runs.values()]
+    twice: dict[dt.date, DayTotals] = {}
+    add_run(twice, 1, [event, event], till_at=0.0)
+    assert fold_ahead([event, event]) == twice
