@@ -97,3 +97,20 @@ def test_all_benches_runner_writes_markdown(tmp_path: Path) -> None:
     lines = markdown.read_text().splitlines()
     assert "### agent ingest" in lines
     assert "| " + " | ".join(COLUMNS) + " |" in lines
+
+
+def test_ingest_ladder_alternates_floors_and_agent() -> None:
+    """The single-event ladder runs the chosen servers in turn, a JSON line each, and puts the
+    agent against the loop floor per round."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "tests.bench.ingest_ladder", "--rounds", "1",
+            "--events", "300", "--kinds", "inline,agent",
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert 0 == done.returncode, done.stdout + done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert ["inline", "agent"] == [line["kind"] for line in lines]
+    assert all(line["events_per_s"] > 0 and line["cpu_us_per_request"] > 0 for line in lines)
+    assert done.stdout.rstrip().endswith("x")  # the round's agent/inline ratio

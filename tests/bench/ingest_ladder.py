@@ -1,0 +1,99 @@
+"""The single-event ladder: the floor servers and the agent in turn, several rounds, one sitting.
+
+    .venv/bin/python -m tests.bench.ingest_ladder [--rounds 3] [--events 40000] [--kinds ...]
+
+Each round runs ``null``, ``durable`` and ``inline`` (tests.bench.floor_server) and the agent
+(``python -m agent run`` of the tree in the current directory, NATS unreachable, as in
+``bench_ingest``) one after the other under the same single-event load (32 connections, one
+request in flight each, 10,000 events to warm up, then ``--events``), and prints one JSON line
+per server: events/s, p99, and its CPU per request (``/proc/<pid>/stat``). Then a table: per
+round the agent against the loop floor (``inline``, where the agent commits too).
+
+On a machine whose neighbours move every wall rate, alternating the servers round by round is
+what lets their figures be compared (docs/benchmarks.md, "Quiet figures at the end of issue
+17's fourth session"); run it from another tree's directory (``git archive``) to compare trees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from central.broker import free_port
+from tests.bench.bench_ingest import SINGLE_CONCURRENCY, measure_floor, measured
+from tests.bench.harness import AgentProcess
+
+KINDS = ("null", "durable", "inline", "agent")
+WARM_UP = 10_000
+
+
+async def measure_agent(root: Path, events: int) -> dict[str, Any]:
+    """The agent under the single-event load, as ``measure_floor`` puts a floor under it."""
+    agent = AgentProcess(root / "agent", f"nats://127.0.0.1:{free_port()}")
+    await agent.start()
+    try:
+        load = ["--url", agent.url, "--batch", "1", "--concurrency", str(SINGLE_CONCURRENCY)]
+        await measured(agent.pid, [*load, "--events", str(WARM_UP), "--run-id", "warm"])
+        return await measured(agent.pid, [*load, "--events", str(events), "--run-id", "run"])
+    finally:
+        await agent.stop()
+
+
+async def one(kind: str, events: int) -> dict[str, Any]:
+    """One server's run: its figures as a JSON-able dict."""
+    with tempfile.TemporaryDirectory(prefix="ladder-") as tmp:
+        if kind == "agent":
+            report = await measure_agent(Path(tmp), events)
+        else:
+            report = await measure_floor(Path(tmp), kind, events)
+    return {
+        "kind": kind,
+        "events_per_s": round(report["events_per_s"]),
+        "p99_ms": report.get("p99_ms"),
+        "cpu_us_per_request": round(report.get("agent_cpu_us_per_request", float("nan")), 1),
+        "load": round(os.getloadavg()[0], 2),
+    }
+
+
+async def ladder(rounds: int, events: int, kinds: list[str]) -> list[list[dict[str, Any]]]:
+    """``rounds`` rounds of ``kinds`` in turn, each line printed as it is measured."""
+    done = []
+    for _ in range(rounds):
+        row = []
+        for kind in kinds:
+            result = await one(kind, events)
+            print(json.dumps(result), flush=True)
+            row.append(result)
+        done.append(row)
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--events", type=int, default=40_000)
+    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, in order")
+    ns = parser.parse_args(argv)
+    kinds = ns.kinds.split(",")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or ns.rounds < 1 or ns.events < 1:
+        parser.error(f"kinds are {', '.join(KINDS)}; rounds and events at least 1 ({unknown})")
+    done = asyncio.run(ladder(ns.rounds, ns.events, kinds))
+    print(f"{'round':>5} " + " ".join(f"{k:>18}" for k in kinds) + "  agent/inline")
+    for index, row in enumerate(done, 1):
+        by = {r["kind"]: r for r in row}
+        cells = " ".join(f"{r['events_per_s']:>8,}/s {r['cpu_us_per_request']:>6} µs" for r in row)
+        ratio = ""
+        if "agent" in by and "inline" in by:
+            ratio = f"{by['agent']['events_per_s'] / by['inline']['events_per_s']:.3f}x"
+        print(f"{index:>5} {cells}  {ratio:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
