@@ -4,7 +4,7 @@ Both sides fold records into the same ``DayTotals`` (``add`` a record at a time,
 commit's records at once, with the same result), so a checkpoint (the agent's totals) and
 central's ledger compare field by field (``difference``). Money and quantities are
 exact decimals: an event's decimals are read as ``Decimal(value)``, the same for the events
-``decode_pos_events`` gives with their decimals as text (``TextSale``, ...) and for those built
+``decode_to_store`` gives with their decimals as text (``TextSale``, ...) and for those built
 in code. Pure logic: no I/O.
 
 Per workstation the agent also keeps the transaction numbers it has seen, as runs, so a

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, TypeVar, overload
+from typing import Annotated, Any, ClassVar, TypeVar, cast, overload
 
 import msgspec
 
@@ -361,15 +361,23 @@ def _plain_events(events: Sequence[EventBase]) -> bool:
     values, quantities, counted, ids, currencies = parts
     values += quantities
     values += counted
-    joined = "".join(currencies)
     return (
         _plain(values)  # first: the comparisons below need finite values
-        and _printable("".join(ids))
+        and _plain_names(ids, currencies)
+        and (not quantities or min(quantities) > 0)
+        and (not counted or min(counted) >= 0)
+    )
+
+
+def _plain_names(ids: list[str], currencies: list[str]) -> bool:
+    """Every identifier printable and every currency three upper-case ASCII letters (the
+    one-pass checks' rule on names, for either kind of event)."""
+    joined = "".join(currencies)
+    return (
+        _printable("".join(ids))
         and {*map(len, currencies)} <= {3}
         # No currency at all (only stock events) is plain too: "".isalpha() is False.
         and (not joined or (joined.isascii() and joined.isalpha() and joined.isupper()))
-        and (not quantities or min(quantities) > 0)
-        and (not counted or min(counted) >= 0)
     )
 
 
@@ -576,7 +584,7 @@ def event_type(event: EventBase | TextEventBase) -> str:
     return tag
 
 
-# --- the same events with their decimals as text (decode_pos_events) --------------------------
+# --- the same events with their decimals as text (decode_to_store) ----------------------------
 
 # A POS sends its decimals as text and the agent stores them as text (the record's msgpack
 # writes a Decimal as str() of it): parsing each to a Decimal and printing it again cost ~19 %
@@ -584,7 +592,7 @@ def event_type(event: EventBase | TextEventBase) -> str:
 # events hold Money, Quantity and StockQuantity as the text the POS sent: the same tags, field
 # names, field order, defaults and config, so msgspec writes them exactly as the events above
 # when each text is what str() of its Decimal is (``_plain_texts`` vouches for that, else the
-# body takes the exact path). Only ``decode_pos_events`` makes them, after checking the rules:
+# body takes the exact path). Only ``decode_to_store`` makes them, after checking the rules:
 # they check nothing themselves. What reads their decimals (the day totals' fold) takes
 # ``Decimal(value)``, which is the same value for either kind.
 
@@ -821,10 +829,10 @@ class _Known:
 _known_positive = _Known(_all_positive)
 
 
-def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
-    """``events`` if they certainly keep every rule and each decimal text is what str() of its
-    Decimal is, so they are stored as the Decimal events would be; None may be a false alarm
-    (take the exact path).
+def _plain_texts(events: list[TextEvent]) -> bool:
+    """``events`` certainly keep every rule and each decimal text is what str() of its Decimal
+    is, so they are stored as the Decimal events would be; False may be a false alarm (take
+    the exact path).
 
     ``_plain_events`` on the texts (the same ``_parts``): the same identifiers, currencies and
     post-void rule, the decimals checked on their text (``_SIGNED``), quantities of a sale,
@@ -832,19 +840,14 @@ def _plain_texts(events: list[TextEvent]) -> list[PosEvent] | None:
     patterns."""
     parts = _parts(events)
     if parts is None:
-        return None
+        return False
     values, quantities, counted, ids, currencies = parts
-    joined = "".join(currencies)
-    if not (
+    return (
         _joined(values, _all_signed)
         and _known_positive.all_match(quantities)
         and _joined(counted, _all_non_negative)
-        and _printable("".join(ids))
-        and {*map(len, currencies)} <= {3}
-        and (not joined or (joined.isascii() and joined.isalpha() and joined.isupper()))
-    ):
-        return None
-    return [*events]
+        and _plain_names(ids, currencies)
+    )
 
 
 _json_texts = msgspec.json.Decoder(
@@ -869,10 +872,10 @@ def decode_to_store(body: bytes, *, msgpack: bool = False) -> list[PosEvent]:
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         pass  # a JSON number, or something wrong: the exact path says what
     else:
-        plain = _plain_texts(decoded if isinstance(decoded, list) else [decoded])
-        if plain is not None:
-            return plain
-    return [*decode_pos_events(body, msgpack=msgpack)]
+        events = decoded if isinstance(decoded, list) else [decoded]
+        if _plain_texts(events):
+            return cast(list[PosEvent], events)  # the list is not used as list[TextEvent] again
+    return cast(list[PosEvent], decode_pos_events(body, msgpack=msgpack))
 
 
 def decode_pos_events(body: bytes, *, msgpack: bool = False) -> list[Event]:

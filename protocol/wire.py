@@ -57,7 +57,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
 class AcceptedRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     """A ``Record`` as the agent writes it: the same fields in the same order, so the same
-    bytes, its event either kind ``decode_pos_events`` gives (decimals as text or as
+    bytes, its event either kind ``decode_to_store`` gives (decimals as text or as
     Decimals, written alike). Never decoded: central reads ``Record``."""
 
     seq: int
