@@ -114,3 +114,29 @@ def test_ingest_ladder_alternates_floors_and_agent() -> None:
     assert ["inline", "agent"] == [line["kind"] for line in lines]
     assert all(line["events_per_s"] > 0 and line["cpu_us_per_request"] > 0 for line in lines)
     assert done.stdout.rstrip().endswith("x")  # the round's agent/inline ratio
+
+
+@pytest.mark.parametrize("floor", [False, True], ids=["agent", "floor"])
+def test_ingest_opcodes_counts_our_functions(floor: bool, tmp_path: Path) -> None:
+    """The bytecode count traces the server only while switched on, and names the functions a
+    single-event POST runs: the agent's quick route and outbox planning, or the floor's own
+    handler; both run the rules' one pass (protocol/events.py)."""
+    counts = tmp_path / "ops.json"
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "tests.bench.ingest_opcodes", "--requests", "200",
+            "--warm-up", "100", "--top", "10", "--json", str(counts),
+            *(["--floor"] if floor else []),
+        ],
+        cwd=ROOT, capture_output=True, text=True, timeout=110, check=False,
+    )  # fmt: skip
+    assert 0 == done.returncode, done.stdout + done.stderr
+    ran = json.loads(counts.read_text())
+    ours = {where.split(":")[-1]: ops for where, (ops, _calls) in ran.items()}
+    assert ours["_parts"] >= 200  # one pass a request, a loop over its event's fields
+    if floor:
+        assert "FloorProtocol.on_message_complete" in ours and "Ingest._quick" not in ours
+    else:
+        assert ours["Ingest._quick"] >= 200 and ours["Outbox._plan_one"] >= 200
+        assert "FloorProtocol.on_message_complete" not in ours
+    assert "bytecodes and" in done.stdout.splitlines()[0]
