@@ -26,6 +26,7 @@ from agent.config import (
     TOKEN_ENV,
     AgentConfig,
     check_listen_allowed,
+    check_token,
     load_config,
     parse_listen,
     render_config,
@@ -71,7 +72,7 @@ def _load(config: Path, data_dir: Path | None = None, listen: str | None = None)
             parse_listen(listen)
             ingest = msgspec.structs.replace(ingest, listen=listen)
         if token := os.environ.get(TOKEN_ENV):
-            ingest = msgspec.structs.replace(ingest, token=token)
+            ingest = msgspec.structs.replace(ingest, token=check_token(token))
         return msgspec.structs.replace(cfg, ingest=ingest, **changes)
     except AgentError as exc:
         raise click.ClickException(str(exc)) from None

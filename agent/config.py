@@ -50,6 +50,10 @@ DEFAULT_RECONCILE_DAYS = 7
 DEFAULT_TILL_GRACE = 900.0
 
 TOKEN_ENV = "STORELINK_AGENT_TOKEN"
+# What a POS can send after "Bearer " in a header and the agent can compare (printable ASCII,
+# no spaces): a token with other characters (spaces around it, letters beyond ASCII) could never
+# be matched, so every request would be refused 401. Refused at start instead, by name.
+TOKEN_PATTERN = r"^[\x21-\x7e]*$"
 
 
 class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -65,7 +69,8 @@ class IngestConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     token: Annotated[
         str,
         msgspec.Meta(
-            description=f"Bearer token the POS must send; empty: none. ${TOKEN_ENV} overrides."
+            description=f"Bearer token the POS must send: printable ASCII, no spaces; empty: "
+            f"none. ${TOKEN_ENV} overrides.",
         ),
     ] = ""
     max_request_bytes: Annotated[
@@ -322,6 +327,17 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return f"`{path}`: {message[0].lower()}{message[1:]}" if path else message
 
 
+def check_token(token: str, where: str = f"${TOKEN_ENV}") -> str:
+    """``token`` when a POS could send it (``TOKEN_PATTERN``); else ConfigError naming
+    ``where`` it came from."""
+    if re.fullmatch(TOKEN_PATTERN, token) is None:
+        raise ConfigError(
+            f"{where}: the ingest token must be printable ASCII without spaces (a POS sends it "
+            "as `Authorization: Bearer <token>`)"
+        )
+    return token
+
+
 def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> AgentConfig:
     """Validate a decoded TOML document; relative paths are taken from ``base_dir``."""
     try:
@@ -329,6 +345,7 @@ def config_from_dict(data: dict[str, Any], *, base_dir: Path | None = None) -> A
     except msgspec.ValidationError as exc:
         raise ConfigError(_explain(exc)) from None
     parse_listen(cfg.ingest.listen)
+    check_token(cfg.ingest.token, "`ingest.token`")
     try:
         cfg.poslog.zone()
     except (KeyError, ValueError, OSError):  # ZoneInfoNotFoundError is a KeyError

@@ -161,3 +161,18 @@ def test_struct_is_frozen() -> None:
     cfg = AgentConfig(store_id="S1")
     with pytest.raises(AttributeError):
         cfg.store_id = "S2"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("token", [" t0ken", "t0ken ", "tök", "two words", "tab\there"])
+def test_a_token_no_pos_could_send_is_refused_by_name(tmp_path: Path, token: str) -> None:
+    """A token with spaces or characters beyond printable ASCII could never be matched (every
+    request would be refused 401): the config file and $STORELINK_AGENT_TOKEN are refused at
+    start, naming where the token came from."""
+    with pytest.raises(ConfigError, match=r"`ingest\.token`: the ingest token must be printable"):
+        config.config_from_dict({"store_id": "S1", "ingest": {"token": token}})
+    path = write(tmp_path, 'store_id = "S1"\ndata_dir = "data"\n')
+    done = CliRunner().invoke(cli, ["check-config", str(path)], env={config.TOKEN_ENV: token})
+    assert 1 == done.exit_code
+    assert f"${config.TOKEN_ENV}: the ingest token must be printable ASCII" in done.output
+    ok = config.config_from_dict({"store_id": "S1", "ingest": {"token": "A-z_0.9~+/="}})
+    assert "A-z_0.9~+/=" == ok.ingest.token
