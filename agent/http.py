@@ -35,7 +35,7 @@ import collections
 import http
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import httptools
 import msgspec
@@ -214,13 +214,29 @@ class Request(msgspec.Struct, eq=False):
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-# Called with a request whose body has all arrived and a function that answers it: True when
-# it took the request (it calls ``respond(request, response)`` once, now or from a callback),
-# False to leave it to the handler. No task or coroutine per request: for the hottest route
-# (single-event POSTs) those were a fifth of the agent's CPU. ``respond`` is the connection's
-# own ``_answer``: no method of the request's in between, a Python call fewer a request.
-Responder = Callable[[Request, Response], None]
-QuickHandler = Callable[[Request, Responder], bool]
+
+
+class Answerer(Protocol):
+    """What answers a request the quick handler took: its connection."""
+
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request`` with ``response`` (once)."""
+
+    def answer_json(self, request: Request, status: int, body: bytes) -> None:
+        """``answer(request, Response(status, body))`` for an ``application/json`` answer
+        without extra headers to a request whose body is complete, not ``HEAD``, not answered
+        yet (what a quick handler takes), written without a ``Response`` when it can go out
+        at once."""
+
+
+# Called with a request whose body has all arrived, that body (empty when it was over the
+# limit: ``too_large`` says so) and what answers it: True when it took the request (it calls
+# ``answer`` or ``answer_json`` once, now or from a callback), False to leave it to the
+# handler. No task or coroutine per request: for the hottest route (single-event POSTs) those
+# were a fifth of the agent's CPU. The body is handed over (no ``read_nowait`` call), and
+# the answerer is the connection itself: no method of the request's in between, Python calls
+# fewer a request.
+QuickHandler = Callable[[Request, bytes, Answerer], bool]
 
 
 def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
@@ -259,6 +275,11 @@ def _encode_any(response: Response, *, head_only: bool = False, close: bool = Fa
     return b"".join(lines)
 
 
+# The head of every ``application/json`` answer without extra headers, up to its length, by
+# status: what ``encode_response`` caches in ``_heads`` (``answer_json`` writes from it).
+_JSON_HEADS = {status: _encode_any(Response(status))[:-5] for status in _REASONS}
+
+
 def _bad_request(message: str) -> Response:
     body = b'{"error":"bad_request","message":"%s"}' % message.replace('"', "'").encode()
     return Response(400, body)
@@ -276,6 +297,9 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
+        # The server's quick handler and body limit, read once per request: kept here.
+        self._quick = server.quick
+        self._max_body = server.max_body
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -326,8 +350,9 @@ class _Connection(asyncio.Protocol):
                 self.close()
             else:
                 self._fail(f"malformed HTTP request: {exc}")
-        request, self._unstarted = self._unstarted, None
+        request = self._unstarted
         if request is not None:  # its body is still to come: the handler reads it
+            self._unstarted = None
             self._loop.create_task(self._serve(request))
 
     # -- httptools callbacks --
@@ -384,13 +409,13 @@ class _Connection(asyncio.Protocol):
         request._size = size
         if request.too_large is not None:
             return
-        if size > self._server.max_body:
+        if size > self._max_body:
             request.too_large = size
             request._parts.clear()
             request._wake()
         else:
             request._parts.append(body)
-            if not request.reading and size > READ_AHEAD:
+            if size > READ_AHEAD and not request.reading:
                 self.pause()
 
     def on_message_complete(self) -> None:
@@ -400,25 +425,27 @@ class _Connection(asyncio.Protocol):
         request, self._parsing = self._parsing, None
         if request is None:
             return
-        request.complete = True  # no call to wake a reader when none waits (the usual)
-        if request._waiter is not None:
-            request._wake()
+        request.complete = True
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
         if self._unstarted is request:
             # Its handler starts now: the quick handler's when it takes the request, else in a
-            # task. (Here, not in a method of its own: a Python call fewer a request.)
+            # task. (Here, not in a method of its own: a Python call fewer a request.) No
+            # reader waits for a request whose handler has not started.
             self._unstarted = None
-            take = self._server.quick
+            take = self._quick
             if take is not None:
+                parts = request._parts  # the body as read_nowait gives it, without the call
                 try:
-                    if take(request, self._answer):
+                    if take(request, parts[0] if len(parts) == 1 else b"".join(parts), self):
                         return
                 except Exception:  # it runs inside the parser's callback: answer, do not unwind
                     log.exception("HTTP %s %s failed", request.method, request.path)
-                    self._answer(request, Response(500, b'{"error":"internal_error"}'))
+                    self.answer(request, Response(500, b'{"error":"internal_error"}'))
                     return
             self._loop.create_task(self._serve(request))
+        elif request._waiter is not None:  # no call to wake a reader when none waits
+            request._wake()
 
     # -- flow --
 
@@ -467,41 +494,62 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             response = Response(500, b'{"error":"internal_error"}')
-        self._answer(request, response)
+        self.answer(request, response)
 
-    def _answer(self, request: Request, response: Response) -> None:
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request`` with ``response``: now when it is the only request in flight,
+        else once the answers before it are (those ready together go out in one write). A
+        request answered already (400 by ``_fail``) keeps its answer."""
         if request.response is not None:  # answered 400 by _fail meanwhile
             return
-        request.response = response
+        if (
+            not response.headers
+            and response.content_type == "application/json"
+            and request.complete
+            and request.method != "HEAD"
+        ):
+            self.answer_json(request, response.status, response.body)  # the usual answer
+        else:
+            self._queue(request, response)
+
+    def answer_json(self, request: Request, status: int, body: bytes) -> None:
+        """``answer(request, Response(status, body))``: an ``application/json`` answer without
+        extra headers to a request not answered yet whose body is complete, not ``HEAD`` (a
+        quick handler's: ``answer`` checks these for the others). Written here at once when it
+        is the usual answer (a single-event POST's 202): the only request in flight, kept
+        alive, the server not stopping; the same bytes and state as ``_flush`` gives
+        (tests/agent/test_http.py), with none of its calls and no ``Response``."""
         inflight = self._inflight
-        if inflight and inflight[0] is request and len(inflight) == 1:
-            # The only request in flight (no pipelining): write it now.
-            server = self._server
-            head = _heads.get((response.status, response.content_type))
-            if (
-                head is not None
-                and request.keep_alive
-                and request.complete
-                and request.method != "HEAD"
-                and not response.headers
-                and not server.closing
-                and not self._answered_last
-            ):
-                # The usual answer (a single-event POST's 202): what _flush does for it, with
-                # encode_response's cached head, and none of the calls (callgrind: ~3,000
-                # instructions a request fewer). The same bytes and state as _flush
-                # (tests/agent/test_http.py).
+        if (
+            len(inflight) == 1
+            and inflight[0] is request
+            and request.keep_alive
+            and not self._answered_last
+            and not self._server.closing
+        ):
+            head = _JSON_HEADS.get(status)
+            if head is not None:
                 self._flush_soon = False
                 inflight.popleft()
-                body = response.body
                 transport = self._transport
                 if transport is not None and not transport.is_closing():
                     transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
                 if self._paused and not self._discarding:
                     self.resume()
-                if server._quiet is not None:
-                    server._quiet.set()
+                quiet = self._server._quiet
+                if quiet is not None:
+                    quiet.set()
                 return
+        self._queue(request, Response(status, body))
+
+    def _queue(self, request: Request, response: Response) -> None:
+        """``answer``'s general way: ``_flush`` now when ``request`` is the only one in
+        flight, else at the end of this iteration of the loop."""
+        if request.response is not None:
+            return
+        request.response = response
+        inflight = self._inflight
+        if inflight and inflight[0] is request and len(inflight) == 1:
             self._flush()
         elif not self._flush_soon:
             # Other answers of the same group commit are being resolved in this iteration of

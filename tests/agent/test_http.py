@@ -540,12 +540,13 @@ _STATES = ("keep_alive", "complete", "cached", "closing", "transport_closing", "
 def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     status: int, body: bytes, content_type: str, headers: dict[str, str]
 ) -> None:
-    """The answer to the only request in flight, written at once by _answer (its shortcut for
-    the usual answer), leaves the same bytes and the same connection and server state as
-    _flush, the general way, does with it: every method and every combination of the
-    connection's and the server's states, with and without the answer's extra headers."""
+    """The answer to the only request in flight, written at once by answer or answer_json
+    (their shortcut for the usual answer), leaves the same bytes and the same connection and
+    server state as _flush, the general way, does with it: every method and every combination
+    of the connection's and the server's states, with and without the answer's extra headers
+    (answer_json: a JSON answer without them)."""
 
-    def answer(general: bool, method: str, headers: dict[str, str], **on: bool) -> object:
+    def answer(way: str, method: str, headers: dict[str, str], **on: bool) -> object:
         server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
         server.closing = on["closing"]
         if on["waited"]:
@@ -565,11 +566,13 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
         request.complete = on["complete"]
         conn._inflight.append(request)
         response = Response(status, body, content_type, dict(headers))
-        if general:
+        if way == "flush":
             request.response = response
             conn._flush()
+        elif way == "answer":
+            conn.answer(request, response)
         else:
-            conn._answer(request, response)
+            conn.answer_json(request, status, body)
         state = (
             transport.written,
             transport.closing,
@@ -588,11 +591,15 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     async def compare() -> list[tuple[object, ...]]:
         differ = []
         for method, extra in itertools.product(["POST", "HEAD", "GET"], [{}, headers]):
+            json_ok = method != "HEAD"  # answer_json's callers: complete, not HEAD
             for values in itertools.product([False, True], repeat=len(_STATES)):
                 on = dict(zip(_STATES, values, strict=True))
-                expected = answer(True, method, extra, **on)
-                if expected != answer(False, method, extra, **on):
-                    differ.append((method, extra, on))
+                expected = answer("flush", method, extra, **on)
+                if expected != answer("answer", method, extra, **on):
+                    differ.append(("answer", method, extra, on))
+                if content_type == "application/json" and not extra and on["complete"] and json_ok:
+                    if expected != answer("answer_json", method, extra, **on):
+                        differ.append(("answer_json", method, extra, on))
         return differ
 
     loop = asyncio.new_event_loop()
@@ -640,9 +647,9 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     data = head.encode("latin-1") + b"\r\n" + (body or b"")
     seen: list[Request] = []
 
-    def take(request: Request, respond: http_module.Responder) -> bool:
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
         seen.append(request)
-        respond(request, Response(204))
+        conn.answer(request, Response(204))
         return True
 
     async def parse() -> None:
