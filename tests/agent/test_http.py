@@ -675,3 +675,95 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
         loop.run_until_complete(parse())
     finally:
         loop.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    json_first=st.booleans(),
+    json_second=st.booleans(),
+    second_first=st.booleans(),
+    statuses=st.tuples(_statuses, _statuses),
+)
+def test_answers_to_pipelined_requests_go_out_in_order_in_one_write(
+    json_first: bool, json_second: bool, second_first: bool, statuses: tuple[int, int]
+) -> None:
+    """Two requests in flight on one connection, answered in the same turn of the loop in
+    either order, each by answer_json or by answer with its Response: the answers are written
+    in request order, together in one write, as answer gives them (answer_json's shortcut is
+    for the only request in flight)."""
+
+    async def run(shortcut: bool) -> list[bytes]:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        requests = [Request.of(conn, "POST", b"/v1/events", {}, True) for _ in range(2)]
+        for request in requests:
+            request.complete = True
+            conn._inflight.append(request)
+        order = [1, 0] if second_first else [0, 1]
+        for i in order:
+            body = b'{"n":%d}' % i
+            if shortcut and (json_first, json_second)[i]:
+                conn.answer_json(requests[i], statuses[i], body)
+            else:
+                conn.answer(requests[i], Response(statuses[i], body))
+        await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        expected = loop.run_until_complete(run(False))
+        assert 1 == len(expected)
+        assert expected == loop.run_until_complete(run(True))
+    finally:
+        loop.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    body=st.binary(min_size=0, max_size=300),
+    chunked=st.booleans(),
+    cuts=st.lists(st.integers(0, 300), max_size=4),
+    reads=st.lists(st.integers(1, 60), max_size=3),
+)
+def test_the_quick_handler_is_given_the_body_read_nowait_gives(
+    body: bytes, chunked: bool, cuts: list[int], reads: list[int]
+) -> None:
+    """The body on_message_complete hands the quick handler is the request's whole body, as
+    read_nowait gives it, whether it came in one piece or in several (chunks: one on_body
+    call each), with the head split across reads (a body that arrives after the read that
+    completed the head goes to the handler, not the quick one)."""
+    ends = sorted({0, *(min(cut, len(body)) for cut in cuts), len(body)})
+    pieces = [body[a:b] for a, b in itertools.pairwise(ends)]
+    if chunked:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces if piece)
+        head = b"POST /v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        rest = framed + b"0\r\n\r\n"
+    else:
+        head = b"POST /v1/events HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        rest = body
+    seen: list[tuple[bytes, bytes | None]] = []
+
+    def take(request: Request, given: bytes, conn: http_module.Answerer) -> bool:
+        seen.append((given, request.read_nowait()))
+        conn.answer(request, Response(204))
+        return True
+
+    async def parse() -> None:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        server.quick = take
+        conn = http_module._Connection(server)
+        conn._transport = _Transport(False)  # type: ignore[assignment]
+        start = 0
+        for read in sorted({min(read, len(head) - 1) for read in reads}):
+            conn.data_received(head[start:read])
+            start = read
+        conn.data_received(head[start:] + rest)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse())
+    finally:
+        loop.close()
+    assert [(body, body)] == seen
