@@ -140,6 +140,7 @@ class Request(msgspec.Struct, eq=False):
     reading: bool = False
     too_large: int | None = None  # bytes seen when the body passed the limit
     response: Response | None = None  # the answer, until it is written
+    started: bool = False  # its handler started before the body was complete
     wants_continue: bool = False  # a 100 Continue is owed once the answers before are out
 
     @classmethod
@@ -305,11 +306,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._parsing: Request | None = None  # the request whose head/body is being parsed
-        # A request whose head is parsed and whose handler has not started: it starts when
-        # its body is complete (quick handler first), or at the end of the data that brought
-        # its head (the handler then reads the body as it comes).
-        self._unstarted: Request | None = None
+        # The request whose head is parsed and whose body is being parsed. Its handler starts
+        # when its body is complete (quick handler first), or at the end of the data that
+        # brought its head if the body is still to come (``started``; the handler then reads
+        # the body as it comes).
+        self._parsing: Request | None = None
         # Requests started and not yet answered, in the order they arrived (the one being
         # parsed, if any, is the last).
         self._inflight: collections.deque[Request] = collections.deque()
@@ -350,9 +351,9 @@ class _Connection(asyncio.Protocol):
                 self.close()
             else:
                 self._fail(f"malformed HTTP request: {exc}")
-        request = self._unstarted
-        if request is not None:  # its body is still to come: the handler reads it
-            self._unstarted = None
+        request = self._parsing
+        if request is not None and not request.started:  # its body is still to come
+            request.started = True  # the handler reads it
             self._loop.create_task(self._serve(request))
 
     # -- httptools callbacks --
@@ -365,13 +366,16 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The cache looked up here, not through header_name(): a Python call per header saved.
-        key = _header_names.get(name) or header_name(name)
-        headers = self._headers
-        if key in headers:  # a repeated header: joined
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        # The cache looked up here, not through header_name(): a Python call per header saved
+        # (subscripted: fewer bytecodes than a get, and a name is nearly always there).
+        try:
+            key = _header_names[name]
+        except KeyError:
+            key = header_name(name)
+        if key in self._headers:  # a repeated header: joined
+            self._headers[key] = f"{self._headers[key]}, {value.decode('latin-1')}"
         else:
-            headers[key] = value.decode("latin-1")
+            self._headers[key] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
@@ -380,11 +384,15 @@ class _Connection(asyncio.Protocol):
         if self._discarding:
             return
         raw = self._parser.get_method()
-        method = _methods.get(raw)
-        if method is None:  # httptools knows some 40 methods: the cache holds them all
+        try:
+            method = _methods[raw]
+        except KeyError:  # httptools knows some 40 methods: the cache holds them all
             method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
         # Request.of written out (a Python call fewer): the cached split, the length.
-        path, query = _targets.get(url) or split_target(url)
+        try:
+            path, query = _targets[url]
+        except KeyError:
+            path, query = split_target(url)
         length = headers.get("content-length")
         request = Request(
             self,
@@ -397,7 +405,6 @@ class _Connection(asyncio.Protocol):
         )
         self._parsing = request
         self._inflight.append(request)
-        self._unstarted = request
 
     def on_body(self, body: bytes) -> None:
         # The request's part written here, not in a method of the request: a Python call
@@ -428,11 +435,10 @@ class _Connection(asyncio.Protocol):
         request.complete = True
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
-        if self._unstarted is request:
+        if not request.started:
             # Its handler starts now: the quick handler's when it takes the request, else in a
             # task. (Here, not in a method of its own: a Python call fewer a request.) No
             # reader waits for a request whose handler has not started.
-            self._unstarted = None
             take = self._quick
             if take is not None:
                 parts = request._parts  # the body as read_nowait gives it, without the call
@@ -527,8 +533,11 @@ class _Connection(asyncio.Protocol):
             and not self._answered_last
             and not self._server.closing
         ):
-            head = _JSON_HEADS.get(status)
-            if head is not None:
+            try:
+                head = _JSON_HEADS[status]
+            except KeyError:  # a status without a reason phrase
+                pass
+            else:
                 self._flush_soon = False
                 inflight.popleft()
                 transport = self._transport
@@ -623,7 +632,6 @@ class _Connection(asyncio.Protocol):
     def _fail(self, message: str) -> None:
         """A request the parser refused: answer 400 after the requests before it, then close."""
         broken, self._parsing = self._parsing, None
-        self._unstarted = None
         self._discarding = True
         self.pause()
         if broken is not None:
