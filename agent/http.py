@@ -119,8 +119,10 @@ class Response(msgspec.Struct):
 
 class Request(msgspec.Struct, eq=False):
     """One request: its head is complete; ``await read()`` gives the body. ``headers`` has
-    lower-case names (a repeated header is joined with ", "); ``path`` and ``query`` are still
-    percent-encoded (routes split them). ``Request.of`` makes one from a head's parts.
+    lower-case names (a repeated header is joined with ", "); ``raw_headers`` is the same with
+    the values as they came (bytes: ``headers`` is made from it, latin-1, when first asked);
+    ``path`` and ``query`` are still percent-encoded (routes split them). ``Request.of`` makes
+    one from a head's parts.
 
     A Struct, made in C: one for every request, ~1,700 instructions fewer than the class with
     an ``__init__`` it was (callgrind, docs/benchmarks.md "round six"). Compared by identity,
@@ -130,9 +132,10 @@ class Request(msgspec.Struct, eq=False):
     method: str
     path: str
     query: str
-    headers: dict[str, str]
+    raw_headers: dict[str, bytes]
     keep_alive: bool
     content_length: int | None  # llhttp checked it
+    _headers: dict[str, str] | None = None  # made from raw_headers when first asked
     _parts: list[bytes] = msgspec.field(default_factory=list)
     _size: int = 0
     _waiter: asyncio.Future[None] | None = None
@@ -152,12 +155,23 @@ class Request(msgspec.Struct, eq=False):
         headers: dict[str, str],
         keep_alive: bool,
     ) -> Request:
-        """The request of a head: its method, target (split here), headers and whether the
-        connection is kept after it (``_Connection.on_headers_complete`` does the same)."""
+        """The request of a head: its method, target (split here), headers (latin-1 text) and
+        whether the connection is kept after it (``_Connection.on_headers_complete`` does the
+        same from the head's bytes)."""
         path, query = split_target(target)
-        length = headers.get("content-length")
+        raw = {name: value.encode("latin-1") for name, value in headers.items()}
+        length = raw.get("content-length")
         content_length = int(length) if length is not None else None
-        return cls(conn, method, path, query, headers, keep_alive, content_length)
+        return cls(conn, method, path, query, raw, keep_alive, content_length, headers)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The header values as text (latin-1), by lower-case name."""
+        headers = self._headers
+        if headers is None:
+            headers = {name: value.decode("latin-1") for name, value in self.raw_headers.items()}
+            self._headers = headers
+        return headers
 
     @property
     def content_type(self) -> str:
@@ -170,7 +184,7 @@ class Request(msgspec.Struct, eq=False):
     @property
     def has_body(self) -> bool:
         """Whether the client framed a body (a length, or chunked)."""
-        return self.content_length is not None or "transfer-encoding" in self.headers
+        return self.content_length is not None or "transfer-encoding" in self.raw_headers
 
     async def read(self) -> bytes | None:
         """The whole body, or None when it grew past the server's limit (``too_large`` says
@@ -305,7 +319,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
-        self._headers: dict[str, str] = {}
+        self._headers: dict[str, bytes] = {}  # the head's, as Request.raw_headers keeps them
         # The request whose head is parsed and whose body is being parsed. Its handler starts
         # when its body is complete (quick handler first), or at the end of the data that
         # brought its head if the body is still to come (``started``; the handler then reads
@@ -372,10 +386,12 @@ class _Connection(asyncio.Protocol):
             key = _header_names[name]
         except KeyError:
             key = header_name(name)
+        # The value kept as it came: decoded only for a route that asks (Request.headers; the
+        # quick route compares the bytes).
         if key in self._headers:  # a repeated header: joined
-            self._headers[key] = f"{self._headers[key]}, {value.decode('latin-1')}"
+            self._headers[key] = self._headers[key] + b", " + value
         else:
-            self._headers[key] = value.decode("latin-1")
+            self._headers[key] = value
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers

@@ -54,12 +54,13 @@ MSGPACK_TYPES = frozenset(
     {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 )
 XML_TYPES = frozenset({"application/xml", "text/xml", "application/octet-stream"})
-# The Content-Type values a POS sends as they are, each with whether it is msgpack: the quick
-# route takes these as they come (a dict look-up) and leaves any other value (parameters,
-# another case, spaces) to ``_events_format``, which gives the same answer for these.
+# The Content-Type values a POS sends as they are (the header's bytes), each with whether it
+# is msgpack: the quick route takes these as they come (a dict look-up) and leaves any other
+# value (parameters, another case, spaces) to ``_events_format``, which gives the same answer
+# for these.
 QUICK_FORMATS = {
-    **{media_type: False for media_type in JSON_TYPES},
-    **{media_type: True for media_type in MSGPACK_TYPES},
+    **{media_type.encode(): False for media_type in JSON_TYPES},
+    **{media_type.encode(): True for media_type in MSGPACK_TYPES},
 }
 RETRY_AFTER_FULL = "10"  # seconds: the forwarder needs a moment to drain before room appears
 RETRY_AFTER_BUSY = "1"
@@ -206,13 +207,19 @@ class Ingest:
         self.host = host
         self.port = port
         self._token = token.encode() if token else b""
-        # The Authorization header the quick route compares as it comes (``_gate`` accepts it
-        # too, and judges any other); None when there is no token. ``_gate`` strips what it is
-        # sent, so it accepts nothing for a token with spaces around it: b"" sends every
-        # request to it then.
+        # The Authorization header's bytes the quick route compares as they come (``_gate``
+        # accepts them too, and judges any other value); None when there is no token. ``_gate``
+        # reads the header as latin-1 text: a token that is not latin-1 text cannot match, and
+        # ``_gate`` strips what it is sent, so it accepts nothing for a token with spaces around
+        # it; b"" sends every request to it then.
         self._bearer: bytes | None = None
         if token:
-            self._bearer = f"Bearer {token}".encode() if token == token.strip() else b""
+            self._bearer = b""
+            if token == token.strip():
+                try:
+                    self._bearer = f"Bearer {token}".encode("latin-1")
+                except UnicodeEncodeError:
+                    pass
         self.max_request_bytes = max_request_bytes
         self.max_requests_in_flight = max_requests_in_flight
         self._in_flight = 0
@@ -491,15 +498,15 @@ class Ingest:
         # closed one refuses the append with OutboxClosed, answered as ``_gate`` answers it,
         # and a body that does not decode is answered so too when it is closed (as ``_gate``
         # would have before the body).
-        headers = request.headers
-        known = QUICK_FORMATS.get(headers.get("content-type", ""))
+        headers = request.raw_headers  # as they came: no text made of them
+        known = QUICK_FORMATS.get(headers.get("content-type", b""))
         bearer = self._bearer
         msgpack: bool
         if (
             known is not None
             and (
                 bearer is None
-                or (bearer and compare_digest(headers.get("authorization", "").encode(), bearer))
+                or (bearer and compare_digest(headers.get("authorization", b""), bearer))
             )
             and not self._stopping
             and self._in_flight < self.max_requests_in_flight

@@ -623,7 +623,9 @@ _request_targets = st.builds(
     version=st.sampled_from(["1.0", "1.1"]),
     connection=st.sampled_from([None, "close", "keep-alive"]),
     body=st.none() | st.binary(max_size=20),
-    extra=st.lists(st.sampled_from(["X-A: 1", "x-a: 2", "Content-Type: a/b", "Host: y"])),
+    extra=st.lists(
+        st.sampled_from(["X-A: 1", "x-a: 2", "Content-Type: a/b", "Host: y", "X-B: caf\xe9"])
+    ),
 )
 def test_a_parsed_head_makes_the_request_request_of_makes(
     method: str,
@@ -634,8 +636,9 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     extra: list[str],
 ) -> None:
     """The request on_headers_complete makes itself (Request.of written out) has the method,
-    path, query, headers, keep-alive and length Request.of gives for the same head; its
-    headers have lower-case names, a repeated one's values joined with ", " in order."""
+    path, query, headers (as text, and as bytes: raw_headers), keep-alive and length
+    Request.of gives for the same head; its headers have lower-case names, a repeated one's
+    values joined with ", " in order, latin-1 text."""
     lines = [*extra]
     if connection is not None:
         lines.append(f"Connection: {connection}")
@@ -661,7 +664,8 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
         assert 1 == len(seen)
         made = seen[0]
         general = Request.of(conn, made.method, target, made.headers, made.keep_alive)
-        fields = ("method", "path", "query", "headers", "keep_alive", "content_length")
+        fields = ("method", "path", "query", "headers", "raw_headers", "keep_alive")
+        fields += ("content_length",)
         assert [getattr(general, f) for f in fields] == [getattr(made, f) for f in fields]
         assert (method, None if body is None else len(body)) == (made.method, made.content_length)
         joined: dict[str, list[str]] = {}

@@ -60,7 +60,7 @@ class RecordingSink(HeldSink):
         return self.open
 
 
-TOKENS = ["", "s3cret", "s3cret ", " s3cret", "to ken", "tök"]
+TOKENS = ["", "s3cret", "s3cret ", " s3cret", "to ken", "tök", "t€k"]
 _case = st.sampled_from([str.lower, str.upper, str.title, lambda s: s])
 _content_types = st.one_of(
     st.sampled_from(["application/json", "application/msgpack"]),
@@ -107,7 +107,12 @@ def _requests(draw: st.DrawFn, token: str) -> bytes:
         headers.append(("X-Till", "7"))
     order = draw(st.permutations(headers))
     lines = "".join(f"{draw(_case)(name)}: {value}\r\n" for name, value in order)
-    return f"POST /v1/events HTTP/1.1\r\n{lines}\r\n".encode("latin-1") + data
+    head = f"POST /v1/events HTTP/1.1\r\n{lines}\r\n"
+    encoding = draw(st.sampled_from(["latin-1", "utf-8"]))  # how the client sends a token
+    try:
+        return head.encode(encoding) + data
+    except UnicodeEncodeError:  # not latin-1 text
+        return head.encode("utf-8") + data
 
 
 async def _serve(quick: bool, token: str, on: dict[str, object], data: bytes) -> object:
