@@ -771,3 +771,91 @@ def test_the_quick_handler_is_given_the_body_read_nowait_gives(
     finally:
         loop.close()
     assert [(body, body)] == seen
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    body=st.binary(min_size=3, max_size=200),
+    cuts=st.tuples(st.integers(0, 100), st.integers(0, 100)),
+    expect=st.booleans(),
+)
+def test_a_body_that_comes_after_its_head_is_read_by_one_handler(
+    body: bytes, cuts: tuple[int, int], expect: bool
+) -> None:
+    """A request whose body is still to come when the read that brought its head ends starts
+    its handler once, in a task (not the quick handler: the body is not all there), however
+    many reads the rest of the body takes; the handler reads the whole body and the next
+    request on the connection is served as usual."""
+    first, second = sorted(min(cut, len(body) - 1) for cut in cuts)
+    extra = "Expect: 100-continue\r\n" if expect else ""
+    head = f"POST /p HTTP/1.1\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+    taken: list[bytes] = []
+    served: list[bytes] = []
+
+    def take(request: Request, given: bytes, conn: http_module.Answerer) -> bool:
+        taken.append(given)
+        return False
+
+    async def handle(request: Request) -> Response:
+        read = await request.read()
+        assert read is not None
+        served.append(read)
+        return Response(200, read)
+
+    async def run() -> list[bytes]:
+        server = HttpServer(handle, max_body=1024)
+        server.quick = take
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        for data in (head + body[:first], body[first:second], body[second:] + post(b"[]")):
+            conn.data_received(data)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        written = loop.run_until_complete(asyncio.wait_for(run(), 5))
+    finally:
+        loop.close()
+    assert [b"[]"] == taken  # the second request's, whole at once
+    assert [body, b"[]"] == served
+    out = b"".join(written).replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+    assert out.endswith(b"\r\n\r\n[]") and 2 == out.count(b"HTTP/1.1 200 OK")
+    assert body in out
+
+
+def test_an_answer_given_twice_is_written_once() -> None:
+    """A request answered a second time after its answer was written (a handler's mistake)
+    gets nothing more written, whichever way each answer comes, while the next request is in
+    flight: its answer is not overtaken."""
+
+    async def run(first: str, second: str) -> list[bytes]:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        one = Request.of(conn, "POST", b"/v1/events", {}, True)
+        one.complete = True
+        conn._inflight.append(one)
+        for way in (first, second):
+            if way == "json":
+                conn.answer_json(one, 202, b"{}")
+            else:
+                conn.answer(one, Response(202, b"{}"))
+            if len(conn._inflight) == 0:  # the next request arrives once the first is out
+                two = Request.of(conn, "POST", b"/v1/events", {}, True)
+                conn._inflight.append(two)
+        await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        for ways in itertools.product(["json", "answer"], repeat=2):
+            written = loop.run_until_complete(run(*ways))
+            assert [http_module.encode_response(Response(202, b"{}"))] == written, ways
+    finally:
+        loop.close()

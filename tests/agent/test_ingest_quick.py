@@ -8,6 +8,7 @@ import asyncio
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -252,3 +253,26 @@ async def test_waiters_done_before_their_commit_are_left_be(outbox: Outbox, tmp_
     assert [3] == result.seqs
     assert 1 == len(answered)  # tried once, refused by the waiter itself
     assert [4] == (await outbox.append([sale("w-4")])).seqs
+
+
+@pytest.mark.parametrize("data", [BODY, b"[{", b'[{"event_id": 1}]'])
+@pytest.mark.parametrize("open_", [True, False])
+def test_a_closed_outbox_is_answered_before_the_body_is_judged(open_: bool, data: bytes) -> None:
+    """A POST the quick route admits (the usual headers) while the outbox is closed is
+    answered 503 whatever its body, as the general handler answers it before reading the
+    body (the quick route decodes first and asks the outbox only when the body fails); an
+    open outbox's answer to a bad body is the body's 400 or 422, as there."""
+    head = (
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer s3cret\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    on: dict[str, object] = {"open": open_, "stopping": False, "in_flight": 0}
+    loop = asyncio.new_event_loop()
+    try:
+        expected = loop.run_until_complete(_serve(False, "s3cret", on, head.encode() + data))
+        assert expected == loop.run_until_complete(_serve(True, "s3cret", on, head.encode() + data))
+    finally:
+        loop.close()
+    written = expected[0]  # type: ignore[index]
+    status = b"503" if not open_ else b"202" if data == BODY else b"4"
+    assert written.startswith(b"HTTP/1.1 " + status)
