@@ -525,6 +525,16 @@ class _Transport:
         return default
 
 
+def _taking(take: http_module.QuickHandler) -> http_module._Connection:
+    """A connection (no socket; in a running loop) of a server whose quick handler is
+    ``take``."""
+    server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+    server.quick = take
+    conn = http_module._Connection(server)
+    conn._transport = _Transport(False)  # type: ignore[assignment]
+    return conn
+
+
 _STATES = ("keep_alive", "complete", "cached", "closing", "transport_closing", "paused",
            "waited", "answered_last", "flush_soon", "discarding")  # fmt: skip
 
@@ -656,10 +666,7 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
         return True
 
     async def parse() -> None:
-        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
-        server.quick = take
-        conn = http_module._Connection(server)
-        conn._transport = _Transport(False)  # type: ignore[assignment]
+        conn = _taking(take)
         conn.data_received(data)
         assert 1 == len(seen)
         made = seen[0]
@@ -755,10 +762,7 @@ def test_the_quick_handler_is_given_the_body_read_nowait_gives(
         return True
 
     async def parse() -> None:
-        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
-        server.quick = take
-        conn = http_module._Connection(server)
-        conn._transport = _Transport(False)  # type: ignore[assignment]
+        conn = _taking(take)
         start = 0
         for read in sorted({min(read, len(head) - 1) for read in reads}):
             conn.data_received(head[start:read])
