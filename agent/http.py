@@ -35,7 +35,7 @@ import collections
 import http
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar, cast
+from typing import Protocol, TypeVar, cast
 
 import httptools
 import msgspec
@@ -119,8 +119,10 @@ class Response(msgspec.Struct):
 
 class Request(msgspec.Struct, eq=False):
     """One request: its head is complete; ``await read()`` gives the body. ``headers`` has
-    lower-case names (a repeated header is joined with ", "); ``path`` and ``query`` are still
-    percent-encoded (routes split them). ``Request.of`` makes one from a head's parts.
+    lower-case names (a repeated header is joined with ", "); ``raw_headers`` is the same with
+    the values as they came (bytes: ``headers`` is made from it, latin-1, when first asked);
+    ``path`` and ``query`` are still percent-encoded (routes split them). ``Request.of`` makes
+    one from a head's parts.
 
     A Struct, made in C: one for every request, ~1,700 instructions fewer than the class with
     an ``__init__`` it was (callgrind, docs/benchmarks.md "round six"). Compared by identity,
@@ -130,9 +132,10 @@ class Request(msgspec.Struct, eq=False):
     method: str
     path: str
     query: str
-    headers: dict[str, str]
+    raw_headers: dict[str, bytes]
     keep_alive: bool
     content_length: int | None  # llhttp checked it
+    _headers: dict[str, str] | None = None  # made from raw_headers when first asked
     _parts: list[bytes] = msgspec.field(default_factory=list)
     _size: int = 0
     _waiter: asyncio.Future[None] | None = None
@@ -140,6 +143,7 @@ class Request(msgspec.Struct, eq=False):
     reading: bool = False
     too_large: int | None = None  # bytes seen when the body passed the limit
     response: Response | None = None  # the answer, until it is written
+    started: bool = False  # its handler started before the body was complete
     wants_continue: bool = False  # a 100 Continue is owed once the answers before are out
 
     @classmethod
@@ -151,12 +155,23 @@ class Request(msgspec.Struct, eq=False):
         headers: dict[str, str],
         keep_alive: bool,
     ) -> Request:
-        """The request of a head: its method, target (split here), headers and whether the
-        connection is kept after it (``_Connection.on_headers_complete`` does the same)."""
+        """The request of a head: its method, target (split here), headers (latin-1 text) and
+        whether the connection is kept after it (``_Connection.on_headers_complete`` does the
+        same from the head's bytes)."""
         path, query = split_target(target)
-        length = headers.get("content-length")
+        raw = {name: value.encode("latin-1") for name, value in headers.items()}
+        length = raw.get("content-length")
         content_length = int(length) if length is not None else None
-        return cls(conn, method, path, query, headers, keep_alive, content_length)
+        return cls(conn, method, path, query, raw, keep_alive, content_length, headers)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The header values as text (latin-1), by lower-case name."""
+        headers = self._headers
+        if headers is None:
+            headers = {name: value.decode("latin-1") for name, value in self.raw_headers.items()}
+            self._headers = headers
+        return headers
 
     @property
     def content_type(self) -> str:
@@ -169,7 +184,7 @@ class Request(msgspec.Struct, eq=False):
     @property
     def has_body(self) -> bool:
         """Whether the client framed a body (a length, or chunked)."""
-        return self.content_length is not None or "transfer-encoding" in self.headers
+        return self.content_length is not None or "transfer-encoding" in self.raw_headers
 
     async def read(self) -> bytes | None:
         """The whole body, or None when it grew past the server's limit (``too_large`` says
@@ -214,13 +229,29 @@ class Request(msgspec.Struct, eq=False):
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-# Called with a request whose body has all arrived and a function that answers it: True when
-# it took the request (it calls ``respond(request, response)`` once, now or from a callback),
-# False to leave it to the handler. No task or coroutine per request: for the hottest route
-# (single-event POSTs) those were a fifth of the agent's CPU. ``respond`` is the connection's
-# own ``_answer``: no method of the request's in between, a Python call fewer a request.
-Responder = Callable[[Request, Response], None]
-QuickHandler = Callable[[Request, Responder], bool]
+
+
+class Answerer(Protocol):
+    """What answers a request the quick handler took: its connection."""
+
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request`` with ``response`` (once)."""
+
+    def answer_json(self, request: Request, status: int, body: bytes) -> None:
+        """``answer(request, Response(status, body))`` for an ``application/json`` answer
+        without extra headers to a request whose body is complete, not ``HEAD``, not answered
+        yet (what a quick handler takes), written without a ``Response`` when it can go out
+        at once."""
+
+
+# Called with a request whose body has all arrived, that body (empty when it was over the
+# limit: ``too_large`` says so) and what answers it: True when it took the request (it calls
+# ``answer`` or ``answer_json`` once, now or from a callback), False to leave it to the
+# handler. No task or coroutine per request: for the hottest route (single-event POSTs) those
+# were a fifth of the agent's CPU. The body is handed over (no ``read_nowait`` call), and
+# the answerer is the connection itself: no method of the request's in between, Python calls
+# fewer a request.
+QuickHandler = Callable[[Request, bytes, Answerer], bool]
 
 
 def encode_response(response: Response, *, head_only: bool = False, close: bool = False) -> bytes:
@@ -259,6 +290,11 @@ def _encode_any(response: Response, *, head_only: bool = False, close: bool = Fa
     return b"".join(lines)
 
 
+# The head of every ``application/json`` answer without extra headers, up to its length, by
+# status: what ``encode_response`` caches in ``_heads`` (``answer_json`` writes from it).
+_JSON_HEADS = {status: _encode_any(Response(status))[:-5] for status in _REASONS}
+
+
 def _bad_request(message: str) -> Response:
     body = b'{"error":"bad_request","message":"%s"}' % message.replace('"', "'").encode()
     return Response(400, body)
@@ -276,16 +312,19 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: HttpServer) -> None:
         self._server = server
+        # The server's quick handler and body limit, read once per request: kept here.
+        self._quick = server.quick
+        self._max_body = server.max_body
         self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._url = b""
-        self._headers: dict[str, str] = {}
-        self._parsing: Request | None = None  # the request whose head/body is being parsed
-        # A request whose head is parsed and whose handler has not started: it starts when
-        # its body is complete (quick handler first), or at the end of the data that brought
-        # its head (the handler then reads the body as it comes).
-        self._unstarted: Request | None = None
+        self._headers: dict[str, bytes] = {}  # the head's, as Request.raw_headers keeps them
+        # The request whose head is parsed and whose body is being parsed. Its handler starts
+        # when its body is complete (quick handler first), or at the end of the data that
+        # brought its head if the body is still to come (``started``; the handler then reads
+        # the body as it comes).
+        self._parsing: Request | None = None
         # Requests started and not yet answered, in the order they arrived (the one being
         # parsed, if any, is the last).
         self._inflight: collections.deque[Request] = collections.deque()
@@ -326,8 +365,9 @@ class _Connection(asyncio.Protocol):
                 self.close()
             else:
                 self._fail(f"malformed HTTP request: {exc}")
-        request, self._unstarted = self._unstarted, None
-        if request is not None:  # its body is still to come: the handler reads it
+        request = self._parsing
+        if request is not None and not request.started:  # its body is still to come
+            request.started = True  # the handler reads it
             self._loop.create_task(self._serve(request))
 
     # -- httptools callbacks --
@@ -340,13 +380,18 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # The cache looked up here, not through header_name(): a Python call per header saved.
-        key = _header_names.get(name) or header_name(name)
-        headers = self._headers
-        if key in headers:  # a repeated header: joined
-            headers[key] = f"{headers[key]}, {value.decode('latin-1')}"
+        # The cache looked up here, not through header_name(): a Python call per header saved
+        # (subscripted: fewer bytecodes than a get, and a name is nearly always there).
+        try:
+            key = _header_names[name]
+        except KeyError:
+            key = header_name(name)
+        # The value kept as it came: decoded only for a route that asks (Request.headers; the
+        # quick route compares the bytes).
+        if key in self._headers:  # a repeated header: joined
+            self._headers[key] = self._headers[key] + b", " + value
         else:
-            headers[key] = value.decode("latin-1")
+            self._headers[key] = value
 
     def on_headers_complete(self) -> None:
         url, headers = self._url, self._headers
@@ -355,11 +400,15 @@ class _Connection(asyncio.Protocol):
         if self._discarding:
             return
         raw = self._parser.get_method()
-        method = _methods.get(raw)
-        if method is None:  # httptools knows some 40 methods: the cache holds them all
+        try:
+            method = _methods[raw]
+        except KeyError:  # httptools knows some 40 methods: the cache holds them all
             method = _cached(_methods, raw, raw.decode("latin-1"), len(raw))
         # Request.of written out (a Python call fewer): the cached split, the length.
-        path, query = _targets.get(url) or split_target(url)
+        try:
+            path, query = _targets[url]
+        except KeyError:
+            path, query = split_target(url)
         length = headers.get("content-length")
         request = Request(
             self,
@@ -372,7 +421,6 @@ class _Connection(asyncio.Protocol):
         )
         self._parsing = request
         self._inflight.append(request)
-        self._unstarted = request
 
     def on_body(self, body: bytes) -> None:
         # The request's part written here, not in a method of the request: a Python call
@@ -384,13 +432,13 @@ class _Connection(asyncio.Protocol):
         request._size = size
         if request.too_large is not None:
             return
-        if size > self._server.max_body:
+        if size > self._max_body:
             request.too_large = size
             request._parts.clear()
             request._wake()
         else:
             request._parts.append(body)
-            if not request.reading and size > READ_AHEAD:
+            if size > READ_AHEAD and not request.reading:
                 self.pause()
 
     def on_message_complete(self) -> None:
@@ -400,25 +448,26 @@ class _Connection(asyncio.Protocol):
         request, self._parsing = self._parsing, None
         if request is None:
             return
-        request.complete = True  # no call to wake a reader when none waits (the usual)
-        if request._waiter is not None:
-            request._wake()
+        request.complete = True
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
-        if self._unstarted is request:
+        if not request.started:
             # Its handler starts now: the quick handler's when it takes the request, else in a
-            # task. (Here, not in a method of its own: a Python call fewer a request.)
-            self._unstarted = None
-            take = self._server.quick
+            # task. (Here, not in a method of its own: a Python call fewer a request.) No
+            # reader waits for a request whose handler has not started.
+            take = self._quick
             if take is not None:
+                parts = request._parts  # the body as read_nowait gives it, without the call
                 try:
-                    if take(request, self._answer):
+                    if take(request, parts[0] if len(parts) == 1 else b"".join(parts), self):
                         return
                 except Exception:  # it runs inside the parser's callback: answer, do not unwind
                     log.exception("HTTP %s %s failed", request.method, request.path)
-                    self._answer(request, Response(500, b'{"error":"internal_error"}'))
+                    self.answer(request, Response(500, b'{"error":"internal_error"}'))
                     return
             self._loop.create_task(self._serve(request))
+        elif request._waiter is not None:  # no call to wake a reader when none waits
+            request._wake()
 
     # -- flow --
 
@@ -467,41 +516,65 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP %s %s failed", request.method, request.path)
             response = Response(500, b'{"error":"internal_error"}')
-        self._answer(request, response)
+        self.answer(request, response)
 
-    def _answer(self, request: Request, response: Response) -> None:
+    def answer(self, request: Request, response: Response) -> None:
+        """Answer ``request`` with ``response``: now when it is the only request in flight,
+        else once the answers before it are (those ready together go out in one write). A
+        request answered already (400 by ``_fail``) keeps its answer."""
         if request.response is not None:  # answered 400 by _fail meanwhile
             return
-        request.response = response
+        if (
+            not response.headers
+            and response.content_type == "application/json"
+            and request.complete
+            and request.method != "HEAD"
+        ):
+            self.answer_json(request, response.status, response.body)  # the usual answer
+        else:
+            self._queue(request, response)
+
+    def answer_json(self, request: Request, status: int, body: bytes) -> None:
+        """``answer(request, Response(status, body))``: an ``application/json`` answer without
+        extra headers to a request not answered yet whose body is complete, not ``HEAD`` (a
+        quick handler's: ``answer`` checks these for the others). Written here at once when it
+        is the usual answer (a single-event POST's 202): the only request in flight, kept
+        alive, the server not stopping; the same bytes and state as ``_flush`` gives
+        (tests/agent/test_http.py), with none of its calls and no ``Response``."""
         inflight = self._inflight
-        if inflight and inflight[0] is request and len(inflight) == 1:
-            # The only request in flight (no pipelining): write it now.
-            server = self._server
-            head = _heads.get((response.status, response.content_type))
-            if (
-                head is not None
-                and request.keep_alive
-                and request.complete
-                and request.method != "HEAD"
-                and not response.headers
-                and not server.closing
-                and not self._answered_last
-            ):
-                # The usual answer (a single-event POST's 202): what _flush does for it, with
-                # encode_response's cached head, and none of the calls (callgrind: ~3,000
-                # instructions a request fewer). The same bytes and state as _flush
-                # (tests/agent/test_http.py).
+        if (
+            len(inflight) == 1
+            and inflight[0] is request
+            and request.keep_alive
+            and not self._answered_last
+            and not self._server.closing
+        ):
+            try:
+                head = _JSON_HEADS[status]
+            except KeyError:  # a status without a reason phrase
+                pass
+            else:
                 self._flush_soon = False
                 inflight.popleft()
-                body = response.body
                 transport = self._transport
                 if transport is not None and not transport.is_closing():
                     transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
                 if self._paused and not self._discarding:
                     self.resume()
-                if server._quiet is not None:
-                    server._quiet.set()
+                quiet = self._server._quiet
+                if quiet is not None:
+                    quiet.set()
                 return
+        self._queue(request, Response(status, body))
+
+    def _queue(self, request: Request, response: Response) -> None:
+        """``answer``'s general way: ``_flush`` now when ``request`` is the only one in
+        flight, else at the end of this iteration of the loop."""
+        if request.response is not None:
+            return
+        request.response = response
+        inflight = self._inflight
+        if inflight and inflight[0] is request and len(inflight) == 1:
             self._flush()
         elif not self._flush_soon:
             # Other answers of the same group commit are being resolved in this iteration of
@@ -575,7 +648,6 @@ class _Connection(asyncio.Protocol):
     def _fail(self, message: str) -> None:
         """A request the parser refused: answer 400 after the requests before it, then close."""
         broken, self._parsing = self._parsing, None
-        self._unstarted = None
         self._discarding = True
         self.pause()
         if broken is not None:

@@ -24,6 +24,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from hmac import compare_digest
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -39,7 +40,7 @@ from agent.errors import (
     PoslogRejected,
     RecordTooLarge,
 )
-from agent.http import HttpServer, Request, Responder, Response
+from agent.http import Answerer, HttpServer, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import render_agent_metrics
 from agent.outbox import AppendResult, AppendWaiter, UnsentMarked
@@ -53,12 +54,13 @@ MSGPACK_TYPES = frozenset(
     {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 )
 XML_TYPES = frozenset({"application/xml", "text/xml", "application/octet-stream"})
-# The Content-Type values a POS sends as they are, each with whether it is msgpack: the quick
-# route takes these as they come (a dict look-up) and leaves any other value (parameters,
-# another case, spaces) to ``_events_format``, which gives the same answer for these.
+# The Content-Type values a POS sends as they are (the header's bytes), each with whether it
+# is msgpack: the quick route takes these as they come (a dict look-up) and leaves any other
+# value (parameters, another case, spaces) to ``_events_format``, which gives the same answer
+# for these.
 QUICK_FORMATS = {
-    **{media_type: False for media_type in JSON_TYPES},
-    **{media_type: True for media_type in MSGPACK_TYPES},
+    **{media_type.encode(): False for media_type in JSON_TYPES},
+    **{media_type.encode(): True for media_type in MSGPACK_TYPES},
 }
 RETRY_AFTER_FULL = "10"  # seconds: the forwarder needs a moment to drain before room appears
 RETRY_AFTER_BUSY = "1"
@@ -84,7 +86,8 @@ class EventSink(Protocol):
     def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
         """Queue ``events``; ``then.set_result(result)`` or ``then.set_exception(error)`` is
         called once they are committed or refused (as ``append`` returns or raises); a
-        ``then`` done by then raises ``asyncio.InvalidStateError`` there, as a future does."""
+        ``then`` done by then raises ``asyncio.InvalidStateError`` there, as a future does.
+        ``OutboxClosed`` at once when not ``is_open`` (the quick route asks nothing else)."""
         ...
 
     async def mark_unsent(
@@ -149,13 +152,13 @@ class _Answer(msgspec.Struct, eq=False):
     """The quick route's waiter for one append (``EventSink.append_nowait``): the outbox
     resolves it on the loop once the events are committed or refused, and it answers the
     request. One object a request where a ``functools.partial`` and the outbox's ``_Then``
-    around it were two, and one call fewer between the commit and the answer. A Struct, made
-    in C (no ``__init__`` run by the interpreter for every request)."""
+    around it were two. A Struct, made in C (no ``__init__`` run by the interpreter for every
+    request)."""
 
     _ingest: Ingest
     _count: int
     _request: Request
-    _respond: Responder
+    _conn: Answerer
     _done: bool = False
 
     def done(self) -> bool:
@@ -167,13 +170,18 @@ class _Answer(msgspec.Struct, eq=False):
         self._done = True
         ingest = self._ingest
         ingest._in_flight -= 1
-        self._respond(self._request, ingest._stored(result))
+        # Ingest._stored written out, and its answer handed over as status and body (no
+        # Response when it is written at once): two Python calls fewer a request.
+        accepted = result.accepted
+        ingest._accepted += accepted
+        ingest._duplicates += result.duplicates
+        self._conn.answer_json(self._request, 202 if accepted else 200, _json.encode(result))
 
     def set_exception(self, exception: BaseException, /) -> None:
         if self._done:
             raise asyncio.InvalidStateError("answered already")
         self._done = True
-        self._ingest._quick_refused(self._count, self._request, self._respond, exception)
+        self._ingest._quick_refused(self._count, self._request, self._conn, exception)
 
 
 class Ingest:
@@ -199,13 +207,19 @@ class Ingest:
         self.host = host
         self.port = port
         self._token = token.encode() if token else b""
-        # The Authorization header the quick route compares as it comes (``_gate`` accepts it
-        # too, and judges any other); None when there is no token. ``_gate`` strips what it is
-        # sent, so it accepts nothing for a token with spaces around it: b"" sends every
-        # request to it then.
+        # The Authorization header's bytes the quick route compares as they come (``_gate``
+        # accepts them too, and judges any other value); None when there is no token. ``_gate``
+        # reads the header as latin-1 text: a token that is not latin-1 text cannot match, and
+        # ``_gate`` strips what it is sent, so it accepts nothing for a token with spaces around
+        # it; b"" sends every request to it then.
         self._bearer: bytes | None = None
         if token:
-            self._bearer = f"Bearer {token}".encode() if token == token.strip() else b""
+            self._bearer = b""
+            if token == token.strip():
+                try:
+                    self._bearer = f"Bearer {token}".encode("latin-1")
+                except UnicodeEncodeError:
+                    pass
         self.max_request_bytes = max_request_bytes
         self.max_requests_in_flight = max_requests_in_flight
         self._in_flight = 0
@@ -466,10 +480,10 @@ class Ingest:
             )
         )
 
-    def _quick(self, request: Request, respond: Responder) -> bool:
-        """``POST /v1/events`` with a small body that has all arrived, without a task: decoded
-        here, answered from the outbox's callback after the commit. Anything else (other routes, big
-        bodies, bodies over the limit) goes to the handlers (False)."""
+    def _quick(self, request: Request, body: bytes, conn: Answerer) -> bool:
+        """``POST /v1/events`` with a small body that has all arrived (``body``), without a
+        task: decoded here, answered from the outbox's callback after the commit. Anything else
+        (other routes, big bodies, bodies over the limit) goes to the handlers (False)."""
         if request.path != "/v1/events" or request.method != "POST":
             return False
         declared = request.content_length
@@ -479,62 +493,62 @@ class Ingest:
         # header values as they come (no call to either): a known Content-Type, the token's
         # header exactly as _gate accepts it (compared in constant time as there), not
         # stopping, room in flight. Anything else, refusals and their counts included, is
-        # theirs (tests/agent/test_ingest_quick.py holds the two to the same answers).
-        headers = request.headers
-        known = QUICK_FORMATS.get(headers.get("content-type", ""))
+        # theirs (tests/agent/test_ingest_quick.py holds the two to the same answers). The
+        # outbox open (``_gate``'s other check) is not asked (a Python call a request): a
+        # closed one refuses the append with OutboxClosed, answered as ``_gate`` answers it,
+        # and a body that does not decode is answered so too when it is closed (as ``_gate``
+        # would have before the body).
+        headers = request.raw_headers  # as they came: no text made of them
+        known = QUICK_FORMATS.get(headers.get("content-type", b""))
         bearer = self._bearer
-        msgpack: bool | Response
+        msgpack: bool
         if (
             known is not None
             and (
                 bearer is None
-                or (
-                    bearer
-                    and hmac.compare_digest(headers.get("authorization", "").encode(), bearer)
-                )
+                or (bearer and compare_digest(headers.get("authorization", b""), bearer))
             )
             and not self._stopping
             and self._in_flight < self.max_requests_in_flight
-            and self.sink.is_open
         ):
             self._requests += 1
-            refused = None
             msgpack = known
         else:
             refused = self._admit(request)
             if refused is None:
-                msgpack = self._events_format(request)
-        if refused is None:
-            if isinstance(msgpack, Response):
-                refused = msgpack
-            else:
-                body = request.read_nowait()
-                assert body is not None  # declared and within the limit
-                # The body's events, or the 400/422 refusal (no method of its own: a call
-                # fewer a request).
-                try:
-                    events = decode_to_store(body, msgpack=msgpack)
-                except DECODE_ERRORS as exc:
-                    refused = self._decode_refused(exc)
+                checked = self._events_format(request)
+                if isinstance(checked, Response):
+                    refused = checked
                 else:
-                    # The count, not the events: the writer frees them once it has run the
-                    # append (Outbox.append), which a reference held here until the answer
-                    # would put off to the loop.
-                    then = _Answer(self, len(events), request, respond)
-                    try:
-                        self.sink.append_nowait(events, then)
-                    except AgentError as exc:
-                        refused = self._store_refused(len(events), exc)
-                        if refused is None:
-                            raise
-                    else:
-                        self._in_flight += 1
-                        return True
-        respond(request, refused)
+                    msgpack = checked
+            if refused is not None:
+                conn.answer(request, refused)
+                return True
+        # The body's events, or the 400/422 refusal (no method of its own: a call fewer a
+        # request).
+        try:
+            events = decode_to_store(body, msgpack=msgpack)
+        except DECODE_ERRORS as exc:
+            refused = None if self.sink.is_open else self._gate(request)
+            conn.answer(request, self._decode_refused(exc) if refused is None else refused)
+            return True
+        # The count, not the events: the writer frees them once it has run the append
+        # (Outbox.append), which a reference held here until the answer would put off to the
+        # loop.
+        count = len(events)
+        try:
+            self.sink.append_nowait(events, _Answer(self, count, request, conn))
+        except AgentError as exc:
+            refused = self._store_refused(count, exc)
+            if refused is None:
+                raise
+            conn.answer(request, refused)
+            return True
+        self._in_flight += 1
         return True
 
     def _quick_refused(
-        self, count: int, request: Request, respond: Responder, error: BaseException
+        self, count: int, request: Request, conn: Answerer, error: BaseException
     ) -> None:
         """Answer a quick append of ``count`` events that the outbox refused or failed."""
         self._in_flight -= 1
@@ -542,7 +556,7 @@ class Ingest:
         if refused is None:
             log.error("storing %d events failed", count, exc_info=error)
             refused = Response(500, b'{"error":"internal_error"}')
-        respond(request, refused)
+        conn.answer(request, refused)
 
     async def _events(self, request: Request) -> Response:
         msgpack = self._events_format(request)

@@ -525,6 +525,16 @@ class _Transport:
         return default
 
 
+def _taking(take: http_module.QuickHandler) -> http_module._Connection:
+    """A connection (no socket; in a running loop) of a server whose quick handler is
+    ``take``."""
+    server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+    server.quick = take
+    conn = http_module._Connection(server)
+    conn._transport = _Transport(False)  # type: ignore[assignment]
+    return conn
+
+
 _STATES = ("keep_alive", "complete", "cached", "closing", "transport_closing", "paused",
            "waited", "answered_last", "flush_soon", "discarding")  # fmt: skip
 
@@ -540,12 +550,13 @@ _STATES = ("keep_alive", "complete", "cached", "closing", "transport_closing", "
 def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     status: int, body: bytes, content_type: str, headers: dict[str, str]
 ) -> None:
-    """The answer to the only request in flight, written at once by _answer (its shortcut for
-    the usual answer), leaves the same bytes and the same connection and server state as
-    _flush, the general way, does with it: every method and every combination of the
-    connection's and the server's states, with and without the answer's extra headers."""
+    """The answer to the only request in flight, written at once by answer or answer_json
+    (their shortcut for the usual answer), leaves the same bytes and the same connection and
+    server state as _flush, the general way, does with it: every method and every combination
+    of the connection's and the server's states, with and without the answer's extra headers
+    (answer_json: a JSON answer without them)."""
 
-    def answer(general: bool, method: str, headers: dict[str, str], **on: bool) -> object:
+    def answer(way: str, method: str, headers: dict[str, str], **on: bool) -> object:
         server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
         server.closing = on["closing"]
         if on["waited"]:
@@ -565,11 +576,13 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
         request.complete = on["complete"]
         conn._inflight.append(request)
         response = Response(status, body, content_type, dict(headers))
-        if general:
+        if way == "flush":
             request.response = response
             conn._flush()
+        elif way == "answer":
+            conn.answer(request, response)
         else:
-            conn._answer(request, response)
+            conn.answer_json(request, status, body)
         state = (
             transport.written,
             transport.closing,
@@ -588,11 +601,15 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     async def compare() -> list[tuple[object, ...]]:
         differ = []
         for method, extra in itertools.product(["POST", "HEAD", "GET"], [{}, headers]):
+            json_ok = method != "HEAD"  # answer_json's callers: complete, not HEAD
             for values in itertools.product([False, True], repeat=len(_STATES)):
                 on = dict(zip(_STATES, values, strict=True))
-                expected = answer(True, method, extra, **on)
-                if expected != answer(False, method, extra, **on):
-                    differ.append((method, extra, on))
+                expected = answer("flush", method, extra, **on)
+                if expected != answer("answer", method, extra, **on):
+                    differ.append(("answer", method, extra, on))
+                if content_type == "application/json" and not extra and on["complete"] and json_ok:
+                    if expected != answer("answer_json", method, extra, **on):
+                        differ.append(("answer_json", method, extra, on))
         return differ
 
     loop = asyncio.new_event_loop()
@@ -616,7 +633,9 @@ _request_targets = st.builds(
     version=st.sampled_from(["1.0", "1.1"]),
     connection=st.sampled_from([None, "close", "keep-alive"]),
     body=st.none() | st.binary(max_size=20),
-    extra=st.lists(st.sampled_from(["X-A: 1", "x-a: 2", "Content-Type: a/b", "Host: y"])),
+    extra=st.lists(
+        st.sampled_from(["X-A: 1", "x-a: 2", "Content-Type: a/b", "Host: y", "X-B: caf\xe9"])
+    ),
 )
 def test_a_parsed_head_makes_the_request_request_of_makes(
     method: str,
@@ -627,8 +646,9 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     extra: list[str],
 ) -> None:
     """The request on_headers_complete makes itself (Request.of written out) has the method,
-    path, query, headers, keep-alive and length Request.of gives for the same head; its
-    headers have lower-case names, a repeated one's values joined with ", " in order."""
+    path, query, headers (as text, and as bytes: raw_headers), keep-alive and length
+    Request.of gives for the same head; its headers have lower-case names, a repeated one's
+    values joined with ", " in order, latin-1 text."""
     lines = [*extra]
     if connection is not None:
         lines.append(f"Connection: {connection}")
@@ -640,21 +660,19 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     data = head.encode("latin-1") + b"\r\n" + (body or b"")
     seen: list[Request] = []
 
-    def take(request: Request, respond: http_module.Responder) -> bool:
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
         seen.append(request)
-        respond(request, Response(204))
+        conn.answer(request, Response(204))
         return True
 
     async def parse() -> None:
-        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
-        server.quick = take
-        conn = http_module._Connection(server)
-        conn._transport = _Transport(False)  # type: ignore[assignment]
+        conn = _taking(take)
         conn.data_received(data)
         assert 1 == len(seen)
         made = seen[0]
         general = Request.of(conn, made.method, target, made.headers, made.keep_alive)
-        fields = ("method", "path", "query", "headers", "keep_alive", "content_length")
+        fields = ("method", "path", "query", "headers", "raw_headers", "keep_alive")
+        fields += ("content_length",)
         assert [getattr(general, f) for f in fields] == [getattr(made, f) for f in fields]
         assert (method, None if body is None else len(body)) == (made.method, made.content_length)
         joined: dict[str, list[str]] = {}
@@ -666,5 +684,182 @@ def test_a_parsed_head_makes_the_request_request_of_makes(
     loop = asyncio.new_event_loop()
     try:
         loop.run_until_complete(parse())
+    finally:
+        loop.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    json_first=st.booleans(),
+    json_second=st.booleans(),
+    second_first=st.booleans(),
+    statuses=st.tuples(_statuses, _statuses),
+)
+def test_answers_to_pipelined_requests_go_out_in_order_in_one_write(
+    json_first: bool, json_second: bool, second_first: bool, statuses: tuple[int, int]
+) -> None:
+    """Two requests in flight on one connection, answered in the same turn of the loop in
+    either order, each by answer_json or by answer with its Response: the answers are written
+    in request order, together in one write, as answer gives them (answer_json's shortcut is
+    for the only request in flight)."""
+
+    async def run(shortcut: bool) -> list[bytes]:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        requests = [Request.of(conn, "POST", b"/v1/events", {}, True) for _ in range(2)]
+        for request in requests:
+            request.complete = True
+            conn._inflight.append(request)
+        order = [1, 0] if second_first else [0, 1]
+        for i in order:
+            body = b'{"n":%d}' % i
+            if shortcut and (json_first, json_second)[i]:
+                conn.answer_json(requests[i], statuses[i], body)
+            else:
+                conn.answer(requests[i], Response(statuses[i], body))
+        await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        expected = loop.run_until_complete(run(False))
+        assert 1 == len(expected)
+        assert expected == loop.run_until_complete(run(True))
+    finally:
+        loop.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    body=st.binary(min_size=0, max_size=300),
+    chunked=st.booleans(),
+    cuts=st.lists(st.integers(0, 300), max_size=4),
+    reads=st.lists(st.integers(1, 60), max_size=3),
+)
+def test_the_quick_handler_is_given_the_body_read_nowait_gives(
+    body: bytes, chunked: bool, cuts: list[int], reads: list[int]
+) -> None:
+    """The body on_message_complete hands the quick handler is the request's whole body, as
+    read_nowait gives it, whether it came in one piece or in several (chunks: one on_body
+    call each), with the head split across reads (a body that arrives after the read that
+    completed the head goes to the handler, not the quick one)."""
+    ends = sorted({0, *(min(cut, len(body)) for cut in cuts), len(body)})
+    pieces = [body[a:b] for a, b in itertools.pairwise(ends)]
+    if chunked:
+        framed = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces if piece)
+        head = b"POST /v1/events HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        rest = framed + b"0\r\n\r\n"
+    else:
+        head = b"POST /v1/events HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body)
+        rest = body
+    seen: list[tuple[bytes, bytes | None]] = []
+
+    def take(request: Request, given: bytes, conn: http_module.Answerer) -> bool:
+        seen.append((given, request.read_nowait()))
+        conn.answer(request, Response(204))
+        return True
+
+    async def parse() -> None:
+        conn = _taking(take)
+        start = 0
+        for read in sorted({min(read, len(head) - 1) for read in reads}):
+            conn.data_received(head[start:read])
+            start = read
+        conn.data_received(head[start:] + rest)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse())
+    finally:
+        loop.close()
+    assert [(body, body)] == seen
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    body=st.binary(min_size=3, max_size=200),
+    cuts=st.tuples(st.integers(0, 100), st.integers(0, 100)),
+    expect=st.booleans(),
+)
+def test_a_body_that_comes_after_its_head_is_read_by_one_handler(
+    body: bytes, cuts: tuple[int, int], expect: bool
+) -> None:
+    """A request whose body is still to come when the read that brought its head ends starts
+    its handler once, in a task (not the quick handler: the body is not all there), however
+    many reads the rest of the body takes; the handler reads the whole body and the next
+    request on the connection is served as usual."""
+    first, second = sorted(min(cut, len(body) - 1) for cut in cuts)
+    extra = "Expect: 100-continue\r\n" if expect else ""
+    head = f"POST /p HTTP/1.1\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+    taken: list[bytes] = []
+    served: list[bytes] = []
+
+    def take(request: Request, given: bytes, conn: http_module.Answerer) -> bool:
+        taken.append(given)
+        return False
+
+    async def handle(request: Request) -> Response:
+        read = await request.read()
+        assert read is not None
+        served.append(read)
+        return Response(200, read)
+
+    async def run() -> list[bytes]:
+        server = HttpServer(handle, max_body=1024)
+        server.quick = take
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        for data in (head + body[:first], body[first:second], body[second:] + post(b"[]")):
+            conn.data_received(data)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        written = loop.run_until_complete(asyncio.wait_for(run(), 5))
+    finally:
+        loop.close()
+    assert [b"[]"] == taken  # the second request's, whole at once
+    assert [body, b"[]"] == served
+    out = b"".join(written).replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
+    assert out.endswith(b"\r\n\r\n[]") and 2 == out.count(b"HTTP/1.1 200 OK")
+    assert body in out
+
+
+def test_an_answer_given_twice_is_written_once() -> None:
+    """A request answered a second time after its answer was written (a handler's mistake)
+    gets nothing more written, whichever way each answer comes, while the next request is in
+    flight: its answer is not overtaken."""
+
+    async def run(first: str, second: str) -> list[bytes]:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        one = Request.of(conn, "POST", b"/v1/events", {}, True)
+        one.complete = True
+        conn._inflight.append(one)
+        for way in (first, second):
+            if way == "json":
+                conn.answer_json(one, 202, b"{}")
+            else:
+                conn.answer(one, Response(202, b"{}"))
+            if len(conn._inflight) == 0:  # the next request arrives once the first is out
+                two = Request.of(conn, "POST", b"/v1/events", {}, True)
+                conn._inflight.append(two)
+        await asyncio.sleep(0)
+        return transport.written
+
+    loop = asyncio.new_event_loop()
+    try:
+        for ways in itertools.product(["json", "answer"], repeat=2):
+            written = loop.run_until_complete(run(*ways))
+            assert [http_module.encode_response(Response(202, b"{}"))] == written, ways
     finally:
         loop.close()

@@ -8,10 +8,12 @@ import asyncio
 import datetime as dt
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import http as http_module
+from agent.errors import OutboxClosed
 from agent.http import HttpServer, Request, Response
 from agent.ingest import Ingest, _Answer
 from agent.outbox import AppendResult, AppendWaiter, Outbox
@@ -34,6 +36,8 @@ class RecordingSink(HeldSink):
         self.appended: list[tuple[list[str], AppendWaiter]] = []
 
     def append_nowait(self, events: list[Event], then: AppendWaiter) -> None:
+        if not self.open:  # as the outbox does
+            raise OutboxClosed()
         self.appended.append(([e.event_id for e in events], then))
 
     async def append(
@@ -57,7 +61,7 @@ class RecordingSink(HeldSink):
         return self.open
 
 
-TOKENS = ["", "s3cret", "s3cret ", " s3cret", "to ken", "tök"]
+TOKENS = ["", "s3cret", "s3cret ", " s3cret", "to ken", "tök", "t€k"]
 _case = st.sampled_from([str.lower, str.upper, str.title, lambda s: s])
 _content_types = st.one_of(
     st.sampled_from(["application/json", "application/msgpack"]),
@@ -92,8 +96,10 @@ def _authorizations(draw: st.DrawFn, token: str) -> str:
 @st.composite
 def _requests(draw: st.DrawFn, token: str) -> bytes:
     """A POST /v1/events of one event: its headers in any order and any case, some of them
-    missing or repeated; most are what a POS sends (the quick route's own case)."""
-    headers = [("Host", "x"), ("Content-Length", str(len(BODY)))]
+    missing or repeated; most are what a POS sends (the quick route's own case). Its body
+    is mostly the event, else one that does not decode (400) or is not an event (422)."""
+    data = draw(st.sampled_from([BODY, BODY, BODY, b"[{", b'[{"event_id": 1}]']))
+    headers = [("Host", "x"), ("Content-Length", str(len(data)))]
     if draw(st.integers(0, 3)):
         headers.append(("Content-Type", draw(_content_types)))
     for _ in range(draw(st.sampled_from([0, 1, 1, 1, 2]))):  # none, one, or repeated
@@ -102,7 +108,12 @@ def _requests(draw: st.DrawFn, token: str) -> bytes:
         headers.append(("X-Till", "7"))
     order = draw(st.permutations(headers))
     lines = "".join(f"{draw(_case)(name)}: {value}\r\n" for name, value in order)
-    return f"POST /v1/events HTTP/1.1\r\n{lines}\r\n".encode("latin-1") + BODY
+    head = f"POST /v1/events HTTP/1.1\r\n{lines}\r\n"
+    encoding = draw(st.sampled_from(["latin-1", "utf-8"]))  # how the client sends a token
+    try:
+        return head.encode(encoding) + data
+    except UnicodeEncodeError:  # not latin-1 text
+        return head.encode("utf-8") + data
 
 
 async def _serve(quick: bool, token: str, on: dict[str, object], data: bytes) -> object:
@@ -162,6 +173,19 @@ def test_the_quick_route_admits_and_refuses_as_the_general_checks_do(
         loop.close()
 
 
+class _Answers:
+    """An answerer that notes the answers it is given."""
+
+    def __init__(self, answers: list[Response]) -> None:
+        self.answers = answers
+
+    def answer(self, request: Request, response: Response) -> None:
+        self.answers.append(response)
+
+    def answer_json(self, request: Request, status: int, body: bytes) -> None:
+        self.answers.append(Response(status, body))
+
+
 def test_an_answer_resolved_twice_raises_as_a_future_does() -> None:
     """A quick route's waiter, once answered, refuses a second result or error with
     InvalidStateError (what Outbox._deliver relies on to leave it be) and answers once."""
@@ -179,7 +203,7 @@ def test_an_answer_resolved_twice_raises_as_a_future_does() -> None:
         ingest._in_flight = 1
         conn = http_module._Connection(HttpServer(ingest._route, max_body=4096))
         request = Request.of(conn, "POST", b"/v1/events", {}, True)
-        answer = _Answer(ingest, 1, request, lambda _, response: answers.append(response))
+        answer = _Answer(ingest, 1, request, _Answers(answers))
         assert not answer.done()
         answer.set_result(AppendResult(accepted=1, duplicates=0, first_seq=1, last_seq=1, seqs=[1]))
         assert answer.done()
@@ -229,3 +253,26 @@ async def test_waiters_done_before_their_commit_are_left_be(outbox: Outbox, tmp_
     assert [3] == result.seqs
     assert 1 == len(answered)  # tried once, refused by the waiter itself
     assert [4] == (await outbox.append([sale("w-4")])).seqs
+
+
+@pytest.mark.parametrize("data", [BODY, b"[{", b'[{"event_id": 1}]'])
+@pytest.mark.parametrize("open_", [True, False])
+def test_a_closed_outbox_is_answered_before_the_body_is_judged(open_: bool, data: bytes) -> None:
+    """A POST the quick route admits (the usual headers) while the outbox is closed is
+    answered 503 whatever its body, as the general handler answers it before reading the
+    body (the quick route decodes first and asks the outbox only when the body fails); an
+    open outbox's answer to a bad body is the body's 400 or 422, as there."""
+    head = (
+        "POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer s3cret\r\nContent-Length: {len(data)}\r\n\r\n"
+    )
+    on: dict[str, object] = {"open": open_, "stopping": False, "in_flight": 0}
+    loop = asyncio.new_event_loop()
+    try:
+        expected = loop.run_until_complete(_serve(False, "s3cret", on, head.encode() + data))
+        assert expected == loop.run_until_complete(_serve(True, "s3cret", on, head.encode() + data))
+    finally:
+        loop.close()
+    written = expected[0]  # type: ignore[index]
+    status = b"503" if not open_ else b"202" if data == BODY else b"4"
+    assert written.startswith(b"HTTP/1.1 " + status)
