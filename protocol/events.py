@@ -852,7 +852,8 @@ def _plain_texts(events: list[TextEvent]) -> bool:
 
 # One event's texts in one string: its decimal texts, each behind a comma and its mark ("s" a
 # signed one, _SIGNED; "p" a quantity of a sale, return or post-void, _POSITIVE, whose
-# lookahead ends at the next comma as in _all_of; "n" a counted one, _NON_NEGATIVE), a
+# lookahead ends at the next comma as in _all_of: a quantity is never the last text, its
+# line's price follows it; "n" a counted one, _NON_NEGATIVE), a
 # transaction's led by "$" and its currency; then a space and its identifiers joined (all
 # printable, as each is when all joined are). No decimal text these patterns match holds a
 # comma or a space: a text holding a comma shows as a comma too many (_plain_one counts them),
