@@ -33,6 +33,8 @@ from protocol.events import (
     _joined,
     _Known,
     _known_positive,
+    _plain_one,
+    _plain_texts,
     decode_pos_events,
     decode_to_store,
 )
@@ -364,3 +366,97 @@ def test_the_known_quantities_are_bounded(monkeypatch: pytest.MonkeyPatch) -> No
         assert _known_positive.all_match([f"{n}.5", "1"])
         assert len(_known_positive.known) <= 8
     assert not _known_positive.all_match(["0"])
+
+
+# Texts that would pass for others in _plain_one's one string if it read them as marks or
+# commas: a mark ("s", "p", "n") or "$" leading a text, commas and marks inside one, a signed
+# text where a quantity goes, a space or a newline inside an identifier.
+_FORGED = ["s1", "p1", "n1", "1,s2", "1,p0", "0,s1", ",s1", "$USD", "1$", "+1", "1,", "s-0"]
+_forged = st.sampled_from(_FORGED)
+_texts_decoder = msgspec.json.Decoder(protocol.events.TextEvent)
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(event=_events, forged=st.lists(st.tuples(st.integers(0, 40), _forged), max_size=2))
+def test_a_lone_event_is_checked_as_in_a_body(event: Any, forged: list[tuple[int, str]]) -> None:
+    """``_plain_one`` (a lone event, in one string and one regex) answers for any text event
+    what ``_plain_texts`` answers for a body holding only it: mark-like, comma-holding and
+    misplaced texts in any field cannot pass for the texts around them."""
+    paths = _paths(event)
+    for index, text in forged:  # a field or two overwritten with a forged text
+        event = _patched(event, paths[index % len(paths)], text)
+    try:
+        decoded = _texts_decoder.decode(msgspec.json.encode(_json(event)))
+    except msgspec.ValidationError:
+        label("not a text event")
+        return
+    expected = _plain_texts([decoded])
+    label(f"plain: {expected}")
+    assert expected == _plain_one(decoded)
+
+
+_HEAD = {"event_id": "e-1", "occurred_at": "2026-11-22T10:00:00Z", "workstation_id": "1"}
+_TWO_LINES = [
+    {"sku": "4131", "quantity": "1", "unit_price": "1.99", "amount": "1.99"},
+    {"sku": "4132", "quantity": "0.42", "unit_price": "5", "amount": "2.10"},
+]
+_FULL_SALE = {
+    "type": "sale", **_HEAD, "transaction_id": "0001", "currency": "EUR", "total": "4.20",
+    "tax": "0.30", "lines": _TWO_LINES,
+    "tenders": [{"kind": "cash", "amount": "2"}, {"kind": "card", "amount": "2.20"}],
+}  # fmt: skip
+_STOCK = [{"sku": "4131", "quantity": "0"}, {"sku": "4132", "quantity": "12.5"}]
+# Every field of every type there, each kind of list twice (a text between two of its kind).
+LONE = [
+    _FULL_SALE,
+    {**_FULL_SALE, "type": "return", "original_transaction_id": "0000", "reason": "x"},
+    {**_FULL_SALE, "type": "post_void", "voided_event_id": "e-0", "voided_transaction_id": "0"},
+    {"type": "stock_adjustment", **_HEAD, "lines": _STOCK, "reason": "damaged"},
+    {"type": "stock_count", **_HEAD, "transaction_id": "0001", "lines": _STOCK},
+]
+_LONE_TEXTS = [*_FORGED, *PLAIN, *ODD, "a b", "e\n", "\u00e9", "None", "EUR", "eur", "1\t"]
+
+
+@pytest.mark.parametrize("base", LONE, ids=[event["type"] for event in LONE])
+def test_a_lone_event_with_one_text_changed_is_checked_as_in_a_body(base: dict[str, Any]) -> None:
+    """Each text of an event of each type, in turn, replaced by each plain, odd or forged
+    text, and each optional identifier left out: ``_plain_one`` answers as ``_plain_texts``,
+    and both answers occur in every field a rule reads."""
+    answers: dict[tuple[Any, ...], set[bool]] = {}
+    for where, text in [(w, t) for w in _paths(base) for t in _LONE_TEXTS] + [
+        (w, None) for w in _paths(base) if len(w) == 1
+    ]:
+        try:
+            decoded = _texts_decoder.decode(msgspec.json.encode(_patched(base, where, text)))
+        except msgspec.ValidationError:
+            continue  # msgspec's own rule (lengths, required fields): not this pass's
+        expected = _plain_texts([decoded])
+        assert expected == _plain_one(decoded), (where, text)
+        answers.setdefault(where, set()).add(expected)
+    free = {("reason",)} if base["type"] != "stock_adjustment" else set()  # text, no rule
+    assert {where for where, seen in answers.items() if seen != {True, False}} <= free
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The paths to ``value``'s texts, but its type and time."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    found: list[tuple[Any, ...]] = []
+    for key, inner in items:
+        if isinstance(inner, str) and key not in ("type", "occurred_at"):
+            found.append((*path, key))
+        elif isinstance(inner, dict | list):
+            found.extend(_paths(inner, (*path, key)))
+    return found
+
+
+def _patched(event: Any, where: tuple[Any, ...], text: str | None) -> Any:
+    """A copy of ``event`` with the text at ``where`` replaced by ``text`` (None: left out)."""
+    one = msgspec.json.decode(msgspec.json.encode(_json(event)))
+    inner = one
+    for step in where[:-1]:
+        inner = inner[step]
+    if text is None:
+        del inner[where[-1]]
+    else:
+        inner[where[-1]] = text
+    return one
