@@ -164,6 +164,31 @@ def record_days(
     return max(staged, default=None)
 
 
+def record_singles(
+    conn: Connection,
+    first_seq: int,
+    events: Sequence[PosEvent],
+    now: float,
+    rows: DayRows | None = None,
+) -> dt.date | None:
+    """``record_days`` of one-event runs with consecutive seqs from ``first_seq``, none folded
+    ahead (a group of single-event POSTs, ``Outbox._plan_singles``), without a run's tuple
+    each: the same totals, key order included. The events' currencies are asked in C; more
+    than one among them folds them a run at a time, as ``stage_runs`` does."""
+    if len(events) == 1 or len(set(map(getattr, events, _CURRENCY, _NONE)) - {None}) > 1:
+        return record_days(
+            conn, [(seq, [e], None) for seq, e in enumerate(events, first_seq)], now, rows
+        )
+    staged: dict[dt.date, DayTotals] = {}
+    add_run(staged, first_seq, events, till_at=now)
+    _store(conn, staged, rows)
+    return max(staged, default=None)
+
+
+_CURRENCY = itertools.repeat("currency")
+_NONE = itertools.repeat(None)
+
+
 def _store(conn: Connection, staged: dict[dt.date, DayTotals], rows: DayRows | None) -> None:
     """Merge ``staged`` into ``day_totals``: through the writer's ``rows`` when given."""
     for day, totals in staged.items():

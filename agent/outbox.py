@@ -38,6 +38,7 @@ import datetime as dt
 import functools
 import itertools
 import logging
+import operator
 import os
 import queue
 import secrets
@@ -50,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -73,7 +74,7 @@ from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import PosEvent
 from protocol.timefmt import utc
-from protocol.wire import AcceptedRecord, EventTrace, encode_record, split_records
+from protocol.wire import AcceptedRecord, EventTrace, encode_accepted, encode_record, split_records
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -472,6 +473,32 @@ class _LookUpFirst(Exception):
 # Jobs whose group may commit with synchronous=NORMAL (a tuple: ``_MarkSent | _Fold`` in the
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
+
+_events_of = operator.attrgetter("events")
+_ahead_of = operator.attrgetter("ahead")
+_future_of = operator.attrgetter("future")
+_event_id_of = operator.attrgetter("event_id")
+_first = operator.itemgetter(0)
+
+
+def _singles(jobs: list[_Job]) -> int | None:
+    """Where the appends start when ``jobs`` are PubAck ranges (none or more: the ones that
+    ride with a group) then appends of one event each that the writer folds (no ``ahead``),
+    each with a waiter: the loop's usual group, ~26 single-event POSTs, which
+    ``Outbox._plan_singles`` plans in one loop. None for any other group. Asked in C (``map``,
+    ``list.count``): no Python step a job."""
+    kinds = list(map(type, jobs))
+    at = len(kinds) - kinds.count(_Append)
+    if at == len(kinds) or kinds[:at].count(_MarkSent) != at:
+        return None
+    appends = jobs[at:]
+    if (
+        set(map(len, map(_events_of, appends))) != {1}
+        or list(map(_ahead_of, appends)).count(None) != len(appends)
+        or None in list(map(_future_of, appends))
+    ):
+        return None
+    return at
 
 
 # --- file modes: readable by the service user only -------------------------------------------
@@ -1668,7 +1695,12 @@ class Outbox:
         cur = self._wcur  # the group's own statements; the rarer jobs' on ``conn``
         assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
-        appends = [j for j in jobs if isinstance(j, _Append)]
+        singles = _singles(jobs)
+        appends = (
+            [j for j in jobs if isinstance(j, _Append)]
+            if singles is None
+            else cast(list[_Append], jobs[singles:])
+        )
         # An append is never lazy: no generator over the jobs for a group that has one.
         lazy = not appends and all(isinstance(job, _LAZY_JOBS) for job in jobs)
         if self._look_ups_left:
@@ -1700,7 +1732,34 @@ class Outbox:
                 newest: dt.date | None = None
                 sent_changed = False
                 stored = 0  # appends answered, not refused
-                for job in jobs:
+                planned = None if singles is None else self._plan_singles(appends, planning)
+                if planned is not None:
+                    # The loop's usual group: PubAck ranges (if any), then single-event
+                    # appends, each new, planned in one loop (_plan_singles): what the loop
+                    # below does, without its calls and lists a request.
+                    results, singles_events, needed = planned
+                    for job in jobs[:singles]:
+                        self._mark_sent(conn, cast(_MarkSent, job), state, now)
+                        sent_changed = True
+                        if job.future is not None:
+                            outcome.results.append((job.future, None, None))
+                    outcome.results += results
+                    # _accepted's count, once for the group.
+                    stored = len(singles_events)
+                    if state.pending == 0:
+                        state.oldest_pending_at = now
+                    first_seq = state.last_seq + 1
+                    state.last_seq += stored
+                    state.pending += stored
+                    state.buffer_bytes += needed
+                    outcome.appended = True
+                    newest = checkpoint.record_singles(
+                        cur, first_seq, singles_events, now, self._day_rows
+                    )
+                    jobs_left: list[_Job] = []
+                else:
+                    jobs_left = jobs
+                for job in jobs_left:
                     if isinstance(job, _Append):
                         try:
                             # _plan_one for one event (a single-event POST's): one call a
@@ -1811,9 +1870,10 @@ class Outbox:
         state.appends += stored
         self._state = state
         self._publish_snapshot(state)
-        outcome.results = [
-            (job.future, r, e) for job, r, e in pending_results if job.future is not None
-        ]
+        if planned is None:
+            outcome.results = [
+                (job.future, r, e) for job, r, e in pending_results if job.future is not None
+            ]
         return outcome
 
     def _lookup(self, conn: sqlite3.Cursor, appends: list[_Append]) -> dict[str, int]:
@@ -1823,6 +1883,41 @@ class Outbox:
             part = _lookup_padded(ids[i : i + LOOKUP_CHUNK])
             known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
         return known
+
+    def _plan_singles(
+        self, appends: list[_Append], planning: _Planning
+    ) -> tuple[list[tuple[_Waiter, object, BaseException | None]], list[PosEvent], int] | None:
+        """``_plan_one`` of each of ``appends`` (one event each, ``_singles``) in one loop, when
+        every event is new (not in ``planning.known``, not twice in the group), within the
+        size limit and the room left: the same rows (added to ``planning.rows``) and results.
+        Returns the results to deliver, the events in seq order and the bytes they take;
+        ``planning.state`` and ``known`` are left as they were (the caller counts the group
+        in at once, as ``_accepted`` would append by append). None, having changed nothing,
+        when any is not so: the group is planned an append at a time, which refuses, answers
+        duplicates and makes room."""
+        events = list(map(_first, map(_events_of, appends)))
+        ids = list(map(_event_id_of, events))
+        known = planning.known
+        if len(set(ids)) != len(ids) or (known and not known.keys().isdisjoint(ids)):
+            return None
+        state = planning.state
+        received_at, now, limit = planning.received_at, planning.now, planning.limit
+        room = self.max_buffer_bytes - state.buffer_bytes  # _room's test, a record at a time
+        seq = state.last_seq
+        rows: list[_Row] = []
+        results: list[tuple[_Waiter, object, BaseException | None]] = []
+        for job, event, event_id in zip(appends, events, ids, strict=True):
+            seq += 1
+            payload = encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
+            size = len(payload)
+            room -= size
+            if size > limit or room < 0:
+                return None
+            rows.append((seq, event_id, now, size, payload))
+            result = AppendResult(accepted=1, duplicates=0, first_seq=seq, last_seq=seq, seqs=[seq])
+            results.append((job.future, result, None))  # type: ignore[arg-type]
+        planning.rows += rows
+        return results, events, self.max_buffer_bytes - state.buffer_bytes - room
 
     def _plan_one(self, event: PosEvent, planning: _Planning) -> AppendResult:
         """``_plan_many`` of an append of one event (a single-event POST's): the same result,

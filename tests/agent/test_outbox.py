@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import datetime as dt
 import logging
 import sqlite3
 import threading
 from pathlib import Path
+from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
+from agent import outbox as outbox_module
 from agent.errors import (
     BufferFull,
     NotAnOutbox,
@@ -43,10 +48,11 @@ from agent.outbox import (
     read_statistics_readonly,
 )
 from protocol import migrations
-from protocol.events import Event
+from protocol.checkpoint import fold_ahead
+from protocol.events import Event, Return
 from protocol.timefmt import utc
 from protocol.wire import decode_record
-from tests.agent.conftest import STORE, sale, sales
+from tests.agent.conftest import STORE, T0, sale, sales
 
 
 class Clock:
@@ -560,6 +566,146 @@ def test_one_events_append_is_planned_as_any_append(
                 outcomes.append((type(exc), str(exc)))
         planned.append((outcomes, planning.state, planning.known, planning.rows))
     assert planned[1] == planned[0]
+
+
+def _event_of(n: int, kind: tuple[str, str, int, str | None, int | None], lines: int) -> Event:
+    """Event ``e<n>``: a sale or a return, its currency, business day (0: the occurred date, 1
+    or 2: named), workstation and transaction number as ``kind`` says."""
+    name, currency, day, workstation, txn = kind
+    event = sale(f"e{n}", lines=lines)
+    event = msgspec.structs.replace(
+        event,
+        currency=currency,
+        business_day=None if day == 0 else T0.date() + dt.timedelta(days=day - 1),
+        workstation_id=workstation,
+        transaction_id=None if txn is None else str(txn),
+    )
+    if name == "return":
+        return Return(**msgspec.structs.asdict(event))
+    return event
+
+
+_single_parts = st.one_of(
+    st.integers(0, 9),  # a single-event append of that event (the quick route's)
+    st.tuples(st.just("ahead"), st.integers(0, 9)),  # one event folded ahead (append()'s)
+    st.lists(st.integers(0, 9), min_size=2, max_size=3),  # a batch
+    st.just("sent"),  # a PubAck's range: every record so far
+)
+_kinds = st.tuples(
+    st.sampled_from(["sale", "return"]),
+    st.sampled_from(["USD", "EUR"]),
+    st.integers(0, 2),
+    st.sampled_from([None, "W1", "W2"]),
+    st.one_of(st.none(), st.integers(1, 6)),
+)
+
+
+@given(
+    groups=st.lists(st.lists(_single_parts, min_size=1, max_size=8), min_size=1, max_size=4),
+    kinds=st.lists(_kinds, min_size=10, max_size=10),
+    big=st.sets(st.integers(0, 9), max_size=2),
+    room=st.sampled_from([1 << 30, 1200]),
+    look_up=st.booleans(),
+)
+# PubAck ranges ahead of single-event appends: the loop's group with marks riding along.
+@example(
+    groups=[[0, 1], ["sent", "sent", 2, 3, 4]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
+    big=set(), room=1 << 30, look_up=False,
+)  # fmt: skip
+# Two currencies in one group: their money keys in the order the appends give them.
+@example(
+    groups=[[0, 1, 2]],
+    kinds=[("sale", "USD", 1, None, None), ("return", "EUR", 1, None, None)] + [
+        ("sale", "EUR", 1, None, None)
+    ] * 8,
+    big=set(), room=1 << 30, look_up=False,
+)  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_a_group_of_single_events_is_planned_as_append_by_append(
+    groups: list[list[int | tuple[str, int] | list[int] | str]],
+    kinds: list[tuple[str, str, int, str | None, int | None]],
+    big: set[int],
+    room: int,
+    look_up: bool,
+) -> None:
+    """A group of single-event appends (after PubAck ranges or none), planned in one loop
+    (``_plan_singles``, ``checkpoint.record_singles``), gives every job the same answer or
+    refusal in the same order, and leaves the same records, day totals (their bytes: key
+    order too), state and newest day as planning it an append at a time: for any groups of
+    new, held, repeated, too large and no-room events of two types, two currencies, three
+    days and tills with holes, mixed with appends folded ahead, batches and ranges (which
+    the one loop does not take)."""
+    events = [_event_of(n, kinds[n], 40 if n in big else 1) for n in range(10)]
+    ran = []
+    for one_loop in (True, False):
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        migrations.migrate(conn, MIGRATIONS)
+        clock = Clock()
+        box = Outbox(
+            Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=7,
+            max_record_bytes=1500, clock=clock,
+        )  # fmt: skip
+        box._wcur = conn.cursor()
+        answers = []
+        with contextlib.ExitStack() as stack:
+            if not one_loop:
+                stack.enter_context(mock.patch.object(outbox_module, "_singles", _no_singles))
+            for group in groups:
+                clock.now += 1.0
+                box._look_ups_left = 1 if look_up else 0
+                jobs: list[_Job] = []
+                for part in group:
+                    future: concurrent.futures.Future[object] = concurrent.futures.Future()
+                    if isinstance(part, int):
+                        jobs.append(_Append(future, [events[part]]))
+                    elif isinstance(part, tuple):
+                        one = [events[part[1]]]
+                        jobs.append(_Append(future, one, fold_ahead(one)))
+                    elif isinstance(part, list):
+                        jobs.append(_Append(future, [events[n] for n in part]))
+                    elif box._state.last_seq:
+                        jobs.append(_MarkSent(future, 1, box._state.last_seq))
+                outcome = box._run_jobs(conn, jobs)
+                waiters = [job.future for job in jobs]
+                answers.append(
+                    [(waiters.index(w), r, e and (type(e), str(e))) for w, r, e in outcome.results]
+                )
+                answers.append((outcome.appended, outcome.rewind_to, box.newest_day))
+        records = conn.execute(
+            "SELECT seq, event_id, received_at, size, payload, sent_at FROM records ORDER BY seq"
+        ).fetchall()
+        days = conn.execute("SELECT * FROM day_totals ORDER BY business_day").fetchall()
+        ran.append((answers, records, days, box._state))
+    assert ran[0] == ran[1]
+
+
+def _no_singles(jobs: list[_Job]) -> None:
+    """``outbox._singles`` that never finds the one loop's group (the general path)."""
+    return None
+
+
+def test_the_loops_usual_group_is_planned_in_one_loop() -> None:
+    """A group of new single-event appends after a PubAck range takes ``_plan_singles`` (so
+    the property above compares two paths, not one with itself)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    box = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    box._wcur = conn.cursor()
+    box._run_jobs(conn, [_Append(concurrent.futures.Future(), [sale("a")])])
+    planned = []
+    plan = box._plan_singles
+
+    def spy(appends: list[_Append], planning: _Planning) -> object:
+        planned.append(plan(appends, planning))
+        return planned[-1]
+
+    with mock.patch.object(box, "_plan_singles", spy):
+        jobs: list[_Job] = [_MarkSent(None, 1, 1)]
+        jobs += [_Append(concurrent.futures.Future(), [e]) for e in sales("b", 5)]
+        outcome = box._run_jobs(conn, jobs)
+    assert len(planned) == 1 and planned[0] is not None
+    assert [r.seqs for _w, r, _e in outcome.results] == [[2], [3], [4], [5], [6]]  # type: ignore[attr-defined]
+    assert box._state.last_seq == 6 and box._state.pending == 5
 
 
 def _read_run_row_by_row(
