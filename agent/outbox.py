@@ -475,7 +475,6 @@ class _LookUpFirst(Exception):
 _LAZY_JOBS = (_MarkSent, _Fold)
 
 _events_of = operator.attrgetter("events")
-_ahead_of = operator.attrgetter("ahead")
 _future_of = operator.attrgetter("future")
 _event_id_of = operator.attrgetter("event_id")
 _first = operator.itemgetter(0)
@@ -483,20 +482,17 @@ _first = operator.itemgetter(0)
 
 def _singles(jobs: list[_Job]) -> int | None:
     """Where the appends start when ``jobs`` are PubAck ranges (none or more: the ones that
-    ride with a group) then appends of one event each that the writer folds (no ``ahead``),
-    each with a waiter: the loop's usual group, ~26 single-event POSTs, which
-    ``Outbox._plan_singles`` plans in one loop. None for any other group. Asked in C (``map``,
+    ride with a group) then appends of one event each, each with a waiter: the loop's usual
+    group, ~26 single-event POSTs, which ``Outbox._plan_singles`` plans in one loop (an
+    append's totals folded ahead, ``append(events, ahead)``'s, are the totals it folds
+    itself: ``protocol.checkpoint.place``). None for any other group. Asked in C (``map``,
     ``list.count``): no Python step a job."""
     kinds = list(map(type, jobs))
     at = len(kinds) - kinds.count(_Append)
     if at == len(kinds) or kinds[:at].count(_MarkSent) != at:
         return None
     appends = jobs[at:]
-    if (
-        set(map(len, map(_events_of, appends))) != {1}
-        or list(map(_ahead_of, appends)).count(None) != len(appends)
-        or None in list(map(_future_of, appends))
-    ):
+    if set(map(len, map(_events_of, appends))) != {1} or None in list(map(_future_of, appends)):
         return None
     return at
 

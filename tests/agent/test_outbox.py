@@ -620,6 +620,12 @@ _kinds = st.tuples(
     ] * 8,
     big=set(), room=1 << 30, look_up=False,
 )  # fmt: skip
+# Full within a group: the seventh is refused (BufferFull), then room is made by pruning.
+@example(
+    groups=[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ["sent", 9, 8]],
+    kinds=[("sale", "USD", 1, "W1", None)] * 10,
+    big=set(), room=1200, look_up=False,
+)  # fmt: skip
 @settings(max_examples=300, deadline=None)
 def test_a_group_of_single_events_is_planned_as_append_by_append(
     groups: list[list[int | tuple[str, int] | list[int] | str]],
