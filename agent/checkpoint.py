@@ -173,8 +173,9 @@ def record_singles(
 ) -> dt.date | None:
     """``record_days`` of one-event runs with consecutive seqs from ``first_seq`` (a group of
     single-event POSTs, ``Outbox._plan_singles``), without a run's tuple each: the same
-    totals, key order included, as with or without their totals folded ahead. The events' currencies are asked in C; more
-    than one among them folds them a run at a time, as ``stage_runs`` does."""
+    totals, key order included, as with or without their totals folded ahead. The events'
+    currencies are asked in C; more than one among them folds them a run at a time, as
+    ``stage_runs`` does."""
     if len(events) == 1 or len(set(map(getattr, events, _CURRENCY, _NONE)) - {None}) > 1:
         return record_days(
             conn, [(seq, [e], None) for seq, e in enumerate(events, first_seq)], now, rows

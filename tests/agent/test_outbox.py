@@ -588,6 +588,7 @@ def _event_of(n: int, kind: tuple[str, str, int, str | None, int | None], lines:
 _single_parts = st.one_of(
     st.integers(0, 9),  # a single-event append of that event (the quick route's)
     st.tuples(st.just("ahead"), st.integers(0, 9)),  # one event folded ahead (append()'s)
+    st.tuples(st.just("quiet"), st.integers(0, 9)),  # one event, nobody waiting for it
     st.lists(st.integers(0, 9), min_size=2, max_size=3),  # a batch
     st.just("sent"),  # a PubAck's range: every record so far
 )
@@ -664,6 +665,8 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
                     future: concurrent.futures.Future[object] = concurrent.futures.Future()
                     if isinstance(part, int):
                         jobs.append(_Append(future, [events[part]]))
+                    elif isinstance(part, tuple) and part[0] == "quiet":
+                        jobs.append(_Append(None, [events[part[1]]]))
                     elif isinstance(part, tuple):
                         one = [events[part[1]]]
                         jobs.append(_Append(future, one, fold_ahead(one)))
