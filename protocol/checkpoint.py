@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -264,24 +264,31 @@ def _add_day(
             totals.first_seq = low
         if high > totals.last_seq:
             totals.last_seq = high
-    groups: dict[type, list[PosEvent]] = {}  # in order of first sight, as ``add`` adds them
-    for event in events:
-        group = groups.get(type(event))
-        if group is None:
-            groups[type(event)] = [event]
-        else:
-            group.append(event)
-    for cls, group in groups.items():
+    # The events by type, in order of first sight (as ``add`` adds them).
+    groups: Mapping[type, Sequence[PosEvent]]
+    types = set(map(type, events))
+    if len(types) == 1:  # one type (a till's sales): no Python step per record
+        groups = {types.pop(): events}
+    else:
+        by_type: dict[type, list[PosEvent]] = {}
+        for event in events:
+            group = by_type.get(type(event))
+            if group is None:
+                by_type[type(event)] = [event]
+            else:
+                group.append(event)
+        groups = by_type
+    for cls, of_type in groups.items():
         kind = _KINDS.get(cls)
         if kind is None:
-            kind = _KINDS[cls] = event_type(group[0])
-        count = len(group)
+            kind = _KINDS[cls] = event_type(of_type[0])
+        count = len(of_type)
         totals.records += count
         totals.by_type[kind] = totals.by_type.get(kind, 0) + count
-        if hasattr(group[0], "currency"):
-            _add_money(totals.money, kind, group)
-        lines = itertools.chain.from_iterable(map(_lines, group))
-        quantity = sum(map(_to_decimal(group[0]), map(_quantity, lines)), _ZERO)
+        if hasattr(of_type[0], "currency"):
+            _add_money(totals.money, kind, of_type)
+        lines = itertools.chain.from_iterable(map(_lines, of_type))
+        quantity = sum(map(_to_decimal(of_type[0]), map(_quantity, lines)), _ZERO)
         totals.quantity[kind] = totals.quantity.get(kind, _ZERO) + quantity
     if till_at is not None:
         _add_tills(totals, events, till_at)
