@@ -345,69 +345,61 @@ class _Waiter(Protocol):
 AppendWaiter = _Waiter
 
 
-@dataclass(eq=False)
-class _Job:
+class _Job(msgspec.Struct, eq=False):
+    """A job for the writer (or the loop's commit). A Struct: made in C, no ``__init__`` in
+    Python (a dataclass's ran ~11 bytecodes a single-event POST)."""
+
     future: _Waiter | None  # None: internal work nobody waits for
 
 
-@dataclass(eq=False)
-class _Append(_Job):
+class _Append(_Job, eq=False):
     events: Sequence[PosEvent]
     # The events' day totals folded ahead where they were decoded (protocol.checkpoint's
     # fold_ahead), used when every event is new; None: the writer folds them.
     ahead: dict[dt.date, DayTotals] | None = None
 
 
-@dataclass(eq=False)
-class _MarkSent(_Job):
+class _MarkSent(_Job, eq=False):
     first_seq: int
     last_seq: int
     at: float | None = None  # when the PubAck came (None: the commit's time)
 
 
-@dataclass(eq=False)
-class _MarkUnsent(_Job):
+class _MarkUnsent(_Job, eq=False):
     from_seq: int | None
     to_seq: int | None
     since: float | None
     retry_refused: bool = False
 
 
-@dataclass(eq=False)
-class _Prune(_Job):
+class _Prune(_Job, eq=False):
     pass
 
 
-@dataclass(eq=False)
-class _MarkRefused(_Job):
+class _MarkRefused(_Job, eq=False):
     seq: int
     reason: str
 
 
-@dataclass(eq=False)
-class _Fold(_Job):
+class _Fold(_Job, eq=False):
     pass
 
 
-@dataclass(eq=False)
-class _SetMeta(_Job):
+class _SetMeta(_Job, eq=False):
     key: str
     value: str
 
 
-@dataclass(eq=False)
-class _NoteTills(_Job):
+class _NoteTills(_Job, eq=False):
     numbers: Sequence[tuple[dt.date, str, int]]
 
 
-@dataclass(eq=False)
-class _Wake(_Job):
+class _Wake(_Job, eq=False):
     """Not work: wakes the writer so that it looks at the state again (a fold may be due after
     ranges the loop committed, Outbox._commit_on_loop)."""
 
 
-@dataclass(eq=False)
-class _ShrinkMemory(_Job):
+class _ShrinkMemory(_Job, eq=False):
     """Not a change to the file: the writer frees its connection's page cache (outside any
     transaction) when it reaches this job."""
 
@@ -944,6 +936,9 @@ class Outbox:
         self._snapshot: tuple[_State, OutboxStatistics] | None = None
         self._closed = False
         self._opened = False
+        # Opened and not closed: an attribute, not a property (asked a request, by the
+        # ingest's quick route and by ``append_nowait``).
+        self.is_open = False
         # The latest business day of a committed record (set by the writer): a later one
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
@@ -961,6 +956,7 @@ class Outbox:
         self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
         self._writer.start()
         self._opened = True
+        self.is_open = True
 
     def _open_sync(self) -> None:
         try:
@@ -1027,6 +1023,7 @@ class Outbox:
         self._flush_marks()  # committed before the writer stops
         self._to_writer()  # this turn's appends too, as if queued
         self._closed = True
+        self.is_open = False
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
@@ -1052,19 +1049,41 @@ class Outbox:
         reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
         while they are still in that CPU's caches, not later on the event loop."""
         future: asyncio.Future[AppendResult] = self._new_future()
-        self._add_append(_Append(future, events, ahead))
+        self.append_nowait(events, future, ahead)
         del events  # only the job holds them now
         return await future
 
-    def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
+    def append_nowait(
+        self,
+        events: Sequence[PosEvent],
+        then: AppendWaiter,
+        ahead: dict[dt.date, DayTotals] | None = None,
+    ) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         resolved on the loop with ``append``'s result (``set_result``) or its error
         (``set_exception``); one done by then raises InvalidStateError, as a future does, and
         is left be. For callers that answer from a
         callback instead of awaiting in a task (the single-event route, agent/ingest.py:
         one object a request). OutboxClosed at once when closed. ``then`` is never resolved
-        before this returns."""
-        self._add_append(_Append(then, events))
+        before this returns. ``ahead``: as ``append``'s.
+
+        The append is queued for the writer, or kept for the loop's own commit at the end of
+        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
+        if not self.is_open:
+            raise OutboxClosed()
+        job = _Append(then, events, ahead)
+        if len(events) > LOOP_COMMIT_MAX_EVENTS:
+            self._enqueue(job)
+            return
+        turn = self._turn
+        if not turn:  # the turn's first: whether this turn's group is the loop's
+            limit = self.loop_commit_limit
+            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
+                self._enqueue(job)
+                return
+            assert self._loop is not None
+            self._loop.call_soon(self._commit_on_loop)
+        turn.append(job)
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Record "JetStream acknowledged first..last"; the future resolves after commit.
@@ -1291,10 +1310,6 @@ class Outbox:
             self._snapshot = (state, self._snapshot_of(state))
         return self._snapshot[1]
 
-    @property
-    def is_open(self) -> bool:
-        return self._opened and not self._closed
-
     # -- loop side plumbing --
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -1302,7 +1317,7 @@ class Outbox:
         return loop.create_future()
 
     def _enqueue(self, job: _Job) -> None:
-        if self._closed or not self._opened:
+        if not self.is_open:
             raise OutboxClosed()
         if self._marks and not isinstance(job, _Append):
             # PubAck ranges recorded before this job are committed before it (a resync, a
@@ -1314,23 +1329,6 @@ class Outbox:
             self._to_writer()
         self._queued += 1
         self._queue.put(job)
-
-    def _add_append(self, job: _Append) -> None:
-        """Queue an append for the writer, or keep it for the loop's own commit at the end of
-        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
-        if self._closed or not self._opened:
-            raise OutboxClosed()
-        if len(job.events) > LOOP_COMMIT_MAX_EVENTS:
-            self._enqueue(job)
-            return
-        if not self._turn:  # the turn's first: whether this turn's group is the loop's
-            limit = self.loop_commit_limit
-            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
-                self._enqueue(job)
-                return
-            assert self._loop is not None
-            self._loop.call_soon(self._commit_on_loop)
-        self._turn.append(job)
 
     def _commit_on_loop(self) -> None:
         """Commit this turn's small appends here, on the loop, as the writer would: when the
