@@ -1881,37 +1881,37 @@ class Outbox:
     def _plan_singles(
         self, appends: list[_Append], planning: _Planning
     ) -> tuple[list[tuple[_Waiter, object, BaseException | None]], list[PosEvent], int] | None:
-        """``_plan_one`` of each of ``appends`` (one event each, ``_singles``) in one loop, when
+        """``_plan_one`` of each of ``appends`` (one event each, ``_singles``) at once, when
         every event is new (not in ``planning.known``, not twice in the group), within the
-        size limit and the room left: the same rows (added to ``planning.rows``) and results.
-        Returns the results to deliver, the events in seq order and the bytes they take;
-        ``planning.state`` and ``known`` are left as they were (the caller counts the group
-        in at once, as ``_accepted`` would append by append). None, having changed nothing,
-        when any is not so: the group is planned an append at a time, which refuses, answers
-        duplicates and makes room."""
+        size limit and the room left: the same rows (added to ``planning.rows``) and results,
+        built a column at a time as ``_plan_many`` builds a batch's (one Python step a
+        request for the records, one for the results). Returns the results to deliver, the
+        events in seq order and the bytes they take; ``planning.state`` and ``known`` are left
+        as they were (the caller counts the group in at once, as ``_accepted`` would append by
+        append). None, having changed nothing, when any is not so: the group is then planned
+        an append at a time, which refuses, answers duplicates and makes room."""
         events = list(map(_first, map(_events_of, appends)))
         ids = list(map(_event_id_of, events))
         known = planning.known
         if len(set(ids)) != len(ids) or (known and not known.keys().isdisjoint(ids)):
             return None
-        state = planning.state
-        received_at, now, limit = planning.received_at, planning.now, planning.limit
-        room = self.max_buffer_bytes - state.buffer_bytes  # _room's test, a record at a time
-        seq = state.last_seq
-        rows: list[_Row] = []
-        results: list[tuple[_Waiter, object, BaseException | None]] = []
-        for job, event, event_id in zip(appends, events, ids, strict=True):
-            seq += 1
-            payload = encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
-            size = len(payload)
-            room -= size
-            if size > limit or room < 0:
-                return None
-            rows.append((seq, event_id, now, size, payload))
-            result = AppendResult(accepted=1, duplicates=0, first_seq=seq, last_seq=seq, seqs=[seq])
-            results.append((job.future, result, None))  # type: ignore[arg-type]
-        planning.rows += rows
-        return results, events, self.max_buffer_bytes - state.buffer_bytes - room
+        state, received_at = planning.state, planning.received_at
+        seqs = range(state.last_seq + 1, state.last_seq + 1 + len(events))
+        payloads = [
+            encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
+            for seq, event in zip(seqs, events, strict=True)
+        ]
+        sizes = list(map(len, payloads))
+        needed = sum(sizes)
+        # All or none: the group's bytes fit when each append's do, in turn (_room's test).
+        if max(sizes) > planning.limit or state.buffer_bytes + needed > self.max_buffer_bytes:
+            return None
+        planning.rows += zip(seqs, ids, itertools.repeat(planning.now), sizes, payloads)
+        results: list[tuple[_Waiter, object, BaseException | None]] = [
+            (then, AppendResult(accepted=1, duplicates=0, first_seq=s, last_seq=s, seqs=[s]), None)
+            for then, s in zip(map(_future_of, appends), seqs, strict=True)
+        ]
+        return results, events, needed
 
     def _plan_one(self, event: PosEvent, planning: _Planning) -> AppendResult:
         """``_plan_many`` of an append of one event (a single-event POST's): the same result,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -264,20 +264,18 @@ def _add_day(
             totals.first_seq = low
         if high > totals.last_seq:
             totals.last_seq = high
-    # The events by type, in order of first sight (as ``add`` adds them).
-    groups: Mapping[type, Sequence[PosEvent]]
-    types = set(map(type, events))
-    if len(types) == 1:  # one type (a till's sales): no Python step per record
-        groups = {types.pop(): events}
+    # The events by type, in order of first sight (as ``add`` adds them), picked out in C
+    # (``compress``) a type at a time: no Python step per record.
+    classes = list(map(type, events))
+    types = dict.fromkeys(classes)
+    groups: dict[type, Sequence[PosEvent]]
+    if len(types) == 1:  # one type (a till's sales)
+        groups = {classes[0]: events}
     else:
-        by_type: dict[type, list[PosEvent]] = {}
-        for event in events:
-            group = by_type.get(type(event))
-            if group is None:
-                by_type[type(event)] = [event]
-            else:
-                group.append(event)
-        groups = by_type
+        groups = {
+            cls: list(itertools.compress(events, map(operator.is_, classes, itertools.repeat(cls))))
+            for cls in types
+        }
     for cls, of_type in groups.items():
         kind = _KINDS.get(cls)
         if kind is None:
