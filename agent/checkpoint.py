@@ -137,6 +137,35 @@ class DayRows:
         conn.execute(_UPSERT_DAY, (key, encode_totals(held)))
         return day
 
+    def add_run(
+        self, conn: Connection, first_seq: int, events: Sequence[PosEvent], now: float
+    ) -> dt.date | None:
+        """``record_days`` of one run (the records ``first_seq``, ... of ``events``, arrived at
+        ``now``), folded straight into the held rows of its days that hold records, as
+        ``add_one`` folds one: no day staged and merged into them (a group of single-event
+        POSTs: ``merge`` and a ``DayTotals`` a group). Its other days are staged and merged
+        (``store_merged``). The latest of its days."""
+        days: dict[dt.date, DayTotals] = {}
+        before: dict[dt.date, tuple[str, int]] = {}  # a held day's key and records
+        for day, (key, totals) in self._held.items():
+            if totals.records:
+                days[day] = totals
+                before[day] = (key, totals.records)
+        # In place, as store_merged merges: forgotten with the rest if the group rolls back.
+        add_run(days, first_seq, events, till_at=now)
+        latest = None
+        for day, totals in days.items():
+            found = before.get(day)
+            if found is None:
+                self.store_merged(conn, day, totals)
+            elif totals.records != found[1]:
+                conn.execute(_UPSERT_DAY, (found[0], encode_totals(totals)))
+            else:
+                continue  # not one of the run's days
+            if latest is None or day > latest:
+                latest = day
+        return latest
+
     def forget(self) -> None:
         """The writer's transaction did not commit: every row is read from the table again."""
         self._held.clear()
@@ -180,6 +209,8 @@ def record_singles(
         return record_days(
             conn, [(seq, [e], None) for seq, e in enumerate(events, first_seq)], now, rows
         )
+    if rows is not None:
+        return rows.add_run(conn, first_seq, events, now)
     staged: dict[dt.date, DayTotals] = {}
     add_run(staged, first_seq, events, till_at=now)
     _store(conn, staged, rows)

@@ -18,7 +18,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
+from agent import checkpoint as agent_checkpoint
 from agent import outbox as outbox_module
+from agent.checkpoint import KEEP_DAY_ROWS
 from agent.errors import (
     BufferFull,
     NotAnOutbox,
@@ -42,6 +44,7 @@ from agent.outbox import (
     _Job,
     _lookup_padded,
     _MarkSent,
+    _NoteTills,
     _Planning,
     _Prune,
     _State,
@@ -591,6 +594,7 @@ _single_parts = st.one_of(
     st.tuples(st.just("quiet"), st.integers(0, 9)),  # one event, nobody waiting for it
     st.lists(st.integers(0, 9), min_size=2, max_size=3),  # a batch
     st.just("sent"),  # a PubAck's range: every record so far
+    st.just("tills"),  # till numbers used without a record (a day's row without records)
 )
 _kinds = st.tuples(
     st.sampled_from(["sale", "return"]),
@@ -607,11 +611,12 @@ _kinds = st.tuples(
     big=st.sets(st.integers(0, 9), max_size=2),
     room=st.sampled_from([1 << 30, 1200]),
     look_up=st.booleans(),
+    keep=st.sampled_from([1, KEEP_DAY_ROWS]),
 )
 # PubAck ranges ahead of single-event appends: the loop's group with marks riding along.
 @example(
     groups=[[0, 1], ["sent", "sent", 2, 3, 4]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
-    big=set(), room=1 << 30, look_up=False,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS,
 )  # fmt: skip
 # Two currencies in one group: their money keys in the order the appends give them.
 @example(
@@ -619,13 +624,22 @@ _kinds = st.tuples(
     kinds=[("sale", "USD", 1, None, None), ("return", "EUR", 1, None, None)] + [
         ("sale", "EUR", 1, None, None)
     ] * 8,
-    big=set(), room=1 << 30, look_up=False,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS,
 )  # fmt: skip
 # Full within a group: the seventh is refused (BufferFull), then room is made by pruning.
 @example(
     groups=[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ["sent", 9, 8]],
     kinds=[("sale", "USD", 1, "W1", None)] * 10,
-    big=set(), room=1200, look_up=False,
+    big=set(), room=1200, look_up=False, keep=KEEP_DAY_ROWS,
+)  # fmt: skip
+# A day whose row holds till numbers only, then a day's first records, and a third day
+# while only one row is held.
+@example(
+    groups=[["tills"], [0, 1], [2, 3]],
+    kinds=[("sale", "USD", 1, "W1", 1), ("sale", "USD", 0, "W1", 2)] + [
+        ("sale", "USD", 2, "W2", 3)
+    ] * 8,
+    big=set(), room=1 << 30, look_up=False, keep=1,
 )  # fmt: skip
 @settings(max_examples=300, deadline=None)
 def test_a_group_of_single_events_is_planned_as_append_by_append(
@@ -634,14 +648,15 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
     big: set[int],
     room: int,
     look_up: bool,
+    keep: int,
 ) -> None:
     """A group of single-event appends (after PubAck ranges or none), planned in one loop
     (``_plan_singles``, ``checkpoint.record_singles``), gives every job the same answer or
     refusal in the same order, and leaves the same records, day totals (their bytes: key
     order too), state and newest day as planning it an append at a time: for any groups of
     new, held, repeated, too large and no-room events of two types, two currencies, three
-    days and tills with holes, mixed with appends folded ahead, batches and ranges (which
-    the one loop does not take)."""
+    days and tills with holes, mixed with appends folded ahead, batches, ranges and till
+    numbers (which the one loop does not take), whatever rows the writer holds."""
     events = [_event_of(n, kinds[n], 40 if n in big else 1) for n in range(10)]
     ran = []
     for one_loop in (True, False):
@@ -655,6 +670,7 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
         box._wcur = conn.cursor()
         answers = []
         with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(agent_checkpoint, "KEEP_DAY_ROWS", keep))
             if not one_loop:
                 stack.enter_context(mock.patch.object(outbox_module, "_singles", _no_singles))
             for group in groups:
@@ -672,6 +688,9 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
                         jobs.append(_Append(future, one, fold_ahead(one)))
                     elif isinstance(part, list):
                         jobs.append(_Append(future, [events[n] for n in part]))
+                    elif part == "tills":
+                        numbers = [(T0.date(), "W1", 4), (T0.date(), "W3", 1)]
+                        jobs.append(_NoteTills(future, numbers))
                     elif box._state.last_seq:
                         jobs.append(_MarkSent(future, 1, box._state.last_seq))
                 outcome = box._run_jobs(conn, jobs)
