@@ -70,7 +70,7 @@ MIGRATION: migrations.Migration = (
 )
 
 
-# A day's row written whole, new or not (DayRows.store_merged, DayRows.add_one).
+# A day's row written whole, new or not (DayRows.store_merged, add_one, add_run).
 _UPSERT_DAY = (
     "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
     "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals"
@@ -86,7 +86,8 @@ class DayRows:
     money and quantities are decimals, each parsed from text) ~26,000 more (callgrind). A row
     held here is, by construction, what the table has in the writer's transaction: every write
     of ``day_totals`` on that connection goes through ``store_merged`` (``record_days``,
-    ``record_tills``), and the writer calls ``forget`` whenever a transaction does not commit
+    ``record_tills``) or folds into a held row in place (``add_one``, ``add_run``), and the
+    writer calls ``forget`` whenever a transaction does not commit
     (a rollback, a failed COMMIT), since the rows then fall back to what some earlier state
     held. A day not held is read from the table, as before. No other process writes the table
     while the writer runs (the outbox's file lock).
