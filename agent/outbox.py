@@ -466,6 +466,12 @@ class _LookUpFirst(Exception):
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
 
+# Single-event appends a group needs for ``Outbox._plan_singles`` (its columns' lists, maps
+# and comprehensions cost ~30,000 instructions a group, ~1,500-2,000 fewer a request than
+# ``_plan_one`` and ``_accepted``: a group of one, a till's trickle, was 32,000 dearer by it;
+# two 15,000 a request dearer, four 4,000 cheaper; callgrind, docs/benchmarks.md).
+SINGLES_MIN = 4
+
 _events_of = operator.attrgetter("events")
 _future_of = operator.attrgetter("future")
 _event_id_of = operator.attrgetter("event_id")
@@ -474,14 +480,16 @@ _first = operator.itemgetter(0)
 
 def _singles(jobs: list[_Job]) -> int | None:
     """Where the appends start when ``jobs`` are PubAck ranges (none or more: the ones that
-    ride with a group) then appends of one event each, each with a waiter: the loop's usual
-    group, ~26 single-event POSTs, which ``Outbox._plan_singles`` plans in one loop (an
-    append's totals folded ahead, ``append(events, ahead)``'s, are the totals it folds
-    itself: ``protocol.checkpoint.place``). None for any other group. Asked in C (``map``,
-    ``list.count``): no Python step a job."""
+    ride with a group) then ``SINGLES_MIN`` or more appends of one event each, each with a
+    waiter: the loop's usual group under load, ~26 single-event POSTs, which
+    ``Outbox._plan_singles`` plans at once (an append's totals folded ahead,
+    ``append(events, ahead)``'s, are the totals it folds itself: ``checkpoint.place``). None
+    for any other group. Asked in C (``map``, ``list.count``): no Python step a job."""
+    if len(jobs) < SINGLES_MIN:
+        return None
     kinds = list(map(type, jobs))
     at = len(kinds) - kinds.count(_Append)
-    if at == len(kinds) or kinds[:at].count(_MarkSent) != at:
+    if len(kinds) - at < SINGLES_MIN or kinds[:at].count(_MarkSent) != at:
         return None
     appends = jobs[at:]
     if set(map(len, map(_events_of, appends))) != {1} or None in list(map(_future_of, appends)):
@@ -1899,7 +1907,7 @@ class Outbox:
         seqs = range(state.last_seq + 1, state.last_seq + 1 + len(events))
         payloads = [
             encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
-            for seq, event in zip(seqs, events, strict=True)
+            for seq, event in zip(seqs, events, strict=False)
         ]
         sizes = list(map(len, payloads))
         needed = sum(sizes)
@@ -1909,7 +1917,7 @@ class Outbox:
         planning.rows += zip(seqs, ids, itertools.repeat(planning.now), sizes, payloads)
         results: list[tuple[_Waiter, object, BaseException | None]] = [
             (then, AppendResult(accepted=1, duplicates=0, first_seq=s, last_seq=s, seqs=[s]), None)
-            for then, s in zip(map(_future_of, appends), seqs, strict=True)
+            for then, s in zip(map(_future_of, appends), seqs, strict=False)
         ]
         return results, events, needed
 

@@ -615,12 +615,12 @@ _kinds = st.tuples(
 )
 # PubAck ranges ahead of single-event appends: the loop's group with marks riding along.
 @example(
-    groups=[[0, 1], ["sent", "sent", 2, 3, 4]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
+    groups=[[0, 1], ["sent", "sent", 2, 3, 4, 5]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
     big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS,
 )  # fmt: skip
 # Two currencies in one group: their money keys in the order the appends give them.
 @example(
-    groups=[[0, 1, 2]],
+    groups=[[0, 1, 2, 3]],
     kinds=[("sale", "USD", 1, None, None), ("return", "EUR", 1, None, None)] + [
         ("sale", "EUR", 1, None, None)
     ] * 8,
@@ -635,7 +635,7 @@ _kinds = st.tuples(
 # A day whose row holds till numbers only, then a day's first records, and a third day
 # while only one row is held.
 @example(
-    groups=[["tills"], [0, 1], [2, 3]],
+    groups=[["tills"], [0, 1, 4, 5], [2, 3, 6, 7]],
     kinds=[("sale", "USD", 1, "W1", 1), ("sale", "USD", 0, "W1", 2)] + [
         ("sale", "USD", 2, "W2", 3)
     ] * 8,
