@@ -466,10 +466,11 @@ class _LookUpFirst(Exception):
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
 
-# Single-event appends a group needs for ``Outbox._plan_singles`` (its columns' lists, maps
-# and comprehensions cost ~30,000 instructions a group, ~1,500-2,000 fewer a request than
-# ``_plan_one`` and ``_accepted``: a group of one, a till's trickle, was 32,000 dearer by it;
-# two 15,000 a request dearer, four 4,000 cheaper; callgrind, docs/benchmarks.md).
+# Single-event appends a group needs for ``Outbox._plan_singles``: its columns' lists, maps
+# and comprehensions cost more a group than ``_plan_one``'s way for a few appends (a group of
+# one, a till's trickle, was ~38,000 instructions dearer by it in ingest_callgrind at one
+# connection; at four a group an in-process count put it ~4,000 a request cheaper, at two
+# within that count's scatter: docs/benchmarks.md, "round eight: the outbox's planning").
 SINGLES_MIN = 4
 
 _events_of = operator.attrgetter("events")
