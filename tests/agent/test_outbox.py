@@ -571,6 +571,20 @@ def test_one_events_append_is_planned_as_any_append(
     assert planned[1] == planned[0]
 
 
+def _planning_box(room: int, *, retention_days: int) -> tuple[sqlite3.Connection, Clock, Outbox]:
+    """An outbox whose groups run on an in-memory database (``_run_jobs``), not opened: its
+    connection, settable clock and the outbox (records of at most 1,500 bytes)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    clock = Clock()
+    box = Outbox(
+        Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=retention_days,
+        max_record_bytes=1500, clock=clock,
+    )  # fmt: skip
+    box._wcur = conn.cursor()
+    return conn, clock, box
+
+
 def _event_of(n: int, kind: tuple[str, str, int, str | None, int | None], lines: int) -> Event:
     """Event ``e<n>``: a sale or a return, its currency, business day (0: the occurred date, 1
     or 2: named), workstation and transaction number as ``kind`` says."""
@@ -660,14 +674,7 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
     events = [_event_of(n, kinds[n], 40 if n in big else 1) for n in range(10)]
     ran = []
     for one_loop in (True, False):
-        conn = sqlite3.connect(":memory:", isolation_level=None)
-        migrations.migrate(conn, MIGRATIONS)
-        clock = Clock()
-        box = Outbox(
-            Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=7,
-            max_record_bytes=1500, clock=clock,
-        )  # fmt: skip
-        box._wcur = conn.cursor()
+        conn, clock, box = _planning_box(room, retention_days=7)
         answers = []
         with contextlib.ExitStack() as stack:
             stack.enter_context(mock.patch.object(agent_checkpoint, "KEEP_DAY_ROWS", keep))
@@ -943,14 +950,7 @@ def test_a_group_without_the_lookup_does_what_looking_up_first_does(
     logging.getLogger("agent.outbox").addHandler(noted)
     try:
         for look_up in (True, False):
-            conn = sqlite3.connect(":memory:", isolation_level=None)
-            migrations.migrate(conn, MIGRATIONS)
-            clock = Clock()
-            box = Outbox(
-                Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=0,
-                max_record_bytes=1500, clock=clock,
-            )  # fmt: skip
-            box._wcur = conn.cursor()
+            conn, clock, box = _planning_box(room, retention_days=0)
             answers = []
             for index, group in enumerate(groups):
                 box.max_record_bytes = 4000 if index in wide else 1500  # as a learned limit
