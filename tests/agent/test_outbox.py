@@ -37,6 +37,7 @@ from agent.outbox import (
     LOOKUP_CHUNK,
     LOOKUP_SIZES,
     MIGRATIONS,
+    SINGLES_MIN,
     AppendResult,
     Outbox,
     _Append,
@@ -626,11 +627,12 @@ _kinds = st.tuples(
     room=st.sampled_from([1 << 30, 1200]),
     look_up=st.booleans(),
     keep=st.sampled_from([1, KEEP_DAY_ROWS]),
+    fewest=st.sampled_from([1, SINGLES_MIN]),
 )
 # PubAck ranges ahead of single-event appends: the loop's group with marks riding along.
 @example(
     groups=[[0, 1], ["sent", "sent", 2, 3, 4, 5]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
-    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
 )  # fmt: skip
 # Two currencies in one group: their money keys in the order the appends give them.
 @example(
@@ -638,13 +640,13 @@ _kinds = st.tuples(
     kinds=[("sale", "USD", 1, None, None), ("return", "EUR", 1, None, None)] + [
         ("sale", "EUR", 1, None, None)
     ] * 8,
-    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
 )  # fmt: skip
 # Full within a group: the seventh is refused (BufferFull), then room is made by pruning.
 @example(
     groups=[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ["sent", 9, 8]],
     kinds=[("sale", "USD", 1, "W1", None)] * 10,
-    big=set(), room=1200, look_up=False, keep=KEEP_DAY_ROWS,
+    big=set(), room=1200, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
 )  # fmt: skip
 # A day whose row holds till numbers only, then a day's first records, and a third day
 # while only one row is held.
@@ -653,7 +655,7 @@ _kinds = st.tuples(
     kinds=[("sale", "USD", 1, "W1", 1), ("sale", "USD", 0, "W1", 2)] + [
         ("sale", "USD", 2, "W2", 3)
     ] * 8,
-    big=set(), room=1 << 30, look_up=False, keep=1,
+    big=set(), room=1 << 30, look_up=False, keep=1, fewest=SINGLES_MIN,
 )  # fmt: skip
 @settings(max_examples=300, deadline=None)
 def test_a_group_of_single_events_is_planned_as_append_by_append(
@@ -663,6 +665,7 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
     room: int,
     look_up: bool,
     keep: int,
+    fewest: int,
 ) -> None:
     """A group of single-event appends (after PubAck ranges or none), planned in one loop
     (``_plan_singles``, ``checkpoint.record_singles``), gives every job the same answer or
@@ -670,7 +673,9 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
     order too), state and newest day as planning it an append at a time: for any groups of
     new, held, repeated, too large and no-room events of two types, two currencies, three
     days and tills with holes, mixed with appends folded ahead, batches, ranges and till
-    numbers (which the one loop does not take), whatever rows the writer holds."""
+    numbers (which the one loop does not take), whatever rows the writer holds. The one
+    loop is tried from one append a group too (``SINGLES_MIN`` is only a matter of cost), so
+    that its conditions meet groups of every kind."""
     events = [_event_of(n, kinds[n], 40 if n in big else 1) for n in range(10)]
     ran = []
     for one_loop in (True, False):
@@ -678,6 +683,7 @@ def test_a_group_of_single_events_is_planned_as_append_by_append(
         answers = []
         with contextlib.ExitStack() as stack:
             stack.enter_context(mock.patch.object(agent_checkpoint, "KEEP_DAY_ROWS", keep))
+            stack.enter_context(mock.patch.object(outbox_module, "SINGLES_MIN", fewest))
             if not one_loop:
                 stack.enter_context(mock.patch.object(outbox_module, "_singles", _no_singles))
             for group in groups:
