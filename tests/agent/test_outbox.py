@@ -642,6 +642,11 @@ _kinds = st.tuples(
     ] * 8,
     big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
 )  # fmt: skip
+# An event twice in one group of single events: the second is a duplicate of the first.
+@example(
+    groups=[[0, 1, 0, 2]], kinds=[("sale", "USD", 1, "W1", None)] * 10,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
 # Full within a group: the seventh is refused (BufferFull), then room is made by pruning.
 @example(
     groups=[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ["sent", 9, 8]],
