@@ -642,6 +642,11 @@ _kinds = st.tuples(
     ] * 8,
     big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
 )  # fmt: skip
+# A sale then a return on a new day: its types' keys in the order the events come.
+@example(
+    groups=[[0, 1, 2, 3]], kinds=[("sale", "USD", 2, "W1", 1), ("return", "USD", 2, "W1", 2)] * 5,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
 # An event twice in one group of single events: the second is a duplicate of the first.
 @example(
     groups=[[0, 1, 0, 2]], kinds=[("sale", "USD", 1, "W1", None)] * 10,
