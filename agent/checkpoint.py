@@ -70,7 +70,7 @@ MIGRATION: migrations.Migration = (
 )
 
 
-# A day's row written whole, new or not (DayRows.store_merged, DayRows.add_one).
+# A day's row written whole, new or not (DayRows.store_merged, add_one, add_run).
 _UPSERT_DAY = (
     "INSERT INTO day_totals (business_day, totals) VALUES (?, ?) "
     "ON CONFLICT (business_day) DO UPDATE SET totals = excluded.totals"
@@ -86,7 +86,8 @@ class DayRows:
     money and quantities are decimals, each parsed from text) ~26,000 more (callgrind). A row
     held here is, by construction, what the table has in the writer's transaction: every write
     of ``day_totals`` on that connection goes through ``store_merged`` (``record_days``,
-    ``record_tills``), and the writer calls ``forget`` whenever a transaction does not commit
+    ``record_tills``) or folds into a held row in place (``add_one``, ``add_run``), and the
+    writer calls ``forget`` whenever a transaction does not commit
     (a rollback, a failed COMMIT), since the rows then fall back to what some earlier state
     held. A day not held is read from the table, as before. No other process writes the table
     while the writer runs (the outbox's file lock).
@@ -137,6 +138,35 @@ class DayRows:
         conn.execute(_UPSERT_DAY, (key, encode_totals(held)))
         return day
 
+    def add_run(
+        self, conn: Connection, first_seq: int, events: Sequence[PosEvent], now: float
+    ) -> dt.date | None:
+        """``record_days`` of one run (the records ``first_seq``, ... of ``events``, arrived at
+        ``now``), folded straight into the held rows of its days that hold records, as
+        ``add_one`` folds one: no day staged and merged into them (a group of single-event
+        POSTs: ``merge`` and a ``DayTotals`` a group). Its other days are staged and merged
+        (``store_merged``). The latest of its days."""
+        days: dict[dt.date, DayTotals] = {}
+        before: dict[dt.date, tuple[str, int]] = {}  # a held day's key and records
+        for day, (key, totals) in self._held.items():
+            if totals.records:
+                days[day] = totals
+                before[day] = (key, totals.records)
+        # In place, as store_merged merges: forgotten with the rest if the group rolls back.
+        add_run(days, first_seq, events, till_at=now)
+        latest = None
+        for day, totals in days.items():
+            found = before.get(day)
+            if found is None:
+                self.store_merged(conn, day, totals)
+            elif totals.records != found[1]:
+                conn.execute(_UPSERT_DAY, (found[0], encode_totals(totals)))
+            else:
+                continue  # not one of the run's days
+            if latest is None or day > latest:
+                latest = day
+        return latest
+
     def forget(self) -> None:
         """The writer's transaction did not commit: every row is read from the table again."""
         self._held.clear()
@@ -162,6 +192,34 @@ def record_days(
     staged = stage_runs(runs, now)
     _store(conn, staged, rows)
     return max(staged, default=None)
+
+
+def record_singles(
+    conn: Connection,
+    first_seq: int,
+    events: Sequence[PosEvent],
+    now: float,
+    rows: DayRows | None = None,
+) -> dt.date | None:
+    """``record_days`` of one-event runs with consecutive seqs from ``first_seq`` (a group of
+    single-event POSTs, ``Outbox._plan_singles``), without a run's tuple each: the same
+    totals, key order included, as with or without their totals folded ahead. The events'
+    currencies are asked in C; more than one among them folds them a run at a time, as
+    ``stage_runs`` does."""
+    if len(events) == 1 or len(set(map(getattr, events, _CURRENCY, _NONE)) - {None}) > 1:
+        return record_days(
+            conn, [(seq, [e], None) for seq, e in enumerate(events, first_seq)], now, rows
+        )
+    if rows is not None:
+        return rows.add_run(conn, first_seq, events, now)
+    staged: dict[dt.date, DayTotals] = {}
+    add_run(staged, first_seq, events, till_at=now)
+    _store(conn, staged, rows)
+    return max(staged, default=None)
+
+
+_CURRENCY = itertools.repeat("currency")
+_NONE = itertools.repeat(None)
 
 
 def _store(conn: Connection, staged: dict[dt.date, DayTotals], rows: DayRows | None) -> None:

@@ -38,6 +38,7 @@ import datetime as dt
 import functools
 import itertools
 import logging
+import operator
 import os
 import queue
 import secrets
@@ -50,7 +51,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Protocol, TypeVar, cast
 
 import msgspec
 
@@ -73,7 +74,7 @@ from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import PosEvent
 from protocol.timefmt import utc
-from protocol.wire import AcceptedRecord, EventTrace, encode_record, split_records
+from protocol.wire import AcceptedRecord, EventTrace, encode_accepted, encode_record, split_records
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -344,69 +345,61 @@ class _Waiter(Protocol):
 AppendWaiter = _Waiter
 
 
-@dataclass(eq=False)
-class _Job:
+class _Job(msgspec.Struct, eq=False):
+    """A job for the writer (or the loop's commit). A Struct: made in C, no ``__init__`` in
+    Python (a dataclass's ran ~11 bytecodes a single-event POST)."""
+
     future: _Waiter | None  # None: internal work nobody waits for
 
 
-@dataclass(eq=False)
-class _Append(_Job):
+class _Append(_Job, eq=False):
     events: Sequence[PosEvent]
     # The events' day totals folded ahead where they were decoded (protocol.checkpoint's
     # fold_ahead), used when every event is new; None: the writer folds them.
     ahead: dict[dt.date, DayTotals] | None = None
 
 
-@dataclass(eq=False)
-class _MarkSent(_Job):
+class _MarkSent(_Job, eq=False):
     first_seq: int
     last_seq: int
     at: float | None = None  # when the PubAck came (None: the commit's time)
 
 
-@dataclass(eq=False)
-class _MarkUnsent(_Job):
+class _MarkUnsent(_Job, eq=False):
     from_seq: int | None
     to_seq: int | None
     since: float | None
     retry_refused: bool = False
 
 
-@dataclass(eq=False)
-class _Prune(_Job):
+class _Prune(_Job, eq=False):
     pass
 
 
-@dataclass(eq=False)
-class _MarkRefused(_Job):
+class _MarkRefused(_Job, eq=False):
     seq: int
     reason: str
 
 
-@dataclass(eq=False)
-class _Fold(_Job):
+class _Fold(_Job, eq=False):
     pass
 
 
-@dataclass(eq=False)
-class _SetMeta(_Job):
+class _SetMeta(_Job, eq=False):
     key: str
     value: str
 
 
-@dataclass(eq=False)
-class _NoteTills(_Job):
+class _NoteTills(_Job, eq=False):
     numbers: Sequence[tuple[dt.date, str, int]]
 
 
-@dataclass(eq=False)
-class _Wake(_Job):
+class _Wake(_Job, eq=False):
     """Not work: wakes the writer so that it looks at the state again (a fold may be due after
     ranges the loop committed, Outbox._commit_on_loop)."""
 
 
-@dataclass(eq=False)
-class _ShrinkMemory(_Job):
+class _ShrinkMemory(_Job, eq=False):
     """Not a change to the file: the writer frees its connection's page cache (outside any
     transaction) when it reaches this job."""
 
@@ -472,6 +465,37 @@ class _LookUpFirst(Exception):
 # Jobs whose group may commit with synchronous=NORMAL (a tuple: ``_MarkSent | _Fold`` in the
 # isinstance made a union object per group).
 _LAZY_JOBS = (_MarkSent, _Fold)
+
+# Single-event appends a group needs for ``Outbox._plan_singles``: its columns' lists, maps
+# and comprehensions cost more a group than ``_plan_one``'s way for a few appends (a group of
+# one, a till's trickle, was ~38,000 instructions dearer by it in ingest_callgrind at one
+# connection; at four a group an in-process count put it ~4,000 a request cheaper, at two
+# within that count's scatter: docs/benchmarks.md, "round eight: the outbox's planning").
+SINGLES_MIN = 4
+
+_events_of = operator.attrgetter("events")
+_future_of = operator.attrgetter("future")
+_event_id_of = operator.attrgetter("event_id")
+_first = operator.itemgetter(0)
+
+
+def _singles(jobs: list[_Job]) -> int | None:
+    """Where the appends start when ``jobs`` are PubAck ranges (none or more: the ones that
+    ride with a group) then ``SINGLES_MIN`` or more appends of one event each, each with a
+    waiter: the loop's usual group under load, ~26 single-event POSTs, which
+    ``Outbox._plan_singles`` plans at once (an append's totals folded ahead,
+    ``append(events, ahead)``'s, are the totals it folds itself: ``checkpoint.place``). None
+    for any other group. Asked in C (``map``, ``list.count``): no Python step a job."""
+    if len(jobs) < SINGLES_MIN:
+        return None
+    kinds = list(map(type, jobs))
+    at = len(kinds) - kinds.count(_Append)
+    if len(kinds) - at < SINGLES_MIN or kinds[:at].count(_MarkSent) != at:
+        return None
+    appends = jobs[at:]
+    if set(map(len, map(_events_of, appends))) != {1} or None in list(map(_future_of, appends)):
+        return None
+    return at
 
 
 # --- file modes: readable by the service user only -------------------------------------------
@@ -921,6 +945,9 @@ class Outbox:
         self._snapshot: tuple[_State, OutboxStatistics] | None = None
         self._closed = False
         self._opened = False
+        # Opened and not closed: an attribute, not a property (asked a request, by the
+        # ingest's quick route and by ``append_nowait``).
+        self.is_open = False
         # The latest business day of a committed record (set by the writer): a later one
         # closes a day and sends a checkpoint (agent/checkpoint.py).
         self.newest_day: dt.date | None = None
@@ -938,6 +965,7 @@ class Outbox:
         self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
         self._writer.start()
         self._opened = True
+        self.is_open = True
 
     def _open_sync(self) -> None:
         try:
@@ -1004,6 +1032,7 @@ class Outbox:
         self._flush_marks()  # committed before the writer stops
         self._to_writer()  # this turn's appends too, as if queued
         self._closed = True
+        self.is_open = False
         if self._writer is not None:
             self._queue.put(None)
             await asyncio.to_thread(self._writer.join)
@@ -1029,19 +1058,41 @@ class Outbox:
         reference either while it awaits (agent/ingest.py) has them freed in the writer thread,
         while they are still in that CPU's caches, not later on the event loop."""
         future: asyncio.Future[AppendResult] = self._new_future()
-        self._add_append(_Append(future, events, ahead))
+        self.append_nowait(events, future, ahead)
         del events  # only the job holds them now
         return await future
 
-    def append_nowait(self, events: Sequence[PosEvent], then: AppendWaiter) -> None:
+    def append_nowait(
+        self,
+        events: Sequence[PosEvent],
+        then: AppendWaiter,
+        ahead: dict[dt.date, DayTotals] | None = None,
+    ) -> None:
         """Queue ``events`` (all or none); once they are committed (or refused), ``then`` is
         resolved on the loop with ``append``'s result (``set_result``) or its error
         (``set_exception``); one done by then raises InvalidStateError, as a future does, and
         is left be. For callers that answer from a
         callback instead of awaiting in a task (the single-event route, agent/ingest.py:
         one object a request). OutboxClosed at once when closed. ``then`` is never resolved
-        before this returns."""
-        self._add_append(_Append(then, events))
+        before this returns. ``ahead``: as ``append``'s.
+
+        The append is queued for the writer, or kept for the loop's own commit at the end of
+        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
+        if not self.is_open:
+            raise OutboxClosed()
+        job = _Append(then, events, ahead)
+        if len(events) > LOOP_COMMIT_MAX_EVENTS:
+            self._enqueue(job)
+            return
+        turn = self._turn
+        if not turn:  # the turn's first: whether this turn's group is the loop's
+            limit = self.loop_commit_limit
+            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
+                self._enqueue(job)
+                return
+            assert self._loop is not None
+            self._loop.call_soon(self._commit_on_loop)
+        turn.append(job)
 
     def mark_sent_nowait(self, first_seq: int, last_seq: int) -> asyncio.Future[None]:
         """Record "JetStream acknowledged first..last"; the future resolves after commit.
@@ -1268,10 +1319,6 @@ class Outbox:
             self._snapshot = (state, self._snapshot_of(state))
         return self._snapshot[1]
 
-    @property
-    def is_open(self) -> bool:
-        return self._opened and not self._closed
-
     # -- loop side plumbing --
 
     def _new_future(self) -> asyncio.Future[Any]:
@@ -1279,7 +1326,7 @@ class Outbox:
         return loop.create_future()
 
     def _enqueue(self, job: _Job) -> None:
-        if self._closed or not self._opened:
+        if not self.is_open:
             raise OutboxClosed()
         if self._marks and not isinstance(job, _Append):
             # PubAck ranges recorded before this job are committed before it (a resync, a
@@ -1291,23 +1338,6 @@ class Outbox:
             self._to_writer()
         self._queued += 1
         self._queue.put(job)
-
-    def _add_append(self, job: _Append) -> None:
-        """Queue an append for the writer, or keep it for the loop's own commit at the end of
-        this turn (``_commit_on_loop``) when it is small and commits are quick lately."""
-        if self._closed or not self._opened:
-            raise OutboxClosed()
-        if len(job.events) > LOOP_COMMIT_MAX_EVENTS:
-            self._enqueue(job)
-            return
-        if not self._turn:  # the turn's first: whether this turn's group is the loop's
-            limit = self.loop_commit_limit
-            if self._commit_wait >= limit and (limit <= 0 or time.monotonic() < self._retry_at):
-                self._enqueue(job)
-                return
-            assert self._loop is not None
-            self._loop.call_soon(self._commit_on_loop)
-        self._turn.append(job)
 
     def _commit_on_loop(self) -> None:
         """Commit this turn's small appends here, on the loop, as the writer would: when the
@@ -1668,7 +1698,12 @@ class Outbox:
         cur = self._wcur  # the group's own statements; the rarer jobs' on ``conn``
         assert cur is not None
         pending_results: list[tuple[_Job, object, BaseException | None]] = []
-        appends = [j for j in jobs if isinstance(j, _Append)]
+        singles = _singles(jobs)
+        appends = (
+            [j for j in jobs if isinstance(j, _Append)]
+            if singles is None
+            else cast(list[_Append], jobs[singles:])
+        )
         # An append is never lazy: no generator over the jobs for a group that has one.
         lazy = not appends and all(isinstance(job, _LAZY_JOBS) for job in jobs)
         if self._look_ups_left:
@@ -1700,7 +1735,34 @@ class Outbox:
                 newest: dt.date | None = None
                 sent_changed = False
                 stored = 0  # appends answered, not refused
-                for job in jobs:
+                planned = None if singles is None else self._plan_singles(appends, planning)
+                if planned is not None:
+                    # The loop's usual group: PubAck ranges (if any), then single-event
+                    # appends, each new, planned in one loop (_plan_singles): what the loop
+                    # below does, without its calls and lists a request.
+                    results, singles_events, needed = planned
+                    for job in jobs[:singles]:
+                        self._mark_sent(conn, cast(_MarkSent, job), state, now)
+                        sent_changed = True
+                        if job.future is not None:
+                            outcome.results.append((job.future, None, None))
+                    outcome.results += results
+                    # _accepted's count, once for the group.
+                    stored = len(singles_events)
+                    if state.pending == 0:
+                        state.oldest_pending_at = now
+                    first_seq = state.last_seq + 1
+                    state.last_seq += stored
+                    state.pending += stored
+                    state.buffer_bytes += needed
+                    outcome.appended = True
+                    newest = checkpoint.record_singles(
+                        cur, first_seq, singles_events, now, self._day_rows
+                    )
+                    jobs_left: list[_Job] = []
+                else:
+                    jobs_left = jobs
+                for job in jobs_left:
                     if isinstance(job, _Append):
                         try:
                             # _plan_one for one event (a single-event POST's): one call a
@@ -1811,9 +1873,10 @@ class Outbox:
         state.appends += stored
         self._state = state
         self._publish_snapshot(state)
-        outcome.results = [
-            (job.future, r, e) for job, r, e in pending_results if job.future is not None
-        ]
+        if planned is None:
+            outcome.results = [
+                (job.future, r, e) for job, r, e in pending_results if job.future is not None
+            ]
         return outcome
 
     def _lookup(self, conn: sqlite3.Cursor, appends: list[_Append]) -> dict[str, int]:
@@ -1823,6 +1886,41 @@ class Outbox:
             part = _lookup_padded(ids[i : i + LOOKUP_CHUNK])
             known.update(conn.execute(_lookup_sql(len(part)), part).fetchall())
         return known
+
+    def _plan_singles(
+        self, appends: list[_Append], planning: _Planning
+    ) -> tuple[list[tuple[_Waiter, object, BaseException | None]], list[PosEvent], int] | None:
+        """``_plan_one`` of each of ``appends`` (one event each, ``_singles``) at once, when
+        every event is new (not in ``planning.known``, not twice in the group), within the
+        size limit and the room left: the same rows (added to ``planning.rows``) and results,
+        built a column at a time as ``_plan_many`` builds a batch's (one Python step a
+        request for the records, one for the results). Returns the results to deliver, the
+        events in seq order and the bytes they take; ``planning.state`` and ``known`` are left
+        as they were (the caller counts the group in at once, as ``_accepted`` would append by
+        append). None, having changed nothing, when any is not so: the group is then planned
+        an append at a time, which refuses, answers duplicates and makes room."""
+        events = list(map(_first, map(_events_of, appends)))
+        ids = list(map(_event_id_of, events))
+        known = planning.known
+        if len(set(ids)) != len(ids) or (known and not known.keys().isdisjoint(ids)):
+            return None
+        state, received_at = planning.state, planning.received_at
+        seqs = range(state.last_seq + 1, state.last_seq + 1 + len(events))
+        payloads = [
+            encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
+            for seq, event in zip(seqs, events, strict=False)
+        ]
+        sizes = list(map(len, payloads))
+        needed = sum(sizes)
+        # All or none: the group's bytes fit when each append's do, in turn (_room's test).
+        if max(sizes) > planning.limit or state.buffer_bytes + needed > self.max_buffer_bytes:
+            return None
+        planning.rows += zip(seqs, ids, itertools.repeat(planning.now), sizes, payloads)
+        results: list[tuple[_Waiter, object, BaseException | None]] = [
+            (then, AppendResult(accepted=1, duplicates=0, first_seq=s, last_seq=s, seqs=[s]), None)
+            for then, s in zip(map(_future_of, appends), seqs, strict=False)
+        ]
+        return results, events, needed
 
     def _plan_one(self, event: PosEvent, planning: _Planning) -> AppendResult:
         """``_plan_many`` of an append of one event (a single-event POST's): the same result,

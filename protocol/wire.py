@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import zlib
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
@@ -280,6 +281,11 @@ def encode_json(obj: Any) -> bytes:
 
 def encode_record(record: Record | AcceptedRecord) -> bytes:
     return _msgpack_encoder.encode(record)
+
+
+# ``encode_record`` of an ``AcceptedRecord`` without a Python call in between (the outbox's
+# planning of a group of single-event POSTs calls it once a request): the same encoder.
+encode_accepted: Callable[[AcceptedRecord], bytes] = _msgpack_encoder.encode
 
 
 def decode_record(data: bytes) -> Record:

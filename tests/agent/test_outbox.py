@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import datetime as dt
 import logging
 import sqlite3
 import threading
 from pathlib import Path
+from unittest import mock
 
+import msgspec
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent import acked
+from agent import checkpoint as agent_checkpoint
+from agent import outbox as outbox_module
+from agent.checkpoint import KEEP_DAY_ROWS
 from agent.errors import (
     BufferFull,
     NotAnOutbox,
@@ -30,6 +37,7 @@ from agent.outbox import (
     LOOKUP_CHUNK,
     LOOKUP_SIZES,
     MIGRATIONS,
+    SINGLES_MIN,
     AppendResult,
     Outbox,
     _Append,
@@ -37,16 +45,18 @@ from agent.outbox import (
     _Job,
     _lookup_padded,
     _MarkSent,
+    _NoteTills,
     _Planning,
     _Prune,
     _State,
     read_statistics_readonly,
 )
 from protocol import migrations
-from protocol.events import Event
+from protocol.checkpoint import fold_ahead
+from protocol.events import Event, Return
 from protocol.timefmt import utc
 from protocol.wire import decode_record
-from tests.agent.conftest import STORE, sale, sales
+from tests.agent.conftest import STORE, T0, sale, sales
 
 
 class Clock:
@@ -562,6 +572,193 @@ def test_one_events_append_is_planned_as_any_append(
     assert planned[1] == planned[0]
 
 
+def _planning_box(room: int, *, retention_days: int) -> tuple[sqlite3.Connection, Clock, Outbox]:
+    """An outbox whose groups run on an in-memory database (``_run_jobs``), not opened: its
+    connection, settable clock and the outbox (records of at most 1,500 bytes)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    clock = Clock()
+    box = Outbox(
+        Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=retention_days,
+        max_record_bytes=1500, clock=clock,
+    )  # fmt: skip
+    box._wcur = conn.cursor()
+    return conn, clock, box
+
+
+def _event_of(n: int, kind: tuple[str, str, int, str | None, int | None], lines: int) -> Event:
+    """Event ``e<n>``: a sale or a return, its currency, business day (0: the occurred date, 1
+    or 2: named), workstation and transaction number as ``kind`` says."""
+    name, currency, day, workstation, txn = kind
+    event = sale(f"e{n}", lines=lines)
+    event = msgspec.structs.replace(
+        event,
+        currency=currency,
+        business_day=None if day == 0 else T0.date() + dt.timedelta(days=day - 1),
+        workstation_id=workstation,
+        transaction_id=None if txn is None else str(txn),
+    )
+    if name == "return":
+        return Return(**msgspec.structs.asdict(event))
+    return event
+
+
+_single_parts = st.one_of(
+    st.integers(0, 9),  # a single-event append of that event (the quick route's)
+    st.tuples(st.just("ahead"), st.integers(0, 9)),  # one event folded ahead (append()'s)
+    st.tuples(st.just("quiet"), st.integers(0, 9)),  # one event, nobody waiting for it
+    st.lists(st.integers(0, 9), min_size=2, max_size=3),  # a batch
+    st.just("sent"),  # a PubAck's range: every record so far
+    st.just("tills"),  # till numbers used without a record (a day's row without records)
+)
+_kinds = st.tuples(
+    st.sampled_from(["sale", "return"]),
+    st.sampled_from(["USD", "EUR"]),
+    st.integers(0, 2),
+    st.sampled_from([None, "W1", "W2"]),
+    st.one_of(st.none(), st.integers(1, 6)),
+)
+
+
+@given(
+    groups=st.lists(st.lists(_single_parts, min_size=1, max_size=8), min_size=1, max_size=4),
+    kinds=st.lists(_kinds, min_size=10, max_size=10),
+    big=st.sets(st.integers(0, 9), max_size=2),
+    room=st.sampled_from([1 << 30, 1200]),
+    look_up=st.booleans(),
+    keep=st.sampled_from([1, KEEP_DAY_ROWS]),
+    fewest=st.sampled_from([1, SINGLES_MIN]),
+)
+# PubAck ranges ahead of single-event appends: the loop's group with marks riding along.
+@example(
+    groups=[[0, 1], ["sent", "sent", 2, 3, 4, 5]], kinds=[("sale", "USD", 1, "W1", 1)] * 10,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
+# Two currencies in one group: their money keys in the order the appends give them.
+@example(
+    groups=[[0, 1, 2, 3]],
+    kinds=[("sale", "USD", 1, None, None), ("return", "EUR", 1, None, None)] + [
+        ("sale", "EUR", 1, None, None)
+    ] * 8,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
+# A sale then a return on a new day: its types' keys in the order the events come.
+@example(
+    groups=[[0, 1, 2, 3]], kinds=[("sale", "USD", 2, "W1", 1), ("return", "USD", 2, "W1", 2)] * 5,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
+# An event twice in one group of single events: the second is a duplicate of the first.
+@example(
+    groups=[[0, 1, 0, 2]], kinds=[("sale", "USD", 1, "W1", None)] * 10,
+    big=set(), room=1 << 30, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
+# Full within a group: the seventh is refused (BufferFull), then room is made by pruning.
+@example(
+    groups=[[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], ["sent", 9, 8]],
+    kinds=[("sale", "USD", 1, "W1", None)] * 10,
+    big=set(), room=1200, look_up=False, keep=KEEP_DAY_ROWS, fewest=SINGLES_MIN,
+)  # fmt: skip
+# A day whose row holds till numbers only, then a day's first records, and a third day
+# while only one row is held.
+@example(
+    groups=[["tills"], [0, 1, 4, 5], [2, 3, 6, 7]],
+    kinds=[("sale", "USD", 1, "W1", 1), ("sale", "USD", 0, "W1", 2)] + [
+        ("sale", "USD", 2, "W2", 3)
+    ] * 8,
+    big=set(), room=1 << 30, look_up=False, keep=1, fewest=SINGLES_MIN,
+)  # fmt: skip
+@settings(max_examples=300, deadline=None)
+def test_a_group_of_single_events_is_planned_as_append_by_append(
+    groups: list[list[int | tuple[str, int] | list[int] | str]],
+    kinds: list[tuple[str, str, int, str | None, int | None]],
+    big: set[int],
+    room: int,
+    look_up: bool,
+    keep: int,
+    fewest: int,
+) -> None:
+    """A group of single-event appends (after PubAck ranges or none), planned in one loop
+    (``_plan_singles``, ``checkpoint.record_singles``), gives every job the same answer or
+    refusal in the same order, and leaves the same records, day totals (their bytes: key
+    order too), state and newest day as planning it an append at a time: for any groups of
+    new, held, repeated, too large and no-room events of two types, two currencies, three
+    days and tills with holes, mixed with appends folded ahead, batches, ranges and till
+    numbers (which the one loop does not take), whatever rows the writer holds. The one
+    loop is tried from one append a group too (``SINGLES_MIN`` is only a matter of cost), so
+    that its conditions meet groups of every kind."""
+    events = [_event_of(n, kinds[n], 40 if n in big else 1) for n in range(10)]
+    ran = []
+    for one_loop in (True, False):
+        conn, clock, box = _planning_box(room, retention_days=7)
+        answers = []
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(agent_checkpoint, "KEEP_DAY_ROWS", keep))
+            stack.enter_context(mock.patch.object(outbox_module, "SINGLES_MIN", fewest))
+            if not one_loop:
+                stack.enter_context(mock.patch.object(outbox_module, "_singles", _no_singles))
+            for group in groups:
+                clock.now += 1.0
+                box._look_ups_left = 1 if look_up else 0
+                jobs: list[_Job] = []
+                for part in group:
+                    future: concurrent.futures.Future[object] = concurrent.futures.Future()
+                    if isinstance(part, int):
+                        jobs.append(_Append(future, [events[part]]))
+                    elif isinstance(part, tuple) and part[0] == "quiet":
+                        jobs.append(_Append(None, [events[part[1]]]))
+                    elif isinstance(part, tuple):
+                        one = [events[part[1]]]
+                        jobs.append(_Append(future, one, fold_ahead(one)))
+                    elif isinstance(part, list):
+                        jobs.append(_Append(future, [events[n] for n in part]))
+                    elif part == "tills":
+                        numbers = [(T0.date(), "W1", 4), (T0.date(), "W3", 1)]
+                        jobs.append(_NoteTills(future, numbers))
+                    elif box._state.last_seq:
+                        jobs.append(_MarkSent(future, 1, box._state.last_seq))
+                outcome = box._run_jobs(conn, jobs)
+                waiters = [job.future for job in jobs]
+                answers.append(
+                    [(waiters.index(w), r, e and (type(e), str(e))) for w, r, e in outcome.results]
+                )
+                answers.append((outcome.appended, outcome.rewind_to, box.newest_day))
+        records = conn.execute(
+            "SELECT seq, event_id, received_at, size, payload, sent_at FROM records ORDER BY seq"
+        ).fetchall()
+        days = conn.execute("SELECT * FROM day_totals ORDER BY business_day").fetchall()
+        ran.append((answers, records, days, box._state))
+    assert ran[0] == ran[1]
+
+
+def _no_singles(jobs: list[_Job]) -> None:
+    """``outbox._singles`` that never finds the one loop's group (the general path)."""
+    return None
+
+
+def test_the_loops_usual_group_is_planned_in_one_loop() -> None:
+    """A group of new single-event appends after a PubAck range takes ``_plan_singles`` (so
+    the property above compares two paths, not one with itself)."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrations.migrate(conn, MIGRATIONS)
+    box = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=1 << 30, retention_days=7)
+    box._wcur = conn.cursor()
+    box._run_jobs(conn, [_Append(concurrent.futures.Future(), [sale("a")])])
+    planned = []
+    plan = box._plan_singles
+
+    def spy(appends: list[_Append], planning: _Planning) -> object:
+        planned.append(plan(appends, planning))
+        return planned[-1]
+
+    with mock.patch.object(box, "_plan_singles", spy):
+        jobs: list[_Job] = [_MarkSent(None, 1, 1)]
+        jobs += [_Append(concurrent.futures.Future(), [e]) for e in sales("b", 5)]
+        outcome = box._run_jobs(conn, jobs)
+    assert len(planned) == 1 and planned[0] is not None
+    assert [r.seqs for _w, r, _e in outcome.results] == [[2], [3], [4], [5], [6]]  # type: ignore[attr-defined]
+    assert box._state.last_seq == 6 and box._state.pending == 5
+
+
 def _read_run_row_by_row(
     conn: sqlite3.Connection, limit_records: int, limit_bytes: int, after_seq: int
 ) -> tuple[int, int, bytes, int] | None:
@@ -769,14 +966,7 @@ def test_a_group_without_the_lookup_does_what_looking_up_first_does(
     logging.getLogger("agent.outbox").addHandler(noted)
     try:
         for look_up in (True, False):
-            conn = sqlite3.connect(":memory:", isolation_level=None)
-            migrations.migrate(conn, MIGRATIONS)
-            clock = Clock()
-            box = Outbox(
-                Path("unused"), store_id=STORE, max_buffer_bytes=room, retention_days=0,
-                max_record_bytes=1500, clock=clock,
-            )  # fmt: skip
-            box._wcur = conn.cursor()
+            conn, clock, box = _planning_box(room, retention_days=0)
             answers = []
             for index, group in enumerate(groups):
                 box.max_record_bytes = 4000 if index in wide else 1500  # as a learned limit
