@@ -252,7 +252,10 @@ def promise_problems(ledger: Ledger, booked: Booked) -> list[str]:
 def assert_promise(ledger: Ledger, booked: Booked) -> None:
     """Every accepted event booked once, in per-store order; nothing refused or unknown to the
     ledger was booked."""
-    assert [] == promise_problems(ledger, booked)
+    problems = promise_problems(ledger, booked)
+    # Said in the message: this module is not rewritten by pytest, so a bare comparison failed
+    # with no word of which part of the promise broke (a CI run of 2026-12-07).
+    assert not problems, "; ".join(problems)
 
 
 def all_booked(ledger: Ledger, booked: Booked) -> Callable[[], bool]:
