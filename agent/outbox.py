@@ -74,7 +74,7 @@ from protocol.checkpoint import DayTotals
 from protocol.errors import DatabaseTooNew, NotOurDatabase
 from protocol.events import PosEvent
 from protocol.timefmt import utc
-from protocol.wire import AcceptedRecord, EventTrace, encode_accepted, encode_record, split_records
+from protocol.wire import AcceptedRecord, EventTrace, encode_record, split_records
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -944,7 +944,6 @@ class Outbox:
         # Its statistics once asked for (built and read on the loop), with the state they are of.
         self._snapshot: tuple[_State, OutboxStatistics] | None = None
         self._closed = False
-        self._opened = False
         # Opened and not closed: an attribute, not a property (asked a request, by the
         # ingest's quick route and by ``append_nowait``).
         self.is_open = False
@@ -964,7 +963,6 @@ class Outbox:
         self._schedstat = _open_schedstat()  # here: the file of the thread that opens it
         self._writer = threading.Thread(target=self._run_writer, name="outbox-writer", daemon=True)
         self._writer.start()
-        self._opened = True
         self.is_open = True
 
     def _open_sync(self) -> None:
@@ -1105,7 +1103,7 @@ class Outbox:
         them (docs/benchmarks.md, "An agent at a till's pace"). A crash loses at most these
         ranges: their records are sent again and central drops them by its mark, as with a
         range committed without fsync (docs/guarantees.md)."""
-        if self._closed or not self._opened:
+        if not self.is_open:
             raise OutboxClosed()
         future = self._new_future()
         # sent_at is the PubAck's time, not the later commit's.
@@ -1134,7 +1132,7 @@ class Outbox:
 
     def _flush_marks(self) -> None:
         """Hand the PubAck ranges waiting in memory to the writer now (wakes it)."""
-        if self._closed or not self._opened:
+        if not self.is_open:
             return
         for job in self._take_marks():
             self._queued += 1
@@ -1749,12 +1747,7 @@ class Outbox:
                     outcome.results += results
                     # _accepted's count, once for the group.
                     stored = len(singles_events)
-                    if state.pending == 0:
-                        state.oldest_pending_at = now
-                    first_seq = state.last_seq + 1
-                    state.last_seq += stored
-                    state.pending += stored
-                    state.buffer_bytes += needed
+                    first_seq = self._count_in(state, stored, needed, now)
                     outcome.appended = True
                     newest = checkpoint.record_singles(
                         cur, first_seq, singles_events, now, self._day_rows
@@ -1907,7 +1900,7 @@ class Outbox:
         state, received_at = planning.state, planning.received_at
         seqs = range(state.last_seq + 1, state.last_seq + 1 + len(events))
         payloads = [
-            encode_accepted(AcceptedRecord(seq=seq, received_at=received_at, event=event))
+            encode_record(AcceptedRecord(seq=seq, received_at=received_at, event=event))
             for seq, event in zip(seqs, events, strict=False)
         ]
         sizes = list(map(len, payloads))
@@ -2021,12 +2014,8 @@ class Outbox:
         ``needed`` bytes) into ``state``; its result."""
         first_seq = last_seq = None
         if accepted:
-            if state.pending == 0:
-                state.oldest_pending_at = now
-            first_seq = state.last_seq + 1
-            last_seq = state.last_seq = state.last_seq + accepted
-            state.pending += accepted
-            state.buffer_bytes += needed
+            first_seq = Outbox._count_in(state, accepted, needed, now)
+            last_seq = state.last_seq
         return AppendResult(
             accepted=accepted,
             duplicates=len(seqs) - accepted,
@@ -2034,6 +2023,18 @@ class Outbox:
             last_seq=last_seq,
             seqs=seqs,
         )
+
+    @staticmethod
+    def _count_in(state: _State, accepted: int, needed: int, now: float) -> int:
+        """Count ``accepted`` (> 0) new records of ``needed`` bytes into ``state``, the next
+        seqs handed out; the first of them."""
+        if state.pending == 0:
+            state.oldest_pending_at = now
+        first_seq = state.last_seq + 1
+        state.last_seq += accepted
+        state.pending += accepted
+        state.buffer_bytes += needed
+        return first_seq
 
     def _insert(self, conn: sqlite3.Cursor, rows: list[_Row]) -> None:
         if len(rows) == 1:  # a single-event group's: the row is the parameters

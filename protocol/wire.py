@@ -279,13 +279,9 @@ def encode_json(obj: Any) -> bytes:
     return _json_encoder.encode(obj)
 
 
-def encode_record(record: Record | AcceptedRecord) -> bytes:
-    return _msgpack_encoder.encode(record)
-
-
-# ``encode_record`` of an ``AcceptedRecord`` without a Python call in between (the outbox's
-# planning of a group of single-event POSTs calls it once a request): the same encoder.
-encode_accepted: Callable[[AcceptedRecord], bytes] = _msgpack_encoder.encode
+# A record's bytes: the encoder's own method, no Python call in between (the outbox's
+# planning calls it once a record).
+encode_record: Callable[[Record | AcceptedRecord], bytes] = _msgpack_encoder.encode
 
 
 def decode_record(data: bytes) -> Record:
