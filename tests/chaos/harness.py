@@ -198,7 +198,13 @@ class Booked(Protocol):
 
     def effect_keys(self, *, derived: bool = False) -> set[str]: ...
     def duplicate_effects(self) -> int: ...
-    def order_violations(self) -> int: ...
+    def duplicates(self) -> list[str]:
+        """Each event booked more than once, in words (which keys, where)."""
+        ...
+
+    def order_breaks(self) -> list[str]:
+        """Each per-store order violation, in words (which seq after which, when)."""
+        ...
 
 
 @dataclass
@@ -219,24 +225,43 @@ class FileSinkBooked:
         return {str(r["key"]) for r in self._records() if derived or not r.get("derived")}
 
     def duplicate_effects(self) -> int:
-        records = self._records()
-        return len(records) - len({str(r["key"]) for r in records})
+        return len(self.duplicates())
+
+    def duplicates(self) -> list[str]:
+        """Each line whose key a line above it booked already."""
+        first: dict[str, int] = {}
+        found = []
+        for line, r in enumerate(self._records(), 1):
+            key = str(r["key"])
+            if key in first:
+                found.append(f"{key} at line {line}, booked at line {first[key]}")
+            else:
+                first[key] = line
+        return found
 
     def order_violations(self) -> int:
+        return len(self.order_breaks())
+
+    def order_breaks(self) -> list[str]:
         """First lines of a (store, epoch) whose seq is below one written before (a line
         written again is a duplicate effect, counted there)."""
-        last: dict[tuple[str, str], int] = {}
+        last: dict[tuple[str, str], tuple[int, str, int]] = {}  # (seq, key, line) of the max
         seen: set[str] = set()
-        violations = 0
-        for r in self._records():
+        found = []
+        for line, r in enumerate(self._records(), 1):
             if r.get("derived") or r["key"] in seen:
                 continue
             seen.add(r["key"])
             stream = (str(r["store_id"]), str(r["epoch"]))
-            if int(r["seq"]) < last.get(stream, 0):
-                violations += 1
-            last[stream] = max(last.get(stream, 0), int(r["seq"]))
-        return violations
+            seq, top = int(r["seq"]), last.get(stream, (0, "", 0))
+            if seq < top[0]:
+                found.append(
+                    f"{r['key']} (seq {seq}) at line {line}, after {top[1]} (seq {top[0]}) "
+                    f"at line {top[2]}"
+                )
+            else:
+                last[stream] = (seq, str(r["key"]), line)
+        return found
 
 
 def promise_problems(ledger: Ledger, booked: Booked) -> list[str]:
@@ -253,19 +278,43 @@ def promise_problems(ledger: Ledger, booked: Booked) -> list[str]:
     if strangers:
         problems.append(f"{len(strangers)} events booked nobody sent, e.g. {sorted(strangers)[:3]}")
     if duplicates := booked.duplicate_effects():
-        problems.append(f"{duplicates} duplicate effects")
-    if violations := booked.order_violations():
-        problems.append(f"{violations} per-store order violations")
+        problems.append(f"{duplicates} duplicate effects, e.g. {booked.duplicates()[:3]}")
+    if breaks := booked.order_breaks():
+        problems.append(f"{len(breaks)} per-store order violations, e.g. {breaks[:3]}")
     return problems
 
 
-def assert_promise(ledger: Ledger, booked: Booked) -> None:
+def notable_log_lines(pipeline: Pipeline, limit: int = 40) -> str:
+    """The last ``limit`` warnings and errors of central's log and each agent's (gaps asked
+    for, reconcile resyncs and repairs, blocked stores, retries), for a failure's message."""
+    parts = []
+    for name, path in [
+        ("central", pipeline.central.log_path),
+        *((f"agent {s}", a.log_path) for s, a in pipeline.agents.items()),
+    ]:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        notable = [ln for ln in lines if '"level": "warning"' in ln or '"level": "error"' in ln]
+        parts.append(f"--- {name} ({len(notable)} warnings/errors, last {limit}):")
+        parts += notable[-limit:]
+    return "\n".join(parts)
+
+
+def assert_promise(ledger: Ledger, booked: Booked, pipeline: Pipeline | None = None) -> None:
     """Every accepted event booked once, in per-store order; nothing refused or unknown to the
-    ledger was booked."""
+    ledger was booked. With ``pipeline``, a broken promise's message ends with its processes'
+    warnings and errors."""
     problems = promise_problems(ledger, booked)
+    if not problems:
+        return
     # Said in the message: this module is not rewritten by pytest, so a bare comparison failed
     # with no word of which part of the promise broke (a CI run of 2026-12-07).
-    assert not problems, "; ".join(problems)
+    message = "; ".join(problems)
+    if pipeline is not None:
+        message += "\n" + notable_log_lines(pipeline)
+    raise AssertionError(message)
 
 
 def all_booked(ledger: Ledger, booked: Booked) -> Callable[[], bool]:

@@ -129,21 +129,54 @@ class RecordingOms:
         events = {(d.store_id, d.event_id) for d in booked}
         return len(booked) - len(events)
 
+    def duplicates(self) -> list[str]:
+        """Each event booked more than once: the keys it was booked under, and every arrival
+        of them (the OMS's log)."""
+        by_event: dict[tuple[str, str], list[Delivery]] = {}
+        for d in [*self.effects.values(), *self._unkeyed]:
+            by_event.setdefault((d.store_id, d.event_id), []).append(d)
+        return [
+            f"{store_id}:{event_id} booked {len(ds)} times, under "
+            + ", ".join(d.key if d.keyed else f"{d.key} (no key)" for d in ds)
+            + f"; arrivals {self.arrivals({d.key for d in ds})}"
+            for (store_id, event_id), ds in by_event.items()
+            if len(ds) > 1
+        ]
+
     def order_violations(self) -> int:
-        """First receipts of a (store, epoch) whose seq is below one booked before. A record
-        delivered again is a duplicate receipt, not an order violation."""
-        last: dict[tuple[str, str], int] = {}
+        return len(self.order_breaks())
+
+    def order_breaks(self) -> list[str]:
+        """First receipts of a (store, epoch) whose seq is below one booked before, with every
+        arrival of both keys (the OMS's log). A record delivered again is a duplicate receipt,
+        not an order violation."""
+        last: dict[tuple[str, str], Delivery] = {}  # the highest seq booked so far
         seen: set[str] = set()
-        violations = 0
+        found = []
         for d in self.receipts():
             if d.derived or d.key in seen:
                 continue
             seen.add(d.key)
             stream = (d.store_id, d.epoch)
-            if d.seq < last.get(stream, 0):
-                violations += 1
-            last[stream] = max(last.get(stream, 0), d.seq)
-        return violations
+            top = last.get(stream)
+            if top is not None and d.seq < top.seq:
+                found.append(
+                    f"{d.key} (seq {d.seq}) after {top.key} (seq {top.seq}); arrivals "
+                    f"{self.arrivals({d.key, top.key})}"
+                )
+            elif top is None or d.seq > top.seq:
+                last[stream] = d
+        return found
+
+    def arrivals(self, keys: set[str]) -> list[str]:
+        """The OMS's log for ``keys``: each arrival's key, seq, seconds since the first
+        delivery of all, and answer."""
+        start = self.deliveries[0].at if self.deliveries else 0.0
+        return [
+            f"{d.key} seq {d.seq} +{d.at - start:.3f}s HTTP {d.status}"
+            for d in self.deliveries
+            if d.key in keys
+        ]
 
     def statistics(self) -> OmsStatistics:
         receipts = self.receipts()

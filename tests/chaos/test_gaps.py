@@ -42,7 +42,7 @@ async def test_lost_batch_is_resent_without_an_operator(
     await delete_batch(broker.url, 1, 3)
     await p.central.start()
     await eventually(all_booked(ledger, booked), 60, "gap closed, every event booked")
-    assert_promise(ledger, booked)
+    assert_promise(ledger, booked, p)
     assert "asking the store to re-send" in p.central.tail(400)
     assert 1 <= central_status(p)["consumer"]["resync_requests"]
 

@@ -21,6 +21,7 @@ from protocol.wire import event_key
 from tests.chaos.harness import (
     FileSinkBooked,
     Ledger,
+    assert_promise,
     eventually,
     promise_problems,
     ring,
@@ -34,17 +35,20 @@ class Booked:
     """A hand-written booking record (implements harness.Booked)."""
 
     keys: set[str] = field(default_factory=set)
-    duplicates: int = 0
-    violations: int = 0
+    twice: list[str] = field(default_factory=list)  # events booked twice, in words
+    breaks: list[str] = field(default_factory=list)  # order violations, in words
 
     def effect_keys(self, *, derived: bool = False) -> set[str]:
         return set(self.keys)
 
     def duplicate_effects(self) -> int:
-        return self.duplicates
+        return len(self.twice)
 
-    def order_violations(self) -> int:
-        return self.violations
+    def duplicates(self) -> list[str]:
+        return list(self.twice)
+
+    def order_breaks(self) -> list[str]:
+        return list(self.breaks)
 
 
 def ledger_of(
@@ -82,15 +86,35 @@ def test_promise_kept() -> None:
         (Booked({"S1:a"}), "1 accepted events never booked"),
         (Booked({"S1:a", "S1:b", "S1:c"}), "1 refused events booked"),
         (Booked({"S1:a", "S1:b", "S1:x"}), "1 events booked nobody sent"),
-        (Booked({"S1:a", "S1:b"}, duplicates=2), "2 duplicate effects"),
-        (Booked({"S1:a", "S1:b"}, violations=1), "1 per-store order violations"),
+        (Booked({"S1:a", "S1:b"}, twice=["S1:a", "S1:b"]), "2 duplicate effects, e.g. ['S1:a'"),
+        (Booked({"S1:a", "S1:b"}, breaks=["S1:a after S1:b"]), "1 per-store order violations, "),
     ],
 )
 def test_promise_broken_is_reported(booked: Booked, problem: str) -> None:
-    """Each way of breaking the promise is reported."""
+    """Each way of breaking the promise is reported, with examples."""
     ledger = ledger_of({"S1:a", "S1:b"}, refused={"S1:c"})
     [found] = promise_problems(ledger, booked)
     assert found.startswith(problem)
+    assert "e.g. ['S1:" in found
+
+
+async def test_a_broken_promise_names_the_processes_warnings(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    """assert_promise given the pipeline ends its message with central's and the agents'
+    warnings and errors (gaps, resyncs, blocked stores), and leaves the info lines out."""
+    p = make_pipeline(store_ids=())
+    p.central.log_path.parent.mkdir(parents=True, exist_ok=True)
+    p.central.log_path.write_text(
+        '{"level": "info", "msg": "unit: 1 batches"}\n'
+        '{"level": "warning", "msg": "gap in store S2 epoch e: seqs 5..9 missing"}\n'
+    )
+    with pytest.raises(AssertionError) as failed:
+        assert_promise(ledger_of({"S1:a"}), Booked({"S1:a"}, breaks=["S1:a after S1:b"]), p)
+    message = str(failed.value)
+    assert message.startswith("1 per-store order violations, e.g. ['S1:a after S1:b']")
+    assert "--- central (1 warnings/errors" in message and "gap in store S2" in message
+    assert "unit: 1 batches" not in message
 
 
 def line(key: str, seq: int, *, epoch: str = "e1", derived: bool = False) -> dict[str, Any]:
@@ -116,6 +140,8 @@ def test_file_sink_duplicates_and_order(tmp_path: Path) -> None:
         booked.duplicate_effects(),
         booked.order_violations(),
     )
+    assert ["S1:c at line 4, booked at line 2"] == booked.duplicates()
+    assert ["S1:b (seq 2) at line 3, after S1:c (seq 3) at line 2"] == booked.order_breaks()
 
 
 @pytest.fixture
@@ -154,6 +180,11 @@ async def test_oms_books_a_key_once(oms: RecordingOms) -> None:
         stats.duplicate_effects,
         stats.order_violations,
     )
+    [twice] = oms.duplicates()
+    assert twice.startswith("S1:b booked 2 times, under S1:b, S1:b (no key); arrivals [")
+    [broken] = oms.order_breaks()
+    assert broken.startswith("S1:c (seq 2) after S1:b (seq 3); arrivals ['S1:b seq 3 +")
+    assert 3 == broken.count("HTTP 200")  # S1:b twice (once without a key), S1:c once
 
 
 async def test_oms_faults_book_nothing(oms: RecordingOms) -> None:

@@ -131,7 +131,7 @@ async def test_a_batch_lost_after_its_puback_is_found_by_the_checkpoint_and_heal
     await delete_batch(broker.url, -1, 3)  # the last batch: 201..300
     await p.central.start()
     await eventually(all_booked(ledger, booked), 60, "the lost batch re-sent and booked")
-    assert_promise(ledger, booked)
+    assert_promise(ledger, booked, p)
     await eventually(all_reconciled(p), 60, "the day reconciled")
     assert "RECONCILE MISSING" in p.central.tail(400)
     [day] = reconcile_days(p, "--store", "S1")
@@ -185,7 +185,7 @@ async def test_a_lost_batch_is_healed_while_central_never_runs_out_of_batches(
     assert "idle: nothing left in the stream" not in log
     oms.recover()
     await eventually(all_booked(ledger, oms), 120, "S2's events booked")
-    assert_promise(ledger, oms)
+    assert_promise(ledger, oms, p)
 
 
 def move_mark(p: Pipeline, store_id: str, hwm: int) -> None:
@@ -233,7 +233,7 @@ async def test_a_difference_below_the_mark_is_healed_through_the_key_ledger(
     await p.central.start()
     await eventually(all_booked(ledger, booked), 60, "101..200 healed below the mark")
     await eventually(all_reconciled(p), 60, "the day reconciled")
-    assert_promise(ledger, booked)
+    assert_promise(ledger, booked, p)
     [day] = reconcile_days(p, "--store", "S1")
     assert (200, 200, 100) == (
         day["store"]["records"],
@@ -278,7 +278,7 @@ async def test_a_difference_below_the_mark_redelivers_nothing_the_key_ledger_hol
         day["store"]["records"], day["central"]["records"], day["central"]["healed"],
         day["detail"],
     )  # fmt: skip
-    assert_promise(ledger, booked)
+    assert_promise(ledger, booked, p)
     assert 200 == len(booked.effect_keys())
     log = p.central.tail(1000)
     assert "RECONCILE HEALING: store S1" in log
