@@ -177,9 +177,9 @@ async def ring(
             except asyncio.CancelledError:
                 # The till was stopped (task.cancel()) with this request out and unanswered:
                 # the agent may have read the whole body and committed it, and central books
-                # it later. Left unsettled, its events were "booked, nobody sent": the one way
-                # found for a CI failure of test_a_lost_batch_is_healed_while_central_never_
-                # runs_out_of_batches (its till is cancelled mid-ring) to happen.
+                # it later. Left unsettled, its events were "booked, nobody sent": the cause of
+                # a CI failure of test_a_lost_batch_is_healed_while_central_never_runs_out_of_
+                # batches (its till is cancelled mid-ring; reproduced under CPU load, 1 in 25).
                 ledger.settle(keys, 0, maybe_committed=True)
                 raise
 
