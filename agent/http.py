@@ -399,7 +399,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         pieces, headers = self._url, self._headers
-        url = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        url = b"".join(pieces)  # one piece (the usual target) is given back as it is
         pieces.clear()
         self._headers = {}
         if self._discarding:
