@@ -463,9 +463,11 @@ class _Connection(asyncio.Protocol):
             # reader waits for a request whose handler has not started.
             take = self._quick
             if take is not None:
-                parts = request._parts  # the body as read_nowait gives it, without the call
+                # The body as read_nowait gives it, without the call (a join of one piece gives
+                # it back as it is).
+                body = b"".join(request._parts)
                 try:
-                    if take(request, parts[0] if len(parts) == 1 else b"".join(parts), self):
+                    if take(request, body, self):
                         return
                 except Exception:  # it runs inside the parser's callback: answer, do not unwind
                     log.exception("HTTP %s %s failed", request.method, request.path)
