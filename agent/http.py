@@ -315,11 +315,17 @@ class _Connection(asyncio.Protocol):
         # The server's quick handler and body limit, read once per request: kept here.
         self._quick = server.quick
         self._max_body = server.max_body
+        # A body's size up to which on_body only keeps it: below the limit and READ_AHEAD.
+        self._small_body = min(self._max_body, READ_AHEAD)
         self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._url = b""
+        # The target's pieces, kept by a C function httptools calls directly (it looks its
+        # callbacks up on the protocol when the parser is made): a Python on_url cost a call
+        # into the interpreter a request (~1,000 instructions before its body ran).
+        self._url: list[bytes] = []
+        self.on_url: Callable[[bytes], object] = self._url.append
         self._headers: dict[str, bytes] = {}  # the head's, as Request.raw_headers keeps them
+        self._parser = httptools.HttpRequestParser(self)  # after on_url is set: it looks it up
         # The request whose head is parsed and whose body is being parsed. Its handler starts
         # when its body is complete (quick handler first), or at the end of the data that
         # brought its head if the body is still to come (``started``; the handler then reads
@@ -372,12 +378,10 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --
 
-    # No on_message_begin: the next message's target and headers start empty from the end of
-    # this one's head (on_headers_complete), a Python call fewer a request. A message whose
-    # head does not complete ends the connection (a parse error, an upgrade).
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
+    # on_url is a C function (set in __init__). No on_message_begin: the next message's target
+    # and headers start empty from the end of this one's head (on_headers_complete), a Python
+    # call fewer a request. A message whose head does not complete ends the connection (a
+    # parse error, an upgrade).
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # The cache looked up here, not through header_name(): a Python call per header saved
@@ -394,8 +398,9 @@ class _Connection(asyncio.Protocol):
             self._headers[key] = value
 
     def on_headers_complete(self) -> None:
-        url, headers = self._url, self._headers
-        self._url = b""
+        pieces, headers = self._url, self._headers
+        url = b"".join(pieces)  # one piece (the usual target) is given back as it is
+        pieces.clear()
         self._headers = {}
         if self._discarding:
             return
@@ -430,16 +435,17 @@ class _Connection(asyncio.Protocol):
             return
         size = request._size + len(body)
         request._size = size
-        if request.too_large is not None:
-            return
-        if size > self._max_body:
-            request.too_large = size
-            request._parts.clear()
-            request._wake()
-        else:
+        if size <= self._small_body:  # neither limit reached: the usual body, kept
             request._parts.append(body)
-            if size > READ_AHEAD and not request.reading:
-                self.pause()
+        elif request.too_large is None:
+            if size > self._max_body:
+                request.too_large = size
+                request._parts.clear()
+                request._wake()
+            else:  # past READ_AHEAD (the smaller of the two)
+                request._parts.append(body)
+                if not request.reading:
+                    self.pause()
 
     def on_message_complete(self) -> None:
         if self._discarding:
@@ -457,9 +463,11 @@ class _Connection(asyncio.Protocol):
             # reader waits for a request whose handler has not started.
             take = self._quick
             if take is not None:
-                parts = request._parts  # the body as read_nowait gives it, without the call
+                # The body as read_nowait gives it, without the call (a join of one piece gives
+                # it back as it is).
+                body = b"".join(request._parts)
                 try:
-                    if take(request, parts[0] if len(parts) == 1 else b"".join(parts), self):
+                    if take(request, body, self):
                         return
                 except Exception:  # it runs inside the parser's callback: answer, do not unwind
                     log.exception("HTTP %s %s failed", request.method, request.path)
@@ -561,9 +569,8 @@ class _Connection(asyncio.Protocol):
                     transport.write(b"%s%d\r\n\r\n%s" % (head, len(body), body))
                 if self._paused and not self._discarding:
                     self.resume()
-                quiet = self._server._quiet
-                if quiet is not None:
-                    quiet.set()
+                # No HttpServer._changed(): nothing waits for a quiet server that is not
+                # closing (stop() sets ``closing`` before ``_quiet``, and never unsets it).
                 return
         self._queue(request, Response(status, body))
 

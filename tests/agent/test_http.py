@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import Phase, given, settings
+from hypothesis import Phase, example, given, settings
 from hypothesis import strategies as st
 
 from agent import http as http_module
@@ -553,8 +553,8 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
     """The answer to the only request in flight, written at once by answer or answer_json
     (their shortcut for the usual answer), leaves the same bytes and the same connection and
     server state as _flush, the general way, does with it: every method and every combination
-    of the connection's and the server's states, with and without the answer's extra headers
-    (answer_json: a JSON answer without them)."""
+    of the connection's and the server's states (a server waited on for quiet is closing),
+    with and without the answer's extra headers (answer_json: a JSON answer without them)."""
 
     def answer(way: str, method: str, headers: dict[str, str], **on: bool) -> object:
         server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=1024)
@@ -604,6 +604,8 @@ def test_the_only_answer_in_flight_is_written_as_flush_writes_it(
             json_ok = method != "HEAD"  # answer_json's callers: complete, not HEAD
             for values in itertools.product([False, True], repeat=len(_STATES)):
                 on = dict(zip(_STATES, values, strict=True))
+                if on["waited"] and not on["closing"]:
+                    continue  # no such server: stop() sets closing, then waits for quiet
                 expected = answer("flush", method, extra, **on)
                 if expected != answer("answer", method, extra, **on):
                     differ.append(("answer", method, extra, on))
@@ -861,5 +863,95 @@ def test_an_answer_given_twice_is_written_once() -> None:
         for ways in itertools.product(["json", "answer"], repeat=2):
             written = loop.run_until_complete(run(*ways))
             assert [http_module.encode_response(Response(202, b"{}"))] == written, ways
+    finally:
+        loop.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    targets=st.tuples(_request_targets, _request_targets),
+    cuts=st.lists(st.integers(0, 120), max_size=5),
+)
+def test_a_target_split_across_reads_is_the_target_sent(
+    targets: tuple[bytes, bytes], cuts: list[int]
+) -> None:
+    """The target httptools hands on_url (a C function keeping its pieces) in as many pieces as
+    the reads cut it into is the target sent, each pipelined request's its own: the path and
+    query split_target gives for it."""
+    data = b"".join(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % target for target in targets)
+    ends = sorted({0, *(min(cut, len(data)) for cut in cuts), len(data)})
+    seen: list[tuple[str, str]] = []
+
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
+        seen.append((request.path, request.query))
+        conn.answer(request, Response(204))
+        return True
+
+    async def parse() -> None:
+        conn = _taking(take)
+        for start, end in itertools.pairwise(ends):
+            conn.data_received(data[start:end])
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse())
+    finally:
+        loop.close()
+    assert [http_module.split_target(target) for target in targets] == seen
+
+
+def _kept_as_before(
+    max_body: int, sizes: list[int], reading: bool
+) -> tuple[int, list[int], int | None, bool, bool]:
+    """What on_body did to a request before its usual body was kept first (the reference):
+    its size, its parts' sizes, too_large, whether its reader was woken, reading paused."""
+    size, parts, too_large, woken, paused = 0, [], None, False, False
+    for piece in sizes:
+        size += piece
+        if too_large is not None:
+            continue
+        if size > max_body:
+            too_large, parts, woken = size, [], True
+        else:
+            parts.append(piece)
+            if size > http_module.READ_AHEAD and not reading:
+                paused = True
+    return size, parts, too_large, woken, paused
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    max_body=st.sampled_from([10, 1000, http_module.READ_AHEAD - 1, http_module.READ_AHEAD])
+    | st.integers(1, 3 * http_module.READ_AHEAD),
+    sizes=st.lists(st.integers(0, 2 * http_module.READ_AHEAD), max_size=6),
+    reading=st.booleans(),
+)
+@example(max_body=10, sizes=[10], reading=False)  # at the limit exactly: kept, not paused
+def test_a_body_is_kept_limited_and_paused_as_before(
+    max_body: int, sizes: list[int], reading: bool
+) -> None:
+    """on_body, which keeps a piece at once while the body is under both the limit and
+    READ_AHEAD, leaves the request and the connection as the general checks did: the same
+    size, parts, too_large, reader woken and reading paused, whatever the limit (under or over
+    READ_AHEAD), the pieces and whether the handler reads yet."""
+
+    async def feed() -> tuple[int, list[int], int | None, bool, bool]:
+        server = HttpServer(lambda request: asyncio.sleep(0, Response(200)), max_body=max_body)
+        conn = http_module._Connection(server)
+        transport = _Transport(False)
+        conn._transport = transport  # type: ignore[assignment]
+        request = Request.of(conn, "POST", b"/p", {}, True)
+        request.reading = reading
+        request._waiter = asyncio.get_running_loop().create_future()
+        conn._parsing = request
+        for piece in sizes:
+            conn.on_body(b"x" * piece)
+        woken = request._waiter.done()
+        parts = [len(part) for part in request._parts]
+        return request._size, parts, request.too_large, woken, not transport.reading
+
+    loop = asyncio.new_event_loop()
+    try:
+        assert _kept_as_before(max_body, sizes, reading) == loop.run_until_complete(feed())
     finally:
         loop.close()
