@@ -47,7 +47,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -456,9 +456,6 @@ class _Outcome:
     appended: bool = False
     rewind_to: int | None = None
     failed: bool = False  # the transaction was rolled back
-    # Every result a success (error None): the loop's usual group (_plan_singles), which
-    # _deliver resolves in C.
-    clean: bool = False
 
 
 _NOTHING: Any = object()  # "the queue was empty", distinct from None ("close")
@@ -483,11 +480,6 @@ _events_of = operator.attrgetter("events")
 _future_of = operator.attrgetter("future")
 _event_id_of = operator.attrgetter("event_id")
 _first = operator.itemgetter(0)
-_second = operator.itemgetter(1)
-# A result's waiter's set_result (results are (waiter, result, error)), and a consumer of an
-# iterator that keeps nothing (Outbox._deliver).
-_set_result_of = operator.attrgetter("set_result")
-_consume: Callable[[Iterable[object]], None] = collections.deque[object](maxlen=0).extend
 
 
 def _singles(jobs: list[_Job]) -> int | None:
@@ -1427,22 +1419,7 @@ class Outbox:
         return await job.future
 
     def _deliver(self, outcome: _Outcome) -> None:
-        results = outcome.results
-        if outcome.clean:
-            # Each waiter's set_result(result) called from C (map, operator.call), consumed
-            # by a deque of no length: no Python step a request (the loop below ran 16
-            # bytecodes a request, tests.bench.ingest_opcodes). A waiter that is done raises
-            # InvalidStateError, as below; the calls go on after it.
-            waiters = map(_first, results)
-            calls = map(operator.call, map(_set_result_of, waiters), map(_second, results))
-            while True:
-                try:
-                    _consume(calls)
-                except asyncio.InvalidStateError:  # the caller gave up waiting
-                    continue
-                break
-            results = []
-        for future, result, error in results:
+        for future, result, error in outcome.results:
             # Resolved without asking done() first (a Python call a request for the quick
             # route's waiter): a waiter that is done raises InvalidStateError, as a future does.
             try:
@@ -1778,7 +1755,6 @@ class Outbox:
                         if job.future is not None:
                             outcome.results.append((job.future, None, None))
                     outcome.results += results
-                    outcome.clean = True  # the ranges' and the appends': no error
                     # _accepted's count, once for the group.
                     stored = len(singles_events)
                     first_seq = self._count_in(state, stored, needed, now)

@@ -196,63 +196,6 @@ async def test_a_batch_after_a_small_append_in_one_turn_takes_it_to_the_writer(
         await box.close()
 
 
-class Waiter:
-    """A waiter that notes what it was given, or is done already (InvalidStateError)."""
-
-    def __init__(self, done: bool) -> None:
-        self.is_done = done
-        self.got: list[object] = []
-
-    def done(self) -> bool:
-        return self.is_done
-
-    def set_result(self, result: object, /) -> None:
-        if self.is_done:
-            raise asyncio.InvalidStateError("answered already")
-        self.is_done = True
-        self.got.append(("result", result))
-
-    def set_exception(self, error: BaseException, /) -> None:
-        if self.is_done:
-            raise asyncio.InvalidStateError("answered already")
-        self.is_done = True
-        self.got.append(("error", error))
-
-
-@given(done=st.lists(st.booleans(), max_size=12))
-@settings(max_examples=100, deadline=None)
-def test_a_clean_groups_answers_are_delivered_as_any_groups(done: list[bool]) -> None:
-    """``_deliver`` of a group with no error (``clean``: resolved from C) resolves the same
-    waiters with the same results, in the same order, as the general loop, whichever
-    waiters are done already (they raise InvalidStateError and are left be; the calls go on
-    after them)."""
-    got = []
-    order: list[tuple[bool, int]] = []
-    for clean in (True, False):
-        box = Outbox(Path("unused"), store_id=STORE, max_buffer_bytes=1, retention_days=7)
-        waiters = [Waiter(d) for d in done]
-        for n, waiter in enumerate(waiters):
-            waiter.got = _Noting(order, n, clean)
-        results = [(w, f"r{n}", None) for n, w in enumerate(waiters)]
-        box._deliver(outbox_module._Outcome(results=results, clean=clean))  # type: ignore[arg-type]
-        got.append([list(w.got) for w in waiters])
-    assert got[0] == got[1]
-    assert [[("result", f"r{n}")] if not d else [] for n, d in enumerate(done)] == got[0]
-    assert [n for c, n in order if c] == [n for c, n in order if not c]
-
-
-class _Noting(list[object]):
-    """A waiter's ``got`` that notes the order its waiters were resolved in."""
-
-    def __init__(self, order: list[tuple[bool, int]], number: int, clean: bool) -> None:
-        super().__init__()
-        self.order, self.number, self.clean = order, number, clean
-
-    def append(self, item: object, /) -> None:
-        self.order.append((self.clean, self.number))
-        super().append(item)
-
-
 async def test_one_turns_appends_are_one_group_answered_in_order(tmp_path: Path) -> None:
     """append_nowait never answers before it returns; the appends of one turn commit as one
     group, each answered with its own consecutive seqs, in the order they came."""
