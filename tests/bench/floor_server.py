@@ -230,24 +230,17 @@ class CommitThreadWriter:
         self.flush()
 
 
-class SyncThreadWriter:
+class SyncThreadWriter(InlineWriter):
     """``InlineWriter`` with ``synchronous=NORMAL``: each turn's group is committed on the loop
     (the WAL frames written, not synced), then a sync thread ``fdatasync``s the WAL file and
     the loop answers every group committed before that sync began."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
-        self.loop = loop
-        self.pending: list[Job] = []
-        self.store = Store(path)
+        super().__init__(loop, path)
         self.store.cur.execute("PRAGMA synchronous = NORMAL")
         self.wal = os.open(path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
         self.written: queue.SimpleQueue[Results] = queue.SimpleQueue()
         threading.Thread(target=self.run, name="floor-sync", daemon=True).start()
-
-    def put(self, job: Job) -> None:
-        if not self.pending:
-            self.loop.call_soon(self.flush)
-        self.pending.append(job)
 
     def flush(self) -> None:
         jobs, self.pending = self.pending, []
@@ -267,7 +260,7 @@ def answer_groups(groups: list[Results]) -> None:
         answer_all(results)
 
 
-Writer = ThreadWriter | InlineWriter | CommitThreadWriter | SyncThreadWriter
+Writer = ThreadWriter | InlineWriter | CommitThreadWriter
 
 
 class FloorProtocol(asyncio.Protocol):
