@@ -56,10 +56,12 @@ class Record(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     event: Event
 
 
-class AcceptedRecord(msgspec.Struct, frozen=True, kw_only=True, gc=False):
+class AcceptedRecord(msgspec.Struct, frozen=True, gc=False):
     """A ``Record`` as the agent writes it: the same fields in the same order, so the same
     bytes, its event either kind ``decode_to_store`` gives (decimals as text or as
-    Decimals, written alike). Never decoded: central reads ``Record``."""
+    Decimals, written alike). Never decoded: central reads ``Record``. Its fields may be
+    given by position (``map(AcceptedRecord, seqs, ...)``: the outbox makes a group's records
+    in C, agent/outbox.py ``_plan_singles``)."""
 
     seq: int
     received_at: dt.datetime

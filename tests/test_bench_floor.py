@@ -60,7 +60,7 @@ def post(conn: http.client.HTTPConnection, body: bytes) -> tuple[int, dict[str, 
     return answer.status, json.loads(data) if data else {}
 
 
-@pytest.mark.parametrize("kind", ["durable", "inline"])
+@pytest.mark.parametrize("kind", ["durable", "inline", "inline-commit", "inline-sync"])
 def test_a_durable_floor_commits_before_its_202_and_refuses_what_the_agent_refuses(
     kind: str, tmp_path: Path
 ) -> None:

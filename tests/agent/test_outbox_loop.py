@@ -172,6 +172,30 @@ async def test_single_events_commit_on_the_loop_and_batches_on_the_writer(tmp_pa
         await box.close()
 
 
+async def test_a_batch_after_a_small_append_in_one_turn_takes_it_to_the_writer(
+    tmp_path: Path,
+) -> None:
+    """An append of more than LOOP_COMMIT_MAX_EVENTS events made in a turn whose group is
+    already the loop's (``append_nowait``'s shortest way) is not added to it: both go to the
+    writer, in order."""
+    box = make(tmp_path / "data", LOOP)
+    await box.open()
+    try:
+        small, big = Answers(), Answers()
+        box.append_nowait(sales("s", 1), small)
+        box.append_nowait(sales("b", LOOP_COMMIT_MAX_EVENTS + 1), big)
+        small.returned = big.returned = True
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if small.got and big.got:
+                break
+        seqs = [r.seqs for r in small.got + big.got if isinstance(r, AppendResult)]
+        assert [[1], list(range(2, LOOP_COMMIT_MAX_EVENTS + 3))] == seqs
+        assert 0 == paths(box)[0]
+    finally:
+        await box.close()
+
+
 async def test_one_turns_appends_are_one_group_answered_in_order(tmp_path: Path) -> None:
     """append_nowait never answers before it returns; the appends of one turn commit as one
     group, each answered with its own consecutive seqs, in the order they came."""

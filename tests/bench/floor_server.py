@@ -21,6 +21,14 @@ client, and answers ``GET`` (the readiness probe) with 200.
   its seq).
 - ``inline``: ``durable`` with the group committed on the event loop's thread at the end of
   the loop's turn (no thread, no GIL hand-over, the loop blocked during ``fdatasync``).
+- ``inline-commit``: ``inline`` with the ``COMMIT`` (the WAL write and its ``fdatasync``) run
+  by a committer thread: the loop runs the group's ``BEGIN`` and inserts, hands the
+  ``COMMIT`` over and goes on parsing; the requests that come meanwhile wait for the next
+  group, whose SQL starts once the commit has returned (answers on the loop then, one
+  ``call_soon_threadsafe`` a group).
+- ``inline-sync``: ``inline`` with ``synchronous=NORMAL`` (the loop writes the WAL frames, no
+  sync) and a sync thread that ``fdatasync``s the WAL file (its own descriptor) and then has
+  the loop answer every group written before that sync: one sync may cover several groups.
 
 What the agent does beyond ``durable`` (the price of its features, not of the contract's
 minimum): bearer-token check and routes, the outbox's planning (buffer limits, epochs, seq
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import queue
 import sqlite3
 import threading
@@ -45,7 +54,7 @@ import msgspec
 from protocol.events import InvalidEvents, UnparsableBody, decode_to_store
 from tests.bench.harness import run_loop
 
-KINDS = ("null", "durable", "inline")
+KINDS = ("null", "durable", "inline", "inline-commit", "inline-sync")
 
 _encode = msgspec.msgpack.Encoder(decimal_format="string").encode
 _HEAD_202 = b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: "
@@ -56,6 +65,7 @@ _INSERT = "INSERT INTO records (seq, event_id, received_at, size, payload) VALUE
 
 Answer = Callable[[list[int | None]], None]  # each event's seq, or None for a duplicate
 Job = tuple[list[tuple[str, bytes]], Answer]  # a request's (event_id, record) pairs
+Results = list[tuple[Answer, list[int | None]]]  # a group's answers, to call once durable
 
 
 def accepted(seqs: list[int | None]) -> bytes:
@@ -92,6 +102,12 @@ class Store:
         """One durable group: every job's rows in one ``executemany`` with the seqs assigned
         here, then COMMIT (WAL write and fdatasync). A duplicate event_id fails the insert: the
         group is then run again row by row, a duplicate answered as one."""
+        results = self.begin_group(jobs)
+        self.cur.execute("COMMIT")
+        return results
+
+    def begin_group(self, jobs: list[Job]) -> list[tuple[Answer, list[int | None]]]:
+        """``commit_group`` up to its COMMIT, which the caller runs (the transaction is open)."""
         cur, now, seq = self.cur, time.time(), self.next_seq
         rows = []
         for job_rows, _ in jobs:
@@ -104,7 +120,6 @@ class Store:
         except sqlite3.IntegrityError:
             cur.execute("ROLLBACK")
             return self._row_by_row(jobs, now)
-        cur.execute("COMMIT")
         results: list[tuple[Answer, list[int | None]]] = []
         first = self.next_seq
         for job_rows, answer in jobs:
@@ -129,7 +144,6 @@ class Store:
                     seqs.append(seq)
                     seq += 1
             results.append((answer, seqs))
-        cur.execute("COMMIT")
         self.next_seq = seq
         return results
 
@@ -178,8 +192,79 @@ class InlineWriter:
         answer_all(self.store.commit_group(jobs))
 
 
+class CommitThreadWriter:
+    """``InlineWriter`` with the COMMIT on a committer thread: the loop runs BEGIN and the
+    inserts, the thread the COMMIT (sqlite3 lets go of the GIL in it), and the loop answers the
+    group once it has returned. The connection is the thread's until then: the requests parsed
+    meanwhile wait for the next group."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        self.loop = loop
+        self.pending: list[Job] = []
+        self.store = Store(path)
+        self.committing = False
+        self.commits: queue.SimpleQueue[Results] = queue.SimpleQueue()
+        threading.Thread(target=self.run, name="floor-committer", daemon=True).start()
+
+    def put(self, job: Job) -> None:
+        if not self.pending and not self.committing:
+            self.loop.call_soon(self.flush)
+        self.pending.append(job)
+
+    def flush(self) -> None:
+        if self.committing or not self.pending:
+            return
+        jobs, self.pending = self.pending, []
+        self.committing = True
+        self.commits.put(self.store.begin_group(jobs))
+
+    def run(self) -> None:
+        while True:
+            results = self.commits.get()
+            self.store.cur.execute("COMMIT")
+            self.loop.call_soon_threadsafe(self.committed, results)
+
+    def committed(self, results: Results) -> None:
+        self.committing = False
+        answer_all(results)
+        self.flush()
+
+
+class SyncThreadWriter(InlineWriter):
+    """``InlineWriter`` with ``synchronous=NORMAL``: each turn's group is committed on the loop
+    (the WAL frames written, not synced), then a sync thread ``fdatasync``s the WAL file and
+    the loop answers every group committed before that sync began."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str) -> None:
+        super().__init__(loop, path)
+        self.store.cur.execute("PRAGMA synchronous = NORMAL")
+        self.wal = os.open(path + "-wal", os.O_RDONLY | os.O_CLOEXEC)
+        self.written: queue.SimpleQueue[Results] = queue.SimpleQueue()
+        threading.Thread(target=self.run, name="floor-sync", daemon=True).start()
+
+    def flush(self) -> None:
+        jobs, self.pending = self.pending, []
+        self.written.put(self.store.commit_group(jobs))
+
+    def run(self) -> None:
+        while True:
+            groups = [self.written.get()]
+            while not self.written.empty():
+                groups.append(self.written.get_nowait())
+            os.fdatasync(self.wal)
+            self.loop.call_soon_threadsafe(answer_groups, groups)
+
+
+def answer_groups(groups: list[Results]) -> None:
+    for results in groups:
+        answer_all(results)
+
+
+Writer = ThreadWriter | InlineWriter | CommitThreadWriter
+
+
 class FloorProtocol(asyncio.Protocol):
-    def __init__(self, writer: ThreadWriter | InlineWriter | None) -> None:
+    def __init__(self, writer: Writer | None) -> None:
         self.writer = writer
         self.parser = httptools.HttpRequestParser(self)
         self.body: list[bytes] = []
@@ -223,11 +308,15 @@ class FloorProtocol(asyncio.Protocol):
 
 async def serve(kind: str, port: int, db: str) -> None:
     loop = asyncio.get_running_loop()
-    writer: ThreadWriter | InlineWriter | None = None
+    writer: Writer | None = None
     if kind == "durable":
         writer = ThreadWriter(loop, db)
     elif kind == "inline":
         writer = InlineWriter(loop, db)
+    elif kind == "inline-commit":
+        writer = CommitThreadWriter(loop, db)
+    elif kind == "inline-sync":
+        writer = SyncThreadWriter(loop, db)
     server = await loop.create_server(lambda: FloorProtocol(writer), "127.0.0.1", port)
     async with server:
         await server.serve_forever()

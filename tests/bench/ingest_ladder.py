@@ -2,7 +2,8 @@
 
     .venv/bin/python -m tests.bench.ingest_ladder [--rounds 3] [--events 40000] [--kinds ...]
 
-Each round runs ``null``, ``durable`` and ``inline`` (tests.bench.floor_server) and the agent
+Each round runs the floors (``null``, ``durable``, ``inline``, and ``inline-commit``,
+``inline-sync`` when asked; tests.bench.floor_server) and the agent
 (``python -m agent run`` of the tree in the current directory, NATS unreachable, as in
 ``bench_ingest``) one after the other under the same single-event load (32 connections, one
 request in flight each, 10,000 events to warm up, then ``--events``), and prints one JSON line
@@ -28,7 +29,8 @@ from central.broker import free_port
 from tests.bench.bench_ingest import SINGLE_CONCURRENCY, measure_floor, measured
 from tests.bench.harness import AgentProcess
 
-KINDS = ("null", "durable", "inline", "agent")
+KINDS = ("null", "durable", "inline", "inline-commit", "inline-sync", "agent")
+LADDER = ("null", "durable", "inline", "agent")  # the default round
 WARM_UP = 10_000
 
 
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=40_000)
-    parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, in order")
+    parser.add_argument("--kinds", default=",".join(LADDER), help="comma-separated, in order")
     ns = parser.parse_args(argv)
     kinds = ns.kinds.split(",")
     unknown = sorted(set(kinds) - set(KINDS))
