@@ -785,6 +785,10 @@ def test_the_quick_handler_is_given_the_body_read_nowait_gives(
     cuts=st.tuples(st.integers(0, 100), st.integers(0, 100)),
     expect=st.booleans(),
 )
+# A body that holds the interim answer's own bytes (hypothesis drew it once): the check must
+# not take it out of the echo.
+@example(body=b"HTTP/1.1 100 Continue\r\n\r\n", cuts=(0, 0), expect=True)
+@example(body=b"HTTP/1.1 100 Continue\r\n\r\n", cuts=(3, 9), expect=True)
 def test_a_body_that_comes_after_its_head_is_read_by_one_handler(
     body: bytes, cuts: tuple[int, int], expect: bool
 ) -> None:
@@ -829,8 +833,19 @@ def test_a_body_that_comes_after_its_head_is_read_by_one_handler(
         loop.close()
     assert [b"[]"] == taken  # the second request's, whole at once
     assert [body, b"[]"] == served
-    out = b"".join(written).replace(b"HTTP/1.1 100 Continue\r\n\r\n", b"")
-    assert out.endswith(b"\r\n\r\n[]") and 2 == out.count(b"HTTP/1.1 200 OK")
+    out = b"".join(written)
+    # The interim answer first, once, when the handler reads before any of the body came (a
+    # client sends the body without waiting if some is on its way); taken off the front only:
+    # the echoed body may hold the same bytes.
+    if expect and first == 0:
+        assert out.startswith(http_module._CONTINUE)
+        out = out[len(http_module._CONTINUE) :]
+    first_head, _, rest = out.partition(b"\r\n\r\n")
+    assert first_head.startswith(b"HTTP/1.1 200 OK")
+    assert f"content-length: {len(body)}".encode() in first_head.lower()
+    assert rest[: len(body)] == body  # the echo, whole
+    rest = rest[len(body) :]
+    assert rest.startswith(b"HTTP/1.1 200 OK") and rest.endswith(b"\r\n\r\n[]")
     assert body in out
 
 
