@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,10 +30,20 @@ from protocol.events import Event
 from protocol.wire import encode_json, event_key
 
 
-async def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float, what: str
+) -> None:
+    """Poll ``check`` until it holds; fail naming ``what`` after ``timeout`` seconds. A check
+    that blocks (a CLI run) should be a coroutine function that runs it off the loop: the
+    loop also runs the test's tills and OMS, and a blocked loop makes their requests look as
+    slow as the block."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while True:
+        held = check()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return
         if time.monotonic() > deadline:
             raise AssertionError(f"not met within {timeout:.0f}s: {what}")
         await asyncio.sleep(0.05)
