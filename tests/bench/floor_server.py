@@ -98,7 +98,7 @@ class Store:
         (last,) = self.cur.execute("SELECT max(seq) FROM records").fetchone()
         self.next_seq = (last or 0) + 1
 
-    def commit_group(self, jobs: list[Job]) -> list[tuple[Answer, list[int | None]]]:
+    def commit_group(self, jobs: list[Job]) -> Results:
         """One durable group: every job's rows in one ``executemany`` with the seqs assigned
         here, then COMMIT (WAL write and fdatasync). A duplicate event_id fails the insert: the
         group is then run again row by row, a duplicate answered as one."""
@@ -106,7 +106,7 @@ class Store:
         self.cur.execute("COMMIT")
         return results
 
-    def begin_group(self, jobs: list[Job]) -> list[tuple[Answer, list[int | None]]]:
+    def begin_group(self, jobs: list[Job]) -> Results:
         """``commit_group`` up to its COMMIT, which the caller runs (the transaction is open)."""
         cur, now, seq = self.cur, time.time(), self.next_seq
         rows = []
@@ -120,7 +120,7 @@ class Store:
         except sqlite3.IntegrityError:
             cur.execute("ROLLBACK")
             return self._row_by_row(jobs, now)
-        results: list[tuple[Answer, list[int | None]]] = []
+        results: Results = []
         first = self.next_seq
         for job_rows, answer in jobs:
             results.append((answer, list(range(first, first + len(job_rows)))))
@@ -128,10 +128,10 @@ class Store:
         self.next_seq = seq
         return results
 
-    def _row_by_row(self, jobs: list[Job], now: float) -> list[tuple[Answer, list[int | None]]]:
+    def _row_by_row(self, jobs: list[Job], now: float) -> Results:
         cur = self.cur
         cur.execute("BEGIN")
-        results: list[tuple[Answer, list[int | None]]] = []
+        results: Results = []
         seq = self.next_seq
         for job_rows, answer in jobs:
             seqs: list[int | None] = []
@@ -148,7 +148,7 @@ class Store:
         return results
 
 
-def answer_all(results: list[tuple[Answer, list[int | None]]]) -> None:
+def answer_all(results: Results) -> None:
     for answer, seqs in results:
         answer(seqs)
 
