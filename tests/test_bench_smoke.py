@@ -119,8 +119,8 @@ def test_ingest_ladder_alternates_floors_and_agent() -> None:
 @pytest.mark.parametrize("floor", [False, True], ids=["agent", "floor"])
 def test_ingest_opcodes_counts_our_functions(floor: bool, tmp_path: Path) -> None:
     """The bytecode count traces the server only while switched on, and names the functions a
-    single-event POST runs: the agent's quick route and outbox planning, or the floor's own
-    handler; both run the rules' one pass (protocol/events.py)."""
+    single-event POST runs: the agent's quick route and outbox planning (a group's or an
+    append's), or the floor's own handler; both run the rules' one pass (protocol/events.py)."""
     counts = tmp_path / "ops.json"
     done = subprocess.run(
         [
@@ -137,6 +137,11 @@ def test_ingest_opcodes_counts_our_functions(floor: bool, tmp_path: Path) -> Non
     if floor:
         assert "FloorProtocol.on_message_complete" in ours and "Ingest._quick" not in ours
     else:
-        assert ours["Ingest._quick"] >= 200 and ours["Outbox._plan_one"] >= 200
+        assert ours["Ingest._quick"] >= 200
+        # A group of SINGLES_MIN or more single-event appends is planned at once
+        # (_plan_singles), a smaller one an append at a time (_plan_one): under 32 connections
+        # a run may take either or both, and the whole run may take only the first.
+        planned = ours.get("Outbox._plan_one", 0) + ours.get("Outbox._plan_singles", 0)
+        assert planned >= 200
         assert "FloorProtocol.on_message_complete" not in ours
     assert "bytecodes and" in done.stdout.splitlines()[0]
