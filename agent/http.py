@@ -324,6 +324,14 @@ class _Connection(asyncio.Protocol):
         # into the interpreter a request (~1,000 instructions before its body ran).
         self._url: list[bytes] = []
         self.on_url: Callable[[bytes], object] = self._url.append
+        # The body's pieces of this read, kept the same way (on_body, a C function: a Python
+        # on_body cost a call into the interpreter a request); counted against the limits when
+        # the message ends (on_message_complete) or the read does (_keep_body), as _keep
+        # counted them piece by piece: a read is at most the loop's buffer (~256 KB), so what
+        # is held past the limit stays bounded. ``Request._size`` is then kept only for a
+        # request whose body is still to come (the only one read() asks it of).
+        self._body: list[bytes] = []
+        self.on_body: Callable[[bytes], object] = self._body.append
         self._headers: dict[str, bytes] = {}  # the head's, as Request.raw_headers keeps them
         self._parser = httptools.HttpRequestParser(self)  # after on_url is set: it looks it up
         # The request whose head is parsed and whose body is being parsed. Its handler starts
@@ -365,12 +373,17 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
+            self._keep_body()
             self._no_upgrade()
         except httptools.HttpParserError as exc:
+            self._keep_body()
             if self._discarding:
                 self.close()
             else:
                 self._fail(f"malformed HTTP request: {exc}")
+        else:
+            if self._body:  # the body of a message still being parsed: kept and counted
+                self._keep_body()
         request = self._parsing
         if request is not None and not request.started:  # its body is still to come
             request.started = True  # the handler reads it
@@ -427,12 +440,23 @@ class _Connection(asyncio.Protocol):
         self._parsing = request
         self._inflight.append(request)
 
-    def on_body(self, body: bytes) -> None:
-        # The request's part written here, not in a method of the request: a Python call
-        # fewer a request (every POST's body comes through here).
+    def _keep_body(self) -> None:
+        """The pieces of this read's body (``on_body``'s) for the request being parsed."""
         request = self._parsing
-        if request is None:
-            return
+        if request is not None:
+            self._keep_body_of(request)
+        else:
+            self._body.clear()
+
+    def _keep_body_of(self, request: Request) -> None:
+        """The pieces of this read's body, each kept or refused as it came (``_keep``)."""
+        for piece in self._body:
+            self._keep(request, piece)
+        self._body.clear()
+
+    def _keep(self, request: Request, body: bytes) -> None:
+        """One piece of ``request``'s body: kept, or the body refused past the limit (its
+        reader woken), reading paused past ``READ_AHEAD`` until the handler reads."""
         size = request._size + len(body)
         request._size = size
         if size <= self._small_body:  # neither limit reached: the usual body, kept
@@ -448,34 +472,45 @@ class _Connection(asyncio.Protocol):
                     self.pause()
 
     def on_message_complete(self) -> None:
+        pieces = self._body
         if self._discarding:
+            pieces.clear()
             self.close()
             return
         request, self._parsing = self._parsing, None
         if request is None:
+            pieces.clear()
             return
         request.complete = True
         if len(self._inflight) >= PIPELINE_DEPTH:
             self.pause()
-        if not request.started:
-            # Its handler starts now: the quick handler's when it takes the request, else in a
-            # task. (Here, not in a method of its own: a Python call fewer a request.) No
-            # reader waits for a request whose handler has not started.
-            take = self._quick
-            if take is not None:
-                # The body as read_nowait gives it, without the call (a join of one piece gives
-                # it back as it is).
-                body = b"".join(request._parts)
-                try:
-                    if take(request, body, self):
-                        return
-                except Exception:  # it runs inside the parser's callback: answer, do not unwind
-                    log.exception("HTTP %s %s failed", request.method, request.path)
-                    self.answer(request, Response(500, b'{"error":"internal_error"}'))
+        if request.started:  # its handler reads the body: the rest kept for it, the reader woken
+            self._keep_body_of(request)
+            if request._waiter is not None:
+                request._wake()
+            return
+        # Its handler starts now: the quick handler's when it takes the request, else in a
+        # task. Its whole body is this read's pieces (its head came in this read): kept as one
+        # part when under both limits (the usual body: what _keep would keep, without a call a
+        # piece), else piece by piece as _keep judges them.
+        body = b"".join(pieces)
+        if len(body) > self._small_body:
+            self._keep_body_of(request)
+            body = b"".join(request._parts)
+        else:
+            if body:
+                request._parts.append(body)
+            pieces.clear()
+        take = self._quick
+        if take is not None:
+            try:
+                if take(request, body, self):
                     return
-            self._loop.create_task(self._serve(request))
-        elif request._waiter is not None:  # no call to wake a reader when none waits
-            request._wake()
+            except Exception:  # it runs inside the parser's callback: answer, do not unwind
+                log.exception("HTTP %s %s failed", request.method, request.path)
+                self.answer(request, Response(500, b'{"error":"internal_error"}'))
+                return
+        self._loop.create_task(self._serve(request))
 
     # -- flow --
 
