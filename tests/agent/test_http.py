@@ -472,13 +472,20 @@ def test_an_answer_from_its_cached_head_is_the_same_bytes_as_formatted_field_by_
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=_latin1, target=_latin1, value=st.text(max_size=30))
+@given(
+    name=_latin1,
+    target=_latin1,
+    value=st.text(max_size=30),
+    length=st.none() | st.sampled_from(["0", "00", "7", "0042"]) | st.integers(0, 10**20).map(str),
+)
 def test_cached_header_names_targets_and_media_types_are_computed_ones(
-    name: bytes, target: bytes, value: str
+    name: bytes, target: bytes, value: str, length: str | None
 ) -> None:
     """Each cached part of a head is what computing it gives, first time and cached."""
     path, _, query = target.partition(b"?")
+    raw = None if length is None else length.encode()
     for _ in range(2):
+        assert (None if length is None else int(length)) == http_module.length_of(raw)
         assert name.decode("latin-1").lower() == http_module.header_name(name)
         split = (path.decode("latin-1"), query.decode("latin-1"))
         assert split == http_module.split_target(target)
@@ -494,7 +501,9 @@ def test_the_head_caches_stop_growing_at_their_limit() -> None:
     for i in range(http_module.CACHE_LIMIT + 50):
         assert f"x-made-up-{i}" == http_module.header_name(f"X-Made-Up-{i}".encode())
         assert (f"/p{i}", "") == http_module.split_target(f"/p{i}".encode())
+        assert 10**6 + i == http_module.length_of(b"%d" % (10**6 + i))
     assert http_module.CACHE_LIMIT == len(http_module._header_names)
+    assert http_module.CACHE_LIMIT == len(http_module._lengths)
     assert http_module.CACHE_LIMIT == len(http_module._targets)
 
 
