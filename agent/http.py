@@ -23,9 +23,10 @@ What is accepted (docs/integration-pos.md says it to POS vendors):
   discards what the client still sends, for at most ``LINGER`` seconds, and closes, so the
   client reads the answer instead of a reset connection.
 
-Memory per connection is bounded: at most ``READ_AHEAD`` bytes of a body are buffered before
-the handler asks for it (reading pauses until then), and a body being read stops being kept
-once it is over the limit.
+Memory per connection is bounded: at most ``READ_AHEAD`` bytes of a body (and the rest of the
+read that brought them) are buffered before the handler asks for it (reading pauses until
+then), and a body being read stops being kept at the end of the read that took it over the
+limit.
 """
 
 from __future__ import annotations
