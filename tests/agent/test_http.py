@@ -1061,3 +1061,33 @@ def test_a_body_kept_by_a_c_on_body_is_the_body_sent_or_refused_at_the_limit(
         else:
             assert read is None and too_large is not None
             assert max_body < too_large <= len(sent)
+
+
+def test_a_length_is_read_from_the_head_whether_cached_or_not() -> None:
+    """The Content-Length on_headers_complete gives a request is the header's number: seen
+    before (cached), new, and new once the cache is full (not kept then)."""
+    seen: list[int | None] = []
+
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
+        seen.append(request.content_length)
+        conn.answer(request, Response(204))
+        return True
+
+    async def parse(sizes: list[int]) -> None:
+        conn = _taking(take)
+        for size in sizes:
+            conn.data_received(
+                b"POST /p HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+            )
+
+    http_module._lengths.clear()
+    http_module._lengths[None] = None
+    sizes = [3, 3, 0, 0, *range(7, 7 + http_module.CACHE_LIMIT), 900, 900]
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse(sizes))
+    finally:
+        loop.close()
+    assert sizes == seen
+    assert http_module.CACHE_LIMIT == len(http_module._lengths)
+    assert b"900" not in http_module._lengths
