@@ -327,7 +327,8 @@ class _Connection(asyncio.Protocol):
         # The server's quick handler and body limit, read once per request: kept here.
         self._quick = server.quick
         self._max_body = server.max_body
-        # A body's size up to which on_body only keeps it: below the limit and READ_AHEAD.
+        # A body's size up to which it is only kept (_keep, on_message_complete): below the
+        # limit and READ_AHEAD.
         self._small_body = min(self._max_body, READ_AHEAD)
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
