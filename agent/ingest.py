@@ -71,6 +71,7 @@ DECODE_IN_THREAD_BYTES = 64 * 1024
 DECODE_ERRORS = (UnparsableBody, RecursionError, UnicodeDecodeError, InvalidEvents)
 
 _json = msgspec.json.Encoder()
+_encode = _json.encode  # the quick route's answers: a global's C function, no method look-up
 
 
 class EventSink(Protocol):
@@ -175,7 +176,7 @@ class _Answer(msgspec.Struct, eq=False):
         accepted = result.accepted
         ingest._accepted += accepted
         ingest._duplicates += result.duplicates
-        self._conn.answer_json(self._request, 202 if accepted else 200, _json.encode(result))
+        self._conn.answer_json(self._request, 202 if accepted else 200, _encode(result))
 
     def set_exception(self, exception: BaseException, /) -> None:
         if self._done:
@@ -221,6 +222,8 @@ class Ingest:
                 except UnicodeEncodeError:
                     pass
         self.max_request_bytes = max_request_bytes
+        # The largest body the quick route takes: decoded on the loop, not over the limit.
+        self._quick_bytes = min(DECODE_IN_THREAD_BYTES, max_request_bytes)
         self.max_requests_in_flight = max_requests_in_flight
         self._in_flight = 0
         self._status = status
@@ -486,8 +489,10 @@ class Ingest:
         (other routes, big bodies, bodies over the limit) goes to the handlers (False)."""
         if request.path != "/v1/events" or request.method != "POST":
             return False
+        # Under both DECODE_IN_THREAD_BYTES and the limit (a Content-Length body is over the
+        # limit, too_large, exactly when its length is).
         declared = request.content_length
-        if declared is None or declared > DECODE_IN_THREAD_BYTES or request.too_large:
+        if declared is None or declared > self._quick_bytes:
             return False
         # What _admit and _events_format decide for the usual request, decided here from its
         # header values as they come (no call to either): a known Content-Type, the token's
@@ -497,22 +502,22 @@ class Ingest:
         # outbox open (``_gate``'s other check) is not asked (a Python call a request): a
         # closed one refuses the append with OutboxClosed, answered as ``_gate`` answers it,
         # and a body that does not decode is answered so too when it is closed (as ``_gate``
-        # would have before the body).
+        # would have before the body). The values are subscripted (no ``get`` call): a header
+        # missing is the general checks' case.
         headers = request.raw_headers  # as they came: no text made of them
-        known = QUICK_FORMATS.get(headers.get("content-type", b""))
         bearer = self._bearer
         msgpack: bool
-        if (
-            known is not None
-            and (
-                bearer is None
-                or (bearer and compare_digest(headers.get("authorization", b""), bearer))
+        try:
+            msgpack = QUICK_FORMATS[headers["content-type"]]
+            admitted = (
+                (bearer is None or (bearer and compare_digest(headers["authorization"], bearer)))
+                and not self._stopping
+                and self._in_flight < self.max_requests_in_flight
             )
-            and not self._stopping
-            and self._in_flight < self.max_requests_in_flight
-        ):
+        except KeyError:
+            admitted = False
+        if admitted:
             self._requests += 1
-            msgpack = known
         else:
             refused = self._admit(request)
             if refused is None:

@@ -472,13 +472,20 @@ def test_an_answer_from_its_cached_head_is_the_same_bytes_as_formatted_field_by_
 
 
 @settings(max_examples=300, deadline=None)
-@given(name=_latin1, target=_latin1, value=st.text(max_size=30))
+@given(
+    name=_latin1,
+    target=_latin1,
+    value=st.text(max_size=30),
+    length=st.none() | st.sampled_from(["0", "00", "7", "0042"]) | st.integers(0, 10**20).map(str),
+)
 def test_cached_header_names_targets_and_media_types_are_computed_ones(
-    name: bytes, target: bytes, value: str
+    name: bytes, target: bytes, value: str, length: str | None
 ) -> None:
     """Each cached part of a head is what computing it gives, first time and cached."""
     path, _, query = target.partition(b"?")
+    raw = None if length is None else length.encode()
     for _ in range(2):
+        assert (None if length is None else int(length)) == http_module.length_of(raw)
         assert name.decode("latin-1").lower() == http_module.header_name(name)
         split = (path.decode("latin-1"), query.decode("latin-1"))
         assert split == http_module.split_target(target)
@@ -494,7 +501,9 @@ def test_the_head_caches_stop_growing_at_their_limit() -> None:
     for i in range(http_module.CACHE_LIMIT + 50):
         assert f"x-made-up-{i}" == http_module.header_name(f"X-Made-Up-{i}".encode())
         assert (f"/p{i}", "") == http_module.split_target(f"/p{i}".encode())
+        assert 10**6 + i == http_module.length_of(b"%d" % (10**6 + i))
     assert http_module.CACHE_LIMIT == len(http_module._header_names)
+    assert http_module.CACHE_LIMIT == len(http_module._lengths)
     assert http_module.CACHE_LIMIT == len(http_module._targets)
 
 
@@ -945,8 +954,9 @@ def _kept_as_before(
 def test_a_body_is_kept_limited_and_paused_as_before(
     max_body: int, sizes: list[int], reading: bool
 ) -> None:
-    """on_body, which keeps a piece at once while the body is under both the limit and
-    READ_AHEAD, leaves the request and the connection as the general checks did: the same
+    """The pieces on_body (a C function) keeps in a read, counted at its end (_keep_body: a
+    piece kept at once while the body is under both the limit and READ_AHEAD), leave the
+    request and the connection as the general checks did, piece by piece: the same
     size, parts, too_large, reader woken and reading paused, whatever the limit (under or over
     READ_AHEAD), the pieces and whether the handler reads yet."""
 
@@ -961,6 +971,7 @@ def test_a_body_is_kept_limited_and_paused_as_before(
         conn._parsing = request
         for piece in sizes:
             conn.on_body(b"x" * piece)
+        conn._keep_body()  # what data_received does at the end of a read
         woken = request._waiter.done()
         parts = [len(part) for part in request._parts]
         return request._size, parts, request.too_large, woken, not transport.reading
@@ -970,3 +981,113 @@ def test_a_body_is_kept_limited_and_paused_as_before(
         assert _kept_as_before(max_body, sizes, reading) == loop.run_until_complete(feed())
     finally:
         loop.close()
+
+
+def _framed(n: int, body: bytes, chunks: list[int] | None) -> bytes:
+    """POST /<n> of ``body``: with its Content-Length, or chunked at ``chunks``."""
+    if chunks is None:
+        return b"POST /%d HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (n, len(body), body)
+    ends = sorted({0, *(min(c, len(body)) for c in chunks), len(body)})
+    pieces = [body[a:b] for a, b in itertools.pairwise(ends)]
+    framed = b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces if p)
+    head = b"POST /%d HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" % n
+    return head + framed + b"0\r\n\r\n"
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    max_body=st.sampled_from([5, 40, 200]),
+    bodies=st.lists(st.binary(max_size=300), min_size=1, max_size=3),
+    chunks=st.lists(st.none() | st.lists(st.integers(0, 300), max_size=3), min_size=3, max_size=3),
+    cuts=st.lists(st.integers(0, 1200), max_size=4),
+)
+def test_a_body_kept_by_a_c_on_body_is_the_body_sent_or_refused_at_the_limit(
+    max_body: int, bodies: list[bytes], chunks: list[list[int] | None], cuts: list[int]
+) -> None:
+    """Pipelined POSTs (Content-Length or chunked, their pieces kept by on_body, a C function,
+    and counted when the message or the read ends) in reads cut anywhere: each request's
+    handler gets its own body whole (the quick one when the body came with its head, read()
+    in a task otherwise), or, over the limit, none and too_large past the limit and no more
+    than what was sent; a body still arriving is refused at the end of the read that took it
+    past the limit (what is kept stays bounded)."""
+    data = b"".join(_framed(n, b, c) for n, (b, c) in enumerate(zip(bodies, chunks, strict=False)))
+    ends = sorted({0, *(min(cut, len(data)) for cut in cuts), len(data)})
+    got: dict[str, tuple[bytes | None, int | None]] = {}  # by path
+    bounded: list[bool] = []
+
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
+        assert body == request.read_nowait() or (body == b"" and request.too_large)
+        got[request.path] = (body if request.too_large is None else None, request.too_large)
+        conn.answer(request, Response(204))
+        return True
+
+    async def handle(request: Request) -> Response:
+        read = await request.read()
+        got[request.path] = (read, request.too_large)
+        return Response(204)
+
+    async def run() -> None:
+        server = HttpServer(handle, max_body=max_body)
+        server.quick = take
+        conn = http_module._Connection(server)
+        conn._transport = _Transport(False)  # type: ignore[assignment]
+        for a, b in itertools.pairwise(ends):
+            conn.data_received(data[a:b])
+            parsing = conn._parsing
+            if parsing is not None:  # counted at the end of the read: never kept past the limit
+                kept = sum(len(part) for part in parsing._parts)
+                bounded.append(not conn._body and kept <= max_body)
+                if parsing._size > max_body:
+                    bounded.append(parsing.too_large is not None and not parsing._parts)
+            for _ in range(3):
+                await asyncio.sleep(0)
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(run(), 5))
+    finally:
+        loop.close()
+    assert all(bounded)
+    # Every request up to the first one over the limit is served (after it, the connection
+    # may close: its answer can go out before the rest of its body came).
+    over = [n for n, sent in enumerate(bodies) if len(sent) > max_body]
+    assert {f"/{n}" for n in range(over[0] + 1 if over else len(bodies))} <= set(got)
+    for n, sent in enumerate(bodies):
+        if f"/{n}" not in got:
+            continue
+        read, too_large = got[f"/{n}"]
+        if len(sent) <= max_body:
+            assert (sent, None) == (read, too_large)
+        else:
+            assert read is None and too_large is not None
+            assert max_body < too_large <= len(sent)
+
+
+def test_a_length_is_read_from_the_head_whether_cached_or_not() -> None:
+    """The Content-Length on_headers_complete gives a request is the header's number: seen
+    before (cached), new, and new once the cache is full (not kept then)."""
+    seen: list[int | None] = []
+
+    def take(request: Request, body: bytes, conn: http_module.Answerer) -> bool:
+        seen.append(request.content_length)
+        conn.answer(request, Response(204))
+        return True
+
+    async def parse(sizes: list[int]) -> None:
+        conn = _taking(take)
+        for size in sizes:
+            conn.data_received(
+                b"POST /p HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+            )
+
+    http_module._lengths.clear()
+    http_module._lengths[None] = None
+    sizes = [3, 3, 0, 0, *range(7, 7 + http_module.CACHE_LIMIT), 900, 900]
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(parse(sizes))
+    finally:
+        loop.close()
+    assert sizes == seen
+    assert http_module.CACHE_LIMIT == len(http_module._lengths)
+    assert b"900" not in http_module._lengths
