@@ -95,6 +95,13 @@ class Running:
         await self.forwarder.wait_marked()
 
 
+# For the tests that freeze the server (SIGSTOP): pings far apart, so nats-py cannot call the
+# frozen link stale (after two unanswered pings) and drop the window before the batch under
+# test is in it. With 1 s pings, a CI run that took ~2 s to get the batch out saw the
+# disconnect first, and the PubAck timeout the test waits for never came.
+FROZEN_PING_INTERVAL = 120.0
+
+
 def forwarder_for(outbox: Outbox, url: str, **options: object) -> Forwarder:
     settings: dict[str, object] = {
         "batch_max_records": 500,
@@ -280,7 +287,14 @@ async def test_a_batch_does_not_linger_behind_one_in_flight(
     nc, _ = await make_stream(nats_server.url)
     await nc.close()
     running = Running(
-        forwarder_for(outbox, nats_server.url, linger_ms=600_000, inflight=8, publish_timeout=60)
+        forwarder_for(
+            outbox,
+            nats_server.url,
+            linger_ms=600_000,
+            inflight=8,
+            publish_timeout=60,
+            ping_interval=FROZEN_PING_INTERVAL,
+        )
     )
     assert nats_server.pid is not None
     try:
@@ -307,7 +321,11 @@ async def test_nothing_is_marked_sent_without_a_puback(
     restart everything is re-sent and acknowledged."""
     nc, js = await make_stream(nats_server.url)
     await nc.close()
-    running = Running(forwarder_for(outbox, nats_server.url, publish_timeout=0.5))
+    running = Running(
+        forwarder_for(
+            outbox, nats_server.url, publish_timeout=0.5, ping_interval=FROZEN_PING_INTERVAL
+        )
+    )
     try:
         await running.forwarder.wait_connected()
         assert nats_server.pid is not None
