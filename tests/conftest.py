@@ -3,10 +3,13 @@ run (promtool, chromium), installed when missing."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -43,6 +46,35 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedBroker]:
         yield broker
     finally:
         await broker.stop()
+
+
+async def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped. ``kill`` only
+    queues the signal: the process stops when one of its threads takes it, and on a busy
+    machine its other threads run on meanwhile (a nats-server "frozen" so acked a publish sent
+    after the kill, in one run of 45 beside a CPU-bound loop)."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    deadline = time.monotonic() + timeout
+    while not _all_stopped(tasks):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"process {pid} not stopped {timeout:.0f} s after SIGSTOP")
+        await asyncio.sleep(0.005)
+
+
+def _all_stopped(tasks: Path) -> bool:
+    """Whether every thread under /proc/<pid>/task is in the stopped state (T); true without
+    /proc (nothing to check there)."""
+    if not tasks.exists():
+        return True
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+        if stat.rpartition(")")[2].split()[0] != "T":
+            return False
+    return True
 
 
 def ensure_debian_tool(command: str, package: str) -> str:

@@ -32,6 +32,7 @@ from protocol.subjects import (
 )
 from protocol.wire import Batch, decode_batch, encode_raw_batch, raw_batch_parts
 from tests.agent.conftest import STORE, sale, sales
+from tests.conftest import freeze
 
 
 async def wait_until(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -299,7 +300,7 @@ async def test_a_batch_does_not_linger_behind_one_in_flight(
     assert nats_server.pid is not None
     try:
         await running.forwarder.wait_connected()
-        os.kill(nats_server.pid, signal.SIGSTOP)
+        await freeze(nats_server.pid)
         try:
             await outbox.append([sale("l-1")])
             await wait_until(lambda: running.forwarder.statistics().inflight == 1, "1st batch")
@@ -329,7 +330,7 @@ async def test_nothing_is_marked_sent_without_a_puback(
     try:
         await running.forwarder.wait_connected()
         assert nats_server.pid is not None
-        os.kill(nats_server.pid, signal.SIGSTOP)
+        await freeze(nats_server.pid)
         await outbox.append(sales("a", 10))
         await wait_until(lambda: running.forwarder.statistics().failures >= 1, "a PubAck timeout")
         frozen = outbox.statistics()

@@ -41,6 +41,7 @@ from tests.chaos.harness import eventually
 from tests.cluster.test_central_cluster import ClusterPipeline
 from tests.cluster.workers import OmsWatch, Worker, shared_by_both, state_log, writers_after_claims
 from tests.clusterkit import NatsCluster
+from tests.conftest import freeze
 from tests.e2e.conftest import assert_exactly_once_in_order
 
 
@@ -157,7 +158,7 @@ async def test_a_stalled_worker_is_fenced(tmp_path: Path, nats_server: EmbeddedB
         sent = await publish_batches(js, stores, 1, 20)
         await eventually(lambda: len(watch.keys()) >= sent, 30, "the first batches delivered")
         assert w1.process.proc is not None
-        os.kill(w1.process.proc.pid, signal.SIGSTOP)
+        await freeze(w1.process.proc.pid)
         try:
             await w2.process.start()
             await eventually(lambda: [0, 1] == w2.owned_nowait(), 30, "w2 takes both over")
