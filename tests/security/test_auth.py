@@ -18,6 +18,7 @@ from typing import Any
 import nats
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
 
 from agent.simulator import Till, post_events
 from central.auth import (
@@ -325,7 +326,11 @@ async def test_oms_reader_consumes_the_oms_stream_and_nothing_else(tmp_path: Pat
         try:
             js = nc.jetstream(timeout=2)
             sub = await js.pull_subscribe("oms.>", durable="erp", stream=OMS_STREAM)
-            msgs = await sub.fetch(3, timeout=10)
+            # fetch() gives what the stream holds when asked (at least one): central's nats
+            # sink may not have published all three yet, so ask again for the rest.
+            msgs: list[Msg] = []
+            while len(msgs) < 3:
+                msgs += await sub.fetch(3 - len(msgs), timeout=10)
             for msg in msgs:
                 await msg.ack()
             assert 3 == len(msgs) and all(m.subject == "oms.sale.A" for m in msgs)
