@@ -23,6 +23,7 @@ generator leave, and how much of the rest is the agent's own.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from tests.bench.harness import (
     size,
     workdir,
 )
+from tests.bench.syscalls import watched
 
 SINGLE_RATE = "ingest, single-event POSTs"
 SINGLE_P99 = "ingest, single-event POSTs, p99"
@@ -86,22 +88,35 @@ def _checked(report: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-async def measured(pid: int, args: list[str]) -> dict[str, Any]:
+async def measured(pid: int, args: list[str], *, syscalls: bool = False) -> dict[str, Any]:
     """A load generator run (``args``) with the agent's CPU per request added to its report:
-    on a shared machine the CPU per request moves much less than the wall rate."""
-    before = cpu_seconds_if_known(pid)
-    report = _checked(await run_loadgen(args))
-    after = cpu_seconds_if_known(pid)
+    on a shared machine the CPU per request moves much less than the wall rate. With
+    ``syscalls``, the server's system calls during the run too (``tests.bench.syscalls``:
+    ``calls``, ``fdatasyncs``, ``fdatasync_mean_us``)."""
+    async with contextlib.AsyncExitStack() as stack:
+        seen = await stack.enter_async_context(watched(pid)) if syscalls else None
+        before = cpu_seconds_if_known(pid)
+        report = _checked(await run_loadgen(args))
+        after = cpu_seconds_if_known(pid)
     if before is not None and after is not None:
         report["agent_cpu_us_per_request"] = (after - before) / report["requests"] * 1e6
+    if seen is not None:
+        report.update(seen)
     return report
 
 
 async def measure_floor(
-    root: Path, kind: str, events: int, batch: int = 1, concurrency: int = SINGLE_CONCURRENCY
+    root: Path,
+    kind: str,
+    events: int,
+    batch: int = 1,
+    concurrency: int = SINGLE_CONCURRENCY,
+    *,
+    syscalls: bool = False,
 ) -> dict[str, Any]:
     """A floor server (``tests.bench.floor_server``) under the single-event load (or
-    ``batch`` events per POST): rate, latency and its CPU per request."""
+    ``batch`` events per POST): rate, latency and its CPU per request (and its system calls,
+    ``measured``'s ``syscalls``)."""
     port = free_port()
     server = BenchProcess(
         f"floor {kind}",
@@ -118,7 +133,8 @@ async def measure_floor(
         load = ["--url", f"http://127.0.0.1:{port}", "--batch", str(batch)]
         load += ["--concurrency", str(concurrency)]
         await run_loadgen([*load, "--events", str(min(events, 10 * batch)), "--run-id", "warm"])
-        return await measured(server.proc.pid, [*load, "--events", str(events), "--run-id", "run"])
+        run = [*load, "--events", str(events), "--run-id", "run"]
+        return await measured(server.proc.pid, run, syscalls=syscalls)
     finally:
         await server.stop()
 
