@@ -60,11 +60,15 @@ def test_the_wall_time_is_split_into_cpu_and_fdatasync() -> None:
         "fdatasyncs": 2_000,
         "fdatasync_mean_us": 600.0,
         "calls": {"read": 40_040, "fdatasync": 2_000},
+        "user_s": 1.2,
+        "system_s": 0.8,
     }
     assert {
         "requests_per_fdatasync": 20.0,
         "fdatasync_us": 600.0,
         "on_cpu": 0.5,
         "in_fdatasync": 0.3,
+        "user_us_per_request": 30.0,
+        "system_us_per_request": 20.0,
         "calls_per_request": {"read": 1.001, "fdatasync": 0.05},
     } == grouping(report)

@@ -84,6 +84,8 @@ def grouping(report: dict[str, Any]) -> dict[str, Any]:
         "fdatasync_us": round(report["fdatasync_mean_us"], 1),
         "on_cpu": round(cpu / wall, 3),
         "in_fdatasync": round(syncs * report["fdatasync_mean_us"] / 1e6 / wall, 3),
+        "user_us_per_request": round(report["user_s"] / requests * 1e6, 1),
+        "system_us_per_request": round(report["system_s"] / requests * 1e6, 1),
         "calls_per_request": {k: round(v / requests, 3) for k, v in report["calls"].items()},
     }
 
@@ -136,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{index:>5} {r['kind']:>14} N {r['requests_per_fdatasync']:>6} "
                     f"f {r['fdatasync_us']:>6} µs  on a CPU {busy:.3f}  "
-                    f"in fdatasync {syncing:.3f}  sum {busy + syncing:.3f}"
+                    f"in fdatasync {syncing:.3f}  sum {busy + syncing:.3f}  CPU a request: "
+                    f"user {r['user_us_per_request']} µs, kernel {r['system_us_per_request']} µs"
                 )
     return 0
 

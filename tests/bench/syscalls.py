@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from tests.bench.harness import cpu_times
+
 # The calls a single-event request or its group makes (strace of the agent, this session).
 COUNTED = ("read", "write", "pwrite64", "pread64", "fcntl", "epoll_pwait", "fdatasync")
 STARTED = 0.5  # seconds for perf to attach before the load starts
@@ -53,7 +55,8 @@ def _fdatasyncs(text: str) -> tuple[int, float]:
 async def watched(pid: int) -> AsyncIterator[dict[str, Any]]:
     """Counts ``pid``'s calls (``COUNTED``) and times its fdatasyncs while the body runs; the
     dict yielded is filled on exit: ``calls`` {name: count}, ``fdatasyncs``,
-    ``fdatasync_mean_us``."""
+    ``fdatasync_mean_us``, and the CPU seconds it spent meanwhile in user space (``user_s``)
+    and in the kernel (``system_s``)."""
     perf = shutil.which("perf")
     if perf is None:
         raise PerfMissing("--syscalls needs perf (Debian: apt-get install linux-perf)")
@@ -70,7 +73,10 @@ async def watched(pid: int) -> AsyncIterator[dict[str, Any]]:
         )  # fmt: skip
         try:
             await asyncio.sleep(STARTED)
+            before = cpu_times(pid)
             yield found
+            after = cpu_times(pid)
+            found["user_s"], found["system_s"] = (b - a for a, b in zip(before, after, strict=True))
         finally:
             for proc in (stat, trace):
                 if proc.returncode is None:
