@@ -131,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{index:>5} {cells}  {ratio:>12}")
     if ns.syscalls:
         print("\nper run: requests per fdatasync (N), its mean time (f), the shares of the wall")
-        print("time on a CPU and in fdatasync (their sum less 1: the fdatasyncs' own CPU)")
+        print("time on a CPU and in fdatasync (their sum less 1: the fdatasyncs' own CPU; under 1:")
+        print("the server also waited for something else, a CPU other work had)")
         for index, row in enumerate(done, 1):
             for r in row:
                 busy, syncing = r["on_cpu"], r["in_fdatasync"]
                 print(
-                    f"{index:>5} {r['kind']:>14} N {r['requests_per_fdatasync']:>6} "
+                    f"{index:>5} {r['kind']:>14} N {r['requests_per_fdatasync'] or '-':>6} "
                     f"f {r['fdatasync_us']:>6} µs  on a CPU {busy:.3f}  "
                     f"in fdatasync {syncing:.3f}  sum {busy + syncing:.3f}  CPU a request: "
                     f"user {r['user_us_per_request']} µs, kernel {r['system_us_per_request']} µs"

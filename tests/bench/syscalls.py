@@ -82,5 +82,10 @@ async def watched(pid: int) -> AsyncIterator[dict[str, Any]]:
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGINT)
             await asyncio.wait_for(asyncio.gather(stat.wait(), trace.wait()), 30)
+        if not stat_out.exists() or not trace_out.exists():
+            raise RuntimeError(
+                f"perf wrote nothing (exit {stat.returncode}, {trace.returncode}): may this user "
+                f"trace pid {pid}? (root, or kernel.perf_event_paranoid <= 1)"
+            )
         found["calls"] = _counts(stat_out.read_text())
         found["fdatasyncs"], found["fdatasync_mean_us"] = _fdatasyncs(trace_out.read_text())
